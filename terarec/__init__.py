@@ -1,0 +1,3 @@
+"""terarec: CTR training with embedding tables larger than GPU memory."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,469 @@
+"""Typed, self-validating configs loaded from YAML.
+
+Every section is a dataclass; defaults are defined once, here. ``load_config`` turns a
+YAML file into a :class:`Config` and fails on unknown keys, wrong types and out-of-range
+values with a :class:`ConfigError` that names the file and the dotted key, e.g.::
+
+    ConfigError: configs/x.yaml: optimizer.sparse.lr: must be > 0, got -1.0
+
+Enums are spelled as lower-case strings in YAML (``kind: adam``) and parsed with
+``from_str`` so a typo lists the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, TypeVar, Union
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown, of the wrong type or out of range."""
+
+
+class StrEnum(str, enum.Enum):
+    """Enum spelled as a lower-case string in YAML."""
+
+    @classmethod
+    def from_str(cls, value: str) -> "StrEnum":
+        try:
+            return cls(value.lower())
+        except (ValueError, AttributeError):
+            allowed = ", ".join(m.value for m in cls)
+            raise ValueError(f"must be one of [{allowed}], got {value!r}") from None
+
+
+class DataKind(StrEnum):
+    SYNTHETIC = "synthetic"
+    CRITEO = "criteo"
+    LIBFM = "libfm"
+    CSV = "csv"
+
+
+class DenseTransform(StrEnum):
+    NONE = "none"
+    LOG1P = "log1p"  # sign-safe: log1p(max(x, 0)), the DLRM Criteo convention
+
+
+class Pooling(StrEnum):
+    SUM = "sum"
+    MEAN = "mean"
+
+
+class InitKind(StrEnum):
+    UNIFORM = "uniform"  # U(-scale, scale)
+    NORMAL = "normal"  # N(0, scale^2)
+    ZEROS = "zeros"
+
+
+class SparseOptimKind(StrEnum):
+    SGD = "sgd"
+    ADAGRAD = "adagrad"
+    ROWWISE_ADAGRAD = "rowwise_adagrad"
+    ADAM = "adam"
+
+
+class DenseOptimKind(StrEnum):
+    SGD = "sgd"
+    ADAGRAD = "adagrad"
+    ADAM = "adam"
+
+
+class ModelKind(StrEnum):
+    DLRM = "dlrm"
+    DCN = "dcn"
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class SyntheticConfig:
+    """Criteo-shaped synthetic stream with labels from a planted teacher model."""
+
+    num_dense: int = 13
+    num_sparse: int = 26
+    vocab_size: int = 100_000  # distinct ids per feature (<= 1e9)
+    zipf_alpha: float = 1.1  # P(rank r) ~ r^-alpha, bounded to vocab_size
+    values_per_feature: int = 1  # multi-hot width (fixed)
+    teacher_dim: int = 4  # pairwise-interaction width of the teacher
+    teacher_scale: float = 1.0  # std of the teacher's per-key first-order weights
+    teacher_bias: float = -1.0  # teacher logit bias (sets the positive rate)
+    eval_samples: int = 65_536  # size of the held-out eval stream
+
+    def __post_init__(self) -> None:
+        _check(self.num_dense >= 0, "num_dense: must be >= 0")
+        _check(self.num_sparse >= 1, "num_sparse: must be >= 1")
+        _check(1 <= self.vocab_size <= 10**9, "vocab_size: must be in [1, 1e9]")
+        _check(self.zipf_alpha > 0, "zipf_alpha: must be > 0")
+        _check(self.values_per_feature >= 1, "values_per_feature: must be >= 1")
+        _check(self.teacher_dim >= 0, "teacher_dim: must be >= 0")
+        _check(self.teacher_scale >= 0, "teacher_scale: must be >= 0")
+        _check(self.eval_samples >= 1, "eval_samples: must be >= 1")
+
+
+@dataclass
+class CategoricalColumn:
+    """One categorical column of a CSV schema; ``sep`` splits multi-valued cells."""
+
+    column: str
+    name: Optional[str] = None  # feature name (default: the column name)
+    sep: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.name is None:
+            self.name = self.column
+        _check(self.sep is None or len(self.sep) >= 1, "sep: must be non-empty")
+
+
+@dataclass
+class CsvSchema:
+    """Which columns of a delimited text file are label, dense and categorical."""
+
+    label: str
+    dense: list[str] = field(default_factory=list)
+    categorical: list[CategoricalColumn] = field(default_factory=list)
+    delimiter: str = ","
+    header: bool = True  # False: columns are named c0, c1, ...
+    label_threshold: float = 0.5  # label = 1 if value > threshold
+
+    def __post_init__(self) -> None:
+        _check(len(self.delimiter) == 1, "delimiter: must be one character")
+        _check(len(self.categorical) >= 1, "categorical: need at least one column")
+
+
+@dataclass
+class LibfmConfig:
+    """libFM ``label idx:val ...`` rows; ``fields`` names the tokens by position."""
+
+    fields: Optional[list[str]] = None  # None: all tokens form one feature "features"
+
+    def __post_init__(self) -> None:
+        _check(self.fields is None or len(self.fields) >= 1, "fields: must be non-empty")
+
+
+@dataclass
+class DataConfig:
+    kind: DataKind = DataKind.SYNTHETIC
+    path: Optional[list[str]] = None  # files, directories or globs (train)
+    eval_path: Optional[list[str]] = None  # held-out files; else eval_fraction of path
+    eval_fraction: float = 0.0  # rows held out of `path` by a hash of their index
+    batch_size: int = 2048
+    eval_batch_size: int = 8192
+    strict: bool = False  # fail at the first malformed row instead of skipping it
+    log_bad_rows: int = 5  # how many skipped rows to log with file:line
+    chunk_rows: int = 65_536  # rows parsed per chunk when streaming files
+    prefetch_batches: int = 4  # batches prepared ahead by the background thread
+    shuffle_buffer: int = 0  # rows; 0 = keep file order
+    dense_transform: DenseTransform = DenseTransform.NONE
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    csv: Optional[CsvSchema] = None
+    libfm: LibfmConfig = field(default_factory=LibfmConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "batch_size: must be >= 1")
+        _check(self.eval_batch_size >= 1, "eval_batch_size: must be >= 1")
+        _check(0.0 <= self.eval_fraction < 1.0, "eval_fraction: must be in [0, 1)")
+        _check(self.chunk_rows >= 1, "chunk_rows: must be >= 1")
+        _check(self.prefetch_batches >= 0, "prefetch_batches: must be >= 0")
+        _check(self.log_bad_rows >= 0, "log_bad_rows: must be >= 0")
+        _check(self.shuffle_buffer >= 0, "shuffle_buffer: must be >= 0")
+        if self.kind != DataKind.SYNTHETIC:
+            _check(bool(self.path), f"path: required for kind {self.kind.value}")
+        if self.kind == DataKind.CSV:
+            _check(self.csv is not None, "csv: a schema is required for kind csv")
+
+
+# ------------------------------------------------------------------ tables / model
+
+
+@dataclass
+class InitConfig:
+    kind: InitKind = InitKind.UNIFORM
+    scale: float = 0.01
+
+    def __post_init__(self) -> None:
+        _check(self.scale >= 0, "scale: must be >= 0")
+
+
+@dataclass
+class TableConfig:
+    """One embedding table: rows keyed by unbounded int64 ids, shared by ``features``.
+
+    ``features: null`` means every categorical feature of the data source.
+    """
+
+    name: str
+    dim: int
+    features: Optional[list[str]] = None
+    pooling: Pooling = Pooling.SUM
+    init: InitConfig = field(default_factory=InitConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "name: must be non-empty")
+        _check(1 <= self.dim <= 4096, f"dim: must be in [1, 4096], got {self.dim}")
+        _check(self.features is None or len(self.features) >= 1, "features: must be non-empty")
+
+
+@dataclass
+class ModelConfig:
+    kind: ModelKind = ModelKind.DLRM
+    bottom_mlp: list[int] = field(default_factory=lambda: [64, 16])
+    top_mlp: list[int] = field(default_factory=lambda: [64, 32])  # a 1-wide logit layer follows
+    dcn_layers: int = 3
+    dcn_low_rank: int = 16  # 0 = full-rank DCN-v2 cross layers
+
+    def __post_init__(self) -> None:
+        _check(len(self.bottom_mlp) >= 1 and min(self.bottom_mlp) >= 1, "bottom_mlp: sizes >= 1")
+        _check(min(self.top_mlp, default=1) >= 1, "top_mlp: sizes must be >= 1")
+        _check(self.dcn_layers >= 1, "dcn_layers: must be >= 1")
+        _check(self.dcn_low_rank >= 0, "dcn_low_rank: must be >= 0")
+
+
+# ---------------------------------------------------------------------- optimizers
+
+
+@dataclass
+class SparseOptimConfig:
+    """Fused row optimizer; state lives next to the row. Adam = torch SparseAdam."""
+
+    kind: SparseOptimKind = SparseOptimKind.ADAM
+    lr: float = 0.01
+    eps: float = 1e-8
+    beta1: float = 0.9
+    beta2: float = 0.999
+    initial_accumulator_value: float = 0.0  # adagrad / rowwise_adagrad
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, f"lr: must be > 0, got {self.lr}")
+        _check(self.eps > 0, "eps: must be > 0")
+        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1/beta2: must be in [0, 1)")
+        _check(self.initial_accumulator_value >= 0, "initial_accumulator_value: must be >= 0")
+
+
+@dataclass
+class DenseOptimConfig:
+    kind: DenseOptimKind = DenseOptimKind.ADAM
+    lr: float = 0.001
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, f"lr: must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, "weight_decay: must be >= 0")
+
+
+@dataclass
+class OptimizerConfig:
+    sparse: SparseOptimConfig = field(default_factory=SparseOptimConfig)
+    dense: DenseOptimConfig = field(default_factory=DenseOptimConfig)
+
+
+# --------------------------------------------------------------------------- train
+
+
+@dataclass
+class TrainConfig:
+    steps: Optional[int] = None  # stop after this many steps ...
+    epochs: Optional[float] = None  # ... or passes over file data (synthetic: steps only)
+    max_minutes: Optional[float] = None  # wall-clock guard
+    eval_every: int = 0  # steps; 0 = only at the end
+    eval_batches: Optional[int] = None  # cap on eval batches; None = whole eval set
+    log_every: int = 50
+    runs_dir: str = "runs"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: Optional[int] = None  # torch intra-op threads
+    progress: bool = True
+    save_checkpoint: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.steps is None or self.steps >= 1, "steps: must be >= 1")
+        _check(self.epochs is None or self.epochs > 0, "epochs: must be > 0")
+        _check(self.steps is not None or self.epochs is not None, "steps or epochs: set one")
+        _check(self.max_minutes is None or self.max_minutes > 0, "max_minutes: must be > 0")
+        _check(self.eval_every >= 0, "eval_every: must be >= 0")
+        _check(self.eval_batches is None or self.eval_batches >= 1, "eval_batches: must be >= 1")
+        _check(self.log_every >= 1, "log_every: must be >= 1")
+        _check(
+            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+            f"device: must be auto, cpu, cuda or cuda:N, got {self.device!r}",
+        )
+        _check(self.threads is None or self.threads >= 1, "threads: must be >= 1")
+
+
+@dataclass
+class Config:
+    name: str
+    tables: list[TableConfig]
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1000))
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name) and "/" not in self.name, "name: non-empty, no '/'")
+        _check(len(self.tables) >= 1, "tables: need at least one table")
+        names = [t.name for t in self.tables]
+        _check(len(set(names)) == len(names), f"tables: duplicate table names {names}")
+        seen: set[str] = set()
+        for t in self.tables:
+            for f in t.features or []:
+                _check(f not in seen, f"tables: feature {f!r} is in two tables")
+                seen.add(f)
+        _check(
+            sum(t.features is None for t in self.tables) <= 1,
+            "tables: at most one table may take all features (features: null)",
+        )
+
+
+# ------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Converts a YAML value to ``tp``; raises ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{key}: must not be null")
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], key)
+    if value is None:
+        raise ConfigError(f"{key}: must not be null (expected {_type_name(tp)})")
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, (str, dict)) or not isinstance(value, (list, tuple)):
+            if inner is str and isinstance(value, str):
+                value = [value]  # a single path or feature name is a one-element list
+            else:
+                raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
+        return [_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, key)
+    if isinstance(tp, type) and issubclass(tp, StrEnum):
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__}")
+        try:
+            return tp.from_str(value)
+        except ValueError as e:
+            raise ConfigError(f"{key}: {e}") from None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)  # 1e6 in YAML
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported config type {tp}")  # pragma: no cover
+
+
+def _from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
+    where = prefix or "top level"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{prefix + '.' if prefix else ''}{unknown[0]}: unknown key "
+            f"(allowed: {', '.join(sorted(fields))})"
+        )
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{key}: required key is missing")
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        msg = str(e)
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{prefix + '.' if prefix else ''}{msg}") from None
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
+    """Builds a validated :class:`Config`; errors are prefixed with ``source``."""
+    try:
+        return _from_dict(Config, data)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {p} is not a mapping")
+    node[parts[-1]] = value
+
+
+def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -> Config:
+    """Loads a YAML config; ``overrides`` are ``dotted.key=yaml_value`` strings.
+
+    Relative data paths are resolved against the current directory (as the user typed
+    them), not the config file.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        k, v = item.split("=", 1)
+        _set_dotted(data, k.strip(), yaml.safe_load(v))
+    return config_from_dict(data, str(path))
+
+
+def config_to_dict(cfg: Any) -> Any:
+    """Plain-data (YAML/JSON-able) view of a config, enums as strings."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: config_to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, list):
+        return [config_to_dict(v) for v in cfg]
+    if isinstance(cfg, enum.Enum):
+        return cfg.value
+    return cfg

@@ -1,0 +1,48 @@
+"""The unit every reader yields: one mini-batch of dense features, sparse keys, labels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+
+@dataclass
+class Batch:
+    """One mini-batch.
+
+    Attributes:
+        dense: float32 ``[B, D]`` dense features (``D`` may be 0).
+        sparse: KeyedJaggedTensor of int64 keys, feature-major: for keys ``[f0, f1]`` and
+            ``B = 2``, ``lengths = [l(f0,s0), l(f0,s1), l(f1,s0), l(f1,s1)]`` and
+            ``values`` concatenates the keys in that order.
+        labels: float32 ``[B]`` in {0, 1}.
+        position: the reader's resume state *after* this batch (see ``state_dict``).
+    """
+
+    dense: torch.Tensor
+    sparse: KeyedJaggedTensor
+    labels: torch.Tensor
+    position: Optional[dict[str, Any]] = field(default=None, compare=False)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.labels.shape[0])
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        return Batch(
+            dense=self.dense.to(device, non_blocking=non_blocking),
+            sparse=self.sparse.to(device, non_blocking=non_blocking),
+            labels=self.labels.to(device, non_blocking=non_blocking),
+            position=self.position,
+        )
+
+    def pin_memory(self) -> "Batch":
+        return Batch(
+            dense=self.dense.pin_memory(),
+            sparse=self.sparse.pin_memory(),
+            labels=self.labels.pin_memory(),
+            position=self.position,
+        )
