@@ -20,12 +20,15 @@ class Batch:
             ``values`` concatenates the keys in that order.
         labels: float32 ``[B]`` in {0, 1}.
         position: the reader's resume state *after* this batch (see ``state_dict``).
+        teacher_prob: synthetic data only: the planted teacher's P(y=1) ``[B]``, from which
+            the Bayes-optimal (oracle) AUC is computed.
     """
 
     dense: torch.Tensor
     sparse: KeyedJaggedTensor
     labels: torch.Tensor
     position: Optional[dict[str, Any]] = field(default=None, compare=False)
+    teacher_prob: Optional[torch.Tensor] = None  # synthetic data: the planted P(y=1), [B]
 
     @property
     def batch_size(self) -> int:
@@ -37,6 +40,7 @@ class Batch:
             sparse=self.sparse.to(device, non_blocking=non_blocking),
             labels=self.labels.to(device, non_blocking=non_blocking),
             position=self.position,
+            teacher_prob=self.teacher_prob,
         )
 
     def pin_memory(self) -> "Batch":
@@ -45,4 +49,5 @@ class Batch:
             sparse=self.sparse.pin_memory(),
             labels=self.labels.pin_memory(),
             position=self.position,
+            teacher_prob=self.teacher_prob,
         )

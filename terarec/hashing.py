@@ -1,0 +1,58 @@
+"""64-bit key mixing shared by the data layer (numpy) and the parameter server (torch).
+
+``mix64`` is the splitmix64 finalizer: a bijection on 64-bit integers that spreads
+sequential or skewed ids over all bits. Both versions give identical results (tested):
+int64 values are read as their two's-complement uint64 bits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+_M1 = 0xBF58476D1CE4E5B9
+_M2 = 0x94D049BB133111EB
+GOLDEN = 0x9E3779B97F4A7C15
+
+
+def _signed(x: int) -> int:
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def mix64_np(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finalizer on a uint64/int64 array; returns uint64 (same shape)."""
+    z = np.asarray(x).astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        z ^= z >> np.uint64(30)
+        z *= np.uint64(_M1)
+        z ^= z >> np.uint64(27)
+        z *= np.uint64(_M2)
+        z ^= z >> np.uint64(31)
+    return z
+
+
+def _srl(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 bits (torch's >> is arithmetic)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def mix64_torch(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64 finalizer on an int64 tensor (any device); returns int64 (same shape).
+
+    int64 multiplication wraps modulo 2^64 in torch, which is what the mixer needs.
+    """
+    z = x.to(torch.int64)
+    z = z ^ _srl(z, 30)
+    z = z * _signed(_M1)
+    z = z ^ _srl(z, 27)
+    z = z * _signed(_M2)
+    z = z ^ _srl(z, 31)
+    return z
+
+
+def salt_for(name: str) -> int:
+    """Deterministic 64-bit salt (as int64) for a feature or table name (not Python's hash)."""
+    h = 0xCBF29CE484222325
+    for b in name.encode():
+        h = ((h ^ b) * 0x100000001B3) & ((1 << 64) - 1)
+    return _signed(int(mix64_np(np.array([h], dtype=np.uint64))[0]))
