@@ -1,0 +1,206 @@
+"""Vectorised open-addressing hash index: int64 key -> dense slot id.
+
+One code path for CPU and CUDA: every operation is a handful of torch ops per *probe
+round* (never per key). Linear probing over a power-of-two table kept at most half full,
+so the expected number of rounds is ~2; the loop runs until no key is pending.
+
+Insertion of keys that are not present is resolved without atomics: all pending keys
+that reach an empty bucket in the same round write their position into a claim array;
+the write that lands wins the bucket, the others probe on. Slot ids are handed out
+densely (0, 1, 2, ...) so that the rows they index never move when the index grows.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from terarec.hashing import mix64_torch
+
+_EMPTY = -1
+# Most keys resolve in their home bucket, so early rounds look at one bucket per key;
+# once few keys are pending (the long tail of probe chains) each round scans a window
+# of buckets so the tail ends in a round or two instead of dozens of tiny rounds.
+_TAIL_WINDOW = 16
+_TAIL_PENDING = 2048
+
+
+def _width(pending: int, total: int) -> int:
+    return _TAIL_WINDOW if pending <= max(_TAIL_PENDING, total // 32) else 1
+
+
+class HashIndex:
+    """Maps unbounded int64 keys to dense slot ids ``[0, len(self))``.
+
+    Args:
+        device: where the index lives (the tier's device).
+        capacity: initial bucket count (rounded up to a power of two).
+        max_load: rehash into twice the buckets when the load would exceed this.
+    """
+
+    def __init__(
+        self, device: torch.device | str = "cpu", capacity: int = 1024, max_load: float = 0.5
+    ) -> None:
+        if not 0.1 <= max_load <= 0.9:
+            raise ValueError(f"max_load must be in [0.1, 0.9], got {max_load}")
+        self.device = torch.device(device)
+        self.max_load = max_load
+        self._size = 0
+        self._alloc(max(16, 1 << (max(capacity, 1) - 1).bit_length()))
+        self._slot_keys = torch.empty(0, dtype=torch.int64, device=self.device)
+
+    def _alloc(self, cap: int) -> None:
+        self._cap = cap
+        self._mask = cap - 1
+        # Key and slot id side by side: one cache line holds a whole probe window.
+        self._table = torch.full((cap, 2), _EMPTY, dtype=torch.int64, device=self.device)
+        self._claim = torch.full((cap,), -1, dtype=torch.int64, device=self.device)
+        self._window = torch.arange(_TAIL_WINDOW, device=self.device)
+
+    def __len__(self) -> int:
+        return self._size
+
+    @property
+    def capacity(self) -> int:
+        return self._cap
+
+    def keys(self) -> torch.Tensor:
+        """Keys in slot order: ``keys()[s]`` is the key of slot ``s``. ``[len(self)]``."""
+        return self._slot_keys[: self._size]
+
+    def _home(self, keys: torch.Tensor) -> torch.Tensor:
+        return mix64_torch(keys) & self._mask
+
+    def _scan(
+        self, pos: torch.Tensor, keys: torch.Tensor, w: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Looks at ``w`` buckets from ``pos`` for each key.
+
+        Returns ``(hit, hit_val, has_empty, empty_pos)``: whether the key sits in the
+        window before its first empty bucket, its slot id there, whether the window has
+        an empty bucket (then the key is absent if not hit), and that bucket.
+        """
+        ar = self._window[:w]
+        wpos = (pos.unsqueeze(1) + ar) & self._mask  # [P, w]
+        win = self._table.index_select(0, wpos.view(-1)).view(-1, w, 2)
+        vals = win[..., 1]
+        empty = vals < 0
+        has_empty = empty.any(dim=1)
+        first_empty = torch.where(has_empty, empty.byte().argmax(dim=1), w)
+        # A match counts only before the first empty bucket (linear-probing invariant).
+        match = (win[..., 0] == keys.unsqueeze(1)) & (ar < first_empty.unsqueeze(1))
+        hit = match.any(dim=1)
+        hit_val = (vals * match).sum(dim=1)  # the single matching slot id
+        empty_pos = (pos + first_empty) & self._mask
+        return hit, hit_val, has_empty, empty_pos
+
+    def find(self, keys: torch.Tensor) -> torch.Tensor:
+        """Slot of each key, -1 where absent.
+
+        Args:
+            keys: int64 ``[N]`` (duplicates allowed).
+        Returns:
+            int64 ``[N]``.
+        """
+        out = torch.full_like(keys, -1)
+        pending = torch.arange(keys.numel(), device=keys.device)
+        pos = self._home(keys)
+        k = keys
+        while pending.numel():
+            w = _width(pending.numel(), keys.numel())
+            hit, hit_val, has_empty, _ = self._scan(pos, k, w)
+            out[pending[hit]] = hit_val[hit]
+            more = ~hit & ~has_empty
+            pending, pos, k = pending[more], (pos[more] + w) & self._mask, k[more]
+        return out
+
+    def find_or_insert(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slot of each key, inserting absent keys with fresh slot ids.
+
+        Args:
+            keys: int64 ``[N]``, **unique**.
+        Returns:
+            ``(slots, inserted)``: int64 ``[N]`` slot ids and bool ``[N]``, True where the
+            key was new (new keys get the ids ``len(self)`` onwards).
+        """
+        n = keys.numel()
+        if self._size + n > self.max_load * self._cap:
+            self._grow(self._size + n)
+        out = torch.full_like(keys, -1)
+        inserted = torch.zeros(n, dtype=torch.bool, device=keys.device)
+        self._probe(keys, out, inserted, None)
+        return out, inserted
+
+    def _probe(
+        self,
+        keys: torch.Tensor,
+        out: torch.Tensor,
+        inserted: torch.Tensor,
+        fixed_vals: Optional[torch.Tensor],
+    ) -> None:
+        """Rounds of find-or-insert; ``fixed_vals`` (rehash) gives the slot ids."""
+        pending = torch.arange(keys.numel(), device=keys.device)
+        pos = self._home(keys)
+        while pending.numel():
+            k = keys[pending]
+            w = _width(pending.numel(), keys.numel())
+            hit, hit_val, has_empty, empty_pos = self._scan(pos, k, w)
+            out[pending[hit]] = hit_val[hit]
+            try_ins = ~hit & has_empty
+            cand, cpos = pending[try_ins], empty_pos[try_ins]
+            self._claim[cpos] = cand
+            won = self._claim[cpos] == cand
+            win, wpos = cand[won], cpos[won]
+            if win.numel():
+                if fixed_vals is None:
+                    new_ids = torch.arange(
+                        self._size, self._size + win.numel(), device=keys.device
+                    )
+                    self._append_slot_keys(keys[win])
+                    inserted[win] = True
+                else:
+                    new_ids = fixed_vals[win]
+                self._table[wpos] = torch.stack([keys[win], new_ids], dim=1)
+                out[win] = new_ids
+            # Lost a claim: retry the same window (the winner now fills that bucket).
+            # Window full of other keys: move on to the next window.
+            full = ~hit & ~has_empty
+            lost = torch.zeros_like(hit)
+            lost[try_ins] = ~won
+            again = full | lost
+            pos = torch.where(full, (pos + w) & self._mask, pos)
+            pending, pos = pending[again], pos[again]
+
+    def _append_slot_keys(self, new_keys: torch.Tensor) -> None:
+        need = self._size + new_keys.numel()
+        if need > self._slot_keys.numel():
+            grown = torch.empty(
+                max(need, 2 * self._slot_keys.numel(), 1024), dtype=torch.int64, device=self.device
+            )
+            grown[: self._size] = self._slot_keys[: self._size]
+            self._slot_keys = grown
+        self._slot_keys[self._size : need] = new_keys
+        self._size = need
+
+    def _grow(self, needed: int) -> None:
+        """Rehashes every key (keeping its slot id) into enough buckets for ``needed``."""
+        cap = self._cap
+        while needed > self.max_load * cap:
+            cap *= 2
+        keys = self.keys()
+        self._alloc(cap)
+        out = torch.empty_like(keys)
+        ids = torch.arange(keys.numel(), device=self.device)
+        self._probe(keys, out, torch.zeros(0, dtype=torch.bool, device=self.device), ids)
+
+    def load_keys(self, keys: torch.Tensor) -> None:
+        """Rebuilds the index so that slot ``s`` holds ``keys[s]`` (inverse of :meth:`keys`)."""
+        keys = keys.to(self.device, torch.int64)
+        if torch.unique(keys).numel() != keys.numel():
+            raise ValueError("load_keys: keys must be unique")
+        self._size = 0
+        self._slot_keys = torch.empty(0, dtype=torch.int64, device=self.device)
+        self._append_slot_keys(keys)
+        self._alloc(16)
+        self._grow(keys.numel())

@@ -1,0 +1,156 @@
+"""The embedding collection + fused row optimizers against a plain dense reference.
+
+Reference: one ``nn.EmbeddingBag(sparse=True)`` per table whose row ``i`` starts as the
+first-touch initial row of the i-th smallest key, trained by the torch optimizer with
+the same semantics (row-wise Adagrad has no torch twin and is written densely here).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from terarec.config import InitConfig, Pooling, SparseOptimConfig, TableConfig
+from terarec.ps.embedding import HierarchicalEmbeddingBagCollection
+
+FEATURES = ["f1", "f2", "f3"]
+STEPS = 200
+BATCH = 16
+
+
+def make_batches(seed: int, vocab: int = 60) -> list[KeyedJaggedTensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(STEPS):
+        lengths = torch.randint(0, 4, (len(FEATURES) * BATCH,), generator=g)  # empty bags too
+        raw = torch.randint(0, vocab, (int(lengths.sum()),), generator=g)
+        values = raw * 7919 - 2**40  # arbitrary int64 ids, negative ones included
+        out.append(KeyedJaggedTensor.from_lengths_sync(FEATURES, values, lengths))
+    return out
+
+
+class RowwiseAdagradRef(torch.optim.Optimizer):
+    """Row-wise Adagrad written densely over a coalesced sparse gradient."""
+
+    def __init__(self, params, lr: float, eps: float, init: float) -> None:
+        super().__init__(params, {"lr": lr, "eps": eps, "init": init})
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                g = p.grad.coalesce()
+                idx, val = g.indices()[0], g.values()
+                st = self.state[p].setdefault("sum", torch.full((p.shape[0], 1), group["init"]))
+                st[idx] += val.pow(2).mean(dim=1, keepdim=True)
+                p[idx] -= group["lr"] * val / (st[idx].sqrt() + group["eps"])
+
+
+def reference_optimizer(cfg: SparseOptimConfig, params):
+    if cfg.kind == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr)
+    if cfg.kind == "adagrad":
+        return torch.optim.Adagrad(
+            params, lr=cfg.lr, eps=cfg.eps, initial_accumulator_value=cfg.initial_accumulator_value
+        )
+    if cfg.kind == "adam":
+        return torch.optim.SparseAdam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    return RowwiseAdagradRef(params, lr=cfg.lr, eps=cfg.eps, init=cfg.initial_accumulator_value)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adagrad", "rowwise_adagrad", "adam"])
+@pytest.mark.parametrize("pooling", ["sum", "mean"])
+def test_matches_dense_reference(kind: str, pooling: str) -> None:
+    torch.manual_seed(0)
+    opt_cfg = SparseOptimConfig(kind=kind, lr=0.05, initial_accumulator_value=0.1)
+    tables = [
+        TableConfig(name="t1", dim=8, features=["f1"], pooling=Pooling(pooling)),
+        TableConfig(name="t23", dim=4, features=None, pooling=Pooling(pooling),
+                    init=InitConfig(kind="normal", scale=0.1)),
+    ]
+    ebc = HierarchicalEmbeddingBagCollection(tables, FEATURES, opt_cfg, seed=3)
+    batches = make_batches(1)
+
+    # Dense reference over the keys each table will ever see.
+    groups = [["f1"], ["f2", "f3"]]
+    ref_keys, ref_bags = [], nn.ModuleList()
+    for t, feats in zip(ebc.tables, groups):
+        keys = torch.unique(torch.cat([b[f].values() for b in batches for f in feats]))
+        bag = nn.EmbeddingBag(keys.numel(), t.dim, mode=pooling, sparse=True)
+        with torch.no_grad():
+            bag.weight.copy_(t.initial_weights(keys))
+        ref_keys.append(keys)
+        ref_bags.append(bag)
+    ref_opt = reference_optimizer(opt_cfg, ref_bags.parameters())
+
+    head = torch.randn(8 + 4 + 4, 1)
+    labels = torch.randint(0, 2, (STEPS, BATCH)).float()
+
+    def loss_of(pooled: torch.Tensor, step: int) -> torch.Tensor:
+        logits = torch.tanh(pooled) @ head
+        return nn.functional.binary_cross_entropy_with_logits(logits.squeeze(1), labels[step])
+
+    for step, kjt in enumerate(batches):
+        loss = loss_of(ebc(kjt).values(), step)
+        loss.backward()
+
+        outs = []
+        for keys, bag, feats in zip(ref_keys, ref_bags, groups):
+            for f in feats:
+                jt = kjt[f]
+                idx = torch.searchsorted(keys, jt.values())
+                outs.append(bag(idx, jt.offsets()[:-1]))
+        ref_loss = loss_of(torch.cat(outs, dim=1), step)
+        ref_opt.zero_grad()
+        ref_loss.backward()
+        ref_opt.step()
+        assert abs(loss.item() - ref_loss.item()) < 1e-6, f"step {step}"
+
+    for t, keys, bag in zip(ebc.tables, ref_keys, ref_bags):
+        got_keys, rows = t.export()
+        assert torch.equal(torch.sort(got_keys).values, keys)
+        order = torch.argsort(got_keys)
+        torch.testing.assert_close(rows[order, : t.dim], bag.weight.detach(), atol=1e-6, rtol=0)
+
+
+def test_eval_mode_does_not_create_rows() -> None:
+    ebc = HierarchicalEmbeddingBagCollection(
+        [TableConfig(name="t", dim=4)], ["f1"], SparseOptimConfig(kind="sgd")
+    )
+    kjt = KeyedJaggedTensor.from_lengths_sync(["f1"], torch.tensor([5, 6]), torch.tensor([1, 1]))
+    ebc.eval()
+    with torch.no_grad():
+        out = ebc(kjt).values()
+    assert torch.count_nonzero(out) == 0 and ebc.num_rows() == {"t": 0}
+    ebc.train()
+    ebc(kjt).values().sum().backward()
+    assert ebc.num_rows() == {"t": 2}
+
+
+def test_state_dict_round_trip() -> None:
+    tables = [TableConfig(name="t", dim=4)]
+    a = HierarchicalEmbeddingBagCollection(tables, ["f1"], SparseOptimConfig(kind="adam"))
+    for kjt in make_batches(2)[:5]:
+        a(KeyedJaggedTensor.from_lengths_sync(["f1"], kjt["f1"].values(), kjt["f1"].lengths())).values().sum().backward()
+    b = HierarchicalEmbeddingBagCollection(tables, ["f1"], SparseOptimConfig(kind="adam"))
+    b.load_tables_state_dict(a.tables_state_dict())
+    ka, ra = a.tables[0].export()
+    kb, rb = b.tables[0].export()
+    assert torch.equal(ka, kb) and torch.equal(ra, rb)
+    assert b.tables[0].optimizer.step == 5
+    probe = KeyedJaggedTensor.from_lengths_sync(["f1"], ka[:3], torch.tensor([3]))
+    a.eval(), b.eval()
+    assert torch.equal(a(probe).values(), b(probe).values())
+
+
+def test_unknown_and_unassigned_features_are_errors() -> None:
+    with pytest.raises(ValueError, match="not in the data"):
+        HierarchicalEmbeddingBagCollection(
+            [TableConfig(name="t", dim=4, features=["zz"])], ["f1"], SparseOptimConfig()
+        )
+    with pytest.raises(ValueError, match="in no table"):
+        HierarchicalEmbeddingBagCollection(
+            [TableConfig(name="t", dim=4, features=["f1"])], ["f1", "f2"], SparseOptimConfig()
+        )
