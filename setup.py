@@ -28,8 +28,6 @@ setup(
     entry_points={
         "console_scripts": [
             "terarec=terarec.cli:main",
-            "terarec-topo=terarec.topology.cli:main",
-            "terarec-launch=terarec.launch.cli:main",
         ]
     },
 )

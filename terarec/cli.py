@@ -1,0 +1,98 @@
+"""The ``terarec`` command: ``train`` and ``eval``.
+
+    terarec train --config configs/quickstart.yaml [--set train.steps=500 ...]
+    terarec eval --run runs/quickstart [--data my_eval.tsv]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+from terarec.config import ConfigError, config_from_dict, load_config
+
+
+def _train(args: argparse.Namespace) -> int:
+    from terarec.trainer.loop import describe_final, train
+
+    cfg = load_config(args.config, args.set)
+    if args.name:
+        cfg.name = args.name
+    summary = train(cfg, resume=Path(args.resume) if args.resume else None)
+    print(describe_final(summary, cfg))
+    print(f"wrote {Path(cfg.train.runs_dir) / cfg.name}/"
+          "{summary.json,metrics.jsonl,curves.png,checkpoint/}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from terarec.data import build_source
+    from terarec.trainer.checkpoint import load_checkpoint, read_manifest
+    from terarec.trainer.loop import build_components, evaluate
+
+    ckpt = Path(args.run) / "checkpoint" if (Path(args.run) / "checkpoint").is_dir() else Path(args.run)
+    manifest = read_manifest(ckpt, verify=False)
+    cfg = config_from_dict(manifest["config"], str(ckpt / "manifest.json"))
+    if args.data:
+        cfg.data.eval_path = args.data
+        cfg.data.eval_fraction = 0.0
+    parts = build_components(cfg)
+    step = load_checkpoint(ckpt, parts)
+    src = build_source(cfg.data, "eval", seed=cfg.seed)
+    try:
+        metrics = evaluate(parts.model, src, parts.device)
+        metrics["data"] = src.stats() if hasattr(src, "stats") else {}
+    finally:
+        if hasattr(src, "close"):
+            src.close()
+    metrics["step"] = step
+    print(json.dumps(metrics, indent=1, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="terarec", description=__doc__.split("\n")[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train a model from a YAML config")
+    t.add_argument("--config", required=True, help="YAML config (see configs/)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.steps=100 (repeatable)")
+    t.add_argument("--name", help="run name (default: the config's name)")
+    t.add_argument("--resume", help="checkpoint directory to continue from")
+    t.set_defaults(fn=_train)
+    e = sub.add_parser("eval", help="evaluate a trained run's checkpoint")
+    e.add_argument("--run", required=True, help="runs/<name> or a checkpoint directory")
+    e.add_argument("--data", nargs="+", help="eval files (default: the run's eval split)")
+    e.set_defaults(fn=_eval)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"terarec: config error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from terarec.data import DataError
+        from terarec.trainer.checkpoint import CheckpointError
+        from terarec.trainer.loop import TrainingDiverged
+
+        if isinstance(e, (DataError, CheckpointError, TrainingDiverged, FileNotFoundError)):
+            print(f"terarec: {type(e).__name__}: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""The training loop: data -> embeddings -> model -> loss -> fused sparse + dense updates.
+
+``train(cfg)`` runs a whole job and returns its summary; ``evaluate`` runs one pass over
+an eval source. Everything a person looks at lands in ``runs/<name>/``: ``metrics.jsonl``,
+``summary.json``, ``curves.png``, ``config.yaml`` and ``checkpoint/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from terarec.config import Config, DataKind, config_to_dict
+from terarec.data import build_source, dense_feature_names, sparse_feature_names
+from terarec.data.batch import Batch
+from terarec.models import build_model
+from terarec.optim.dense import build_dense_optimizer
+from terarec.ps.embedding import HierarchicalEmbeddingBagCollection
+from terarec.trainer.checkpoint import load_checkpoint, save_checkpoint
+from terarec.trainer.metrics import CTRMetrics
+from terarec.trainer.report import RunReporter
+
+log = logging.getLogger("terarec.trainer")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf; the rows of that step were not updated."""
+
+
+@dataclass
+class Components:
+    """What a run is made of (built by :func:`build_components`)."""
+
+    embedding: HierarchicalEmbeddingBagCollection
+    model: nn.Module
+    dense_optimizer: torch.optim.Optimizer
+    device: torch.device
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device is {name!r} but CUDA is not available here")
+    return torch.device(name)
+
+
+def build_components(cfg: Config) -> Components:
+    """Embedding collection, model and dense optimizer for ``cfg``."""
+    device = resolve_device(cfg.train.device)
+    torch.manual_seed(cfg.seed)
+    features = sparse_feature_names(cfg.data)
+    embedding = HierarchicalEmbeddingBagCollection(
+        cfg.tables, features, cfg.optimizer.sparse, device=device, seed=cfg.seed
+    )
+    dims = [embedding.feature_dims[f] for f in embedding.out_features]
+    model = build_model(
+        cfg.model, embedding, embedding.out_features, dims, len(dense_feature_names(cfg.data))
+    ).to(device)
+    dense_opt = build_dense_optimizer(cfg.optimizer.dense, model.parameters())
+    return Components(embedding, model, dense_opt, device)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    device: torch.device,
+    max_batches: Optional[int] = None,
+) -> dict[str, float]:
+    """One pass of ``model`` over ``batches``: AUC, NE, logloss, calibration, CTR.
+
+    When batches carry the synthetic teacher's probabilities, the same metrics of the
+    teacher (the Bayes-optimal scorer) are added as ``oracle_auc`` / ``oracle_logloss``.
+    """
+    was_training = model.training
+    model.eval()
+    metrics, oracle = CTRMetrics(), CTRMetrics()
+    has_oracle = False
+    for i, batch in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        batch = batch.to(device, non_blocking=True)
+        probs = torch.sigmoid(model(batch.dense, batch.sparse))
+        metrics.update(probs, batch.labels)
+        if batch.teacher_prob is not None:
+            has_oracle = True
+            oracle.update(batch.teacher_prob.to(device), batch.labels)
+    model.train(was_training)
+    out = metrics.compute()
+    if has_oracle:
+        o = oracle.compute()
+        out["oracle_auc"] = o["auc"]
+        out["oracle_logloss"] = o["logloss"]
+    return out
+
+
+def _stop_reason(cfg: Config, step: int, start: float) -> Optional[str]:
+    if cfg.train.steps is not None and step >= cfg.train.steps:
+        return "steps"
+    if cfg.train.max_minutes is not None and time.perf_counter() - start > 60 * cfg.train.max_minutes:
+        return "max_minutes"
+    return None
+
+
+def _check_finite(loss: torch.Tensor, step: int, cfg: Config) -> None:
+    if not torch.isfinite(loss):
+        raise TrainingDiverged(
+            f"loss is {loss.item()} at step {step}; the step's updates were not applied. "
+            f"Lower optimizer.sparse.lr ({cfg.optimizer.sparse.lr}) or optimizer.dense.lr "
+            f"({cfg.optimizer.dense.lr}), or check the data for extreme dense values "
+            "(criteo needs data.dense_transform: log1p)."
+        )
+
+
+def train(cfg: Config, resume: Optional[Path] = None) -> dict[str, Any]:
+    """Runs a training job end to end and returns the summary written to summary.json.
+
+    Args:
+        cfg: the validated config.
+        resume: a checkpoint directory to continue from (rows, dense weights, optimizer
+            states, data position, step).
+    """
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    run_dir = Path(cfg.train.runs_dir) / cfg.name
+    reporter = RunReporter(run_dir)
+    reporter.save_config(config_to_dict(cfg))
+    parts = build_components(cfg)
+    model, device = parts.model, parts.device
+    source = build_source(cfg.data, "train", seed=cfg.seed, epochs=cfg.train.epochs)
+    step = 0
+    if resume is not None:
+        step = load_checkpoint(resume, parts, source)
+        log.info("resumed from %s at step %d", resume, step)
+
+    window = CTRMetrics()
+    loss_fn = nn.BCEWithLogitsLoss()
+    start = time.perf_counter()
+    samples = 0
+    losses: list[float] = []
+    history: list[dict[str, Any]] = []
+    last_log_t, last_log_samples = start, 0
+    bar = tqdm(
+        total=cfg.train.steps, disable=not cfg.train.progress, unit="step", dynamic_ncols=True
+    )
+    stop = None
+    model.train()
+    try:
+        for batch in source:
+            batch = batch.to(device, non_blocking=True)
+            logits = model(batch.dense, batch.sparse)
+            loss = loss_fn(logits, batch.labels)
+            _check_finite(loss, step, cfg)
+            parts.dense_optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # sparse rows are updated by the fused hooks here
+            parts.dense_optimizer.step()
+            step += 1
+            samples += batch.batch_size
+            losses.append(loss.item())
+            window.update(torch.sigmoid(logits.detach()), batch.labels)
+            bar.update(1)
+            if step % cfg.train.log_every == 0:
+                now = time.perf_counter()
+                rate = (samples - last_log_samples) / max(now - last_log_t, 1e-9)
+                last_log_t, last_log_samples = now, samples
+                m = window.compute()
+                window.reset()
+                rows = sum(parts.embedding.num_rows().values())
+                rec = {"loss": sum(losses) / len(losses), "auc": m["auc"],
+                       "samples_per_s": rate, "rows": rows, "samples": samples}
+                losses.clear()
+                reporter.log(step, "train", rec)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", auc=f"{m['auc']:.4f}",
+                                sps=f"{rate:,.0f}", rows=f"{rows:,}")
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0:
+                ev = _run_eval(cfg, parts)
+                reporter.log(step, "eval", ev)
+                history.append({"step": step, **ev})
+                bar.write(_fmt_eval(step, ev))
+            stop = _stop_reason(cfg, step, start)
+            if stop:
+                break
+    finally:
+        bar.close()
+        if hasattr(source, "close"):
+            source.close()
+    elapsed = time.perf_counter() - start
+    final = _run_eval(cfg, parts)
+    reporter.log(step, "eval", final)
+    summary: dict[str, Any] = {
+        "name": cfg.name,
+        "steps": step,
+        "samples": samples,
+        "train_seconds": elapsed,
+        "samples_per_s": samples / max(elapsed, 1e-9),
+        "stopped_by": stop or "end_of_data",
+        "final_eval": final,
+        "auc": final["auc"],
+        "oracle_auc": final.get("oracle_auc"),
+        "rows": parts.embedding.num_rows(),
+        "data": source.stats() if hasattr(source, "stats") else {},
+    }
+    if cfg.train.save_checkpoint:
+        summary["checkpoint"] = str(save_checkpoint(run_dir / "checkpoint", parts, source, step, cfg))
+    reporter.write_summary(summary)
+    try:
+        reporter.plot()
+    except Exception as e:  # a plot must never lose a finished run
+        log.warning("could not draw curves.png: %s", e)
+    return summary
+
+
+def _run_eval(cfg: Config, parts: Components) -> dict[str, float]:
+    src = build_source(cfg.data, "eval", seed=cfg.seed)
+    try:
+        return evaluate(parts.model, src, parts.device, cfg.train.eval_batches)
+    finally:
+        if hasattr(src, "close"):
+            src.close()
+
+
+def _fmt_eval(step: int, ev: dict[str, float]) -> str:
+    s = f"[eval step {step}] auc {ev['auc']:.4f} logloss {ev['logloss']:.4f}"
+    if "oracle_auc" in ev:
+        s += f" (oracle auc {ev['oracle_auc']:.4f})"
+    return s
+
+
+def describe_final(summary: dict[str, Any], cfg: Config) -> str:
+    """The closing lines printed after a run."""
+    ev = summary["final_eval"]
+    lines = [
+        f"run {summary['name']}: {summary['steps']} steps, {summary['samples']:,} samples in "
+        f"{summary['train_seconds']:.1f}s ({summary['samples_per_s']:,.0f} samples/s)",
+        f"final eval: AUC {ev['auc']:.4f}  logloss {ev['logloss']:.4f}  "
+        f"NE {ev.get('ne', math.nan):.4f}  calibration {ev.get('calibration', math.nan):.3f}",
+    ]
+    if summary.get("oracle_auc") is not None:
+        gap = summary["oracle_auc"] - ev["auc"]
+        lines.append(
+            f"teacher oracle AUC {summary['oracle_auc']:.4f}  (gap {gap:+.4f})"
+        )
+    if cfg.data.kind != DataKind.SYNTHETIC and summary.get("data"):
+        lines.append(f"data: {summary['data']}")
+    lines.append(f"rows: {summary['rows']}")
+    return "\n".join(lines)
