@@ -1,1 +1,11 @@
-"""terarec.models."""
+"""terarec.models: CTR models over an injected pooled-embedding module.
+
+Every model has ``forward(dense [B, D_dense], sparse KJT) -> logits [B]``;
+:func:`build_model` is the only place that switches on ``ModelConfig.kind``.
+"""
+
+from terarec.models.dcn import DCNv2
+from terarec.models.dlrm import DLRM
+from terarec.models.factory import build_model
+
+__all__ = ["DLRM", "DCNv2", "build_model"]
