@@ -34,7 +34,7 @@ class Batch:
     def batch_size(self) -> int:
         return int(self.labels.shape[0])
 
-    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+    def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
         return Batch(
             dense=self.dense.to(device, non_blocking=non_blocking),
             sparse=self.sparse.to(device, non_blocking=non_blocking),
@@ -43,7 +43,7 @@ class Batch:
             teacher_prob=self.teacher_prob,
         )
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         return Batch(
             dense=self.dense.pin_memory(),
             sparse=self.sparse.pin_memory(),

@@ -1,0 +1,90 @@
+"""The data layer: readers, key hashing, sharding, prefetch and resumable positions.
+
+The trainer uses exactly this::
+
+    from terarec.data import build_source, sparse_feature_names, dense_feature_names
+
+    src = build_source(cfg.data, "train", seed=cfg.seed, rank=r, world_size=w)
+    for batch in src:          # Batch(dense [B, D], sparse KJT, labels [B], position)
+        ...
+    ckpt["data"] = src.state_dict()     # position after the last batch handed out
+    src.load_state_dict(ckpt["data"])  # on a fresh source: continue exactly there
+    src.close()
+
+See docs/data.md for formats, hashing, sharding, splits and the malformed-row policy.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from terarec.config import DataConfig, DataKind
+from terarec.data.batch import Batch
+from terarec.data.delimited import CRITEO_DENSE, CRITEO_SPARSE
+from terarec.data.errors import DataError
+from terarec.data.libfm import ALL_TOKENS
+from terarec.data.source import BatchSource, make_source
+from terarec.data.synthetic import dense_names, sparse_names
+
+__all__ = [
+    "Batch",
+    "BatchSource",
+    "DataError",
+    "build_source",
+    "dense_feature_names",
+    "sparse_feature_names",
+]
+
+
+def sparse_feature_names(cfg: DataConfig) -> list[str]:
+    """Categorical feature names in KJT key order."""
+    if cfg.kind == DataKind.SYNTHETIC:
+        return sparse_names(cfg.synthetic)
+    if cfg.kind == DataKind.CRITEO:
+        return list(CRITEO_SPARSE)
+    if cfg.kind == DataKind.LIBFM:
+        return list(cfg.libfm.fields) if cfg.libfm.fields else [ALL_TOKENS]
+    assert cfg.csv is not None
+    return [c.name or c.column for c in cfg.csv.categorical]
+
+
+def dense_feature_names(cfg: DataConfig) -> list[str]:
+    """Dense feature names in column order of ``Batch.dense``."""
+    if cfg.kind == DataKind.SYNTHETIC:
+        return dense_names(cfg.synthetic)
+    if cfg.kind == DataKind.CRITEO:
+        return list(CRITEO_DENSE)
+    if cfg.kind == DataKind.LIBFM:
+        return []
+    assert cfg.csv is not None
+    return list(cfg.csv.dense)
+
+
+def build_source(
+    cfg: DataConfig,
+    split: str,
+    *,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    epochs: Optional[float] = None,
+) -> BatchSource:
+    """Builds the batch source of one split for one rank.
+
+    Args:
+        cfg: the data config.
+        split: "train" (``batch_size`` rows per batch; endless when ``epochs`` is None,
+            else stops after that many passes, fractions allowed) or "eval" (one pass of
+            ``eval_batch_size`` batches; ``eval_path``, else the ``eval_fraction`` of
+            ``path`` held out by row hash; synthetic: ``synthetic.eval_samples`` rows).
+        seed: drives synthetic sampling and shuffling.
+        rank, world_size: this process's shard.
+        epochs: train passes over file data (ignored by the endless synthetic stream).
+
+    Returns:
+        A :class:`BatchSource`; the last batch of a finite pass may be short.
+
+    Raises:
+        DataError: missing files, no eval data, bad rank.
+    """
+    return make_source(cfg, split, seed, rank, world_size, epochs)

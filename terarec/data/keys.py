@@ -1,0 +1,123 @@
+"""Raw feature values → int64 keys, vectorised and deterministic across processes.
+
+A categorical *string* ``s`` of feature ``f`` becomes::
+
+    key = int64(mix64(fnv1a64(utf8 bytes of s) ^ salt_for(f)))
+
+and an integer id ``i`` (libFM index, synthetic id) becomes::
+
+    key = int64(mix64(uint64(i) ^ salt_for(f)))
+
+``fnv1a64`` is the 64-bit FNV-1a hash over the bytes (offset basis 0xcbf29ce484222325,
+prime 0x100000001b3). The salt separates features: the same raw value in two features
+gives unrelated keys. Nothing here depends on chunk boundaries, on the longest string in
+a chunk, or on Python's randomised ``hash``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from terarec.hashing import mix64_np, salt_for
+
+FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+FNV_PRIME = np.uint64(0x100000001B3)
+
+
+def fnv1a64_ref(data: bytes) -> int:
+    """Plain-Python FNV-1a 64 (the reference the vectorised version is tested against)."""
+    h = 0xCBF29CE484222325
+    for b in data:
+        h = ((h ^ b) * 0x100000001B3) & ((1 << 64) - 1)
+    return h
+
+
+def fnv1a64_ragged(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """FNV-1a 64 of ``n`` byte strings stored back to back.
+
+    Loops over byte *positions* (the longest string's length), never over strings; rows
+    that have ended drop out, so an outlier long string costs only its own bytes.
+
+    Args:
+        data: uint8 ``[nbytes]`` the concatenated bytes.
+        starts: int64 ``[n]`` start of each string in ``data``.
+        lengths: int64 ``[n]`` length of each string (0 allowed).
+
+    Returns:
+        uint64 ``[n]`` hashes (empty strings hash to the offset basis).
+    """
+    n = len(starts)
+    out = np.full(n, FNV_OFFSET, dtype=np.uint64)
+    pos = np.flatnonzero(lengths > 0)
+    if pos.size == 0:
+        return out
+    st = starts[pos].astype(np.int64)
+    ln = lengths[pos].astype(np.int64)
+    h = out[pos]
+    j = 0
+    with np.errstate(over="ignore"):
+        while pos.size:
+            h ^= data[st + j]
+            h *= FNV_PRIME
+            j += 1
+            done = ln == j
+            if done.any():
+                out[pos[done]] = h[done]
+                keep = ~done
+                pos, st, ln, h = pos[keep], st[keep], ln[keep], h[keep]
+    return out
+
+
+def arrow_string_parts(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Zero-copy view of an arrow (large_)string array as (bytes, starts, lengths).
+
+    Returns:
+        ``data`` uint8 ``[nbytes]``, ``starts`` int64 ``[n]``, ``lengths`` int64 ``[n]``.
+        Null entries have length 0.
+    """
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    n = len(arr)
+    if n == 0:
+        return np.zeros(0, np.uint8), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    _, off_buf, data_buf = arr.buffers()
+    off_type = np.int64 if pa.types.is_large_string(arr.type) else np.int32
+    offsets = np.frombuffer(off_buf, dtype=off_type)[arr.offset : arr.offset + n + 1]
+    offsets = offsets.astype(np.int64)
+    data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(
+        0, np.uint8
+    )
+    lengths = np.diff(offsets)
+    if arr.null_count:
+        lengths = np.where(arr.is_null().to_numpy(zero_copy_only=False), 0, lengths)
+    return data, offsets[:-1], lengths
+
+
+def salted(h: np.ndarray, feature: str) -> np.ndarray:
+    """``int64(mix64(h ^ salt_for(feature)))`` for uint64/int64 ``h`` of any shape."""
+    salt = np.uint64(salt_for(feature) & ((1 << 64) - 1))
+    return mix64_np(np.asarray(h).astype(np.uint64, copy=False) ^ salt).view(np.int64)
+
+
+def string_keys(arr: pa.Array, feature: str) -> tuple[np.ndarray, np.ndarray]:
+    """Keys of the non-empty strings of ``arr`` for ``feature``.
+
+    Returns:
+        ``present`` bool ``[n]`` (False for empty/null = missing) and ``keys`` int64
+        ``[present.sum()]`` in row order.
+    """
+    data, starts, lengths = arrow_string_parts(arr)
+    present = lengths > 0
+    h = fnv1a64_ragged(data, starts[present], lengths[present])
+    return present, salted(h, feature)
+
+
+def int_keys(ids: np.ndarray, feature: str) -> np.ndarray:
+    """Keys of integer ids (int64/uint64 ``[n]``) for ``feature``; int64 ``[n]``."""
+    return salted(ids, feature)
+
+
+def str_key(value: str, feature: str) -> int:
+    """Key of one string (slow path for tests, tools and serving lookups)."""
+    return int(salted(np.array([fnv1a64_ref(value.encode())], dtype=np.uint64), feature)[0])

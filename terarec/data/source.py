@@ -1,0 +1,232 @@
+"""``BatchSource``: a stream plus background prefetch, resume state and stats."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Any, Optional
+
+import torch
+
+from terarec.config import DataConfig, DataKind
+from terarec.data.batch import Batch
+from terarec.data.delimited import criteo_parser, csv_parser
+from terarec.data.errors import BadRows, DataError
+from terarec.data.files import expand_paths
+from terarec.data.libfm import LibfmParser
+from terarec.data.stream import Counters, FileStream, Stream, SyntheticStream
+from terarec.data.synthetic import SyntheticGenerator
+
+_END = object()
+
+
+class _Failure:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+class BatchSource:
+    """Iterable of :class:`Batch` with exact resume.
+
+    Iterating starts (or restarts) a producer from the position after the last batch
+    handed out; with ``prefetch > 0`` the producer runs in a background thread up to
+    ``prefetch`` batches ahead, and an exception there is re-raised by the iterator.
+
+    Args:
+        stream: the deterministic batch stream.
+        prefetch: batches prepared ahead (0 = produce in the caller's thread).
+        bad: the malformed-row counters of the stream's parser.
+        counters: the stream's producer counters.
+    """
+
+    def __init__(
+        self, stream: Stream, prefetch: int, bad: BadRows, counters: Counters
+    ) -> None:
+        self.stream = stream
+        self.prefetch = prefetch
+        self.bad = bad
+        self.counters = counters
+        self.pin = torch.cuda.is_available()
+        self._state = stream.initial_state()
+        self._handed = 0
+        self._thread: Optional[threading.Thread] = None
+        self._stop: Optional[threading.Event] = None
+
+    @property
+    def feature_names(self) -> list[str]:
+        return list(self.stream.keys)
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, Any]:
+        """Position after the last batch handed to the consumer (plain, JSON-able)."""
+        return dict(self._state)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continues after ``state``; stops a running producer first."""
+        self.stream.check_state(state)
+        self.close()
+        self._state = dict(state)
+
+    # ------------------------------------------------------------------ iteration
+    def __iter__(self) -> Iterator[Batch]:
+        self.close()
+        if self.prefetch == 0:
+            return self._sync()
+        return self._async()
+
+    def _handout(self, b: Batch) -> Batch:
+        assert b.position is not None
+        self._state = dict(b.position)
+        self._handed += 1
+        return b
+
+    def _sync(self) -> Iterator[Batch]:
+        for b in self.stream.batches(dict(self._state)):
+            yield self._handout(b.pin_memory() if self.pin else b)
+
+    def _async(self) -> Iterator[Batch]:
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        t = threading.Thread(
+            target=self._produce, args=(dict(self._state), q, stop),
+            name="terarec-data", daemon=True,
+        )
+        self._thread, self._stop = t, stop
+        t.start()
+        try:
+            while True:
+                try:
+                    item = q.get(timeout=1.0)
+                except queue.Empty:
+                    if not t.is_alive() and q.empty():
+                        raise DataError("data producer thread died without a result") from None
+                    continue
+                if item is _END:
+                    return
+                if isinstance(item, _Failure):
+                    raise item.exc
+                yield self._handout(item)
+        finally:
+            if self._stop is stop:
+                self.close()
+
+    def _produce(self, state: dict[str, Any], q: queue.Queue, stop: threading.Event) -> None:
+        def put(item: Any) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        try:
+            for b in self.stream.batches(state):
+                if not put(b.pin_memory() if self.pin else b):
+                    return
+            put(_END)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            put(_Failure(e))
+
+    def close(self) -> None:
+        """Stops the producer thread (if any); the position is kept."""
+        if self._stop is not None:
+            self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+        self._thread, self._stop = None, None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    # ------------------------------------------------------------------ stats
+    def stats(self) -> dict[str, Any]:
+        """Counters since this source was built.
+
+        Returns:
+            ``rows_read`` (lines of this rank/split parsed), ``rows_skipped`` (by reason),
+            ``rows_skipped_total``, ``rows_out`` (rows put into batches by the producer,
+            which may run ahead), ``batches`` (handed to the consumer) and
+            ``batches_produced``.
+        """
+        skipped = self.bad.snapshot()
+        return {
+            "rows_read": self.counters.rows_read,
+            "rows_skipped": skipped,
+            "rows_skipped_total": sum(skipped.values()),
+            "rows_out": self.counters.rows_out,
+            "batches": self._handed,
+            "batches_produced": self.counters.batches_made,
+        }
+
+
+def _parser(cfg: DataConfig, bad: BadRows) -> Any:
+    if cfg.kind == DataKind.CRITEO:
+        return criteo_parser(cfg.dense_transform, bad)
+    if cfg.kind == DataKind.CSV:
+        assert cfg.csv is not None  # validated by DataConfig
+        return csv_parser(cfg.csv, cfg.dense_transform, bad)
+    if cfg.kind == DataKind.LIBFM:
+        return LibfmParser(cfg.libfm.fields, bad)
+    raise DataError(f"kind {cfg.kind.value}: not a file format")  # pragma: no cover
+
+
+def make_source(
+    cfg: DataConfig,
+    split: str,
+    seed: int,
+    rank: int,
+    world_size: int,
+    epochs: Optional[float],
+) -> BatchSource:
+    """See :func:`terarec.data.build_source`."""
+    if split not in ("train", "eval"):
+        raise DataError(f"split must be 'train' or 'eval', got {split!r}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} is not in [0, {world_size})")
+    if epochs is not None and epochs <= 0:
+        raise DataError(f"epochs must be > 0, got {epochs}")
+    bs = cfg.batch_size if split == "train" else cfg.eval_batch_size
+    bad = BadRows(cfg.strict, cfg.log_bad_rows)
+    counters = Counters()
+    stream: Stream
+    if cfg.kind == DataKind.SYNTHETIC:
+        gen = SyntheticGenerator(cfg.synthetic, seed)
+        if cfg.dense_transform.value != "none":
+            gen = _TransformedGenerator(gen, cfg)
+        stream = SyntheticStream(gen, split, seed, rank, world_size, bs, counters)
+    else:
+        parser = _parser(cfg, bad)
+        if split == "eval" and cfg.eval_path:
+            files, hold_out = expand_paths(cfg.eval_path), 0.0
+        elif split == "eval" and cfg.eval_fraction <= 0:
+            raise DataError("no eval data: set data.eval_path or data.eval_fraction > 0")
+        else:
+            assert cfg.path is not None  # validated by DataConfig
+            files = expand_paths(cfg.path)
+            hold_out = cfg.eval_fraction if not cfg.eval_path else 0.0
+        shuffle = cfg.shuffle_buffer if split == "train" else 0
+        stream = FileStream(
+            files, parser, split, hold_out, seed, rank, world_size,
+            epochs if split == "train" else 1.0,
+            (bs, cfg.chunk_rows, shuffle), counters,
+        )
+    return BatchSource(stream, cfg.prefetch_batches, bad, counters)
+
+
+class _TransformedGenerator(SyntheticGenerator):
+    """Applies ``dense_transform`` to synthetic dense features (rarely wanted)."""
+
+    def __init__(self, inner: SyntheticGenerator, cfg: DataConfig) -> None:
+        self.__dict__.update(inner.__dict__)
+
+    def rows(self, rng: Any, n: int) -> Any:
+        import numpy as np
+
+        r = super().rows(rng, n)
+        r.dense = np.log1p(np.maximum(r.dense, 0.0))
+        return r

@@ -1,0 +1,309 @@
+"""Deterministic, resumable batch streams (no threads here; see ``source.py``).
+
+A stream turns a *state* (a small dict) into the sequence of batches that follow it.
+``Batch.position`` of every batch is the state just after that batch, so restarting a
+stream from any batch's position yields exactly the batches that came after it.
+
+File streams (:class:`FileStream`) read *windows*: runs of whole chunks starting at a
+file position, at least ``shuffle_buffer`` rows long (one chunk without shuffling). A
+window is permuted with an RNG seeded by (seed, pass, window start), so its order is
+reproducible from its start alone, and a position is::
+
+    {"pass": p, "file": k, "offset": byte, "line": line, "skip": rows of the window
+     already handed out}
+
+Resuming re-reads that one window and drops ``skip`` rows.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Optional, Protocol
+
+import numpy as np
+
+from terarec.data.batch import Batch
+from terarec.data.errors import DataError, logger
+from terarec.data.files import LineChunk, eval_mask, iter_line_chunks, shard_files
+from terarec.data.rows import Rows
+from terarec.data.synthetic import SyntheticGenerator
+
+_SPLIT_ID = {"train": 0, "eval": 1}
+
+
+class LineParser(Protocol):
+    features: list[str]
+
+    def start_file(self, path: str) -> int: ...
+
+    def parse(self, chunk: LineChunk, keep: np.ndarray) -> Rows: ...
+
+
+@dataclass
+class Counters:
+    """Producer-side counters (written by the producer thread, read by ``stats()``)."""
+
+    rows_read: int = 0  # lines of this rank/split that were parsed
+    rows_out: int = 0  # rows put into batches
+    batches_made: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Stream(Protocol):
+    keys: list[str]
+
+    def initial_state(self) -> dict[str, Any]: ...
+
+    def check_state(self, state: dict[str, Any]) -> None: ...
+
+    def batches(self, state: dict[str, Any]) -> Iterator[Batch]: ...
+
+
+class Batcher:
+    """Cuts a stream of (rows, position-after-each-row) into batches of ``batch_size``."""
+
+    def __init__(self, keys: list[str], batch_size: int, counters: Counters) -> None:
+        self.keys = keys
+        self.bs = batch_size
+        self.counters = counters
+        self.pending: list[Rows] = []
+        self.n = 0
+
+    def feed(self, rows: Rows, pos_after: Any) -> Iterator[Batch]:
+        """Adds ``rows``; ``pos_after(c)`` is the position after the first ``c`` of them."""
+        i, m = 0, rows.n
+        while i < m:
+            t = min(self.bs - self.n, m - i)
+            self.pending.append(rows.slice(i, i + t))
+            self.n += t
+            i += t
+            if self.n == self.bs:
+                yield self._emit(pos_after(i))
+
+    def flush(self, position: dict[str, Any]) -> Iterator[Batch]:
+        if self.n:
+            yield self._emit(position)
+
+    def _emit(self, position: dict[str, Any]) -> Batch:
+        rows = Rows.concat(self.pending)
+        self.pending, self.n = [], 0
+        self.counters.rows_out += rows.n
+        self.counters.batches_made += 1
+        return rows.to_batch(self.keys, dict(position))
+
+
+class FileStream:
+    """Batches from line-oriented files for one (split, rank).
+
+    Args:
+        files: all files of the split (already expanded, in order).
+        parser: turns line chunks into rows (Criteo, CSV or libFM).
+        split: "train" or "eval".
+        hold_out: eval fraction of each file held out by row hash (0: use every row).
+        seed, rank, world_size: as in ``build_source``.
+        epochs: passes before stopping; None = endless.
+        batch_size, chunk_rows, shuffle_buffer: from ``DataConfig``.
+        counters: the source's counters.
+    """
+
+    def __init__(
+        self,
+        files: list[str],
+        parser: LineParser,
+        split: str,
+        hold_out: float,
+        seed: int,
+        rank: int,
+        world_size: int,
+        epochs: Optional[float],
+        sizes: tuple[int, int, int],
+        counters: Counters,
+    ) -> None:
+        self.files = files
+        self.parser = parser
+        self.keys = parser.features
+        self.split = split
+        self.hold_out = hold_out
+        self.seed = seed
+        self.rank = rank
+        self.world = world_size
+        self.epochs = epochs
+        self.batch_size, self.chunk_rows, self.shuffle = sizes
+        self.counters = counters
+        self.mine, self.strided = shard_files(len(files), rank, world_size)
+        self.sizes = {i: os.path.getsize(files[i]) for i in self.mine}
+        if epochs is None:
+            self.passes: Optional[int] = None
+        else:
+            self.passes = math.ceil(epochs)
+
+    # ------------------------------------------------------------------ state
+    def _fingerprint(self) -> dict[str, Any]:
+        return {"split": self.split, "rank": self.rank, "world_size": self.world,
+                "num_files": len(self.files)}
+
+    def initial_state(self) -> dict[str, Any]:
+        return {"kind": "file", **self._fingerprint(), "pass": 0, "file": 0, "offset": 0,
+                "line": 0, "skip": 0}
+
+    def check_state(self, state: dict[str, Any]) -> None:
+        want = {"kind": "file", **self._fingerprint()}
+        got = {k: state.get(k) for k in want}
+        if got != want:
+            raise DataError(f"data state does not match this source: state {got}, source {want}")
+
+    # ------------------------------------------------------------------ reading
+    def _order(self, p: int) -> list[int]:
+        if self.shuffle and self.split == "train":
+            perm = np.random.default_rng([self.seed, p, 0x5EED]).permutation(len(self.mine))
+            return [self.mine[i] for i in perm]
+        return list(self.mine)
+
+    def _limit(self, p: int, order: list[int]) -> Optional[tuple[int, int]]:
+        """(file position k, byte offset) where a fractional last pass stops."""
+        if self.epochs is None or p < math.floor(self.epochs):
+            return None
+        target = (self.epochs - math.floor(self.epochs)) * sum(self.sizes.values())
+        for k, fi in enumerate(order):
+            if target < self.sizes[fi]:
+                return k, int(target)
+            target -= self.sizes[fi]
+        return len(order), 0  # pragma: no cover - float rounding at the very end
+
+    def _chunks(self, p: int, k0: int, off0: int, line0: int) -> Iterator[tuple[Rows, tuple]]:
+        order = self._order(p)
+        limit = self._limit(p, order)
+        for k in range(k0, len(order)):
+            if limit is not None and k > limit[0]:
+                return
+            path = self.files[order[k]]
+            hdr = self.parser.start_file(path)
+            hdr_lines = 1 if hdr else 0
+            off, line = (off0, line0) if (k == k0 and off0 > 0) else (hdr, hdr_lines)
+            stop = limit[1] if limit is not None and k == limit[0] else None
+            if stop is not None and stop <= off:
+                return
+            for chunk in iter_line_chunks(path, off, line, self.chunk_rows, stop):
+                data_idx = chunk.first_line - hdr_lines + np.arange(chunk.n, dtype=np.int64)
+                keep = np.ones(chunk.n, dtype=bool)
+                if self.strided:
+                    keep &= data_idx % self.world == self.rank
+                if self.hold_out > 0:
+                    held = eval_mask(path, data_idx, self.hold_out)
+                    keep &= held if self.split == "eval" else ~held
+                self.counters.rows_read += int(keep.sum())
+                rows = self.parser.parse(chunk, keep)
+                yield rows, (k, chunk.next_offset, chunk.first_line + chunk.n)
+
+    def batches(self, state: dict[str, Any]) -> Iterator[Batch]:
+        self.check_state(state)
+        base = {"kind": "file", **self._fingerprint()}
+        batcher = Batcher(self.keys, self.batch_size, self.counters)
+        p, k, off, line, skip = (int(state[x]) for x in ("pass", "file", "offset", "line", "skip"))
+        target = max(self.shuffle, 1)
+        while self.passes is None or p < self.passes:
+            from_start = k == 0 and off == 0 and skip == 0
+            pass_rows = 0
+            gen = self._chunks(p, k, off, line)
+            start = (k, off, line)
+            ended = False
+            while not ended:
+                parts, n, end = [], 0, start
+                while n < target:
+                    item = next(gen, None)
+                    if item is None:
+                        ended = True
+                        break
+                    rows, end = item
+                    if rows.n:
+                        parts.append(rows)
+                        n += rows.n
+                if n > skip:
+                    window = Rows.concat(parts)
+                    if self.shuffle and self.split == "train":
+                        rng = np.random.default_rng(
+                            [self.seed, p, start[0], start[1], self.rank, 0x5B]
+                        )
+                        window = window.take(rng.permutation(n))
+                    pass_rows += n
+                    nxt = {"pass": p + 1, "file": 0, "offset": 0, "line": 0} if ended else {
+                        "pass": p, "file": end[0], "offset": end[1], "line": end[2]}
+                    here = {"pass": p, "file": start[0], "offset": start[1], "line": start[2]}
+
+                    def pos_after(c: int, s: int = skip, n: int = n, nxt=nxt, here=here) -> dict:
+                        if s + c == n:
+                            return {**base, **nxt, "skip": 0}
+                        return {**base, **here, "skip": s + c}
+
+                    yield from batcher.feed(window.slice(skip, n), pos_after)
+                skip = 0
+                start = end
+            if from_start and pass_rows == 0:
+                msg = (f"{self.split} split of rank {self.rank}/{self.world}: a whole pass over "
+                       f"{len(self.mine)} file(s) gave no rows (filtered or malformed)")
+                if self.passes is None:
+                    raise DataError(msg)
+                logger.warning(msg)
+            p, k, off, line = p + 1, 0, 0, 0
+        yield from batcher.flush(
+            {**base, "pass": p, "file": 0, "offset": 0, "line": 0, "skip": 0})
+
+
+class SyntheticStream:
+    """Endless train batches or the fixed eval set of the synthetic generator."""
+
+    def __init__(
+        self,
+        gen: SyntheticGenerator,
+        split: str,
+        seed: int,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        counters: Counters,
+    ) -> None:
+        self.gen = gen
+        self.keys = gen.names
+        self.split = split
+        self.seed = seed
+        self.rank = rank
+        self.world = world_size
+        self.bs = batch_size
+        self.counters = counters
+
+    def _base(self) -> dict[str, Any]:
+        return {"kind": "synthetic", "split": self.split, "rank": self.rank,
+                "world_size": self.world}
+
+    def initial_state(self) -> dict[str, Any]:
+        return {**self._base(), "batch": 0}
+
+    def check_state(self, state: dict[str, Any]) -> None:
+        want = self._base()
+        got = {k: state.get(k) for k in want}
+        if got != want:
+            raise DataError(f"data state does not match this source: state {got}, source {want}")
+
+    def batches(self, state: dict[str, Any]) -> Iterator[Batch]:
+        self.check_state(state)
+        i = int(state["batch"])
+        total = self.gen.cfg.eval_samples
+        while True:
+            if self.split == "train":
+                rng = np.random.default_rng([self.seed, 0, self.rank, i])
+                n = self.bs
+            else:
+                b = self.rank + i * self.world
+                n = min(self.bs, total - b * self.bs)
+                if n <= 0:
+                    return
+                rng = np.random.default_rng([self.seed, 1, b])
+            rows = self.gen.rows(rng, n)
+            i += 1
+            self.counters.rows_read += n
+            self.counters.rows_out += n
+            self.counters.batches_made += 1
+            yield rows.to_batch(self.keys, {**self._base(), "batch": i})
