@@ -196,7 +196,7 @@ class DelimitedParser:
 
         lab = t.column(self.label).combine_chunks()
         check(lab, _matches(lab, FLOAT_RE), "bad_label",
-              lambda v: f"label {self.label}={v!r} is not a number")
+              lambda v: f"{self.label}={v!r} is not a number")
         dense_cols = []
         for name in self.dense:
             col = t.column(name).combine_chunks()
