@@ -1,0 +1,280 @@
+"""Run reporting: ``runs/<name>/{metrics.jsonl, summary.json, config.yaml, curves.png}``.
+
+:class:`RunReporter` is the only writer of a run directory's human-facing files:
+
+* ``metrics.jsonl``: one JSON object per :meth:`RunReporter.log` call, appended and
+  flushed at once so a crashed run keeps every line it logged::
+
+      {"step": 500, "split": "train", "time": 1718000000.1, "loss": 0.47, "samples_per_s": 91000.0}
+      {"step": 500, "split": "eval", "time": 1718000003.9, "auc": 0.781, "ne": null}
+
+  Values are made JSON-safe: tensors and numpy values become Python numbers or lists,
+  ``nan``/``inf`` become ``null`` (strict JSON has no NaN).
+* ``summary.json`` and ``config.yaml``: written atomically (temp file + ``os.replace``),
+  so a reader never sees half a file.
+* ``curves.png``: train loss, eval AUC (with the oracle AUC as a dashed line when
+  known), eval logloss and throughput against the step; drawn with the Agg canvas
+  directly (no pyplot, no display, no global matplotlib state).
+
+Metric names the plot looks for: ``loss`` (train), ``auc`` and ``logloss`` (eval),
+``samples_per_s`` (train), ``oracle_auc`` (summary or eval lines).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+import yaml
+
+LOSS_KEY = "loss"
+AUC_KEY = "auc"
+LOGLOSS_KEY = "logloss"
+THROUGHPUT_KEY = "samples_per_s"
+ORACLE_AUC_KEY = "oracle_auc"
+_RESERVED = ("step", "split", "time")
+
+
+def to_jsonable(value: Any) -> Any:
+    """Plain-JSON view of ``value``: numbers, strings, lists, dicts, ``None``.
+
+    Tensors and numpy arrays become numbers (0-d) or nested lists; non-finite floats
+    become ``None``; enums their value; paths strings; tuples/sets lists.
+
+    Raises:
+        TypeError: for an object with no JSON meaning (the message names its type).
+    """
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, enum.Enum):
+        return to_jsonable(value.value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, torch.Tensor):
+        return to_jsonable(value.detach().cpu().tolist())
+    if isinstance(value, (np.ndarray, np.generic)):
+        return to_jsonable(value.tolist())
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [to_jsonable(v) for v in value]
+    raise TypeError(f"cannot write a {type(value).__name__} to a run report: {value!r}")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` so readers see the old file or the new one, never half.
+
+    Writes a temp file in the same directory, fsyncs it, then ``os.replace``s it.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Parses ``metrics.jsonl``; a torn last line (crash mid-write) is skipped."""
+    rows: list[dict[str, Any]] = []
+    if not path.exists():
+        return rows
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break  # the run died while writing its last line
+            raise ValueError(f"{path}:{i + 1}: not a JSON line") from None
+    return rows
+
+
+class RunReporter:
+    """Writes a run's metrics log, summary, config and curves into ``run_dir``.
+
+    Args:
+        run_dir: the run directory, conventionally ``<runs_dir>/<run name>``; created
+            (with parents) if missing. An existing ``metrics.jsonl`` is appended to, so
+            a resumed run keeps one log.
+
+    Example:
+        >>> rep = RunReporter(Path("runs/quickstart"))
+        >>> rep.log(100, "train", {"loss": 0.52, "samples_per_s": 8.1e4})
+        >>> rep.log(100, "eval", metrics.compute())
+        >>> rep.write_summary({"best_auc": 0.78, "oracle_auc": 0.80})
+        >>> rep.plot()
+    """
+
+    def __init__(self, run_dir: Union[str, Path]) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.name = self.run_dir.resolve().name
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.run_dir / "summary.json"
+
+    @property
+    def config_path(self) -> Path:
+        return self.run_dir / "config.yaml"
+
+    @property
+    def curves_path(self) -> Path:
+        return self.run_dir / "curves.png"
+
+    def log(self, step: int, split: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """Appends one line ``{"step", "split", "time", **metrics}`` to ``metrics.jsonl``.
+
+        Args:
+            step: the global training step the metrics belong to.
+            split: ``"train"`` or ``"eval"`` (any non-empty name is accepted).
+            metrics: name → number (tensor, numpy and ``nan`` allowed; ``nan`` → null).
+
+        Returns:
+            The record as written.
+        """
+        if not split:
+            raise ValueError("log: split must be a non-empty string, e.g. 'train' or 'eval'")
+        clash = sorted(set(metrics) & set(_RESERVED))
+        if clash:
+            raise ValueError(f"log: metric names {clash} are reserved ({', '.join(_RESERVED)})")
+        record = {"step": int(step), "split": split, "time": time.time()}
+        record.update(to_jsonable(dict(metrics)))
+        line = json.dumps(record, allow_nan=False)
+        with self.metrics_path.open("a", encoding="utf-8") as f:
+            f.write(line + "\n")
+        return record
+
+    def records(self, split: Optional[str] = None) -> list[dict[str, Any]]:
+        """The logged records, optionally only those of ``split``."""
+        rows = read_jsonl(self.metrics_path)
+        return rows if split is None else [r for r in rows if r.get("split") == split]
+
+    def write_summary(self, summary: Mapping[str, Any]) -> Path:
+        """Atomically writes ``summary.json`` (JSON-safe, ``nan`` → null)."""
+        text = json.dumps(to_jsonable(dict(summary)), indent=2, allow_nan=False, sort_keys=True)
+        atomic_write_text(self.summary_path, text + "\n")
+        return self.summary_path
+
+    def read_summary(self) -> dict[str, Any]:
+        """``summary.json`` as a dict (empty if not written yet)."""
+        if not self.summary_path.exists():
+            return {}
+        return json.loads(self.summary_path.read_text(encoding="utf-8"))
+
+    def save_config(self, cfg_dict: Mapping[str, Any]) -> Path:
+        """Atomically writes ``config.yaml`` (e.g. ``config_to_dict(cfg)``), keys in order."""
+        text = yaml.safe_dump(to_jsonable(dict(cfg_dict)), sort_keys=False)
+        atomic_write_text(self.config_path, text)
+        return self.config_path
+
+    def plot(self, oracle_auc: Optional[float] = None) -> Path:
+        """Draws ``curves.png`` from ``metrics.jsonl`` (2x2: loss, AUC, logloss, samples/s).
+
+        Args:
+            oracle_auc: dashed reference line on the AUC panel; default: ``oracle_auc``
+                from ``summary.json``, else the last ``oracle_auc`` in the eval lines.
+
+        Returns:
+            The path of the PNG.
+        """
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator, StrMethodFormatter
+
+        train, evals = self.records("train"), self.records("eval")
+        if oracle_auc is None:
+            oracle_auc = _finite(self.read_summary().get(ORACLE_AUC_KEY))
+        if oracle_auc is None:
+            oracle_auc = next(
+                (v for r in reversed(evals) if (v := _finite(r.get(ORACLE_AUC_KEY))) is not None),
+                None,
+            )
+
+        fig = Figure(figsize=(11, 7.5), dpi=100, layout="constrained")
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(2, 2)
+        fig.suptitle(f"terarec run: {self.name}", fontsize=14, fontweight="bold")
+        panels = [
+            (axes[0, 0], train, LOSS_KEY, "Train loss", "tab:blue"),
+            (axes[0, 1], evals, AUC_KEY, "Eval AUC", "tab:green"),
+            (axes[1, 0], evals, LOGLOSS_KEY, "Eval logloss (nats)", "tab:red"),
+            (axes[1, 1], train, THROUGHPUT_KEY, "Train throughput (samples/s)", "tab:purple"),
+        ]
+        for ax, rows, key, title, color in panels:
+            steps, values = _series(rows, key)
+            ax.set_title(title)
+            ax.set_xlabel("step")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(True, alpha=0.3)
+            if steps:
+                marker = "o" if len(steps) <= 30 else None
+                ax.plot(steps, values, color=color, marker=marker, markersize=4, label=key)
+            else:
+                ax.text(
+                    0.5,
+                    0.3,
+                    f"no '{key}' logged",
+                    ha="center",
+                    va="center",
+                    transform=ax.transAxes,
+                    color="gray",
+                )
+        if oracle_auc is not None:
+            ax = axes[0, 1]
+            ax.axhline(
+                oracle_auc,
+                color="black",
+                linestyle="--",
+                linewidth=1.2,
+                label=f"oracle AUC {oracle_auc:.4f}",
+            )
+            ax.legend(loc="lower right")
+            _, aucs = _series(evals, AUC_KEY)
+            lo = min([oracle_auc, *aucs])
+            ax.set_ylim(max(0.0, lo - 0.02), min(1.0, max([oracle_auc, *aucs]) + 0.02))
+        axes[1, 1].yaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
+        fig.savefig(self.curves_path, format="png")
+        return self.curves_path
+
+
+def _finite(value: Any) -> Optional[float]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of ``key`` over ``rows``, skipping null / missing values."""
+    steps: list[int] = []
+    values: list[float] = []
+    for r in rows:
+        v = _finite(r.get(key))
+        if v is not None:
+            steps.append(int(r["step"]))
+            values.append(v)
+    return steps, values
