@@ -2,10 +2,13 @@
 
 One :class:`DelimitedParser` serves both formats: Criteo is a fixed schema
 (:func:`criteo_parser`), a generic CSV is described by ``CsvSchema`` (:func:`csv_parser`).
-Per chunk: the column count of every line is checked with numpy on the raw bytes
-(quoting is not supported, so a delimiter always separates columns), good lines are
-parsed by ``pyarrow.csv`` with every column as a string, and values are validated with
-``pyarrow.compute`` regexes. Bad rows are skipped and reported with ``file:line``.
+Per chunk: ``pyarrow.csv`` parses the lines with every column as a string (quoting is
+not supported: a delimiter always separates columns). If it meets a line with the wrong
+column count, the chunk is redone exactly: column counts are checked per line with
+numpy on the raw bytes and only good lines are parsed. Numbers are converted by one
+arrow cast per column, falling back to a per-row regex (``pyarrow.compute``) when a
+value is invalid; Criteo hex is validated while hashing. Bad rows are skipped and
+reported with ``file:line``.
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ from terarec.data.files import LineChunk, header_bytes, read_first_line
 from terarec.data.keys import string_keys
 from terarec.data.rows import Rows, empty_rows
 
-INT_RE = r"^[-+]?[0-9]+$"
+INT_RE = r"^-?[0-9]+$"
 FLOAT_RE = r"^[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$"
-HEX_RE = r"^[0-9a-fA-F]{1,16}$"
+_HEX = np.zeros(256, dtype=bool)
+_HEX[np.frombuffer(b"0123456789abcdefABCDEF", np.uint8)] = True
 
 CRITEO_DENSE = [f"I{i}" for i in range(1, 14)]
 CRITEO_SPARSE = [f"C{i}" for i in range(1, 27)]
@@ -38,7 +42,7 @@ class CatColumn:
     column: str  # column name in the file (or c<k> without a header)
     feature: str  # KJT key
     sep: Optional[str] = None  # multi-valued cell separator
-    pattern: Optional[str] = None  # regex every non-empty value must match
+    hex_only: bool = False  # values must be 1-16 hex digits (Criteo)
 
 
 class DelimitedParser:
@@ -108,39 +112,37 @@ class DelimitedParser:
 
     def parse(self, chunk: LineChunk, keep: np.ndarray) -> Rows:
         """Parses the lines ``keep`` (bool ``[n]``) of ``chunk``; bad ones are reported."""
-        lines, reasons, details = [], [], []
-        buf, starts, ends = chunk.buf, chunk.bounds[:-1], chunk.ends
-        empty = keep & (ends == starts)
-        self.bad.count("empty_line", int(empty.sum()))
-        cand = np.flatnonzero(keep & ~empty)
-        ncols = len(self.names)
-        d = np.flatnonzero(buf == ord(self.delim))
-        cnt = np.searchsorted(d, ends[cand]) - np.searchsorted(d, starts[cand]) + 1
-        wrong = cnt != ncols
-        if wrong.any():
-            for i, c in zip(cand[wrong], cnt[wrong]):
-                lines.append(chunk.first_line + int(i) + 1)
-                reasons.append("wrong_column_count")
-                details.append(f"expected {ncols} columns, got {int(c)}")
-        good = cand[~wrong]
-        if len(good) == 0:
-            self._report(lines, reasons, details)
-            return empty_rows(len(self.dense), len(self.cats))
-        if len(good) == chunk.n:
-            data = buf
-        else:
-            span = np.diff(chunk.bounds)
-            mask = np.zeros(chunk.n, dtype=bool)
-            mask[good] = True
-            data = buf[np.repeat(mask, span)]
-            if data[-1] != 10:
-                data = np.append(data, np.uint8(10))
-        table = self._read(data)
-        if table.num_rows != len(good):
-            raise DataError(
-                f"{self.path}:{chunk.first_line + 1}: parsed {table.num_rows} rows from "
-                f"{len(good)} lines (a stray carriage return or NUL inside a line?)"
-            )
+        lines: list[int] = []
+        reasons: list[str] = []
+        details: list[Any] = []
+        starts, ends = chunk.bounds[:-1], chunk.ends
+        table = None
+        if keep.all() and not (ends == starts).any():
+            # Fast path: let pyarrow check the column counts; fall back on any trouble.
+            table = self._read(chunk.buf, fail_fast=True)
+            if table is not None and table.num_rows != chunk.n:
+                table = None
+            good = np.arange(chunk.n)
+        if table is None:
+            good = self._check_columns(chunk, keep, lines, reasons, details)
+            if len(good) == 0:
+                self._report(lines, reasons, details)
+                return empty_rows(len(self.dense), len(self.cats))
+            if len(good) == chunk.n:
+                data = chunk.buf
+            else:
+                mask = np.zeros(chunk.n, dtype=bool)
+                mask[good] = True
+                data = chunk.buf[np.repeat(mask, np.diff(chunk.bounds))]
+                if data[-1] != 10:
+                    data = np.append(data, np.uint8(10))
+            table = self._read(data, fail_fast=False)
+            assert table is not None
+            if table.num_rows != len(good):
+                raise DataError(
+                    f"{self.path}:{chunk.first_line + 1}: parsed {table.num_rows} rows from "
+                    f"{len(good)} lines (a stray carriage return inside a line?)"
+                )
         line_no = chunk.first_line + good + 1
         rows, bad_idx, bad_reason, bad_detail = self._convert(table)
         for i, r, det in zip(bad_idx, bad_reason, bad_detail):
@@ -149,6 +151,24 @@ class DelimitedParser:
             details.append(det)
         self._report(lines, reasons, details)
         return rows
+
+    def _check_columns(
+        self, chunk: LineChunk, keep: np.ndarray, lines: list, reasons: list, details: list
+    ) -> np.ndarray:
+        """Indices of the kept, non-empty lines with the right column count."""
+        buf, starts, ends = chunk.buf, chunk.bounds[:-1], chunk.ends
+        empty = keep & (ends == starts)
+        self.bad.count("empty_line", int(empty.sum()))
+        cand = np.flatnonzero(keep & ~empty)
+        ncols = len(self.names)
+        d = np.flatnonzero(buf == ord(self.delim))
+        cnt = np.searchsorted(d, ends[cand]) - np.searchsorted(d, starts[cand]) + 1
+        wrong = cnt != ncols
+        for i, c in zip(cand[wrong], cnt[wrong]):
+            lines.append(chunk.first_line + int(i) + 1)
+            reasons.append("wrong_column_count")
+            details.append(f"expected {ncols} columns, got {int(c)}")
+        return cand[~wrong]
 
     def _report(self, lines: list[int], reasons: list[str], details: list[Any]) -> None:
         if not lines:
@@ -161,23 +181,38 @@ class DelimitedParser:
             [details[i] for i in order],
         )
 
-    def _read(self, data: np.ndarray) -> pa.Table:
+    def _read(self, data: np.ndarray, fail_fast: bool) -> Optional[pa.Table]:
+        """All needed columns as strings ("" = null); None if ``fail_fast`` and a row is
+        invalid (wrong column count)."""
         need = list(dict.fromkeys([self.label, *self.dense, *(c.column for c in self.cats)]))
-        return pacsv.read_csv(
+        invalid = []
+
+        def on_invalid(row: Any) -> str:
+            invalid.append(row)
+            return "skip"
+
+        table = pacsv.read_csv(
             pa.py_buffer(data),
-            read_options=pacsv.ReadOptions(column_names=self.names, block_size=1 << 24),
+            read_options=pacsv.ReadOptions(column_names=self.names, block_size=1 << 22),
             parse_options=pacsv.ParseOptions(
                 delimiter=self.delim,
                 quote_char=False,
                 escape_char=False,
                 ignore_empty_lines=False,
+                invalid_row_handler=on_invalid,
             ),
             convert_options=pacsv.ConvertOptions(
                 column_types={c: pa.string() for c in need},
                 include_columns=need,
-                strings_can_be_null=False,
+                strings_can_be_null=True,
+                null_values=[""],
             ),
         )
+        if invalid and fail_fast:
+            return None
+        if invalid:  # pragma: no cover - column counts were checked before
+            raise DataError(f"{self.path}: unexpected invalid row {invalid[0].text[:80]!r}")
+        return table
 
     def _convert(self, t: pa.Table) -> tuple[Rows, list[int], list[str], list[Any]]:
         n = t.num_rows
@@ -186,7 +221,7 @@ class DelimitedParser:
         bad_reason: list[str] = []
         bad_detail: list[Any] = []
 
-        def check(col: pa.Array, ok: np.ndarray, reason: str, what: Callable[[str], str]) -> None:
+        def flag(col: pa.Array, ok: np.ndarray, reason: str, what: Callable[[Any], str]) -> None:
             new = np.flatnonzero(~ok & ~bad)
             bad[new] = True
             for i in new:
@@ -195,70 +230,79 @@ class DelimitedParser:
                 bad_detail.append(lambda i=i, col=col: what(col[int(i)].as_py()))
 
         lab = t.column(self.label).combine_chunks()
-        check(lab, _matches(lab, FLOAT_RE), "bad_label",
-              lambda v: f"{self.label}={v!r} is not a number")
-        dense_cols = []
-        for name in self.dense:
+        lab_v, lab_ok = _numbers(lab, FLOAT_RE, missing_ok=False)
+        flag(lab, lab_ok, "bad_label", lambda v: f"{self.label}={v!r} is not a number")
+        dense = np.zeros((n, len(self.dense)), dtype=np.float32)
+        for j, name in enumerate(self.dense):
             col = t.column(name).combine_chunks()
-            present = pc.greater(pc.binary_length(col), 0).to_numpy(zero_copy_only=False)
-            ok = ~present | _matches(col, self.dense_pattern)
-            check(col, ok, "bad_dense", lambda v, name=name: f"dense {name}={v!r} is not numeric")
-            dense_cols.append((col, present & ok))
-        cat_cols = []
+            dense[:, j], ok = _numbers(col, self.dense_pattern, missing_ok=True)
+            flag(col, ok, "bad_dense", lambda v, name=name: f"dense {name}={v!r} is not numeric")
+        sparse = []
         for c in self.cats:
             col = t.column(c.column).combine_chunks()
-            if c.pattern is not None and c.sep is None:
-                present = pc.greater(pc.binary_length(col), 0).to_numpy(zero_copy_only=False)
-                ok = ~present | _matches(col, c.pattern)
-                check(col, ok, "bad_categorical",
-                      lambda v, c=c: f"categorical {c.column}={v!r} does not match {c.pattern}")
-            cat_cols.append(col)
+            if c.sep is None:
+                present, keys, ok = string_keys(col, c.feature, _HEX if c.hex_only else None)
+                if c.hex_only:
+                    ok &= _lengths(col) <= 16
+                    flag(col, ok, "bad_categorical",
+                         lambda v, c=c: f"categorical {c.column}={v!r} is not 1-16 hex digits")
+                sparse.append((present.astype(np.int32), keys))
+            else:
+                sparse.append(_multi_keys(col, c.sep, c.feature))
 
-        keep = np.flatnonzero(~bad)
-        sel = None if len(keep) == n else pa.array(keep)
-
-        def take(col: pa.Array) -> pa.Array:
-            return col if sel is None else col.take(sel)
-
-        labels = _to_float(take(lab), np.ones(len(keep), bool)) > self.threshold
-        dense = np.zeros((len(keep), len(self.dense)), dtype=np.float32)
-        for j, (col, ok) in enumerate(dense_cols):
-            dense[:, j] = _to_float(take(col), ok[keep])
+        labels = (lab_v > self.threshold).astype(np.float32)
         if self.transform == DenseTransform.LOG1P:
             dense = np.log1p(np.maximum(dense, 0.0, out=dense), out=dense)
-        lengths = np.zeros((len(self.cats), len(keep)), dtype=np.int32)
-        values = []
-        for f, (c, col) in enumerate(zip(self.cats, cat_cols)):
-            col = take(col)
-            if c.sep is None:
-                present, keys = string_keys(col, c.feature)
-                lengths[f] = present
-            else:
-                lengths[f], keys = _multi_keys(col, c.sep, c.feature)
-            values.append(keys)
-        rows = Rows(labels=labels.astype(np.float32), dense=dense, lengths=lengths, values=values)
+        lengths = np.stack([ln for ln, _ in sparse]) if sparse else np.zeros((0, n), np.int32)
+        values = [k for _, k in sparse]
+        if bad.any():
+            keep = ~bad
+            values = [k[np.repeat(keep, ln)] for ln, k in sparse]
+            labels, dense, lengths = labels[keep], dense[keep], lengths[:, keep]
+        rows = Rows(labels=labels, dense=dense, lengths=lengths, values=values)
         return rows, bad_idx, bad_reason, bad_detail
 
 
-def _matches(col: pa.Array, pattern: str) -> np.ndarray:
-    return pc.match_substring_regex(col, pattern).to_numpy(zero_copy_only=False)
+def _numbers(col: pa.Array, pattern: str, missing_ok: bool) -> tuple[np.ndarray, np.ndarray]:
+    """float64 values (missing = 0) and bool validity of a string column ``[n]``.
+
+    Fast path: one arrow cast of the whole column (to int64 for integer columns, so
+    "1.5" is not an integer), which only succeeds if every value is valid; otherwise the
+    regex decides row by row.
+    """
+    n = len(col)
+    present = col.is_valid().to_numpy(zero_copy_only=False)
+    try:
+        target = pa.int64() if pattern == INT_RE else pa.float64()
+        v = pc.fill_null(pc.cast(col, target), 0).to_numpy(zero_copy_only=False)
+        v = v.astype(np.float64, copy=False)
+        if np.isfinite(v).all():
+            return v, present | missing_ok
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    ok = pc.fill_null(pc.match_substring_regex(col, pattern), False)
+    ok = ok.to_numpy(zero_copy_only=False)
+    good = pa.array(ok)
+    vals = pc.fill_null(pc.cast(pc.if_else(good, col, pa.scalar(None, pa.string())),
+                                pa.float64()), 0.0).to_numpy(zero_copy_only=False)
+    if missing_ok:
+        ok = ok | ~present
+    return np.where(ok, vals, 0.0) if n else vals, ok
 
 
-def _to_float(col: pa.Array, ok: np.ndarray) -> np.ndarray:
-    """float64 ``[n]`` of the strings marked ``ok`` (validated), 0 elsewhere."""
-    if ok.all():
-        return pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
-    masked = pc.if_else(pa.array(ok), col, pa.scalar(None, pa.string()))
-    return pc.fill_null(pc.cast(masked, pa.float64()), 0.0).to_numpy(zero_copy_only=False)
+def _lengths(col: pa.Array) -> np.ndarray:
+    """int64 ``[n]`` string or list lengths, 0 for nulls."""
+    fn = pc.list_value_length if pa.types.is_list(col.type) else pc.binary_length
+    return pc.fill_null(fn(col), 0).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def _multi_keys(col: pa.Array, sep: str, feature: str) -> tuple[np.ndarray, np.ndarray]:
     """Splits cells on ``sep``; empty tokens are dropped. Returns lengths, keys."""
     lists = pc.split_pattern(col, sep)
     n = len(lists)
-    list_len = pc.list_value_length(lists).to_numpy(zero_copy_only=False).astype(np.int64)
+    list_len = _lengths(lists)
     tokens = lists.flatten()
-    present, keys = string_keys(tokens, feature)
+    present, keys, _ = string_keys(tokens, feature)
     row = np.repeat(np.arange(n), list_len)
     lengths = np.bincount(row[present], minlength=n).astype(np.int32)
     return lengths, keys
@@ -274,7 +318,7 @@ def criteo_parser(transform: DenseTransform, bad: BadRows) -> DelimitedParser:
         label_threshold=0.5,
         dense=CRITEO_DENSE,
         dense_pattern=INT_RE,
-        categorical=[CatColumn(c, c, None, HEX_RE) for c in CRITEO_SPARSE],
+        categorical=[CatColumn(c, c, None, hex_only=True) for c in CRITEO_SPARSE],
         transform=transform,
         bad=bad,
     )

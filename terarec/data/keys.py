@@ -16,6 +16,8 @@ a chunk, or on Python's randomised ``hash``.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import pyarrow as pa
 
@@ -33,7 +35,12 @@ def fnv1a64_ref(data: bytes) -> int:
     return h
 
 
-def fnv1a64_ragged(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+def fnv1a64_ragged(
+    data: np.ndarray,
+    starts: np.ndarray,
+    lengths: np.ndarray,
+    allowed: Optional[np.ndarray] = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """FNV-1a 64 of ``n`` byte strings stored back to back.
 
     Loops over byte *positions* (the longest string's length), never over strings; rows
@@ -43,30 +50,49 @@ def fnv1a64_ragged(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray) ->
         data: uint8 ``[nbytes]`` the concatenated bytes.
         starts: int64 ``[n]`` start of each string in ``data``.
         lengths: int64 ``[n]`` length of each string (0 allowed).
+        allowed: optional bool ``[256]``: bytes a valid string may contain.
 
     Returns:
-        uint64 ``[n]`` hashes (empty strings hash to the offset basis).
+        uint64 ``[n]`` hashes (empty strings hash to the offset basis) and bool ``[n]``
+        whether every byte of the string is ``allowed`` (all True without ``allowed``).
     """
     n = len(starts)
     out = np.full(n, FNV_OFFSET, dtype=np.uint64)
+    valid = np.ones(n, dtype=bool)
     pos = np.flatnonzero(lengths > 0)
     if pos.size == 0:
-        return out
+        return out, valid
     st = starts[pos].astype(np.int64)
     ln = lengths[pos].astype(np.int64)
     h = out[pos]
-    j = 0
+    ok = np.ones(len(pos), dtype=bool)
+    lo, hi = int(ln.min()), int(ln.max())
     with np.errstate(over="ignore"):
-        while pos.size:
-            h ^= data[st + j]
+        for j in range(lo):  # every remaining string has a byte j: no bookkeeping
+            b = data[st + j]
+            if allowed is not None:
+                ok &= allowed[b]
+            h ^= b
             h *= FNV_PRIME
-            j += 1
+        if lo == hi:
+            out[pos], valid[pos] = h, ok
+            return out, valid
+        j = lo
+        while pos.size:
             done = ln == j
             if done.any():
-                out[pos[done]] = h[done]
+                out[pos[done]], valid[pos[done]] = h[done], ok[done]
                 keep = ~done
-                pos, st, ln, h = pos[keep], st[keep], ln[keep], h[keep]
-    return out
+                pos, st, ln, h, ok = pos[keep], st[keep], ln[keep], h[keep], ok[keep]
+                if not pos.size:
+                    break
+            b = data[st + j]
+            if allowed is not None:
+                ok &= allowed[b]
+            h ^= b
+            h *= FNV_PRIME
+            j += 1
+    return out, valid
 
 
 def arrow_string_parts(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -100,17 +126,26 @@ def salted(h: np.ndarray, feature: str) -> np.ndarray:
     return mix64_np(np.asarray(h).astype(np.uint64, copy=False) ^ salt).view(np.int64)
 
 
-def string_keys(arr: pa.Array, feature: str) -> tuple[np.ndarray, np.ndarray]:
+def string_keys(
+    arr: pa.Array, feature: str, allowed: Optional[np.ndarray] = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Keys of the non-empty strings of ``arr`` for ``feature``.
 
+    Args:
+        arr: arrow (large_)string array ``[n]``; empty or null = missing.
+        feature: the feature name (salt).
+        allowed: optional bool ``[256]`` of the bytes a valid value may contain.
+
     Returns:
-        ``present`` bool ``[n]`` (False for empty/null = missing) and ``keys`` int64
-        ``[present.sum()]`` in row order.
+        ``present`` bool ``[n]`` (False for missing), ``keys`` int64 ``[present.sum()]``
+        in row order, ``valid`` bool ``[n]`` (False where a byte is not ``allowed``).
     """
     data, starts, lengths = arrow_string_parts(arr)
     present = lengths > 0
-    h = fnv1a64_ragged(data, starts[present], lengths[present])
-    return present, salted(h, feature)
+    h, ok = fnv1a64_ragged(data, starts[present], lengths[present], allowed)
+    valid = np.ones(len(present), dtype=bool)
+    valid[present] = ok
+    return present, salted(h, feature), valid
 
 
 def int_keys(ids: np.ndarray, feature: str) -> np.ndarray:
