@@ -45,11 +45,12 @@ class Rows:
         return int(self.labels.shape[0])
 
     def offsets(self) -> np.ndarray:
-        """int64 ``[F, n + 1]`` cumulative lengths (cached)."""
+        """int64 ``[n + 1, F]`` cumulative lengths (cached; row-major because numpy's
+        cumsum is several times faster along axis 0 of an ``[n, F]`` array)."""
         if self._offsets is None:
             f, n = self.lengths.shape
-            off = np.zeros((f, n + 1), dtype=np.int64)
-            np.cumsum(self.lengths, axis=1, out=off[:, 1:])
+            off = np.zeros((n + 1, f), dtype=np.int64)
+            np.cumsum(self.lengths.T, axis=0, dtype=np.int64, out=off[1:])
             self._offsets = off
         return self._offsets
 
@@ -60,7 +61,7 @@ class Rows:
             labels=self.labels[a:b],
             dense=self.dense[a:b],
             lengths=self.lengths[:, a:b],
-            values=[v[off[f, a] : off[f, b]] for f, v in enumerate(self.values)],
+            values=[v[off[a, f] : off[b, f]] for f, v in enumerate(self.values)],
             teacher=None if self.teacher is None else self.teacher[a:b],
         )
 
@@ -71,7 +72,7 @@ class Rows:
         values = []
         for f, v in enumerate(self.values):
             lens = self.lengths[f, idx].astype(np.int64)
-            values.append(v[ragged_index(off[f, idx], lens)])
+            values.append(v[ragged_index(off[idx, f], lens)])
         return Rows(
             labels=self.labels[idx],
             dense=self.dense[idx],

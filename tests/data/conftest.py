@@ -25,7 +25,7 @@ def criteo_line(i: int, label: int = 0, missing: bool = False) -> str:
 @pytest.fixture
 def write_criteo(tmp_path: Path) -> Callable[..., Path]:
     def write(name: str, ids: range, extra: dict[int, str] | None = None) -> Path:
-        lines = [criteo_line(i, label=int(i % 3 == 0)) for i in ids]
+        lines = [criteo_line(i, label=int(i % 3 == 0), missing=i % 5 == 0) for i in ids]
         for pos, text in sorted((extra or {}).items()):
             lines.insert(pos, text)
         p = tmp_path / name
