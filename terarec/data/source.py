@@ -195,9 +195,7 @@ def make_source(
     counters = Counters()
     stream: Stream
     if cfg.kind == DataKind.SYNTHETIC:
-        gen = SyntheticGenerator(cfg.synthetic, seed)
-        if cfg.dense_transform.value != "none":
-            gen = _TransformedGenerator(gen, cfg)
+        gen = SyntheticGenerator(cfg.synthetic, seed, cfg.dense_transform)
         stream = SyntheticStream(gen, split, seed, rank, world_size, bs, counters)
     else:
         parser = _parser(cfg, bad)
@@ -217,16 +215,3 @@ def make_source(
         )
     return BatchSource(stream, cfg.prefetch_batches, bad, counters)
 
-
-class _TransformedGenerator(SyntheticGenerator):
-    """Applies ``dense_transform`` to synthetic dense features (rarely wanted)."""
-
-    def __init__(self, inner: SyntheticGenerator, cfg: DataConfig) -> None:
-        self.__dict__.update(inner.__dict__)
-
-    def rows(self, rng: Any, n: int) -> Any:
-        import numpy as np
-
-        r = super().rows(rng, n)
-        r.dense = np.log1p(np.maximum(r.dense, 0.0))
-        return r

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
 import numpy as np
@@ -49,7 +49,6 @@ class Counters:
     rows_read: int = 0  # lines of this rank/split that were parsed
     rows_out: int = 0  # rows put into batches
     batches_made: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Stream(Protocol):
@@ -105,7 +104,7 @@ class FileStream:
         hold_out: eval fraction of each file held out by row hash (0: use every row).
         seed, rank, world_size: as in ``build_source``.
         epochs: passes before stopping; None = endless.
-        batch_size, chunk_rows, shuffle_buffer: from ``DataConfig``.
+        sizes: (batch_size, chunk_rows, shuffle_buffer) from ``DataConfig``.
         counters: the source's counters.
     """
 
