@@ -1,7 +1,7 @@
 """The ``terarec`` command: ``train`` and ``eval``.
 
-    terarec train --config configs/quickstart.yaml [--set train.steps=500 ...]
-    terarec eval --run runs/quickstart [--data my_eval.tsv]
+terarec train --config configs/quickstart.yaml [--set train.steps=500 ...]
+terarec eval --run runs/quickstart [--data my_eval.tsv]
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ def _train(args: argparse.Namespace) -> int:
         cfg.name = args.name
     summary = train(cfg, resume=Path(args.resume) if args.resume else None)
     print(describe_final(summary, cfg))
-    print(f"wrote {Path(cfg.train.runs_dir) / cfg.name}/"
-          "{summary.json,metrics.jsonl,curves.png,checkpoint/}")
+    print(
+        f"wrote {Path(cfg.train.runs_dir) / cfg.name}/"
+        "{summary.json,metrics.jsonl,curves.png,checkpoint/}"
+    )
     return 0
 
 
@@ -34,7 +36,11 @@ def _eval(args: argparse.Namespace) -> int:
     from terarec.trainer.checkpoint import load_checkpoint, read_manifest
     from terarec.trainer.loop import build_components, evaluate
 
-    ckpt = Path(args.run) / "checkpoint" if (Path(args.run) / "checkpoint").is_dir() else Path(args.run)
+    ckpt = (
+        Path(args.run) / "checkpoint"
+        if (Path(args.run) / "checkpoint").is_dir()
+        else Path(args.run)
+    )
     manifest = read_manifest(ckpt, verify=False)
     cfg = config_from_dict(manifest["config"], str(ckpt / "manifest.json"))
     if args.data:
@@ -60,8 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train a model from a YAML config")
     t.add_argument("--config", required=True, help="YAML config (see configs/)")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.steps=100 (repeatable)")
+    t.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.steps=100 (repeatable)",
+    )
     t.add_argument("--name", help="run name (default: the config's name)")
     t.add_argument("--resume", help="checkpoint directory to continue from")
     t.set_defaults(fn=_train)
@@ -74,10 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    # Our own loggers at INFO; third-party INFO chatter (fbgemm's .so loading) stays quiet.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("terarec").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.fn(args)
     except ConfigError as e:

@@ -33,7 +33,7 @@ class StrEnum(str, enum.Enum):
     """Enum spelled as a lower-case string in YAML."""
 
     @classmethod
-    def from_str(cls, value: str) -> "StrEnum":
+    def from_str(cls, value: str) -> StrEnum:
         try:
             return cls(value.lower())
         except (ValueError, AttributeError):

@@ -31,8 +31,11 @@ def test_minimal_and_defaults(tmp_path: Path) -> None:
         (MIN + "data: {kind: criteo}\n", "data.path: required"),
         (MIN + "data: {batch_size: true}\n", "data.batch_size: expected an integer"),
         (MIN + "train: [1]\n", "train: expected a mapping"),
-        ("name: x\ntables: [{name: t, dim: 8, features: [a]}, {name: u, dim: 8, features: [a]}]\n",
-         "in two tables"),
+        (
+            "name: x\ntables: [{name: t, dim: 8, features: [a]},"
+            " {name: u, dim: 8, features: [a]}]\n",
+            "in two tables",
+        ),
         ("name: [\n", "invalid YAML"),
     ],
 )

@@ -22,9 +22,7 @@ from terarec.config import Pooling, SparseOptimConfig, TableConfig
 from terarec.ps.table import EmbeddingTable
 
 
-def resolve_table_features(
-    tables: list[TableConfig], feature_names: list[str]
-) -> list[list[str]]:
+def resolve_table_features(tables: list[TableConfig], feature_names: list[str]) -> list[list[str]]:
     """Features of each table; the table with ``features: None`` takes the rest."""
     known = set(feature_names)
     taken: set[str] = set()

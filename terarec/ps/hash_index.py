@@ -154,9 +154,7 @@ class HashIndex:
             win, wpos = cand[won], cpos[won]
             if win.numel():
                 if fixed_vals is None:
-                    new_ids = torch.arange(
-                        self._size, self._size + win.numel(), device=keys.device
-                    )
+                    new_ids = torch.arange(self._size, self._size + win.numel(), device=keys.device)
                     self._append_slot_keys(keys[win])
                     inserted[win] = True
                 else:

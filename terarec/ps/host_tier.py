@@ -6,7 +6,7 @@ in place (``read`` / ``write``) without going through key lookups twice.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -44,9 +44,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(
-    path: Path, parts: Components, source: Any, step: int, cfg: Config
-) -> Path:
+def save_checkpoint(path: Path, parts: Components, source: Any, step: int, cfg: Config) -> Path:
     """Writes a checkpoint of the run to ``path`` (replacing an older one atomically)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -69,8 +67,9 @@ def save_checkpoint(
             "format": FORMAT,
             "step": step,
             "config": config_to_dict(cfg),
-            "files": {n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)}
-                      for n in files},
+            "files": {
+                n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in files
+            },
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     except OSError as e:

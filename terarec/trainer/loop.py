@@ -107,7 +107,10 @@ def evaluate(
 def _stop_reason(cfg: Config, step: int, start: float) -> Optional[str]:
     if cfg.train.steps is not None and step >= cfg.train.steps:
         return "steps"
-    if cfg.train.max_minutes is not None and time.perf_counter() - start > 60 * cfg.train.max_minutes:
+    if (
+        cfg.train.max_minutes is not None
+        and time.perf_counter() - start > 60 * cfg.train.max_minutes
+    ):
         return "max_minutes"
     return None
 
@@ -176,12 +179,21 @@ def train(cfg: Config, resume: Optional[Path] = None) -> dict[str, Any]:
                 m = window.compute()
                 window.reset()
                 rows = sum(parts.embedding.num_rows().values())
-                rec = {"loss": sum(losses) / len(losses), "auc": m["auc"],
-                       "samples_per_s": rate, "rows": rows, "samples": samples}
+                rec = {
+                    "loss": sum(losses) / len(losses),
+                    "auc": m["auc"],
+                    "samples_per_s": rate,
+                    "rows": rows,
+                    "samples": samples,
+                }
                 losses.clear()
                 reporter.log(step, "train", rec)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", auc=f"{m['auc']:.4f}",
-                                sps=f"{rate:,.0f}", rows=f"{rows:,}")
+                bar.set_postfix(
+                    loss=f"{rec['loss']:.4f}",
+                    auc=f"{m['auc']:.4f}",
+                    sps=f"{rate:,.0f}",
+                    rows=f"{rows:,}",
+                )
             if cfg.train.eval_every and step % cfg.train.eval_every == 0:
                 ev = _run_eval(cfg, parts)
                 reporter.log(step, "eval", ev)
@@ -211,7 +223,9 @@ def train(cfg: Config, resume: Optional[Path] = None) -> dict[str, Any]:
         "data": source.stats() if hasattr(source, "stats") else {},
     }
     if cfg.train.save_checkpoint:
-        summary["checkpoint"] = str(save_checkpoint(run_dir / "checkpoint", parts, source, step, cfg))
+        summary["checkpoint"] = str(
+            save_checkpoint(run_dir / "checkpoint", parts, source, step, cfg)
+        )
     reporter.write_summary(summary)
     try:
         reporter.plot()
@@ -247,9 +261,7 @@ def describe_final(summary: dict[str, Any], cfg: Config) -> str:
     ]
     if summary.get("oracle_auc") is not None:
         gap = summary["oracle_auc"] - ev["auc"]
-        lines.append(
-            f"teacher oracle AUC {summary['oracle_auc']:.4f}  (gap {gap:+.4f})"
-        )
+        lines.append(f"teacher oracle AUC {summary['oracle_auc']:.4f}  (gap {gap:+.4f})")
     if cfg.data.kind != DataKind.SYNTHETIC and summary.get("data"):
         lines.append(f"data: {summary['data']}")
     lines.append(f"rows: {summary['rows']}")

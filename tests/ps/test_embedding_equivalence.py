@@ -67,8 +67,13 @@ def test_matches_dense_reference(kind: str, pooling: str) -> None:
     opt_cfg = SparseOptimConfig(kind=kind, lr=0.05, initial_accumulator_value=0.1)
     tables = [
         TableConfig(name="t1", dim=8, features=["f1"], pooling=Pooling(pooling)),
-        TableConfig(name="t23", dim=4, features=None, pooling=Pooling(pooling),
-                    init=InitConfig(kind="normal", scale=0.1)),
+        TableConfig(
+            name="t23",
+            dim=4,
+            features=None,
+            pooling=Pooling(pooling),
+            init=InitConfig(kind="normal", scale=0.1),
+        ),
     ]
     ebc = HierarchicalEmbeddingBagCollection(tables, FEATURES, opt_cfg, seed=3)
     batches = make_batches(1)
@@ -133,7 +138,9 @@ def test_state_dict_round_trip() -> None:
     tables = [TableConfig(name="t", dim=4)]
     a = HierarchicalEmbeddingBagCollection(tables, ["f1"], SparseOptimConfig(kind="adam"))
     for kjt in make_batches(2)[:5]:
-        a(KeyedJaggedTensor.from_lengths_sync(["f1"], kjt["f1"].values(), kjt["f1"].lengths())).values().sum().backward()
+        a(
+            KeyedJaggedTensor.from_lengths_sync(["f1"], kjt["f1"].values(), kjt["f1"].lengths())
+        ).values().sum().backward()
     b = HierarchicalEmbeddingBagCollection(tables, ["f1"], SparseOptimConfig(kind="adam"))
     b.load_tables_state_dict(a.tables_state_dict())
     ka, ra = a.tables[0].export()
