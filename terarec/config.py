@@ -100,7 +100,8 @@ class SyntheticConfig:
     zipf_alpha: float = 1.1  # P(rank r) ~ r^-alpha, bounded to vocab_size
     values_per_feature: int = 1  # multi-hot width (fixed)
     teacher_dim: int = 4  # pairwise-interaction width of the teacher
-    teacher_scale: float = 1.0  # std of the teacher's per-key first-order weights
+    teacher_scale: float = 1.0  # std of the teacher's summed per-key first-order weights
+    teacher_pairwise_scale: Optional[float] = None  # std of its pairwise term (None: = scale)
     teacher_bias: float = -1.0  # teacher logit bias (sets the positive rate)
     eval_samples: int = 65_536  # size of the held-out eval stream
 
@@ -112,6 +113,10 @@ class SyntheticConfig:
         _check(self.values_per_feature >= 1, "values_per_feature: must be >= 1")
         _check(self.teacher_dim >= 0, "teacher_dim: must be >= 0")
         _check(self.teacher_scale >= 0, "teacher_scale: must be >= 0")
+        _check(
+            self.teacher_pairwise_scale is None or self.teacher_pairwise_scale >= 0,
+            "teacher_pairwise_scale: must be >= 0",
+        )
         _check(self.eval_samples >= 1, "eval_samples: must be >= 1")
 
 

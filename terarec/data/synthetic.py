@@ -14,7 +14,7 @@ Teacher. With ``h_j(k) = mix64(k ^ SALT_j)`` (deterministic per key)::
 
     logit = teacher_bias + w . dense + sum_f a(k_f) + sum_{f<g} <u(k_f), u(k_g)>
 
-``a(k)`` is approximately normal (sum of four 16-bit lanes of one hash), ``u(k)`` has
+(the pairwise sum's std is ``teacher_pairwise_scale`` when set.) ``a(k)`` is approximately normal (sum of four 16-bit lanes of one hash), ``u(k)`` has
 ``teacher_dim`` uniform entries (16-bit lanes). Scales: the first-order sum has std
 ``teacher_scale``, the pairwise sum has std ``teacher_scale``, ``|w| = teacher_scale / 2``,
 so the logit std is ``1.5 * teacher_scale`` and the defaults give an oracle AUC of about
@@ -121,8 +121,11 @@ class SyntheticGenerator:
         self.a_scale = cfg.teacher_scale / math.sqrt(nf * k * 4.0 / 3.0)
         # u entries U[-1,1)*c: Var(<u_f,u_g>) = d (c^2/3)^2 per pair, nf(nf-1)/2 pairs.
         pairs = nf * (nf - 1) / 2
+        pair_scale = (
+            cfg.teacher_scale if cfg.teacher_pairwise_scale is None else cfg.teacher_pairwise_scale
+        )
         if d > 0 and pairs > 0:
-            self.u_scale = math.sqrt(3.0 * cfg.teacher_scale / math.sqrt(d * pairs)) / math.sqrt(
+            self.u_scale = math.sqrt(3.0 * pair_scale / math.sqrt(d * pairs)) / math.sqrt(
                 k
             )
         else:
