@@ -43,16 +43,17 @@ class RowOptimizer(ABC):
         return torch.zeros(n, self.state_width, device=device)
 
     def update(self, rows: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """Returns updated rows.
+        """Updates rows **in place** and returns them.
 
         Args:
-            rows: ``[U, dim + state_width]`` current weights and state of unique keys.
+            rows: ``[U, dim + state_width]`` current weights and state of unique keys (a
+                gathered copy owned by the caller).
             grad: ``[U, dim]`` gradient summed over every occurrence of each key.
         Returns:
-            ``[U, dim + state_width]`` new weights and state (a new tensor).
+            ``rows``, holding the new weights and state.
         """
         self.step += 1
-        return self._update(rows.clone(), grad)
+        return self._update(rows, grad)
 
     @abstractmethod
     def _update(self, rows: torch.Tensor, grad: torch.Tensor) -> torch.Tensor: ...

@@ -11,6 +11,7 @@ the dense optimizer never sees them. One forward, per table::
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -127,17 +128,14 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
         n_feat = len(kjt.keys())
         values = kjt.values().to(self.device, torch.int64)
         offsets = kjt.offsets().to(self.device)
-        uniq, inverse = torch.unique(values, return_inverse=True)
+        dedup = _dedup(values)
         if train:
-            slots, weights = table.lookup_for_training(uniq)
-            weights.requires_grad_(True)
-            weights.register_hook(_RowUpdate(table, slots))
+            slots, rows = table.lookup_for_training(dedup.keys)
+            weights = rows[:, : table.dim].contiguous().requires_grad_(True)
+            weights.register_hook(_RowUpdate(table, slots, rows))
         else:
-            weights = table.lookup_for_inference(uniq)
-        mode = "sum" if pooling == Pooling.SUM else "mean"
-        pooled = F.embedding_bag(
-            inverse, weights, offsets, mode=mode, include_last_offset=True
-        )  # [F*B, D], feature-major
+            weights = table.lookup_for_inference(dedup.keys)
+        pooled = _Pool.apply(weights, dedup, offsets, pooling == Pooling.MEAN)
         return pooled.view(n_feat, batch, table.dim).transpose(0, 1).reshape(batch, -1)
 
     # -- state ---------------------------------------------------------------------
@@ -158,13 +156,96 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
             t.load_state_dict(state[t.name])
 
 
-class _RowUpdate:
-    """Backward hook: applies the fused row optimizer to the rows a forward gathered."""
+@dataclass
+class _Dedup:
+    """Unique keys of a flat value list and the maps between the two.
 
-    def __init__(self, table: EmbeddingTable, slots: torch.Tensor) -> None:
+    For ``values = [7, 3, 7]``: ``keys = [3, 7]``, ``inverse = [1, 0, 1]`` (value ->
+    unique key), ``order = [1, 0, 2]`` (values grouped by key), ``key_offsets = [0, 1, 3]``.
+    """
+
+    keys: torch.Tensor  # [U]
+    inverse: torch.Tensor  # [N]
+    order: torch.Tensor  # [N]
+    key_offsets: torch.Tensor  # [U + 1]
+
+
+def _dedup(values: torch.Tensor) -> _Dedup:
+    sorted_vals, order = torch.sort(values)
+    keys, counts = torch.unique_consecutive(sorted_vals, return_counts=True)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.repeat_interleave(
+        torch.arange(keys.numel(), device=values.device), counts, output_size=values.numel()
+    )
+    key_offsets = torch.zeros(keys.numel() + 1, dtype=torch.int64, device=values.device)
+    torch.cumsum(counts, 0, out=key_offsets[1:])
+    return _Dedup(keys, inverse, order, key_offsets)
+
+
+class _Pool(torch.autograd.Function):
+    """Bag pooling over the gathered unique rows, with a sort-free backward.
+
+    The gradient of unique row ``u`` is the sum of the bag gradients of every value that
+    maps to ``u``. With the values already grouped by key (``_Dedup.order``), that is
+    itself an ``embedding_bag`` over the bag gradients: one bag per unique key. It gives
+    the fused row optimizer exactly what it needs (one summed gradient per key) without
+    ``embedding_bag``'s dense backward, which sorts again and scatters.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, weights: torch.Tensor, dedup: _Dedup, offsets: torch.Tensor, mean: bool
+    ) -> torch.Tensor:
+        """weights ``[U, D]``, offsets ``[bags + 1]`` into the values -> ``[bags, D]``."""
+        mode = "mean" if mean else "sum"
+        out = F.embedding_bag(
+            dedup.inverse, weights, offsets, mode=mode, include_last_offset=True
+        )
+        ctx.dedup = dedup
+        ctx.save_for_backward(offsets)
+        ctx.mean = mean
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        (offsets,) = ctx.saved_tensors
+        d: _Dedup = ctx.dedup
+        lengths = offsets[1:] - offsets[:-1]
+        bag_of_value = torch.repeat_interleave(
+            torch.arange(lengths.numel(), device=lengths.device),
+            lengths,
+            output_size=d.inverse.numel(),
+        )
+        bag_sorted = bag_of_value[d.order]
+        psw = None
+        if ctx.mean:
+            psw = (1.0 / lengths.clamp(min=1).to(grad_out.dtype))[bag_sorted]
+        grad_w = F.embedding_bag(
+            bag_sorted,
+            grad_out.contiguous(),
+            d.key_offsets,
+            mode="sum",
+            per_sample_weights=psw,
+            include_last_offset=True,
+        )
+        return grad_w, None, None, None
+
+
+class _RowUpdate:
+    """Backward hook: applies the fused row optimizer to the rows a forward gathered.
+
+    The rows gathered in forward are reused unless the table was updated in between
+    (e.g. two forwards before one backward); then they are read again.
+    """
+
+    def __init__(self, table: EmbeddingTable, slots: torch.Tensor, rows: torch.Tensor) -> None:
         self.table = table
         self.slots = slots
+        self.rows = rows
+        self.version = table.version
 
     def __call__(self, grad: torch.Tensor) -> None:
-        self.table.apply_gradients(self.slots, grad)
+        rows = self.rows if self.table.version == self.version else None
+        self.table.apply_gradients(self.slots, grad, rows)
+        self.rows = None
         return None

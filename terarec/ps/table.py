@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -39,6 +39,7 @@ class EmbeddingTable:
         self.seed = table_seed(seed, cfg.name)
         self.device = device
         self.tier = HostTier(self.row_width, device)
+        self.version = 0  # bumped by every optimizer step (stale-gather detection)
 
     def __len__(self) -> int:
         return len(self.tier)
@@ -53,13 +54,13 @@ class EmbeddingTable:
         return init_rows(keys, self.dim, self.cfg.init, self.seed)
 
     def lookup_for_training(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Slots and weights of unique keys, creating rows on first touch.
+        """Slots and rows of unique keys, creating rows on first touch.
 
         Returns:
-            ``(slots [U], weights [U, dim])``.
+            ``(slots [U], rows [U, row_width])``: rows is a copy (weights, then state).
         """
         slots = self.tier.slots_for(keys, self.new_rows)
-        return slots, self.tier.read(slots)[:, : self.dim]
+        return slots, self.tier.read(slots)
 
     def lookup_for_inference(self, keys: torch.Tensor) -> torch.Tensor:
         """Weights of keys ``[N, dim]``; unknown keys read as zeros and are not created."""
@@ -69,10 +70,21 @@ class EmbeddingTable:
         out[found] = self.tier.read(slots[found])[:, : self.dim]
         return out
 
-    def apply_gradients(self, slots: torch.Tensor, grad: torch.Tensor) -> None:
-        """Fused optimizer step on the rows at unique ``slots``; grad ``[U, dim]``."""
-        rows = self.tier.read(slots)
+    def apply_gradients(
+        self, slots: torch.Tensor, grad: torch.Tensor, rows: Optional[torch.Tensor] = None
+    ) -> None:
+        """Fused optimizer step on the rows at unique ``slots``.
+
+        Args:
+            slots: int64 ``[U]`` unique.
+            grad: ``[U, dim]`` summed per key.
+            rows: the current rows at ``slots`` if the caller holds an up-to-date copy
+                (updated in place); read from the tier otherwise.
+        """
+        if rows is None:
+            rows = self.tier.read(slots)
         self.tier.write(slots, self.optimizer.update(rows, grad.to(rows.dtype)))
+        self.version += 1
 
     def export(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(keys [R], rows [R, row_width])`` of every row."""
