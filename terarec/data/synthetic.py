@@ -14,9 +14,10 @@ Teacher. With ``h_j(k) = mix64(k ^ SALT_j)`` (deterministic per key)::
 
     logit = teacher_bias + w . dense + sum_f a(k_f) + sum_{f<g} <u(k_f), u(k_g)>
 
-(the pairwise sum's std is ``teacher_pairwise_scale`` when set.) ``a(k)`` is approximately normal (sum of four 16-bit lanes of one hash), ``u(k)`` has
+``a(k)`` is approximately normal (sum of four 16-bit lanes of one hash), ``u(k)`` has
 ``teacher_dim`` uniform entries (16-bit lanes). Scales: the first-order sum has std
-``teacher_scale``, the pairwise sum has std ``teacher_scale``, ``|w| = teacher_scale / 2``,
+``teacher_scale``, the pairwise sum has std ``teacher_pairwise_scale`` (``teacher_scale``
+when unset), ``|w| = teacher_scale / 2``,
 so the logit std is ``1.5 * teacher_scale`` and the defaults give an oracle AUC of about
 0.8. ``y ~ Bernoulli(sigmoid(logit))``; ``Rows.teacher`` = sigmoid(logit). The teacher is a
 fixed function of the config (not of the seed): the seed only drives sampling.

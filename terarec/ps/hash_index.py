@@ -1,8 +1,17 @@
 """Vectorised open-addressing hash index: int64 key -> dense slot id.
 
-One code path for CPU and CUDA: every operation is a handful of torch ops per *probe
-round* (never per key). Linear probing over a power-of-two table kept at most half full,
-so the expected number of rounds is ~2; the loop runs until no key is pending.
+Two backends behind one class, both keeping slot ids dense (0, 1, 2, ...) so that the
+rows they index never move when the index grows:
+
+* ``fbgemm`` (CPU, the default there): FBGEMM's ``pruned_hashmap_insert`` /
+  ``pruned_hashmap_lookup`` kernels (C++ linear probing over a ``[cap, 2]`` key/value
+  table) hold the *mixed* keys (``mix64`` is a bijection, so this is exact and immune
+  to ids that share low bits). Those kernels reserve key -1 as the empty marker; the one
+  key whose mixed value is -1 keeps its slot on the side.
+* ``torch`` (any device; the reference and the CUDA path): every operation is a
+  handful of torch ops per *probe round* (never per key). Linear probing over a
+  power-of-two table kept at most half full, so the expected number of rounds is ~2;
+  the loop runs until no key is pending.
 
 Insertion of keys that are not present is resolved without atomics: all pending keys
 that reach an empty bucket in the same round write their position into a claim array;
@@ -12,11 +21,13 @@ densely (0, 1, 2, ...) so that the rows they index never move when the index gro
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
 from terarec.hashing import mix64_torch
+
+Backend = Literal["auto", "torch", "fbgemm"]
 
 _EMPTY = -1
 # Most keys resolve in their home bucket, so early rounds look at one bucket per key;
@@ -30,6 +41,27 @@ def _width(pending: int, total: int) -> int:
     return _TAIL_WINDOW if pending <= max(_TAIL_PENDING, total // 32) else 1
 
 
+def fbgemm_hashmap_available() -> bool:
+    """Whether FBGEMM's CPU hash-map kernels are loaded."""
+    try:
+        import fbgemm_gpu  # noqa: F401
+    except ImportError:
+        return False
+    return hasattr(torch.ops.fbgemm, "pruned_hashmap_insert") and hasattr(
+        torch.ops.fbgemm, "pruned_hashmap_lookup"
+    )
+
+
+def _resolve_backend(backend: Backend, device: torch.device) -> str:
+    if backend not in ("auto", "torch", "fbgemm"):
+        raise ValueError(f"hash index backend must be auto, torch or fbgemm, got {backend!r}")
+    if backend == "fbgemm" and (device.type != "cpu" or not fbgemm_hashmap_available()):
+        raise ValueError("the fbgemm hash index backend needs a CPU device and fbgemm_gpu")
+    if backend == "auto":
+        return "fbgemm" if device.type == "cpu" and fbgemm_hashmap_available() else "torch"
+    return backend
+
+
 class HashIndex:
     """Maps unbounded int64 keys to dense slot ids ``[0, len(self))``.
 
@@ -37,16 +69,23 @@ class HashIndex:
         device: where the index lives (the tier's device).
         capacity: initial bucket count (rounded up to a power of two).
         max_load: rehash into twice the buckets when the load would exceed this.
+        backend: ``auto`` (fbgemm on CPU when available, else torch), ``torch``, ``fbgemm``.
     """
 
     def __init__(
-        self, device: torch.device | str = "cpu", capacity: int = 1024, max_load: float = 0.5
+        self,
+        device: torch.device | str = "cpu",
+        capacity: int = 1024,
+        max_load: float = 0.5,
+        backend: Backend = "auto",
     ) -> None:
         if not 0.1 <= max_load <= 0.9:
             raise ValueError(f"max_load must be in [0.1, 0.9], got {max_load}")
         self.device = torch.device(device)
+        self.backend = _resolve_backend(backend, self.device)
         self.max_load = max_load
         self._size = 0
+        self._special = -1  # fbgemm backend: slot of the key whose mixed value is -1
         self._alloc(max(16, 1 << (max(capacity, 1) - 1).bit_length()))
         self._slot_keys = torch.empty(0, dtype=torch.int64, device=self.device)
 
@@ -55,8 +94,11 @@ class HashIndex:
         self._mask = cap - 1
         # Key and slot id side by side: one cache line holds a whole probe window.
         self._table = torch.full((cap, 2), _EMPTY, dtype=torch.int64, device=self.device)
-        self._claim = torch.full((cap,), -1, dtype=torch.int64, device=self.device)
-        self._window = torch.arange(_TAIL_WINDOW, device=self.device)
+        if self.backend == "torch":
+            self._claim = torch.full((cap,), -1, dtype=torch.int64, device=self.device)
+            self._window = torch.arange(_TAIL_WINDOW, device=self.device)
+        else:
+            self._table_offsets = torch.tensor([0, cap], dtype=torch.int64)
 
     def __len__(self) -> int:
         return self._size
@@ -103,6 +145,8 @@ class HashIndex:
         Returns:
             int64 ``[N]``.
         """
+        if self.backend == "fbgemm":
+            return self._fb_find(mix64_torch(keys))
         out = torch.full_like(keys, -1)
         pending = torch.arange(keys.numel(), device=keys.device)
         pos = self._home(keys)
@@ -127,11 +171,51 @@ class HashIndex:
         n = keys.numel()
         if self._size + n > self.max_load * self._cap:
             self._grow(self._size + n)
+        if self.backend == "fbgemm":
+            return self._fb_find_or_insert(keys)
         out = torch.full_like(keys, -1)
         inserted = torch.zeros(n, dtype=torch.bool, device=keys.device)
         self._probe(keys, out, inserted, None)
         return out, inserted
 
+    # -- fbgemm backend ----------------------------------------------------------------
+    def _fb_find(self, mixed: torch.Tensor) -> torch.Tensor:
+        if mixed.numel() == 0:
+            return torch.empty(0, dtype=torch.int64, device=mixed.device)
+        offsets = torch.tensor([0, mixed.numel()], dtype=torch.int64)
+        out = torch.ops.fbgemm.pruned_hashmap_lookup(
+            mixed, offsets, self._table, self._table_offsets
+        )
+        if self._special >= 0:
+            out = torch.where(mixed == _EMPTY, self._special, out)
+        return out
+
+    def _fb_insert(self, mixed: torch.Tensor, ids: torch.Tensor) -> None:
+        """Inserts absent ``mixed`` keys with slot ``ids`` (the -1 key goes to the side)."""
+        if mixed.numel() == 0:
+            return
+        side = (mixed == _EMPTY).nonzero()
+        if side.numel():
+            self._special = int(ids[side[0, 0]])
+            ids = torch.where(mixed == _EMPTY, -1, ids)  # -1: the kernel skips the entry
+        offsets = torch.tensor([0, mixed.numel()], dtype=torch.int64)
+        torch.ops.fbgemm.pruned_hashmap_insert(
+            mixed, ids, offsets, self._table, self._table_offsets
+        )
+
+    def _fb_find_or_insert(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mixed = mix64_torch(keys)
+        out = self._fb_find(mixed)
+        new = (out < 0).nonzero().squeeze(1)
+        first = self._size
+        if new.numel():
+            ids = torch.arange(first, first + new.numel(), dtype=torch.int64)
+            out.index_copy_(0, new, ids)
+            self._append_slot_keys(keys.index_select(0, new))
+            self._fb_insert(mixed.index_select(0, new), ids)
+        return out, out >= first
+
+    # -- torch backend -----------------------------------------------------------------
     def _probe(
         self,
         keys: torch.Tensor,
@@ -188,8 +272,12 @@ class HashIndex:
             cap *= 2
         keys = self.keys()
         self._alloc(cap)
-        out = torch.empty_like(keys)
         ids = torch.arange(keys.numel(), device=self.device)
+        if self.backend == "fbgemm":
+            self._special = -1
+            self._fb_insert(mix64_torch(keys), ids)
+            return
+        out = torch.empty_like(keys)
         self._probe(keys, out, torch.zeros(0, dtype=torch.bool, device=self.device), ids)
 
     def load_keys(self, keys: torch.Tensor) -> None:
@@ -198,6 +286,7 @@ class HashIndex:
         if torch.unique(keys).numel() != keys.numel():
             raise ValueError("load_keys: keys must be unique")
         self._size = 0
+        self._special = -1
         self._slot_keys = torch.empty(0, dtype=torch.int64, device=self.device)
         self._append_slot_keys(keys)
         self._alloc(16)

@@ -72,22 +72,25 @@ class HostTier:
 
     # -- slot access for the training path ----------------------------------------
     def slots_for(
-        self, keys: torch.Tensor, create: Callable[[torch.Tensor], torch.Tensor]
+        self, keys: torch.Tensor, create: Callable[[torch.Tensor, torch.Tensor], None]
     ) -> torch.Tensor:
-        """Slots of unique ``keys``, creating absent rows with ``create(new_keys)``.
+        """Slots of unique ``keys``, creating absent rows with ``create(new_keys, out)``.
 
         Args:
             keys: int64 ``[U]`` unique.
-            create: maps int64 ``[M]`` new keys to their initial rows ``[M, row_width]``.
+            create: fills ``out [M, row_width]`` with the initial rows of the int64
+                ``[M]`` new keys (in place, no copy).
         Returns:
             int64 ``[U]`` slots.
         """
+        first = len(self.index)
         slots, inserted = self.index.find_or_insert(keys)
-        n_new = int(inserted.sum())
+        n_new = len(self.index) - first
         if n_new:
-            self._reserve(len(self.index))
-            new_slots = slots[inserted]
-            self._rows[new_slots] = create(keys[inserted])
+            self._reserve(first + n_new)
+            # New keys get the next slot ids in their order in ``keys``: one block.
+            new_keys = keys[inserted]
+            create(new_keys, self._rows[first : first + n_new])
         self._inserts += n_new
         self._hits += keys.numel() - n_new
         self._misses += n_new
@@ -117,6 +120,6 @@ class HostTier:
         cap = self._rows.shape[0]
         while cap < n:
             cap *= 2
-        grown = torch.zeros(cap, self.row_width, device=self.device)
+        grown = torch.empty(cap, self.row_width, device=self.device)  # rows >= len unused
         grown[: self._rows.shape[0]] = self._rows
         self._rows = grown

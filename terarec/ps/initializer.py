@@ -14,15 +14,23 @@ import torch
 from terarec.config import InitConfig, InitKind
 from terarec.hashing import GOLDEN, _signed, mix64_torch
 
-_COL = _signed(0xD6E8FEB86659FD93)
+_U24 = 1.0 / (1 << 24)
 
 
-def _uniform01(keys: torch.Tensor, cols: int, seed: int, offset: int = 0) -> torch.Tensor:
-    """Deterministic U[0, 1) ``[N, cols]`` float64 from keys ``[N]``."""
-    col = torch.arange(offset + 1, offset + cols + 1, device=keys.device, dtype=torch.int64)
-    z = mix64_torch(keys.unsqueeze(1) ^ (col * _COL)) ^ _signed(seed * GOLDEN % (1 << 64))
-    z = mix64_torch(z)
-    return ((z >> 11) & ((1 << 53) - 1)).to(torch.float64) * (1.0 / (1 << 53))
+def _uniform01(keys: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """Deterministic U(0, 1) ``[N, n]`` float32 from keys ``[N]``.
+
+    A splitmix64 stream per key: its state is ``mix64(key ^ seed)``, draw ``j`` is
+    ``mix64(state + (j + 1) * GOLDEN)``; each 64-bit draw gives two 24-bit uniforms
+    (high and low halves), centred in their bins so that 0 and 1 never occur.
+    """
+    draws = (n + 1) // 2
+    state = mix64_torch(keys ^ _signed(seed * GOLDEN % (1 << 64)))
+    steps = torch.arange(1, draws + 1, device=keys.device, dtype=torch.int64) * _signed(GOLDEN)
+    z = mix64_torch(state.unsqueeze(1) + steps)  # [N, draws]
+    halves = torch.stack([(z >> 40) & 0xFFFFFF, (z >> 8) & 0xFFFFFF], dim=2)
+    u = (halves.view(keys.numel(), 2 * draws)[:, :n].to(torch.float32) + 0.5) * _U24
+    return u
 
 
 def init_rows(keys: torch.Tensor, dim: int, cfg: InitConfig, seed: int) -> torch.Tensor:
@@ -39,10 +47,9 @@ def init_rows(keys: torch.Tensor, dim: int, cfg: InitConfig, seed: int) -> torch
     if cfg.kind == InitKind.ZEROS or keys.numel() == 0:
         return torch.zeros(keys.numel(), dim, device=keys.device)
     if cfg.kind == InitKind.UNIFORM:
-        u = _uniform01(keys, dim, seed)
-        return ((2.0 * u - 1.0) * cfg.scale).to(torch.float32)
-    # Box-Muller from two independent uniform streams.
-    u1 = _uniform01(keys, dim, seed).clamp_min(1e-300)
-    u2 = _uniform01(keys, dim, seed, offset=dim)
-    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
-    return (z * cfg.scale).to(torch.float32)
+        return _uniform01(keys, dim, seed).mul_(2.0 * cfg.scale).sub_(cfg.scale)
+    # Box-Muller over pairs of uniforms.
+    u = _uniform01(keys, 2 * dim, seed)
+    u1, u2 = u[:, :dim], u[:, dim:]
+    z = torch.log(u1).mul_(-2.0).sqrt_().mul_(torch.cos(u2 * (2.0 * math.pi)))
+    return z.mul_(cfg.scale)

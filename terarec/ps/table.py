@@ -44,10 +44,20 @@ class EmbeddingTable:
     def __len__(self) -> int:
         return len(self.tier)
 
-    def new_rows(self, keys: torch.Tensor) -> torch.Tensor:
-        """Initial rows (weights + optimizer state) for new keys: ``[M, row_width]``."""
-        w = init_rows(keys, self.dim, self.cfg.init, self.seed)
-        return torch.cat([w, self.optimizer.init_state(keys.numel(), keys.device)], dim=1)
+    def new_rows(self, keys: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Initial rows (weights + optimizer state) for new keys ``[M]``.
+
+        Args:
+            keys: int64 ``[M]``.
+            out: optional ``[M, row_width]`` destination (e.g. the tier's row block).
+        Returns:
+            ``[M, row_width]`` (``out`` when given).
+        """
+        if out is None:
+            out = torch.empty(keys.numel(), self.row_width, device=keys.device)
+        out[:, : self.dim] = init_rows(keys, self.dim, self.cfg.init, self.seed)
+        out[:, self.dim :] = self.optimizer.init_state(keys.numel(), keys.device)
+        return out
 
     def initial_weights(self, keys: torch.Tensor) -> torch.Tensor:
         """Weights a key gets on first touch ``[N, dim]`` (the dense reference's init)."""
