@@ -13,28 +13,34 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from terarec.config import ConfigError, config_from_dict, load_config
+from terarec.config import ConfigError, DataKind, config_from_dict, load_config
 
 
 def _train(args: argparse.Namespace) -> int:
     from terarec.trainer.loop import describe_final, train
 
     cfg = load_config(args.config, args.set)
-    if args.name:
+    if args.name is not None:
+        if not args.name or "/" in args.name:
+            raise ConfigError(f"--name {args.name!r}: must be non-empty and contain no '/'")
         cfg.name = args.name
-    summary = train(cfg, resume=Path(args.resume) if args.resume else None)
+    try:
+        summary = train(cfg, resume=Path(args.resume) if args.resume else None)
+    except ConfigError as e:  # sections that only clash once built (tables vs model)
+        raise ConfigError(f"{args.config}: {e}") from None
     print(describe_final(summary, cfg))
-    print(
-        f"wrote {Path(cfg.train.runs_dir) / cfg.name}/"
-        "{summary.json,metrics.jsonl,curves.png,checkpoint/}"
-    )
+    written = "summary.json,metrics.jsonl,curves.png,config.yaml"
+    if "checkpoint" in summary:
+        written += ",checkpoint/"
+    print(f"wrote {Path(cfg.train.runs_dir) / cfg.name}/{{{written}}}")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
     from terarec.data import build_source
-    from terarec.trainer.checkpoint import load_checkpoint, read_manifest
+    from terarec.trainer.checkpoint import CheckpointError, load_checkpoint, read_manifest
     from terarec.trainer.loop import build_components, evaluate
+    from terarec.trainer.report import to_jsonable
 
     ckpt = (
         Path(args.run) / "checkpoint"
@@ -42,8 +48,12 @@ def _eval(args: argparse.Namespace) -> int:
         else Path(args.run)
     )
     manifest = read_manifest(ckpt, verify=False)
+    if not isinstance(manifest.get("config"), dict):
+        raise CheckpointError(f"{ckpt / 'manifest.json'}: has no run config to rebuild from")
     cfg = config_from_dict(manifest["config"], str(ckpt / "manifest.json"))
     if args.data:
+        if cfg.data.kind == DataKind.SYNTHETIC:
+            raise ConfigError("--data: the run trained on synthetic data, which has no files")
         cfg.data.eval_path = args.data
         cfg.data.eval_fraction = 0.0
     parts = build_components(cfg)
@@ -56,7 +66,7 @@ def _eval(args: argparse.Namespace) -> int:
         if hasattr(src, "close"):
             src.close()
     metrics["step"] = step
-    print(json.dumps(metrics, indent=1, default=str))
+    print(json.dumps(to_jsonable(metrics), indent=1, allow_nan=False))  # nan -> null
     return 0
 
 

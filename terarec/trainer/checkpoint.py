@@ -2,7 +2,8 @@
 
 Layout of ``<dir>/``::
 
-    manifest.json   step, format version, and size + sha256 of every file below
+    manifest.json   format version, step, samples, the run's config, and the size +
+                    sha256 of every file below
     tables.pt       per table: keys [R], rows [R, dim + state], optimizer step
     dense.pt        model state_dict (MLPs), dense optimizer state_dict
     data.json       the train source's position (exact resume)
@@ -18,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
     from terarec.trainer.loop import Components
 
 FORMAT = 1
+REQUIRED_FILES = ("tables.pt", "dense.pt", "data.json", "rng.pt")
 
 
 class CheckpointError(RuntimeError):
@@ -44,8 +47,28 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(path: Path, parts: Components, source: Any, step: int, cfg: Config) -> Path:
-    """Writes a checkpoint of the run to ``path`` (replacing an older one atomically)."""
+def save_checkpoint(
+    path: Path, parts: Components, source: Any, step: int, cfg: Config, samples: int = 0
+) -> Path:
+    """Writes a checkpoint of the run to ``path`` (replacing an older one atomically).
+
+    Everything is written into ``<path>.tmp`` first; if any write fails the temporary
+    directory is removed and an existing checkpoint at ``path`` is left untouched.
+
+    Args:
+        path: the checkpoint directory, e.g. ``runs/<name>/checkpoint``.
+        parts: the run's embedding, model and dense optimizer.
+        source: the train batch source (its ``state_dict()`` is the data position).
+        step: training steps taken so far.
+        cfg: the run's config (stored in the manifest, so ``terarec eval`` can rebuild it).
+        samples: training samples seen so far (restored on resume).
+
+    Returns:
+        ``path``.
+
+    Raises:
+        CheckpointError: an OS error (full disk, permissions) while writing.
+    """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
@@ -66,15 +89,19 @@ def save_checkpoint(path: Path, parts: Components, source: Any, step: int, cfg: 
         manifest = {
             "format": FORMAT,
             "step": step,
+            "samples": samples,
             "config": config_to_dict(cfg),
             "files": {
                 n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in files
             },
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    except OSError as e:
+    except BaseException as e:
+        # Whatever failed (disk full, an unpicklable object, Ctrl-C), leave no half dir.
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"cannot write checkpoint {path}: {e}") from e
+        if isinstance(e, OSError):
+            raise CheckpointError(f"cannot write checkpoint {path}: {e}") from e
+        raise
     old = path.with_name(path.name + ".old")
     if path.exists():
         if old.exists():
@@ -86,18 +113,42 @@ def save_checkpoint(path: Path, parts: Components, source: Any, step: int, cfg: 
 
 
 def read_manifest(path: Path, verify: bool = True) -> dict[str, Any]:
-    """The checkpoint's manifest, after checking every file's size (and hash)."""
+    """The checkpoint's manifest, after checking every file's size (and hash).
+
+    Args:
+        path: the checkpoint directory.
+        verify: also compare every file's sha256 with the manifest (reads every byte).
+
+    Raises:
+        CheckpointError: naming the file that is missing, truncated, corrupted or
+            unreadable (including ``manifest.json`` itself).
+    """
     path = Path(path)
     mpath = path / "manifest.json"
     if not mpath.is_file():
-        raise CheckpointError(f"{path}: not a checkpoint (no manifest.json)")
+        old = path.with_name(path.name + ".old")
+        hint = (
+            f"; a save was interrupted, the previous checkpoint is in {old}"
+            if (old / "manifest.json").is_file()
+            else ""
+        )
+        raise CheckpointError(f"{path}: not a checkpoint (no manifest.json){hint}")
     try:
-        manifest = json.loads(mpath.read_text())
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
         files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{mpath}: corrupted manifest ({e})") from None
+        step = manifest["step"]
+        if not isinstance(files, dict) or not isinstance(step, int):
+            raise TypeError("'files' must be a mapping and 'step' an integer")
+        for meta in files.values():
+            if not isinstance(meta["bytes"], int) or not isinstance(meta["sha256"], str):
+                raise TypeError("every file needs integer 'bytes' and string 'sha256'")
+    except (ValueError, KeyError, TypeError) as e:  # bad JSON/UTF-8, missing or bad keys
+        raise CheckpointError(f"{mpath}: corrupted manifest ({type(e).__name__}: {e})") from None
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{mpath}: format {manifest.get('format')}, expected {FORMAT}")
+    unlisted = [n for n in REQUIRED_FILES if n not in files]
+    if unlisted:
+        raise CheckpointError(f"{mpath}: corrupted manifest (does not list {unlisted})")
     for name, meta in files.items():
         f = path / name
         if not f.is_file():
@@ -112,7 +163,20 @@ def read_manifest(path: Path, verify: bool = True) -> dict[str, Any]:
 
 
 def load_checkpoint(path: Path, parts: Components, source: Any = None) -> int:
-    """Restores rows, dense weights, optimizer states (and data position); returns step."""
+    """Restores rows, dense weights, optimizer states (and data position); returns step.
+
+    Every file is verified against the manifest (size and sha256) before anything is
+    loaded, so a corrupted checkpoint fails here rather than training on bad rows.
+
+    Args:
+        path: the checkpoint directory.
+        parts: the freshly built components of the run to restore into.
+        source: the train batch source to move to the saved position (optional).
+
+    Raises:
+        CheckpointError: a file is missing, truncated or corrupted (named in the
+            message), or the checkpoint was saved by a model of another shape.
+    """
     path = Path(path)
     manifest = read_manifest(path)
     try:
@@ -126,6 +190,6 @@ def load_checkpoint(path: Path, parts: Components, source: Any = None) -> int:
             source.load_state_dict(json.loads((path / "data.json").read_text()))
         rng = torch.load(path / "rng.pt", weights_only=True)
         torch.set_rng_state(rng["torch"])
-    except (RuntimeError, ValueError, KeyError) as e:
+    except (RuntimeError, ValueError, KeyError, pickle.UnpicklingError, EOFError) as e:
         raise CheckpointError(f"{path}: does not fit this model/config: {e}") from e
     return int(manifest["step"])

@@ -19,13 +19,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from terarec.config import Config, DataKind, config_to_dict
+from terarec.config import Config, ConfigError, DataKind, config_to_dict
 from terarec.data import build_source, dense_feature_names, sparse_feature_names
 from terarec.data.batch import Batch
 from terarec.models import build_model
 from terarec.optim.dense import build_dense_optimizer
 from terarec.ps.embedding import HierarchicalEmbeddingBagCollection
-from terarec.trainer.checkpoint import load_checkpoint, save_checkpoint
+from terarec.trainer.checkpoint import load_checkpoint, read_manifest, save_checkpoint
 from terarec.trainer.metrics import CTRMetrics
 from terarec.trainer.report import RunReporter
 
@@ -55,17 +55,29 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_components(cfg: Config) -> Components:
-    """Embedding collection, model and dense optimizer for ``cfg``."""
+    """Embedding collection, model and dense optimizer for ``cfg``.
+
+    Raises:
+        ConfigError: the tables do not fit the data's features, or the model does not
+            fit the tables (e.g. a DLRM bottom MLP not ending in the embedding dim);
+            each section validates alone, so these are only found here.
+    """
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.seed)
     features = sparse_feature_names(cfg.data)
-    embedding = HierarchicalEmbeddingBagCollection(
-        cfg.tables, features, cfg.optimizer.sparse, device=device, seed=cfg.seed
-    )
+    try:
+        embedding = HierarchicalEmbeddingBagCollection(
+            cfg.tables, features, cfg.optimizer.sparse, device=device, seed=cfg.seed
+        )
+    except ValueError as e:
+        raise ConfigError(f"tables: {e}") from None
     dims = [embedding.feature_dims[f] for f in embedding.out_features]
-    model = build_model(
-        cfg.model, embedding, embedding.out_features, dims, len(dense_feature_names(cfg.data))
-    ).to(device)
+    try:
+        model = build_model(
+            cfg.model, embedding, embedding.out_features, dims, len(dense_feature_names(cfg.data))
+        ).to(device)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
     dense_opt = build_dense_optimizer(cfg.optimizer.dense, model.parameters())
     return Components(embedding, model, dense_opt, device)
 
@@ -116,9 +128,11 @@ def _stop_reason(cfg: Config, step: int, start: float) -> Optional[str]:
 
 
 def _check_finite(loss: torch.Tensor, step: int, cfg: Config) -> None:
+    """Raises :class:`TrainingDiverged` if ``loss`` (of step ``step``, 1-based) is NaN/Inf."""
     if not torch.isfinite(loss):
         raise TrainingDiverged(
-            f"loss is {loss.item()} at step {step}; the step's updates were not applied. "
+            f"loss is {loss.item()} at step {step}; training stopped and the step's updates "
+            "were not applied. "
             f"Lower optimizer.sparse.lr ({cfg.optimizer.sparse.lr}) or optimizer.dense.lr "
             f"({cfg.optimizer.dense.lr}), or check the data for extreme dense values "
             "(criteo needs data.dense_transform: log1p)."
@@ -131,7 +145,15 @@ def train(cfg: Config, resume: Optional[Path] = None) -> dict[str, Any]:
     Args:
         cfg: the validated config.
         resume: a checkpoint directory to continue from (rows, dense weights, optimizer
-            states, data position, step).
+            states, data position, step and sample count). A resumed run that reaches
+            ``train.steps`` ends with the same rows, weights and metrics as one that
+            ran straight through.
+
+    Raises:
+        TrainingDiverged: the loss became NaN or Inf (nothing of that step is applied,
+            no summary or checkpoint is written).
+        CheckpointError: ``resume`` is missing, corrupted or of another model.
+        ConfigError: the tables or the model do not fit the data.
     """
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -141,29 +163,36 @@ def train(cfg: Config, resume: Optional[Path] = None) -> dict[str, Any]:
     parts = build_components(cfg)
     model, device = parts.model, parts.device
     source = build_source(cfg.data, "train", seed=cfg.seed, epochs=cfg.train.epochs)
-    step = 0
+    step = samples = 0
     if resume is not None:
         step = load_checkpoint(resume, parts, source)
+        samples = int(read_manifest(resume, verify=False).get("samples", 0))
         log.info("resumed from %s at step %d", resume, step)
 
     window = CTRMetrics()
     loss_fn = nn.BCEWithLogitsLoss()
     start = time.perf_counter()
-    samples = 0
+    start_samples = samples
     losses: list[float] = []
-    history: list[dict[str, Any]] = []
-    last_log_t, last_log_samples = start, 0
+    last_eval: Optional[tuple[int, dict[str, float]]] = None
+    last_log_t, last_log_samples = start, samples
     bar = tqdm(
-        total=cfg.train.steps, disable=not cfg.train.progress, unit="step", dynamic_ncols=True
+        total=cfg.train.steps,
+        initial=step,
+        disable=not cfg.train.progress,
+        unit="step",
+        dynamic_ncols=True,
     )
-    stop = None
+    # A run resumed at (or past) its step target must not take, and consume data for,
+    # one more step before the check at the end of the step stops it.
+    stop = "steps" if cfg.train.steps is not None and step >= cfg.train.steps else None
     model.train()
     try:
-        for batch in source:
+        for batch in () if stop else source:
             batch = batch.to(device, non_blocking=True)
             logits = model(batch.dense, batch.sparse)
             loss = loss_fn(logits, batch.labels)
-            _check_finite(loss, step, cfg)
+            _check_finite(loss, step + 1, cfg)
             parts.dense_optimizer.zero_grad(set_to_none=True)
             loss.backward()  # sparse rows are updated by the fused hooks here
             parts.dense_optimizer.step()
@@ -197,7 +226,7 @@ def train(cfg: Config, resume: Optional[Path] = None) -> dict[str, Any]:
             if cfg.train.eval_every and step % cfg.train.eval_every == 0:
                 ev = _run_eval(cfg, parts)
                 reporter.log(step, "eval", ev)
-                history.append({"step": step, **ev})
+                last_eval = (step, ev)
                 bar.write(_fmt_eval(step, ev))
             stop = _stop_reason(cfg, step, start)
             if stop:
@@ -207,14 +236,17 @@ def train(cfg: Config, resume: Optional[Path] = None) -> dict[str, Any]:
         if hasattr(source, "close"):
             source.close()
     elapsed = time.perf_counter() - start
-    final = _run_eval(cfg, parts)
-    reporter.log(step, "eval", final)
+    if last_eval is not None and last_eval[0] == step:
+        final = last_eval[1]  # eval_every just evaluated this very model
+    else:
+        final = _run_eval(cfg, parts)
+        reporter.log(step, "eval", final)
     summary: dict[str, Any] = {
         "name": cfg.name,
         "steps": step,
         "samples": samples,
         "train_seconds": elapsed,
-        "samples_per_s": samples / max(elapsed, 1e-9),
+        "samples_per_s": (samples - start_samples) / max(elapsed, 1e-9),
         "stopped_by": stop or "end_of_data",
         "final_eval": final,
         "auc": final["auc"],
@@ -224,7 +256,7 @@ def train(cfg: Config, resume: Optional[Path] = None) -> dict[str, Any]:
     }
     if cfg.train.save_checkpoint:
         summary["checkpoint"] = str(
-            save_checkpoint(run_dir / "checkpoint", parts, source, step, cfg)
+            save_checkpoint(run_dir / "checkpoint", parts, source, step, cfg, samples=samples)
         )
     reporter.write_summary(summary)
     try:

@@ -1,0 +1,241 @@
+"""The ``terarec`` command in-process (``cli.main(argv)``) and as the installed script."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from terarec import cli
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "configs" / "quickstart.yaml"
+# configs/quickstart.yaml shrunk to a sub-second run on one thread.
+SHRINK = [
+    "data.batch_size=64",
+    "data.eval_batch_size=1024",
+    "data.synthetic.num_dense=4",
+    "data.synthetic.num_sparse=4",
+    "data.synthetic.vocab_size=200",
+    "data.synthetic.eval_samples=2048",
+    "model.bottom_mlp=[16,16]",
+    "model.top_mlp=[16]",
+    "train.steps=30",
+    "train.eval_every=0",
+    "train.log_every=10",
+    "train.device=cpu",
+    "train.threads=1",
+    "train.progress=false",
+]
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads() -> Iterator[None]:
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def train_argv(runs: Path, *extra: str, name: str = "cli_run") -> list[str]:
+    argv = ["train", "--config", str(QUICKSTART), "--name", name]
+    for item in [*SHRINK, f"train.runs_dir={runs}"]:
+        argv += ["--set", item]
+    return argv + list(extra)
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One ``terarec train`` run shared by the eval tests: its run directory."""
+    runs = tmp_path_factory.mktemp("cli") / "runs"
+    n = torch.get_num_threads()
+    assert cli.main(train_argv(runs)) == 0
+    torch.set_num_threads(n)
+    return runs / "cli_run"
+
+
+# --------------------------------------------------------------------------- train
+
+
+def test_train_writes_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    runs = tmp_path / "runs"
+    code, out, err = run(
+        train_argv(runs, "--set", "optimizer.sparse.lr=0.05", name="renamed"), capsys
+    )
+    assert code == 0, err
+    run_dir = runs / "renamed"  # --name wins over the config's name
+    assert {p.name for p in run_dir.iterdir()} == {
+        "metrics.jsonl",
+        "summary.json",
+        "curves.png",
+        "config.yaml",
+        "checkpoint",
+    }
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["name"] == "renamed" and summary["steps"] == 30
+    assert "final eval: AUC" in out and "teacher oracle AUC" in out
+    assert f"wrote {run_dir}/" in out and "checkpoint/" in out
+    saved = (run_dir / "config.yaml").read_text()
+    assert "lr: 0.05" in saved and "vocab_size: 200" in saved  # --set values were used
+
+
+def test_progress_bar_fields(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = train_argv(
+        tmp_path / "runs", "--set", "train.progress=true", "--set", "train.save_checkpoint=false"
+    )
+    code, out, err = run(argv, capsys)
+    assert code == 0
+    assert "30/30" in err
+    for field in ("loss=", "auc=", "sps=", "rows="):
+        assert field in err, err
+    assert "checkpoint/" not in out
+
+
+def test_resume_continues_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    runs = tmp_path / "runs"
+    assert run(train_argv(runs), capsys)[0] == 0
+    ckpt = runs / "cli_run" / "checkpoint"
+    code, _, err = run(train_argv(runs, "--set", "train.steps=40", "--resume", str(ckpt)), capsys)
+    assert code == 0, err
+    summary = json.loads((runs / "cli_run" / "summary.json").read_text())
+    assert summary["steps"] == 40 and summary["samples"] == 40 * 64
+
+
+@pytest.mark.parametrize(
+    "sets, says",
+    [
+        (["train.stepz=5"], "train.stepz: unknown key"),
+        (["optimizer.sparse.lrr=0.1"], "optimizer.sparse.lrr: unknown key"),
+        (["train.steps=abc"], "train.steps: expected an integer, got 'abc'"),
+        (["train.progress=maybe"], "train.progress: expected true/false, got 'maybe'"),
+        (["data.batch_size=[64]"], "data.batch_size: expected an integer, got [64]"),
+        (["optimizer.dense.lr=-1"], "optimizer.dense.lr: must be > 0"),
+        (["optimizer.sparse.kind=adamw"], "optimizer.sparse.kind: must be one of"),
+        (["train.steps"], "--set 'train.steps': expected key=value"),
+        (["model.bottom_mlp=[16,8]"], "model: bottom_mlp: the last size (8) must equal"),
+    ],
+)
+def test_bad_config_exits_2_naming_key_and_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], sets: list[str], says: str
+) -> None:
+    argv = train_argv(tmp_path / "runs")
+    for item in sets:
+        argv += ["--set", item]
+    code, out, err = run(argv, capsys)
+    assert code == 2
+    assert err.startswith("terarec: config error: ")
+    assert says in err, err
+    if not says.startswith("--set"):
+        assert str(QUICKSTART) in err, err
+
+
+def test_bad_key_in_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        QUICKSTART.read_text().replace("  eval_every: 1000\n", "  eval_every: 1000\n  epoch: 2\n")
+    )
+    code, _, err = run(["train", "--config", str(bad)], capsys)
+    assert code == 2
+    assert f"{bad}: train.epoch: unknown key (allowed: " in err
+
+
+@pytest.mark.parametrize(
+    "argv_tail, says",
+    [
+        (["--name", "a/b"], "--name 'a/b': must be non-empty and contain no '/'"),
+        (["--config", "nowhere.yaml"], "nowhere.yaml: cannot read config"),
+    ],
+)
+def test_bad_arguments(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv_tail: list[str], says: str
+) -> None:
+    code, _, err = run(train_argv(tmp_path / "runs", *argv_tail), capsys)
+    assert code == 2 and says in err, err
+
+
+def test_resume_from_a_missing_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(train_argv(tmp_path / "runs", "--resume", str(tmp_path / "nope")), capsys)
+    assert code == 1
+    assert "CheckpointError" in err and "not a checkpoint (no manifest.json)" in err
+
+
+def test_diverged_run_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(
+        train_argv(tmp_path / "runs", "--set", "optimizer.dense={kind: sgd, lr: 1.0e+30}"), capsys
+    )
+    assert code == 1
+    assert "TrainingDiverged: loss is" in err and "optimizer.dense.lr (1e+30)" in err
+
+
+# ---------------------------------------------------------------------------- eval
+
+
+def eval_json(out: str) -> dict[str, Any]:
+    return json.loads(out)
+
+
+@pytest.mark.parametrize("where", ["run", "checkpoint"])
+def test_eval_prints_the_metrics(
+    trained_run: Path, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    target = trained_run if where == "run" else trained_run / "checkpoint"
+    code, out, err = run(["eval", "--run", str(target)], capsys)
+    assert code == 0, err
+    metrics = eval_json(out)
+    summary = json.loads((trained_run / "summary.json").read_text())
+    assert metrics["step"] == 30
+    assert {"auc", "ne", "logloss", "calibration", "ctr", "samples", "oracle_auc"} <= set(metrics)
+    # the checkpoint is the model that was evaluated at the end of training
+    for key in ("auc", "logloss", "ne", "oracle_auc"):
+        assert metrics[key] == pytest.approx(summary["final_eval"][key], abs=1e-9), key
+
+
+def test_eval_of_a_corrupted_checkpoint(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    copy = Path(shutil.copytree(trained_run / "checkpoint", tmp_path / "ckpt"))
+    data = bytearray((copy / "dense.pt").read_bytes())
+    data[100] ^= 0xFF
+    (copy / "dense.pt").write_bytes(bytes(data))
+    code, out, err = run(["eval", "--run", str(copy)], capsys)
+    assert code == 1 and out == ""
+    assert f"{copy / 'dense.pt'}: sha256 does not match the manifest" in err
+
+
+def test_eval_errors(tmp_path: Path, trained_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(["eval", "--run", str(tmp_path / "missing")], capsys)
+    assert code == 1 and "not a checkpoint (no manifest.json)" in err
+    code, _, err = run(["eval", "--run", str(trained_run), "--data", "x.tsv"], capsys)
+    assert code == 2 and "--data: the run trained on synthetic data" in err
+
+
+# ------------------------------------------------------------------ console script
+
+
+def test_console_script_help() -> None:
+    script = Path(sys.executable).parent / "terarec"
+    if not script.exists():
+        pytest.skip(f"{script} is not installed (pip install -e .)")
+    res = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "usage: terarec" in res.stdout and "train" in res.stdout and "eval" in res.stdout
+    res = subprocess.run(
+        [str(script), "train", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 0 and "--resume" in res.stdout and "--set KEY=VALUE" in res.stdout
+    res = subprocess.run([str(script)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "required" in res.stderr

@@ -1,0 +1,335 @@
+"""Checkpoints: round trip, atomic replace, and clear errors for every kind of damage."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from terarec.config import Config
+from terarec.data import build_source
+from terarec.data.source import BatchSource
+from terarec.trainer import checkpoint as ckpt_mod
+from terarec.trainer.checkpoint import (
+    REQUIRED_FILES,
+    CheckpointError,
+    load_checkpoint,
+    read_manifest,
+    save_checkpoint,
+)
+from terarec.trainer.loop import Components, build_components
+
+
+def train_steps(parts: Components, source: BatchSource, n: int) -> None:
+    """``n`` plain training steps (what the loop does, minus logging)."""
+    loss_fn = nn.BCEWithLogitsLoss()
+    parts.model.train()
+    for _, batch in zip(range(n), source):
+        loss = loss_fn(parts.model(batch.dense, batch.sparse), batch.labels)
+        parts.dense_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        parts.dense_optimizer.step()
+
+
+def snapshot(parts: Components) -> dict[str, Any]:
+    return {
+        "tables": parts.embedding.tables_state_dict(),
+        "model": {k: v.clone() for k, v in parts.model.state_dict().items()},
+        "optimizer": parts.dense_optimizer.state_dict(),
+    }
+
+
+def assert_same_tables(a: dict[str, Any], b: dict[str, Any]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        ka, kb = a[name]["keys"], b[name]["keys"]
+        oa, ob = torch.argsort(ka), torch.argsort(kb)
+        assert torch.equal(ka[oa], kb[ob]), name
+        assert torch.equal(a[name]["rows"][oa], b[name]["rows"][ob]), name
+        assert a[name]["optimizer"] == b[name]["optimizer"], name
+
+
+@pytest.fixture
+def trained(
+    tiny_config: Callable[..., Config], tmp_path: Path
+) -> Iterator[tuple[Config, Components, BatchSource, Path]]:
+    """A config, components after 5 steps, their source, and a checkpoint of them."""
+    cfg = tiny_config()
+    parts = build_components(cfg)
+    source = build_source(cfg.data, "train", seed=cfg.seed)
+    train_steps(parts, source, 5)
+    path = save_checkpoint(tmp_path / "ckpt", parts, source, 5, cfg, samples=5 * 64)
+    yield cfg, parts, source, path
+    source.close()
+
+
+@pytest.fixture(scope="module")
+def pristine(
+    tmp_path_factory: pytest.TempPathFactory, tiny_factory: Callable[..., Config]
+) -> tuple[Config, Path]:
+    """A config and a checkpoint of it after 5 steps, shared: tests damage copies."""
+    root = tmp_path_factory.mktemp("pristine")
+    cfg = tiny_factory(root / "runs")
+    parts = build_components(cfg)
+    source = build_source(cfg.data, "train", seed=cfg.seed)
+    train_steps(parts, source, 5)
+    source.close()
+    return cfg, save_checkpoint(root / "ckpt", parts, source, 5, cfg, samples=5 * 64)
+
+
+@pytest.fixture
+def ckpt_copy(pristine: tuple[Config, Path], tmp_path: Path) -> tuple[Config, Path]:
+    cfg, path = pristine
+    return cfg, Path(shutil.copytree(path, tmp_path / "ckpt"))
+
+
+# ------------------------------------------------------------------------ round trip
+
+
+def test_round_trip(trained: tuple[Config, Components, BatchSource, Path]) -> None:
+    cfg, parts, source, path = trained
+    manifest = read_manifest(path)
+    assert manifest["step"] == 5 and manifest["samples"] == 320 and manifest["format"] == 1
+    assert set(manifest["files"]) == set(REQUIRED_FILES)
+    assert manifest["config"]["name"] == cfg.name
+
+    rng_at_save = torch.get_rng_state()
+    torch.manual_seed(1234)  # load must bring the generator back
+    fresh = build_components(cfg)
+    fresh_source = build_source(cfg.data, "train", seed=cfg.seed)
+    assert load_checkpoint(path, fresh, fresh_source) == 5
+    assert torch.equal(torch.get_rng_state(), rng_at_save)
+
+    want, got = snapshot(parts), snapshot(fresh)
+    assert_same_tables(want["tables"], got["tables"])
+    for k, v in want["model"].items():
+        assert torch.equal(v, got["model"][k]), k
+    assert fresh_source.state_dict() == source.state_dict()
+
+    # ... and both continue identically: same next batch, same rows after 3 more steps
+    train_steps(parts, source, 3)
+    train_steps(fresh, fresh_source, 3)
+    fresh_source.close()
+    assert_same_tables(parts.embedding.tables_state_dict(), fresh.embedding.tables_state_dict())
+    for k, v in parts.model.state_dict().items():
+        assert torch.equal(v, fresh.model.state_dict()[k]), k
+
+
+def test_save_replaces_an_older_checkpoint(
+    trained: tuple[Config, Components, BatchSource, Path],
+) -> None:
+    cfg, parts, source, path = trained
+    train_steps(parts, source, 2)
+    save_checkpoint(path, parts, source, 7, cfg)
+    assert read_manifest(path)["step"] == 7
+    siblings = sorted(p.name for p in path.parent.iterdir())
+    assert siblings == ["ckpt"]  # no .tmp / .old left behind
+
+
+# --------------------------------------------------------------------------- atomic
+
+
+def fail_on(monkeypatch: pytest.MonkeyPatch, file_name: str, exc: BaseException) -> None:
+    """Makes the checkpoint module's ``torch.save`` raise ``exc`` when writing ``file_name``."""
+    real = torch.save
+
+    def save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        if Path(f).name == file_name:
+            Path(f).write_bytes(b"half a file")  # the partial write a crash leaves
+            raise exc
+        real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", save)
+
+
+@pytest.mark.parametrize(
+    "exc, raised",
+    [
+        (OSError(28, "No space left on device"), CheckpointError),
+        (RuntimeError("cannot pickle"), RuntimeError),
+        (KeyboardInterrupt(), KeyboardInterrupt),
+    ],
+    ids=["disk-full", "error", "ctrl-c"],
+)
+def test_failed_save_leaves_no_partial_dir(
+    trained: tuple[Config, Components, BatchSource, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    exc: BaseException,
+    raised: type[BaseException],
+) -> None:
+    cfg, parts, source, path = trained
+    target = path.with_name("new")
+    fail_on(monkeypatch, "dense.pt", exc)
+    with pytest.raises(raised) as err:
+        save_checkpoint(target, parts, source, 9, cfg)
+    if raised is CheckpointError:
+        assert "No space left on device" in str(err.value) and str(target) in str(err.value)
+    assert not target.exists() and not target.with_name("new.tmp").exists()
+
+
+def test_failed_save_keeps_the_previous_checkpoint(
+    trained: tuple[Config, Components, BatchSource, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg, parts, source, path = trained
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    train_steps(parts, source, 2)
+    fail_on(monkeypatch, "tables.pt", OSError(28, "No space left on device"))
+    with pytest.raises(CheckpointError, match="cannot write checkpoint"):
+        save_checkpoint(path, parts, source, 7, cfg)
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+    assert read_manifest(path)["step"] == 5
+    assert sorted(p.name for p in path.parent.iterdir()) == ["ckpt"]
+
+
+def test_stale_tmp_dir_is_replaced(trained: tuple[Config, Components, BatchSource, Path]) -> None:
+    cfg, parts, source, path = trained
+    stale = path.with_name("ckpt.tmp")
+    stale.mkdir()
+    (stale / "tables.pt").write_bytes(b"junk from a crashed save")
+    save_checkpoint(path, parts, source, 6, cfg)
+    assert not stale.exists() and read_manifest(path)["step"] == 6
+
+
+def test_interrupted_swap_points_at_the_old_checkpoint(ckpt_copy: tuple[Config, Path]) -> None:
+    _, path = ckpt_copy
+    old = path.with_name("ckpt.old")
+    path.rename(old)  # a crash between the two renames of a save
+    with pytest.raises(CheckpointError, match=r"no manifest\.json.*previous checkpoint is in"):
+        read_manifest(path)
+
+
+# ------------------------------------------------------------------------- corrupted
+
+
+def flip_byte(f: Path) -> None:
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+
+
+def truncate(f: Path) -> None:
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+DAMAGE: dict[str, tuple[Callable[[Path], None], str, str]] = {
+    # id: (damage to the checkpoint dir, file named, what the message says)
+    "tables-bitflip": (lambda d: flip_byte(d / "tables.pt"), "tables.pt", "sha256 does not match"),
+    "dense-bitflip": (lambda d: flip_byte(d / "dense.pt"), "dense.pt", "sha256 does not match"),
+    "data-edited": (
+        lambda d: (d / "data.json").write_text((d / "data.json").read_text().replace("5", "6")),
+        "data.json",
+        "sha256 does not match",
+    ),
+    "tables-truncated": (lambda d: truncate(d / "tables.pt"), "tables.pt", "truncated"),
+    "dense-truncated": (lambda d: truncate(d / "dense.pt"), "dense.pt", "truncated"),
+    "dense-empty": (lambda d: (d / "dense.pt").write_bytes(b""), "dense.pt", "truncated"),
+    "rng-missing": (lambda d: (d / "rng.pt").unlink(), "rng.pt", "missing from the checkpoint"),
+    "tables-missing": (
+        lambda d: (d / "tables.pt").unlink(),
+        "tables.pt",
+        "missing from the checkpoint",
+    ),
+    "manifest-missing": (
+        lambda d: (d / "manifest.json").unlink(),
+        "ckpt",
+        "not a checkpoint (no manifest.json)",
+    ),
+    "manifest-binary": (
+        lambda d: (d / "manifest.json").write_bytes(bytes(range(256))),
+        "manifest.json",
+        "corrupted manifest",
+    ),
+    "manifest-not-json": (
+        lambda d: (d / "manifest.json").write_text('{"format": 1, "files": {'),
+        "manifest.json",
+        "corrupted manifest",
+    ),
+    "manifest-a-list": (
+        lambda d: (d / "manifest.json").write_text("[1, 2, 3]"),
+        "manifest.json",
+        "corrupted manifest",
+    ),
+    "manifest-truncated": (lambda d: truncate(d / "manifest.json"), "manifest.json", "corrupted"),
+    "manifest-bad-entry": (
+        lambda d: edit_manifest(d, lambda m: m["files"].update({"dense.pt": {"bytes": "x"}})),
+        "manifest.json",
+        "corrupted manifest",
+    ),
+    "manifest-no-step": (
+        lambda d: edit_manifest(d, lambda m: m.pop("step")),
+        "manifest.json",
+        "corrupted manifest",
+    ),
+    "manifest-unlists-tables": (
+        lambda d: edit_manifest(d, lambda m: m["files"].pop("tables.pt")),
+        "manifest.json",
+        "does not list ['tables.pt']",
+    ),
+    "manifest-other-format": (
+        lambda d: edit_manifest(d, lambda m: m.update(format=99)),
+        "manifest.json",
+        "format 99, expected 1",
+    ),
+}
+
+
+def edit_manifest(d: Path, fn: Callable[[dict[str, Any]], Any]) -> None:
+    m = json.loads((d / "manifest.json").read_text())
+    fn(m)
+    (d / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE), ids=list(DAMAGE))
+def test_damaged_checkpoint_names_the_file(ckpt_copy: tuple[Config, Path], damage: str) -> None:
+    cfg, path = ckpt_copy
+    hurt, file_name, says = DAMAGE[damage]
+    hurt(path)
+    with pytest.raises(CheckpointError) as err:
+        read_manifest(path)
+    msg = str(err.value)
+    assert says in msg and file_name in msg, msg
+
+    # load_checkpoint refuses before touching anything
+    fresh = build_components(cfg)
+    before = snapshot(fresh)
+    with pytest.raises(CheckpointError, match=file_name.replace(".", r"\.")):
+        load_checkpoint(path, fresh)
+    assert_same_tables(before["tables"], fresh.embedding.tables_state_dict())
+    for k, v in before["model"].items():
+        assert torch.equal(v, fresh.model.state_dict()[k]), k
+
+
+def test_size_check_without_hashing_still_catches_truncation(
+    ckpt_copy: tuple[Config, Path],
+) -> None:
+    _, path = ckpt_copy
+    flip_byte(path / "tables.pt")
+    read_manifest(path, verify=False)  # same size: only the hash can tell
+    truncate(path / "tables.pt")
+    with pytest.raises(CheckpointError, match=r"tables\.pt: size \d+ != \d+ in the manifest"):
+        read_manifest(path, verify=False)
+
+
+def test_checkpoint_of_another_model_is_refused(
+    pristine: tuple[Config, Path], tiny_config: Callable[..., Config]
+) -> None:
+    _, path = pristine
+    other = build_components(
+        tiny_config(tables=[{"name": "sparse", "dim": 4}], model={"bottom_mlp": [16, 4]})
+    )
+    with pytest.raises(CheckpointError, match=r"does not fit this model/config.*dim 4"):
+        load_checkpoint(path, other)
+    renamed = build_components(tiny_config(tables=[{"name": "other", "dim": 8}]))
+    with pytest.raises(CheckpointError, match=r"no rows for tables \['other'\]"):
+        load_checkpoint(path, renamed)
+
+
+def test_copy_of_a_checkpoint_loads(ckpt_copy: tuple[Config, Path]) -> None:
+    cfg, path = ckpt_copy  # checkpoints are relocatable: the manifest holds no paths
+    assert load_checkpoint(path, build_components(cfg)) == 5

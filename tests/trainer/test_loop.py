@@ -1,0 +1,294 @@
+"""train() end to end on tiny synthetic data: run files, AUC, NaN stop, exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from terarec.config import Config, config_from_dict, config_to_dict
+from terarec.trainer import loop
+from terarec.trainer.checkpoint import read_manifest
+from terarec.trainer.loop import TrainingDiverged, train
+from terarec.trainer.report import read_jsonl, to_jsonable
+
+EVAL_KEYS = {"auc", "ne", "logloss", "calibration", "ctr", "samples"}
+ORACLE_KEYS = {"oracle_auc", "oracle_logloss"}
+TRAIN_KEYS = {"loss", "auc", "samples_per_s", "rows", "samples"}
+SUMMARY_KEYS = {
+    "name",
+    "steps",
+    "samples",
+    "train_seconds",
+    "samples_per_s",
+    "stopped_by",
+    "final_eval",
+    "auc",
+    "oracle_auc",
+    "rows",
+    "data",
+    "checkpoint",
+}
+
+
+# --------------------------------------------------------------------- one full run
+
+
+@pytest.fixture(scope="module")
+def finished(
+    tmp_path_factory: pytest.TempPathFactory, tiny_factory: Callable[..., Config]
+) -> tuple[Config, dict[str, Any], Path]:
+    """One 120-step run with an eval every 60 steps: (config, returned summary, run dir)."""
+    n = torch.get_num_threads()
+    cfg = tiny_factory(
+        tmp_path_factory.mktemp("e2e") / "runs",
+        name="e2e",
+        data={"batch_size": 128},
+        train={"steps": 120, "eval_every": 60, "log_every": 20},
+    )
+    summary = train(cfg)
+    torch.set_num_threads(n)
+    return cfg, summary, Path(cfg.train.runs_dir) / "e2e"
+
+
+def test_run_dir_layout(finished: tuple[Config, dict[str, Any], Path]) -> None:
+    _, _, run = finished
+    names = {p.name for p in run.iterdir()}
+    assert names == {"metrics.jsonl", "summary.json", "curves.png", "config.yaml", "checkpoint"}
+    assert {p.name for p in (run / "checkpoint").iterdir()} == {
+        "manifest.json",
+        "tables.pt",
+        "dense.pt",
+        "data.json",
+        "rng.pt",
+    }
+
+
+def test_metrics_jsonl(finished: tuple[Config, dict[str, Any], Path]) -> None:
+    cfg, _, run = finished
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    recs = [json.loads(line) for line in lines]  # strict JSON, one object per line
+    assert all({"step", "split", "time"} <= r.keys() for r in recs)
+    train_recs = [r for r in recs if r["split"] == "train"]
+    eval_recs = [r for r in recs if r["split"] == "eval"]
+    assert len(train_recs) + len(eval_recs) == len(recs)
+
+    assert [r["step"] for r in train_recs] == list(range(20, 121, 20))
+    for r in train_recs:
+        assert set(r) == {"step", "split", "time", *TRAIN_KEYS}
+        assert r["samples"] == r["step"] * cfg.data.batch_size
+        assert 0 < r["loss"] < 1.5 and 0 <= r["auc"] <= 1 and r["samples_per_s"] > 0
+    rows = [r["rows"] for r in train_recs]
+    assert rows == sorted(rows) and 0 < rows[-1] <= 4 * 200  # 4 features x vocab 200
+    assert train_recs[-1]["loss"] < train_recs[0]["loss"]
+
+    # eval_every=60 evaluates at 60 and 120; the final eval reuses step 120's (no repeat)
+    assert [r["step"] for r in eval_recs] == [60, 120]
+    for r in eval_recs:
+        assert set(r) == {"step", "split", "time", *EVAL_KEYS, *ORACLE_KEYS}
+        assert r["samples"] == cfg.data.synthetic.eval_samples
+
+
+def test_summary_json(finished: tuple[Config, dict[str, Any], Path]) -> None:
+    cfg, returned, run = finished
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary == to_jsonable(returned)
+    assert set(summary) == SUMMARY_KEYS
+    assert summary["name"] == "e2e" and summary["steps"] == 120
+    assert summary["samples"] == 120 * cfg.data.batch_size
+    assert summary["stopped_by"] == "steps"
+    assert summary["train_seconds"] > 0 and summary["samples_per_s"] > 0
+    last_eval = read_jsonl(run / "metrics.jsonl")[-1]
+    assert summary["final_eval"] == {k: last_eval[k] for k in EVAL_KEYS | ORACLE_KEYS}
+    assert summary["auc"] == summary["final_eval"]["auc"]
+    assert summary["rows"] == {"sparse": last_train_rows(run)}
+    assert summary["data"]["batches"] == 120 and summary["data"]["rows_skipped_total"] == 0
+    assert Path(summary["checkpoint"]) == run / "checkpoint"
+    manifest = read_manifest(run / "checkpoint")
+    assert manifest["step"] == 120 and manifest["samples"] == summary["samples"]
+
+
+def last_train_rows(run: Path) -> int:
+    return [r for r in read_jsonl(run / "metrics.jsonl") if r["split"] == "train"][-1]["rows"]
+
+
+def test_learns_towards_the_oracle(finished: tuple[Config, dict[str, Any], Path]) -> None:
+    _, summary, _ = finished
+    oracle, auc = summary["oracle_auc"], summary["auc"]
+    assert 0.75 < oracle < 0.95  # the planted teacher is learnable, not trivial
+    assert auc > 0.7, f"AUC {auc:.4f} after 120 steps (oracle {oracle:.4f})"
+    assert auc < oracle + 0.01  # no scorer beats the Bayes-optimal teacher (up to noise)
+    assert summary["final_eval"]["logloss"] > summary["final_eval"]["oracle_logloss"] - 0.01
+
+
+def test_config_yaml_and_curves(finished: tuple[Config, dict[str, Any], Path]) -> None:
+    cfg, _, run = finished
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved == config_to_dict(cfg)
+    assert config_from_dict(saved) == cfg  # a run's config.yaml is a valid config again
+    png = (run / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_max_minutes_stops_after_a_step(tiny_config: Callable[..., Config]) -> None:
+    cfg = tiny_config(train={"steps": 10_000, "max_minutes": 1e-9, "save_checkpoint": False})
+    summary = train(cfg)
+    assert summary["stopped_by"] == "max_minutes" and summary["steps"] == 1
+    assert "checkpoint" not in summary
+    assert not (Path(cfg.train.runs_dir) / cfg.name / "checkpoint").exists()
+
+
+# ------------------------------------------------------------------------- NaN / Inf
+
+
+class PoisonAt(nn.Module):
+    """Wraps a model; its ``at``-th forward returns ``value`` logits and snapshots the
+    rows and weights as they are just before that step's (refused) update."""
+
+    def __init__(self, inner: nn.Module, at: int, value: float) -> None:
+        super().__init__()
+        self.inner, self.at, self.value = inner, at, value
+        self.calls = 0
+        self.snapshot: dict[str, Any] = {}
+
+    def forward(self, dense: torch.Tensor, sparse: Any) -> torch.Tensor:
+        out = self.inner(dense, sparse)
+        self.calls += 1
+        if self.calls != self.at:
+            return out
+        self.snapshot = {
+            "tables": self.inner.embedding.tables_state_dict(),
+            "dense": {k: v.clone() for k, v in self.inner.state_dict().items()},
+        }
+        return out * 0 + self.value  # still connected to the graph
+
+
+@pytest.mark.parametrize("value, shown", [(math.nan, "nan"), (3e38, "inf")])
+def test_non_finite_loss_stops_with_a_clear_error(
+    tiny_config: Callable[..., Config],
+    monkeypatch: pytest.MonkeyPatch,
+    value: float,
+    shown: str,
+) -> None:
+    made: list[PoisonAt] = []
+    real = loop.build_model
+
+    def poisoned(*args: Any, **kwargs: Any) -> nn.Module:
+        made.append(PoisonAt(real(*args, **kwargs), at=3, value=value))
+        return made[-1]
+
+    monkeypatch.setattr(loop, "build_model", poisoned)
+    cfg = tiny_config(train={"log_every": 1})
+    with pytest.raises(TrainingDiverged) as err:
+        train(cfg)
+    msg = str(err.value)
+    assert f"loss is {shown} at step 3" in msg
+    assert "updates were not applied" in msg
+    assert "optimizer.sparse.lr (0.05)" in msg and "optimizer.dense.lr (0.01)" in msg
+
+    # nothing of step 3 reached the rows or the dense weights
+    model = made[0]
+    now = model.inner.embedding.tables_state_dict()["sparse"]
+    before = model.snapshot["tables"]["sparse"]
+    assert torch.equal(now["keys"], before["keys"]) and torch.equal(now["rows"], before["rows"])
+    assert now["optimizer"] == before["optimizer"]
+    for k, v in model.inner.state_dict().items():
+        assert torch.equal(v, model.snapshot["dense"][k]), k
+
+    run = Path(cfg.train.runs_dir) / cfg.name
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2]
+    assert not (run / "summary.json").exists() and not (run / "checkpoint").exists()
+
+
+def test_huge_learning_rate_diverges(tiny_config: Callable[..., Config]) -> None:
+    cfg = tiny_config(optimizer={"dense": {"kind": "sgd", "lr": 1e30}})
+    with pytest.raises(TrainingDiverged, match=r"loss is (nan|inf) at step \d+; training stopped"):
+        train(cfg)
+
+
+# ---------------------------------------------------------------------------- resume
+
+
+def assert_same(a: Any, b: Any, where: str = "") -> None:
+    """Recursive bitwise equality of nested dicts / lists / tensors / numbers."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype, where
+        assert torch.equal(a, b), f"{where}: max diff {(a - b).abs().max().item()}"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def tables_by_key(ckpt: Path) -> dict[str, Any]:
+    """The checkpoint's rows per table, sorted by key (slot order is an implementation detail)."""
+    out = {}
+    for name, t in torch.load(ckpt / "tables.pt", weights_only=True).items():
+        order = torch.argsort(t["keys"])
+        out[name] = {"keys": t["keys"][order], "rows": t["rows"][order], "opt": t["optimizer"]}
+    return out
+
+
+def comparable(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """metrics.jsonl records without the wall-clock fields."""
+    return [{k: v for k, v in r.items() if k not in ("time", "samples_per_s")} for r in records]
+
+
+@pytest.mark.parametrize(
+    "sparse, dense", [("adam", "adam"), ("rowwise_adagrad", "sgd")], ids=["adam", "adagrad-sgd"]
+)
+def test_resume_is_exact(tiny_config: Callable[..., Config], sparse: str, dense: str) -> None:
+    over: dict[str, Any] = {
+        "optimizer": {"sparse": {"kind": sparse}, "dense": {"kind": dense}},
+        "train": {"eval_every": 20},
+    }
+    straight = train(tiny_config(name="straight", **over))  # 40 steps in one go
+
+    half = tiny_config(name="resumed", **over)
+    half.train.steps = 20
+    train(half)
+    runs = Path(half.train.runs_dir)
+    ckpt = runs / "resumed" / "checkpoint"
+    assert read_manifest(ckpt)["step"] == 20
+    resumed = train(tiny_config(name="resumed", **over), resume=ckpt)
+
+    for key in ("steps", "samples", "final_eval", "auc", "oracle_auc", "rows", "stopped_by"):
+        assert_same(straight[key], resumed[key], key)
+    a, b = runs / "straight" / "checkpoint", ckpt
+    assert_same(tables_by_key(a), tables_by_key(b), "tables")
+    dense_a = torch.load(a / "dense.pt", weights_only=True)
+    dense_b = torch.load(b / "dense.pt", weights_only=True)
+    assert_same(dense_a, dense_b, "dense")
+    assert json.loads((a / "data.json").read_text()) == json.loads((b / "data.json").read_text())
+    assert read_manifest(a)["samples"] == read_manifest(b)["samples"] == 40 * 64
+    # one metrics.jsonl across both sessions, line for line the straight run's
+    assert comparable(read_jsonl(runs / "straight" / "metrics.jsonl")) == comparable(
+        read_jsonl(runs / "resumed" / "metrics.jsonl")
+    )
+
+
+def test_resume_at_the_target_takes_no_step(tiny_config: Callable[..., Config]) -> None:
+    cfg = tiny_config(train={"steps": 20})
+    train(cfg)
+    ckpt = Path(cfg.train.runs_dir) / cfg.name / "checkpoint"
+    before_tables = tables_by_key(ckpt)
+    before_data = (ckpt / "data.json").read_text()
+
+    summary = train(cfg, resume=ckpt)
+    assert summary["steps"] == 20 and summary["stopped_by"] == "steps"
+    assert summary["samples"] == 20 * 64
+    assert_same(tables_by_key(ckpt), before_tables, "tables")
+    assert (ckpt / "data.json").read_text() == before_data
