@@ -16,6 +16,12 @@ from typing import Optional
 from terarec.config import ConfigError, DataKind, config_from_dict, load_config
 
 
+def _checkpoint_dir(path: str) -> Path:
+    """``runs/<name>`` or a checkpoint directory -> the checkpoint directory."""
+    inner = Path(path) / "checkpoint"
+    return inner if inner.is_dir() else Path(path)
+
+
 def _train(args: argparse.Namespace) -> int:
     from terarec.trainer.loop import describe_final, train
 
@@ -25,7 +31,7 @@ def _train(args: argparse.Namespace) -> int:
             raise ConfigError(f"--name {args.name!r}: must be non-empty and contain no '/'")
         cfg.name = args.name
     try:
-        summary = train(cfg, resume=Path(args.resume) if args.resume else None)
+        summary = train(cfg, resume=_checkpoint_dir(args.resume) if args.resume else None)
     except ConfigError as e:  # sections that only clash once built (tables vs model)
         raise ConfigError(f"{args.config}: {e}") from None
     print(describe_final(summary, cfg))
@@ -42,11 +48,7 @@ def _eval(args: argparse.Namespace) -> int:
     from terarec.trainer.loop import build_components, evaluate
     from terarec.trainer.report import to_jsonable
 
-    ckpt = (
-        Path(args.run) / "checkpoint"
-        if (Path(args.run) / "checkpoint").is_dir()
-        else Path(args.run)
-    )
+    ckpt = _checkpoint_dir(args.run)
     manifest = read_manifest(ckpt, verify=False)
     if not isinstance(manifest.get("config"), dict):
         raise CheckpointError(f"{ckpt / 'manifest.json'}: has no run config to rebuild from")
@@ -84,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config value, e.g. --set train.steps=100 (repeatable)",
     )
     t.add_argument("--name", help="run name (default: the config's name)")
-    t.add_argument("--resume", help="checkpoint directory to continue from")
+    t.add_argument(
+        "--resume", help="continue from a checkpoint: runs/<name> or its checkpoint/ directory"
+    )
     t.set_defaults(fn=_train)
     e = sub.add_parser("eval", help="evaluate a trained run's checkpoint")
     e.add_argument("--run", required=True, help="runs/<name> or a checkpoint directory")

@@ -106,8 +106,10 @@ def test_progress_bar_fields(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 def test_resume_continues_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     runs = tmp_path / "runs"
     assert run(train_argv(runs), capsys)[0] == 0
-    ckpt = runs / "cli_run" / "checkpoint"
-    code, _, err = run(train_argv(runs, "--set", "train.steps=40", "--resume", str(ckpt)), capsys)
+    # --resume takes the run directory as well as its checkpoint/ directory
+    code, _, err = run(
+        train_argv(runs, "--set", "train.steps=40", "--resume", str(runs / "cli_run")), capsys
+    )
     assert code == 0, err
     summary = json.loads((runs / "cli_run" / "summary.json").read_text())
     assert summary["steps"] == 40 and summary["samples"] == 40 * 64

@@ -155,11 +155,16 @@ def train(cfg: Config, resume: Optional[Path] = None) -> dict[str, Any]:
         CheckpointError: ``resume`` is missing, corrupted or of another model.
         ConfigError: the tables or the model do not fit the data.
     """
+    endless = cfg.data.kind == DataKind.SYNTHETIC  # epochs do not apply to it
+    if endless and cfg.train.steps is None and cfg.train.max_minutes is None:
+        raise ConfigError(
+            "train.steps: required for synthetic data, an endless stream "
+            "(train.epochs counts passes over data files)"
+        )
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     run_dir = Path(cfg.train.runs_dir) / cfg.name
     reporter = RunReporter(run_dir)
-    reporter.save_config(config_to_dict(cfg))
     parts = build_components(cfg)
     model, device = parts.model, parts.device
     source = build_source(cfg.data, "train", seed=cfg.seed, epochs=cfg.train.epochs)
@@ -167,7 +172,17 @@ def train(cfg: Config, resume: Optional[Path] = None) -> dict[str, Any]:
     if resume is not None:
         step = load_checkpoint(resume, parts, source)
         samples = int(read_manifest(resume, verify=False).get("samples", 0))
+        # The optimizer's saved param_groups carry the old lr; the config wins, as it
+        # does for the sparse optimizer (resuming with a lower lr after a divergence).
+        for group in parts.dense_optimizer.param_groups:
+            group["lr"] = cfg.optimizer.dense.lr
+            group["weight_decay"] = cfg.optimizer.dense.weight_decay
         log.info("resumed from %s at step %d", resume, step)
+    elif reporter.metrics_path.exists():
+        # A new run under an old name replaces that run; one log must not mix the two.
+        log.warning("%s: replacing the metrics of an earlier run", run_dir)
+        reporter.metrics_path.unlink()
+    reporter.save_config(config_to_dict(cfg))
 
     window = CTRMetrics()
     loss_fn = nn.BCEWithLogitsLoss()
@@ -175,6 +190,7 @@ def train(cfg: Config, resume: Optional[Path] = None) -> dict[str, Any]:
     start_samples = samples
     losses: list[float] = []
     last_eval: Optional[tuple[int, dict[str, float]]] = None
+    eval_seconds = 0.0  # periodic evals, kept out of the throughput numbers
     last_log_t, last_log_samples = start, samples
     bar = tqdm(
         total=cfg.train.steps,
@@ -224,7 +240,11 @@ def train(cfg: Config, resume: Optional[Path] = None) -> dict[str, Any]:
                     rows=f"{rows:,}",
                 )
             if cfg.train.eval_every and step % cfg.train.eval_every == 0:
+                t0 = time.perf_counter()
                 ev = _run_eval(cfg, parts)
+                dt = time.perf_counter() - t0
+                eval_seconds += dt
+                last_log_t += dt
                 reporter.log(step, "eval", ev)
                 last_eval = (step, ev)
                 bar.write(_fmt_eval(step, ev))
@@ -235,7 +255,7 @@ def train(cfg: Config, resume: Optional[Path] = None) -> dict[str, Any]:
         bar.close()
         if hasattr(source, "close"):
             source.close()
-    elapsed = time.perf_counter() - start
+    elapsed = time.perf_counter() - start - eval_seconds
     if last_eval is not None and last_eval[0] == step:
         final = last_eval[1]  # eval_every just evaluated this very model
     else:

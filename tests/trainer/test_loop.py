@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import torch
 import yaml
 from torch import nn
 
-from terarec.config import Config, config_from_dict, config_to_dict
+from terarec.config import Config, ConfigError, config_from_dict, config_to_dict
 from terarec.trainer import loop
 from terarec.trainer.checkpoint import read_manifest
 from terarec.trainer.loop import TrainingDiverged, train
@@ -292,3 +293,50 @@ def test_resume_at_the_target_takes_no_step(tiny_config: Callable[..., Config]) 
     assert summary["samples"] == 20 * 64
     assert_same(tables_by_key(ckpt), before_tables, "tables")
     assert (ckpt / "data.json").read_text() == before_data
+
+
+def test_synthetic_data_needs_a_step_count(tiny_config: Callable[..., Config]) -> None:
+    cfg = tiny_config(train={"steps": None, "epochs": 1})
+    with pytest.raises(ConfigError, match="train.steps: required for synthetic data"):
+        train(cfg)  # would otherwise never stop
+    assert not Path(cfg.train.runs_dir).exists()
+
+
+def test_throughput_excludes_periodic_evals(
+    tiny_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = loop._run_eval
+
+    def slow_eval(*args: Any) -> dict[str, float]:
+        time.sleep(0.5)
+        return real(*args)
+
+    monkeypatch.setattr(loop, "_run_eval", slow_eval)
+    cfg = tiny_config(train={"steps": 20, "eval_every": 10, "save_checkpoint": False})
+    summary = train(cfg)  # two evals, 1 s of sleep, 20 tiny steps
+    assert summary["train_seconds"] < 0.5, summary["train_seconds"]
+    lines = read_jsonl(Path(cfg.train.runs_dir) / cfg.name / "metrics.jsonl")
+    step20 = next(r for r in lines if r["split"] == "train" and r["step"] == 20)
+    assert step20["samples_per_s"] > 10 * 64 / 0.5  # the eval at step 10 is not counted
+
+
+def test_new_run_under_an_old_name_replaces_its_log(tiny_config: Callable[..., Config]) -> None:
+    cfg = tiny_config(train={"steps": 20, "save_checkpoint": False})
+    train(cfg)
+    train(cfg)
+    lines = read_jsonl(Path(cfg.train.runs_dir) / cfg.name / "metrics.jsonl")
+    assert [(r["step"], r["split"]) for r in lines] == [(10, "train"), (20, "train"), (20, "eval")]
+
+
+def test_resume_takes_the_learning_rates_of_the_config(
+    tiny_config: Callable[..., Config],
+) -> None:
+    first = tiny_config(train={"steps": 20})
+    train(first)
+    ckpt = Path(first.train.runs_dir) / first.name / "checkpoint"
+    lower = tiny_config(
+        optimizer={"sparse": {"lr": 0.001}, "dense": {"lr": 0.0001, "weight_decay": 0.1}}
+    )
+    train(lower, resume=ckpt)
+    groups = torch.load(ckpt / "dense.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert all(g["lr"] == 0.0001 and g["weight_decay"] == 0.1 for g in groups)
