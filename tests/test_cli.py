@@ -137,6 +137,7 @@ def test_bad_config_exits_2_naming_key_and_file(
         argv += ["--set", item]
     code, out, err = run(argv, capsys)
     assert code == 2
+    assert not (tmp_path / "runs").exists()
     assert err.startswith("terarec: config error: ")
     assert says in err, err
     if not says.startswith("--set"):

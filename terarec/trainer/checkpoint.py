@@ -5,7 +5,7 @@ Layout of ``<dir>/``::
     manifest.json   format version, step, samples, the run's config, and the size +
                     sha256 of every file below
     tables.pt       per table: keys [R], rows [R, dim + state], optimizer step
-    dense.pt        model state_dict (MLPs), dense optimizer state_dict
+    dense.pt        model state_dict (MLPs), dense optimizer state_dict and class name
     data.json       the train source's position (exact resume)
     rng.pt          torch RNG state
 
@@ -79,7 +79,11 @@ def save_checkpoint(
             t.tier.flush()
         torch.save(parts.embedding.tables_state_dict(), tmp / "tables.pt")
         torch.save(
-            {"model": parts.model.state_dict(), "optimizer": parts.dense_optimizer.state_dict()},
+            {
+                "model": parts.model.state_dict(),
+                "optimizer": parts.dense_optimizer.state_dict(),
+                "optimizer_class": type(parts.dense_optimizer).__name__,
+            },
             tmp / "dense.pt",
         )
         state = source.state_dict() if hasattr(source, "state_dict") else {}
@@ -185,6 +189,13 @@ def load_checkpoint(path: Path, parts: Components, source: Any = None) -> int:
         )
         dense = torch.load(path / "dense.pt", map_location=parts.device, weights_only=True)
         parts.model.load_state_dict(dense["model"])
+        saved, ours = dense.get("optimizer_class"), type(parts.dense_optimizer).__name__
+        if saved is not None and saved != ours:
+            # torch would load another optimizer's state and fail at the first step
+            raise ValueError(
+                f"the dense optimizer state is {saved}'s, this run uses {ours} "
+                "(optimizer.dense.kind)"
+            )
         parts.dense_optimizer.load_state_dict(dense["optimizer"])
         if source is not None and hasattr(source, "load_state_dict"):
             source.load_state_dict(json.loads((path / "data.json").read_text()))

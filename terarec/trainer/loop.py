@@ -163,11 +163,11 @@ def train(cfg: Config, resume: Optional[Path] = None) -> dict[str, Any]:
         )
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    run_dir = Path(cfg.train.runs_dir) / cfg.name
-    reporter = RunReporter(run_dir)
     parts = build_components(cfg)
     model, device = parts.model, parts.device
     source = build_source(cfg.data, "train", seed=cfg.seed, epochs=cfg.train.epochs)
+    run_dir = Path(cfg.train.runs_dir) / cfg.name
+    reporter = RunReporter(run_dir)  # only now: a bad config leaves no run directory
     step = samples = 0
     if resume is not None:
         step = load_checkpoint(resume, parts, source)

@@ -325,6 +325,12 @@ def test_checkpoint_of_another_model_is_refused(
     )
     with pytest.raises(CheckpointError, match=r"does not fit this model/config.*dim 4"):
         load_checkpoint(path, other)
+    sgd = build_components(tiny_config(optimizer={"dense": {"kind": "sgd"}}))
+    with pytest.raises(CheckpointError, match="dense optimizer state is Adam's, this run uses SGD"):
+        load_checkpoint(path, sgd)
+    adagrad = build_components(tiny_config(optimizer={"sparse": {"kind": "adagrad"}}))
+    with pytest.raises(CheckpointError, match=r"expected \[\*, 16\] \(dim 8 \+ optimizer state\)"):
+        load_checkpoint(path, adagrad)
     renamed = build_components(tiny_config(tables=[{"name": "other", "dim": 8}]))
     with pytest.raises(CheckpointError, match=r"no rows for tables \['other'\]"):
         load_checkpoint(path, renamed)
