@@ -292,6 +292,7 @@ class TrainConfig:
     threads: Optional[int] = None  # torch intra-op threads
     progress: bool = True
     save_checkpoint: bool = True
+    checkpoint_every: int = 0  # steps; 0 = only at the end
 
     def __post_init__(self) -> None:
         _check(self.steps is None or self.steps >= 1, "steps: must be >= 1")
@@ -306,6 +307,14 @@ class TrainConfig:
             f"device: must be auto, cpu, cuda or cuda:N, got {self.device!r}",
         )
         _check(self.threads is None or self.threads >= 1, "threads: must be >= 1")
+        _check(
+            self.checkpoint_every >= 0,
+            f"checkpoint_every: must be >= 0, got {self.checkpoint_every}",
+        )
+        _check(
+            self.save_checkpoint or self.checkpoint_every == 0,
+            "checkpoint_every: needs save_checkpoint: true (false means no checkpoints)",
+        )
 
 
 @dataclass

@@ -127,6 +127,8 @@ def test_resume_continues_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[
         (["optimizer.sparse.kind=adamw"], "optimizer.sparse.kind: must be one of"),
         (["train.steps"], "--set 'train.steps': expected key=value"),
         (["model.bottom_mlp=[16,8]"], "model: bottom_mlp: the last size (8) must equal"),
+        (["train.checkpoint_every=-10"], "train.checkpoint_every: must be >= 0, got -10"),
+        (["train.checkpoint_every=ten"], "train.checkpoint_every: expected an integer, got 'ten'"),
     ],
 )
 def test_bad_config_exits_2_naming_key_and_file(
@@ -182,6 +184,7 @@ def test_diverged_run_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     )
     assert code == 1
     assert "TrainingDiverged: loss is" in err and "optimizer.dense.lr (1e+30)" in err
+    assert "No checkpoint of this run was saved before the failure" in err
 
 
 # ---------------------------------------------------------------------------- eval

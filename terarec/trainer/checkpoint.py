@@ -9,20 +9,22 @@ Layout of ``<dir>/``::
     data.json       the train source's position (exact resume)
     rng.pt          torch RNG state
 
-The directory is written under a temporary name and renamed into place, so a crash
-mid-save never leaves a half checkpoint where a complete one is expected. Loading checks
-the manifest's sizes and hashes and names the file that does not match.
+The directory is written under a temporary name, fsynced and renamed into place, so a
+crash or power loss mid-save never leaves a half checkpoint where a complete one is
+expected. State holding NaN/Inf is refused rather than saved over a good checkpoint.
+Loading checks the manifest's sizes and hashes and names the file that does not match.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import pickle
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
@@ -39,6 +41,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, corrupted or of another model."""
 
 
+class NonFiniteState(CheckpointError):
+    """The rows or dense weights to save hold NaN/Inf; no checkpoint was written."""
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -47,13 +53,40 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _fsync(path: Path) -> None:
+    """Flushes a file's data, or a directory's entries (its renames), to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        # Some filesystems cannot fsync a directory; its files are durable regardless.
+        if not (path.is_dir() and e.errno in (errno.EINVAL, errno.ENOTSUP)):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _first_non_finite(tables: dict[str, Any], model: dict[str, Any]) -> Optional[str]:
+    """Names the first table or dense tensor holding a NaN or Inf, or None."""
+    for name, t in tables.items():
+        if not bool(torch.isfinite(t["rows"]).all()):
+            return f"table {name!r} has NaN/Inf rows"
+    for name, v in model.items():
+        if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            return f"dense weight {name!r} has NaN/Inf values"
+    return None
+
+
 def save_checkpoint(
     path: Path, parts: Components, source: Any, step: int, cfg: Config, samples: int = 0
 ) -> Path:
     """Writes a checkpoint of the run to ``path`` (replacing an older one atomically).
 
     Everything is written into ``<path>.tmp`` first; if any write fails the temporary
-    directory is removed and an existing checkpoint at ``path`` is left untouched.
+    directory is removed and an existing checkpoint at ``path`` is left untouched. Every
+    file and the temporary directory are fsynced before the rename and the parent
+    directory after it, so after a power loss ``path`` is the old checkpoint or the
+    complete new one, never a renamed directory of empty files.
 
     Args:
         path: the checkpoint directory, e.g. ``runs/<name>/checkpoint``.
@@ -67,6 +100,7 @@ def save_checkpoint(
         ``path``.
 
     Raises:
+        NonFiniteState: a row or dense weight is NaN/Inf; nothing was written.
         CheckpointError: an OS error (full disk, permissions) while writing.
     """
     path = Path(path)
@@ -77,10 +111,16 @@ def save_checkpoint(
     try:
         for t in parts.embedding.tables:
             t.tier.flush()
-        torch.save(parts.embedding.tables_state_dict(), tmp / "tables.pt")
+        tables = parts.embedding.tables_state_dict()
+        model = parts.model.state_dict()
+        bad = _first_non_finite(tables, model)
+        if bad is not None:
+            # Saving would replace the last good checkpoint with one nobody can resume from.
+            raise NonFiniteState(f"{bad}; {path} was not written")
+        torch.save(tables, tmp / "tables.pt")
         torch.save(
             {
-                "model": parts.model.state_dict(),
+                "model": model,
                 "optimizer": parts.dense_optimizer.state_dict(),
                 "optimizer_class": type(parts.dense_optimizer).__name__,
             },
@@ -100,6 +140,9 @@ def save_checkpoint(
             },
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        for n in [*files, "manifest.json"]:
+            _fsync(tmp / n)
+        _fsync(tmp)
     except BaseException as e:
         # Whatever failed (disk full, an unpicklable object, Ctrl-C), leave no half dir.
         shutil.rmtree(tmp, ignore_errors=True)
@@ -112,6 +155,10 @@ def save_checkpoint(
             shutil.rmtree(old)
         os.replace(path, old)
     os.replace(tmp, path)
+    try:
+        _fsync(path.parent)  # the renames; only then may the old checkpoint go
+    except OSError as e:
+        raise CheckpointError(f"cannot make checkpoint {path} durable: {e}") from e
     shutil.rmtree(old, ignore_errors=True)
     return path
 

@@ -2,11 +2,13 @@
 
 ``train(cfg)`` runs a whole job and returns its summary; ``evaluate`` runs one pass over
 an eval source. Everything a person looks at lands in ``runs/<name>/``: ``metrics.jsonl``,
-``summary.json``, ``curves.png``, ``config.yaml`` and ``checkpoint/``.
+``summary.json``, ``curves.png``, ``config.yaml`` and ``checkpoint/`` (saved at the end and,
+with ``train.checkpoint_every``, every N steps).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -25,9 +27,14 @@ from terarec.data.batch import Batch
 from terarec.models import build_model
 from terarec.optim.dense import build_dense_optimizer
 from terarec.ps.embedding import HierarchicalEmbeddingBagCollection
-from terarec.trainer.checkpoint import load_checkpoint, read_manifest, save_checkpoint
+from terarec.trainer.checkpoint import (
+    NonFiniteState,
+    load_checkpoint,
+    read_manifest,
+    save_checkpoint,
+)
 from terarec.trainer.metrics import CTRMetrics
-from terarec.trainer.report import RunReporter
+from terarec.trainer.report import RunReporter, atomic_write_text, read_jsonl
 
 log = logging.getLogger("terarec.trainer")
 
@@ -127,16 +134,91 @@ def _stop_reason(cfg: Config, step: int, start: float) -> Optional[str]:
     return None
 
 
-def _check_finite(loss: torch.Tensor, step: int, cfg: Config) -> None:
+def _diverged(what: str, cfg: Config, last_ckpt: Optional[tuple[Path, int]]) -> TrainingDiverged:
+    """The error for a run that went NaN/Inf: what happened, what to lower, where to resume.
+
+    Args:
+        what: the first sentence (which value went non-finite at which step).
+        cfg: the run's config (its learning rates and name).
+        last_ckpt: ``(directory, step)`` of the last checkpoint known good, if any.
+    """
+    msg = (
+        f"{what} Lower optimizer.sparse.lr ({cfg.optimizer.sparse.lr}) or optimizer.dense.lr "
+        f"({cfg.optimizer.dense.lr}), or check the data for extreme dense values "
+        "(criteo needs data.dense_transform: log1p)."
+    )
+    if last_ckpt is not None:
+        path, at = last_ckpt
+        msg += (
+            f" The last good checkpoint is {path} (step {at}); continue from it with lower "
+            f"rates, e.g. terarec train --config <config> --name {cfg.name} --resume {path} "
+            f"--set optimizer.sparse.lr={cfg.optimizer.sparse.lr / 2:g} "
+            f"--set optimizer.dense.lr={cfg.optimizer.dense.lr / 2:g}"
+        )
+    elif cfg.train.checkpoint_every:
+        msg += (
+            " No checkpoint of this run was saved before the failure "
+            f"(train.checkpoint_every: {cfg.train.checkpoint_every}); start it again with "
+            "lower rates."
+        )
+    else:
+        msg += (
+            " No checkpoint of this run was saved before the failure; set "
+            "train.checkpoint_every to save one every N steps and resume from the last."
+        )
+    return TrainingDiverged(msg)
+
+
+def _check_finite(
+    loss: torch.Tensor, step: int, cfg: Config, last_ckpt: Optional[tuple[Path, int]] = None
+) -> None:
     """Raises :class:`TrainingDiverged` if ``loss`` (of step ``step``, 1-based) is NaN/Inf."""
     if not torch.isfinite(loss):
-        raise TrainingDiverged(
+        raise _diverged(
             f"loss is {loss.item()} at step {step}; training stopped and the step's updates "
-            "were not applied. "
-            f"Lower optimizer.sparse.lr ({cfg.optimizer.sparse.lr}) or optimizer.dense.lr "
-            f"({cfg.optimizer.dense.lr}), or check the data for extreme dense values "
-            "(criteo needs data.dense_transform: log1p)."
+            "were not applied.",
+            cfg,
+            last_ckpt,
         )
+
+
+def _save(
+    path: Path,
+    parts: Components,
+    source: Any,
+    step: int,
+    cfg: Config,
+    samples: int,
+    last_ckpt: Optional[tuple[Path, int]],
+) -> Path:
+    """:func:`save_checkpoint`, turning NaN/Inf state into :class:`TrainingDiverged`."""
+    try:
+        return save_checkpoint(path, parts, source, step, cfg, samples=samples)
+    except NonFiniteState as e:
+        # A finite loss does not prove finite rows: an overflowing update to a row that
+        # no later batch has read yet shows up only here.
+        raise _diverged(
+            f"the state after step {step} is not finite although its loss was: {e} and "
+            "training stopped.",
+            cfg,
+            last_ckpt,
+        ) from None
+
+
+def _drop_records_after(path: Path, step: int) -> None:
+    """Cuts ``metrics.jsonl`` back to ``step``, the step a resumed run starts from.
+
+    A run that died after its last checkpoint logged lines that the resumed run logs
+    again (and maybe a torn last line); kept, they would be in the log twice.
+    """
+    if not path.exists():
+        return
+    records = read_jsonl(path)
+    keep = [r for r in records if r.get("step", 0) <= step]
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if len(keep) < len(lines):
+        log.info("%s: dropping %d lines logged after step %d", path, len(lines) - len(keep), step)
+        atomic_write_text(path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in keep))
 
 
 def train(cfg: Config, resume: Optional[Path] = None) -> dict[str, Any]:
@@ -145,13 +227,17 @@ def train(cfg: Config, resume: Optional[Path] = None) -> dict[str, Any]:
     Args:
         cfg: the validated config.
         resume: a checkpoint directory to continue from (rows, dense weights, optimizer
-            states, data position, step and sample count). A resumed run that reaches
-            ``train.steps`` ends with the same rows, weights and metrics as one that
-            ran straight through.
+            states, data position, step and sample count), the one at the end of a run
+            or a periodic one (``train.checkpoint_every``) of a run that died. A resumed
+            run that reaches ``train.steps`` ends with the same rows, weights and metrics
+            as one that ran straight through; ``metrics.jsonl`` lines logged after the
+            checkpoint's step are dropped, the resumed run logs them again.
 
     Raises:
         TrainingDiverged: the loss became NaN or Inf (nothing of that step is applied,
-            no summary or checkpoint is written).
+            no summary or checkpoint is written), or the rows or weights did by the time
+            of a checkpoint (which is then not written). The message names the last
+            good checkpoint.
         CheckpointError: ``resume`` is missing, corrupted or of another model.
         ConfigError: the tables or the model do not fit the data.
     """
@@ -168,10 +254,14 @@ def train(cfg: Config, resume: Optional[Path] = None) -> dict[str, Any]:
     source = build_source(cfg.data, "train", seed=cfg.seed, epochs=cfg.train.epochs)
     run_dir = Path(cfg.train.runs_dir) / cfg.name
     reporter = RunReporter(run_dir)  # only now: a bad config leaves no run directory
+    ckpt_dir = run_dir / "checkpoint"
     step = samples = 0
+    last_ckpt: Optional[tuple[Path, int]] = None  # (dir, step) known good, for errors
     if resume is not None:
         step = load_checkpoint(resume, parts, source)
         samples = int(read_manifest(resume, verify=False).get("samples", 0))
+        last_ckpt = (Path(resume), step)
+        _drop_records_after(reporter.metrics_path, step)
         # The optimizer's saved param_groups carry the old lr; the config wins, as it
         # does for the sparse optimizer (resuming with a lower lr after a divergence).
         for group in parts.dense_optimizer.param_groups:
@@ -190,7 +280,7 @@ def train(cfg: Config, resume: Optional[Path] = None) -> dict[str, Any]:
     start_samples = samples
     losses: list[float] = []
     last_eval: Optional[tuple[int, dict[str, float]]] = None
-    eval_seconds = 0.0  # periodic evals, kept out of the throughput numbers
+    paused_seconds = 0.0  # periodic evals and saves, kept out of the throughput numbers
     last_log_t, last_log_samples = start, samples
     bar = tqdm(
         total=cfg.train.steps,
@@ -208,7 +298,7 @@ def train(cfg: Config, resume: Optional[Path] = None) -> dict[str, Any]:
             batch = batch.to(device, non_blocking=True)
             logits = model(batch.dense, batch.sparse)
             loss = loss_fn(logits, batch.labels)
-            _check_finite(loss, step + 1, cfg)
+            _check_finite(loss, step + 1, cfg, last_ckpt)
             parts.dense_optimizer.zero_grad(set_to_none=True)
             loss.backward()  # sparse rows are updated by the fused hooks here
             parts.dense_optimizer.step()
@@ -243,19 +333,28 @@ def train(cfg: Config, resume: Optional[Path] = None) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 ev = _run_eval(cfg, parts)
                 dt = time.perf_counter() - t0
-                eval_seconds += dt
+                paused_seconds += dt
                 last_log_t += dt
                 reporter.log(step, "eval", ev)
                 last_eval = (step, ev)
                 bar.write(_fmt_eval(step, ev))
             stop = _stop_reason(cfg, step, start)
             if stop:
-                break
+                break  # the final checkpoint below is this step's
+            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+                # After the eval of this step: a resumed run starts past it.
+                t0 = time.perf_counter()
+                _save(ckpt_dir, parts, source, step, cfg, samples, last_ckpt)
+                last_ckpt = (ckpt_dir, step)
+                dt = time.perf_counter() - t0
+                paused_seconds += dt
+                last_log_t += dt
+                log.info("step %d: checkpoint saved to %s (%.1fs)", step, ckpt_dir, dt)
     finally:
         bar.close()
         if hasattr(source, "close"):
             source.close()
-    elapsed = time.perf_counter() - start - eval_seconds
+    elapsed = time.perf_counter() - start - paused_seconds
     if last_eval is not None and last_eval[0] == step:
         final = last_eval[1]  # eval_every just evaluated this very model
     else:
@@ -275,9 +374,7 @@ def train(cfg: Config, resume: Optional[Path] = None) -> dict[str, Any]:
         "data": source.stats() if hasattr(source, "stats") else {},
     }
     if cfg.train.save_checkpoint:
-        summary["checkpoint"] = str(
-            save_checkpoint(run_dir / "checkpoint", parts, source, step, cfg, samples=samples)
-        )
+        summary["checkpoint"] = str(_save(ckpt_dir, parts, source, step, cfg, samples, last_ckpt))
     reporter.write_summary(summary)
     try:
         reporter.plot()

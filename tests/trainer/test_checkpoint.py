@@ -1,8 +1,12 @@
-"""Checkpoints: round trip, atomic replace, and clear errors for every kind of damage."""
+"""Checkpoints: round trip, atomic and durable replace, no NaN saved, and clear errors for
+every kind of damage."""
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +23,7 @@ from terarec.trainer import checkpoint as ckpt_mod
 from terarec.trainer.checkpoint import (
     REQUIRED_FILES,
     CheckpointError,
+    NonFiniteState,
     load_checkpoint,
     read_manifest,
     save_checkpoint,
@@ -339,3 +344,65 @@ def test_checkpoint_of_another_model_is_refused(
 def test_copy_of_a_checkpoint_loads(ckpt_copy: tuple[Config, Path]) -> None:
     cfg, path = ckpt_copy  # checkpoints are relocatable: the manifest holds no paths
     assert load_checkpoint(path, build_components(cfg)) == 5
+
+
+# ---------------------------------------------------------------------------- fsync
+
+
+def test_files_and_dirs_are_fsynced_around_the_rename(
+    trained: tuple[Config, Components, BatchSource, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files and ``.tmp`` before the rename, the parent after: a power loss cannot leave a
+    renamed checkpoint whose files never reached the disk."""
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc/self/fd to name an fd's file")
+    cfg, parts, source, path = trained
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any) -> None:
+        events.append(("replace", f"{Path(src).resolve()} -> {Path(dst).resolve()}"))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt_mod.os, "fsync", fsync)
+    monkeypatch.setattr(ckpt_mod.os, "replace", replace)
+    save_checkpoint(path, parts, source, 6, cfg)
+
+    final, tmp = path.resolve(), path.resolve().with_name("ckpt.tmp")
+    swap = events.index(("replace", f"{tmp} -> {final}"))
+    synced_before = [p for kind, p in events[:swap] if kind == "fsync"]
+    names = {*REQUIRED_FILES, "manifest.json"}
+    assert {Path(p).name for p in synced_before[:-1]} == names
+    assert all(Path(p).parent == tmp for p in synced_before[:-1])
+    assert synced_before[-1] == str(tmp)  # the directory, after every file in it
+    assert events[swap + 1 :] == [("fsync", str(final.parent))]
+    assert read_manifest(path)["step"] == 6
+
+
+# ------------------------------------------------------------------------ non-finite
+
+
+@pytest.mark.parametrize("where", ["row", "dense"])
+def test_non_finite_state_is_not_saved(
+    trained: tuple[Config, Components, BatchSource, Path], where: str
+) -> None:
+    cfg, parts, source, path = trained
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    if where == "row":
+        table = parts.embedding.tables[0]
+        table.tier.insert(torch.tensor([12345]), torch.full((1, table.row_width), math.inf))
+        says = "table 'sparse' has NaN/Inf rows"
+    else:
+        name, weight = next(iter(parts.model.named_parameters()))
+        with torch.no_grad():
+            weight.view(-1)[0] = math.nan
+        says = f"dense weight {name!r} has NaN/Inf values"
+    with pytest.raises(NonFiniteState, match=re.escape(f"{says}; {path} was not written")):
+        save_checkpoint(path, parts, source, 6, cfg)
+    assert issubclass(NonFiniteState, CheckpointError)  # terarec exits 1 on it
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["ckpt"]

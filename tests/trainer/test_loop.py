@@ -1,9 +1,11 @@
-"""train() end to end on tiny synthetic data: run files, AUC, NaN stop, exact resume."""
+"""train() end to end on tiny synthetic data: run files, AUC, NaN stop, periodic
+checkpoints, exact resume (after a clean stop and after a crash)."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +19,7 @@ from torch import nn
 from terarec.config import Config, ConfigError, config_from_dict, config_to_dict
 from terarec.trainer import loop
 from terarec.trainer.checkpoint import read_manifest
-from terarec.trainer.loop import TrainingDiverged, train
+from terarec.trainer.loop import Components, TrainingDiverged, train
 from terarec.trainer.report import read_jsonl, to_jsonable
 
 EVAL_KEYS = {"auc", "ne", "logloss", "calibration", "ctr", "samples"}
@@ -193,6 +195,7 @@ def test_non_finite_loss_stops_with_a_clear_error(
     assert f"loss is {shown} at step 3" in msg
     assert "updates were not applied" in msg
     assert "optimizer.sparse.lr (0.05)" in msg and "optimizer.dense.lr (0.01)" in msg
+    assert "No checkpoint of this run was saved" in msg and "train.checkpoint_every" in msg
 
     # nothing of step 3 reached the rows or the dense weights
     model = made[0]
@@ -265,10 +268,16 @@ def test_resume_is_exact(tiny_config: Callable[..., Config], sparse: str, dense:
     ckpt = runs / "resumed" / "checkpoint"
     assert read_manifest(ckpt)["step"] == 20
     resumed = train(tiny_config(name="resumed", **over), resume=ckpt)
+    assert_same_run(runs / "straight", straight, runs / "resumed", resumed)
 
+
+def assert_same_run(
+    run_a: Path, summary_a: dict[str, Any], run_b: Path, summary_b: dict[str, Any]
+) -> None:
+    """Two finished 40-step runs ended bit for bit alike (all but the wall clock)."""
     for key in ("steps", "samples", "final_eval", "auc", "oracle_auc", "rows", "stopped_by"):
-        assert_same(straight[key], resumed[key], key)
-    a, b = runs / "straight" / "checkpoint", ckpt
+        assert_same(summary_a[key], summary_b[key], key)
+    a, b = run_a / "checkpoint", run_b / "checkpoint"
     assert_same(tables_by_key(a), tables_by_key(b), "tables")
     dense_a = torch.load(a / "dense.pt", weights_only=True)
     dense_b = torch.load(b / "dense.pt", weights_only=True)
@@ -276,8 +285,8 @@ def test_resume_is_exact(tiny_config: Callable[..., Config], sparse: str, dense:
     assert json.loads((a / "data.json").read_text()) == json.loads((b / "data.json").read_text())
     assert read_manifest(a)["samples"] == read_manifest(b)["samples"] == 40 * 64
     # one metrics.jsonl across both sessions, line for line the straight run's
-    assert comparable(read_jsonl(runs / "straight" / "metrics.jsonl")) == comparable(
-        read_jsonl(runs / "resumed" / "metrics.jsonl")
+    assert comparable(read_jsonl(run_a / "metrics.jsonl")) == comparable(
+        read_jsonl(run_b / "metrics.jsonl")
     )
 
 
@@ -340,3 +349,169 @@ def test_resume_takes_the_learning_rates_of_the_config(
     train(lower, resume=ckpt)
     groups = torch.load(ckpt / "dense.pt", weights_only=True)["optimizer"]["param_groups"]
     assert all(g["lr"] == 0.0001 and g["weight_decay"] == 0.1 for g in groups)
+
+
+# ------------------------------------------------------------- periodic checkpoints
+
+
+class Killed(Exception):
+    """Stands in for the process dying (power cut, OOM kill) in the middle of a run."""
+
+
+def saved_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Records the step of every checkpoint the loop saves from now on."""
+    steps: list[int] = []
+    real = loop.save_checkpoint
+
+    def save(path: Path, parts: Components, source: Any, step: int, *args: Any, **kw: Any) -> Path:
+        steps.append(step)
+        return real(path, parts, source, step, *args, **kw)
+
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    return steps
+
+
+@pytest.mark.parametrize("steps, saved", [(40, [10, 20, 30, 40]), (25, [10, 20, 25])])
+def test_checkpoint_every_saves_periodically(
+    tiny_config: Callable[..., Config],
+    monkeypatch: pytest.MonkeyPatch,
+    steps: int,
+    saved: list[int],
+) -> None:
+    got = saved_steps(monkeypatch)
+    cfg = tiny_config(train={"steps": steps, "checkpoint_every": 10})
+    summary = train(cfg)
+    assert got == saved  # the last step's checkpoint is the final one, written once
+    ckpt = Path(summary["checkpoint"])
+    assert read_manifest(ckpt)["step"] == steps
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == [
+        "checkpoint",
+        "config.yaml",
+        "curves.png",
+        "metrics.jsonl",
+        "summary.json",
+    ]
+
+
+def test_killed_run_resumes_exactly_from_its_periodic_checkpoint(
+    tiny_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # log_every 5 puts a metrics line (step 25) past the last checkpoint (step 20).
+    over: dict[str, Any] = {"train": {"eval_every": 20, "log_every": 5}}
+    straight = train(tiny_config(name="straight", **over))  # no periodic checkpoints at all
+
+    periodic = merge_train(over, checkpoint_every=10)
+    real = loop._check_finite
+
+    def dies_in_step_26(loss: torch.Tensor, step: int, *args: Any) -> None:
+        if step == 26:
+            raise Killed  # 25 steps done, nothing of step 26 applied
+        real(loss, step, *args)
+
+    monkeypatch.setattr(loop, "_check_finite", dies_in_step_26)
+    with pytest.raises(Killed):
+        train(tiny_config(name="killed", **periodic))
+    monkeypatch.undo()
+
+    runs = Path(tiny_config().train.runs_dir)
+    ckpt = runs / "killed" / "checkpoint"
+    manifest = read_manifest(ckpt)
+    assert manifest["step"] == 20 and manifest["samples"] == 20 * 64
+    assert not (runs / "killed" / "summary.json").exists()
+    assert {p.name for p in (runs / "killed").iterdir()} == {
+        "checkpoint",
+        "config.yaml",
+        "metrics.jsonl",
+    }  # no checkpoint.tmp / checkpoint.old
+    logged = [r["step"] for r in read_jsonl(runs / "killed" / "metrics.jsonl")]
+    assert logged[-1] == 25
+
+    resumed = train(tiny_config(name="killed", **periodic), resume=ckpt)
+    assert read_manifest(ckpt)["step"] == 40
+    assert_same_run(runs / "straight", straight, runs / "killed", resumed)
+
+
+def merge_train(over: dict[str, Any], **train_keys: Any) -> dict[str, Any]:
+    return {**over, "train": {**over.get("train", {}), **train_keys}}
+
+
+def test_divergence_names_the_last_periodic_checkpoint(
+    tiny_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = loop._check_finite
+
+    def nan_at_23(loss: torch.Tensor, step: int, *args: Any) -> None:
+        real(torch.tensor(math.nan) if step == 23 else loss, step, *args)
+
+    monkeypatch.setattr(loop, "_check_finite", nan_at_23)
+    cfg = tiny_config(train={"checkpoint_every": 10})
+    with pytest.raises(TrainingDiverged) as err:
+        train(cfg)
+    monkeypatch.undo()
+    ckpt = Path(cfg.train.runs_dir) / cfg.name / "checkpoint"
+    msg = str(err.value)
+    assert "loss is nan at step 23" in msg and "optimizer.sparse.lr (0.05)" in msg
+    assert f"The last good checkpoint is {ckpt} (step 20)" in msg
+    assert f"--name tiny --resume {ckpt}" in msg
+    assert "--set optimizer.sparse.lr=0.025 --set optimizer.dense.lr=0.005" in msg
+    assert read_manifest(ckpt)["step"] == 20
+
+    # ... and the advice works: resumed with lower rates, the run finishes
+    lower = tiny_config(
+        optimizer={"sparse": {"lr": 0.025}, "dense": {"lr": 0.005}}, train={"checkpoint_every": 10}
+    )
+    summary = train(lower, resume=ckpt)
+    assert summary["steps"] == 40 and read_manifest(ckpt)["step"] == 40
+
+
+def test_non_finite_rows_are_not_checkpointed(
+    tiny_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A NaN row no batch reads again keeps the loss finite; the save must catch it."""
+    built: list[Components] = []
+    real_build, real_stop = loop.build_components, loop._stop_reason
+
+    def build(cfg: Config) -> Components:
+        built.append(real_build(cfg))
+        return built[-1]
+
+    def stop_reason(cfg: Config, step: int, start: float) -> Any:
+        if step == 15:  # between steps: a row of a key the data never produces goes NaN
+            table = built[0].embedding.tables[0]
+            table.tier.insert(torch.tensor([2**62 + 7]), torch.full((1, table.row_width), math.nan))
+        return real_stop(cfg, step, start)
+
+    monkeypatch.setattr(loop, "build_components", build)
+    monkeypatch.setattr(loop, "_stop_reason", stop_reason)
+    cfg = tiny_config(train={"checkpoint_every": 10})
+    ckpt = Path(cfg.train.runs_dir) / cfg.name / "checkpoint"
+    with pytest.raises(TrainingDiverged) as err:
+        train(cfg)
+    msg = str(err.value)
+    assert "table 'sparse' has NaN/Inf rows" in msg and "after step 20" in msg
+    assert f"The last good checkpoint is {ckpt} (step 10)" in msg
+    assert read_manifest(ckpt)["step"] == 10  # the good one was not replaced
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == [
+        "checkpoint",
+        "config.yaml",
+        "metrics.jsonl",
+    ]
+
+
+@pytest.mark.parametrize(
+    "train_over, says",
+    [
+        ({"checkpoint_every": -1}, "train.checkpoint_every: must be >= 0, got -1"),
+        ({"checkpoint_every": 1.5}, "train.checkpoint_every: expected an integer, got 1.5"),
+        (
+            {"checkpoint_every": 10, "save_checkpoint": False},
+            "train.checkpoint_every: needs save_checkpoint: true",
+        ),
+    ],
+)
+def test_checkpoint_every_is_validated(
+    tiny_config: Callable[..., Config], train_over: dict[str, Any], says: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(f"<tiny>: {says}")):
+        tiny_config(train=train_over)
+    assert tiny_config().train.checkpoint_every == 0  # default: only at the end
