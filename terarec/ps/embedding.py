@@ -2,9 +2,11 @@
 
 The module owns no ``nn.Parameter``: rows live in the tables' tiers and are updated by
 the fused row optimizer during backward (as TorchRec's fused EBC / FBGEMM TBE do), so
-the dense optimizer never sees them. One forward, per table::
+the dense optimizer never sees them. Tables of one dim, pooling and initializer form a
+group (``ps/group.py``) that trains as one batch. One forward, per group::
 
-    values [N] --unique--> keys [U], inverse [N] --tier--> slots [U], weights [U, D]
+    values [N] --unique (table, key)--> keys [U], inverse [N]
+    --group tier--> slots [U], weights [U, D]
     embedding_bag(inverse, weights, offsets) -> pooled [F*B, D] -> [B, F*D]
     backward: grad [U, D] (summed per key) -> row optimizer -> rows written back
 """
@@ -20,6 +22,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from terarec.config import Pooling, SparseOptimConfig, TableConfig
+from terarec.ps.group import TableGroup, group_key
 from terarec.ps.table import EmbeddingTable
 
 
@@ -75,12 +78,31 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
         super().__init__()
         self.device = torch.device(device or "cpu")
         self.feature_names = list(feature_names)
-        self.table_features = resolve_table_features(tables, self.feature_names)
-        self.tables = [EmbeddingTable(t, optimizer, self.device, seed) for t in tables]
-        self._pooling = [t.pooling for t in tables]
-        self.out_features = [f for fs in self.table_features for f in fs]
+        table_features = resolve_table_features(tables, self.feature_names)
+        # Tables of one dim, pooling and initializer train as one group (one batched
+        # step); groups in order of their first table, tables in config order inside.
+        by_key: dict[tuple, list[int]] = {}
+        for i, t in enumerate(tables):
+            by_key.setdefault(group_key(t), []).append(i)
+        self.groups: list[TableGroup] = []
+        self.tables: list[EmbeddingTable] = [None] * len(tables)  # type: ignore[list-item]
+        self._group_features: list[list[str]] = []
+        self._feature_table: list[torch.Tensor] = []  # per group: table index per feature
+        for members in by_key.values():
+            group = TableGroup([tables[i] for i in members], optimizer, self.device, seed)
+            self.groups.append(group)
+            feats: list[str] = []
+            owner: list[int] = []
+            for j, i in enumerate(members):
+                self.tables[i] = EmbeddingTable(tables[i], group, j)
+                feats += table_features[i]
+                owner += [j] * len(table_features[i])
+            self._group_features.append(feats)
+            self._feature_table.append(torch.tensor(owner, dtype=torch.int64))
+        self.table_features = table_features
+        self.out_features = [f for fs in self._group_features for f in fs]
         self.feature_dims = {
-            f: t.dim for t, fs in zip(self.tables, self.table_features) for f in fs
+            f: t.dim for t, fs in zip(self.tables, table_features) for f in fs
         }
         self._perm_cache: dict[tuple[str, ...], list[int]] = {}
 
@@ -110,40 +132,59 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
         perm = self._permutation(keys)
         if perm != list(range(len(keys))):
             features = features.permute(perm)
-        parts = features.split([len(fs) for fs in self.table_features])
+        parts = features.split([len(fs) for fs in self._group_features])
         train = self.training and torch.is_grad_enabled()
         pooled = [
-            self._pool_table(t, kjt, pool, train)
-            for t, kjt, pool in zip(self.tables, parts, self._pooling)
+            self._pool_group(g, kjt, ft, train)
+            for g, kjt, ft in zip(self.groups, parts, self._feature_table)
         ]
-        lengths = [t.dim for t, fs in zip(self.tables, self.table_features) for _ in fs]
+        lengths = [self.feature_dims[f] for f in self.out_features]
         return KeyedTensor(
             keys=self.out_features, length_per_key=lengths, values=torch.cat(pooled, dim=1)
         )
 
-    def _pool_table(
-        self, table: EmbeddingTable, kjt: KeyedJaggedTensor, pooling: Pooling, train: bool
+    def _pool_group(
+        self, group: TableGroup, kjt: KeyedJaggedTensor, feature_table: torch.Tensor, train: bool
     ) -> torch.Tensor:
         batch = kjt.stride()
         n_feat = len(kjt.keys())
         values = kjt.values().to(self.device, torch.int64)
         offsets = kjt.offsets().to(self.device)
-        dedup = _dedup(values)
-        if train:
-            slots, rows = table.lookup_for_training(dedup.keys)
-            weights = rows[:, : table.dim].contiguous().requires_grad_(True)
-            weights.register_hook(_RowUpdate(table, slots, rows))
+        if group.num_tables == 1:
+            dedup = _dedup(values)
         else:
-            weights = table.lookup_for_inference(dedup.keys)
-        pooled = _Pool.apply(weights, dedup, offsets, pooling == Pooling.MEAN)
-        return pooled.view(n_feat, batch, table.dim).transpose(0, 1).reshape(batch, -1)
+            bounds = offsets[::batch]  # value offset of each feature: [F + 1]
+            tables = torch.repeat_interleave(
+                feature_table.to(self.device), bounds[1:] - bounds[:-1], output_size=values.numel()
+            )
+            dedup = _dedup(group.composite(values, tables), tables)
+        if train:
+            slots = group.slots_for(dedup.keys, dedup.tables)
+            rows = group.read(slots)
+            weights = rows[:, : group.dim].contiguous().requires_grad_(True)
+            weights.register_hook(_RowUpdate(group, slots, rows))
+        else:
+            slots = group.find(dedup.keys, dedup.tables)
+            weights = torch.zeros(slots.numel(), group.dim, device=self.device)
+            found = (slots >= 0).nonzero().squeeze(1)
+            weights[found] = group.read(slots[found])[:, : group.dim]
+        mean = group.cfgs[0].pooling == Pooling.MEAN
+        pooled = _Pool.apply(weights, dedup, offsets, mean)
+        return pooled.view(n_feat, batch, group.dim).transpose(0, 1).reshape(batch, -1)
 
     # -- state ---------------------------------------------------------------------
     def num_rows(self) -> dict[str, int]:
-        return {t.name: len(t) for t in self.tables}
+        counts = {g: g.rows_per_table() for g in self.groups}
+        return {t.name: counts[t.group][t.index] for t in self.tables}
 
     def table_stats(self) -> dict[str, dict[str, float]]:
-        return {t.name: t.tier.stats() for t in self.tables}
+        """Tier counters per group (keyed by its tables' names joined with ``+``)."""
+        return {"+".join(g.names): g.tier.stats() for g in self.groups}
+
+    def flush(self) -> None:
+        """Makes every row durable in every tier (checkpoints)."""
+        for g in self.groups:
+            g.tier.flush()
 
     def tables_state_dict(self) -> dict[str, Any]:
         return {t.name: t.state_dict() for t in self.tables}
@@ -153,7 +194,11 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
         if missing:
             raise ValueError(f"checkpoint has no rows for tables {missing}")
         for t in self.tables:
-            t.load_state_dict(state[t.name])
+            t.check_state(state[t.name])
+        for g in self.groups:
+            mine = [t for t in self.tables if t.group is g]
+            g.load_tables([(state[t.name]["keys"], state[t.name]["rows"]) for t in mine])
+            g.optimizer.load_state_dict(state[mine[0].name]["optimizer"])
 
 
 @dataclass
@@ -162,24 +207,45 @@ class _Dedup:
 
     For ``values = [7, 3, 7]``: ``keys = [3, 7]``, ``inverse = [1, 0, 1]`` (value ->
     unique key), ``order = [1, 0, 2]`` (values grouped by key), ``key_offsets = [0, 1, 3]``.
+    With several tables, a unique entry is a ``(table, key)`` pair and ``tables`` holds
+    each pair's table.
     """
 
-    keys: torch.Tensor  # [U]
+    keys: torch.Tensor  # [U] sorted
+    tables: torch.Tensor  # [U]
     inverse: torch.Tensor  # [N]
     order: torch.Tensor  # [N]
     key_offsets: torch.Tensor  # [U + 1]
 
 
-def _dedup(values: torch.Tensor) -> _Dedup:
-    sorted_vals, order = torch.sort(values)
-    keys, counts = torch.unique_consecutive(sorted_vals, return_counts=True)
+def _dedup(values: torch.Tensor, tables: Optional[torch.Tensor] = None) -> _Dedup:
+    """Dedup of ``values`` ``[N]``, or of ``(tables, values)`` pairs when ``tables`` is
+    given. Pairs need one stable sort: ``tables`` must be non-decreasing along the input
+    (values laid out table by table), so equal values stay ordered by table."""
+    n = values.numel()
+    if tables is None:
+        sorted_vals, order = torch.sort(values)
+        keys, counts = torch.unique_consecutive(sorted_vals, return_counts=True)
+        key_tables = torch.zeros(keys.numel(), dtype=torch.int64, device=values.device)
+        key_offsets = torch.zeros(keys.numel() + 1, dtype=torch.int64, device=values.device)
+        torch.cumsum(counts, 0, out=key_offsets[1:])
+    else:
+        sorted_vals, order = torch.sort(values, stable=True)
+        sorted_tab = tables[order]
+        starts = torch.ones(n, dtype=torch.bool, device=values.device)
+        if n > 1:
+            starts[1:] = (sorted_vals[1:] != sorted_vals[:-1]) | (
+                sorted_tab[1:] != sorted_tab[:-1]
+            )
+        first = starts.nonzero().squeeze(1)
+        keys, key_tables = sorted_vals[first], sorted_tab[first]
+        key_offsets = torch.cat([first, torch.tensor([n], device=values.device)])
+        counts = key_offsets[1:] - key_offsets[:-1]
     inverse = torch.empty_like(order)
     inverse[order] = torch.repeat_interleave(
-        torch.arange(keys.numel(), device=values.device), counts, output_size=values.numel()
+        torch.arange(keys.numel(), device=values.device), counts, output_size=n
     )
-    key_offsets = torch.zeros(keys.numel() + 1, dtype=torch.int64, device=values.device)
-    torch.cumsum(counts, 0, out=key_offsets[1:])
-    return _Dedup(keys, inverse, order, key_offsets)
+    return _Dedup(keys, key_tables, inverse, order, key_offsets)
 
 
 class _Pool(torch.autograd.Function):
@@ -238,7 +304,7 @@ class _RowUpdate:
     (e.g. two forwards before one backward); then they are read again.
     """
 
-    def __init__(self, table: EmbeddingTable, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    def __init__(self, table: TableGroup, slots: torch.Tensor, rows: torch.Tensor) -> None:
         self.table = table
         self.slots = slots
         self.rows = rows

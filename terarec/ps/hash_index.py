@@ -86,6 +86,7 @@ class HashIndex:
         self.max_load = max_load
         self._size = 0
         self._special = -1  # fbgemm backend: slot of the key whose mixed value is -1
+        self._unindexed: list[int] = []  # slots with a key but no bucket (append_unindexed)
         self._alloc(max(16, 1 << (max(capacity, 1) - 1).bit_length()))
         self._slot_keys = torch.empty(0, dtype=torch.int64, device=self.device)
 
@@ -265,6 +266,18 @@ class HashIndex:
         self._slot_keys[self._size : need] = new_keys
         self._size = need
 
+    def append_unindexed(self, keys: torch.Tensor) -> int:
+        """Hands out slot ids for ``keys`` without entering them in the buckets.
+
+        For callers that resolve some keys elsewhere (a composite key shared by two
+        namespaces); ``keys()`` lists them, ``find`` never returns them. Returns the
+        first new slot id.
+        """
+        first = self._size
+        self._append_slot_keys(keys.to(self.device, torch.int64).reshape(-1))
+        self._unindexed.extend(range(first, self._size))
+        return first
+
     def _grow(self, needed: int) -> None:
         """Rehashes every key (keeping its slot id) into enough buckets for ``needed``."""
         cap = self._cap
@@ -273,6 +286,10 @@ class HashIndex:
         keys = self.keys()
         self._alloc(cap)
         ids = torch.arange(keys.numel(), device=self.device)
+        if self._unindexed:
+            keep = torch.ones(keys.numel(), dtype=torch.bool, device=self.device)
+            keep[torch.tensor(self._unindexed, device=self.device)] = False
+            keys, ids = keys[keep], ids[keep]
         if self.backend == "fbgemm":
             self._special = -1
             self._fb_insert(mix64_torch(keys), ids)
@@ -287,6 +304,7 @@ class HashIndex:
             raise ValueError("load_keys: keys must be unique")
         self._size = 0
         self._special = -1
+        self._unindexed = []
         self._slot_keys = torch.empty(0, dtype=torch.int64, device=self.device)
         self._append_slot_keys(keys)
         self._alloc(16)

@@ -74,12 +74,12 @@ class HostTier:
     def slots_for(
         self, keys: torch.Tensor, create: Callable[[torch.Tensor, torch.Tensor], None]
     ) -> torch.Tensor:
-        """Slots of unique ``keys``, creating absent rows with ``create(new_keys, out)``.
+        """Slots of unique ``keys``, creating absent rows with ``create(positions, out)``.
 
         Args:
             keys: int64 ``[U]`` unique.
-            create: fills ``out [M, row_width]`` with the initial rows of the int64
-                ``[M]`` new keys (in place, no copy).
+            create: fills ``out [M, row_width]`` (in place) with the initial rows of the
+                new keys, given their int64 positions ``[M]`` in ``keys``.
         Returns:
             int64 ``[U]`` slots.
         """
@@ -89,12 +89,26 @@ class HostTier:
         if n_new:
             self._reserve(first + n_new)
             # New keys get the next slot ids in their order in ``keys``: one block.
-            new_keys = keys[inserted]
-            create(new_keys, self._rows[first : first + n_new])
+            create(inserted.nonzero().squeeze(1), self._rows[first : first + n_new])
         self._inserts += n_new
         self._hits += keys.numel() - n_new
         self._misses += n_new
         return slots
+
+    def append_unindexed(self, keys: torch.Tensor) -> int:
+        """Reserves rows for ``keys`` that the index must not map (see ``TableGroup``).
+
+        Returns the first of the ``keys.numel()`` consecutive new slots; the caller fills
+        them through :meth:`row_block`.
+        """
+        first = self.index.append_unindexed(keys)
+        self._reserve(len(self.index))
+        self._inserts += keys.numel()
+        return first
+
+    def row_block(self, first: int, n: int) -> torch.Tensor:
+        """A writable view of the rows of slots ``[first, first + n)``."""
+        return self._rows[first : first + n]
 
     def lookup_slots(self, keys: torch.Tensor) -> torch.Tensor:
         """Slots of ``keys`` (-1 where absent) without creating rows. ``[N]``."""

@@ -17,7 +17,14 @@ from terarec.hashing import GOLDEN, _signed, mix64_torch
 _U24 = 1.0 / (1 << 24)
 
 
-def _uniform01(keys: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+def _seed_term(seed: int | torch.Tensor) -> int | torch.Tensor:
+    """``seed * GOLDEN mod 2^64`` as int64 (torch's int64 product wraps the same way)."""
+    if isinstance(seed, torch.Tensor):
+        return seed.to(torch.int64) * _signed(GOLDEN)
+    return _signed(seed * GOLDEN % (1 << 64))
+
+
+def _uniform01(keys: torch.Tensor, n: int, seed: int | torch.Tensor) -> torch.Tensor:
     """Deterministic U(0, 1) ``[N, n]`` float32 from keys ``[N]``.
 
     A splitmix64 stream per key: its state is ``mix64(key ^ seed)``, draw ``j`` is
@@ -25,7 +32,7 @@ def _uniform01(keys: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     (high and low halves), centred in their bins so that 0 and 1 never occur.
     """
     draws = (n + 1) // 2
-    state = mix64_torch(keys ^ _signed(seed * GOLDEN % (1 << 64)))
+    state = mix64_torch(keys ^ _seed_term(seed))
     steps = torch.arange(1, draws + 1, device=keys.device, dtype=torch.int64) * _signed(GOLDEN)
     z = mix64_torch(state.unsqueeze(1) + steps)  # [N, draws]
     halves = torch.stack([(z >> 40) & 0xFFFFFF, (z >> 8) & 0xFFFFFF], dim=2)
@@ -33,14 +40,17 @@ def _uniform01(keys: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     return u
 
 
-def init_rows(keys: torch.Tensor, dim: int, cfg: InitConfig, seed: int) -> torch.Tensor:
+def init_rows(
+    keys: torch.Tensor, dim: int, cfg: InitConfig, seed: int | torch.Tensor
+) -> torch.Tensor:
     """Initial embedding weights for ``keys``.
 
     Args:
         keys: int64 ``[N]``.
         dim: row width.
         cfg: initializer kind and scale.
-        seed: the table's seed (see :func:`table_seed`).
+        seed: the table's seed (see :func:`table_seed`), or int64 ``[N]``: one per key
+            (rows of several tables at once; row ``i`` equals its one-seed value).
     Returns:
         float32 ``[N, dim]`` on ``keys.device``.
     """

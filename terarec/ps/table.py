@@ -1,110 +1,86 @@
-"""One embedding table: its row optimizer, its tier(s), first-touch row creation."""
+"""One logical embedding table: a namespace of rows inside a :class:`TableGroup`."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
-from terarec.config import SparseOptimConfig, TableConfig
-from terarec.hashing import salt_for
-from terarec.optim.sparse import RowOptimizer, build_row_optimizer
-from terarec.ps.host_tier import HostTier
+from terarec.config import TableConfig
+from terarec.optim.sparse import RowOptimizer
+from terarec.ps.group import TableGroup, table_seed
 from terarec.ps.initializer import init_rows
 
-
-def table_seed(seed: int, name: str) -> int:
-    """Per-table initializer seed derived from the run seed and the table name."""
-    return (seed * 1_000_003 + salt_for(name)) % (1 << 62)
+__all__ = ["EmbeddingTable", "table_seed"]
 
 
 class EmbeddingTable:
     """Rows of one table keyed by int64 ids; weights and optimizer state side by side.
 
+    The rows live in the table's group (tables of one dim, pooling and initializer share
+    a store and are trained in one batched step); this view reads and writes only this
+    table's namespace.
+
     Args:
         cfg: the table's config (dim, init, ...).
-        optim: the sparse optimizer config shared by all tables.
-        device: where the training tier lives.
-        seed: run seed (rows are a pure function of (seed, name, key) at creation).
+        group: the group holding its rows.
+        index: the table's position in the group.
     """
 
-    def __init__(
-        self, cfg: TableConfig, optim: SparseOptimConfig, device: torch.device, seed: int
-    ) -> None:
+    def __init__(self, cfg: TableConfig, group: TableGroup, index: int) -> None:
         self.cfg = cfg
         self.name = cfg.name
         self.dim = cfg.dim
-        self.optimizer: RowOptimizer = build_row_optimizer(optim, cfg.dim)
-        self.row_width = cfg.dim + self.optimizer.state_width
-        self.seed = table_seed(seed, cfg.name)
-        self.device = device
-        self.tier = HostTier(self.row_width, device)
-        self.version = 0  # bumped by every optimizer step (stale-gather detection)
+        self.group = group
+        self.index = index
+        self.seed = group.seeds[index]
+
+    @property
+    def optimizer(self) -> RowOptimizer:
+        return self.group.optimizer
+
+    @property
+    def row_width(self) -> int:
+        return self.group.row_width
 
     def __len__(self) -> int:
-        return len(self.tier)
+        return self.group.rows_per_table()[self.index]
 
-    def new_rows(self, keys: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Initial rows (weights + optimizer state) for new keys ``[M]``.
-
-        Args:
-            keys: int64 ``[M]``.
-            out: optional ``[M, row_width]`` destination (e.g. the tier's row block).
-        Returns:
-            ``[M, row_width]`` (``out`` when given).
-        """
-        if out is None:
-            out = torch.empty(keys.numel(), self.row_width, device=keys.device)
-        out[:, : self.dim] = init_rows(keys, self.dim, self.cfg.init, self.seed)
-        out[:, self.dim :] = self.optimizer.init_state(keys.numel(), keys.device)
-        return out
+    def _tables(self, n: int, device: torch.device) -> torch.Tensor:
+        return torch.full((n,), self.index, dtype=torch.int64, device=device)
 
     def initial_weights(self, keys: torch.Tensor) -> torch.Tensor:
         """Weights a key gets on first touch ``[N, dim]`` (the dense reference's init)."""
         return init_rows(keys, self.dim, self.cfg.init, self.seed)
 
-    def lookup_for_training(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Slots and rows of unique keys, creating rows on first touch.
-
-        Returns:
-            ``(slots [U], rows [U, row_width])``: rows is a copy (weights, then state).
-        """
-        slots = self.tier.slots_for(keys, self.new_rows)
-        return slots, self.tier.read(slots)
-
-    def lookup_for_inference(self, keys: torch.Tensor) -> torch.Tensor:
-        """Weights of keys ``[N, dim]``; unknown keys read as zeros and are not created."""
-        slots = self.tier.lookup_slots(keys)
-        out = torch.zeros(keys.numel(), self.dim, device=keys.device)
+    def lookup(self, keys: torch.Tensor) -> torch.Tensor:
+        """Rows of ``keys`` ``[N, row_width]`` (duplicates allowed); absent keys read as
+        zeros and are not created."""
+        tables = self._tables(keys.numel(), keys.device)
+        slots = self.group.find(self.group.composite(keys, tables), tables)
+        out = torch.zeros(keys.numel(), self.row_width, device=keys.device)
         found = (slots >= 0).nonzero().squeeze(1)
-        out[found] = self.tier.read(slots[found])[:, : self.dim]
+        out[found] = self.group.read(slots[found])
         return out
 
-    def apply_gradients(
-        self, slots: torch.Tensor, grad: torch.Tensor, rows: Optional[torch.Tensor] = None
-    ) -> None:
-        """Fused optimizer step on the rows at unique ``slots``.
-
-        Args:
-            slots: int64 ``[U]`` unique.
-            grad: ``[U, dim]`` summed per key.
-            rows: the current rows at ``slots`` if the caller holds an up-to-date copy
-                (updated in place); read from the tier otherwise.
-        """
-        if rows is None:
-            rows = self.tier.read(slots)
-        self.tier.write(slots, self.optimizer.update(rows, grad.to(rows.dtype)))
-        self.version += 1
+    def insert_rows(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
+        """Creates or overwrites the rows of unique ``keys`` (tools and tests)."""
+        tables = self._tables(keys.numel(), keys.device)
+        comp, order = torch.sort(self.group.composite(keys, tables), stable=True)
+        rows = rows.to(torch.float32)[order]
+        slots = self.group.slots_for(comp, tables, create=lambda pos: rows[pos])
+        self.group.tier.write(slots, rows)
 
     def export(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(keys [R], rows [R, row_width])`` of every row."""
-        return self.tier.export()
+        """``(keys [R], rows [R, row_width])`` of every row of this table."""
+        return self.group.export_table(self.index)
 
     def state_dict(self) -> dict[str, Any]:
         keys, rows = self.export()
         return {"keys": keys, "rows": rows, "optimizer": self.optimizer.state_dict()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def check_state(self, state: dict[str, Any]) -> None:
+        """Raises ValueError unless ``state`` fits this table's row layout."""
         rows = state["rows"]
         if rows.dim() != 2 or rows.shape[1] != self.row_width:
             raise ValueError(
@@ -112,5 +88,5 @@ class EmbeddingTable:
                 f"[*, {self.row_width}] (dim {self.dim} + optimizer state); was it saved "
                 "with another dim or optimizer?"
             )
-        self.tier.load(state["keys"], rows)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state["keys"].numel() != rows.shape[0]:
+            raise ValueError(f"table {self.name}: checkpoint has a key count != row count")

@@ -109,8 +109,7 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        for t in parts.embedding.tables:
-            t.tier.flush()
+        parts.embedding.flush()
         tables = parts.embedding.tables_state_dict()
         model = parts.model.state_dict()
         bad = _first_non_finite(tables, model)

@@ -60,26 +60,38 @@ def reference_optimizer(cfg: SparseOptimConfig, params):
     return RowwiseAdagradRef(params, lr=cfg.lr, eps=cfg.eps, init=cfg.initial_accumulator_value)
 
 
+def layout_tables(layout: str, pooling: str) -> list[TableConfig]:
+    if layout == "mixed":  # two groups: dims and initializers differ
+        return [
+            TableConfig(name="t1", dim=8, features=["f1"], pooling=Pooling(pooling)),
+            TableConfig(
+                name="t23",
+                dim=4,
+                features=None,
+                pooling=Pooling(pooling),
+                init=InitConfig(kind="normal", scale=0.1),
+            ),
+        ]
+    # one group of three tables over overlapping raw ids: namespaces must stay apart
+    return [
+        TableConfig(name=f"t{i}", dim=4, features=[f"f{i}"], pooling=Pooling(pooling))
+        for i in (1, 2, 3)
+    ]
+
+
+@pytest.mark.parametrize("layout", ["mixed", "grouped"])
 @pytest.mark.parametrize("kind", ["sgd", "adagrad", "rowwise_adagrad", "adam"])
 @pytest.mark.parametrize("pooling", ["sum", "mean"])
-def test_matches_dense_reference(kind: str, pooling: str) -> None:
+def test_matches_dense_reference(kind: str, pooling: str, layout: str) -> None:
     torch.manual_seed(0)
     opt_cfg = SparseOptimConfig(kind=kind, lr=0.05, initial_accumulator_value=0.1)
-    tables = [
-        TableConfig(name="t1", dim=8, features=["f1"], pooling=Pooling(pooling)),
-        TableConfig(
-            name="t23",
-            dim=4,
-            features=None,
-            pooling=Pooling(pooling),
-            init=InitConfig(kind="normal", scale=0.1),
-        ),
-    ]
+    tables = layout_tables(layout, pooling)
     ebc = HierarchicalEmbeddingBagCollection(tables, FEATURES, opt_cfg, seed=3)
+    assert len(ebc.groups) == (2 if layout == "mixed" else 1)
     batches = make_batches(1)
 
     # Dense reference over the keys each table will ever see.
-    groups = [["f1"], ["f2", "f3"]]
+    groups = ebc.table_features
     ref_keys, ref_bags = [], nn.ModuleList()
     for t, feats in zip(ebc.tables, groups):
         keys = torch.unique(torch.cat([b[f].values() for b in batches for f in feats]))
@@ -90,7 +102,7 @@ def test_matches_dense_reference(kind: str, pooling: str) -> None:
         ref_bags.append(bag)
     ref_opt = reference_optimizer(opt_cfg, ref_bags.parameters())
 
-    head = torch.randn(8 + 4 + 4, 1)
+    head = torch.randn(sum(t.dim * len(fs) for t, fs in zip(ebc.tables, groups)), 1)
     labels = torch.randint(0, 2, (STEPS, BATCH)).float()
 
     def loss_of(pooled: torch.Tensor, step: int) -> torch.Tensor:

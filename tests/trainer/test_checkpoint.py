@@ -394,7 +394,7 @@ def test_non_finite_state_is_not_saved(
     before = {p.name: p.read_bytes() for p in path.iterdir()}
     if where == "row":
         table = parts.embedding.tables[0]
-        table.tier.insert(torch.tensor([12345]), torch.full((1, table.row_width), math.inf))
+        table.insert_rows(torch.tensor([12345]), torch.full((1, table.row_width), math.inf))
         says = "table 'sparse' has NaN/Inf rows"
     else:
         name, weight = next(iter(parts.model.named_parameters()))

@@ -478,7 +478,7 @@ def test_non_finite_rows_are_not_checkpointed(
     def stop_reason(cfg: Config, step: int, start: float) -> Any:
         if step == 15:  # between steps: a row of a key the data never produces goes NaN
             table = built[0].embedding.tables[0]
-            table.tier.insert(torch.tensor([2**62 + 7]), torch.full((1, table.row_width), math.nan))
+            table.insert_rows(torch.tensor([2**62 + 7]), torch.full((1, table.row_width), math.nan))
         return real_stop(cfg, step, start)
 
     monkeypatch.setattr(loop, "build_components", build)

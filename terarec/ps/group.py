@@ -1,0 +1,277 @@
+"""A table group: the rows of several logical tables in one physical store.
+
+Tables of the same dim, pooling and initializer are batched, as FBGEMM's TBE batches
+tables: one dedup sort, one index probe, one gather, one pooling kernel, one fused
+optimizer step and one scatter per batch for the whole group, instead of one of each per
+table. Each table keeps its own key namespace:
+
+* a row is indexed by the *composite key* ``c = key ^ salt[t]`` (``salt`` of the
+  group's first table is 0, so a one-table group indexes raw keys). For a fixed table
+  this is a bijection, so equal ``(t, c)`` means equal ``(t, key)``;
+* every slot records its table (``slot_table``); a probe that finds ``c`` owned by
+  another table is a *composite collision* (``key2 = key1 ^ salt1 ^ salt2``). Such pairs
+  get their own slot outside the hash index, found through a small side map. With
+  hashed ids a collision is a ~2^-64 event per pair, but it is handled exactly: no two
+  ``(table, key)`` pairs ever share a row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Optional
+
+import torch
+
+from terarec.config import SparseOptimConfig, TableConfig
+from terarec.hashing import salt_for
+from terarec.optim.sparse import RowOptimizer, build_row_optimizer
+from terarec.ps.host_tier import HostTier
+from terarec.ps.initializer import init_rows
+
+
+def table_seed(seed: int, name: str) -> int:
+    """Per-table initializer seed derived from the run seed and the table name."""
+    return (seed * 1_000_003 + salt_for(name)) % (1 << 62)
+
+
+def group_key(cfg: TableConfig) -> tuple:
+    """Tables with equal keys can share a group (same row layout and initializer)."""
+    return (cfg.dim, cfg.pooling, cfg.init.kind, cfg.init.scale)
+
+
+class TableGroup:
+    """Rows of the tables ``cfgs`` (equal :func:`group_key`) in one host tier.
+
+    Args:
+        cfgs: the group's table configs.
+        optim: the sparse optimizer config (one optimizer per group: its step counter
+            advances once per backward, as each table's would).
+        device: where rows live.
+        seed: run seed.
+    """
+
+    def __init__(
+        self, cfgs: list[TableConfig], optim: SparseOptimConfig, device: torch.device, seed: int
+    ) -> None:
+        if len({group_key(c) for c in cfgs}) != 1:
+            raise ValueError("a table group needs tables of one dim, pooling and initializer")
+        self.cfgs = cfgs
+        self.names = [c.name for c in cfgs]
+        self.dim = cfgs[0].dim
+        self.init = cfgs[0].init
+        self.device = device
+        self.optimizer: RowOptimizer = build_row_optimizer(optim, self.dim)
+        self.row_width = self.dim + self.optimizer.state_width
+        salts = [0] + [salt_for("table-namespace:" + n) or 1 for n in self.names[1:]]
+        self.salts = torch.tensor(salts, dtype=torch.int64, device=device)
+        self.seeds = [table_seed(seed, n) for n in self.names]
+        self._seeds_t = torch.tensor(self.seeds, dtype=torch.int64, device=device)
+        self.tier = HostTier(self.row_width, device)
+        self._slot_table = torch.zeros(1024, dtype=torch.int64, device=device)
+        self._side: dict[tuple[int, int], int] = {}  # (table, key) -> slot, collisions only
+        self.version = 0  # bumped by every optimizer step (stale-gather detection)
+
+    @property
+    def num_tables(self) -> int:
+        return len(self.cfgs)
+
+    def __len__(self) -> int:
+        return len(self.tier)
+
+    def slot_tables(self) -> torch.Tensor:
+        """Table of each slot ``[len(self)]``."""
+        if self.num_tables == 1:  # not tracked for one table
+            return torch.zeros(len(self), dtype=torch.int64, device=self.device)
+        return self._slot_table[: len(self)]
+
+    def rows_per_table(self) -> list[int]:
+        if self.num_tables == 1:
+            return [len(self)]
+        return torch.bincount(self.slot_tables(), minlength=self.num_tables).tolist()
+
+    def composite(self, keys: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        """``keys ^ salt[tables]`` (``[N]``; the identity for a one-table group)."""
+        if self.num_tables == 1:
+            return keys
+        return keys ^ self.salts[tables]
+
+    def keys_of(self, comp: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        return self.composite(comp, tables)  # xor is its own inverse
+
+    # -- rows ----------------------------------------------------------------------
+    def new_rows(
+        self, keys: torch.Tensor, tables: torch.Tensor, out: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Initial rows (weights + optimizer state) ``[M, row_width]`` of new pairs."""
+        if out is None:
+            out = torch.empty(keys.numel(), self.row_width, device=keys.device)
+        seeds = self.seeds[0] if self.num_tables == 1 else self._seeds_t[tables]
+        out[:, : self.dim] = init_rows(keys, self.dim, self.init, seeds)
+        out[:, self.dim :] = self.optimizer.init_state(keys.numel(), keys.device)
+        return out
+
+    def slots_for(
+        self,
+        comp: torch.Tensor,
+        tables: torch.Tensor,
+        create: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        dup: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Slots of unique pairs ``(tables, keys_of(comp))``, creating absent ones.
+
+        New pairs get consecutive slots in their order in ``comp``.
+
+        Args:
+            comp: int64 ``[U]`` composite keys; pairs unique. Unless ``dup`` is given,
+                equal values must be adjacent (e.g. sorted).
+            tables: int64 ``[U]`` table of each pair.
+            create: initial rows ``[M, row_width]`` for the pairs at int64 positions
+                ``[M]``; default :meth:`new_rows`.
+            dup: bool ``[U]``, True at every occurrence of a composite value but one.
+        Returns:
+            int64 ``[U]`` slots.
+        """
+
+        def fill(pos: torch.Tensor, out: torch.Tensor) -> None:
+            if create is not None:
+                out.copy_(create(pos))
+            else:
+                self.new_rows(self.keys_of(comp[pos], tables[pos]), tables[pos], out)
+
+        if self.num_tables == 1:
+            return self.tier.slots_for(comp, lambda pos, out: fill(pos, out))
+        if dup is None:
+            dup = torch.zeros(comp.numel(), dtype=torch.bool, device=comp.device)
+            if comp.numel() > 1:
+                dup[1:] = comp[1:] == comp[:-1]
+        has_dup = bool(dup.any())
+        main = (~dup).nonzero().squeeze(1) if has_dup else None
+        first = len(self.tier)
+        comp_main = comp if main is None else comp[main]
+        tab_main = tables if main is None else tables[main]
+
+        def fill_main(pos: torch.Tensor, out: torch.Tensor) -> None:
+            fill(pos if main is None else main[pos], out)
+
+        slots_main = self.tier.slots_for(comp_main, fill_main)
+        self._record_tables(first, slots_main, tab_main)
+        owner_ok = self._slot_table[slots_main] == tab_main
+        if main is None:
+            slots = slots_main
+        else:
+            slots = torch.full_like(comp, -1)
+            slots[main] = slots_main
+        odd = (~owner_ok).nonzero().squeeze(1)
+        if main is not None:
+            odd = main[odd]
+        if has_dup or odd.numel():
+            todo = torch.cat([odd, dup.nonzero().squeeze(1)])
+            self._resolve_collisions(todo, comp, tables, slots, fill)
+        return slots
+
+    def _record_tables(self, first: int, slots: torch.Tensor, tables: torch.Tensor) -> None:
+        n = len(self.tier)
+        if n == first:
+            return
+        self._reserve_tables(n)
+        new = (slots >= first).nonzero().squeeze(1)
+        self._slot_table[slots[new]] = tables[new]
+
+    def _resolve_collisions(
+        self,
+        pos: torch.Tensor,
+        comp: torch.Tensor,
+        tables: torch.Tensor,
+        slots: torch.Tensor,
+        fill: Callable[[torch.Tensor, torch.Tensor], None],
+    ) -> None:
+        """Side slots for pairs whose composite key another table owns (rare path)."""
+        for p in pos.tolist():
+            t = int(tables[p])
+            key = int(self.keys_of(comp[p : p + 1], tables[p : p + 1])[0])
+            slot = self._side.get((t, key))
+            if slot is None:  # a repeated composite in the batch may be the index owner
+                owner = int(self.tier.lookup_slots(comp[p : p + 1])[0])
+                if owner >= 0 and int(self._slot_table[owner]) == t:
+                    slot = owner
+            if slot is None:
+                slot = self.tier.append_unindexed(comp[p : p + 1])
+                fill(torch.tensor([p], device=comp.device), self.tier.row_block(slot, 1))
+                self._reserve_tables(slot + 1)
+                self._slot_table[slot] = t
+                self._side[(t, key)] = slot
+            slots[p] = slot
+
+    def find(self, comp: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        """Slots of pairs ``[N]`` (duplicates allowed), -1 where absent; never creates."""
+        slots = self.tier.lookup_slots(comp)
+        if self.num_tables == 1:
+            return slots
+        found = slots >= 0
+        wrong = found & (self._slot_table[slots.clamp(min=0)] != tables)
+        if bool(wrong.any()):
+            for p in wrong.nonzero().squeeze(1).tolist():
+                t = int(tables[p])
+                key = int(self.keys_of(comp[p : p + 1], tables[p : p + 1])[0])
+                slots[p] = self._side.get((t, key), -1)
+        return slots
+
+    def _reserve_tables(self, n: int) -> None:
+        if n <= self._slot_table.numel():
+            return
+        grown = torch.zeros(
+            max(n, 2 * self._slot_table.numel()), dtype=torch.int64, device=self.device
+        )
+        grown[: self._slot_table.numel()] = self._slot_table
+        self._slot_table = grown
+
+    def read(self, slots: torch.Tensor) -> torch.Tensor:
+        return self.tier.read(slots)
+
+    def apply_gradients(
+        self, slots: torch.Tensor, grad: torch.Tensor, rows: Optional[torch.Tensor] = None
+    ) -> None:
+        """Fused optimizer step on the rows at unique ``slots`` (``grad [U, dim]``)."""
+        if rows is None:
+            rows = self.tier.read(slots)
+        self.tier.write(slots, self.optimizer.update(rows, grad.to(rows.dtype)))
+        self.version += 1
+
+    # -- per-table views -------------------------------------------------------------
+    def export_table(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(keys [R], rows [R, row_width])`` of table ``t``, in slot order."""
+        comp, rows = self.tier.export()
+        if self.num_tables == 1:
+            return comp, rows
+        mine = (self.slot_tables() == t).nonzero().squeeze(1)
+        tables = torch.full((mine.numel(),), t, dtype=torch.int64, device=comp.device)
+        return self.keys_of(comp[mine], tables), rows[mine]
+
+    def load_tables(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Replaces every row: ``parts[t] = (keys [R_t], rows [R_t, row_width])``."""
+        self.tier = HostTier(self.row_width, self.device)
+        self._slot_table = torch.zeros(1024, dtype=torch.int64, device=self.device)
+        self._side = {}
+        if not parts:
+            return
+        keys = torch.cat([k.to(self.device, torch.int64) for k, _ in parts])
+        rows = torch.cat([r.to(self.device, torch.float32) for _, r in parts])
+        tables = torch.cat(
+            [
+                torch.full((k.numel(),), t, dtype=torch.int64, device=self.device)
+                for t, (k, _) in enumerate(parts)
+            ]
+        )
+        comp = self.composite(keys, tables)
+        # Insert in the given order (each table's export order survives a round trip);
+        # find repeated composite values through a sort.
+        sorted_comp, order = torch.sort(comp, stable=True)
+        same = torch.zeros(comp.numel(), dtype=torch.bool, device=self.device)
+        if comp.numel() > 1:
+            same[1:] = sorted_comp[1:] == sorted_comp[:-1]
+            sorted_tab = tables[order]
+            if bool((same[1:] & (sorted_tab[1:] == sorted_tab[:-1])).any()):
+                raise ValueError(f"tables {self.names}: checkpoint has duplicate keys")
+        dup = torch.zeros_like(same)
+        dup[order] = same
+        self.slots_for(comp, tables, create=lambda pos: rows[pos], dup=dup)
