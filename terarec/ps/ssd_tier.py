@@ -2,38 +2,30 @@
 
 Layout of one rank's DB (``<config.path>/rank{r}``), one column family, raw bytes::
 
-    b"R" | table u32 BE | key u64 BE  ->  row: row_width float32 LE (the row itself)
-    b"K" | table u32 BE | key u64 BE  ->  b""   (existence index, for exact counts)
-    b"M" | table u32 BE | b"w" / b"n" ->  int64 LE row_width / row count
+    b"R" | table u32 BE | key u64 BE  ->  row: row_width float32 LE
+    b"M" | table u32 BE | b"w" / b"n" ->  int64 LE: row_width / number of rows
 
-Keys are int64 with the sign bit flipped before the big-endian encoding, so byte order
-is numeric order: a table is one contiguous key range, and an export comes out sorted.
-The ``K`` entries exist because ``len`` must be exact: an insert has to know which of
-its keys are new, and a multi-get over the dense ``K`` range costs about half of one
-over the 768-byte rows. Rows, ``K`` entries and the count of one insert go in one
-``WriteBatch`` in one column family, so they reach disk together or not at all.
+Keys have the sign bit flipped before the big-endian encoding, so byte order is numeric
+order: a table is one contiguous key range and an export comes out sorted. The rows of
+an insert and the table's new row count go in one ``WriteBatch``: both or neither.
 
-Hot path: no Python loop over floats and none over keys where rocksdict has a batch
-call. Rows are packed with ``numpy`` (``tobytes``-style void views) and unpacked with
-``frombuffer``; reads are one ``Rdict.get(list)`` multi-get per thread (rocksdict
-releases the GIL there, so a batch is split over ``num_threads`` key ranges). rocksdict
-has no multi-put, so the ``WriteBatch`` puts run through ``map`` (the per-key calls stay
-in C, no bytecode per key). Batches are sorted by key first: RocksDB's memtable is a
-skip list of ~800-byte nodes, and sorted inserts/lookups walk it with far fewer cache
-misses (measured ~1.5-2x on writes).
+``len`` is exact: an insert must know which of its keys are new. The store remembers
+per table what this process established about recent keys (written, found or missed;
+``config.known_keys``), so the common write-backs need no check: a row read from this
+tier, and a new row whose lookup here missed. Other keys cost a multi-get first.
 
-Durability: hot-path writes skip the WAL (``config.wal=False``, the default) and never
-fsync; :meth:`SSDStore.flush` (called at checkpoints) flushes the memtables to SST files,
-which RocksDB fsyncs, so a reopened DB reads every flushed row bit-identically. Rows
-written after the last flush are lost if the process dies; training restores from the
-last checkpoint anyway (:meth:`SSDStore.checkpoint` makes a RocksDB checkpoint: hard
-links, taken after a flush). With ``wal=True`` writes also go to the WAL (not synced on
-the hot path; synced by ``flush``).
+Hot path: no Python loop over floats, none over keys where rocksdict has a batch call:
+rows are packed via numpy void views (``tolist``: one ``bytes`` per row) and unpacked
+with ``frombuffer``; reads are ``Rdict.get(list)`` multi-gets split over ``num_threads``
+(rocksdict releases the GIL there); rocksdict has no multi-put, so ``WriteBatch.put``
+runs through ``map`` (no bytecode per key). Batches go in key order: the memtable is a
+skip list of ~800-byte nodes, and sorted inserts miss the cache far less.
 
-Errors from RocksDB or the filesystem (unwritable directory, full disk, DB locked by
-another process, corruption) are raised as :class:`SSDTierError` naming the DB path and
-what to do. A write that fails leaves the tier as it was: nothing of the batch is
-counted, and the caller still holds its rows.
+Durability: the hot path never fsyncs and by default skips the WAL; :meth:`SSDStore.flush`
+(at checkpoints) flushes memtables to fsynced SST files, so a reopened DB reads every
+flushed row bit-identically. Failures (unwritable directory, full disk, locked or
+corrupted DB) raise :class:`SSDTierError` naming the path and what to do; a failed write
+stores and counts nothing of its batch. See ``docs/tiers.md``.
 """
 
 from __future__ import annotations
@@ -56,10 +48,11 @@ import numpy as np
 import rocksdict
 import torch
 
+from terarec.ps.hash_index import HashIndex
+
 PathLike = Union[str, Path]
 
 _NS_ROW = 0x52  # b"R"
-_NS_KEY = 0x4B  # b"K"
 _NS_META = b"M"
 _MAX_TABLE_ID = 2**32 - 2  # table_id + 1 must fit the u32 upper bound of a range scan
 _KEY_DTYPE = np.dtype([("ns", "u1"), ("table", ">u4"), ("key", ">u8")])  # 13 bytes, packed
@@ -85,6 +78,9 @@ class SSDTierError(RuntimeError):
         super().__init__(f"{msg} ({hint})" if hint else msg)
 
 
+_NOT_WRITABLE = ("not a directory", "permission denied", "read-only file", "file exists")
+
+
 def _hint(op: str, msg: str) -> str:
     m = msg.lower()
     if "no space" in m or "enospc" in m or "quota" in m:
@@ -97,16 +93,7 @@ def _hint(op: str, msg: str) -> str:
             "the filesystem is full: nothing of this call was stored and the caller still "
             "holds its rows; free space or point ssd.path at a larger volume"
         )
-    if any(
-        s in m
-        for s in (
-            "not a directory",
-            "permission denied",
-            "read-only file system",
-            "file exists",
-            "is a directory",
-        )
-    ):
+    if any(s in m for s in _NOT_WRITABLE):
         return "the SSD tier needs a writable directory: set ssd.path to one on local NVMe"
     if "lock" in m:
         return (
@@ -156,6 +143,10 @@ class SSDTierConfig:
         background_jobs: RocksDB flush + compaction threads.
         num_threads: threads that split one multi-get (rocksdict releases the GIL there)
             and overlap an insert's existence check with packing its rows.
+        known_keys: keys per table whose presence the tier remembers (written, read or
+            missed by this process), so that inserting them needs no existence check:
+            write-back of a row read from the tier, or of a new row whose lookup missed.
+            ~40 bytes each; starts over when full. 0: check every key.
         compression: ``none`` | ``lz4`` | ``zstd``.
         wal: also write the WAL on the hot path (never synced there; ``flush`` syncs it).
             Off by default: checkpoints flush memtables, and recovery is from a checkpoint.
@@ -169,6 +160,7 @@ class SSDTierConfig:
     max_write_buffers: int = 4
     background_jobs: int = 2
     num_threads: int = 2
+    known_keys: int = 1 << 22
     compression: SSDCompression = SSDCompression.NONE
     wal: bool = False
 
@@ -184,6 +176,7 @@ class SSDTierConfig:
             (self.max_write_buffers >= 2, "max_write_buffers: must be >= 2"),
             (self.background_jobs >= 1, "background_jobs: must be >= 1"),
             (self.num_threads >= 1, "num_threads: must be >= 1"),
+            (self.known_keys >= 0, "known_keys: must be >= 0"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -198,10 +191,10 @@ def rank_dir(root: PathLike, rank: int) -> Path:
 # --------------------------------------------------------------------------- encoding
 
 
-def encode_keys(ns: int, table_id: int, keys: np.ndarray) -> list[bytes]:
-    """Fixed-width (13-byte) DB keys of int64 ``keys [N]`` in namespace ``ns``."""
+def encode_keys(table_id: int, keys: np.ndarray) -> list[bytes]:
+    """Fixed-width (13-byte) DB keys of the rows of int64 ``keys [N]`` of a table."""
     rec = np.empty(keys.shape[0], _KEY_DTYPE)
-    rec["ns"] = ns
+    rec["ns"] = _NS_ROW
     rec["table"] = table_id
     rec["key"] = keys.astype(np.int64, copy=False).view(np.uint64) ^ _SIGN
     return rec.view(_KEY_VOID).tolist()
@@ -213,10 +206,14 @@ def decode_keys(raw: bytes) -> np.ndarray:
     return (rec["key"].astype(np.uint64) ^ _SIGN).view(np.int64)
 
 
-def pack_rows(rows: np.ndarray) -> list[bytes]:
-    """One ``bytes`` (float32 LE) per row of ``rows [N, W]``; no per-float Python."""
+def pack_rows(rows: np.ndarray, order: Optional[np.ndarray] = None) -> list[bytes]:
+    """One ``bytes`` (float32 LE) per row of ``rows [N, W]`` (in ``order`` if given).
+
+    No per-float Python: a void view makes each row one item for ``tolist``.
+    """
     rows = np.ascontiguousarray(rows, dtype="<f4")
-    return rows.view(np.dtype((np.void, rows.shape[1] * 4))).reshape(-1).tolist()
+    flat = rows.view(np.dtype((np.void, rows.shape[1] * 4))).reshape(-1)
+    return (flat if order is None else flat.take(order)).tolist()
 
 
 def _meta_key(table_id: int, field: bytes) -> bytes:
@@ -228,16 +225,72 @@ def _take(items: list[Any], idx: np.ndarray) -> list[Any]:
     return list(map(items.__getitem__, idx.tolist()))
 
 
+def _not_none(vals: list[Any]) -> np.ndarray:
+    """bool ``[N]``: which multi-get results are values (``None``: key absent)."""
+    mask = np.fromiter(map(is_, vals, repeat(None)), bool, len(vals))
+    return np.logical_not(mask, out=mask)
+
+
+class _KeyStates:
+    """What this process knows of one table's keys: held, not held, or unknown.
+
+    Exact: it records only what a successful write, a read or a check established (this
+    process is the DB's only writer; RocksDB's lock sees to that), and the store calls
+    it under its lock. Bounded: when full it starts over empty; an unknown key just
+    costs an existence check again.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._index: Optional[HashIndex] = None
+        self._held = np.zeros(0, bool)  # by slot of ``_index``
+
+    def lookup(self, keys: np.ndarray) -> np.ndarray:
+        """int8 ``[N]``: 1 held, 0 not held, -1 unknown."""
+        out = np.full(keys.shape[0], -1, np.int8)
+        if self._index is not None and len(self._index):
+            slots = self._index.find(torch.from_numpy(keys)).numpy()
+            seen = slots >= 0
+            out[seen] = self._held[slots[seen]]
+        return out
+
+    def record(self, sorted_keys: np.ndarray, held: Union[bool, np.ndarray]) -> None:
+        """Records ``held`` for ascending ``sorted_keys`` (duplicates allowed)."""
+        if self.capacity == 0 or sorted_keys.size == 0:
+            return
+        held = np.broadcast_to(np.asarray(held, bool), sorted_keys.shape)
+        if sorted_keys.size > 1:
+            first = np.empty(sorted_keys.size, bool)
+            first[0] = True
+            np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=first[1:])
+            sorted_keys, held = sorted_keys[first], held[first]
+        if sorted_keys.size > self.capacity:
+            self.clear()  # cannot record them: what was known of them may be stale now
+            return
+        if self._index is None or len(self._index) + sorted_keys.size > self.capacity:
+            cap = min(2 * self.capacity, 4 * sorted_keys.size + 1024)
+            self._index, self._held = HashIndex("cpu", capacity=cap), np.zeros(0, bool)
+        slots = self._index.find_or_insert(torch.from_numpy(sorted_keys))[0].numpy()
+        if len(self._index) > self._held.size:
+            grown = np.zeros(max(len(self._index), 2 * self._held.size), bool)
+            grown[: self._held.size] = self._held
+            self._held = grown
+        self._held[slots] = held
+
+    def clear(self) -> None:
+        self._index, self._held = None, np.zeros(0, bool)
+
+
 def _as_keys(keys: torch.Tensor | np.ndarray) -> np.ndarray:
     if isinstance(keys, torch.Tensor):
         if keys.dtype != torch.int64:
             raise ValueError(f"keys must be int64, got {keys.dtype}")
         keys = keys.detach().cpu().numpy()
-    elif keys.dtype != np.int64:
-        raise ValueError(f"keys must be int64, got {keys.dtype}")
+    elif not isinstance(keys, np.ndarray) or keys.dtype != np.int64:
+        raise ValueError(f"keys must be int64, got {getattr(keys, 'dtype', type(keys))}")
     if keys.ndim != 1:
         raise ValueError(f"keys must be 1-D, got shape {tuple(keys.shape)}")
-    return keys
+    return np.ascontiguousarray(keys)
 
 
 # --------------------------------------------------------------------------- store
@@ -260,7 +313,9 @@ class SSDStore:
         self.path = Path(path)
         self.config = config or SSDTierConfig(path=str(path))
         self._lock = threading.Lock()  # existence check + write + count are one step
+        self._generation = 0  # bumped by every write: a read records states only if unchanged
         self._counts: dict[int, int] = {}
+        self._key_states: dict[int, _KeyStates] = {}
         self._pool: Optional[ThreadPoolExecutor] = None
         try:
             os.makedirs(self.path, exist_ok=True)
@@ -269,10 +324,12 @@ class SSDStore:
             probe.unlink()
         except OSError as e:
             raise SSDTierError("open", self.path, e) from e
-        opts, self._cache = _options(self.config)
+        opts, self._cache = rocksdb_options(self.config)
         self._write_opts = rocksdict.WriteOptions()
         self._write_opts.disable_wal = not self.config.wal
         self._write_opts.sync = False
+        # Batches arrive sorted: keep a skip-list insert hint per batch (~5% on writes).
+        self._write_opts.memtable_insert_hint_per_batch = True
         with self._guard("open"):
             self._db = rocksdict.Rdict(str(self.path), opts)
             self._db.set_write_options(self._write_opts)
@@ -300,22 +357,27 @@ class SSDStore:
             rocksdict.Checkpoint(self._db).create_checkpoint(str(dest))
 
     def close(self) -> None:
-        """Flushes and closes the DB (idempotent)."""
+        """Flushes and closes the DB (idempotent). A failed flush is raised after closing."""
         if self._db is None:
             return
+        flush_error: Optional[SSDTierError] = None
         try:
             self.flush()
-        finally:
-            db, self._db = self._db, None
-            if self._pool is not None:
-                self._pool.shutdown()
-                self._pool = None
-            try:
-                db.close()
-            except Exception as e:
-                if not _is_storage_error(e):
-                    raise
+        except SSDTierError as e:
+            flush_error = e
+        db, self._db = self._db, None
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+        try:
+            db.close()
+        except Exception as e:
+            if not _is_storage_error(e):
+                raise
+            if flush_error is None:
                 raise SSDTierError("close", self.path, e) from e
+        if flush_error is not None:
+            raise flush_error
 
     def __enter__(self) -> SSDStore:
         return self
@@ -358,23 +420,23 @@ class SSDStore:
     def read(
         self, table_id: int, keys: np.ndarray, row_width: int
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Looks up ``keys [N]`` (int64) in one batched multi-get.
+        """Looks up int64 ``keys [N]`` with batched multi-gets.
 
         Returns:
             ``(hit_pos [H], rows [H, row_width] float32, miss_pos [M])``: positions into
             ``keys`` (``miss_pos`` ascending) and the rows of the hits, in ``hit_pos`` order.
         """
         order = np.argsort(keys, kind="stable")  # key-ordered lookups: fewer cache misses
-        vals = self._multi_get(encode_keys(_NS_ROW, table_id, keys[order]), "read")
-        n_miss = vals.count(None)
-        if n_miss == 0:
-            hit_pos, miss_pos = order, np.empty(0, np.int64)
-            found = vals
-        else:
-            hit = np.fromiter(map(is_, vals, repeat(None)), bool, len(vals))
-            np.logical_not(hit, out=hit)
+        sk = keys[order]
+        generation = self._generation
+        vals = self._multi_get(encode_keys(table_id, sk), "read")
+        if None in vals:
+            hit = _not_none(vals)
             hit_pos, miss_pos = order[hit], np.sort(order[~hit])
             found = list(filter(None, vals))  # rows are never b"" (row_width >= 1)
+        else:
+            hit, hit_pos, miss_pos, found = True, order, np.empty(0, np.int64), vals
+        self._record(table_id, sk, hit, generation)
         raw = bytearray().join(found)
         row_bytes = 4 * row_width
         if len(raw) != len(found) * row_bytes:
@@ -391,12 +453,18 @@ class SSDStore:
         return hit_pos, rows, miss_pos
 
     def contains(self, table_id: int, keys: np.ndarray) -> np.ndarray:
-        """bool ``[N]``: which ``keys`` are held (reads only the small existence index)."""
-        order = np.argsort(keys, kind="stable")
-        vals = self._multi_get(encode_keys(_NS_KEY, table_id, keys[order]), "contains")
-        missing = np.empty(len(vals), bool)
-        missing[order] = np.fromiter(map(is_, vals, repeat(None)), bool, len(vals))
-        return ~missing
+        """bool ``[N]``: which int64 ``keys`` are held."""
+        generation = self._generation
+        with self._lock:
+            state = self._states(table_id).lookup(keys)
+        held = state == 1
+        ask = np.flatnonzero(state < 0)
+        if ask.size:
+            asked = np.sort(keys[ask])
+            found = _not_none(self._multi_get(encode_keys(table_id, asked), "contains"))
+            held[ask] = found[np.searchsorted(asked, keys[ask])]
+            self._record(table_id, asked, found, generation)
+        return held
 
     def write(self, table_id: int, keys: np.ndarray, rows: np.ndarray) -> int:
         """Inserts or overwrites ``rows [N, W]`` at int64 ``keys [N]``; returns #new keys.
@@ -409,48 +477,57 @@ class SSDStore:
             return 0
         order = np.argsort(keys, kind="stable")  # stable: the last duplicate is written last
         sk = keys[order]
-        ns_row = encode_keys(_NS_ROW, table_id, sk)
-        ns_key = encode_keys(_NS_KEY, table_id, sk)
+        db_keys = encode_keys(table_id, sk)
+        states = self._states(table_id)
         with self._lock:
-            # Existence check (GIL released in RocksDB) overlaps packing the rows.
-            check = self._submit_multi_get(ns_key, "insert")
+            state = states.lookup(sk)
+            ask = np.flatnonzero(state < 0)
+            # The existence check runs in RocksDB without the GIL while this thread packs.
+            check = self._start_multi_get(_take(db_keys, ask), "insert") if ask.size else None
             batch = rocksdict.WriteBatch(raw_mode=True)
-            deque(map(batch.put, ns_row, _take(pack_rows(rows), order)), maxlen=0)
-            present = check()
-            new = np.fromiter(map(is_, present, repeat(None)), bool, n)
+            deque(map(batch.put, db_keys, pack_rows(rows, order)), maxlen=0)
+            new = state == 0
+            if check is not None:
+                new[ask] = ~_not_none(check())
             if n > 1:
-                new[1:] &= sk[1:] != sk[:-1]  # count a repeated new key once
-            new_idx = np.flatnonzero(new)
-            deque(map(batch.put, _take(ns_key, new_idx), repeat(b"")), maxlen=0)
-            n_new = int(new_idx.size)
+                new[1:] &= sk[1:] != sk[:-1]  # a repeated new key counts once
+            n_new = int(new.sum())
             total = self.count(table_id) + n_new
             batch.put(_meta_key(table_id, b"n"), struct.pack("<q", total))
             with self._guard("insert"):
                 self._db.write(batch, self._write_opts)
+            self._generation += 1
             self._counts[table_id] = total
+            states.record(sk, True)
         return n_new
 
     def delete(self, table_id: int, keys: np.ndarray) -> int:
-        """Deletes the rows of ``keys`` that are held; returns how many were."""
+        """Deletes the rows of int64 ``keys`` that are held; returns how many were."""
         if keys.shape[0] == 0:
             return 0
         uk = np.unique(keys)
-        ns_key = encode_keys(_NS_KEY, table_id, uk)
+        db_keys = encode_keys(table_id, uk)
+        states = self._states(table_id)
         with self._lock:
-            present = self._multi_get(ns_key, "delete")
-            hit = np.fromiter(map(is_, present, repeat(None)), bool, len(present))
-            idx = np.flatnonzero(~hit)
-            if idx.size == 0:
+            state = states.lookup(uk)
+            ask = np.flatnonzero(state < 0)
+            is_held = state == 1
+            if ask.size:
+                is_held[ask] = _not_none(self._multi_get(_take(db_keys, ask), "delete"))
+            held = np.flatnonzero(is_held)
+            if held.size == 0:
+                states.record(uk, False)
                 return 0
             batch = rocksdict.WriteBatch(raw_mode=True)
-            deque(map(batch.delete, _take(ns_key, idx)), maxlen=0)
-            deque(map(batch.delete, encode_keys(_NS_ROW, table_id, uk[idx])), maxlen=0)
-            total = self.count(table_id) - int(idx.size)
+            deque(map(batch.delete, _take(db_keys, held)), maxlen=0)
+            total = self.count(table_id) - int(held.size)
             batch.put(_meta_key(table_id, b"n"), struct.pack("<q", total))
             with self._guard("delete"):
                 self._db.write(batch, self._write_opts)
+            self._generation += 1
             self._counts[table_id] = total
-        return int(idx.size)
+            states.record(uk, False)
+        return int(held.size)
 
     def scan(
         self, table_id: int, row_width: int, chunk_rows: int = 65536
@@ -476,6 +553,16 @@ class SSDStore:
                     )
                 yield keys, np.frombuffer(raw, "<f4").reshape(len(chunk), row_width)
 
+    def compact(self) -> None:
+        """Compacts the whole DB now (offline maintenance, benchmarks)."""
+        with self._guard("compact"):
+            self._db.compact_range(None, None)
+
+    def forget_key_states(self) -> None:
+        """Forgets what is known of which keys are held: every key is checked again."""
+        with self._lock:
+            self._key_states.clear()
+
     def stats(self) -> dict[str, float]:
         """DB-wide counters (bytes on disk, in memtables, in the block cache)."""
         props = {
@@ -489,6 +576,20 @@ class SSDStore:
         return out
 
     # -- internals -----------------------------------------------------------------
+    def _record(
+        self, table_id: int, sorted_keys: np.ndarray, held: Union[bool, np.ndarray], gen: int
+    ) -> None:
+        """Records what a lookup that started at write ``gen`` found, unless stale by now."""
+        with self._lock:
+            if self._generation == gen:
+                self._states(table_id).record(sorted_keys, held)
+
+    def _states(self, table_id: int) -> _KeyStates:
+        states = self._key_states.get(table_id)
+        if states is None:
+            states = self._key_states[table_id] = _KeyStates(self.config.known_keys)
+        return states
+
     @contextmanager
     def _guard(self, op: str) -> Iterator[None]:
         if getattr(self, "_db", True) is None:
@@ -502,62 +603,46 @@ class SSDStore:
                 raise SSDTierError(op, self.path, e) from e
             raise
 
-    def _submit_multi_get(self, keys: list[bytes], op: str) -> Callable[[], list[Any]]:
-        """Starts a multi-get of ``keys`` on the pool; returns a call giving the values."""
-        if self.config.num_threads <= 1:
-            vals = self._multi_get(keys, op)
+    def _start_multi_get(self, keys: list[bytes], op: str) -> Callable[[], list[Any]]:
+        """Starts a multi-get on the pool, split over ``num_threads`` key ranges (rocksdict
+        releases the GIL there); returns a call that waits for the values (None: absent)."""
+        threads = self.config.num_threads
+        if threads <= 1 or not keys:
+            with self._guard(op):
+                vals = self._db.get(keys)
             return lambda: vals
-        step = max(_MIN_CHUNK, -(-len(keys) // self.config.num_threads))
-        pool = self._thread_pool()
-        futs = [pool.submit(self._db.get, keys[i : i + step]) for i in range(0, len(keys), step)]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(threads, thread_name_prefix="terarec-ssd")
+        step = max(_MIN_CHUNK, -(-len(keys) // threads))
+        futs = [
+            self._pool.submit(self._db.get, keys[i : i + step]) for i in range(0, len(keys), step)
+        ]
 
-        def result() -> list[Any]:
+        def values() -> list[Any]:
             with self._guard(op):
                 out = futs[0].result()
                 for f in futs[1:]:
                     out.extend(f.result())
             return out
 
-        return result
+        return values
 
     def _multi_get(self, keys: list[bytes], op: str) -> list[Any]:
-        """Values of ``keys`` (None where absent), split over ``num_threads`` key ranges."""
-        threads = self.config.num_threads
-        with self._guard(op):
-            if threads <= 1 or len(keys) < 2 * _MIN_CHUNK:
+        if len(keys) < 2 * _MIN_CHUNK:  # not worth a thread hand-off
+            with self._guard(op):
                 return self._db.get(keys)
-            step = -(-len(keys) // threads)
-            pool = self._thread_pool()
-            futs = [
-                pool.submit(self._db.get, keys[i : i + step]) for i in range(step, len(keys), step)
-            ]
-            out = self._db.get(keys[:step])  # this thread takes the first range
-            for f in futs:
-                out.extend(f.result())
-            return out
-
-    def _thread_pool(self) -> ThreadPoolExecutor:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(
-                self.config.num_threads, thread_name_prefix="terarec-ssd"
-            )
-        return self._pool
+        return self._start_multi_get(keys, op)()
 
 
-def _options(cfg: SSDTierConfig) -> tuple[rocksdict.Options, Optional[rocksdict.Cache]]:
+def rocksdb_options(cfg: SSDTierConfig) -> tuple[rocksdict.Options, Optional[rocksdict.Cache]]:
+    """The tuned RocksDB options of ``cfg`` and their block cache (None if disabled)."""
     opts = rocksdict.Options(raw_mode=True)
     opts.create_if_missing(True)
     opts.set_max_background_jobs(cfg.background_jobs)
     opts.set_write_buffer_size(cfg.write_buffer_mb << 20)
     opts.set_max_write_buffer_number(cfg.max_write_buffers)
     opts.set_level_compaction_dynamic_level_bytes(True)
-    opts.set_compression_type(
-        {
-            SSDCompression.NONE: rocksdict.DBCompressionType.none,
-            SSDCompression.LZ4: rocksdict.DBCompressionType.lz4,
-            SSDCompression.ZSTD: rocksdict.DBCompressionType.zstd,
-        }[cfg.compression]()
-    )
+    opts.set_compression_type(getattr(rocksdict.DBCompressionType, cfg.compression.value)())
     # A memtable bloom lets lookups of keys that are not in a memtable skip its skip list
     # (new keys on insert; rows long since flushed on read).
     opts.set_memtable_prefix_bloom_ratio(0.05)
@@ -612,11 +697,7 @@ class SSDTier:
         self.row_width = row_width
         self.table_id = table_id
         self._owns_store = False
-        self._hits = 0
-        self._misses = 0
-        self._inserts = 0
-        self._writes = 0
-        self._deletes = 0
+        self._hits = self._misses = self._inserts = self._writes = self._deletes = 0
 
     @classmethod
     def open(
@@ -700,7 +781,7 @@ class SSDTier:
         return out, found
 
     def contains(self, keys: torch.Tensor) -> torch.Tensor:
-        """bool ``[N]``: which keys are held (no row bytes read)."""
+        """bool ``[N]``: which keys are held."""
         return torch.from_numpy(self.store.contains(self.table_id, _as_keys(keys)))
 
     def delete(self, keys: torch.Tensor) -> int:
@@ -713,16 +794,3 @@ class SSDTier:
         """Streams ``(keys [C], rows [C, row_width])`` in key order (tables beyond RAM)."""
         for k, r in self.store.scan(self.table_id, self.row_width, chunk_rows):
             yield torch.from_numpy(k), torch.from_numpy(r)
-
-
-__all__ = [
-    "SSDCompression",
-    "SSDStore",
-    "SSDTier",
-    "SSDTierConfig",
-    "SSDTierError",
-    "decode_keys",
-    "encode_keys",
-    "pack_rows",
-    "rank_dir",
-]
