@@ -216,11 +216,34 @@ class TableConfig:
     features: Optional[list[str]] = None
     pooling: Pooling = Pooling.SUM
     init: InitConfig = field(default_factory=InitConfig)
+    # Tier budgets in rows (null: unbounded). With device_rows, training reads and
+    # updates rows in a device cache of that many rows over the host tier; host_rows
+    # bounds the host tier too (then the SSD tier below holds the rest).
+    device_rows: Optional[int] = None
+    host_rows: Optional[int] = None
+    cache_policy: str = "lru"
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "name: must be non-empty")
         _check(1 <= self.dim <= 4096, f"dim: must be in [1, 4096], got {self.dim}")
         _check(self.features is None or len(self.features) >= 1, "features: must be non-empty")
+        for key in ("device_rows", "host_rows"):
+            v = getattr(self, key)
+            _check(v is None or v >= 1, f"{key}: must be >= 1 row (or null), got {v}")
+        _check(
+            self.host_rows is None or self.device_rows is not None,
+            "host_rows: a host budget needs a device tier above it (set device_rows)",
+        )
+        _check(
+            self.host_rows is None
+            or self.device_rows is None
+            or self.host_rows >= self.device_rows,
+            f"host_rows: must be >= device_rows ({self.device_rows}), got {self.host_rows}",
+        )
+        _check(
+            self.cache_policy in ("lru", "lfu"),
+            f"cache_policy: must be lru or lfu, got {self.cache_policy!r}",
+        )
 
 
 @dataclass

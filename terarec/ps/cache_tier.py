@@ -164,6 +164,18 @@ class CacheTier:
         self._size -= hit.numel()
         return out_keys, out_rows
 
+    def take(self, keys: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Like :meth:`find`, but the rows found leave the tier (exclusive caching)."""
+        slots = self.lookup(keys)
+        hit = (slots >= 0).nonzero().squeeze(1)
+        s = slots[hit]
+        out[hit] = self._rows[s].to(out.dtype)
+        self._map.delete(keys[hit])
+        self._used[s] = False
+        self._lock[s] = -1
+        self._size -= hit.numel()
+        return (slots < 0).nonzero().squeeze(1)
+
     # -- Tier protocol ---------------------------------------------------------------
     def find(self, keys: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Copies the rows of present keys into ``out``; returns missed positions."""

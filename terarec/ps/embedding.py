@@ -22,7 +22,9 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from terarec.config import Pooling, SparseOptimConfig, TableConfig
+from terarec.optim.sparse import build_row_optimizer
 from terarec.ps.group import TableGroup, group_key
+from terarec.ps.ssd_tier import SSDStore, SSDTier
 from terarec.ps.table import EmbeddingTable
 
 
@@ -60,6 +62,8 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
         optimizer: the fused sparse row optimizer config.
         device: where rows live and compute happens.
         seed: run seed for first-touch row initialisation.
+        ssd_store: the rank's SSD store; tables with a ``host_rows`` budget keep the rows
+            their host tier evicts there (table id = the table's index in ``tables``).
 
     Example::
 
@@ -74,6 +78,7 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
         optimizer: SparseOptimConfig,
         device: Optional[torch.device] = None,
         seed: int = 0,
+        ssd_store: Optional[SSDStore] = None,
     ) -> None:
         super().__init__()
         self.device = torch.device(device or "cpu")
@@ -89,7 +94,14 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
         self._group_features: list[list[str]] = []
         self._feature_table: list[torch.Tensor] = []  # per group: table index per feature
         for members in by_key.values():
-            group = TableGroup([tables[i] for i in members], optimizer, self.device, seed)
+            bottom = None
+            if ssd_store is not None and tables[members[0]].host_rows is not None:
+                (i,) = members
+                width = tables[i].dim + build_row_optimizer(optimizer, tables[i].dim).state_width
+                bottom = SSDTier(ssd_store, width, table_id=i)
+            group = TableGroup(
+                [tables[i] for i in members], optimizer, self.device, seed, bottom=bottom
+            )
             self.groups.append(group)
             feats: list[str] = []
             owner: list[int] = []
@@ -164,10 +176,8 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
             weights = rows[:, : group.dim].contiguous().requires_grad_(True)
             weights.register_hook(_RowUpdate(group, slots, rows))
         else:
-            slots = group.find(dedup.keys, dedup.tables)
-            weights = torch.zeros(slots.numel(), group.dim, device=self.device)
-            found = (slots >= 0).nonzero().squeeze(1)
-            weights[found] = group.read(slots[found])[:, : group.dim]
+            rows, _ = group.lookup_rows(dedup.keys, dedup.tables)
+            weights = rows[:, : group.dim].contiguous()
         mean = group.cfgs[0].pooling == Pooling.MEAN
         pooled = _Pool.apply(weights, dedup, offsets, mean)
         return pooled.view(n_feat, batch, group.dim).transpose(0, 1).reshape(batch, -1)
@@ -179,12 +189,12 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
 
     def table_stats(self) -> dict[str, dict[str, float]]:
         """Tier counters per group (keyed by its tables' names joined with ``+``)."""
-        return {"+".join(g.names): g.tier.stats() for g in self.groups}
+        return {"+".join(g.names): g.stats() for g in self.groups}
 
     def flush(self) -> None:
         """Makes every row durable in every tier (checkpoints)."""
         for g in self.groups:
-            g.tier.flush()
+            g.flush()
 
     def tables_state_dict(self) -> dict[str, Any]:
         return {t.name: t.state_dict() for t in self.tables}

@@ -18,13 +18,15 @@ table. Each table keeps its own key namespace:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 from terarec.config import SparseOptimConfig, TableConfig
 from terarec.hashing import salt_for
 from terarec.optim.sparse import RowOptimizer, build_row_optimizer
+from terarec.ps.cache_tier import CacheTier
+from terarec.ps.chain import TierChain
 from terarec.ps.host_tier import HostTier
 from terarec.ps.initializer import init_rows
 
@@ -35,7 +37,12 @@ def table_seed(seed: int, name: str) -> int:
 
 
 def group_key(cfg: TableConfig) -> tuple:
-    """Tables with equal keys can share a group (same row layout and initializer)."""
+    """Tables with equal keys can share a group (same row layout and initializer).
+
+    A table with tier budgets is a group of its own (budgets are per table).
+    """
+    if cfg.device_rows is not None:
+        return ("tiered", cfg.name)
     return (cfg.dim, cfg.pooling, cfg.init.kind, cfg.init.scale)
 
 
@@ -46,12 +53,18 @@ class TableGroup:
         cfgs: the group's table configs.
         optim: the sparse optimizer config (one optimizer per group: its step counter
             advances once per backward, as each table's would).
-        device: where rows live.
+        device: where rows live (the device tier, when the table has budgets).
         seed: run seed.
+        bottom: the tier under a budgeted host tier (the SSD tier), when there is one.
     """
 
     def __init__(
-        self, cfgs: list[TableConfig], optim: SparseOptimConfig, device: torch.device, seed: int
+        self,
+        cfgs: list[TableConfig],
+        optim: SparseOptimConfig,
+        device: torch.device,
+        seed: int,
+        bottom: Optional[Any] = None,
     ) -> None:
         if len({group_key(c) for c in cfgs}) != 1:
             raise ValueError("a table group needs tables of one dim, pooling and initializer")
@@ -67,15 +80,40 @@ class TableGroup:
         self.seeds = [table_seed(seed, n) for n in self.names]
         self._seeds_t = torch.tensor(self.seeds, dtype=torch.int64, device=device)
         self.tier = HostTier(self.row_width, device)
+        self.chain: Optional[TierChain] = self._build_chain(cfgs[0], bottom)
+        self.step = 0  # training forwards (eviction recency)
         self._slot_table = torch.zeros(1024, dtype=torch.int64, device=device)
         self._side: dict[tuple[int, int], int] = {}  # (table, key) -> slot, collisions only
         self.version = 0  # bumped by every optimizer step (stale-gather detection)
+
+    def _build_chain(self, cfg: TableConfig, bottom: Optional[Any]) -> Optional[TierChain]:
+        if cfg.device_rows is None:
+            return None
+        if len(self.cfgs) != 1:
+            raise ValueError("tier budgets are per table: a budgeted table is its own group")
+        policy = cfg.cache_policy
+        tiers: list[Any] = [
+            CacheTier(self.row_width, cfg.device_rows, self.device, policy, "device")  # type: ignore[arg-type]
+        ]
+        if cfg.host_rows is None:
+            tiers.append(self.tier)
+        else:
+            if bottom is None:
+                raise ValueError(
+                    f"table {cfg.name}: host_rows bounds the host tier, so evicted rows need "
+                    "the SSD tier below it: configure an SSD path"
+                )
+            pin = torch.cuda.is_available()
+            tiers += [CacheTier(self.row_width, cfg.host_rows, "cpu", policy, "host", pin), bottom]  # type: ignore[arg-type]
+        return TierChain(tiers, cfg.name)
 
     @property
     def num_tables(self) -> int:
         return len(self.cfgs)
 
     def __len__(self) -> int:
+        if self.chain is not None:
+            return len(self.chain)
         return len(self.tier)
 
     def slot_tables(self) -> torch.Tensor:
@@ -138,6 +176,15 @@ class TableGroup:
             else:
                 self.new_rows(self.keys_of(comp[pos], tables[pos]), tables[pos], out)
 
+        if self.chain is not None:
+            self.step += 1
+
+            def rows_for(pos: torch.Tensor) -> torch.Tensor:
+                out = torch.empty(pos.numel(), self.row_width, device=comp.device)
+                fill(pos, out)
+                return out
+
+            return self.chain.prepare(comp, self.step, rows_for)
         if self.num_tables == 1:
             return self.tier.slots_for(comp, lambda pos, out: fill(pos, out))
         if dup is None:
@@ -202,8 +249,24 @@ class TableGroup:
                 self._side[(t, key)] = slot
             slots[p] = slot
 
+    def lookup_rows(
+        self, comp: torch.Tensor, tables: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of pairs ``[N, row_width]`` (zeros where absent) and ``found [N]``;
+        never creates or moves rows (evaluation)."""
+        if self.chain is not None:
+            return self.chain.lookup_rows(comp)
+        slots = self.find(comp, tables)
+        found = slots >= 0
+        out = torch.zeros(comp.numel(), self.row_width, device=comp.device)
+        hit = found.nonzero().squeeze(1)
+        out[hit] = self.tier.read(slots[hit])
+        return out, found
+
     def find(self, comp: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
         """Slots of pairs ``[N]`` (duplicates allowed), -1 where absent; never creates."""
+        if self.chain is not None:
+            raise RuntimeError("a tiered table has no stable slots; use lookup_rows")
         slots = self.tier.lookup_slots(comp)
         if self.num_tables == 1:
             return slots
@@ -225,22 +288,36 @@ class TableGroup:
         grown[: self._slot_table.numel()] = self._slot_table
         self._slot_table = grown
 
+    @property
+    def top(self) -> Any:
+        """The tier training reads and updates by slot."""
+        return self.chain.top if self.chain is not None else self.tier
+
     def read(self, slots: torch.Tensor) -> torch.Tensor:
-        return self.tier.read(slots)
+        return self.top.read(slots)
+
+    def flush(self) -> None:
+        if self.chain is not None:
+            self.chain.flush()
+        else:
+            self.tier.flush()
+
+    def stats(self) -> dict[str, float]:
+        return self.chain.stats() if self.chain is not None else self.tier.stats()
 
     def apply_gradients(
         self, slots: torch.Tensor, grad: torch.Tensor, rows: Optional[torch.Tensor] = None
     ) -> None:
         """Fused optimizer step on the rows at unique ``slots`` (``grad [U, dim]``)."""
         if rows is None:
-            rows = self.tier.read(slots)
-        self.tier.write(slots, self.optimizer.update(rows, grad.to(rows.dtype)))
+            rows = self.top.read(slots)
+        self.top.write(slots, self.optimizer.update(rows, grad.to(rows.dtype)))
         self.version += 1
 
     # -- per-table views -------------------------------------------------------------
     def export_table(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(keys [R], rows [R, row_width])`` of table ``t``, in slot order."""
-        comp, rows = self.tier.export()
+        comp, rows = self.chain.export() if self.chain is not None else self.tier.export()
         if self.num_tables == 1:
             return comp, rows
         mine = (self.slot_tables() == t).nonzero().squeeze(1)
@@ -249,6 +326,12 @@ class TableGroup:
 
     def load_tables(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Replaces every row: ``parts[t] = (keys [R_t], rows [R_t, row_width])``."""
+        if self.chain is not None:
+            (keys, rows), = parts
+            if keys.numel() > 1 and torch.unique(keys).numel() != keys.numel():
+                raise ValueError(f"table {self.names[0]}: checkpoint has duplicate keys")
+            self.chain.load(keys.to(self.device, torch.int64), rows.to(self.device, torch.float32))
+            return
         self.tier = HostTier(self.row_width, self.device)
         self._slot_table = torch.zeros(1024, dtype=torch.int64, device=self.device)
         self._side = {}

@@ -57,11 +57,8 @@ class EmbeddingTable:
         """Rows of ``keys`` ``[N, row_width]`` (duplicates allowed); absent keys read as
         zeros and are not created."""
         tables = self._tables(keys.numel(), keys.device)
-        slots = self.group.find(self.group.composite(keys, tables), tables)
-        out = torch.zeros(keys.numel(), self.row_width, device=keys.device)
-        found = (slots >= 0).nonzero().squeeze(1)
-        out[found] = self.group.read(slots[found])
-        return out
+        rows, _ = self.group.lookup_rows(self.group.composite(keys, tables), tables)
+        return rows
 
     def insert_rows(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
         """Creates or overwrites the rows of unique ``keys`` (tools and tests)."""
@@ -69,7 +66,7 @@ class EmbeddingTable:
         comp, order = torch.sort(self.group.composite(keys, tables), stable=True)
         rows = rows.to(torch.float32)[order]
         slots = self.group.slots_for(comp, tables, create=lambda pos: rows[pos])
-        self.group.tier.write(slots, rows)
+        self.group.top.write(slots, rows)
 
     def export(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(keys [R], rows [R, row_width])`` of every row of this table."""
