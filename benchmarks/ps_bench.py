@@ -25,6 +25,43 @@ temporary directory (``--dir``, default under /tmp) removed at the end.
 
     python benchmarks/ps_bench.py --ssd [--rows 200000] [--batch 16384] [--row-width 192]
                                         [--repeats 3] [--threads 2] [--json]
+
+``--host``: the host tier's index, ``terarec.ps.hash_index.HashIndex.find_or_insert``,
+with both backends (``fbgemm``, the CPU default, and ``torch``) against two baselines, on
+``--threads`` torch threads. Each call gets ``--keys`` unique keys, shuffled: ``--new-frac``
+of them never seen (they get slots), the rest drawn from the keys already held. The table
+starts with ``--host-start`` keys (untimed prefill) and grows until it holds
+``--host-end``; calls that grow the buckets (a full rehash) are timed too, and reported
+apart. Baselines, fed the same calls:
+
+* sorted: a sorted key array with its slot ids, probed by ``torch.searchsorted``; new keys
+  are sorted and merged in (O(rows) per call, no full re-sort);
+* dict: a Python dict probed (and filled) one key at a time, on the first
+  ``1/--dict-sample`` of each call's keys (their ``tolist()`` untimed); the rest of the
+  new keys are added untimed, so the dict holds every key too.
+
+All four run in lockstep (the order rotates every call). Every side's inserted count is
+checked against the new keys, and the indexes' slots against ``keys()``. Then
+``--host-profile`` more calls profile the fbgemm backend step by step (mix64, the kernel
+lookup, bookkeeping in torch, the kernel insert) on pre-grown buckets, beside whole calls,
+and time the lookup split over 2 Python threads (the op releases the GIL). The target is
+20 M keys/s.
+
+``--cache``: ``terarec.ps.cache_tier.CacheTier`` (LRU, ``--cache-capacity`` rows of
+``--cache-row-width`` floats) making batches resident as the tier chain does (lookup;
+hits touched and locked for the step; misses admitted with their rows, evicting), vs an
+exact LRU in a Python ``OrderedDict`` with the rows moved by numpy. Each call draws
+``--keys`` ids (deduplicated) from a Zipf(``--zipf``) popularity over
+``--cache-universe`` ids; timing starts once the cache is full (so every call evicts) and
+runs for ``--cache-keys-timed`` keys per repeat. Hit rates of both are reported (they
+differ slightly: the tier's LRU is per step, the dict's per key).
+
+    python benchmarks/ps_bench.py --host [--keys 131072] [--new-frac 0.2]
+        [--host-start 1000000] [--host-end 4000000] [--dict-sample 16] [--host-profile 20]
+    python benchmarks/ps_bench.py --cache [--keys 131072] [--cache-capacity 1000000]
+        [--cache-row-width 32] [--cache-universe 20000000] [--zipf 1.05]
+
+``--json`` prints one object with a key per section run (all sections when none is named).
 """
 
 from __future__ import annotations
@@ -35,7 +72,9 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -44,6 +83,9 @@ import numpy as np
 import rocksdict
 import torch
 
+from terarec.hashing import mix64_torch
+from terarec.ps.cache_tier import CacheTier
+from terarec.ps.hash_index import HashIndex
 from terarec.ps.ssd_tier import (
     SSDStore,
     SSDTier,
@@ -202,8 +244,409 @@ def _print_ssd(res: dict[str, Any]) -> None:
         )
 
 
+# -- host tier: HashIndex find-or-insert ----------------------------------------------
+HOST_TARGET = 20e6  # keys/s, the tiers issue's target for the host tier's index
+_HOST_SIDES = ("fbgemm", "torch", "sorted", "dict")
+_PROFILE_STAGES = ("mix64", "lookup", "bookkeeping", "insert")
+_PROFILE_FIELDS = (
+    *(s + "_s" for s in _PROFILE_STAGES),
+    *("whole_s", "whole_keys", "hits_1_thread_s", "hits_2_threads_s", "keys", "new_keys"),
+)
+
+
+def _rotate(i: int, fns: list[Callable[[], Any]]) -> tuple[list[float], list[Any]]:
+    """Runs every side of step ``i`` back to back, starting with side ``i mod n`` (so
+    load from other processes hits all sides alike); their seconds and results."""
+    t: list[float] = [0.0] * len(fns)
+    out: list[Any] = [None] * len(fns)
+    for j in range(len(fns)):
+        side = (i + j) % len(fns)
+        t0 = time.perf_counter()
+        out[side] = fns[side]()
+        t[side] = time.perf_counter() - t0
+    return t, out
+
+
+class _SortedIndex:
+    """Baseline: a sorted key array with slot ids, probed by ``searchsorted``; new keys
+    are sorted and merged in (positions from a second ``searchsorted``: O(n) per call,
+    no full re-sort)."""
+
+    def __init__(self, keys: torch.Tensor) -> None:
+        self.keys, order = torch.sort(keys)
+        self.slots = order
+        self.n = keys.numel()
+
+    def find_or_insert(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.searchsorted(self.keys, keys).clamp_(max=self.keys.numel() - 1)
+        hit = self.keys[pos] == keys
+        slots = torch.where(hit, self.slots[pos], -1)
+        miss = (~hit).nonzero().squeeze(1)
+        if miss.numel():
+            ids = torch.arange(self.n, self.n + miss.numel())
+            slots[miss] = ids
+            new_keys, order = torch.sort(keys[miss])
+            at = torch.searchsorted(self.keys, new_keys) + torch.arange(new_keys.numel())
+            keep = torch.ones(self.keys.numel() + new_keys.numel(), dtype=torch.bool)
+            keep[at] = False
+            merged_k = torch.empty(keep.numel(), dtype=torch.int64)
+            merged_s = torch.empty(keep.numel(), dtype=torch.int64)
+            merged_k[at], merged_s[at] = new_keys, ids[order]
+            merged_k[keep], merged_s[keep] = self.keys, self.slots
+            self.keys, self.slots = merged_k, merged_s
+            self.n += miss.numel()
+        return slots, ~hit
+
+
+def _dict_find_or_insert(d: dict[int, int], keys: list[int]) -> list[int]:
+    """Baseline: one dict probe (and insert) per key in Python."""
+    out = []
+    n = len(d)
+    for k in keys:
+        s = d.get(k)
+        if s is None:
+            s = d[k] = n
+            n += 1
+        out.append(s)
+    return out
+
+
+def _host_batch(
+    rng: np.random.Generator, pool: np.ndarray, n: int, size: int, new_frac: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """``size`` unique keys, ``new_frac`` of them never seen, the rest drawn from
+    ``pool[:n]`` (a few fewer after dedup); shuffled. Returns ``(keys, new)``."""
+    m_new = int(size * new_frac)
+    old = np.unique(pool[rng.integers(0, n, size - m_new)])
+    new = np.unique(rng.integers(-(2**63), 2**63 - 1, m_new, dtype=np.int64))
+    keys = np.concatenate([old, new])
+    return keys[rng.permutation(keys.size)], new
+
+
+def _host_repeat(args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    """One repeat: ``{side: [seconds, keys, seconds and keys of calls that rehashed]}``
+    (and ``profile``: :func:`_fbgemm_profile`)."""
+    rng = np.random.default_rng(seed)
+    pool = np.empty(args.host_end + args.keys, np.int64)
+    init = np.unique(rng.integers(-(2**63), 2**63 - 1, args.host_start, dtype=np.int64))
+    n = init.size
+    pool[:n] = init
+    t_init = torch.from_numpy(init)
+    indexes = {b: HashIndex(backend=b) for b in ("fbgemm", "torch")}  # type: ignore[arg-type]
+    for idx in indexes.values():  # untimed prefill (grows the buckets)
+        idx.find_or_insert(t_init)
+    srt = _SortedIndex(t_init)
+    d = dict(zip(init.tolist(), range(n)))
+    acc = {s: [0.0, 0.0, 0.0, 0.0] for s in _HOST_SIDES}
+    i = 0
+    while n < args.host_end:
+        keys, new = _host_batch(rng, pool, n, args.keys, args.new_frac)
+        kt = torch.from_numpy(keys)
+        sub = keys[: max(1, keys.size // args.dict_sample)].tolist()  # untimed
+        caps = {b: idx.capacity for b, idx in indexes.items()}
+        fns = [
+            partial(indexes["fbgemm"].find_or_insert, kt),
+            partial(indexes["torch"].find_or_insert, kt),
+            partial(srt.find_or_insert, kt),
+            partial(_dict_find_or_insert, d, sub),
+        ]
+        secs, outs = _rotate(i, fns)
+        got = dict(zip(_HOST_SIDES, outs))
+        for side, s in zip(_HOST_SIDES, secs):
+            acc[side][0] += s
+            acc[side][1] += len(sub) if side == "dict" else keys.size
+        for b, idx in indexes.items():
+            if idx.capacity != caps[b]:
+                acc[b][2] += secs[_HOST_SIDES.index(b)]
+                acc[b][3] += keys.size
+        # Untimed checks: every side inserted exactly the new keys, slots map back.
+        for side in ("fbgemm", "torch", "sorted"):
+            slots, inserted = got[side]
+            if int(inserted.sum()) != new.size:
+                raise AssertionError(f"{side}: {int(inserted.sum())} inserted, {new.size} new")
+            if side != "sorted" and not torch.equal(indexes[side].keys()[slots], kt):
+                raise AssertionError(f"{side}: slots do not map back to their keys")
+        missing = [k for k in new.tolist() if k not in d]  # the dict saw only `sub`
+        d.update(zip(missing, range(len(d), len(d) + len(missing))))
+        pool[n : n + new.size] = new
+        n += new.size
+        i += 1
+    if args.host_profile:
+        acc["profile"] = _fbgemm_profile(indexes["fbgemm"], rng, pool, n, args)
+    return acc
+
+
+def _fbgemm_profile(
+    idx: HashIndex, rng: np.random.Generator, pool: np.ndarray, n: int, args: argparse.Namespace
+) -> dict[str, float]:
+    """Where ``HashIndex.find_or_insert`` (fbgemm) spends its time: the steps of
+    ``_fb_find_or_insert`` timed one by one on even batches, the whole call on odd ones,
+    over ``host_profile`` batches with the buckets grown beforehand (no rehash). Then the
+    batch, now all present, is looked up again on one thread and split over 2 Python
+    threads (the op releases the GIL: does the lookup scale?). Uses HashIndex internals
+    on purpose; returns seconds and counts.
+    """
+    batches = [
+        _host_batch(rng, pool, n, args.keys, args.new_frac) for _ in range(args.host_profile)
+    ]
+    idx._grow(len(idx) + 2 * sum(b[1].size for b in batches))
+    acc = dict.fromkeys(_PROFILE_FIELDS, 0.0)
+    workers = ThreadPoolExecutor(2)
+    for j, (keys, new) in enumerate(batches):
+        kt = torch.from_numpy(keys)
+        if j % 2:
+            t0 = time.perf_counter()
+            idx.find_or_insert(kt)
+            acc["whole_s"] += time.perf_counter() - t0
+            acc["whole_keys"] += keys.size
+            continue
+        t0 = time.perf_counter()
+        mixed = mix64_torch(kt)
+        t1 = time.perf_counter()
+        found = idx._fb_find(mixed)
+        t2 = time.perf_counter()
+        miss = (found < 0).nonzero().squeeze(1)
+        first = len(idx)
+        ids = torch.arange(first, first + miss.numel(), dtype=torch.int64)
+        found.index_copy_(0, miss, ids)
+        idx._append_slot_keys(kt.index_select(0, miss))
+        new_mixed = mixed.index_select(0, miss)
+        inserted = found >= first
+        t3 = time.perf_counter()
+        idx._fb_insert(new_mixed, ids)
+        t4 = time.perf_counter()
+        idx._fb_find(mixed)
+        t5 = time.perf_counter()
+        list(workers.map(idx._fb_find, mixed.chunk(2)))
+        t6 = time.perf_counter()
+        if int(inserted.sum()) != new.size:
+            raise AssertionError("profile: inserted count differs from the new keys")
+        for name, s in zip(_PROFILE_STAGES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            acc[name + "_s"] += s
+        acc["hits_1_thread_s"] += t5 - t4
+        acc["hits_2_threads_s"] += t6 - t5
+        acc["keys"] += keys.size
+        acc["new_keys"] += new.size
+    workers.shutdown()
+    return acc
+
+
+def bench_host(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    total = {s: [0.0, 0.0, 0.0, 0.0] for s in _HOST_SIDES}
+    prof = dict.fromkeys(_PROFILE_FIELDS, 0.0)
+    for r in range(args.repeats):
+        got = _host_repeat(args, seed=r)
+        for s in _HOST_SIDES:
+            total[s] = [x + y for x, y in zip(total[s], got[s])]
+        for k, v in got.get("profile", {}).items():
+            prof[k] += v
+    res: dict[str, Any] = {
+        "threads": args.threads,
+        "keys_per_call": args.keys,
+        "new_frac": args.new_frac,
+        "rows_start": args.host_start,
+        "rows_end": args.host_end,
+        "dict_sample": f"1/{args.dict_sample}",
+        "repeats": args.repeats,
+        "target_keys_per_s": HOST_TARGET,
+    }
+    for s in _HOST_SIDES:
+        secs, keys, rehash_s, rehash_keys = total[s]
+        res[s] = {"keys_per_s": keys / secs}
+        if s in ("fbgemm", "torch"):  # calls that grew the buckets (rehash) vs the rest
+            res[s]["rehash_time_share"] = rehash_s / secs
+            res[s]["no_rehash_keys_per_s"] = (keys - rehash_keys) / (secs - rehash_s)
+    rate = {s: res[s]["keys_per_s"] for s in _HOST_SIDES}
+    res["ratios"] = {
+        "fbgemm_vs_dict": rate["fbgemm"] / rate["dict"],
+        "fbgemm_vs_sorted": rate["fbgemm"] / rate["sorted"],
+        "fbgemm_vs_torch": rate["fbgemm"] / rate["torch"],
+        "torch_vs_dict": rate["torch"] / rate["dict"],
+        "fbgemm_vs_target": rate["fbgemm"] / HOST_TARGET,
+    }
+    if prof["keys"]:
+        stages = sum(prof[s + "_s"] for s in _PROFILE_STAGES)
+        res["fbgemm_profile"] = {
+            "share": {s: prof[s + "_s"] / stages for s in _PROFILE_STAGES},
+            "mix64_keys_per_s": prof["keys"] / prof["mix64_s"],
+            "lookup_keys_per_s": prof["keys"] / prof["lookup_s"],
+            "insert_new_keys_per_s": prof["new_keys"] / prof["insert_s"],
+            "stages_keys_per_s": prof["keys"] / stages,
+            "whole_call_keys_per_s": prof["whole_keys"] / prof["whole_s"],
+            "lookup_hits_keys_per_s": prof["keys"] / prof["hits_1_thread_s"],
+            "lookup_hits_2_py_threads_keys_per_s": prof["keys"] / prof["hits_2_threads_s"],
+        }
+    return res
+
+
+def _print_host(res: dict[str, Any]) -> None:
+    print(
+        f"host index find_or_insert: {res['keys_per_call']:,} unique keys per call, "
+        f"{res['new_frac']:.0%} new, table {res['rows_start']:,} -> {res['rows_end']:,} keys, "
+        f"{res['threads']} thread(s), {res['repeats']} repeat(s); dict on {res['dict_sample']} "
+        "of each batch"
+    )
+    print(f"{'side':<8} {'keys/s':>14} {'w/o rehash calls':>17} {'rehash time':>12}")
+    for s in _HOST_SIDES:
+        r = res[s]
+        steady = f"{r['no_rehash_keys_per_s']:,.0f}" if "rehash_time_share" in r else "-"
+        share = f"{r['rehash_time_share']:.0%}" if "rehash_time_share" in r else "-"
+        print(f"{s:<8} {r['keys_per_s']:>14,.0f} {steady:>17} {share:>12}")
+    print("ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in res["ratios"].items()))
+    p = res.get("fbgemm_profile")
+    if p:
+        shares = ", ".join(f"{k} {v:.0%}" for k, v in p["share"].items())
+        print(f"fbgemm find_or_insert without rehash, time by step: {shares}")
+        print(
+            f"  whole call {p['whole_call_keys_per_s']:,.0f} keys/s; mix64 "
+            f"{p['mix64_keys_per_s']:,.0f}, lookup {p['lookup_keys_per_s']:,.0f}, insert "
+            f"{p['insert_new_keys_per_s']:,.0f} new keys/s; lookup of present keys "
+            f"{p['lookup_hits_keys_per_s']:,.0f} on 1 thread, "
+            f"{p['lookup_hits_2_py_threads_keys_per_s']:,.0f} split over 2 Python threads"
+        )
+
+
+# -- cache tier: lookup + admit with evictions ----------------------------------------
+def _lru_step(
+    od: OrderedDict[int, int], keys: list[int], cap: int
+) -> tuple[int, list[int], list[int]]:
+    """Baseline: an exact LRU in an OrderedDict, one key at a time. Returns
+    ``(hits, slots of the admitted keys, slots evicted to make room)``."""
+    missed = []
+    for k in keys:
+        if k in od:
+            od.move_to_end(k)
+        else:
+            missed.append(k)
+    slots, evicted = [], []
+    for k in missed:
+        if len(od) >= cap:
+            s = od.popitem(last=False)[1]
+            evicted.append(s)
+        else:
+            s = len(od)
+        od[k] = s
+        slots.append(s)
+    return len(keys) - len(missed), slots, evicted
+
+
+def _zipf_sampler(
+    rng: np.random.Generator, universe: int, alpha: float
+) -> Callable[[int], np.ndarray]:
+    """``draw(n)``: ``n`` int64 ids, the id of popularity rank ``r`` drawn ``∝ r^-alpha``."""
+    cdf = np.cumsum(1.0 / np.arange(1, universe + 1) ** alpha)
+    cdf /= cdf[-1]
+    ids = rng.integers(-(2**63), 2**63 - 1, universe, dtype=np.int64)  # rank -> int64 id
+
+    def draw(n: int) -> np.ndarray:
+        return ids[np.minimum(np.searchsorted(cdf, rng.random(n)), universe - 1)]
+
+    return draw
+
+
+def _cache_tier_step(
+    tier: CacheTier, keys: torch.Tensor, src: torch.Tensor, step: int
+) -> tuple[int, int]:
+    """A batch made resident as the tier chain does it: hits touched and locked for the
+    step, misses admitted (evicting the least recently used unlocked rows). Returns
+    ``(hits, evictions)``."""
+    slots = tier.lookup(keys)
+    hit = slots >= 0
+    hs = slots[hit]
+    tier.touch(hs, step)
+    tier.lock(hs, step)
+    miss = (~hit).nonzero().squeeze(1)
+    _, ev_keys, _ = tier.admit(keys[miss], src[: miss.numel()], step, lock_until=step)
+    return int(hit.sum()), ev_keys.numel()
+
+
+def _lru_dict_step(
+    od: OrderedDict[int, int], keys: list[int], cap: int, store: np.ndarray, src: np.ndarray
+) -> int:
+    """The baseline's batch: the LRU dict per key, then the rows moved with numpy."""
+    hits, slots, evicted = _lru_step(od, keys, cap)
+    _ = store[evicted]  # rows handed down, as the tier returns them
+    store[slots] = src[: len(slots)]
+    return hits
+
+
+def _cache_repeat(args: argparse.Namespace, seed: int) -> dict[str, float]:
+    rng = np.random.default_rng(seed)
+    cap, w = args.cache_capacity, args.cache_row_width
+    draw = _zipf_sampler(rng, args.cache_universe, args.zipf)
+    tier = CacheTier(w, cap, policy="lru", name="host")
+    od: OrderedDict[int, int] = OrderedDict()
+    store = np.zeros((cap, w), np.float32)  # the baseline's row array
+    src = torch.randn(args.keys, w)  # rows that would come from the tier below
+    src_np = src.numpy()
+    acc = dict.fromkeys(("tier_s", "base_s", "keys", "tier_hits", "base_hits", "evictions"), 0.0)
+    step = 0
+    while True:
+        keys = np.unique(draw(args.keys))
+        kt = torch.from_numpy(keys)
+        kl = keys.tolist()  # untimed (favours the baseline)
+        warm = len(tier) < cap  # fill untimed: time the steady state with evictions
+        secs, out = _rotate(
+            step,
+            [
+                partial(_cache_tier_step, tier, kt, src, step),
+                partial(_lru_dict_step, od, kl, cap, store, src_np),
+            ],
+        )
+        if not warm:
+            acc["tier_s"] += secs[0]
+            acc["base_s"] += secs[1]
+            acc["keys"] += keys.size
+            acc["tier_hits"] += out[0][0]
+            acc["base_hits"] += out[1]
+            acc["evictions"] += out[0][1]
+            if acc["keys"] >= args.cache_keys_timed:
+                return acc
+        step += 1
+
+
+def bench_cache(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    total: dict[str, float] = {}
+    for r in range(args.repeats):
+        for k, v in _cache_repeat(args, seed=r).items():
+            total[k] = total.get(k, 0.0) + v
+    keys = total["keys"]
+    return {
+        "threads": args.threads,
+        "capacity": args.cache_capacity,
+        "row_width": args.cache_row_width,
+        "universe": args.cache_universe,
+        "zipf": args.zipf,
+        "keys_per_call": args.keys,
+        "repeats": args.repeats,
+        "tier_keys_per_s": keys / total["tier_s"],
+        "lru_dict_keys_per_s": keys / total["base_s"],
+        "ratio": total["base_s"] / total["tier_s"],
+        "tier_hit_rate": total["tier_hits"] / keys,
+        "lru_dict_hit_rate": total["base_hits"] / keys,
+        "evictions_per_key": total["evictions"] / keys,
+    }
+
+
+def _print_cache(res: dict[str, Any]) -> None:
+    print(
+        f"cache tier lookup + admit (LRU): capacity {res['capacity']:,} rows x "
+        f"{res['row_width']} floats, Zipf({res['zipf']}) over {res['universe']:,} ids, "
+        f"~{res['keys_per_call']:,} draws per call, {res['threads']} thread(s), "
+        f"{res['repeats']} repeat(s)"
+    )
+    print(f"{'side':<10} {'keys/s':>14} {'hit rate':>9}")
+    print(f"{'CacheTier':<10} {res['tier_keys_per_s']:>14,.0f} {res['tier_hit_rate']:>9.1%}")
+    print(f"{'LRU dict':<10} {res['lru_dict_keys_per_s']:>14,.0f} {res['lru_dict_hit_rate']:>9.1%}")
+    print(f"ratio {res['ratio']:.2f}x; {res['evictions_per_key']:.2f} evictions per key")
+
+
 SECTIONS: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]], Callable]] = {
     "ssd": (bench_ssd, _print_ssd),
+    "host": (bench_host, _print_host),
+    "cache": (bench_cache, _print_cache),
 }
 
 
@@ -214,8 +657,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=16_384)
     p.add_argument("--row-width", type=int, default=192, help="float32 per row (192: 768 B)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2, help="SSDTierConfig.num_threads")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="SSDTierConfig.num_threads (--ssd); torch intra-op threads (--host, --cache)",
+    )
     p.add_argument("--dir", default=None, help="parent of the temporary DB directory")
+    p.add_argument("--host", action="store_true", help="HashIndex find_or_insert vs baselines")
+    p.add_argument("--cache", action="store_true", help="CacheTier lookup + admit vs LRU dict")
+    p.add_argument("--keys", type=int, default=131_072, help="keys per call (--host, --cache)")
+    p.add_argument("--new-frac", type=float, default=0.2, help="share of new keys (--host)")
+    p.add_argument("--host-start", type=int, default=1_000_000, help="keys before timing")
+    p.add_argument("--host-end", type=int, default=4_000_000, help="keys when timing stops")
+    p.add_argument("--dict-sample", type=int, default=16, help="dict runs 1/N of each batch")
+    p.add_argument("--host-profile", type=int, default=20, help="batches profiled (0: none)")
+    p.add_argument("--cache-capacity", type=int, default=1_000_000)
+    p.add_argument("--cache-row-width", type=int, default=32)
+    p.add_argument("--cache-universe", type=int, default=20_000_000, help="distinct ids")
+    p.add_argument("--zipf", type=float, default=1.05, help="Zipf exponent of id popularity")
+    p.add_argument("--cache-keys-timed", type=int, default=2_000_000, help="per repeat")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     chosen = [s for s in SECTIONS if getattr(args, s)] or list(SECTIONS)
