@@ -105,7 +105,8 @@ class CacheTier:
             ``(slots [M], evicted_keys [E], evicted_rows [E, row_width])``: the rows that
             made room, for the tier below.
         Raises:
-            TierFullError: fewer than ``M`` slots are free or evictable at ``step``.
+            TierFullError: fewer than ``M`` slots are free or evictable at ``step``
+                (rows locked until ``step`` or later are not).
         """
         m = keys.numel()
         empty = torch.empty(0, dtype=torch.int64, device=self.device)

@@ -17,7 +17,7 @@ is in some tier at every moment: nothing is lost on eviction.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -56,14 +56,27 @@ class TierChain:
         return self.created
 
     def prepare(
-        self, keys: torch.Tensor, step: int, create: Callable[[torch.Tensor], torch.Tensor]
+        self,
+        keys: torch.Tensor,
+        step: int,
+        create: Callable[[torch.Tensor], torch.Tensor],
+        lock_until: Optional[int] = None,
     ) -> torch.Tensor:
-        """Top-tier slots of unique ``keys`` ``[U]``, making them resident (locked for
-        ``step``); absent keys get ``create(positions [M]) -> rows [M, row_width]``."""
+        """Top-tier slots of unique ``keys`` ``[U]``, making them resident.
+
+        Args:
+            keys: int64 ``[U]`` unique.
+            step: the step being trained: rows locked until ``step`` or later (this
+                batch's, and a prefetched next batch's) are never evicted.
+            create: ``create(positions [M]) -> rows [M, row_width]`` for absent keys.
+            lock_until: keep these rows until this step (default ``step``; a prefetch of
+                the next batch passes ``step + 1``).
+        """
+        lock_until = step if lock_until is None else lock_until
         slots = self.top.lookup(keys)
         hit = (slots >= 0).nonzero().squeeze(1)
-        self.top.touch(slots[hit], step)
-        self.top.lock(slots[hit], step)
+        self.top.touch(slots[hit], lock_until)
+        self.top.lock(slots[hit], lock_until)
         miss = (slots < 0).nonzero().squeeze(1)
         if miss.numel() == 0:
             return slots
@@ -86,12 +99,17 @@ class TierChain:
             rows[pending] = create(miss[pending]).to(rows.device)
             self.created += pending.numel()
         try:
-            new_slots, ev_keys, ev_rows = self.top.admit(kmiss, rows, step, lock_until=step)
+            new_slots, ev_keys, ev_rows = self.top.admit(kmiss, rows, step, lock_until)
         except TierFullError as e:
+            extra = (
+                " plus the unique keys of the batch being trained (prefetch holds both)"
+                if lock_until > step
+                else ""
+            )
             raise TierFullError(
                 f"table {self.table}: this batch has {keys.numel()} unique keys but the "
                 f"{self.top.name} tier holds {self.top.capacity} rows; give it at least "
-                f"{keys.numel()} rows ({e})"
+                f"{keys.numel()} rows{extra} ({e})"
             ) from e
         self.moved[self.top.name] += kmiss.numel()
         self._push_down(ev_keys, ev_rows, 1, step)

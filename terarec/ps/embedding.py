@@ -155,21 +155,41 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
             keys=self.out_features, length_per_key=lengths, values=torch.cat(pooled, dim=1)
         )
 
+    def prefetch(self, features: KeyedJaggedTensor) -> None:
+        """Makes the rows of the *next* batch resident in the device tier of every tiered
+        table (a no-op for unbounded ones), e.g. on a background thread while the
+        current batch trains. Rows it shares with the current batch are not moved."""
+        keys = features.keys()
+        perm = self._permutation(keys)
+        if perm != list(range(len(keys))):
+            features = features.permute(perm)
+        parts = features.split([len(fs) for fs in self._group_features])
+        for g, kjt, ft in zip(self.groups, parts, self._feature_table):
+            if g.chain is not None:
+                dedup, _ = self._dedup_group(g, kjt, ft)
+                g.prefetch(dedup.keys, dedup.tables)
+
+    def _dedup_group(
+        self, group: TableGroup, kjt: KeyedJaggedTensor, feature_table: torch.Tensor
+    ) -> tuple[_Dedup, torch.Tensor]:
+        """The group's unique (table, key) pairs and the bag offsets ``[F*B + 1]``."""
+        batch = kjt.stride()
+        values = kjt.values().to(self.device, torch.int64)
+        offsets = kjt.offsets().to(self.device)
+        if group.num_tables == 1:
+            return _dedup(values), offsets
+        bounds = offsets[::batch]  # value offset of each feature: [F + 1]
+        tables = torch.repeat_interleave(
+            feature_table.to(self.device), bounds[1:] - bounds[:-1], output_size=values.numel()
+        )
+        return _dedup(group.composite(values, tables), tables), offsets
+
     def _pool_group(
         self, group: TableGroup, kjt: KeyedJaggedTensor, feature_table: torch.Tensor, train: bool
     ) -> torch.Tensor:
         batch = kjt.stride()
         n_feat = len(kjt.keys())
-        values = kjt.values().to(self.device, torch.int64)
-        offsets = kjt.offsets().to(self.device)
-        if group.num_tables == 1:
-            dedup = _dedup(values)
-        else:
-            bounds = offsets[::batch]  # value offset of each feature: [F + 1]
-            tables = torch.repeat_interleave(
-                feature_table.to(self.device), bounds[1:] - bounds[:-1], output_size=values.numel()
-            )
-            dedup = _dedup(group.composite(values, tables), tables)
+        dedup, offsets = self._dedup_group(group, kjt, feature_table)
         if train:
             slots = group.slots_for(dedup.keys, dedup.tables)
             rows = group.read(slots)

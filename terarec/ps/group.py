@@ -178,13 +178,7 @@ class TableGroup:
 
         if self.chain is not None:
             self.step += 1
-
-            def rows_for(pos: torch.Tensor) -> torch.Tensor:
-                out = torch.empty(pos.numel(), self.row_width, device=comp.device)
-                fill(pos, out)
-                return out
-
-            return self.chain.prepare(comp, self.step, rows_for)
+            return self.chain.prepare(comp, self.step, self._rows_for(comp, tables, create))
         if self.num_tables == 1:
             return self.tier.slots_for(comp, lambda pos, out: fill(pos, out))
         if dup is None:
@@ -215,6 +209,32 @@ class TableGroup:
             todo = torch.cat([odd, dup.nonzero().squeeze(1)])
             self._resolve_collisions(todo, comp, tables, slots, fill)
         return slots
+
+    def _rows_for(
+        self,
+        comp: torch.Tensor,
+        tables: torch.Tensor,
+        create: Optional[Callable[[torch.Tensor], torch.Tensor]],
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        def rows_for(pos: torch.Tensor) -> torch.Tensor:
+            if create is not None:
+                return create(pos)
+            return self.new_rows(self.keys_of(comp[pos], tables[pos]), tables[pos])
+
+        return rows_for
+
+    def prefetch(self, comp: torch.Tensor, tables: torch.Tensor) -> None:
+        """Makes the next batch's unique pairs resident in the device tier (tiered tables
+        only), locked through the next step; the batch being trained stays resident.
+
+        May run on a background thread while the current step computes: it touches the
+        tiers' maps and free slots only, never the current batch's rows.
+        """
+        if self.chain is None:
+            return
+        self.chain.prepare(
+            comp, self.step, self._rows_for(comp, tables, None), lock_until=self.step + 1
+        )
 
     def _record_tables(self, first: int, slots: torch.Tensor, tables: torch.Tensor) -> None:
         n = len(self.tier)

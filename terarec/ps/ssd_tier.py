@@ -30,7 +30,6 @@ stores and counts nothing of its batch. See ``docs/tiers.md``.
 
 from __future__ import annotations
 
-import enum
 import os
 import struct
 import threading
@@ -38,7 +37,6 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from itertools import islice, repeat
 from operator import is_, itemgetter
 from pathlib import Path
@@ -48,6 +46,8 @@ import numpy as np
 import rocksdict
 import torch
 
+from terarec.config import SSDCompression as SSDCompression  # re-exported
+from terarec.config import SSDConfig
 from terarec.ps.hash_index import HashIndex
 
 PathLike = Union[str, Path]
@@ -113,74 +113,15 @@ def _is_storage_error(e: BaseException) -> bool:
     return type(e) is Exception or isinstance(e, (OSError, rocksdict.DbClosedError))
 
 
-class SSDCompression(str, enum.Enum):
-    """Block compression of SST files (float32 rows barely compress: ``none`` by default)."""
-
-    NONE = "none"
-    LZ4 = "lz4"
-    ZSTD = "zstd"
-
-    @classmethod
-    def from_str(cls, value: str) -> SSDCompression:
-        try:
-            return cls(value.lower())
-        except (ValueError, AttributeError):
-            allowed = ", ".join(m.value for m in cls)
-            raise ValueError(f"must be one of [{allowed}], got {value!r}") from None
-
-
-@dataclass
-class SSDTierConfig:
-    """Options of the SSD tier (to move into ``terarec/config.py`` as the ``ssd`` section).
-
-    Attributes:
-        path: root directory; rank ``r`` keeps its DB in ``<path>/rank{r}`` (local NVMe).
-        block_cache_mb: RocksDB block cache (a lock-free HyperClockCache); 0 disables it.
-        block_size_kb: SST data block size (a 768-byte row: ~10 rows per 8 KiB block).
-        bloom_bits_per_key: full-key bloom filter bits (10: ~1% false positives).
-        write_buffer_mb: one memtable's size.
-        max_write_buffers: memtables held before writes stall on flushing.
-        background_jobs: RocksDB flush + compaction threads.
-        num_threads: threads that split one multi-get (rocksdict releases the GIL there)
-            and overlap an insert's existence check with packing its rows.
-        known_keys: keys per table whose presence the tier remembers (written, read or
-            missed by this process), so that inserting them needs no existence check:
-            write-back of a row read from the tier, or of a new row whose lookup missed.
-            ~40 bytes each; starts over when full. 0: check every key.
-        compression: ``none`` | ``lz4`` | ``zstd``.
-        wal: also write the WAL on the hot path (never synced there; ``flush`` syncs it).
-            Off by default: checkpoints flush memtables, and recovery is from a checkpoint.
-    """
-
-    path: str = ""
-    block_cache_mb: int = 1024
-    block_size_kb: int = 8
-    bloom_bits_per_key: int = 10
-    write_buffer_mb: int = 64
-    max_write_buffers: int = 4
-    background_jobs: int = 2
-    num_threads: int = 2
-    known_keys: int = 1 << 22
-    compression: SSDCompression = SSDCompression.NONE
-    wal: bool = False
+class SSDTierConfig(SSDConfig):
+    """:class:`~terarec.config.SSDConfig` (the ``ssd`` config section) with ``path``
+    required: the options of a store that is opened, for tools and tests that build one
+    without a whole config. Same fields, defaults and validation."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.compression, str) and not isinstance(self.compression, SSDCompression):
-            self.compression = SSDCompression.from_str(self.compression)
-        checks = [
-            (bool(str(self.path)), "path: must be a directory, got ''"),
-            (self.block_cache_mb >= 0, "block_cache_mb: must be >= 0"),
-            (self.block_size_kb >= 1, "block_size_kb: must be >= 1"),
-            (self.bloom_bits_per_key >= 0, "bloom_bits_per_key: must be >= 0"),
-            (self.write_buffer_mb >= 1, "write_buffer_mb: must be >= 1"),
-            (self.max_write_buffers >= 2, "max_write_buffers: must be >= 2"),
-            (self.background_jobs >= 1, "background_jobs: must be >= 1"),
-            (self.num_threads >= 1, "num_threads: must be >= 1"),
-            (self.known_keys >= 0, "known_keys: must be >= 0"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(msg)
+        super().__post_init__()
+        if self.path is None:
+            raise ValueError("path: required to open an SSD tier")
 
 
 def rank_dir(root: PathLike, rank: int) -> Path:

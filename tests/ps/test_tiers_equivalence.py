@@ -14,6 +14,8 @@ host -> SSD, and back up). Three models train in lockstep on the same batches:
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from torch import nn
@@ -44,16 +46,18 @@ def batches(steps: int) -> list[KeyedJaggedTensor]:
 
 
 @pytest.mark.parametrize(
-    "kind,host_rows,policy",
+    "kind,host_rows,policy,prefetch",
     [
-        ("sgd", 256, "lru"),
-        ("rowwise_adagrad", 256, "lfu"),
-        ("adam", 256, "lru"),
-        ("adam", None, "lru"),  # device cache over an unbounded host tier
+        ("sgd", 256, "lru", False),
+        ("sgd", 256, "lru", True),
+        ("rowwise_adagrad", 256, "lfu", False),
+        ("adam", 256, "lru", False),
+        ("adam", 256, "lfu", True),
+        ("adam", None, "lru", False),  # device cache over an unbounded host tier
     ],
 )
 def test_tiered_training_matches_dense_reference(
-    tmp_path, kind: str, host_rows: int | None, policy: str
+    tmp_path, kind: str, host_rows: int | None, policy: str, prefetch: bool
 ) -> None:
     steps = 1000
     data = batches(steps)
@@ -82,8 +86,17 @@ def test_tiered_training_matches_dense_reference(
     ref_opt = reference_optimizer(opt, bag.parameters())
     head = torch.linspace(-1, 1, 8).unsqueeze(1)
     for step, kjt in enumerate(data):
+        misses_before = group.stats()["device_misses"]
         loss = (torch.tanh(ebc(kjt).values()) @ head).square().sum()
+        if prefetch and step > 0:  # the prefetch made every key resident
+            assert group.stats()["device_misses"] == misses_before, step
+        worker = None
+        if prefetch and step + 1 < steps:  # the next batch, while this one trains
+            worker = threading.Thread(target=ebc.prefetch, args=(data[step + 1],))
+            worker.start()
         loss.backward()
+        if worker is not None:
+            worker.join()
         plain_loss = (torch.tanh(plain(kjt).values()) @ head).square().sum()
         plain_loss.backward()
         assert loss.item() == plain_loss.item(), f"step {step}: tiers changed the math"
