@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -80,6 +81,14 @@ class DenseOptimKind(StrEnum):
 class ModelKind(StrEnum):
     DLRM = "dlrm"
     DCN = "dcn"
+
+
+class SSDCompression(StrEnum):
+    """Block compression of SST files (float32 rows barely compress: ``none`` by default)."""
+
+    NONE = "none"
+    LZ4 = "lz4"
+    ZSTD = "zstd"
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -299,6 +308,68 @@ class OptimizerConfig:
     dense: DenseOptimConfig = field(default_factory=DenseOptimConfig)
 
 
+# ----------------------------------------------------------------------------- ssd
+
+
+@dataclass
+class SSDConfig:
+    """The SSD tier: one RocksDB per rank holding the rows a budgeted host tier evicts.
+
+    ``path: null`` (the default) means no SSD tier; a table with ``host_rows`` needs one.
+    The trainer resolves a relative ``path`` inside the run directory
+    (``<runs_dir>/<name>/<path>``); rank ``r`` keeps its DB in ``<path>/rank{r}``.
+
+    Attributes:
+        path: root directory (local NVMe), or None for no SSD tier.
+        block_cache_mb: RocksDB block cache (a lock-free HyperClockCache); 0 disables it.
+        block_size_kb: SST data block size (a 768-byte row: ~10 rows per 8 KiB block).
+        bloom_bits_per_key: full-key bloom filter bits (10: ~1% false positives).
+        write_buffer_mb: one memtable's size.
+        max_write_buffers: memtables held before writes stall on flushing.
+        background_jobs: RocksDB flush + compaction threads.
+        num_threads: threads that split one multi-get (rocksdict releases the GIL there)
+            and overlap an insert's existence check with packing its rows.
+        known_keys: keys per table whose presence the tier remembers (written, read or
+            missed by this process), so that inserting them needs no existence check:
+            write-back of a row read from the tier, or of a new row whose lookup missed.
+            ~40 bytes each; starts over when full. 0: check every key.
+        compression: ``none`` | ``lz4`` | ``zstd``.
+        wal: also write the WAL on the hot path (never synced there; ``flush`` syncs it).
+            Off by default: checkpoints flush memtables, and recovery is from a checkpoint.
+    """
+
+    path: Optional[str] = None
+    block_cache_mb: int = 1024
+    block_size_kb: int = 8
+    bloom_bits_per_key: int = 10
+    write_buffer_mb: int = 64
+    max_write_buffers: int = 4
+    background_jobs: int = 2
+    num_threads: int = 2
+    known_keys: int = 1 << 22
+    compression: SSDCompression = SSDCompression.NONE
+    wal: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.compression, SSDCompression):  # built in code from a string
+            try:
+                self.compression = SSDCompression.from_str(self.compression)  # type: ignore[assignment]
+            except ValueError as e:
+                raise ValueError(f"compression: {e}") from None
+        _check(
+            self.path is None or bool(str(self.path)),
+            "path: must be a directory (or null for no SSD tier), got ''",
+        )
+        _check(self.block_cache_mb >= 0, "block_cache_mb: must be >= 0")
+        _check(self.block_size_kb >= 1, "block_size_kb: must be >= 1")
+        _check(self.bloom_bits_per_key >= 0, "bloom_bits_per_key: must be >= 0")
+        _check(self.write_buffer_mb >= 1, "write_buffer_mb: must be >= 1")
+        _check(self.max_write_buffers >= 2, "max_write_buffers: must be >= 2")
+        _check(self.background_jobs >= 1, "background_jobs: must be >= 1")
+        _check(self.num_threads >= 1, "num_threads: must be >= 1")
+        _check(self.known_keys >= 0, "known_keys: must be >= 0")
+
+
 # --------------------------------------------------------------------------- train
 
 
@@ -348,6 +419,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1000))
+    ssd: SSDConfig = field(default_factory=SSDConfig)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -364,6 +436,14 @@ class Config:
             sum(t.features is None for t in self.tables) <= 1,
             "tables: at most one table may take all features (features: null)",
         )
+        if self.ssd.path is None:
+            for i, t in enumerate(self.tables):
+                _check(
+                    t.host_rows is None,
+                    f"tables[{i}].host_rows: table {t.name!r} bounds its host tier, so the "
+                    "rows it evicts need an SSD tier below it: set ssd.path (or remove "
+                    "host_rows)",
+                )
 
 
 # ------------------------------------------------------------------------- loading
@@ -460,14 +540,33 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
         raise ConfigError(f"{source}: {e}") from None
 
 
+_INDEXED = re.compile(r"^([^\[\]]+)\[(\d+)\]$")  # tables[0]
+
+
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    node = data
+    """Sets ``dotted`` (``train.steps``, ``tables[0].device_rows``) in YAML data."""
+    node: Any = data
     parts = dotted.split(".")
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
+    for i, p in enumerate(parts):
         if not isinstance(node, dict):
-            raise ConfigError(f"--set {dotted}: {p} is not a mapping")
-    node[parts[-1]] = value
+            raise ConfigError(f"--set {dotted}: {parts[i - 1]} is not a mapping")
+        last = i == len(parts) - 1
+        m = _INDEXED.match(p)
+        if m is None:
+            if last:
+                node[p] = value
+            else:
+                node = node.setdefault(p, {})
+            continue
+        name, idx = m.group(1), int(m.group(2))
+        items = node.get(name)
+        if not isinstance(items, list) or idx >= len(items):
+            n = len(items) if isinstance(items, list) else 0
+            raise ConfigError(f"--set {dotted}: {name} has no item {idx} (it has {n})")
+        if last:
+            items[idx] = value
+        else:
+            node = items[idx]
 
 
 def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -> Config:

@@ -2,7 +2,16 @@ from pathlib import Path
 
 import pytest
 
-from terarec.config import ConfigError, SparseOptimKind, config_to_dict, load_config
+from terarec.config import (
+    ConfigError,
+    SparseOptimKind,
+    SSDCompression,
+    SSDConfig,
+    config_to_dict,
+    load_config,
+)
+
+REPO = Path(__file__).resolve().parents[1]
 
 MIN = "name: x\ntables: [{name: t, dim: 8}]\n"
 
@@ -37,6 +46,17 @@ def test_minimal_and_defaults(tmp_path: Path) -> None:
             "in two tables",
         ),
         ("name: [\n", "invalid YAML"),
+        (
+            "name: x\ntables: [{name: t, dim: 8}, {name: u, dim: 8, features: [a],"
+            " device_rows: 64, host_rows: 128}]\n",
+            r"tables\[1\].host_rows: table 'u' bounds its host tier.*set ssd.path",
+        ),
+        (MIN + "ssd: {bogus: 1}\n", "ssd.bogus: unknown key"),
+        (MIN + "ssd: {path: ''}\n", "ssd.path: must be a directory"),
+        (MIN + "ssd: {compression: brotli}\n", "ssd.compression: must be one of"),
+        (MIN + "ssd: {num_threads: 0}\n", "ssd.num_threads: must be >= 1"),
+        (MIN + "ssd: {max_write_buffers: 1}\n", "ssd.max_write_buffers: must be >= 2"),
+        (MIN + "ssd: {block_cache_mb: -1}\n", "ssd.block_cache_mb: must be >= 0"),
     ],
 )
 def test_errors_name_file_and_key(tmp_path: Path, text: str, msg: str) -> None:
@@ -53,6 +73,46 @@ def test_overrides(tmp_path: Path) -> None:
         load_config(write(tmp_path, MIN), ["train.stepz=7"])
 
 
+def test_overrides_of_list_items(tmp_path: Path) -> None:
+    two = "name: x\ntables: [{name: t, dim: 8, features: [a]}, {name: u, dim: 8}]\n"
+    cfg = load_config(write(tmp_path, two), ["tables[1].device_rows=64", "tables[0].dim=4"])
+    assert cfg.tables[1].device_rows == 64 and cfg.tables[0].dim == 4
+    cfg = load_config(write(tmp_path, two), ["tables[0]={name: v, dim: 2, features: [b]}"])
+    assert cfg.tables[0].name == "v"
+    with pytest.raises(ConfigError, match=r"tables\[2\].dim: tables has no item 2 \(it has 2\)"):
+        load_config(write(tmp_path, two), ["tables[2].dim=4"])
+    with pytest.raises(ConfigError, match="--set train.steps.x: steps is not a mapping"):
+        load_config(write(tmp_path, MIN), ["train.steps=3", "train.steps.x=1"])
+
+
 def test_missing_file() -> None:
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config("/nonexistent/c.yaml")
+
+
+def test_ssd_section(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, MIN))
+    assert cfg.ssd.path is None  # no SSD tier by default
+    tiered = (
+        "name: x\ntables: [{name: t, dim: 8, device_rows: 64, host_rows: 128}]\n"
+        "ssd: {path: /nvme/x, compression: LZ4, known_keys: 1.0e+6}\n"
+    )
+    cfg = load_config(write(tmp_path, tiered))
+    assert cfg.ssd.path == "/nvme/x" and cfg.ssd.compression == SSDCompression.LZ4
+    assert cfg.ssd.known_keys == 1_000_000
+    assert config_to_dict(cfg)["ssd"]["compression"] == "lz4"
+    assert SSDConfig(compression="zstd").compression == SSDCompression.ZSTD  # type: ignore[arg-type]
+
+
+def test_ssd_tier_config_is_the_ssd_section() -> None:
+    from terarec.ps.ssd_tier import SSDTierConfig
+
+    c = SSDTierConfig(path="/x", num_threads=4)
+    assert isinstance(c, SSDConfig) and c.num_threads == 4
+    with pytest.raises(ValueError, match="path: required"):
+        SSDTierConfig()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_shipped_configs_load(name: str) -> None:
+    load_config(REPO / "configs" / name)
