@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Optional
@@ -47,6 +49,7 @@ def _eval(args: argparse.Namespace) -> int:
     from terarec.trainer.checkpoint import CheckpointError, load_checkpoint, read_manifest
     from terarec.trainer.loop import build_components, evaluate
     from terarec.trainer.report import to_jsonable
+    from terarec.trainer.tiers import close_store, open_ssd_store, ssd_root, uses_ssd
 
     ckpt = _checkpoint_dir(args.run)
     manifest = read_manifest(ckpt, verify=False)
@@ -58,15 +61,28 @@ def _eval(args: argparse.Namespace) -> int:
             raise ConfigError("--data: the run trained on synthetic data, which has no files")
         cfg.data.eval_path = args.data
         cfg.data.eval_fraction = 0.0
-    parts = build_components(cfg)
-    step = load_checkpoint(ckpt, parts)
-    src = build_source(cfg.data, "eval", seed=cfg.seed)
+    store, scratch = None, None
     try:
-        metrics = evaluate(parts.model, src, parts.device)
-        metrics["data"] = src.stats() if hasattr(src, "stats") else {}
+        if uses_ssd(cfg):
+            # A scratch DB of its own, next to the run's (which a training run may hold
+            # open), refilled from the checkpoint and removed afterwards.
+            root = ssd_root(cfg, ckpt.parent)
+            assert root is not None
+            scratch = root / f"eval-{os.getpid()}"
+            store = open_ssd_store(cfg, scratch)
+        parts = build_components(cfg, ssd_store=store)
+        step = load_checkpoint(ckpt, parts)
+        src = build_source(cfg.data, "eval", seed=cfg.seed)
+        try:
+            metrics = evaluate(parts.model, src, parts.device)
+            metrics["data"] = src.stats() if hasattr(src, "stats") else {}
+        finally:
+            if hasattr(src, "close"):
+                src.close()
     finally:
-        if hasattr(src, "close"):
-            src.close()
+        close_store(store, quiet=True)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     metrics["step"] = step
     print(json.dumps(to_jsonable(metrics), indent=1, allow_nan=False))  # nan -> null
     return 0
@@ -109,10 +125,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     except Exception as e:
         from terarec.data import DataError
+        from terarec.ps.ssd_tier import SSDTierError
         from terarec.trainer.checkpoint import CheckpointError
         from terarec.trainer.loop import TrainingDiverged
 
-        if isinstance(e, (DataError, CheckpointError, TrainingDiverged, FileNotFoundError)):
+        known = (DataError, CheckpointError, TrainingDiverged, SSDTierError, FileNotFoundError)
+        if isinstance(e, known):
             print(f"terarec: {type(e).__name__}: {e}", file=sys.stderr)
             return 1
         raise

@@ -115,9 +115,59 @@ def test_resume_continues_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert summary["steps"] == 40 and summary["samples"] == 40 * 64
 
 
+# 64 samples x 4 features: at most 256 unique keys a batch; vocab 4 x 200 = 800 keys.
+TIERED = [
+    "tables=[{name: sparse, dim: 16, device_rows: 256, host_rows: 320}]",
+    "ssd.path=ssd",
+    "ssd.block_cache_mb=8",
+    "ssd.write_buffer_mb=4",
+]
+
+
+def with_sets(argv: list[str], sets: list[str]) -> list[str]:
+    for item in sets:
+        argv += ["--set", item]
+    return argv
+
+
+def test_tiered_train_and_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    runs = tmp_path / "runs"
+    argv = with_sets(train_argv(runs, name="tiered"), [*TIERED, "train.progress=true"])
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    assert "hit=" in err  # the device tier's hit rate in the progress bar
+    assert "tiers sparse: device hit " in out and "ssd hit " in out
+    run_dir = runs / "tiered"
+    assert (run_dir / "ssd" / "rank0" / "CURRENT").is_file()  # relative ssd.path: in the run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["tiers"]["sparse"]["ssd_rows_in"] > 0
+    # eval rebuilds the tiers on a scratch DB of its own, removed afterwards
+    code, out, err = run(["eval", "--run", str(run_dir)], capsys)
+    assert code == 0, err
+    assert eval_json(out)["auc"] == pytest.approx(summary["final_eval"]["auc"], abs=1e-9)
+    assert sorted(p.name for p in (run_dir / "ssd").iterdir()) == ["rank0"]
+
+
+def test_a_batch_over_the_device_budget_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    small = "tables=[{name: sparse, dim: 16, device_rows: 100, host_rows: 320}]"
+    code, _, err = run(with_sets(train_argv(tmp_path / "runs"), [*TIERED, small]), capsys)
+    assert code == 2
+    assert f"terarec: config error: {QUICKSTART}: tables[0].device_rows: table sparse: " in err
+    assert "unique keys but the device tier holds 100 rows; give it at least" in err
+
+
 @pytest.mark.parametrize(
     "sets, says",
     [
+        (
+            ["tables=[{name: sparse, dim: 16, device_rows: 64, host_rows: 128}]"],
+            "tables[0].host_rows: table 'sparse' bounds its host tier",
+        ),
+        (["ssd.cache_mb=8"], "ssd.cache_mb: unknown key"),
+        # the SSD store is opened before the model is built: still no directory left
+        ([*TIERED, "model.bottom_mlp=[16,8]"], "model: bottom_mlp: the last size (8) must"),
         (["train.stepz=5"], "train.stepz: unknown key"),
         (["optimizer.sparse.lrr=0.1"], "optimizer.sparse.lrr: unknown key"),
         (["train.steps=abc"], "train.steps: expected an integer, got 'abc'"),

@@ -4,7 +4,9 @@ Layout of ``<dir>/``::
 
     manifest.json   format version, step, samples, the run's config, and the size +
                     sha256 of every file below
-    tables.pt       per table: keys [R], rows [R, dim + state], optimizer step
+    tables.pt       per table: keys [R], rows [R, dim + state], optimizer step; a tiered
+                    table's rows come from all its tiers (device, host, SSD), the
+                    freshest copy of each, after a flush of every tier
     dense.pt        model state_dict (MLPs), dense optimizer state_dict and class name
     data.json       the train source's position (exact resume)
     rng.pt          torch RNG state
@@ -217,6 +219,9 @@ def load_checkpoint(path: Path, parts: Components, source: Any = None) -> int:
 
     Every file is verified against the manifest (size and sha256) before anything is
     loaded, so a corrupted checkpoint fails here rather than training on bad rows.
+    A tiered table's rows all go into its bottom tier (the SSD tier, or the unbounded
+    host tier); its caches start empty (the rows and the math are the same wherever a
+    row lives, so training continues bit for bit).
 
     Args:
         path: the checkpoint directory.

@@ -2,8 +2,9 @@
 
 ``train(cfg)`` runs a whole job and returns its summary; ``evaluate`` runs one pass over
 an eval source. Everything a person looks at lands in ``runs/<name>/``: ``metrics.jsonl``,
-``summary.json``, ``curves.png``, ``config.yaml`` and ``checkpoint/`` (saved at the end and,
-with ``train.checkpoint_every``, every N steps).
+``summary.json``, ``curves.png``, ``config.yaml``, ``checkpoint/`` (saved at the end and,
+with ``train.checkpoint_every``, every N steps) and, for tables with a host budget, the
+SSD tier (``ssd/`` by default; see ``trainer/tiers.py``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -26,7 +28,9 @@ from terarec.data import build_source, dense_feature_names, sparse_feature_names
 from terarec.data.batch import Batch
 from terarec.models import build_model
 from terarec.optim.dense import build_dense_optimizer
+from terarec.ps.cache_tier import TierFullError
 from terarec.ps.embedding import HierarchicalEmbeddingBagCollection
+from terarec.ps.ssd_tier import SSDStore
 from terarec.trainer.checkpoint import (
     NonFiniteState,
     load_checkpoint,
@@ -35,6 +39,15 @@ from terarec.trainer.checkpoint import (
 )
 from terarec.trainer.metrics import CTRMetrics
 from terarec.trainer.report import RunReporter, atomic_write_text, read_jsonl
+from terarec.trainer.tiers import (
+    TierCounters,
+    close_store,
+    current_rank,
+    describe_tiers,
+    open_ssd_store,
+    ssd_root,
+    uses_ssd,
+)
 
 log = logging.getLogger("terarec.trainer")
 
@@ -61,8 +74,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_components(cfg: Config) -> Components:
+def build_components(cfg: Config, ssd_store: Optional[SSDStore] = None) -> Components:
     """Embedding collection, model and dense optimizer for ``cfg``.
+
+    Args:
+        cfg: the run's config.
+        ssd_store: the rank's SSD store (see :func:`open_ssd_store`); required when a
+            table has ``host_rows``, unused otherwise. The caller closes it.
 
     Raises:
         ConfigError: the tables do not fit the data's features, or the model does not
@@ -74,7 +92,12 @@ def build_components(cfg: Config) -> Components:
     features = sparse_feature_names(cfg.data)
     try:
         embedding = HierarchicalEmbeddingBagCollection(
-            cfg.tables, features, cfg.optimizer.sparse, device=device, seed=cfg.seed
+            cfg.tables,
+            features,
+            cfg.optimizer.sparse,
+            device=device,
+            seed=cfg.seed,
+            ssd_store=ssd_store,
         )
     except ValueError as e:
         raise ConfigError(f"tables: {e}") from None
@@ -239,7 +262,9 @@ def train(cfg: Config, resume: Optional[Path] = None) -> dict[str, Any]:
             of a checkpoint (which is then not written). The message names the last
             good checkpoint.
         CheckpointError: ``resume`` is missing, corrupted or of another model.
-        ConfigError: the tables or the model do not fit the data.
+        ConfigError: the tables or the model do not fit the data, or a batch has more
+            unique keys than a table's ``device_rows``.
+        SSDTierError: the SSD tier's directory cannot be written or is in use.
     """
     endless = cfg.data.kind == DataKind.SYNTHETIC  # epochs do not apply to it
     if endless and cfg.train.steps is None and cfg.train.max_minutes is None:
@@ -249,11 +274,39 @@ def train(cfg: Config, resume: Optional[Path] = None) -> dict[str, Any]:
         )
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    parts = build_components(cfg)
+    run_dir = Path(cfg.train.runs_dir) / cfg.name
+    # The outermost directory this call creates: a bad config must leave none behind.
+    new_dir = next((p for p in reversed([run_dir, *run_dir.parents]) if not p.exists()), None)
+    store: Optional[SSDStore] = None
+    try:
+        root = ssd_root(cfg, run_dir)
+        if uses_ssd(cfg):
+            assert root is not None
+            store = open_ssd_store(cfg, root, current_rank())
+        elif root is not None:
+            log.warning("ssd.path is set but no table has host_rows: no SSD tier is used")
+        parts = build_components(cfg, ssd_store=store)
+    except BaseException:
+        close_store(store, quiet=True)
+        if new_dir is not None:
+            shutil.rmtree(new_dir, ignore_errors=True)
+        raise
+    try:
+        summary = _train(cfg, resume, parts, run_dir)
+    except BaseException:
+        close_store(store, quiet=True)  # the error in flight is the one to see
+        raise
+    close_store(store)  # flushes: a full disk here is an error of the run
+    return summary
+
+
+def _train(
+    cfg: Config, resume: Optional[Path], parts: Components, run_dir: Path
+) -> dict[str, Any]:
+    """:func:`train` once its components (and SSD store) are built."""
     model, device = parts.model, parts.device
     source = build_source(cfg.data, "train", seed=cfg.seed, epochs=cfg.train.epochs)
-    run_dir = Path(cfg.train.runs_dir) / cfg.name
-    reporter = RunReporter(run_dir)  # only now: a bad config leaves no run directory
+    reporter = RunReporter(run_dir)
     ckpt_dir = run_dir / "checkpoint"
     step = samples = 0
     last_ckpt: Optional[tuple[Path, int]] = None  # (dir, step) known good, for errors
@@ -274,6 +327,7 @@ def train(cfg: Config, resume: Optional[Path] = None) -> dict[str, Any]:
         reporter.metrics_path.unlink()
     reporter.save_config(config_to_dict(cfg))
 
+    tiers = TierCounters(parts.embedding)  # after a resume's load: its rows are not moves
     window = CTRMetrics()
     loss_fn = nn.BCEWithLogitsLoss()
     start = time.perf_counter()
@@ -322,16 +376,22 @@ def train(cfg: Config, resume: Optional[Path] = None) -> dict[str, Any]:
                     "samples": samples,
                 }
                 losses.clear()
+                postfix = {
+                    "loss": f"{rec['loss']:.4f}",
+                    "auc": f"{m['auc']:.4f}",
+                    "sps": f"{rate:,.0f}",
+                    "rows": f"{rows:,}",
+                }
+                if tiers:
+                    rec["tiers"] = tiers.interval()
+                    if tiers.device_hit_rate is not None:
+                        postfix["hit"] = f"{tiers.device_hit_rate:.2f}"
                 reporter.log(step, "train", rec)
-                bar.set_postfix(
-                    loss=f"{rec['loss']:.4f}",
-                    auc=f"{m['auc']:.4f}",
-                    sps=f"{rate:,.0f}",
-                    rows=f"{rows:,}",
-                )
+                bar.set_postfix(postfix)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0:
                 t0 = time.perf_counter()
-                ev = _run_eval(cfg, parts)
+                with tiers.excluding():
+                    ev = _run_eval(cfg, parts)
                 dt = time.perf_counter() - t0
                 paused_seconds += dt
                 last_log_t += dt
@@ -350,6 +410,20 @@ def train(cfg: Config, resume: Optional[Path] = None) -> dict[str, Any]:
                 paused_seconds += dt
                 last_log_t += dt
                 log.info("step %d: checkpoint saved to %s (%.1fs)", step, ckpt_dir, dt)
+    except TierFullError as e:
+        # A budget that one batch does not fit: the config's to fix. Nothing is saved
+        # after it (the failed step may have left its rows half moved between tiers);
+        # the last checkpoint stays the one to resume from.
+        msg = str(e)
+        where = next(
+            (
+                f"tables[{i}].device_rows"
+                for i, t in enumerate(cfg.tables)
+                if msg.startswith(f"table {t.name}:")
+            ),
+            "tables",
+        )
+        raise ConfigError(f"{where}: {msg}") from None
     finally:
         bar.close()
         if hasattr(source, "close"):
@@ -358,7 +432,8 @@ def train(cfg: Config, resume: Optional[Path] = None) -> dict[str, Any]:
     if last_eval is not None and last_eval[0] == step:
         final = last_eval[1]  # eval_every just evaluated this very model
     else:
-        final = _run_eval(cfg, parts)
+        with tiers.excluding():
+            final = _run_eval(cfg, parts)
         reporter.log(step, "eval", final)
     summary: dict[str, Any] = {
         "name": cfg.name,
@@ -373,6 +448,8 @@ def train(cfg: Config, resume: Optional[Path] = None) -> dict[str, Any]:
         "rows": parts.embedding.num_rows(),
         "data": source.stats() if hasattr(source, "stats") else {},
     }
+    if tiers:
+        summary["tiers"] = tiers.totals()
     if cfg.train.save_checkpoint:
         summary["checkpoint"] = str(_save(ckpt_dir, parts, source, step, cfg, samples, last_ckpt))
     reporter.write_summary(summary)
@@ -414,4 +491,5 @@ def describe_final(summary: dict[str, Any], cfg: Config) -> str:
     if cfg.data.kind != DataKind.SYNTHETIC and summary.get("data"):
         lines.append(f"data: {summary['data']}")
     lines.append(f"rows: {summary['rows']}")
+    lines += describe_tiers(summary.get("tiers", {}))
     return "\n".join(lines)
