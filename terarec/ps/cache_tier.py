@@ -134,14 +134,19 @@ class CacheTier:
         self._stats["inserts"] += m
         return free, ev_keys, ev_rows
 
+    def room(self, step: int) -> int:
+        """Rows :meth:`admit` can place at ``step``: free slots plus evictable ones."""
+        return int((~self._used | (self._lock < step)).sum())
+
     def _victims(self, n: int, step: int) -> torch.Tensor:
         evictable = self._used & (self._lock < step)
         count = int(evictable.sum())
         if count < n:
             raise TierFullError(
                 f"{self.name} tier: needs {n} more free rows at step {step} but only "
-                f"{count} of its {self.capacity} rows may be evicted (the rest hold the "
-                "current and next batch); raise its budget"
+                f"{count} of its {self.capacity} rows may be evicted (the others are locked "
+                "for the batch being trained, and the next one when prefetched); raise its "
+                "budget"
             )
         big = torch.iinfo(torch.int64).max
         if self.policy == "lru":

@@ -81,6 +81,8 @@ class TierChain:
         if miss.numel() == 0:
             return slots
         kmiss = keys[miss]
+        if kmiss.numel() > self.top.room(step):  # check before any row leaves a lower tier
+            self._too_small(keys, lock_until > step)
         rows = torch.empty(miss.numel(), self.row_width, device=self.top.device)
         pending = torch.arange(miss.numel(), device=keys.device)
         for tier in self.tiers[1:]:
@@ -98,23 +100,19 @@ class TierChain:
         if pending.numel():
             rows[pending] = create(miss[pending]).to(rows.device)
             self.created += pending.numel()
-        try:
-            new_slots, ev_keys, ev_rows = self.top.admit(kmiss, rows, step, lock_until)
-        except TierFullError as e:
-            extra = (
-                " plus the unique keys of the batch being trained (prefetch holds both)"
-                if lock_until > step
-                else ""
-            )
-            raise TierFullError(
-                f"table {self.table}: this batch has {keys.numel()} unique keys but the "
-                f"{self.top.name} tier holds {self.top.capacity} rows; give it at least "
-                f"{keys.numel()} rows{extra} ({e})"
-            ) from e
+        new_slots, ev_keys, ev_rows = self.top.admit(kmiss, rows, step, lock_until)
         self.moved[self.top.name] += kmiss.numel()
         self._push_down(ev_keys, ev_rows, 1, step)
         slots[miss] = new_slots
         return slots
+
+    def _too_small(self, keys: torch.Tensor, prefetch: bool) -> None:
+        extra = " plus the unique keys of the batch being trained (prefetch holds both)"
+        raise TierFullError(
+            f"table {self.table}: this batch has {keys.numel()} unique keys but the "
+            f"{self.top.name} tier holds {self.top.capacity} rows; give it at least "
+            f"{keys.numel()} rows{extra if prefetch else ''}"
+        )
 
     def _push_down(self, keys: torch.Tensor, rows: torch.Tensor, level: int, step: int) -> None:
         if keys.numel() == 0:

@@ -135,3 +135,24 @@ def test_host_budget_without_ssd_is_a_clear_error() -> None:
     table = TableConfig(name="t", dim=4, device_rows=8, host_rows=16)
     with pytest.raises(ValueError, match="SSD tier"):
         HierarchicalEmbeddingBagCollection([table], ["a"], SparseOptimConfig(kind="sgd"))
+
+
+def test_too_small_device_tier_fails_before_moving_rows(tmp_path) -> None:
+    table = TableConfig(name="t", dim=4, device_rows=8, host_rows=8)
+    store = SSDStore(tmp_path / "ssd", SSDTierConfig(path=str(tmp_path / "ssd")))
+    ebc = HierarchicalEmbeddingBagCollection(
+        [table], ["a"], SparseOptimConfig(kind="sgd"), ssd_store=store
+    )
+    for start in (0, 8, 16):  # 24 rows spread over device, host and SSD
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            ["a"], torch.arange(start, start + 8), torch.tensor([8])
+        )
+        ebc(kjt).values().sum().backward()
+    before_keys, before_rows = ebc.tables[0].export()
+    big = KeyedJaggedTensor.from_lengths_sync(["a"], torch.arange(20), torch.tensor([20]))
+    with pytest.raises(RuntimeError, match="at least 20 rows"):
+        ebc(big)
+    keys, rows = ebc.tables[0].export()
+    assert torch.equal(torch.sort(keys).values, torch.arange(24))
+    assert torch.equal(rows[torch.argsort(keys)], before_rows[torch.argsort(before_keys)])
+    store.close()
