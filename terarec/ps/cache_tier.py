@@ -116,12 +116,7 @@ class CacheTier:
         need = m - free.numel()
         ev_keys, ev_rows = empty, torch.empty(0, self.row_width, device=self.device)
         if need > 0:
-            victims = self._victims(need, step)
-            ev_keys, ev_rows = self._keys[victims], self._rows[victims]
-            self._map.delete(ev_keys)
-            self._used[victims] = False
-            self._size -= need
-            self._stats["evictions"] += need
+            victims, ev_keys, ev_rows = self._evict(need, step)
             free = torch.cat([free, victims])
         self._keys[free] = keys
         self._rows[free] = rows.to(self._rows.dtype)
@@ -158,29 +153,37 @@ class CacheTier:
         freq = torch.where(evictable, self._freq, big)[order]
         return order[torch.sort(freq, stable=True).indices[:n]]
 
+    def _release(self, slots: torch.Tensor, keys: torch.Tensor) -> None:
+        """Frees ``slots`` holding ``keys`` (unique): the map forgets them."""
+        self._map.delete(keys)
+        self._used[slots] = False
+        self._lock[slots] = -1
+        self._size -= slots.numel()
+
+    def _evict(self, n: int, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Frees ``n`` victims: ``(slots, keys, rows)`` (rows copied out)."""
+        victims = self._victims(n, step)
+        keys, rows = self._keys[victims], self._rows[victims]
+        self._release(victims, keys)
+        self._stats["evictions"] += n
+        return victims, keys, rows
+
     def remove(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Takes present ``keys`` out: returns their ``(keys [R], rows [R, W])``."""
         slots = self._map.find(keys)
         hit = (slots >= 0).nonzero().squeeze(1)
-        s = slots[hit]
-        out_keys, out_rows = keys[hit], self._rows[s]
-        self._map.delete(out_keys)
-        self._used[s] = False
-        self._lock[s] = -1
-        self._size -= hit.numel()
+        out_keys, out_rows = keys[hit], self._rows[slots[hit]]
+        self._release(slots[hit], out_keys)
         return out_keys, out_rows
 
     def take(self, keys: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Like :meth:`find`, but the rows found leave the tier (exclusive caching)."""
-        slots = self.lookup(keys)
-        hit = (slots >= 0).nonzero().squeeze(1)
-        s = slots[hit]
-        out[hit] = self._rows[s].to(out.dtype)
-        self._map.delete(keys[hit])
-        self._used[s] = False
-        self._lock[s] = -1
-        self._size -= hit.numel()
-        return (slots < 0).nonzero().squeeze(1)
+        missed = self.find(keys, out)
+        hit = torch.ones(keys.numel(), dtype=torch.bool, device=keys.device)
+        hit[missed] = False
+        present = keys[hit]
+        self._release(self._map.find(present), present)
+        return missed
 
     # -- Tier protocol ---------------------------------------------------------------
     def find(self, keys: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -204,12 +207,7 @@ class CacheTier:
 
     def evict(self, n: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Evicts ``n`` rows by the policy; returns their ``(keys, rows)``."""
-        victims = self._victims(n, step)
-        keys, rows = self._keys[victims], self._rows[victims]
-        self._map.delete(keys)
-        self._used[victims] = False
-        self._size -= n
-        self._stats["evictions"] += n
+        _, keys, rows = self._evict(n, step)
         return keys, rows
 
     def export(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -52,6 +52,17 @@ def fbgemm_hashmap_available() -> bool:
     )
 
 
+def bucket_count(capacity: int) -> int:
+    """Initial buckets for ``capacity``: a power of two, at least 16."""
+    return max(16, 1 << (max(capacity, 1) - 1).bit_length())
+
+
+def check_max_load(max_load: float) -> float:
+    if not 0.1 <= max_load <= 0.9:
+        raise ValueError(f"max_load must be in [0.1, 0.9], got {max_load}")
+    return max_load
+
+
 def _resolve_backend(backend: Backend, device: torch.device) -> str:
     if backend not in ("auto", "torch", "fbgemm"):
         raise ValueError(f"hash index backend must be auto, torch or fbgemm, got {backend!r}")
@@ -79,15 +90,13 @@ class HashIndex:
         max_load: float = 0.5,
         backend: Backend = "auto",
     ) -> None:
-        if not 0.1 <= max_load <= 0.9:
-            raise ValueError(f"max_load must be in [0.1, 0.9], got {max_load}")
+        self.max_load = check_max_load(max_load)
         self.device = torch.device(device)
         self.backend = _resolve_backend(backend, self.device)
-        self.max_load = max_load
         self._size = 0
         self._special = -1  # fbgemm backend: slot of the key whose mixed value is -1
         self._unindexed: list[int] = []  # slots with a key but no bucket (append_unindexed)
-        self._alloc(max(16, 1 << (max(capacity, 1) - 1).bit_length()))
+        self._alloc(bucket_count(capacity))
         self._slot_keys = torch.empty(0, dtype=torch.int64, device=self.device)
 
     def _alloc(self, cap: int) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from terarec.hashing import mix64_torch
-from terarec.ps.hash_index import Backend, _resolve_backend
+from terarec.ps.hash_index import Backend, _resolve_backend, bucket_count, check_max_load
 
 _EMPTY = -1
 _DEAD = -3  # value of a deleted entry (FBGEMM's insert skips only the value -1)
@@ -45,15 +45,13 @@ class KeyMap:
         max_load: float = 0.5,
         backend: Backend = "auto",
     ) -> None:
-        if not 0.1 <= max_load <= 0.9:
-            raise ValueError(f"max_load must be in [0.1, 0.9], got {max_load}")
+        self.max_load = check_max_load(max_load)
         self.device = torch.device(device)
         self.backend = _resolve_backend(backend, self.device)
-        self.max_load = max_load
         self._live = 0
         self._used = 0  # buckets holding a key (live or dead)
         self._side = -1  # value of the key whose mix is -1 (-1: absent)
-        self._alloc(max(16, 1 << (max(capacity, 1) - 1).bit_length()))
+        self._alloc(bucket_count(capacity))
 
     def _alloc(self, cap: int) -> None:
         self._cap = cap
