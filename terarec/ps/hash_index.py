@@ -26,8 +26,9 @@ from typing import Literal, Optional
 import torch
 
 from terarec.hashing import mix64_torch
+from terarec.ps import triton_hash
 
-Backend = Literal["auto", "torch", "fbgemm"]
+Backend = Literal["auto", "torch", "fbgemm", "triton"]
 
 _EMPTY = -1
 # Most keys resolve in their home bucket, so early rounds look at one bucket per key;
@@ -64,11 +65,20 @@ def check_max_load(max_load: float) -> float:
 
 
 def _resolve_backend(backend: Backend, device: torch.device) -> str:
-    if backend not in ("auto", "torch", "fbgemm"):
-        raise ValueError(f"hash index backend must be auto, torch or fbgemm, got {backend!r}")
+    if backend not in ("auto", "torch", "fbgemm", "triton"):
+        raise ValueError(
+            f"hash index backend must be auto, torch, fbgemm or triton, got {backend!r}"
+        )
     if backend == "fbgemm" and (device.type != "cpu" or not fbgemm_hashmap_available()):
         raise ValueError("the fbgemm hash index backend needs a CPU device and fbgemm_gpu")
+    if backend == "triton" and not triton_hash.available(device):
+        raise ValueError(
+            "the triton hash index backend needs triton and a CUDA device "
+            "(or TRITON_INTERPRET=1 on CPU)"
+        )
     if backend == "auto":
+        if device.type == "cuda" and triton_hash.available(device):
+            return "triton"
         return "fbgemm" if device.type == "cpu" and fbgemm_hashmap_available() else "torch"
     return backend
 
@@ -155,7 +165,7 @@ class HashIndex:
         Returns:
             int64 ``[N]``.
         """
-        if self.backend == "fbgemm":
+        if self.backend != "torch":
             return self._fb_find(mix64_torch(keys))
         out = torch.full_like(keys, -1)
         pending = torch.arange(keys.numel(), device=keys.device)
@@ -181,6 +191,8 @@ class HashIndex:
         n = keys.numel()
         if self._size + n > self.max_load * self._cap:
             self._grow(self._size + n)
+        if self.backend == "triton":
+            return self._tr_find_or_insert(keys)
         if self.backend == "fbgemm":
             return self._fb_find_or_insert(keys)
         out = torch.full_like(keys, -1)
@@ -192,10 +204,13 @@ class HashIndex:
     def _fb_find(self, mixed: torch.Tensor) -> torch.Tensor:
         if mixed.numel() == 0:
             return torch.empty(0, dtype=torch.int64, device=mixed.device)
-        offsets = torch.tensor([0, mixed.numel()], dtype=torch.int64)
-        out = torch.ops.fbgemm.pruned_hashmap_lookup(
-            mixed, offsets, self._table, self._table_offsets
-        )
+        if self.backend == "triton":
+            out, _ = triton_hash.probe(mixed, self._table)
+        else:
+            offsets = torch.tensor([0, mixed.numel()], dtype=torch.int64)
+            out = torch.ops.fbgemm.pruned_hashmap_lookup(
+                mixed, offsets, self._table, self._table_offsets
+            )
         if self._special >= 0:
             out = torch.where(mixed == _EMPTY, self._special, out)
         return out
@@ -208,6 +223,11 @@ class HashIndex:
         if side.numel():
             self._special = int(ids[side[0, 0]])
             ids = torch.where(mixed == _EMPTY, -1, ids)  # -1: the kernel skips the entry
+        if self.backend == "triton":
+            _, bucket, claimed = triton_hash.probe_or_claim(mixed, self._table)
+            put = claimed.nonzero().squeeze(1)
+            self._table[bucket[put], 1] = ids[put]
+            return
         offsets = torch.tensor([0, mixed.numel()], dtype=torch.int64)
         torch.ops.fbgemm.pruned_hashmap_insert(
             mixed, ids, offsets, self._table, self._table_offsets
@@ -223,6 +243,28 @@ class HashIndex:
             out.index_copy_(0, new, ids)
             self._append_slot_keys(keys.index_select(0, new))
             self._fb_insert(mixed.index_select(0, new), ids)
+        return out, out >= first
+
+    def _tr_find_or_insert(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Triton: one fused probe-or-claim launch, then the new keys' ids in key order."""
+        mixed = mix64_torch(keys)
+        out, bucket, claimed = triton_hash.probe_or_claim(mixed, self._table)
+        side = mixed == _EMPTY
+        if self._special >= 0:
+            out = torch.where(side, self._special, out)
+            new = claimed
+        else:
+            new = claimed | side
+        rank = torch.cumsum(new, 0)
+        first = self._size
+        n_new = int(rank[-1]) if keys.numel() else 0
+        if n_new:
+            out = torch.where(new, first + rank - 1, out)
+            put = claimed.nonzero().squeeze(1)
+            self._table[bucket[put], 1] = out[put]
+            if self._special < 0 and bool(side.any()):
+                self._special = int(out[side.nonzero()[0, 0]])
+            self._append_slot_keys(keys[new])
         return out, out >= first
 
     # -- torch backend -----------------------------------------------------------------
@@ -299,7 +341,7 @@ class HashIndex:
             keep = torch.ones(keys.numel(), dtype=torch.bool, device=self.device)
             keep[torch.tensor(self._unindexed, device=self.device)] = False
             keys, ids = keys[keep], ids[keep]
-        if self.backend == "fbgemm":
+        if self.backend != "torch":
             self._special = -1
             self._fb_insert(mix64_torch(keys), ids)
             return

@@ -13,8 +13,9 @@ towards the load; when live + dead would exceed ``max_load``, the map is rebuilt
 its live entries (into twice the buckets if the live entries alone need it).
 
 Backends: ``fbgemm`` (CPU; FBGEMM's ``pruned_hashmap_insert`` / ``_lookup`` kernels,
-whose insert overwrites the value of a present key) and ``torch`` (any device; a few
-torch ops per probe round, never per key).
+whose insert overwrites the value of a present key), ``triton`` (CUDA, the default
+there: one launch per find or upsert, :mod:`terarec.ps.triton_hash`) and ``torch`` (any
+device; the reference: a few torch ops per probe round, never per key).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from terarec.hashing import mix64_torch
+from terarec.ps import triton_hash
 from terarec.ps.hash_index import Backend, _resolve_backend, bucket_count, check_max_load
 
 _EMPTY = -1
@@ -144,6 +146,8 @@ class KeyMap:
         """The bucket value: -1 where no bucket holds the key, -3 dead, else the value."""
         if mixed.numel() == 0:
             return torch.empty(0, dtype=torch.int64, device=self.device)
+        if self.backend == "triton":
+            return triton_hash.probe(mixed, self._table)[0]
         if self.backend == "fbgemm":
             offsets = torch.tensor([0, mixed.numel()], dtype=torch.int64)
             return torch.ops.fbgemm.pruned_hashmap_lookup(
@@ -174,6 +178,10 @@ class KeyMap:
     def _put(self, mixed: torch.Tensor, values: torch.Tensor) -> None:
         """Upserts unique mixed keys (none equal to -1); values >= 0 or -3 (dead)."""
         if mixed.numel() == 0:
+            return
+        if self.backend == "triton":  # one launch: find or claim, then set every value
+            _, bucket, _ = triton_hash.probe_or_claim(mixed, self._table)
+            self._table[bucket, 1] = values
             return
         if self.backend == "fbgemm":
             offsets = torch.tensor([0, mixed.numel()], dtype=torch.int64)

@@ -6,10 +6,13 @@ import pytest
 import torch
 
 from terarec.hashing import mix64_torch
+from terarec.ps import triton_hash
 from terarec.ps.hash_index import fbgemm_hashmap_available
 from terarec.ps.key_map import KeyMap
 
-BACKENDS = ["torch"] + (["fbgemm"] if fbgemm_hashmap_available() else [])
+BACKENDS = ["torch"] + (["fbgemm"] if fbgemm_hashmap_available() else []) + (
+    ["triton"] if triton_hash.available(torch.device("cpu")) else []  # TRITON_INTERPRET=1
+)
 M64 = (1 << 64) - 1
 
 
