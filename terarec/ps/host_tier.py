@@ -40,16 +40,17 @@ class HostTier:
 
     # -- Tier protocol -------------------------------------------------------------
     def find(self, keys: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        slots = self.index.find(keys)
+        slots = self.index.find(keys.to(self.device))  # keys may come from a device tier
         found = slots >= 0
         hit_pos = found.nonzero().squeeze(1)
-        out[hit_pos] = self._rows[slots[hit_pos]]
-        missed = (~found).nonzero().squeeze(1)
+        out[hit_pos.to(out.device)] = self._rows[slots[hit_pos]].to(out.device)
+        missed = (~found).nonzero().squeeze(1).to(keys.device)
         self._hits += hit_pos.numel()
         self._misses += missed.numel()
         return missed
 
     def insert(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
+        keys, rows = keys.to(self.device), rows.to(self.device)
         slots, _ = self.index.find_or_insert(keys)
         self._reserve(len(self.index))
         self._rows[slots] = rows.to(self._rows.dtype)

@@ -1,0 +1,282 @@
+"""Device-tier benchmarks (run on a GPU; ``--device cpu`` runs tiny sizes as a smoke test).
+
+Three parts, each with its same-run baseline and, for the GPU, the bytes the work must
+move at the least and the time that floor gives at ``--bandwidth`` bytes/s:
+
+* **check**: the triton hash kernels against the torch reference backend on the same
+  keys (identical key -> slot maps), and a tiered table on the device (a device cache of
+  ``--check-device-rows`` rows over the host tier) trained ``--check-steps`` steps beside
+  the unbounded in-memory table on CPU: losses and final rows must agree (1e-5).
+* **index**: ``HashIndex.find_or_insert`` (the dense index) and the device tier's
+  ``KeyMap`` (find, then upsert of the misses), triton vs the torch backend, on batches
+  of ``--index-keys`` unique keys of which ``--new-frac`` are new, into a table holding
+  ``--index-start`` keys. Floor: per key, the key read and the slot written (16 bytes)
+  plus one 32-byte sector of the bucket table.
+* **step**: one training step of the device tier (dedup, index lookup, gather of the
+  rows, sum pooling, backward, fused Adam and scatter of the rows: terarec's
+  ``HierarchicalEmbeddingBagCollection`` with a tiered table whose device tier holds all
+  ``--rows``) against ``nn.EmbeddingBag(sparse=True)`` + ``torch.optim.SparseAdam`` on the
+  same batch (``--batch`` samples x ``--features`` ids, uniform over ``--rows``, dim
+  ``--dim``). Floor: ids read, every unique row (weights + Adam state) read and written
+  once, every lookup's weights read, the pooled output written and its gradient read.
+
+    python benchmarks/ps_device_bench.py [--device cuda] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from terarec.config import InitConfig, SparseOptimConfig, TableConfig
+from terarec.ps import triton_hash
+from terarec.ps.embedding import HierarchicalEmbeddingBagCollection
+from terarec.ps.hash_index import HashIndex
+from terarec.ps.key_map import KeyMap
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int = 2) -> float:
+    """Median seconds of ``fn`` over ``reps`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
+# -- check --------------------------------------------------------------------------------
+def check(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    res: dict[str, Any] = {}
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randint(-(2**62), 2**62, (200_000,), generator=g).unique()
+    keys = keys[torch.randperm(keys.numel(), generator=g)].to(device)
+    if triton_hash.available(device):
+        a = HashIndex(device, capacity=1024, backend="triton")
+        b = HashIndex(device, capacity=1024, backend="torch")
+        for part in keys.split(30_000):
+            sa, ia = a.find_or_insert(part)
+            sb, ib = b.find_or_insert(part)
+            assert torch.equal(sa, sb) and torch.equal(ia, ib), "triton != torch index"
+        assert torch.equal(a.find(keys), torch.arange(keys.numel(), device=device))
+        m = KeyMap(device, capacity=1024, backend="triton")
+        ref = KeyMap(device, capacity=1024, backend="torch")
+        vals = torch.arange(keys.numel(), device=device)
+        for mp in (m, ref):
+            mp.insert(keys[:150_000], vals[:150_000])
+            mp.delete(keys[:50_000])
+            mp.insert(keys[100_000:], vals[100_000:] * 2)
+        assert torch.equal(m.find(keys), ref.find(keys)), "triton != torch key map"
+        res["index_match"] = True
+    feats = ["a", "b"]
+    opt = SparseOptimConfig(kind="adam", lr=0.05)
+    init = InitConfig(kind="uniform", scale=0.1)
+    tiered = HierarchicalEmbeddingBagCollection(
+        [TableConfig(name="t", dim=8, init=init, device_rows=args.check_device_rows)],
+        feats, opt, device=device, seed=3,
+    )
+    plain = HierarchicalEmbeddingBagCollection(
+        [TableConfig(name="t", dim=8, init=init)], feats, opt, device=torch.device("cpu"), seed=3
+    )
+    worst = 0.0
+    for _ in range(args.check_steps):
+        lengths = torch.randint(0, 5, (2 * 16,), generator=g)
+        ids = torch.randint(0, 3000, (int(lengths.sum()),), generator=g) * 7919
+        kjt = KeyedJaggedTensor.from_lengths_sync(feats, ids, lengths)
+        losses = []
+        for ebc, dev in ((tiered, device), (plain, torch.device("cpu"))):
+            out = ebc(kjt.to(dev)).values()
+            loss = (out * torch.arange(out.shape[1], device=dev)).sin().sum()
+            loss.backward()
+            losses.append(float(loss))
+        worst = max(worst, abs(losses[0] - losses[1]) / max(1.0, abs(losses[1])))
+    k1, r1 = tiered.tables[0].export()
+    k2, r2 = plain.tables[0].export()
+    o1, o2 = torch.argsort(k1.cpu()), torch.argsort(k2)
+    assert torch.equal(k1.cpu()[o1], k2[o2]), "tiered table lost or invented keys"
+    row_err = float((r1.cpu()[o1] - r2[o2]).abs().max())
+    assert worst < 1e-5 and row_err < 1e-5, (worst, row_err)
+    res.update(tiered_loss_rel_err=worst, tiered_row_err=row_err, tiered_rows=k1.numel())
+    return res
+
+
+# -- index --------------------------------------------------------------------------------
+def index_bench(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    n, start = args.index_keys, args.index_start
+    reps = args.reps
+    n_new = int(n * args.new_frac)
+    total = start + n_new * (reps + 2) * 2
+    g = torch.Generator(device=device).manual_seed(1)
+    universe = torch.randint(-(2**62), 2**62, (total,), device=device, generator=g)
+    out: dict[str, Any] = {"keys_per_call": n, "new_frac": args.new_frac, "start_keys": start}
+    backends = (["triton"] if triton_hash.available(device) else []) + ["torch"]
+    floor_bytes = n * (16 + 32)
+    for backend in backends:
+        idx = HashIndex(device, capacity=int(2.2 * total), backend=backend)  # type: ignore[arg-type]
+        idx.find_or_insert(universe[:start].unique())
+        held = idx.keys()
+        cursor = [start]
+
+        def call() -> None:
+            old = held[torch.randint(0, held.numel(), (n - n_new,), device=device)].unique()
+            new = universe[cursor[0] : cursor[0] + n_new]
+            cursor[0] += n_new
+            batch = torch.cat([old, new])
+            idx.find_or_insert(batch[torch.randperm(batch.numel(), device=device)])
+
+        # the batch construction is timed too: measure it alone and subtract
+        def build_only() -> None:
+            old = held[torch.randint(0, held.numel(), (n - n_new,), device=device)].unique()
+            batch = torch.cat([old, universe[:n_new]])
+            batch[torch.randperm(batch.numel(), device=device)]
+
+        t = timed(call, device, reps) - timed(build_only, device, reps)
+        out[f"hash_index_{backend}_keys_per_s"] = n / max(t, 1e-9)
+        # the device tier's map: find everything, upsert the misses with new slots
+        km = KeyMap(device, capacity=int(2.2 * total), backend=backend)  # type: ignore[arg-type]
+        base = universe[:start].unique()
+        km.insert(base, torch.arange(base.numel(), device=device))
+        probe = torch.cat([base[: n - n_new], universe[-n_new:]])
+        probe = probe[torch.randperm(probe.numel(), device=device)]
+        tf = timed(lambda: km.find(probe), device, reps)
+        out[f"key_map_{backend}_find_keys_per_s"] = probe.numel() / tf
+
+        def upsert() -> None:
+            v = km.find(probe)
+            miss = probe[v < 0]
+            km.insert(miss, torch.arange(miss.numel(), device=device))
+            km.delete(miss)
+
+        tu = timed(upsert, device, reps)
+        out[f"key_map_{backend}_find_upsert_delete_keys_per_s"] = probe.numel() / tu
+        del idx, km
+    if "hash_index_triton_keys_per_s" in out:
+        out["triton_vs_torch_index"] = (
+            out["hash_index_triton_keys_per_s"] / out["hash_index_torch_keys_per_s"]
+        )
+    out["index_floor_bytes"] = floor_bytes
+    out["index_floor_s"] = floor_bytes / args.bandwidth
+    return out
+
+
+# -- step ---------------------------------------------------------------------------------
+def step_bench(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    b, f, rows, dim = args.batch, args.features, args.rows, args.dim
+    feats = [f"f{i}" for i in range(f)]
+    g = torch.Generator().manual_seed(2)
+    batches = []
+    for _ in range(args.reps + 2):
+        ids = torch.randint(0, rows, (b * f,), generator=g)
+        lengths = torch.ones(b * f, dtype=torch.int64)
+        batches.append(KeyedJaggedTensor.from_lengths_sync(feats, ids, lengths).to(device))
+    opt = SparseOptimConfig(kind="adam", lr=0.01)
+    table = TableConfig(
+        name="t", dim=dim, init=InitConfig(kind="uniform", scale=0.01), device_rows=rows + 1024
+    )
+    ebc = HierarchicalEmbeddingBagCollection([table], feats, opt, device=device, seed=0)
+    group = ebc.groups[0]
+    assert group.chain is not None
+    # make every row resident in the device tier first (untimed)
+    all_keys = torch.arange(rows, device=device)
+    group.slots_for(all_keys, torch.zeros_like(all_keys))
+    it = [0]
+
+    def ours() -> None:
+        kjt = batches[it[0] % len(batches)]
+        it[0] += 1
+        out = ebc(kjt).values()
+        out.backward(torch.ones_like(out))
+
+    t_ours = timed(ours, device, args.reps)
+    dev_stats = group.chain.stats()
+    baseline: dict[str, Any] = {}
+    del ebc, group
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    bag = nn.EmbeddingBag(rows, dim, mode="sum", sparse=True).to(device)
+    sadam = torch.optim.SparseAdam(bag.parameters(), lr=0.01)
+
+    def base() -> None:
+        kjt = batches[it[0] % len(batches)]
+        it[0] += 1
+        vals = kjt.values()
+        offsets = torch.arange(0, vals.numel(), device=device)  # one id per bag
+        out = bag(vals, offsets)
+        out.backward(torch.ones_like(out))
+        sadam.step()
+        sadam.zero_grad(set_to_none=True)
+
+    t_base = timed(base, device, args.reps)
+    n = b * f
+    u = float(statistics.mean(int(k.values().unique().numel()) for k in batches[:3]))
+    width = dim * 3  # weights + Adam's two moments
+    floor = n * 8 + 2 * u * width * 4 + n * dim * 4 + 2 * b * f * dim * 4
+    baseline.update(
+        step_batch=b,
+        step_features=f,
+        step_rows=rows,
+        step_dim=dim,
+        step_unique_keys=u,
+        step_terarec_s=t_ours,
+        step_baseline_embeddingbag_sparseadam_s=t_base,
+        step_speedup=t_base / t_ours,
+        step_floor_bytes=floor,
+        step_floor_s=floor / args.bandwidth,
+        step_device_hits=dev_stats.get("device_hits", 0.0),
+        step_device_misses=dev_stats.get("device_misses", 0.0),
+    )
+    return baseline
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--parts", default="check,index,step")
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--bandwidth", type=float, default=3.0e12, help="bytes/s (H100 ~3.0e12)")
+    p.add_argument("--check-steps", type=int, default=60)
+    p.add_argument("--check-device-rows", type=int, default=200)
+    p.add_argument("--index-keys", type=int, default=4_000_000)
+    p.add_argument("--index-start", type=int, default=16_000_000)
+    p.add_argument("--new-frac", type=float, default=0.1)
+    p.add_argument("--batch", type=int, default=16384)
+    p.add_argument("--features", type=int, default=26)
+    p.add_argument("--rows", type=int, default=4_000_000)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    res: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    parts = args.parts.split(",")
+    if "check" in parts:
+        res.update(check(args, device))
+    if "index" in parts:
+        res.update(index_bench(args, device))
+    if "step" in parts:
+        res.update(step_bench(args, device))
+    if args.json:
+        print(json.dumps(res))
+    else:
+        for k, v in res.items():
+            print(f"{k:48s} {v:.4g}" if isinstance(v, float) else f"{k:48s} {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
