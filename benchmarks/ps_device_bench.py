@@ -26,10 +26,12 @@ move at the least and the time that floor gives at ``--bandwidth`` bytes/s:
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -117,74 +119,75 @@ def check(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
 
 
 # -- index --------------------------------------------------------------------------------
+def _index_one(
+    backend: str, args: argparse.Namespace, device: torch.device, universe: torch.Tensor
+) -> dict[str, float]:
+    n, start, reps = args.index_keys, args.index_start, args.reps
+    n_new = int(n * args.new_frac)
+    total = universe.numel()
+    idx = HashIndex(device, capacity=int(2.2 * total), backend=backend)  # type: ignore[arg-type]
+    idx.find_or_insert(universe[:start].unique())
+    held = idx.keys()
+    cursor = [start]
+
+    def batch_of(new: torch.Tensor) -> torch.Tensor:
+        old = held[torch.randint(0, held.numel(), (n - n_new,), device=device)].unique()
+        batch = torch.cat([old, new])
+        return batch[torch.randperm(batch.numel(), device=device)]
+
+    def call() -> None:
+        new = universe[cursor[0] : cursor[0] + n_new]
+        cursor[0] += n_new
+        idx.find_or_insert(batch_of(new))
+
+    # the batch construction is inside the timed call: time it alone and subtract it
+    t = timed(call, device, reps) - timed(lambda: batch_of(universe[:n_new]), device, reps)
+    out = {f"hash_index_{backend}_keys_per_s": n / max(t, 1e-9)}
+    # the device tier's map: find everything, upsert the misses with new slots
+    km = KeyMap(device, capacity=int(2.2 * total), backend=backend)  # type: ignore[arg-type]
+    base = universe[:start].unique()
+    km.insert(base, torch.arange(base.numel(), device=device))
+    probe = torch.cat([base[: n - n_new], universe[-n_new:]])
+    probe = probe[torch.randperm(probe.numel(), device=device)]
+    tf = timed(lambda: km.find(probe), device, reps)
+    out[f"key_map_{backend}_find_keys_per_s"] = probe.numel() / tf
+
+    def upsert() -> None:
+        v = km.find(probe)
+        miss = probe[v < 0]
+        km.insert(miss, torch.arange(miss.numel(), device=device))
+        km.delete(miss)
+
+    tu = timed(upsert, device, reps)
+    out[f"key_map_{backend}_find_upsert_delete_keys_per_s"] = probe.numel() / tu
+    return out
+
+
 def index_bench(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     n, start = args.index_keys, args.index_start
-    reps = args.reps
     n_new = int(n * args.new_frac)
-    total = start + n_new * (reps + 2) * 2
+    total = start + n_new * (args.reps + 2) * 2
     g = torch.Generator(device=device).manual_seed(1)
     universe = torch.randint(-(2**62), 2**62, (total,), device=device, generator=g)
     out: dict[str, Any] = {"keys_per_call": n, "new_frac": args.new_frac, "start_keys": start}
     backends = (["triton"] if triton_hash.available(device) else []) + ["torch"]
-    floor_bytes = n * (16 + 32)
     for backend in backends:
-        idx = HashIndex(device, capacity=int(2.2 * total), backend=backend)  # type: ignore[arg-type]
-        idx.find_or_insert(universe[:start].unique())
-        held = idx.keys()
-        cursor = [start]
-
-        def call() -> None:
-            old = held[torch.randint(0, held.numel(), (n - n_new,), device=device)].unique()
-            new = universe[cursor[0] : cursor[0] + n_new]
-            cursor[0] += n_new
-            batch = torch.cat([old, new])
-            idx.find_or_insert(batch[torch.randperm(batch.numel(), device=device)])
-
-        # the batch construction is timed too: measure it alone and subtract
-        def build_only() -> None:
-            old = held[torch.randint(0, held.numel(), (n - n_new,), device=device)].unique()
-            batch = torch.cat([old, universe[:n_new]])
-            batch[torch.randperm(batch.numel(), device=device)]
-
-        t = timed(call, device, reps) - timed(build_only, device, reps)
-        out[f"hash_index_{backend}_keys_per_s"] = n / max(t, 1e-9)
-        # the device tier's map: find everything, upsert the misses with new slots
-        km = KeyMap(device, capacity=int(2.2 * total), backend=backend)  # type: ignore[arg-type]
-        base = universe[:start].unique()
-        km.insert(base, torch.arange(base.numel(), device=device))
-        probe = torch.cat([base[: n - n_new], universe[-n_new:]])
-        probe = probe[torch.randperm(probe.numel(), device=device)]
-        tf = timed(lambda: km.find(probe), device, reps)
-        out[f"key_map_{backend}_find_keys_per_s"] = probe.numel() / tf
-
-        def upsert() -> None:
-            v = km.find(probe)
-            miss = probe[v < 0]
-            km.insert(miss, torch.arange(miss.numel(), device=device))
-            km.delete(miss)
-
-        tu = timed(upsert, device, reps)
-        out[f"key_map_{backend}_find_upsert_delete_keys_per_s"] = probe.numel() / tu
-        del idx, km
+        out.update(_index_one(backend, args, device, universe))
     if "hash_index_triton_keys_per_s" in out:
         out["triton_vs_torch_index"] = (
             out["hash_index_triton_keys_per_s"] / out["hash_index_torch_keys_per_s"]
         )
+    floor_bytes = n * (16 + 32)
     out["index_floor_bytes"] = floor_bytes
     out["index_floor_s"] = floor_bytes / args.bandwidth
     return out
 
 
 # -- step ---------------------------------------------------------------------------------
-def step_bench(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    b, f, rows, dim = args.batch, args.features, args.rows, args.dim
-    feats = [f"f{i}" for i in range(f)]
-    g = torch.Generator().manual_seed(2)
-    batches = []
-    for _ in range(args.reps + 2):
-        ids = torch.randint(0, rows, (b * f,), generator=g)
-        lengths = torch.ones(b * f, dtype=torch.int64)
-        batches.append(KeyedJaggedTensor.from_lengths_sync(feats, ids, lengths).to(device))
+def _step_ours(
+    args: argparse.Namespace, device: torch.device, feats: list[str], batches: list[Any]
+) -> tuple[float, dict[str, float]]:
+    rows, dim = args.rows, args.dim
     opt = SparseOptimConfig(kind="adam", lr=0.01)
     table = TableConfig(
         name="t", dim=dim, init=InitConfig(kind="uniform", scale=0.01), device_rows=rows + 1024
@@ -203,12 +206,24 @@ def step_bench(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
         out = ebc(kjt).values()
         out.backward(torch.ones_like(out))
 
-    t_ours = timed(ours, device, args.reps)
-    dev_stats = group.chain.stats()
-    baseline: dict[str, Any] = {}
-    del ebc, group
+    return timed(ours, device, args.reps), group.chain.stats()
+
+
+def step_bench(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    b, f, rows, dim = args.batch, args.features, args.rows, args.dim
+    feats = [f"f{i}" for i in range(f)]
+    g = torch.Generator().manual_seed(2)
+    batches = []
+    for _ in range(args.reps + 2):
+        ids = torch.randint(0, rows, (b * f,), generator=g)
+        lengths = torch.ones(b * f, dtype=torch.int64)
+        batches.append(KeyedJaggedTensor.from_lengths_sync(feats, ids, lengths).to(device))
+    t_ours, dev_stats = _step_ours(args, device, feats, batches)
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    baseline: dict[str, Any] = {}
+    it = [0]
     bag = nn.EmbeddingBag(rows, dim, mode="sum", sparse=True).to(device)
     sadam = torch.optim.SparseAdam(bag.parameters(), lr=0.01)
 
@@ -262,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    res: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    res: dict[str, Any] = {"device": name}
     parts = args.parts.split(",")
     if "check" in parts:
         res.update(check(args, device))
