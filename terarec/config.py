@@ -214,6 +214,29 @@ class InitConfig:
 
 
 @dataclass
+class AdmissionConfig:
+    """Frequency admission of new rows: a key gets a row only once it was seen
+    ``min_count`` times in training batches (counted per occurrence, in a count-min
+    sketch of ``4 * width * depth`` bytes per table group); until then it reads as zeros
+    and its gradient is dropped. See docs/tiers.md#admission.
+    """
+
+    min_count: int  # occurrences (this batch's included) before a key gets its row
+    width: int = 1 << 20  # counters per sketch row: a few times the distinct keys expected
+    depth: int = 4  # sketch rows (hashes): P[an estimate is off by > e/width * total] <= e^-depth
+    decay_every: int = 0  # halve every count after each N training steps; 0 = never
+
+    def __post_init__(self) -> None:
+        _check(
+            1 <= self.min_count <= 2**31 - 1,
+            f"min_count: must be in [1, 2^31 - 1], got {self.min_count}",
+        )
+        _check(1 <= self.width <= 2**31 - 1, f"width: must be in [1, 2^31 - 1], got {self.width}")
+        _check(1 <= self.depth <= 32, f"depth: must be in [1, 32], got {self.depth}")
+        _check(self.decay_every >= 0, f"decay_every: must be >= 0 steps, got {self.decay_every}")
+
+
+@dataclass
 class TableConfig:
     """One embedding table: rows keyed by unbounded int64 ids, shared by ``features``.
 
@@ -231,6 +254,8 @@ class TableConfig:
     device_rows: Optional[int] = None
     host_rows: Optional[int] = None
     cache_policy: str = "lru"
+    # Rows only for keys seen min_count times (null: every key gets a row on first touch).
+    admission: Optional[AdmissionConfig] = None
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "name: must be non-empty")

@@ -67,6 +67,7 @@ import torch
 from terarec.hashing import GOLDEN, mix64_np, mix64_torch
 
 INT32_MAX = 2**31 - 1
+_STAT_KEYS = ("observed", "admitted", "rejected", "rejected_values", "decays")
 _LOW32 = (1 << 32) - 1
 
 
@@ -295,7 +296,7 @@ class Admission:
         self.decay_every = decay_every
         self.sketch = CountMinSketch(width, depth, self.device, seed) if threshold > 1 else None
         self._calls = 0
-        self._stats = dict.fromkeys(("observed", "admitted", "decays"), 0)
+        self._stats = dict.fromkeys(_STAT_KEYS, 0)
 
     def observe_and_admit(
         self, unique_keys: torch.Tensor, counts: Optional[torch.Tensor] = None
@@ -311,21 +312,33 @@ class Admission:
         """
         u = unique_keys.numel()
         self._stats["observed"] += u
+        self._calls += 1
         if self.sketch is None:
             self._stats["admitted"] += u
             return torch.ones(u, dtype=torch.bool, device=unique_keys.device)
+        c = self.sketch._counts(counts, u)
         cells = self.sketch.cells(unique_keys)
-        self.sketch._add_cells(cells, self.sketch._counts(counts, u), self.conservative)
+        self.sketch._add_cells(cells, c, self.conservative)
         admitted = self.sketch._estimate_cells(cells) >= self.threshold
-        self._stats["admitted"] += int(admitted.sum())
-        self._calls += 1
+        # One read-back for both: keys admitted, and values of the keys left out.
+        n_admitted, left_out = torch.stack([admitted.sum(), c[~admitted].sum()]).tolist()
+        self._stats["admitted"] += n_admitted
+        self._stats["rejected"] += u - n_admitted
+        self._stats["rejected_values"] += left_out
         if self.decay_every and self._calls % self.decay_every == 0:
             self.sketch.decay()
             self._stats["decays"] += 1
         return admitted.to(unique_keys.device)
 
+    @property
+    def calls(self) -> int:
+        """Calls of :meth:`observe_and_admit` so far (training steps, in a table group)."""
+        return self._calls
+
     def stats(self) -> dict[str, float]:
-        """``observed`` / ``admitted`` keys (summed over calls), ``decays``, ``bytes``."""
+        """Counters summed over calls: ``observed`` keys (unique per call), of which
+        ``admitted`` and ``rejected``; ``rejected_values``, the occurrences of the rejected
+        keys (``counts`` summed); ``decays``; and the sketch's ``bytes``."""
         out = {k: float(v) for k, v in self._stats.items()}
         out["bytes"] = float(self.sketch.nbytes if self.sketch is not None else 0)
         return out
@@ -343,10 +356,12 @@ class Admission:
         """Restores :meth:`state_dict`.
 
         The threshold may differ from the checkpoint's (it only reads the counts). A
-        checkpoint without counts (saved with threshold 1) restores empty counts; counts
-        are dropped when this admission has threshold 1.
+        checkpoint without counts (saved with threshold 1, or ``{}``: saved without
+        admission) restores empty counts; counts are dropped when this admission has
+        threshold 1.
         """
         self._calls = int(state.get("calls", 0))
+        self._stats = dict.fromkeys(_STAT_KEYS, 0)
         self._stats.update({k: int(v) for k, v in state.get("stats", {}).items()})
         if self.sketch is None:
             return

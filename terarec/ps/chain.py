@@ -61,6 +61,7 @@ class TierChain:
         step: int,
         create: Callable[[torch.Tensor], torch.Tensor],
         lock_until: Optional[int] = None,
+        admit: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     ) -> torch.Tensor:
         """Top-tier slots of unique ``keys`` ``[U]``, making them resident.
 
@@ -71,6 +72,12 @@ class TierChain:
             create: ``create(positions [M]) -> rows [M, row_width]`` for absent keys.
             lock_until: keep these rows until this step (default ``step``; a prefetch of
                 the next batch passes ``step + 1``).
+            admit: ``admit(positions [M]) -> bool [M]``, called (at most once) with the
+                keys absent from every tier: only those it returns True for are created;
+                the others get slot -1 and go into no tier (admission, ``ps/admission.py``).
+                Default: create all.
+        Returns:
+            int64 ``[U]`` slots; -1 only where ``admit`` declined.
         """
         lock_until = step if lock_until is None else lock_until
         slots = self.top.lookup(keys)
@@ -97,6 +104,13 @@ class TierChain:
             found[missed] = False
             rows[pending[found]] = got[found].to(rows.device)
             pending = pending[missed]
+        if pending.numel() and admit is not None:
+            ok = admit(miss[pending])
+            if not bool(ok.all()):
+                keep = torch.ones(miss.numel(), dtype=torch.bool, device=keys.device)
+                keep[pending[~ok]] = False
+                miss, kmiss, rows = miss[keep], kmiss[keep], rows[keep]
+                pending = (torch.cumsum(keep, 0) - 1)[pending[ok]]  # positions after the cut
         if pending.numel():
             rows[pending] = create(miss[pending]).to(rows.device)
             self.created += pending.numel()

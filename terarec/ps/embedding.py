@@ -191,8 +191,11 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
         n_feat = len(kjt.keys())
         dedup, offsets = self._dedup_group(group, kjt, feature_table)
         if train:
-            slots = group.slots_for(dedup.keys, dedup.tables)
-            rows = group.read(slots)
+            counts = None
+            if group.admission is not None:  # occurrences per pair: the sketch's input
+                counts = dedup.key_offsets[1:] - dedup.key_offsets[:-1]
+            slots = group.slots_for(dedup.keys, dedup.tables, counts=counts)
+            rows = group.read(slots)  # zeros where admission left a pair out (slot -1)
             weights = rows[:, : group.dim].contiguous().requires_grad_(True)
             weights.register_hook(_RowUpdate(group, slots, rows))
         else:
@@ -229,6 +232,8 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
             mine = [t for t in self.tables if t.group is g]
             g.load_tables([(state[t.name]["keys"], state[t.name]["rows"]) for t in mine])
             g.optimizer.load_state_dict(state[mine[0].name]["optimizer"])
+            if g.admission is not None:  # saved without admission: counting starts now
+                g.admission.load_state_dict(state[mine[0].name].get("admission") or {})
 
 
 @dataclass

@@ -13,10 +13,16 @@ table. Each table keeps its own key namespace:
   get their own slot outside the hash index, found through a small side map. With
   hashed ids a collision is a ~2^-64 event per pair, but it is handled exactly: no two
   ``(table, key)`` pairs ever share a row.
+
+With admission (``TableConfig.admission``), a training batch's pairs that have no row
+in any tier are counted in the group's count-min sketch (``ps/admission.py``, per
+occurrence) and only those seen ``min_count`` times get a row; the others get slot -1:
+they read as zeros and their gradients are dropped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, Optional
 
@@ -25,10 +31,16 @@ import torch
 from terarec.config import SparseOptimConfig, TableConfig
 from terarec.hashing import salt_for
 from terarec.optim.sparse import RowOptimizer, build_row_optimizer
+from terarec.ps.admission import Admission
 from terarec.ps.cache_tier import CacheTier
 from terarec.ps.chain import TierChain
 from terarec.ps.host_tier import HostTier
 from terarec.ps.initializer import init_rows
+
+
+def _admit_none(pos: torch.Tensor) -> torch.Tensor:
+    """An admission decision that creates no row (a prefetch)."""
+    return torch.zeros(pos.numel(), dtype=torch.bool, device=pos.device)
 
 
 def table_seed(seed: int, name: str) -> int:
@@ -39,11 +51,13 @@ def table_seed(seed: int, name: str) -> int:
 def group_key(cfg: TableConfig) -> tuple:
     """Tables with equal keys can share a group (same row layout and initializer).
 
-    A table with tier budgets is a group of its own (budgets are per table).
+    A table with tier budgets is a group of its own (budgets are per table); tables
+    with admission share a group (and its sketch) only with tables of the same settings.
     """
     if cfg.device_rows is not None:
         return ("tiered", cfg.name)
-    return (cfg.dim, cfg.pooling, cfg.init.kind, cfg.init.scale)
+    adm = None if cfg.admission is None else dataclasses.astuple(cfg.admission)
+    return (cfg.dim, cfg.pooling, cfg.init.kind, cfg.init.scale, adm)
 
 
 class TableGroup:
@@ -79,12 +93,25 @@ class TableGroup:
         self.salts = torch.tensor(salts, dtype=torch.int64, device=device)
         self.seeds = [table_seed(seed, n) for n in self.names]
         self._seeds_t = torch.tensor(self.seeds, dtype=torch.int64, device=device)
-        self.tier = HostTier(self.row_width, device)
+        # Under a device cache the unbounded tier is host memory, whatever the device.
+        host = device if cfgs[0].device_rows is None else torch.device("cpu")
+        self.tier = HostTier(self.row_width, host)
         self.chain: Optional[TierChain] = self._build_chain(cfgs[0], bottom)
         self.step = 0  # training forwards (eviction recency)
         self._slot_table = torch.zeros(1024, dtype=torch.int64, device=device)
         self._side: dict[tuple[int, int], int] = {}  # (table, key) -> slot, collisions only
         self.version = 0  # bumped by every optimizer step (stale-gather detection)
+        adm = cfgs[0].admission
+        self.admission: Optional[Admission] = None
+        if adm is not None:
+            self.admission = Admission(
+                adm.min_count,
+                adm.width,
+                adm.depth,
+                device,
+                seed=table_seed(seed, "admission:" + self.names[0]),
+                decay_every=adm.decay_every,
+            )
 
     def _build_chain(self, cfg: TableConfig, bottom: Optional[Any]) -> Optional[TierChain]:
         if cfg.device_rows is None:
@@ -154,6 +181,7 @@ class TableGroup:
         tables: torch.Tensor,
         create: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
         dup: Optional[torch.Tensor] = None,
+        counts: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Slots of unique pairs ``(tables, keys_of(comp))``, creating absent ones.
 
@@ -166,9 +194,48 @@ class TableGroup:
             create: initial rows ``[M, row_width]`` for the pairs at int64 positions
                 ``[M]``; default :meth:`new_rows`.
             dup: bool ``[U]``, True at every occurrence of a composite value but one.
+            counts: int64 ``[U]``, occurrences of each pair in the batch: the training
+                forward of a group with admission passes them. Pairs without a row in
+                any tier are then observed (once per call, even with none) and only the
+                admitted ones are created; the others get slot -1 and no row. Ignored
+                without admission (and not given by restores and tools: every pair is
+                created).
         Returns:
-            int64 ``[U]`` slots.
+            int64 ``[U]`` slots (-1 only for pairs left out by admission).
         """
+        if counts is None or self.admission is None:
+            return self._slots_for(comp, tables, create, dup)
+        adm = self.admission
+        if self.chain is not None:
+            observed: list[bool] = []
+
+            def admit(pos: torch.Tensor) -> torch.Tensor:  # pairs absent from every tier
+                observed.append(True)
+                return adm.observe_and_admit(comp[pos], counts[pos])
+
+            self.step += 1
+            slots = self.chain.prepare(
+                comp, self.step, self._rows_for(comp, tables, create), admit=admit
+            )
+            if not observed:  # one observation per training step (the decay's clock)
+                adm.observe_and_admit(comp[:0], counts[:0])
+            return slots
+        slots = self.find(comp, tables)
+        new = (slots < 0).nonzero().squeeze(1)
+        make = new[adm.observe_and_admit(comp[new], counts[new])]
+        if make.numel():  # a sorted subset keeps equal composite values adjacent
+            sub = None if create is None else (lambda pos: create(make[pos]))
+            slots[make] = self._slots_for(comp[make], tables[make], sub)
+        return slots
+
+    def _slots_for(
+        self,
+        comp: torch.Tensor,
+        tables: torch.Tensor,
+        create: Optional[Callable[[torch.Tensor], torch.Tensor]],
+        dup: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """:meth:`slots_for` creating every absent pair."""
 
         def fill(pos: torch.Tensor, out: torch.Tensor) -> None:
             if create is not None:
@@ -229,11 +296,20 @@ class TableGroup:
 
         May run on a background thread while the current step computes: it touches the
         tiers' maps and free slots only, never the current batch's rows.
+
+        With admission it brings up only pairs that have a row somewhere: whether a new
+        pair gets one is decided by the next forward, after this step's observations,
+        so that a prefetch neither counts a pair twice nor creates a row early.
         """
         if self.chain is None:
             return
+        admit = None if self.admission is None else _admit_none
         self.chain.prepare(
-            comp, self.step, self._rows_for(comp, tables, None), lock_until=self.step + 1
+            comp,
+            self.step,
+            self._rows_for(comp, tables, None),
+            lock_until=self.step + 1,
+            admit=admit,
         )
 
     def _record_tables(self, first: int, slots: torch.Tensor, tables: torch.Tensor) -> None:
@@ -314,7 +390,16 @@ class TableGroup:
         return self.chain.top if self.chain is not None else self.tier
 
     def read(self, slots: torch.Tensor) -> torch.Tensor:
-        return self.top.read(slots)
+        """Rows at ``slots`` ``[N, row_width]``; slot -1 (a pair left out by admission)
+        reads as zeros."""
+        if self.admission is None:
+            return self.top.read(slots)
+        live = (slots >= 0).nonzero().squeeze(1)
+        if live.numel() == slots.numel():
+            return self.top.read(slots)
+        out = torch.zeros(slots.numel(), self.row_width, device=self.top.device)
+        out[live] = self.top.read(slots[live])
+        return out
 
     def flush(self) -> None:
         if self.chain is not None:
@@ -323,12 +408,22 @@ class TableGroup:
             self.tier.flush()
 
     def stats(self) -> dict[str, float]:
-        return self.chain.stats() if self.chain is not None else self.tier.stats()
+        """Tier counters, plus ``admission_*`` (see ``Admission.stats``) with admission."""
+        out = self.chain.stats() if self.chain is not None else self.tier.stats()
+        if self.admission is not None:
+            out.update({f"admission_{k}": v for k, v in self.admission.stats().items()})
+        return out
 
     def apply_gradients(
         self, slots: torch.Tensor, grad: torch.Tensor, rows: Optional[torch.Tensor] = None
     ) -> None:
-        """Fused optimizer step on the rows at unique ``slots`` (``grad [U, dim]``)."""
+        """Fused optimizer step on the rows at unique ``slots`` (``grad [U, dim]``);
+        the gradients of slot -1 (pairs left out by admission) are dropped."""
+        if self.admission is not None:
+            live = (slots >= 0).nonzero().squeeze(1)
+            if live.numel() < slots.numel():
+                slots, grad = slots[live], grad[live]
+                rows = None if rows is None else rows[live]
         if rows is None:
             rows = self.top.read(slots)
         self.top.write(slots, self.optimizer.update(rows, grad.to(rows.dtype)))

@@ -73,8 +73,13 @@ class EmbeddingTable:
         return self.group.export_table(self.index)
 
     def state_dict(self) -> dict[str, Any]:
+        """``keys``, ``rows``, ``optimizer``; the group's first table also carries the
+        group's admission sketch (``admission``), when it has one."""
         keys, rows = self.export()
-        return {"keys": keys, "rows": rows, "optimizer": self.optimizer.state_dict()}
+        state = {"keys": keys, "rows": rows, "optimizer": self.optimizer.state_dict()}
+        if self.index == 0 and self.group.admission is not None:
+            state["admission"] = self.group.admission.state_dict()
+        return state
 
     def check_state(self, state: dict[str, Any]) -> None:
         """Raises ValueError unless ``state`` fits this table's row layout."""

@@ -6,7 +6,10 @@ Layout of ``<dir>/``::
                     sha256 of every file below
     tables.pt       per table: keys [R], rows [R, dim + state], optimizer step; a tiered
                     table's rows come from all its tiers (device, host, SSD), the
-                    freshest copy of each, after a flush of every tier
+                    freshest copy of each, after a flush of every tier; with admission,
+                    the first table of each group also holds the group's count-min
+                    sketch (counters, decay phase, counts), so a resume admits the same
+                    keys at the same steps
     dense.pt        model state_dict (MLPs), dense optimizer state_dict and class name
     data.json       the train source's position (exact resume)
     rng.pt          torch RNG state

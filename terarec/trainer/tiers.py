@@ -6,7 +6,8 @@
   DB and a resumed one refills it from the checkpoint. A DB left by an earlier run is
   removed first: its rows would otherwise be found as if this run had trained them.
 * :class:`TierCounters`: per log interval and per run, the hit rate of each tier and the
-  rows moved into it, from the running totals of ``embedding.table_stats()``.
+  rows moved into it, and the admission counters of tables with admission, from the
+  running totals of ``embedding.table_stats()``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ log = logging.getLogger("terarec.trainer")
 # Running totals in a tier's stats (differences make sense); everything else
 # (rows, bytes, db_*) is a gauge, reported as it is.
 _COUNTERS = ("hits", "misses", "inserts", "evictions", "rows_in", "writes", "deletes")
+_ADMISSION = "admission_"  # admission counters (all running totals but the sketch's bytes)
 
 
 def current_rank() -> int:
@@ -108,7 +110,11 @@ class TierCounters:
 
     def __init__(self, embedding: HierarchicalEmbeddingBagCollection) -> None:
         self.embedding = embedding
-        self.tables = [n for n, s in embedding.table_stats().items() if "device_hits" in s]
+        self.tables = [
+            n
+            for n, s in embedding.table_stats().items()
+            if "device_hits" in s or f"{_ADMISSION}observed" in s
+        ]
         self._start = self._read()
         self._last = self._read()
         self.device_hit_rate: Optional[float] = None  # of the last interval, all tables
@@ -124,7 +130,8 @@ class TierCounters:
 
     def interval(self) -> dict[str, dict[str, Optional[float]]]:
         """Per table since the last call: ``<tier>_hit_rate`` (None without lookups),
-        ``<tier>_rows_in``, ``<tier>_evictions`` (caches) and ``<tier>_rows`` (held now)."""
+        ``<tier>_rows_in``, ``<tier>_evictions`` (caches) and ``<tier>_rows`` (held now);
+        with admission, every ``admission_*`` counter's increase (and the sketch bytes)."""
         now = self._read()
         out: dict[str, dict[str, Optional[float]]] = {}
         hits = lookups = 0.0
@@ -141,6 +148,9 @@ class TierCounters:
                 rec[f"{tier}_rows"] = cur[f"{tier}_rows"]
                 if tier == "device":
                     hits, lookups = hits + h, lookups + h + m
+            for key in cur:
+                if key.startswith(_ADMISSION):
+                    rec[key] = cur[key] - last[key] if _is_counter(key) else cur[key]
             out[name] = rec
         self._last = now
         self.device_hit_rate = hits / lookups if lookups else None
@@ -188,11 +198,14 @@ def _tiers(stats: Mapping[str, Any]) -> list[str]:
 
 
 def _is_counter(key: str) -> bool:
+    if key.startswith(_ADMISSION):
+        return not key.endswith("bytes")
     return key.endswith(_COUNTERS)
 
 
 def describe_tiers(totals: dict[str, dict[str, Optional[float]]]) -> list[str]:
-    """One line per tiered table for the end of a run: hit rates and rows per tier."""
+    """Lines for the end of a run: per tiered table its hit rates and rows per tier, per
+    table with admission the rows it created and the keys it left out."""
     lines = []
     for name, rec in totals.items():
         parts = []
@@ -201,5 +214,15 @@ def describe_tiers(totals: dict[str, dict[str, Optional[float]]]) -> list[str]:
             rows = rec.get(f"{tier}_rows") or 0
             hit = "-" if rate is None else f"{rate:.3f}"
             parts.append(f"{tier} hit {hit} ({int(rows):,} rows)")
-        lines.append(f"tiers {name}: " + ", ".join(parts))
+        if parts:
+            lines.append(f"tiers {name}: " + ", ".join(parts))
+        if f"{_ADMISSION}admitted" in rec:
+            admitted, rejected, zeroed = (
+                int(rec.get(f"{_ADMISSION}{k}") or 0)
+                for k in ("admitted", "rejected", "rejected_values")
+            )
+            lines.append(
+                f"admission {name}: {admitted:,} rows created, {rejected:,} new keys left "
+                f"out ({zeroed:,} values read as zeros)"
+            )
     return lines
