@@ -221,11 +221,15 @@ class TableGroup:
                 adm.observe_and_admit(comp[:0], counts[:0])
             return slots
         slots = self.find(comp, tables)
-        new = (slots < 0).nonzero().squeeze(1)
-        make = new[adm.observe_and_admit(comp[new], counts[new])]
-        if make.numel():  # a sorted subset keeps equal composite values adjacent
-            sub = None if create is None else (lambda pos: create(make[pos]))
-            slots[make] = self._slots_for(comp[make], tables[make], sub)
+        absent = slots < 0
+        new = absent.nonzero().squeeze(1)
+        keep = ~absent
+        keep[new] = adm.observe_and_admit(comp[new], counts[new])
+        # Rows held and rows admitted, through the one path (the tier counts hits and
+        # misses there); a sorted subset keeps equal composite values adjacent.
+        pos = keep.nonzero().squeeze(1)
+        sub = None if create is None else (lambda p: create(pos[p]))
+        slots[pos] = self._slots_for(comp[pos], tables[pos], sub)
         return slots
 
     def _slots_for(

@@ -29,6 +29,9 @@ from terarec.config import AdmissionConfig, InitConfig, Pooling, SparseOptimConf
 from terarec.ps.embedding import HierarchicalEmbeddingBagCollection
 from terarec.ps.ssd_tier import SSDStore, SSDTierConfig
 from tests.ps.test_embedding_equivalence import reference_optimizer
+from tests.ps.test_table_group import FEATS as FEATS3
+from tests.ps.test_table_group import colliding_batches, per_table
+from tests.ps.test_table_group import train as train_group
 
 FEATS = ["a", "b", "c"]
 BATCH = 8
@@ -341,7 +344,10 @@ def test_checkpoint_state_round_trip() -> None:
         assert la.item() == lb.item()
         la.backward()
         lb.backward()
-    assert a.groups[0].stats() == b.groups[0].stats()
+    adm_a, adm_b = (
+        {k: v for k, v in e.groups[0].stats().items() if k.startswith("admission_")} for e in (a, b)
+    )
+    assert adm_a == adm_b and adm_a["admission_decays"] == 30 // 7
     sa, sb = a.tables_state_dict(), b.tables_state_dict()
     for name in ("ab", "c"):
         assert torch.equal(sa[name]["keys"].sort().values, sb[name]["keys"].sort().values)
@@ -365,3 +371,39 @@ def test_checkpoint_state_round_trip() -> None:
     )
     with pytest.raises(ValueError, match="width 4096 in the checkpoint, 2048 here"):
         d.load_tables_state_dict(state)
+
+
+@pytest.mark.parametrize("min_count", [1, 2])
+def test_colliding_composites_with_admission(min_count: int) -> None:
+    """Crafted composite-key collisions between tables of one group (the side-slot
+    path) under admission: with min_count 1 exactly the separate tables' training; with
+    2, every admitted pair has its own row and the rest read zeros."""
+
+    def build(grouped: bool) -> HierarchicalEmbeddingBagCollection:
+        tables = [
+            TableConfig(
+                name=f"t{i}",
+                dim=4,
+                features=[f"f{i}"],
+                init=InitConfig(kind="zeros", scale=0.0 if grouped else 0.01 * i),
+                admission=AdmissionConfig(min_count=min_count),
+            )
+            for i in (1, 2, 3)
+        ]
+        ebc = HierarchicalEmbeddingBagCollection(tables, FEATS3, SparseOptimConfig(kind="sgd"))
+        assert len(ebc.groups) == (1 if grouped else 3)
+        return ebc
+
+    grouped, separate = build(True), build(False)
+    data = colliding_batches(grouped)
+    losses = [train_group(e, data) for e in (grouped, separate)]
+    assert grouped.groups[0]._side  # the crafted collisions took the side path
+    if min_count == 1:
+        assert losses[0] == losses[1]
+        assert per_table(grouped) == per_table(separate)
+    for t in grouped.tables:
+        keys, _ = t.export()
+        assert keys.unique().numel() == keys.numel() == len(t)
+    stats = grouped.groups[0].stats()
+    assert stats["admission_admitted"] == sum(grouped.num_rows().values())
+    assert (stats["admission_rejected"] > 0) == (min_count > 1)
