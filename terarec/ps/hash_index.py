@@ -5,9 +5,13 @@ rows they index never move when the index grows:
 
 * ``fbgemm`` (CPU, the default there): FBGEMM's ``pruned_hashmap_insert`` /
   ``pruned_hashmap_lookup`` kernels (C++ linear probing over a ``[cap, 2]`` key/value
-  table) hold the *mixed* keys (``mix64`` is a bijection, so this is exact and immune
-  to ids that share low bits). Those kernels reserve key -1 as the empty marker; the one
-  key whose mixed value is -1 keeps its slot on the side.
+  table) hold the keys as they are: the kernels hash them themselves (MurmurHash3's
+  64-bit finalizer, so ids that share low bits still spread). They reserve key -1 as
+  the empty marker, so key -1 keeps its slot on the side. The kernels are
+  single-threaded loops that release the GIL, so a lookup is split into
+  ``torch.get_num_threads()`` contiguous chunks run on a small thread pool; inserts
+  (new keys only, after the lookup) run as one call, since two writers could claim the
+  same empty bucket.
 * ``torch`` (any device; the reference and the CUDA path): every operation is a
   handful of torch ops per *probe round* (never per key). Linear probing over a
   power-of-two table kept at most half full, so the expected number of rounds is ~2;
@@ -21,6 +25,9 @@ densely (0, 1, 2, ...) so that the rows they index never move when the index gro
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal, Optional
 
 import torch
@@ -36,6 +43,26 @@ _EMPTY = -1
 # of buckets so the tail ends in a round or two instead of dozens of tiny rounds.
 _TAIL_WINDOW = 16
 _TAIL_PENDING = 2048
+
+
+# A lookup is split over threads only when each gets at least this many keys: below
+# it, handing a chunk to a pool thread costs more than probing it.
+_MIN_CHUNK = 16384
+_pool: Optional[ThreadPoolExecutor] = None
+_pool_pid = -1
+_pool_workers = 0
+_pool_lock = threading.Lock()
+
+
+def _lookup_pool(workers: int) -> ThreadPoolExecutor:
+    """The process's pool for split lookups (made again after a fork: the threads of
+    a pool do not survive one)."""
+    global _pool, _pool_pid, _pool_workers
+    with _pool_lock:
+        if _pool is None or _pool_pid != os.getpid() or _pool_workers < workers:
+            _pool = ThreadPoolExecutor(workers, thread_name_prefix="terarec-index")
+            _pool_pid, _pool_workers = os.getpid(), workers
+        return _pool
 
 
 def _width(pending: int, total: int) -> int:
@@ -166,7 +193,7 @@ class HashIndex:
             int64 ``[N]``.
         """
         if self.backend != "torch":
-            return self._fb_find(mix64_torch(keys))
+            return self._fb_find(self._stored(keys))
         out = torch.full_like(keys, -1)
         pending = torch.arange(keys.numel(), device=keys.device)
         pos = self._home(keys)
@@ -201,18 +228,37 @@ class HashIndex:
         return out, inserted
 
     # -- fbgemm backend ----------------------------------------------------------------
+    def _stored(self, keys: torch.Tensor) -> torch.Tensor:
+        """The keys as the table holds them: as they are for fbgemm (its kernels hash
+        them), ``mix64`` for triton (whose kernels take the low bits as the bucket)."""
+        if self.backend == "fbgemm":  # the kernels read the raw buffer
+            return keys.to(torch.int64).contiguous()
+        return mix64_torch(keys)
+
+    def _fb_lookup(self, stored: torch.Tensor) -> torch.Tensor:
+        offsets = torch.tensor([0, stored.numel()], dtype=torch.int64)
+        return torch.ops.fbgemm.pruned_hashmap_lookup(
+            stored, offsets, self._table, self._table_offsets
+        )
+
     def _fb_find(self, mixed: torch.Tensor) -> torch.Tensor:
+        """Slots of stored keys ``[N]`` (-1: absent). fbgemm: split over the torch
+        threads (the kernel is a single-threaded loop that runs without the GIL)."""
         if mixed.numel() == 0:
             return torch.empty(0, dtype=torch.int64, device=mixed.device)
         if self.backend == "triton":
             out, _ = triton_hash.probe(mixed, self._table)
         else:
-            offsets = torch.tensor([0, mixed.numel()], dtype=torch.int64)
-            out = torch.ops.fbgemm.pruned_hashmap_lookup(
-                mixed, offsets, self._table, self._table_offsets
-            )
+            parts = min(torch.get_num_threads(), mixed.numel() // _MIN_CHUNK)
+            if parts > 1:
+                chunks = mixed.chunk(parts)  # views: no copy
+                pool = _lookup_pool(parts - 1)
+                futs = [pool.submit(self._fb_lookup, c) for c in chunks[1:]]
+                out = torch.cat([self._fb_lookup(chunks[0])] + [f.result() for f in futs])
+            else:
+                out = self._fb_lookup(mixed)
         if self._special >= 0:
-            out = torch.where(mixed == _EMPTY, self._special, out)
+            out.masked_fill_(mixed == _EMPTY, self._special)
         return out
 
     def _fb_insert(self, mixed: torch.Tensor, ids: torch.Tensor) -> None:
@@ -234,15 +280,18 @@ class HashIndex:
         )
 
     def _fb_find_or_insert(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mixed = mix64_torch(keys)
+        # Lookup first (most keys of a batch are present; the lookup runs on all
+        # threads), then one insert call for the new keys only.
+        mixed = self._stored(keys)
         out = self._fb_find(mixed)
         new = (out < 0).nonzero().squeeze(1)
         first = self._size
         if new.numel():
             ids = torch.arange(first, first + new.numel(), dtype=torch.int64)
             out.index_copy_(0, new, ids)
-            self._append_slot_keys(keys.index_select(0, new))
-            self._fb_insert(mixed.index_select(0, new), ids)
+            new_keys = keys.index_select(0, new)
+            self._append_slot_keys(new_keys)
+            self._fb_insert(new_keys if mixed is keys else mixed.index_select(0, new), ids)
         return out, out >= first
 
     def _tr_find_or_insert(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -343,7 +392,7 @@ class HashIndex:
             keys, ids = keys[keep], ids[keep]
         if self.backend != "torch":
             self._special = -1
-            self._fb_insert(mix64_torch(keys), ids)
+            self._fb_insert(self._stored(keys), ids)
             return
         out = torch.empty_like(keys)
         self._probe(keys, out, torch.zeros(0, dtype=torch.bool, device=self.device), ids)

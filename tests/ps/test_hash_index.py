@@ -80,8 +80,9 @@ def test_growth_keeps_slots_and_load_keys_round_trip(backend: str) -> None:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_reserved_values_are_ordinary_keys(backend: str) -> None:
-    """-1 (a common 'missing' id) and the key whose mixed value is -1 (the fbgemm
-    kernels' empty marker) are stored like any other key, through growth too."""
+    """-1 (a common 'missing' id, and the fbgemm kernels' empty marker) and the key
+    whose mixed value is -1 (the triton tables' empty marker) are stored like any other
+    key, through growth too."""
     special = _unmix64(M64)
     assert int(mix64_torch(torch.tensor([special]))[0]) == -1
     idx = HashIndex(capacity=16, backend=backend)  # type: ignore[arg-type]
@@ -96,6 +97,41 @@ def test_reserved_values_are_ordinary_keys(backend: str) -> None:
     other = HashIndex(backend=backend)  # type: ignore[arg-type]
     other.load_keys(idx.keys())
     assert other.find(keys).tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_split_lookup_matches_dict(threads: int) -> None:
+    """Batches large enough for the fbgemm lookup to be split over threads (and the
+    -1 key inside them, shuffled non-contiguous keys) give the dict's answers."""
+    if "fbgemm" not in BACKENDS:
+        pytest.skip("fbgemm_gpu not installed")
+    g = torch.Generator().manual_seed(1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        idx = HashIndex(capacity=16, backend="fbgemm")
+        ref: dict[int, int] = {}
+        universe = torch.randint(-(2**63), 2**63 - 1, (150_000,), generator=g).unique()
+        universe[0] = -1
+        for _ in range(4):
+            pick = torch.randperm(universe.numel(), generator=g)[:60_000]
+            batch = torch.stack([universe[pick], universe[pick]], 1)[:, 0]  # strided view
+            assert not batch.is_contiguous()
+            slots, inserted = idx.find_or_insert(batch)
+            for k, s, ins in zip(batch.tolist(), slots.tolist(), inserted.tolist()):
+                assert ins == (k not in ref)
+                ref.setdefault(k, s)
+                assert ref[k] == s
+        assert -1 in ref
+        keys = torch.tensor(list(ref))
+        want = torch.tensor(list(ref.values()))
+        assert torch.equal(idx.find(keys), want)
+        absent = torch.arange(40_000) * 7919 + 3  # (practically) never drawn
+        absent = absent[~torch.isin(absent, keys)]
+        assert (idx.find(absent) == -1).all()
+        assert sorted(ref.values()) == list(range(len(ref)))
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_backend_choice() -> None:
