@@ -51,6 +51,9 @@ class TierChain:
         self.row_width = self.top.row_width
         self.created = 0  # rows ever created (rows are never dropped: len of the table)
         self.moved = dict.fromkeys((t.name for t in tiers), 0)  # rows written into a tier
+        # prefetch counters: batches, those skipped (no room), keys looked up, keys
+        # already in the top tier, rows it brought up
+        self.prefetched = dict.fromkeys(("batches", "skipped", "keys", "resident", "rows_in"), 0)
 
     def __len__(self) -> int:
         return self.created
@@ -119,6 +122,33 @@ class TierChain:
         self._push_down(ev_keys, ev_rows, 1, step)
         slots[miss] = new_slots
         return slots
+
+    def prefetch(self, keys: torch.Tensor, step: int) -> bool:
+        """Makes the *next* batch's unique ``keys`` ``[U]`` resident in the top tier,
+        locked through ``step + 1``, while step ``step`` trains (e.g. on a background
+        thread: it touches the tiers' maps, free slots and unlocked rows, never the rows
+        of the batch being trained).
+
+        It changes where rows are, never what the table holds: keys in no tier are left
+        for the step that trains them to create (or, with admission, to decide on). When
+        the batch does not fit beside the one being trained (``room``), it gives up
+        before any row moves: the next step makes the batch resident itself.
+
+        Returns:
+            False when it gave up.
+        """
+        self.prefetched["batches"] += 1
+        self.prefetched["keys"] += keys.numel()
+        hits, moved = self.top.stats()["hits"], self.moved[self.top.name]
+        try:
+            self.prepare(keys, step, _no_rows, lock_until=step + 1, admit=_admit_none)
+            done = True
+        except TierFullError:
+            self.prefetched["skipped"] += 1
+            done = False
+        self.prefetched["resident"] += int(self.top.stats()["hits"] - hits)
+        self.prefetched["rows_in"] += self.moved[self.top.name] - moved
+        return done
 
     def _too_small(self, keys: torch.Tensor, prefetch: bool) -> None:
         extra = " plus the unique keys of the batch being trained (prefetch holds both)"
@@ -195,4 +225,15 @@ class TierChain:
             for k, v in t.stats().items():
                 out[f"{t.name}_{k}"] = v
             out[f"{t.name}_rows_in"] = float(self.moved[t.name])
+        for k, v in self.prefetched.items():
+            out[f"prefetch_{k}"] = float(v)
         return out
+
+
+def _admit_none(pos: torch.Tensor) -> torch.Tensor:
+    """Creates no row (a prefetch)."""
+    return torch.zeros(pos.numel(), dtype=torch.bool, device=pos.device)
+
+
+def _no_rows(pos: torch.Tensor) -> torch.Tensor:
+    raise AssertionError("a prefetch creates no rows")  # pragma: no cover

@@ -155,19 +155,30 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
             keys=self.out_features, length_per_key=lengths, values=torch.cat(pooled, dim=1)
         )
 
-    def prefetch(self, features: KeyedJaggedTensor) -> None:
+    def prefetch(self, features: KeyedJaggedTensor) -> list[str]:
         """Makes the rows of the *next* batch resident in the device tier of every tiered
         table (a no-op for unbounded ones), e.g. on a background thread while the
-        current batch trains. Rows it shares with the current batch are not moved."""
+        current batch trains (after its forward). Rows it shares with the current batch
+        are not moved; keys without a row are left for the next forward to create, so
+        what the tables hold does not change (see ``TableGroup.prefetch``).
+
+        Returns:
+            The names of the tables whose next batch did not fit in the device tier
+            beside the current one: nothing of theirs moved, the next forward makes
+            their rows resident itself.
+        """
         keys = features.keys()
         perm = self._permutation(keys)
         if perm != list(range(len(keys))):
             features = features.permute(perm)
         parts = features.split([len(fs) for fs in self._group_features])
+        skipped: list[str] = []
         for g, kjt, ft in zip(self.groups, parts, self._feature_table):
             if g.chain is not None:
                 dedup, _ = self._dedup_group(g, kjt, ft)
-                g.prefetch(dedup.keys, dedup.tables)
+                if not g.prefetch(dedup.keys, dedup.tables):
+                    skipped += g.names
+        return skipped
 
     def _dedup_group(
         self, group: TableGroup, kjt: KeyedJaggedTensor, feature_table: torch.Tensor

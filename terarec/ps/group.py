@@ -38,11 +38,6 @@ from terarec.ps.host_tier import HostTier
 from terarec.ps.initializer import init_rows
 
 
-def _admit_none(pos: torch.Tensor) -> torch.Tensor:
-    """An admission decision that creates no row (a prefetch)."""
-    return torch.zeros(pos.numel(), dtype=torch.bool, device=pos.device)
-
-
 def table_seed(seed: int, name: str) -> int:
     """Per-table initializer seed derived from the run seed and the table name."""
     return (seed * 1_000_003 + salt_for(name)) % (1 << 62)
@@ -294,27 +289,23 @@ class TableGroup:
 
         return rows_for
 
-    def prefetch(self, comp: torch.Tensor, tables: torch.Tensor) -> None:
+    def prefetch(self, comp: torch.Tensor, tables: torch.Tensor) -> bool:
         """Makes the next batch's unique pairs resident in the device tier (tiered tables
         only), locked through the next step; the batch being trained stays resident.
 
         May run on a background thread while the current step computes: it touches the
         tiers' maps and free slots only, never the current batch's rows.
 
-        With admission it brings up only pairs that have a row somewhere: whether a new
-        pair gets one is decided by the next forward, after this step's observations,
-        so that a prefetch neither counts a pair twice nor creates a row early.
+        It brings up only pairs that have a row somewhere: whether a new pair gets one
+        (and, with admission, whether it is admitted) is decided by the next forward,
+        after this step's observations, so a prefetch neither counts a pair twice nor
+        creates a row early (an eval or checkpoint between the steps sees no row of a
+        batch not trained yet). Returns False when the batch did not fit beside the
+        one being trained (nothing moved; see :meth:`TierChain.prefetch`).
         """
         if self.chain is None:
-            return
-        admit = None if self.admission is None else _admit_none
-        self.chain.prepare(
-            comp,
-            self.step,
-            self._rows_for(comp, tables, None),
-            lock_until=self.step + 1,
-            admit=admit,
-        )
+            return True
+        return self.chain.prefetch(comp, self.step)
 
     def _record_tables(self, first: int, slots: torch.Tensor, tables: torch.Tensor) -> None:
         n = len(self.tier)
