@@ -98,9 +98,10 @@ def test_tiered_training_matches_dense_reference(
             fitted += 1
         worker = None
         if prefetch and step + 1 < steps:  # the next batch, while this one trains
-            skipped = []
+            skipped.clear()
             worker = threading.Thread(
-                target=lambda b: skipped.extend(ebc.prefetch(b)), args=(data[step + 1],)
+                target=lambda b, out=skipped: out.extend(ebc.prefetch(b)),
+                args=(data[step + 1],),
             )
             worker.start()
         loss.backward()
