@@ -277,3 +277,27 @@ def test_speed_one_million_keys() -> None:
     finally:
         torch.set_num_threads(threads)
     assert best < 1.0, f"1M keys add + estimate took {best:.3f}s"
+
+
+def test_rejected_counters_and_calls() -> None:
+    adm = Admission(3, width=1 << 16)
+    keys = torch.tensor([10, 20, 30])
+    assert adm.observe_and_admit(keys, torch.tensor([1, 3, 2])).tolist() == [False, True, False]
+    assert adm.observe_and_admit(keys[:0], keys[:0]).shape == (0,)  # a step with no new key
+    assert adm.observe_and_admit(keys[::2], torch.tensor([5, 0])).tolist() == [True, False]
+    s = adm.stats()
+    assert (s["observed"], s["admitted"], s["rejected"]) == (5, 2, 3)
+    assert s["rejected_values"] == 1 + 2 + 0  # occurrences of the keys left out
+    assert adm.calls == 3
+    one = Admission(1)
+    one.observe_and_admit(keys, torch.tensor([1, 1, 1]))
+    assert one.calls == 1 and one.stats()["rejected"] == 0
+
+
+def test_empty_state_starts_over() -> None:
+    """``{}`` (a checkpoint saved without admission) restores zero counts and counters."""
+    adm = Admission(3, width=1 << 12, decay_every=4)
+    adm.observe_and_admit(torch.tensor([1, 2]), torch.tensor([2, 5]))
+    adm.load_state_dict({})
+    assert adm.calls == 0 and all(v == 0 for k, v in adm.stats().items() if k != "bytes")
+    assert adm.sketch is not None and int(adm.sketch.counters.sum()) == 0
