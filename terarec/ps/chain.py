@@ -52,8 +52,10 @@ class TierChain:
         self.created = 0  # rows ever created (rows are never dropped: len of the table)
         self.moved = dict.fromkeys((t.name for t in tiers), 0)  # rows written into a tier
         # prefetch counters: batches, those skipped (no room), keys looked up, keys
-        # already in the top tier, rows it brought up
-        self.prefetched = dict.fromkeys(("batches", "skipped", "keys", "resident", "rows_in"), 0)
+        # already in the top tier, rows it brought up, keys it found in no tier
+        self.prefetched = dict.fromkeys(
+            ("batches", "skipped", "keys", "resident", "rows_in", "absent"), 0
+        )
 
     def __len__(self) -> int:
         return self.created
@@ -141,7 +143,8 @@ class TierChain:
         self.prefetched["keys"] += keys.numel()
         hits, moved = self.top.stats()["hits"], self.moved[self.top.name]
         try:
-            self.prepare(keys, step, _no_rows, lock_until=step + 1, admit=_admit_none)
+            slots = self.prepare(keys, step, _no_rows, lock_until=step + 1, admit=_admit_none)
+            self.prefetched["absent"] += int((slots < 0).sum())
             done = True
         except TierFullError:
             self.prefetched["skipped"] += 1
