@@ -235,30 +235,60 @@ class HashIndex:
             return keys.to(torch.int64).contiguous()
         return mix64_torch(keys)
 
-    def _fb_lookup(self, stored: torch.Tensor) -> torch.Tensor:
+    def _fb_lookup(
+        self, stored: torch.Tensor, start: int, misses: bool
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """One kernel call: slots of ``stored [C]`` (-1: no bucket holds the key) and,
+        if ``misses``, the positions of those -1 plus ``start``, ascending."""
         offsets = torch.tensor([0, stored.numel()], dtype=torch.int64)
-        return torch.ops.fbgemm.pruned_hashmap_lookup(
+        out = torch.ops.fbgemm.pruned_hashmap_lookup(
             stored, offsets, self._table, self._table_offsets
         )
+        return out, (out < 0).nonzero().squeeze(1).add_(start) if misses else None
+
+    def _fb_lookup_split(
+        self, stored: torch.Tensor, misses: bool
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """:meth:`_fb_lookup` of ``stored [N]`` in ``torch.get_num_threads()`` contiguous
+        chunks at once (the kernel is a single-threaded loop that runs without the GIL);
+        the misses are found inside the chunks' threads too."""
+        parts = min(torch.get_num_threads(), stored.numel() // _MIN_CHUNK)
+        if parts <= 1:
+            return self._fb_lookup(stored, 0, misses)
+        chunks = stored.chunk(parts)  # views: no copy
+        starts = [0]
+        for c in chunks[:-1]:  # one entry per thread
+            starts.append(starts[-1] + c.numel())
+        pool = _lookup_pool(parts - 1)
+        futs = [pool.submit(self._fb_lookup, c, s, misses) for c, s in zip(chunks[1:], starts[1:])]
+        got = [self._fb_lookup(chunks[0], 0, misses)] + [f.result() for f in futs]
+        out = torch.cat([g[0] for g in got])
+        return out, torch.cat([g[1] for g in got]) if misses else None  # type: ignore[misc]
+
+    def _fb_side(self, stored: torch.Tensor, out: torch.Tensor, miss: torch.Tensor) -> torch.Tensor:
+        """Key -1 is the kernels' empty marker: they always miss it, and its slot (if it
+        has one) is kept on the side. Fills that slot into ``out``; returns the misses
+        left (positions ``[M]``)."""
+        if self._special < 0 or miss.numel() == 0:
+            return miss
+        side = stored.index_select(0, miss) == _EMPTY
+        if not bool(side.any()):
+            return miss
+        out.index_fill_(0, miss[side], self._special)
+        return miss[~side]
 
     def _fb_find(self, mixed: torch.Tensor) -> torch.Tensor:
-        """Slots of stored keys ``[N]`` (-1: absent). fbgemm: split over the torch
-        threads (the kernel is a single-threaded loop that runs without the GIL)."""
+        """Slots of stored keys ``[N]`` (-1: absent), fbgemm or triton."""
         if mixed.numel() == 0:
             return torch.empty(0, dtype=torch.int64, device=mixed.device)
         if self.backend == "triton":
             out, _ = triton_hash.probe(mixed, self._table)
-        else:
-            parts = min(torch.get_num_threads(), mixed.numel() // _MIN_CHUNK)
-            if parts > 1:
-                chunks = mixed.chunk(parts)  # views: no copy
-                pool = _lookup_pool(parts - 1)
-                futs = [pool.submit(self._fb_lookup, c) for c in chunks[1:]]
-                out = torch.cat([self._fb_lookup(chunks[0])] + [f.result() for f in futs])
-            else:
-                out = self._fb_lookup(mixed)
-        if self._special >= 0:
-            out.masked_fill_(mixed == _EMPTY, self._special)
+            if self._special >= 0:
+                out.masked_fill_(mixed == _EMPTY, self._special)
+            return out
+        out, miss = self._fb_lookup_split(mixed, misses=self._special >= 0)
+        if miss is not None:
+            self._fb_side(mixed, out, miss)
         return out
 
     def _fb_insert(self, mixed: torch.Tensor, ids: torch.Tensor) -> None:
@@ -281,18 +311,21 @@ class HashIndex:
 
     def _fb_find_or_insert(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Lookup first (most keys of a batch are present; the lookup runs on all
-        # threads), then one insert call for the new keys only.
-        mixed = self._stored(keys)
-        out = self._fb_find(mixed)
-        new = (out < 0).nonzero().squeeze(1)
-        first = self._size
+        # threads), then one insert call for the new keys only. The table holds the
+        # keys as they are, so the stored keys are the keys.
+        stored = self._stored(keys)
+        out, miss = self._fb_lookup_split(stored, misses=True)
+        new = self._fb_side(stored, out, miss)  # type: ignore[arg-type]
+        inserted = torch.zeros(keys.numel(), dtype=torch.bool)
         if new.numel():
+            first = self._size
             ids = torch.arange(first, first + new.numel(), dtype=torch.int64)
             out.index_copy_(0, new, ids)
-            new_keys = keys.index_select(0, new)
+            inserted.index_fill_(0, new, True)
+            new_keys = stored.index_select(0, new)
             self._append_slot_keys(new_keys)
-            self._fb_insert(new_keys if mixed is keys else mixed.index_select(0, new), ids)
-        return out, out >= first
+            self._fb_insert(new_keys, ids)
+        return out, inserted
 
     def _tr_find_or_insert(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Triton: one fused probe-or-claim launch, then the new keys' ids in key order."""

@@ -7,8 +7,12 @@ from terarec.hashing import mix64_torch
 from terarec.ps import triton_hash
 from terarec.ps.hash_index import HashIndex, fbgemm_hashmap_available
 
-BACKENDS = ["torch"] + (["fbgemm"] if fbgemm_hashmap_available() else []) + (
-    ["triton"] if triton_hash.available(torch.device("cpu")) else []  # TRITON_INTERPRET=1
+BACKENDS = (
+    ["torch"]
+    + (["fbgemm"] if fbgemm_hashmap_available() else [])
+    + (
+        ["triton"] if triton_hash.available(torch.device("cpu")) else []  # TRITON_INTERPRET=1
+    )
 )
 M64 = (1 << 64) - 1
 
