@@ -412,6 +412,9 @@ class TrainConfig:
     progress: bool = True
     save_checkpoint: bool = True
     checkpoint_every: int = 0  # steps; 0 = only at the end
+    # Prepare the next batch on a background thread while one trains: read it, copy it
+    # to the device and bring its rows into tiered tables' device tier (trainer/pipeline.py).
+    prefetch: bool = True
 
     def __post_init__(self) -> None:
         _check(self.steps is None or self.steps >= 1, "steps: must be >= 1")

@@ -9,6 +9,7 @@ SSD tier (``ssd/`` by default; see ``trainer/tiers.py``).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -38,6 +39,7 @@ from terarec.trainer.checkpoint import (
     save_checkpoint,
 )
 from terarec.trainer.metrics import CTRMetrics
+from terarec.trainer.pipeline import PipelineMeter, PipelineStats, TrainPipeline
 from terarec.trainer.report import RunReporter, atomic_write_text, read_jsonl
 from terarec.trainer.tiers import (
     TierCounters,
@@ -228,6 +230,43 @@ def _save(
         ) from None
 
 
+class _TrainedPosition:
+    """The data position after the last batch *trained*, for checkpoints.
+
+    The pipeline reads the next batch while one trains, so the source's own position
+    is a batch ahead; a resumed run must start with the batch after the last one
+    trained. Before any step it is the source's starting position.
+    """
+
+    def __init__(self, source: Any) -> None:
+        self._source = source
+        self._state: Optional[dict[str, Any]] = None
+        if hasattr(source, "state_dict"):
+            self._state = dict(source.state_dict())
+
+    def advance(self, batch: Batch) -> None:
+        if batch.position is not None:
+            self._state = dict(batch.position)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self._state is None else dict(self._state)
+
+
+def _warn_skipped(cfg: Config, skipped: dict[str, int], warned: set[str]) -> None:
+    """Warns once per table (``warned``: those done) whose next batch did not fit in
+    the device tier beside the one training."""
+    for i, t in enumerate(cfg.tables):
+        if t.name in skipped and t.name not in warned:
+            warned.add(t.name)
+            log.warning(
+                "tables[%d].device_rows: table %s: the next batch did not fit in the device "
+                "tier (%s rows) beside the one training, so its rows were brought in by its "
+                "own step instead of in the background (%d times so far); give the device "
+                "tier room for two batches' unique keys to hide those reads",
+                i, t.name, t.device_rows, skipped[t.name],
+            )
+
+
 def _drop_records_after(path: Path, step: int) -> None:
     """Cuts ``metrics.jsonl`` back to ``step``, the step a resumed run starts from.
 
@@ -328,8 +367,8 @@ def _train(
     reporter.save_config(config_to_dict(cfg))
 
     tiers = TierCounters(parts.embedding)  # after a resume's load: its rows are not moves
+    trained = _TrainedPosition(source)  # the source reads ahead of the batches trained
     window = CTRMetrics()
-    loss_fn = nn.BCEWithLogitsLoss()
     start = time.perf_counter()
     start_samples = samples
     losses: list[float] = []
@@ -347,23 +386,37 @@ def _train(
     # one more step before the check at the end of the step stops it.
     stop = "steps" if cfg.train.steps is not None and step >= cfg.train.steps else None
     model.train()
+    pipeline = TrainPipeline(
+        model,
+        parts.dense_optimizer,
+        parts.embedding,
+        device,
+        nn.BCEWithLogitsLoss(),
+        overlap=cfg.train.prefetch,
+        check_loss=lambda loss: _check_finite(loss, step + 1, cfg, last_ckpt),
+    )
+    meter = PipelineMeter(pipeline.stats)
+    warned: set[str] = set()
     try:
-        for batch in () if stop else source:
-            batch = batch.to(device, non_blocking=True)
-            logits = model(batch.dense, batch.sparse)
-            loss = loss_fn(logits, batch.labels)
-            _check_finite(loss, step + 1, cfg, last_ckpt)
-            parts.dense_optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # sparse rows are updated by the fused hooks here
-            parts.dense_optimizer.step()
+        # The pipeline reads one batch ahead: never past the step target.
+        remaining = None if cfg.train.steps is None else cfg.train.steps - step
+        batches = iter(()) if stop else itertools.islice(iter(source), remaining)
+        while not stop:
+            try:
+                out = pipeline.progress(batches)
+            except StopIteration:
+                break
+            batch = out.batch
+            trained.advance(batch)
             step += 1
             samples += batch.batch_size
-            losses.append(loss.item())
-            window.update(torch.sigmoid(logits.detach()), batch.labels)
+            losses.append(out.loss.item())
+            window.update(torch.sigmoid(out.logits), batch.labels)
             bar.update(1)
             if step % cfg.train.log_every == 0:
                 now = time.perf_counter()
-                rate = (samples - last_log_samples) / max(now - last_log_t, 1e-9)
+                seconds = max(now - last_log_t, 1e-9)
+                rate = (samples - last_log_samples) / seconds
                 last_log_t, last_log_samples = now, samples
                 m = window.compute()
                 window.reset()
@@ -383,9 +436,11 @@ def _train(
                     "rows": f"{rows:,}",
                 }
                 if tiers:
-                    rec["tiers"] = tiers.interval()
-                    if tiers.device_hit_rate is not None:
-                        postfix["hit"] = f"{tiers.device_hit_rate:.2f}"
+                    rec["tiers"] = tiers.interval(seconds)
+                    postfix.update(tiers.postfix())
+                if cfg.train.prefetch:
+                    rec["pipeline"] = meter.interval()
+                    _warn_skipped(cfg, pipeline.stats.skipped, warned)
                 reporter.log(step, "train", rec)
                 bar.set_postfix(postfix)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0:
@@ -404,7 +459,7 @@ def _train(
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
                 # After the eval of this step: a resumed run starts past it.
                 t0 = time.perf_counter()
-                _save(ckpt_dir, parts, source, step, cfg, samples, last_ckpt)
+                _save(ckpt_dir, parts, trained, step, cfg, samples, last_ckpt)
                 last_ckpt = (ckpt_dir, step)
                 dt = time.perf_counter() - t0
                 paused_seconds += dt
@@ -425,6 +480,7 @@ def _train(
         )
         raise ConfigError(f"{where}: {msg}") from None
     finally:
+        pipeline.close()
         bar.close()
         if hasattr(source, "close"):
             source.close()
@@ -450,8 +506,10 @@ def _train(
     }
     if tiers:
         summary["tiers"] = tiers.totals()
+    if cfg.train.prefetch:
+        summary["pipeline"] = PipelineMeter.figures(pipeline.stats, PipelineStats())
     if cfg.train.save_checkpoint:
-        summary["checkpoint"] = str(_save(ckpt_dir, parts, source, step, cfg, samples, last_ckpt))
+        summary["checkpoint"] = str(_save(ckpt_dir, parts, trained, step, cfg, samples, last_ckpt))
     reporter.write_summary(summary)
     try:
         reporter.plot()

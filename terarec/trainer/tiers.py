@@ -28,8 +28,11 @@ log = logging.getLogger("terarec.trainer")
 
 # Running totals in a tier's stats (differences make sense); everything else
 # (rows, bytes, db_*) is a gauge, reported as it is.
-_COUNTERS = ("hits", "misses", "inserts", "evictions", "rows_in", "writes", "deletes")
+_COUNTERS = (
+    "hits", "misses", "inserts", "evictions", "rows_in", "writes", "deletes", "expired"
+)
 _ADMISSION = "admission_"  # admission counters (all running totals but the sketch's bytes)
+_PREFETCH = "prefetch_"  # the prefetch's counters (all running totals)
 
 
 def current_rank() -> int:
@@ -95,17 +98,24 @@ def close_store(store: Optional[SSDStore], quiet: bool = False) -> None:
 
 
 class TierCounters:
-    """Hit rates and rows moved per tier of the tiered tables, evals left out.
+    """Per tier hits, misses, evictions, rows and bytes moved, SSD throughput and the
+    prefetch's figures, per log interval and per run, evals left out.
 
     ``embedding.table_stats()`` holds running totals per table group (``device_hits``,
-    ``host_misses``, ``ssd_rows_in``, ...). This keeps the totals of the last log, so an
-    interval is a difference, and moves both baselines past evals (which read through
-    the tiers too) so that only training lookups count. Reading the stats costs a few
-    dict operations and three RocksDB property reads per SSD tier: once per log line.
+    ``host_misses``, ``ssd_rows_in``, ``prefetch_keys``, ...). This keeps the totals of
+    the last log, so an interval is a difference, and moves both baselines past evals
+    (which read through the tiers too) so that only training lookups count. Reading the
+    stats costs a few dict operations and three RocksDB property reads per SSD tier:
+    once per log line.
 
     A tier's hit rate is over the lookups that reached it: the device tier sees every
-    unique key of a batch, the host tier the device's misses, the SSD tier the host's
-    misses (its misses are rows created on first touch).
+    unique key of a batch (twice with the prefetch pipeline: once when the prefetch
+    brings the batch in, once when its step runs), the host tier the device's misses,
+    the SSD tier the host's misses (its misses are keys without a row anywhere: rows
+    created on first touch, looked for once more by the step when a prefetch missed
+    them). With prefetch, ``prefetch_hit_rate`` is the device tier's hit rate as a cache
+    (the next batch's keys already there when the prefetch looked) and ``ready_rate``
+    what the prefetch achieved (the batch's keys resident when its step looked).
     """
 
     def __init__(self, embedding: HierarchicalEmbeddingBagCollection) -> None:
@@ -115,9 +125,12 @@ class TierCounters:
             for n, s in embedding.table_stats().items()
             if "device_hits" in s or f"{_ADMISSION}observed" in s
         ]
+        # bytes of one row (weights + optimizer state, float32) per table group
+        self._row_bytes = {"+".join(g.names): 4 * g.row_width for g in embedding.groups}
         self._start = self._read()
         self._last = self._read()
         self.device_hit_rate: Optional[float] = None  # of the last interval, all tables
+        self._bar: dict[str, str] = {}
 
     def __bool__(self) -> bool:
         return bool(self.tables)
@@ -128,33 +141,37 @@ class TierCounters:
         stats = self.embedding.table_stats()
         return {n: dict(stats[n]) for n in self.tables}
 
-    def interval(self) -> dict[str, dict[str, Optional[float]]]:
-        """Per table since the last call: ``<tier>_hit_rate`` (None without lookups),
-        ``<tier>_rows_in``, ``<tier>_evictions`` (caches) and ``<tier>_rows`` (held now);
-        with admission, every ``admission_*`` counter's increase (and the sketch bytes)."""
+    def interval(self, seconds: Optional[float] = None) -> dict[str, dict[str, Optional[float]]]:
+        """Per table since the last call (``seconds`` of training ago, evals left out).
+
+        Per tier ``<tier>_hits``, ``_misses``, ``_hit_rate`` (None without lookups),
+        ``_rows_in`` / ``_bytes_in`` (rows written into it), ``_evictions`` (caches),
+        ``_rows`` / ``_bytes`` (held now); the SSD tier's ``ssd_reads`` / ``ssd_writes``
+        (rows) and, given ``seconds``, ``ssd_read_rows_per_s`` / ``ssd_write_rows_per_s``;
+        with prefetch ``prefetch_batches``, ``_skipped``, ``_rows_in``, ``_hit_rate`` and
+        ``ready_rate`` (see the class); with admission, every ``admission_*`` counter's
+        increase (and the sketch bytes).
+        """
         now = self._read()
         out: dict[str, dict[str, Optional[float]]] = {}
-        hits = lookups = 0.0
+        total: dict[str, float] = {}
         for name in self.tables:
             cur, last = now[name], self._last[name]
-            rec: dict[str, Optional[float]] = {}
-            for tier in _tiers(cur):
-                h = cur[f"{tier}_hits"] - last[f"{tier}_hits"]
-                m = cur[f"{tier}_misses"] - last[f"{tier}_misses"]
-                rec[f"{tier}_hit_rate"] = h / (h + m) if h + m else None
-                rec[f"{tier}_rows_in"] = cur[f"{tier}_rows_in"] - last[f"{tier}_rows_in"]
-                if f"{tier}_evictions" in cur:
-                    rec[f"{tier}_evictions"] = cur[f"{tier}_evictions"] - last[f"{tier}_evictions"]
-                rec[f"{tier}_rows"] = cur[f"{tier}_rows"]
-                if tier == "device":
-                    hits, lookups = hits + h, lookups + h + m
-            for key in cur:
-                if key.startswith(_ADMISSION):
-                    rec[key] = cur[key] - last[key] if _is_counter(key) else cur[key]
+            rec = _figures(cur, last, self._row_bytes.get(name, 0), seconds)
+            for key, v in rec.items():  # sums over the tables for the progress bar
+                if v is not None and not key.endswith(("_rate", "_rows", "_bytes")):
+                    total[key] = total.get(key, 0.0) + v
             out[name] = rec
         self._last = now
-        self.device_hit_rate = hits / lookups if lookups else None
+        dev = total.get("device_hits", 0.0) + total.get("device_misses", 0.0)
+        self.device_hit_rate = total.get("device_hits", 0.0) / dev if dev else None
+        self._bar = _bar(total, seconds)
         return out
+
+    def postfix(self) -> dict[str, str]:
+        """Progress-bar fields of the last :meth:`interval`, all tables pooled, e.g.
+        ``hit="dev 46% host 39% ssd 95%"``, ``ready="99%"``, ``ssd="0.42r 0.41w Mrow/s"``."""
+        return dict(self._bar)
 
     @contextmanager
     def excluding(self) -> Iterator[None]:
@@ -188,16 +205,101 @@ class TierCounters:
                 h, m = rec[f"{tier}_hits"], rec[f"{tier}_misses"]
                 assert h is not None and m is not None
                 rec[f"{tier}_hit_rate"] = h / (h + m) if h + m else None
+            rec.update(_prefetch_rates(rec))
             out[name] = rec
         return out
 
 
 def _tiers(stats: Mapping[str, Any]) -> list[str]:
-    """Tier names of a group's stats, top first: ``["device", "host", "ssd"]``."""
-    return [k[: -len("_hits")] for k in stats if k.endswith("_hits")]
+    """Tier names of a group's stats, top first: ``["device", "host", "ssd"]`` (those
+    that count hits and misses)."""
+    names = [k[: -len("_hits")] for k in stats if k.endswith("_hits")]
+    return [t for t in names if f"{t}_misses" in stats and t != _PREFETCH.rstrip("_")]
+
+
+def _figures(
+    cur: Mapping[str, float], last: Mapping[str, float], row_bytes: int, seconds: Optional[float]
+) -> dict[str, Optional[float]]:
+    """One table's interval record (see :meth:`TierCounters.interval`)."""
+    rec: dict[str, Optional[float]] = {}
+
+    def diff(key: str) -> float:
+        return cur[key] - last[key]
+
+    for tier in _tiers(cur):
+        h, m = diff(f"{tier}_hits"), diff(f"{tier}_misses")
+        rec[f"{tier}_hits"], rec[f"{tier}_misses"] = h, m
+        rec[f"{tier}_hit_rate"] = h / (h + m) if h + m else None
+        if f"{tier}_rows_in" in cur:
+            rows_in = diff(f"{tier}_rows_in")
+            rec[f"{tier}_rows_in"], rec[f"{tier}_bytes_in"] = rows_in, rows_in * row_bytes
+        if f"{tier}_evictions" in cur:
+            rec[f"{tier}_evictions"] = diff(f"{tier}_evictions")
+        rec[f"{tier}_rows"] = cur[f"{tier}_rows"]
+        if f"{tier}_bytes" in cur:
+            rec[f"{tier}_bytes"] = cur[f"{tier}_bytes"]
+    if "ssd_hits" in cur:  # rows read from the SSD tier, rows written into it
+        rec["ssd_reads"] = diff("ssd_hits")
+        rec["ssd_writes"] = diff("ssd_writes") if "ssd_writes" in cur else None
+        if seconds:
+            rec["ssd_read_rows_per_s"] = rec["ssd_reads"] / seconds
+            w = rec["ssd_writes"]
+            rec["ssd_write_rows_per_s"] = None if w is None else w / seconds
+    if f"{_PREFETCH}batches" in cur and diff(f"{_PREFETCH}batches"):
+        for k in ("batches", "skipped", "keys", "resident", "rows_in", "absent"):
+            rec[f"{_PREFETCH}{k}"] = diff(f"{_PREFETCH}{k}")
+        rec.update(_prefetch_rates(rec))
+    for key in cur:
+        if key.startswith(_ADMISSION):
+            rec[key] = cur[key] - last[key] if _is_counter(key) else cur[key]
+    return rec
+
+
+def _prefetch_rates(rec: Mapping[str, Optional[float]]) -> dict[str, Optional[float]]:
+    """``prefetch_hit_rate`` and ``ready_rate`` from a record's counts (none without
+    prefetch): the device tier's hits as a cache, and at step time."""
+    keys, resident = rec.get(f"{_PREFETCH}keys"), rec.get(f"{_PREFETCH}resident")
+    if not keys or resident is None:
+        return {}
+    hits, misses = rec.get("device_hits") or 0.0, rec.get("device_misses") or 0.0
+    step_lookups = hits + misses - keys
+    return {
+        f"{_PREFETCH}hit_rate": resident / keys,
+        "ready_rate": (hits - resident) / step_lookups if step_lookups > 0 else None,
+    }
+
+
+def _bar(total: Mapping[str, float], seconds: Optional[float]) -> dict[str, str]:
+    """Progress-bar fields from the interval's counts summed over the tables."""
+
+    def pct(h: float, m: float) -> str:
+        return f"{100 * h / (h + m):.0f}%" if h + m else "-"
+
+    out: dict[str, str] = {}
+    rates = _prefetch_rates(total)
+    parts = []
+    for tier, short in (("device", "dev"), ("host", "host"), ("ssd", "ssd")):
+        if f"{tier}_hits" not in total:
+            continue
+        h, m = total[f"{tier}_hits"], total[f"{tier}_misses"]
+        if tier == "device" and rates:  # as a cache: when the prefetch looked
+            h = total[f"{_PREFETCH}resident"]
+            m = total[f"{_PREFETCH}keys"] - h
+        parts.append(f"{short} {pct(h, m)}")
+    if parts:
+        out["hit"] = " ".join(parts)
+    if rates.get("ready_rate") is not None:
+        out["ready"] = f"{100 * rates['ready_rate']:.0f}%"
+    if seconds and "ssd_reads" in total:
+        r = total["ssd_reads"] / seconds / 1e6
+        w = total.get("ssd_writes", 0.0) / seconds / 1e6
+        out["ssd"] = f"{r:.2f}r {w:.2f}w Mrow/s"
+    return out
 
 
 def _is_counter(key: str) -> bool:
+    if key.startswith(_PREFETCH):
+        return True
     if key.startswith(_ADMISSION):
         return not key.endswith("bytes")
     return key.endswith(_COUNTERS)

@@ -66,11 +66,17 @@ def test_tiers_are_used_and_reported(straight: tuple[Config, dict[str, Any], Pat
         assert 0 < tot[f"{tier}_hit_rate"] < 1
         assert tot[f"{tier}_rows_in"] > 0
     assert tot["device_rows"] == 64 and tot["host_rows"] == 128
-    # evals read through the tiers but are left out of the counts: every training
-    # lookup of a key not in the device tier is a device miss, and each one is a row
-    # moved into the device tier
-    assert tot["device_misses"] == tot["device_rows_in"]
-    assert tot["ssd_misses"] == rows  # the SSD tier misses exactly the rows created
+    # evals read through the tiers but are left out of the counts: every lookup of a
+    # step for a key not in the device tier is a device miss, and each one is a row
+    # moved into the device tier (the prefetch pipeline looks keys up too, and moves
+    # only rows that exist; with this budget most of its batches do not fit)
+    assert tot["prefetch_batches"] == STEPS and 0 < tot["prefetch_skipped"] < STEPS
+    prefetch_misses = tot["prefetch_keys"] - tot["prefetch_resident"]
+    step_rows_in = tot["device_rows_in"] - tot["prefetch_rows_in"]
+    assert tot["device_misses"] - prefetch_misses == step_rows_in
+    # the SSD tier misses exactly the rows created, and the keys a prefetch found in
+    # no tier (left to their step to create)
+    assert tot["ssd_misses"] == rows + tot["prefetch_absent"]
     train_lines = [r for r in read_jsonl(run / "metrics.jsonl") if r["split"] == "train"]
     assert len(train_lines) == STEPS // 10
     per = [r["tiers"]["sparse"] for r in train_lines]
