@@ -257,15 +257,24 @@ def _figures(
 
 def _prefetch_rates(rec: Mapping[str, Optional[float]]) -> dict[str, Optional[float]]:
     """``prefetch_hit_rate`` and ``ready_rate`` from a record's counts (none without
-    prefetch): the device tier's hits as a cache, and at step time."""
+    prefetch).
+
+    ``prefetch_hit_rate``: the next batch's keys already in the device tier when the
+    prefetch looked (the tier's hit rate as a cache). ``ready_rate``: the keys with a
+    row that were resident when their step looked (what the prefetch achieved; keys
+    new to the table miss at every step, so they are left out: the bottom tier's misses
+    that the prefetch did not already count as absent).
+    """
     keys, resident = rec.get(f"{_PREFETCH}keys"), rec.get(f"{_PREFETCH}resident")
     if not keys or resident is None:
         return {}
     hits, misses = rec.get("device_hits") or 0.0, rec.get("device_misses") or 0.0
-    step_lookups = hits + misses - keys
+    tiers = _tiers(rec)
+    created = (rec.get(f"{tiers[-1]}_misses") or 0.0) - (rec.get(f"{_PREFETCH}absent") or 0.0)
+    with_row = hits + misses - keys - created  # the steps' lookups of keys with a row
     return {
         f"{_PREFETCH}hit_rate": resident / keys,
-        "ready_rate": (hits - resident) / step_lookups if step_lookups > 0 else None,
+        "ready_rate": (hits - resident) / with_row if with_row > 0 else None,
     }
 
 
