@@ -56,6 +56,12 @@ class KeyMap:
         self._alloc(bucket_count(capacity))
 
     def _alloc(self, cap: int) -> None:
+        old = getattr(self, "_table", None)
+        if old is not None and old.is_cuda:
+            # A rebuild may run on another stream than the one that allocated the table
+            # (the training pipeline prefetches on a side stream): the memory must not
+            # be reused before this stream's queued reads of it are done.
+            old.record_stream(torch.cuda.current_stream(old.device))
         self._cap = cap
         self._mask = cap - 1
         self._table = torch.full((cap, 2), _EMPTY, dtype=torch.int64, device=self.device)
