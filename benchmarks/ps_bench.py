@@ -557,8 +557,8 @@ def _cache_tier_step(
     tier.touch(hs, step)
     tier.lock(hs, step)
     miss = (~hit).nonzero().squeeze(1)
-    _, ev_keys, _ = tier.admit(keys[miss], src[: miss.numel()], step, lock_until=step)
-    return int(hit.sum()), ev_keys.numel()
+    _, evicted = tier.admit(keys[miss], src[: miss.numel()], step, lock_until=step)
+    return int(hit.sum()), evicted.keys.numel()
 
 
 def _lru_dict_step(

@@ -256,6 +256,9 @@ class TableConfig:
     cache_policy: str = "lru"
     # Rows only for keys seen min_count times (null: every key gets a row on first touch).
     admission: Optional[AdmissionConfig] = None
+    # Delete rows not used for more than this many training steps from every tier
+    # (null: rows live forever); a deleted key is created again on its next use.
+    ttl_steps: Optional[int] = None
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "name: must be non-empty")
@@ -277,6 +280,11 @@ class TableConfig:
         _check(
             self.cache_policy in ("lru", "lfu"),
             f"cache_policy: must be lru or lfu, got {self.cache_policy!r}",
+        )
+        ttl = self.ttl_steps
+        _check(
+            ttl is None or (isinstance(ttl, int) and not isinstance(ttl, bool) and ttl >= 1),
+            f"ttl_steps: must be a positive number of steps (or null), got {ttl!r}",
         )
 
 

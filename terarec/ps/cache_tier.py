@@ -3,21 +3,23 @@ budgeted host tier.
 
 ``capacity`` rows of ``row_width`` floats live in one slot array; a :class:`KeyMap`
 maps keys to slots and forgets evicted keys, so slots are recycled. Each slot carries
-the metadata that eviction needs: the last step that touched it, how often it was
-touched, and a lock (the step until which it must stay: rows of the current and the
-next batch are never evicted). Victims are the unlocked rows with the oldest last
-access (``lru``) or the fewest touches, oldest first among equals (``lfu``). Every
-evicted row is handed back to the caller, who writes it to the tier below: the cache
-never drops a row.
+the row's metadata, which moves with the row to and from the tiers below: the last step
+that used it and how many steps used it (:data:`~terarec.ps.tier.META_WIDTH`), plus a
+lock (the step until which it must stay: rows of the current and the next batch are
+never evicted nor expired). Victims are the unlocked rows with the oldest last use
+(``lru``) or the fewest uses, oldest first among equals (``lfu``). Every evicted row is
+handed back to the caller, who writes it to the tier below: the cache never drops a
+row (only :meth:`CacheTier.evict` and :meth:`CacheTier.expire` remove rows on purpose).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 
 from terarec.ps.key_map import KeyMap
+from terarec.ps.tier import FREQ, LAST, Export, Rows, Spare, check_batch
 
 Policy = Literal["lru", "lfu"]
 
@@ -65,7 +67,9 @@ class CacheTier:
         self._lock = torch.full((capacity,), -1, dtype=torch.int64, device=self.device)
         self._map = KeyMap(self.device, capacity=2 * capacity)
         self._size = 0
-        self._stats = dict.fromkeys(("hits", "misses", "inserts", "evictions"), 0)
+        self._stats = dict.fromkeys(
+            ("hits", "misses", "inserts", "evictions", "deletes", "expired"), 0
+        )
 
     def __len__(self) -> int:
         return self._size
@@ -80,9 +84,10 @@ class CacheTier:
         return slots
 
     def touch(self, slots: torch.Tensor, step: int) -> None:
-        """Records an access at ``step`` of the rows at ``slots`` (unique)."""
+        """Records a use at ``step`` of the rows at ``slots`` (unique). ``freq`` counts
+        steps: a row touched twice in one step (prefetched, then trained) counts once."""
+        self._freq[slots] += (self._last[slots] != step).to(torch.int64)
         self._last[slots] = step
-        self._freq[slots] += 1
 
     def lock(self, slots: torch.Tensor, until_step: int) -> None:
         """Keeps the rows at ``slots`` from eviction while the step is <= ``until_step``."""
@@ -96,42 +101,177 @@ class CacheTier:
         """Overwrites the rows at unique ``slots``."""
         self._rows.index_copy_(0, slots, rows.to(self._rows.dtype))
 
+    def read_meta(self, slots: torch.Tensor) -> torch.Tensor:
+        """Metadata ``(last_step, freq)`` at ``slots``: int64 ``[N, 2]``."""
+        return torch.stack([self._last[slots], self._freq[slots]], dim=1)
+
+    def write_meta(self, slots: torch.Tensor, meta: torch.Tensor) -> None:
+        """Sets the metadata at unique ``slots`` (int64 ``[N, 2]``)."""
+        meta = meta.to(self.device)
+        self._last[slots] = meta[:, LAST]
+        self._freq[slots] = meta[:, FREQ]
+
     def admit(
-        self, keys: torch.Tensor, rows: torch.Tensor, step: int, lock_until: int = -1
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self,
+        keys: torch.Tensor,
+        rows: torch.Tensor,
+        step: int,
+        lock_until: int = -1,
+        meta: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, Rows]:
         """Places absent ``keys`` ``[M]`` (unique) with their ``rows``, evicting as needed.
 
+        Args:
+            meta: int64 ``[M, 2]`` metadata the rows bring along (from a lower tier);
+                default ``(step, 1)``: a first use at ``step``.
         Returns:
-            ``(slots [M], evicted_keys [E], evicted_rows [E, row_width])``: the rows that
-            made room, for the tier below.
+            ``(slots [M], evicted)``: the rows that made room (with their metadata), for
+            the tier below.
         Raises:
             TierFullError: fewer than ``M`` slots are free or evictable at ``step``
                 (rows locked until ``step`` or later are not).
         """
         m = keys.numel()
-        empty = torch.empty(0, dtype=torch.int64, device=self.device)
         if m == 0:
-            return empty, empty, torch.empty(0, self.row_width, device=self.device)
+            return torch.empty(0, dtype=torch.int64, device=self.device), self._no_rows()
         free = (~self._used).nonzero().squeeze(1)[:m]
         need = m - free.numel()
-        ev_keys, ev_rows = empty, torch.empty(0, self.row_width, device=self.device)
+        evicted = self._no_rows()
         if need > 0:
-            victims, ev_keys, ev_rows = self._evict(need, step)
+            victims, evicted = self._evict(need, step)
             free = torch.cat([free, victims])
         self._keys[free] = keys
         self._rows[free] = rows.to(self._rows.dtype)
         self._used[free] = True
-        self._last[free] = step
-        self._freq[free] = 1
+        if meta is None:
+            self._last[free] = step
+            self._freq[free] = 1
+        else:
+            self.write_meta(free, meta)
         self._lock[free] = lock_until
         self._map.insert(keys, free)
         self._size += m
         self._stats["inserts"] += m
-        return free, ev_keys, ev_rows
+        return free, evicted
 
     def room(self, step: int) -> int:
         """Rows :meth:`admit` can place at ``step``: free slots plus evictable ones."""
         return int((~self._used | (self._lock < step)).sum())
+
+    def evict_by_policy(self, n: int, step: int) -> Rows:
+        """Evicts ``n`` unlocked rows by the policy; returns them (keys, rows, metadata)."""
+        return self._evict(n, step)[1]
+
+    def remove(self, keys: torch.Tensor) -> Rows:
+        """Takes present ``keys`` (unique) out: returns their rows and metadata."""
+        keys = keys.to(self.device)
+        slots = self._map.find(keys)
+        hit = (slots >= 0).nonzero().squeeze(1)
+        s = slots[hit]
+        out = Rows(keys[hit], self._rows[s], self.read_meta(s))
+        self._release(s, out.keys)
+        return out
+
+    def take(
+        self, keys: torch.Tensor, out: torch.Tensor, meta: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Like :meth:`find`, but the rows found leave the tier (exclusive caching).
+        ``keys`` unique."""
+        missed = self.find(keys, out, meta)
+        hit = torch.ones(keys.numel(), dtype=torch.bool, device=keys.device)
+        hit[missed] = False
+        present = keys[hit].to(self.device)
+        self._release(self._map.find(present), present)
+        return missed
+
+    # -- Tier protocol ---------------------------------------------------------------
+    def find(
+        self, keys: torch.Tensor, out: torch.Tensor, meta: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Copies the rows (and metadata) of present keys into ``out`` (``meta``);
+        returns missed positions (on the keys' device)."""
+        check_batch(self.name, self.row_width, keys, out, meta, what="out")
+        slots = self.lookup(keys.to(self.device))
+        hit = (slots >= 0).nonzero().squeeze(1)
+        src = slots[hit]
+        out[hit.to(out.device)] = self._rows[src].to(out.device, out.dtype)
+        if meta is not None:
+            meta[hit.to(meta.device)] = self.read_meta(src).to(meta.device)
+        return (slots < 0).nonzero().squeeze(1).to(keys.device)
+
+    def insert(
+        self,
+        keys: torch.Tensor,
+        rows: torch.Tensor,
+        meta: Optional[torch.Tensor] = None,
+        step: int = 0,
+    ) -> Rows:
+        """Upserts rows (keys unique; ``meta`` default zeros), evicting unlocked rows by
+        the policy for the new ones (at ``step``); returns the evicted rows."""
+        check_batch(self.name, self.row_width, keys, rows, meta)
+        keys, rows = keys.to(self.device), rows.to(self.device)
+        if meta is None:
+            meta = torch.zeros(keys.numel(), 2, dtype=torch.int64, device=self.device)
+        meta = meta.to(self.device)
+        slots = self._map.find(keys)
+        present = slots[slots >= 0]
+        if present.numel():
+            hit = (slots >= 0).nonzero().squeeze(1)
+            self.write(present, rows[hit])
+            self.write_meta(present, meta[hit])
+        absent = (slots < 0).nonzero().squeeze(1)
+        if absent.numel() == 0:
+            return self._no_rows()
+        locks = self._lock[present]
+        self._lock[present] = torch.clamp(locks, min=step)  # the rows just written stay
+        try:
+            return self.admit(keys[absent], rows[absent], step, meta=meta[absent])[1]
+        finally:
+            self._lock[present] = locks
+
+    def evict(self, keys: torch.Tensor) -> int:
+        """Removes the rows of ``keys`` held (locked or not); returns how many."""
+        check_batch(self.name, self.row_width, keys)
+        if keys.numel() == 0:
+            return 0
+        n = self.remove(torch.unique(keys.to(self.device))).keys.numel()
+        self._stats["deletes"] += n
+        return n
+
+    def expire(self, before_step: int, spare: Optional[Spare] = None) -> torch.Tensor:
+        """Removes the rows last used before ``before_step``, except those ``spare(keys)``
+        marks and those locked for ``before_step`` or later; returns their keys."""
+        stale = self._used & (self._last < before_step) & (self._lock < before_step)
+        slots = stale.nonzero().squeeze(1)
+        keys = self._keys[slots]
+        if spare is not None and slots.numel():
+            keep = spare(keys).to(self.device)
+            slots, keys = slots[~keep], keys[~keep]
+        self._release(slots, keys)
+        self._stats["expired"] += slots.numel()
+        return keys
+
+    def contains(self, keys: torch.Tensor) -> torch.Tensor:
+        """bool ``[N]`` (on the keys' device): which keys are held. Counts nothing."""
+        return (self._map.find(keys.to(self.device)) >= 0).to(keys.device)
+
+    def export(self, with_meta: bool = False) -> Export:
+        used = self._used.nonzero().squeeze(1)
+        keys, rows = self._keys[used], self._rows[used]
+        return (keys, rows, self.read_meta(used)) if with_meta else (keys, rows)
+
+    def flush(self) -> None:
+        return None
+
+    def stats(self) -> dict[str, float]:
+        out = {k: float(v) for k, v in self._stats.items()}
+        out["rows"] = float(self._size)
+        out["bytes"] = float(self._size * (self.row_width * self._rows.element_size() + 16))
+        return out
+
+    # -- internals -------------------------------------------------------------------
+    def _no_rows(self) -> Rows:
+        return Rows.empty(self.row_width, self.device)
 
     def _victims(self, n: int, step: int) -> torch.Tensor:
         evictable = self._used & (self._lock < step)
@@ -147,7 +287,7 @@ class CacheTier:
         if self.policy == "lru":
             score = torch.where(evictable, self._last, big)
             return torch.topk(score, n, largest=False, sorted=False).indices
-        # lfu: fewest touches, then oldest — one sort on (freq, last)
+        # lfu: fewest uses, then oldest — one sort on (freq, last)
         last = torch.where(evictable, self._last, big)
         order = torch.sort(last, stable=True).indices
         freq = torch.where(evictable, self._freq, big)[order]
@@ -160,65 +300,10 @@ class CacheTier:
         self._lock[slots] = -1
         self._size -= slots.numel()
 
-    def _evict(self, n: int, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Frees ``n`` victims: ``(slots, keys, rows)`` (rows copied out)."""
+    def _evict(self, n: int, step: int) -> tuple[torch.Tensor, Rows]:
+        """Frees ``n`` victims: ``(slots, their rows)`` (rows copied out)."""
         victims = self._victims(n, step)
-        keys, rows = self._keys[victims], self._rows[victims]
-        self._release(victims, keys)
+        out = Rows(self._keys[victims], self._rows[victims], self.read_meta(victims))
+        self._release(victims, out.keys)
         self._stats["evictions"] += n
-        return victims, keys, rows
-
-    def remove(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Takes present ``keys`` out: returns their ``(keys [R], rows [R, W])``."""
-        slots = self._map.find(keys)
-        hit = (slots >= 0).nonzero().squeeze(1)
-        out_keys, out_rows = keys[hit], self._rows[slots[hit]]
-        self._release(slots[hit], out_keys)
-        return out_keys, out_rows
-
-    def take(self, keys: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Like :meth:`find`, but the rows found leave the tier (exclusive caching)."""
-        missed = self.find(keys, out)
-        hit = torch.ones(keys.numel(), dtype=torch.bool, device=keys.device)
-        hit[missed] = False
-        present = keys[hit]
-        self._release(self._map.find(present), present)
-        return missed
-
-    # -- Tier protocol ---------------------------------------------------------------
-    def find(self, keys: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Copies the rows of present keys into ``out``; returns missed positions."""
-        slots = self.lookup(keys)
-        hit = (slots >= 0).nonzero().squeeze(1)
-        out[hit] = self._rows[slots[hit]].to(out.dtype)
-        return (slots < 0).nonzero().squeeze(1)
-
-    def insert(
-        self, keys: torch.Tensor, rows: torch.Tensor, step: int = 0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Upserts rows (keys unique); returns the evicted ``(keys, rows)``."""
-        slots = self._map.find(keys)
-        present = (slots >= 0).nonzero().squeeze(1)
-        if present.numel():
-            self.write(slots[present], rows[present])
-        absent = (slots < 0).nonzero().squeeze(1)
-        _, ev_keys, ev_rows = self.admit(keys[absent], rows[absent], step)
-        return ev_keys, ev_rows
-
-    def evict(self, n: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Evicts ``n`` rows by the policy; returns their ``(keys, rows)``."""
-        _, keys, rows = self._evict(n, step)
-        return keys, rows
-
-    def export(self) -> tuple[torch.Tensor, torch.Tensor]:
-        used = self._used.nonzero().squeeze(1)
-        return self._keys[used].clone(), self._rows[used].clone()
-
-    def flush(self) -> None:
-        return None
-
-    def stats(self) -> dict[str, float]:
-        out = {k: float(v) for k, v in self._stats.items()}
-        out["rows"] = float(self._size)
-        out["bytes"] = float(self._size * self.row_width * self._rows.element_size())
-        return out
+        return victims, out

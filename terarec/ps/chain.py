@@ -11,7 +11,16 @@ keys resident there first (HugeCTR's "fill what you have, pass the misses down")
 Caches are exclusive (a row taken up from a budgeted host tier leaves it); the bottom
 tier (an unbounded host tier or the SSD tier) may keep an older copy, which a later
 eviction overwrites. Reads always go top down, so the freshest copy wins, and every row
-is in some tier at every moment: nothing is lost on eviction.
+is in some tier at every moment: nothing is lost on eviction. A row's metadata
+``(last_step, freq)`` travels with it (``meta`` beside the rows), so LRU/LFU order and
+TTL see a row's whole history wherever it was.
+
+TTL (``ttl_steps``): a row not used for more than ``ttl_steps`` steps is deleted from
+every tier and created again by the initializer when next used, like a new key. Exact
+at every step: a stale row found on the way up counts as absent (and its stale copies
+are deleted); :meth:`TierChain.expire` sweeps every tier every ``max(1, ttl_steps // 4)``
+steps to reclaim the space (memory tiers in one vectorised pass, the SSD tier in a
+chunked scan), never touching rows locked for the current or next batch.
 """
 
 from __future__ import annotations
@@ -22,6 +31,12 @@ from typing import Any, Optional
 import torch
 
 from terarec.ps.cache_tier import CacheTier, TierFullError
+from terarec.ps.tier import LAST, META_WIDTH
+
+
+def sweep_every(ttl_steps: int) -> int:
+    """Steps between two TTL sweeps of every tier: ``max(1, ttl_steps // 4)``."""
+    return max(1, ttl_steps // 4)
 
 
 class TierChain:
@@ -31,9 +46,10 @@ class TierChain:
         tiers: top first; every tier but the last a :class:`CacheTier`; the last one
             unbounded (``HostTier`` or ``SSDTier``).
         table: table name for errors.
+        ttl_steps: delete rows not used for more than this many steps (None: never).
     """
 
-    def __init__(self, tiers: list[Any], table: str) -> None:
+    def __init__(self, tiers: list[Any], table: str, ttl_steps: Optional[int] = None) -> None:
         if len(tiers) < 2 or not all(isinstance(t, CacheTier) for t in tiers[:-1]):
             raise ValueError("a tier chain is caches over one unbounded bottom tier")
         if isinstance(tiers[-1], CacheTier):
@@ -49,7 +65,10 @@ class TierChain:
         self.top: CacheTier = tiers[0]
         self.table = table
         self.row_width = self.top.row_width
-        self.created = 0  # rows ever created (rows are never dropped: len of the table)
+        self.created = 0  # rows ever created
+        self.expired = 0  # rows deleted by TTL (len of the table: created - expired)
+        self.ttl = ttl_steps
+        self.step = 0  # the latest step prepared
         self.moved = dict.fromkeys((t.name for t in tiers), 0)  # rows written into a tier
         # prefetch counters: batches, those skipped (no room), keys looked up, keys
         # already in the top tier, rows it brought up, keys it found in no tier
@@ -58,7 +77,7 @@ class TierChain:
         )
 
     def __len__(self) -> int:
-        return self.created
+        return self.created - self.expired
 
     def prepare(
         self,
@@ -85,7 +104,9 @@ class TierChain:
             int64 ``[U]`` slots; -1 only where ``admit`` declined.
         """
         lock_until = step if lock_until is None else lock_until
+        self.step = max(self.step, lock_until)
         slots = self.top.lookup(keys)
+        stale_top = self._stale_top(keys, slots, lock_until)
         hit = (slots >= 0).nonzero().squeeze(1)
         self.top.touch(slots[hit], lock_until)
         self.top.lock(slots[hit], lock_until)
@@ -96,34 +117,107 @@ class TierChain:
         if kmiss.numel() > self.top.room(step):  # check before any row leaves a lower tier
             self._too_small(keys, lock_until > step)
         rows = torch.empty(miss.numel(), self.row_width, device=self.top.device)
+        meta = torch.empty(miss.numel(), META_WIDTH, dtype=torch.int64, device=rows.device)
+        # TTL: rows found stale (not used since before `fresh_from`) count as absent
+        fresh_from = None if self.ttl is None else lock_until - self.ttl
+        gone = torch.zeros(miss.numel(), dtype=torch.bool, device=keys.device)
+        if stale_top is not None:
+            gone |= stale_top[miss]
         pending = torch.arange(miss.numel(), device=keys.device)
         for tier in self.tiers[1:]:
             if pending.numel() == 0:
                 break
             got = torch.empty(pending.numel(), self.row_width, device=rows.device)
+            got_meta = torch.empty(
+                pending.numel(), META_WIDTH, dtype=torch.int64, device=rows.device
+            )
             if isinstance(tier, CacheTier):
-                missed = tier.take(kmiss[pending], got)
+                missed = tier.take(kmiss[pending], got, got_meta)
             else:
-                missed = tier.find(kmiss[pending], got)
+                missed = tier.find(kmiss[pending], got, got_meta)
             found = torch.ones(pending.numel(), dtype=torch.bool, device=rows.device)
             found[missed] = False
+            if fresh_from is not None:
+                stale = found & (got_meta[:, LAST] < fresh_from)
+                if bool(stale.any()):
+                    old = pending[stale]
+                    gone[old] = True
+                    if not isinstance(tier, CacheTier):  # take removed it from a cache
+                        tier.evict(kmiss[old])
+                    found &= ~stale
+                    missed = (~found).nonzero().squeeze(1)
             rows[pending[found]] = got[found].to(rows.device)
+            meta[pending[found]] = got_meta[found]
             pending = pending[missed]
+        self.expired += int(gone.sum())
         if pending.numel() and admit is not None:
             ok = admit(miss[pending])
             if not bool(ok.all()):
                 keep = torch.ones(miss.numel(), dtype=torch.bool, device=keys.device)
                 keep[pending[~ok]] = False
-                miss, kmiss, rows = miss[keep], kmiss[keep], rows[keep]
+                miss, kmiss, rows, meta = miss[keep], kmiss[keep], rows[keep], meta[keep]
                 pending = (torch.cumsum(keep, 0) - 1)[pending[ok]]  # positions after the cut
         if pending.numel():
             rows[pending] = create(miss[pending]).to(rows.device)
+            meta[pending] = torch.tensor([-1, 0], device=meta.device)  # never used yet
             self.created += pending.numel()
-        new_slots, ev_keys, ev_rows = self.top.admit(kmiss, rows, step, lock_until)
+        new_slots, evicted = self.top.admit(kmiss, rows, step, lock_until, meta=meta)
+        self.top.touch(new_slots, lock_until)
         self.moved[self.top.name] += kmiss.numel()
-        self._push_down(ev_keys, ev_rows, 1, step)
+        self._push_down(evicted.keys, evicted.rows, 1, step, evicted.meta)
         slots[miss] = new_slots
         return slots
+
+    def _stale_top(
+        self, keys: torch.Tensor, slots: torch.Tensor, lock_until: int
+    ) -> Optional[torch.Tensor]:
+        """TTL: top-tier hits not used since before ``lock_until - ttl`` leave the top
+        tier (their slots become -1: misses). Returns bool ``[U]`` marking them, or None."""
+        if self.ttl is None:
+            return None
+        hit = (slots >= 0).nonzero().squeeze(1)
+        if hit.numel() == 0:
+            return None
+        old = self.top.read_meta(slots[hit])[:, LAST] < lock_until - self.ttl
+        if not bool(old.any()):
+            return None
+        pos = hit[old]
+        self.top.remove(keys[pos])  # a stale row is never locked: locks come with a use
+        slots[pos] = -1
+        stale = torch.zeros(keys.numel(), dtype=torch.bool, device=keys.device)
+        stale[pos] = True
+        return stale
+
+    def expire(self, step: int) -> int:
+        """The TTL sweep, run by the owner as ``step`` starts (before :meth:`prepare`);
+        does its work every :func:`sweep_every` steps. Deletes, tier by tier from the
+        top, the rows not used since before ``step - ttl_steps`` (never rows locked for
+        this step or the next), and their stale copies in the tiers below; a bottom-tier
+        copy of a row held above is left alone (it is just an older copy). Returns the
+        number of rows deleted."""
+        if self.ttl is None or step % sweep_every(self.ttl):
+            return 0
+        before = step - self.ttl
+        n = 0
+        for i, tier in enumerate(self.tiers):
+            gone = tier.expire(before, self._held_above(i) if i else None)
+            if gone.numel():
+                for lower in self.tiers[i + 1 :]:
+                    lower.evict(gone)
+            n += gone.numel()
+        self.expired += n
+        return n
+
+    def _held_above(self, level: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``keys -> bool``: held by a tier above ``level``."""
+
+        def held(keys: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros(keys.numel(), dtype=torch.bool, device=keys.device)
+            for t in self.tiers[:level]:
+                out |= t.contains(keys)
+            return out
+
+        return held
 
     def prefetch(self, keys: torch.Tensor, step: int) -> bool:
         """Makes the *next* batch's unique ``keys`` ``[U]`` resident in the top tier,
@@ -161,62 +255,91 @@ class TierChain:
             f"{keys.numel()} rows{extra if prefetch else ''}"
         )
 
-    def _push_down(self, keys: torch.Tensor, rows: torch.Tensor, level: int, step: int) -> None:
+    def _push_down(
+        self,
+        keys: torch.Tensor,
+        rows: torch.Tensor,
+        level: int,
+        step: int,
+        meta: Optional[torch.Tensor] = None,
+    ) -> None:
+        """Writes rows (and their metadata; None: used at ``step``) into tier
+        ``level``; what it evicts goes on down."""
         if keys.numel() == 0:
             return
+        if meta is None:
+            meta = torch.tensor([step, 1], device=keys.device).repeat(keys.numel(), 1)
         tier = self.tiers[level]
         self.moved[tier.name] += keys.numel()
         if isinstance(tier, CacheTier):
-            ev_keys, ev_rows = tier.insert(keys, rows.to(tier.device), step)
-            self._push_down(ev_keys, ev_rows, level + 1, step)
+            ev = tier.insert(keys, rows.to(tier.device), meta, step)
+            self._push_down(ev.keys, ev.rows, level + 1, step, ev.meta)
         else:
-            tier.insert(keys, rows)
+            tier.insert(keys, rows, meta)
 
-    def lookup_rows(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def lookup_rows(
+        self, keys: torch.Tensor, fresh_from: Optional[int] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows of ``keys`` ``[N]`` without promoting or creating them:
-        ``(rows [N, row_width], found [N] bool)``."""
+        ``(rows [N, row_width], found [N] bool)``. With ``fresh_from`` (TTL), rows not
+        used since before that step read as absent."""
         out = torch.zeros(keys.numel(), self.row_width, device=self.top.device)
+        found = torch.zeros(keys.numel(), dtype=torch.bool, device=out.device)
         pending = torch.arange(keys.numel(), device=keys.device)
         for tier in self.tiers:
             if pending.numel() == 0:
                 break
             got = torch.zeros(pending.numel(), self.row_width, device=out.device)
-            missed = tier.find(keys[pending], got)
-            found = torch.ones(pending.numel(), dtype=torch.bool, device=out.device)
-            found[missed] = False
-            out[pending[found]] = got[found]
-            pending = pending[missed]
-        found = torch.ones(keys.numel(), dtype=torch.bool, device=out.device)
-        found[pending] = False
+            got_meta = torch.zeros(pending.numel(), META_WIDTH, dtype=torch.int64)
+            hit = torch.ones(pending.numel(), dtype=torch.bool, device=out.device)
+            hit[tier.find(keys[pending], got, got_meta)] = False
+            fresh = hit
+            if fresh_from is not None:  # a stale copy: those below are older still
+                fresh = hit & (got_meta[:, LAST] >= fresh_from).to(hit.device)
+            out[pending[fresh]] = got[fresh]
+            found[pending[fresh]] = True
+            pending = pending[~hit]
         return out, found
 
-    def export(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every row once, the freshest copy: ``(keys [R], rows [R, row_width])``."""
-        parts = [t.export() for t in self.tiers]
-        keys = torch.cat([k.to(self.top.device) for k, _ in parts])
-        rows = torch.cat([r.to(self.top.device) for _, r in parts])
-        if keys.numel() == 0:
-            return keys, rows
-        sorted_keys, order = torch.sort(keys, stable=True)  # upper tiers first among equals
-        first = torch.ones(keys.numel(), dtype=torch.bool, device=keys.device)
-        first[1:] = sorted_keys[1:] != sorted_keys[:-1]
-        pick = order[first]
-        return keys[pick], rows[pick]
+    def export(
+        self, with_meta: bool = False, fresh_from: Optional[int] = None
+    ) -> tuple[torch.Tensor, ...]:
+        """Every row once, the freshest copy: ``(keys [R], rows [R, row_width])``, plus
+        ``meta [R, 2]`` with ``with_meta``; with ``fresh_from`` (TTL) rows not used since
+        before that step are left out."""
+        parts = [t.export(with_meta=True) for t in self.tiers]
+        dev = self.top.device
+        keys = torch.cat([k.to(dev) for k, _, _ in parts])
+        rows = torch.cat([r.to(dev) for _, r, _ in parts])
+        meta = torch.cat([m.to(dev) for _, _, m in parts])
+        if keys.numel():
+            sorted_keys, order = torch.sort(keys, stable=True)  # upper tiers first
+            first = torch.ones(keys.numel(), dtype=torch.bool, device=keys.device)
+            first[1:] = sorted_keys[1:] != sorted_keys[:-1]
+            pick = order[first]
+            if fresh_from is not None:
+                pick = pick[meta[pick, LAST] >= fresh_from]
+            keys, rows, meta = keys[pick], rows[pick], meta[pick]
+        return (keys, rows, meta) if with_meta else (keys, rows)
 
-    def load(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
-        """Replaces every row (checkpoint restore): all go to the bottom tier."""
+    def load(
+        self, keys: torch.Tensor, rows: torch.Tensor, meta: Optional[torch.Tensor] = None
+    ) -> None:
+        """Replaces every row (checkpoint restore): all go to the bottom tier, with
+        ``meta`` (default zeros)."""
         for tier in self.tiers[:-1]:
             k, _ = tier.export()
             tier.remove(k)
         bottom = self.tiers[-1]
         if hasattr(bottom, "load"):  # HostTier: replace wholesale
-            bottom.load(keys, rows)
+            bottom.load(keys, rows, meta)
         else:
             old, _ = bottom.export()
             if old.numel():
-                bottom.delete(old)
-            bottom.insert(keys, rows)
+                bottom.evict(old)
+            bottom.insert(keys, rows, meta)
         self.created = keys.numel()
+        self.expired = 0
 
     def flush(self) -> None:
         for t in self.tiers:
@@ -228,6 +351,7 @@ class TierChain:
             for k, v in t.stats().items():
                 out[f"{t.name}_{k}"] = v
             out[f"{t.name}_rows_in"] = float(self.moved[t.name])
+        out["expired"] = float(self.expired)
         for k, v in self.prefetched.items():
             out[f"prefetch_{k}"] = float(v)
         return out

@@ -32,10 +32,11 @@ from terarec.config import SparseOptimConfig, TableConfig
 from terarec.hashing import salt_for
 from terarec.optim.sparse import RowOptimizer, build_row_optimizer
 from terarec.ps.admission import Admission
-from terarec.ps.cache_tier import CacheTier
-from terarec.ps.chain import TierChain
+from terarec.ps.chain import TierChain, sweep_every
+from terarec.ps.factory import build_chain
 from terarec.ps.host_tier import HostTier
 from terarec.ps.initializer import init_rows
+from terarec.ps.tier import LAST, zero_meta
 
 
 def table_seed(seed: int, name: str) -> int:
@@ -52,7 +53,7 @@ def group_key(cfg: TableConfig) -> tuple:
     if cfg.device_rows is not None:
         return ("tiered", cfg.name)
     adm = None if cfg.admission is None else dataclasses.astuple(cfg.admission)
-    return (cfg.dim, cfg.pooling, cfg.init.kind, cfg.init.scale, adm)
+    return (cfg.dim, cfg.pooling, cfg.init.kind, cfg.init.scale, adm, cfg.ttl_steps)
 
 
 class TableGroup:
@@ -92,7 +93,8 @@ class TableGroup:
         host = device if cfgs[0].device_rows is None else torch.device("cpu")
         self.tier = HostTier(self.row_width, host)
         self.chain: Optional[TierChain] = self._build_chain(cfgs[0], bottom)
-        self.step = 0  # training forwards (eviction recency)
+        self.step = 0  # training forwards (eviction recency, TTL)
+        self.ttl: Optional[int] = cfgs[0].ttl_steps
         self._slot_table = torch.zeros(1024, dtype=torch.int64, device=device)
         self._side: dict[tuple[int, int], int] = {}  # (table, key) -> slot, collisions only
         self.version = 0  # bumped by every optimizer step (stale-gather detection)
@@ -109,25 +111,9 @@ class TableGroup:
             )
 
     def _build_chain(self, cfg: TableConfig, bottom: Optional[Any]) -> Optional[TierChain]:
-        if cfg.device_rows is None:
-            return None
-        if len(self.cfgs) != 1:
+        if cfg.device_rows is not None and len(self.cfgs) != 1:
             raise ValueError("tier budgets are per table: a budgeted table is its own group")
-        policy = cfg.cache_policy
-        tiers: list[Any] = [
-            CacheTier(self.row_width, cfg.device_rows, self.device, policy, "device")  # type: ignore[arg-type]
-        ]
-        if cfg.host_rows is None:
-            tiers.append(self.tier)
-        else:
-            if bottom is None:
-                raise ValueError(
-                    f"table {cfg.name}: host_rows bounds the host tier, so evicted rows need "
-                    "the SSD tier below it: configure an SSD path"
-                )
-            pin = torch.cuda.is_available()
-            tiers += [CacheTier(self.row_width, cfg.host_rows, "cpu", policy, "host", pin), bottom]  # type: ignore[arg-type]
-        return TierChain(tiers, cfg.name)
+        return build_chain(cfg, self.row_width, self.device, bottom)
 
     @property
     def num_tables(self) -> int:
@@ -139,10 +125,10 @@ class TableGroup:
         return len(self.tier)
 
     def slot_tables(self) -> torch.Tensor:
-        """Table of each slot ``[len(self)]``."""
+        """Table of each row held, in slot order ``[len(self)]``."""
         if self.num_tables == 1:  # not tracked for one table
             return torch.zeros(len(self), dtype=torch.int64, device=self.device)
-        return self._slot_table[: len(self)]
+        return self._slot_table[self.tier.live_slots()]
 
     def rows_per_table(self) -> list[int]:
         if self.num_tables == 1:
@@ -198,6 +184,8 @@ class TableGroup:
         Returns:
             int64 ``[U]`` slots (-1 only for pairs left out by admission).
         """
+        if self.chain is None:  # a training step of the unbounded table starts (TTL)
+            self._advance()
         if counts is None or self.admission is None:
             return self._slots_for(comp, tables, create, dup)
         adm = self.admission
@@ -208,14 +196,14 @@ class TableGroup:
                 observed.append(True)
                 return adm.observe_and_admit(comp[pos], counts[pos])
 
-            self.step += 1
+            self._advance()
             slots = self.chain.prepare(
                 comp, self.step, self._rows_for(comp, tables, create), admit=admit
             )
             if not observed:  # one observation per training step (the decay's clock)
                 adm.observe_and_admit(comp[:0], counts[:0])
             return slots
-        slots = self.find(comp, tables)
+        slots = self.find(comp, tables, training=True)
         absent = slots < 0
         new = absent.nonzero().squeeze(1)
         keep = ~absent
@@ -243,25 +231,28 @@ class TableGroup:
                 self.new_rows(self.keys_of(comp[pos], tables[pos]), tables[pos], out)
 
         if self.chain is not None:
-            self.step += 1
+            self._advance()
             return self.chain.prepare(comp, self.step, self._rows_for(comp, tables, create))
+        fresh_from = self._fresh_from()
         if self.num_tables == 1:
-            return self.tier.slots_for(comp, lambda pos, out: fill(pos, out))
+            slots = self.tier.slots_for(comp, lambda pos, out: fill(pos, out), fresh_from)
+            self.tier.touch(slots, self.step)
+            return slots
         if dup is None:
             dup = torch.zeros(comp.numel(), dtype=torch.bool, device=comp.device)
             if comp.numel() > 1:
                 dup[1:] = comp[1:] == comp[:-1]
         has_dup = bool(dup.any())
         main = (~dup).nonzero().squeeze(1) if has_dup else None
-        first = len(self.tier)
         comp_main = comp if main is None else comp[main]
         tab_main = tables if main is None else tables[main]
 
         def fill_main(pos: torch.Tensor, out: torch.Tensor) -> None:
             fill(pos if main is None else main[pos], out)
 
-        slots_main = self.tier.slots_for(comp_main, fill_main)
-        self._record_tables(first, slots_main, tab_main)
+        fresh = torch.zeros(comp_main.numel(), dtype=torch.bool, device=comp.device)
+        slots_main = self.tier.slots_for(comp_main, fill_main, fresh_from, fresh)
+        self._record_tables(fresh, slots_main, tab_main)
         owner_ok = self._slot_table[slots_main] == tab_main
         if main is None:
             slots = slots_main
@@ -274,7 +265,50 @@ class TableGroup:
         if has_dup or odd.numel():
             todo = torch.cat([odd, dup.nonzero().squeeze(1)])
             self._resolve_collisions(todo, comp, tables, slots, fill)
+        self.tier.touch(slots, self.step)
         return slots
+
+    # -- TTL -----------------------------------------------------------------------
+    def _fresh_from(self, training: bool = True) -> Optional[int]:
+        """TTL: rows not used since before this step are expired (None: no TTL).
+
+        While step ``s`` trains, rows last used before ``s - ttl`` are expired (idle for
+        the ``ttl`` steps before it); between steps (eval, export) the table looks as
+        the next step will see it: ``s + 1 - ttl``."""
+        if self.ttl is None:
+            return None
+        return self.step - self.ttl + (0 if training else 1)
+
+    def _advance(self) -> None:
+        """A training step starts: the step counter advances and, with TTL, every
+        ``sweep_every(ttl)`` steps the expired rows are deleted from every tier (between
+        sweeps, expired rows found on the way read as absent: exact at every step)."""
+        self.step += 1
+        if self.ttl is None:
+            return
+        if self.chain is not None:
+            self.chain.expire(self.step)
+        elif self.step % sweep_every(self.ttl) == 0:
+            self._sweep_unbounded()
+
+    def _sweep_unbounded(self) -> None:
+        """The TTL sweep of the one host tier: expired slots die, and once dead slots
+        outnumber live ones the tier is compacted (slot-indexed data remapped)."""
+        assert self.ttl is not None
+        self.tier.expire(self.step - self.ttl)
+        if self._side:  # collision side slots (rare): forget the dead ones
+            items = list(self._side.items())
+            dead = self.tier.is_dead(torch.tensor([v for _, v in items], device=self.device))
+            self._side = {k: v for (k, v), d in zip(items, dead.tolist()) if not d}
+        n_slots = self.tier.num_slots
+        perm = self.tier.maybe_compact()
+        if perm is None or self.num_tables == 1:
+            return
+        self._slot_table[: perm.numel()] = self._slot_table.index_select(0, perm)
+        if self._side:
+            new_of = torch.full((n_slots,), -1, dtype=torch.int64, device=self.device)
+            new_of[perm] = torch.arange(perm.numel(), device=self.device)
+            self._side = {k: int(new_of[v]) for k, v in self._side.items()}
 
     def _rows_for(
         self,
@@ -307,12 +341,14 @@ class TableGroup:
             return True
         return self.chain.prefetch(comp, self.step)
 
-    def _record_tables(self, first: int, slots: torch.Tensor, tables: torch.Tensor) -> None:
-        n = len(self.tier)
-        if n == first:
+    def _record_tables(
+        self, fresh: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor
+    ) -> None:
+        """Records the table of the rows just (re)created (``fresh`` bool ``[U]``)."""
+        new = fresh.nonzero().squeeze(1)
+        if new.numel() == 0:
             return
-        self._reserve_tables(n)
-        new = (slots >= first).nonzero().squeeze(1)
+        self._reserve_tables(self.tier.num_slots)
         self._slot_table[slots[new]] = tables[new]
 
     def _resolve_collisions(
@@ -328,6 +364,9 @@ class TableGroup:
             t = int(tables[p])
             key = int(self.keys_of(comp[p : p + 1], tables[p : p + 1])[0])
             slot = self._side.get((t, key))
+            if slot is not None and self._stale_slot(slot):  # TTL: created again
+                fill(torch.tensor([p], device=comp.device), self.tier.row_block(slot, 1))
+                self.tier.write_meta(torch.tensor([slot], device=self.device), zero_meta(1))
             if slot is None:  # a repeated composite in the batch may be the index owner
                 owner = int(self.tier.lookup_slots(comp[p : p + 1])[0])
                 if owner >= 0 and int(self._slot_table[owner]) == t:
@@ -340,13 +379,20 @@ class TableGroup:
                 self._side[(t, key)] = slot
             slots[p] = slot
 
+    def _stale_slot(self, slot: int) -> bool:
+        fresh_from = self._fresh_from()
+        if fresh_from is None:
+            return False
+        meta = self.tier.read_meta(torch.tensor([slot], device=self.device))
+        return int(meta[0, LAST]) < fresh_from
+
     def lookup_rows(
         self, comp: torch.Tensor, tables: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows of pairs ``[N, row_width]`` (zeros where absent) and ``found [N]``;
-        never creates or moves rows (evaluation)."""
+        """Rows of pairs ``[N, row_width]`` (zeros where absent or expired) and
+        ``found [N]``; never creates or moves rows (evaluation)."""
         if self.chain is not None:
-            return self.chain.lookup_rows(comp)
+            return self.chain.lookup_rows(comp, self._fresh_from(training=False))
         slots = self.find(comp, tables)
         found = slots >= 0
         out = torch.zeros(comp.numel(), self.row_width, device=comp.device)
@@ -354,20 +400,27 @@ class TableGroup:
         out[hit] = self.tier.read(slots[hit])
         return out, found
 
-    def find(self, comp: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
-        """Slots of pairs ``[N]`` (duplicates allowed), -1 where absent; never creates."""
+    def find(
+        self, comp: torch.Tensor, tables: torch.Tensor, training: bool = False
+    ) -> torch.Tensor:
+        """Slots of pairs ``[N]`` (duplicates allowed), -1 where absent or expired (TTL:
+        as the step being trained sees it with ``training``, else as the next one will);
+        never creates."""
         if self.chain is not None:
             raise RuntimeError("a tiered table has no stable slots; use lookup_rows")
         slots = self.tier.lookup_slots(comp)
-        if self.num_tables == 1:
-            return slots
-        found = slots >= 0
-        wrong = found & (self._slot_table[slots.clamp(min=0)] != tables)
-        if bool(wrong.any()):
-            for p in wrong.nonzero().squeeze(1).tolist():
-                t = int(tables[p])
-                key = int(self.keys_of(comp[p : p + 1], tables[p : p + 1])[0])
-                slots[p] = self._side.get((t, key), -1)
+        if self.num_tables > 1:
+            found = slots >= 0
+            wrong = found & (self._slot_table[slots.clamp(min=0)] != tables)
+            if bool(wrong.any()):
+                for p in wrong.nonzero().squeeze(1).tolist():
+                    t = int(tables[p])
+                    key = int(self.keys_of(comp[p : p + 1], tables[p : p + 1])[0])
+                    slots[p] = self._side.get((t, key), -1)
+        fresh_from = self._fresh_from(training)
+        if fresh_from is not None:
+            stale = self.tier.read_meta(slots.clamp(min=0))[:, LAST] < fresh_from
+            slots = torch.where(stale, -1, slots)
         return slots
 
     def _reserve_tables(self, n: int) -> None:
@@ -427,10 +480,17 @@ class TableGroup:
     # -- per-table views -------------------------------------------------------------
     def export_table(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(keys [R], rows [R, row_width])`` of table ``t``, in slot order."""
-        comp, rows = self.chain.export() if self.chain is not None else self.tier.export()
+        fresh_from = self._fresh_from(training=False)
+        if self.chain is not None:  # a tiered table is a group of its own
+            return self.chain.export(fresh_from=fresh_from)  # type: ignore[return-value]
+        comp, rows, meta = self.tier.export(with_meta=True)
+        owner = self.slot_tables()
+        if fresh_from is not None:  # expired rows the last sweep has not deleted yet
+            keep = (meta[:, LAST] >= fresh_from).nonzero().squeeze(1)
+            comp, rows, owner = comp[keep], rows[keep], owner[keep]
         if self.num_tables == 1:
             return comp, rows
-        mine = (self.slot_tables() == t).nonzero().squeeze(1)
+        mine = (owner == t).nonzero().squeeze(1)
         tables = torch.full((mine.numel(),), t, dtype=torch.int64, device=comp.device)
         return self.keys_of(comp[mine], tables), rows[mine]
 
@@ -440,7 +500,10 @@ class TableGroup:
             (keys, rows), = parts
             if keys.numel() > 1 and torch.unique(keys).numel() != keys.numel():
                 raise ValueError(f"table {self.names[0]}: checkpoint has duplicate keys")
-            self.chain.load(keys.to(self.device, torch.int64), rows.to(self.device, torch.float32))
+            used = torch.tensor([self.step, 0], device=self.device).repeat(keys.numel(), 1)
+            self.chain.load(
+                keys.to(self.device, torch.int64), rows.to(self.device, torch.float32), used
+            )
             return
         self.tier = HostTier(self.row_width, self.device)
         self._slot_table = torch.zeros(1024, dtype=torch.int64, device=self.device)
@@ -467,4 +530,4 @@ class TableGroup:
                 raise ValueError(f"tables {self.names}: checkpoint has duplicate keys")
         dup = torch.zeros_like(same)
         dup[order] = same
-        self.slots_for(comp, tables, create=lambda pos: rows[pos], dup=dup)
+        self._slots_for(comp, tables, create=lambda pos: rows[pos], dup=dup)  # no step taken

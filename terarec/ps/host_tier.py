@@ -1,16 +1,28 @@
 """Host (CPU DRAM) tier: unbounded, a hash index over a growing row array.
 
 Rows are stored densely by slot id, so training can gather and scatter slot blocks
-in place (``read`` / ``write``) without going through key lookups twice.
+in place (``read`` / ``write``) without going through key lookups twice. Each slot also
+holds the row's metadata ``(last_step, freq)`` (``[cap, 2]`` int64 beside the rows).
+
+Removing rows (``evict``, ``expire``) marks their slots *dead*: the index keeps the key,
+lookups treat it as absent, and the next insert of that key revives the slot with the
+new row. Dead slots are reclaimed by :meth:`compact` (one vectorised pass: the index and
+the row array are rebuilt from the live slots, which get new, dense slot ids);
+:meth:`maybe_compact` does it once dead slots outnumber live ones, so at most half of
+the memory is ever dead.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Optional
 
 import torch
 
 from terarec.ps.hash_index import HashIndex
+from terarec.ps.tier import LAST, Export, Rows, Spare, check_batch, zero_meta
+
+_MIN_COMPACT = 1024  # dead slots below this never trigger a compaction
 
 
 class HostTier:
@@ -31,49 +43,95 @@ class HostTier:
         self.device = torch.device(device)
         self.index = HashIndex(self.device, capacity=2 * capacity)
         self._rows = torch.zeros(capacity, row_width, device=self.device)
-        self._hits = 0
-        self._misses = 0
-        self._inserts = 0
+        self._meta = zero_meta(capacity, self.device)
+        self._dead = torch.zeros(capacity, dtype=torch.bool, device=self.device)
+        self._n_dead = 0
+        self._unindexed: list[int] = []  # slots of append_unindexed (kept unindexed)
+        self._stats = dict.fromkeys(("hits", "misses", "inserts", "deletes", "expired"), 0)
 
     def __len__(self) -> int:
+        return len(self.index) - self._n_dead
+
+    @property
+    def num_slots(self) -> int:
+        """Slots handed out so far (live and dead): new rows get slots from here on."""
         return len(self.index)
 
     # -- Tier protocol -------------------------------------------------------------
-    def find(self, keys: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        slots = self.index.find(keys.to(self.device))  # keys may come from a device tier
+    def find(
+        self, keys: torch.Tensor, out: torch.Tensor, meta: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        check_batch(self.name, self.row_width, keys, out, meta, what="out")
+        slots = self.lookup_slots(keys.to(self.device))  # keys may come from a device tier
         found = slots >= 0
-        hit_pos = found.nonzero().squeeze(1)
-        out[hit_pos.to(out.device)] = self._rows[slots[hit_pos]].to(out.device)
+        hit = found.nonzero().squeeze(1)
+        src = slots[hit]
+        out[hit.to(out.device)] = self._rows[src].to(out.device, out.dtype)
+        if meta is not None:
+            meta[hit.to(meta.device)] = self._meta[src].to(meta.device)
         missed = (~found).nonzero().squeeze(1).to(keys.device)
-        self._hits += hit_pos.numel()
-        self._misses += missed.numel()
+        self._stats["hits"] += hit.numel()
+        self._stats["misses"] += missed.numel()
         return missed
 
-    def insert(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
-        keys, rows = keys.to(self.device), rows.to(self.device)
-        slots, _ = self.index.find_or_insert(keys)
-        self._reserve(len(self.index))
-        self._rows[slots] = rows.to(self._rows.dtype)
+    def insert(
+        self, keys: torch.Tensor, rows: torch.Tensor, meta: Optional[torch.Tensor] = None
+    ) -> Rows:
+        check_batch(self.name, self.row_width, keys, rows, meta)
+        if keys.numel():
+            keys, rows = keys.to(self.device), rows.to(self.device, self._rows.dtype)
+            slots, inserted = self.index.find_or_insert(keys)
+            self._reserve(len(self.index))
+            revived = self._revive(slots)
+            self._rows[slots] = rows
+            self._meta[slots] = zero_meta(1, self.device) if meta is None else meta.to(self.device)
+            self._stats["inserts"] += int(inserted.sum()) + revived
+        return Rows.empty(self.row_width, self.device)
 
-    def export(self) -> tuple[torch.Tensor, torch.Tensor]:
-        n = len(self.index)
-        return self.index.keys().clone(), self._rows[:n].clone()
+    def evict(self, keys: torch.Tensor) -> int:
+        check_batch(self.name, self.row_width, keys)
+        if keys.numel() == 0:
+            return 0
+        slots = self.lookup_slots(torch.unique(keys.to(self.device)))
+        n = self._kill(slots[slots >= 0])
+        self._stats["deletes"] += n
+        return n
+
+    def expire(self, before_step: int, spare: Optional[Spare] = None) -> torch.Tensor:
+        """Removes rows last used before ``before_step`` (unless ``spare(keys)``); returns
+        their keys (see :class:`~terarec.ps.tier.Tier`). Slots become dead (see
+        :meth:`maybe_compact`)."""
+        n = self.num_slots
+        stale = (self._meta[:n, LAST] < before_step) & ~self._dead[:n]
+        slots = stale.nonzero().squeeze(1)
+        keys = self.index.keys()[slots]
+        if spare is not None and slots.numel():
+            keep = spare(keys).to(self.device)
+            slots, keys = slots[~keep], keys[~keep]
+        self._stats["expired"] += self._kill(slots)
+        return keys.clone()
+
+    def export(self, with_meta: bool = False) -> Export:
+        live = self.live_slots()
+        keys, rows = self.index.keys()[live], self._rows[live]
+        return (keys, rows, self._meta[live]) if with_meta else (keys, rows)
 
     def flush(self) -> None:
         return None
 
     def stats(self) -> dict[str, float]:
-        return {
-            "rows": float(len(self)),
-            "bytes": float(len(self) * self.row_width * self._rows.element_size()),
-            "hits": float(self._hits),
-            "misses": float(self._misses),
-            "inserts": float(self._inserts),
-        }
+        out = {k: float(v) for k, v in self._stats.items()}
+        out["rows"] = float(len(self))
+        out["bytes"] = float(len(self) * (self.row_width * self._rows.element_size() + 16))
+        return out
 
     # -- slot access for the training path ----------------------------------------
     def slots_for(
-        self, keys: torch.Tensor, create: Callable[[torch.Tensor, torch.Tensor], None]
+        self,
+        keys: torch.Tensor,
+        create: Callable[[torch.Tensor, torch.Tensor], None],
+        expire_before: Optional[int] = None,
+        fresh: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Slots of unique ``keys``, creating absent rows with ``create(positions, out)``.
 
@@ -81,8 +139,12 @@ class HostTier:
             keys: int64 ``[U]`` unique.
             create: fills ``out [M, row_width]`` (in place) with the initial rows of the
                 new keys, given their int64 positions ``[M]`` in ``keys``.
+            expire_before: TTL: a held row last used before this step is expired and
+                created again (as if its key were new).
+            fresh: optional bool ``[U]``, set True where a row was (re)created.
         Returns:
-            int64 ``[U]`` slots.
+            int64 ``[U]`` slots. New and re-created rows have metadata ``(0, 0)``: the
+            caller :meth:`touch` es the rows it uses.
         """
         first = len(self.index)
         slots, inserted = self.index.find_or_insert(keys)
@@ -91,10 +153,47 @@ class HostTier:
             self._reserve(first + n_new)
             # New keys get the next slot ids in their order in ``keys``: one block.
             create(inserted.nonzero().squeeze(1), self._rows[first : first + n_new])
-        self._inserts += n_new
-        self._hits += keys.numel() - n_new
-        self._misses += n_new
+            self._meta[first : first + n_new] = 0
+        redo: Optional[torch.Tensor] = None
+        if self._n_dead:  # dead slots of these keys come back
+            redo = self._dead[slots] & ~inserted
+        if expire_before is not None:
+            stale = (self._meta[slots, LAST] < expire_before) & ~inserted & ~self._dead[slots]
+            self._stats["expired"] += int(stale.sum())
+            redo = stale if redo is None else redo | stale
+        n_redo = 0
+        if redo is not None and bool(redo.any()):
+            pos = redo.nonzero().squeeze(1)
+            n_redo = pos.numel()
+            block = torch.empty(n_redo, self.row_width, device=self.device)
+            create(pos, block)
+            self._revive(slots[pos])
+            self._rows[slots[pos]] = block
+            self._meta[slots[pos]] = 0
+        if fresh is not None:
+            fresh.copy_(inserted if redo is None else inserted | redo)
+        self._stats["inserts"] += n_new + n_redo
+        self._stats["hits"] += keys.numel() - n_new - n_redo
+        self._stats["misses"] += n_new + n_redo
         return slots
+
+    def touch(self, slots: torch.Tensor, step: int) -> None:
+        """Records a use at ``step`` of the rows at unique ``slots``: ``last_step = step``;
+        ``freq`` counts steps, so touching twice in one step (prefetch) counts once."""
+        if slots.numel() == 0:
+            return
+        m = self._meta[slots]
+        m[:, 1] += (m[:, LAST] != step).to(torch.int64)
+        m[:, LAST] = step
+        self._meta[slots] = m
+
+    def read_meta(self, slots: torch.Tensor) -> torch.Tensor:
+        """Metadata at ``slots``: int64 ``[N, 2]`` (a copy)."""
+        return self._meta.index_select(0, slots)
+
+    def write_meta(self, slots: torch.Tensor, meta: torch.Tensor) -> None:
+        """Sets the metadata at unique ``slots`` (``meta`` int64 ``[N, 2]``)."""
+        self._meta[slots] = meta.to(self.device)
 
     def append_unindexed(self, keys: torch.Tensor) -> int:
         """Reserves rows for ``keys`` that the index must not map (see ``TableGroup``).
@@ -104,7 +203,9 @@ class HostTier:
         """
         first = self.index.append_unindexed(keys)
         self._reserve(len(self.index))
-        self._inserts += keys.numel()
+        self._meta[first : len(self.index)] = 0
+        self._unindexed.extend(range(first, len(self.index)))
+        self._stats["inserts"] += keys.numel()
         return first
 
     def row_block(self, first: int, n: int) -> torch.Tensor:
@@ -113,7 +214,21 @@ class HostTier:
 
     def lookup_slots(self, keys: torch.Tensor) -> torch.Tensor:
         """Slots of ``keys`` (-1 where absent) without creating rows. ``[N]``."""
-        return self.index.find(keys)
+        slots = self.index.find(keys)
+        if self._n_dead:
+            slots = torch.where(self._dead[slots.clamp(min=0)], -1, slots)
+        return slots
+
+    def live_slots(self) -> torch.Tensor:
+        """Slots holding a row, ascending: int64 ``[len(self)]``."""
+        n = self.num_slots
+        if not self._n_dead:
+            return torch.arange(n, device=self.device)
+        return (~self._dead[:n]).nonzero().squeeze(1)
+
+    def is_dead(self, slots: torch.Tensor) -> torch.Tensor:
+        """bool ``[N]``: which ``slots`` were removed (evicted or expired)."""
+        return self._dead[slots]
 
     def read(self, slots: torch.Tensor) -> torch.Tensor:
         """Rows at ``slots``: ``[N, row_width]`` (a copy)."""
@@ -123,11 +238,78 @@ class HostTier:
         """Overwrites the rows at unique ``slots`` with ``rows`` ``[N, row_width]``."""
         self._rows.index_copy_(0, slots, rows)
 
-    def load(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
-        """Replaces the whole content (checkpoint restore)."""
+    def load(
+        self, keys: torch.Tensor, rows: torch.Tensor, meta: Optional[torch.Tensor] = None
+    ) -> None:
+        """Replaces the whole content (checkpoint restore); ``meta`` default zeros."""
+        check_batch(self.name, self.row_width, keys, rows, meta)
         self.index.load_keys(keys)
-        self._rows = torch.zeros(max(1024, keys.numel()), self.row_width, device=self.device)
+        cap = max(1024, keys.numel())
+        self._rows = torch.zeros(cap, self.row_width, device=self.device)
         self._rows[: keys.numel()] = rows.to(self.device, torch.float32)
+        self._meta = zero_meta(cap, self.device)
+        if meta is not None:
+            self._meta[: keys.numel()] = meta.to(self.device)
+        self._dead = torch.zeros(cap, dtype=torch.bool, device=self.device)
+        self._n_dead = 0
+        self._unindexed = []
+
+    # -- reclaiming dead slots -------------------------------------------------------
+    def maybe_compact(self) -> Optional[torch.Tensor]:
+        """:meth:`compact` once dead slots outnumber live ones (and at least 1024);
+        returns its permutation, or None when it did not run."""
+        if self._n_dead < max(_MIN_COMPACT, len(self)):
+            return None
+        return self.compact()
+
+    def compact(self) -> torch.Tensor:
+        """Drops dead slots: live rows get dense slot ids, indexed rows first (in slot
+        order), then the unindexed ones. One pass over the rows; the index is rebuilt.
+
+        Returns:
+            int64 ``[len(self)]``: new slot ``i`` holds the row of old slot ``perm[i]``
+            (callers that keep per-slot data remap it with this).
+        """
+        n = self.num_slots
+        alive = ~self._dead[:n]
+        unindexed = torch.zeros(n, dtype=torch.bool, device=self.device)
+        if self._unindexed:
+            unindexed[torch.tensor(self._unindexed, device=self.device)] = True
+        indexed = (alive & ~unindexed).nonzero().squeeze(1)
+        side = (alive & unindexed).nonzero().squeeze(1)
+        perm = torch.cat([indexed, side])
+        keys = self.index.keys()
+        kept_side = keys[side]
+        self.index.load_keys(keys[indexed])
+        if side.numel():
+            self.index.append_unindexed(kept_side)
+        m = perm.numel()
+        self._rows[:m] = self._rows.index_select(0, perm)
+        self._meta[:m] = self._meta.index_select(0, perm)
+        self._meta[m:] = 0
+        self._dead.zero_()
+        self._n_dead = 0
+        self._unindexed = list(range(indexed.numel(), m))
+        return perm
+
+    # -- internals ---------------------------------------------------------------------
+    def _kill(self, slots: torch.Tensor) -> int:
+        """Marks live ``slots`` (unique) dead; returns how many were live."""
+        if slots.numel() == 0:
+            return 0
+        live = slots[~self._dead[slots]]
+        self._dead[live] = True
+        self._n_dead += live.numel()
+        return live.numel()
+
+    def _revive(self, slots: torch.Tensor) -> int:
+        """Clears the dead mark of ``slots`` (a key written again); returns how many."""
+        if not self._n_dead:
+            return 0
+        dead = slots[self._dead[slots]]
+        self._dead[dead] = False
+        self._n_dead -= dead.numel()
+        return dead.numel()
 
     def _reserve(self, n: int) -> None:
         if n <= self._rows.shape[0]:
@@ -135,6 +317,13 @@ class HostTier:
         cap = self._rows.shape[0]
         while cap < n:
             cap *= 2
+        old = self._rows.shape[0]
         grown = torch.empty(cap, self.row_width, device=self.device)  # rows >= len unused
-        grown[: self._rows.shape[0]] = self._rows
+        grown[:old] = self._rows
         self._rows = grown
+        meta = zero_meta(cap, self.device)
+        meta[:old] = self._meta
+        self._meta = meta
+        dead = torch.zeros(cap, dtype=torch.bool, device=self.device)
+        dead[:old] = self._dead
+        self._dead = dead

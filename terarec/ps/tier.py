@@ -1,23 +1,101 @@
 """The one small interface every tier implements (HugeCTR-style "fill what you have").
 
-A *row* is one float32 vector ``[row_width]``: embedding weights, then the optimizer
-state (see ``terarec.optim.sparse``). Tiers store rows by unbounded int64 key.
+A *row* is one float32 vector ``[row_width]`` (the embedding weights, then the optimizer
+state, see ``terarec.optim.sparse``) plus its metadata, an int64 pair ``(last_step,
+freq)``: the last training step that used the row and how many steps used it. Metadata
+moves with the row between tiers (eviction order, TTL). Tiers store rows by unbounded
+int64 key.
+
+Contract (``tests/ps/test_tier_contract.py`` checks it for every tier):
+
+* ``find(keys, out, meta=None)`` fills the rows (and metadata) of the keys it holds and
+  returns the positions it missed, ascending; duplicate keys are allowed. A chain of
+  tiers passes only the missed positions to the next tier.
+* ``insert(keys, rows, meta=None)`` inserts or overwrites rows of **unique** keys
+  (metadata ``(0, 0)`` where ``meta`` is None) and returns the rows it displaced to make
+  room (always empty for an unbounded tier): the caller writes them to the tier below.
+* ``evict(keys)`` removes the rows of the keys held (duplicates allowed) and returns how
+  many it removed; ``expire(before_step, spare)`` removes the rows last used before
+  ``before_step`` (except those ``spare`` names) and returns their keys (TTL).
+* ``export(with_meta=False)``, ``flush()``, ``stats()``, ``len()``, ``name``,
+  ``row_width``.
+
+Keys may live on any device; positions come back on the keys' device. Bad dtypes or
+shapes raise ``ValueError`` naming the tier.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import NamedTuple, Optional, Protocol, Union, runtime_checkable
 
 import torch
+
+META_WIDTH = 2  # (last_step, freq)
+LAST, FREQ = 0, 1
+# Stats keys every tier reports (caches add ``evictions``, the SSD tier ``writes`` and
+# its DB gauges).
+STAT_KEYS = ("rows", "bytes", "hits", "misses", "inserts", "deletes", "expired")
+
+Spare = Callable[[torch.Tensor], torch.Tensor]  # keys [N] -> bool [N]: keep these
+Export = Union[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+class Rows(NamedTuple):
+    """A batch of rows with their keys and metadata (what moves between tiers)."""
+
+    keys: torch.Tensor  # int64 [N]
+    rows: torch.Tensor  # float32 [N, row_width]
+    meta: torch.Tensor  # int64 [N, 2]: (last_step, freq)
+
+    @staticmethod
+    def empty(row_width: int, device: torch.device | str = "cpu") -> Rows:
+        return Rows(
+            torch.empty(0, dtype=torch.int64, device=device),
+            torch.empty(0, row_width, device=device),
+            torch.empty(0, META_WIDTH, dtype=torch.int64, device=device),
+        )
+
+    def __repr__(self) -> str:
+        return f"Rows(n={self.keys.numel()}, row_width={self.rows.shape[-1]})"
+
+
+def zero_meta(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Metadata of rows never used: int64 ``[n, 2]`` zeros."""
+    return torch.zeros(n, META_WIDTH, dtype=torch.int64, device=device)
+
+
+def check_batch(
+    tier: str,
+    row_width: int,
+    keys: torch.Tensor,
+    rows: Optional[torch.Tensor] = None,
+    meta: Optional[torch.Tensor] = None,
+    what: str = "rows",
+) -> None:
+    """Raises ValueError (naming ``tier``) unless ``keys`` is int64 ``[N]``, ``rows``
+    (if given) a float ``[N, row_width]`` and ``meta`` (if given) int64 ``[N, 2]``."""
+    if not isinstance(keys, torch.Tensor) or keys.dtype != torch.int64 or keys.dim() != 1:
+        got = f"{keys.dtype} {tuple(keys.shape)}" if isinstance(keys, torch.Tensor) else type(keys)
+        raise ValueError(f"{tier} tier: keys must be int64 [N], got {got}")
+    n = keys.numel()
+    if rows is not None and (
+        not rows.is_floating_point() or rows.dim() != 2 or rows.shape != (n, row_width)
+    ):
+        raise ValueError(
+            f"{tier} tier: {what} must be float [{n}, {row_width}], got {rows.dtype} "
+            f"{tuple(rows.shape)}"
+        )
+    if meta is not None and (meta.dtype != torch.int64 or meta.shape != (n, META_WIDTH)):
+        raise ValueError(
+            f"{tier} tier: meta must be int64 [{n}, {META_WIDTH}] (last_step, freq), got "
+            f"{meta.dtype} {tuple(meta.shape)}"
+        )
 
 
 @runtime_checkable
 class Tier(Protocol):
-    """Storage for rows keyed by int64 ids.
-
-    ``find`` fills the rows it has and returns the positions it missed; a chain of tiers
-    passes only those positions to the next tier.
-    """
+    """Storage for rows keyed by int64 ids (see the module docstring for the contract)."""
 
     name: str
     row_width: int
@@ -26,23 +104,38 @@ class Tier(Protocol):
         """Number of rows held."""
         ...
 
-    def find(self, keys: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Copies the rows of present keys into ``out``.
+    def find(
+        self, keys: torch.Tensor, out: torch.Tensor, meta: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Copies the rows of present keys into ``out`` (and their metadata into ``meta``).
 
         Args:
-            keys: int64 ``[N]``.
+            keys: int64 ``[N]`` (duplicates allowed).
             out: float32 ``[N, row_width]``; rows of absent keys are left untouched.
+            meta: optional int64 ``[N, 2]``, filled like ``out``.
         Returns:
-            int64 ``[M]`` positions (into ``keys``) that were missed.
+            int64 ``[M]`` positions (into ``keys``, ascending) that were missed.
         """
         ...
 
-    def insert(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
-        """Inserts or overwrites rows. keys: int64 ``[N]`` unique; rows ``[N, row_width]``."""
+    def insert(
+        self, keys: torch.Tensor, rows: torch.Tensor, meta: Optional[torch.Tensor] = None
+    ) -> Rows:
+        """Inserts or overwrites rows. keys: int64 ``[N]`` unique; rows ``[N, row_width]``;
+        meta int64 ``[N, 2]`` (None: zeros). Returns the rows displaced to make room."""
         ...
 
-    def export(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """All ``(keys [R], rows [R, row_width])`` held (for checkpoints and tests)."""
+    def evict(self, keys: torch.Tensor) -> int:
+        """Removes the rows of ``keys`` ``[N]`` that are held; returns how many were."""
+        ...
+
+    def expire(self, before_step: int, spare: Optional[Spare] = None) -> torch.Tensor:
+        """Removes the rows last used before ``before_step`` (never those ``spare(keys)``
+        marks, nor rows locked for a step from ``before_step`` on); returns their keys."""
+        ...
+
+    def export(self, with_meta: bool = False) -> Export:
+        """All ``(keys [R], rows [R, row_width])`` held (``+ meta [R, 2]`` with_meta)."""
         ...
 
     def flush(self) -> None:
@@ -50,5 +143,5 @@ class Tier(Protocol):
         ...
 
     def stats(self) -> dict[str, float]:
-        """Counters: rows, bytes, hits, misses, inserts."""
+        """Counters: at least :data:`STAT_KEYS`."""
         ...
