@@ -2,11 +2,8 @@
 
 Layout of one rank's DB (``<config.path>/rank{r}``), one column family, raw bytes::
 
-    b"R" | table u32 BE | key u64 BE  ->  row: row_width float32 LE, then its metadata
-                                          (last_step, freq): 2 int64 LE
+    b"R" | table u32 BE | key u64 BE  ->  row: row_width float32 LE
     b"M" | table u32 BE | b"w" / b"n" ->  int64 LE: row_width / number of rows
-    b"M" | table u32 BE | b"m"        ->  b"1": values carry the metadata (tables
-                                          written before it existed lack it and b"m")
 
 Keys have the sign bit flipped before the big-endian encoding, so byte order is numeric
 order: a table is one contiguous key range and an export comes out sorted. The rows of
@@ -33,6 +30,7 @@ stores and counts nothing of its batch. See ``docs/tiers.md``.
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import threading
@@ -52,7 +50,6 @@ import torch
 from terarec.config import SSDCompression as SSDCompression  # re-exported
 from terarec.config import SSDConfig
 from terarec.ps.hash_index import HashIndex
-from terarec.ps.tier import LAST, META_WIDTH, Rows, Spare, check_batch
 
 PathLike = Union[str, Path]
 
@@ -157,8 +154,8 @@ def pack_rows(rows: np.ndarray, order: Optional[np.ndarray] = None) -> list[byte
     No per-float Python: a void view makes each row one item for ``tolist``.
     """
     rows = np.ascontiguousarray(rows, dtype="<f4")
-    flat = rows.view(np.dtype((np.void, rows.shape[1] * 4))).reshape(-1)
-    return (flat if order is None else flat.take(order)).tolist()
+    flat = rows.view(np.dtype((np.void, rows.shape[1] * 4))).reshape(-1).tolist()
+    return flat if order is None else _take(flat, order)  # reorders pointers, not rows
 
 
 def _meta_key(table_id: int, field: bytes) -> bytes:
@@ -168,6 +165,24 @@ def _meta_key(table_id: int, field: bytes) -> bytes:
 def _take(items: list[Any], idx: np.ndarray) -> list[Any]:
     # list gather in C (map over __getitem__), no bytecode per item
     return list(map(items.__getitem__, idx.tolist()))
+
+
+_buffers = threading.local()
+
+
+def _read_buffer() -> io.BytesIO:
+    """The calling thread's read buffer, rewound (a new one if a view of the last read
+    is still alive: a buffer with views cannot be written)."""
+    buf = getattr(_buffers, "read", None)
+    if buf is not None:
+        try:
+            buf.write(b"")  # raises while views of the buffer exist
+            buf.seek(0)
+            return buf
+        except BufferError:
+            pass
+    buf = _buffers.read = io.BytesIO()
+    return buf
 
 
 def _not_none(vals: list[Any]) -> np.ndarray:
@@ -331,12 +346,8 @@ class SSDStore:
         self.close()
 
     # -- tables ------------------------------------------------------------------
-    def register(self, table_id: int, row_width: int) -> bool:
-        """Records ``row_width`` of a table, or checks it against the recorded one.
-
-        Returns whether the table's values carry row metadata (16 bytes after the row):
-        always for a new table; not for one written before metadata existed.
-        """
+    def register(self, table_id: int, row_width: int) -> None:
+        """Records ``row_width`` of a table, or checks it against the recorded one."""
         if not 0 <= table_id <= _MAX_TABLE_ID:
             raise ValueError(f"table_id must be in [0, {_MAX_TABLE_ID}], got {table_id}")
         if row_width < 1:
@@ -345,10 +356,8 @@ class SSDStore:
         with self._lock, self._guard("open table"):
             raw = self._db.get(key)
             if raw is None:
-                self._db.put(_meta_key(table_id, b"m"), b"1", self._write_opts)
                 self._db.put(key, struct.pack("<q", row_width), self._write_opts)
-                return True
-            if struct.unpack("<q", raw)[0] != row_width:
+            elif struct.unpack("<q", raw)[0] != row_width:
                 stored = struct.unpack("<q", raw)[0]
                 raise SSDTierError(
                     "open table",
@@ -357,7 +366,6 @@ class SSDStore:
                     "the DB belongs to another table layout (embedding dim or optimizer state "
                     "changed): point ssd.path elsewhere or restore the matching config",
                 )
-            return self._db.get(_meta_key(table_id, b"m")) is not None
 
     def count(self, table_id: int) -> int:
         """Exact number of distinct keys of ``table_id``."""
@@ -377,32 +385,47 @@ class SSDStore:
         Returns:
             ``(hit_pos [H], rows [H, row_width] float32, miss_pos [M])``: positions into
             ``keys`` (``miss_pos`` ascending) and the rows of the hits, in ``hit_pos`` order.
+            ``rows`` is a view of a buffer of the calling thread that its next ``read``
+            reuses: copy the rows out before then.
         """
         order = np.argsort(keys, kind="stable")  # key-ordered lookups: fewer cache misses
         sk = keys[order]
         generation = self._generation
-        vals = self._multi_get(encode_keys(table_id, sk), "read")
-        if None in vals:
-            hit = _not_none(vals)
-            hit_pos, miss_pos = order[hit], np.sort(order[~hit])
-            found = list(filter(None, vals))  # rows are never b"" (row_width >= 1)
-        else:
-            hit, hit_pos, miss_pos, found = True, order, np.empty(0, np.int64), vals
-        self._record(table_id, sk, hit, generation)
-        raw = bytearray().join(found)
+        # The chunks' multi-gets run on the pool while this thread appends the values of
+        # the chunks done to a buffer it reuses (fresh 10 MB buffers cost page faults).
+        buf = _read_buffer()
+        hit = np.ones(sk.shape[0], bool)
+        at = 0
+        for vals in self._multi_get_chunks(encode_keys(table_id, sk), "read"):
+            n = len(vals)
+            if None in vals:
+                hit[at : at + n] = _not_none(vals)
+                buf.writelines(filter(None, vals))  # rows are never b"" (row_width >= 1)
+            else:
+                buf.writelines(vals)
+            at += n
+        n_found = int(hit.sum())
+        hit_pos, miss_pos = order[hit], np.sort(order[~hit])
+        self._record(table_id, sk, hit if hit_pos.size < sk.shape[0] else True, generation)
         row_bytes = 4 * row_width
-        if len(raw) != len(found) * row_bytes:
-            lens = np.fromiter(map(len, found), np.int64, len(found))
-            bad = int(np.flatnonzero(lens != row_bytes)[0])
-            raise SSDTierError(
-                "read",
-                self.path,
-                f"key {int(keys[hit_pos[bad]])} of table {table_id} holds {lens[bad]} bytes, "
-                f"expected {row_bytes}",
-                "corrupted or foreign DB: restore the SSD tier from the last checkpoint",
-            )
-        rows = np.frombuffer(raw, "<f4").reshape(len(found), row_width)
-        return hit_pos, rows, miss_pos
+        if buf.tell() != n_found * row_bytes:
+            self._raise_bad_row(table_id, keys[hit_pos], row_bytes)
+        rows = np.frombuffer(buf.getbuffer(), "<f4", n_found * row_width)
+        return hit_pos, rows.reshape(n_found, row_width), miss_pos
+
+    def _raise_bad_row(self, table_id: int, found_keys: np.ndarray, row_bytes: int) -> None:
+        """Names the first of ``found_keys`` whose value is not ``row_bytes`` long."""
+        with self._guard("read"):
+            vals = self._db.get(encode_keys(table_id, found_keys))
+        lens = np.fromiter((0 if v is None else len(v) for v in vals), np.int64, len(vals))
+        bad = int(np.flatnonzero(lens != row_bytes)[0])
+        raise SSDTierError(
+            "read",
+            self.path,
+            f"key {int(found_keys[bad])} of table {table_id} holds {lens[bad]} bytes, "
+            f"expected {row_bytes}",
+            "corrupted or foreign DB: restore the SSD tier from the last checkpoint",
+        )
 
     def contains(self, table_id: int, keys: np.ndarray) -> np.ndarray:
         """bool ``[N]``: which int64 ``keys`` are held."""
@@ -450,7 +473,8 @@ class SSDStore:
                 self._db.write(batch, self._write_opts)
             self._generation += 1
             self._counts[table_id] = total
-            states.record(sk, True)
+            if not (state == 1).all():  # (overwrites of keys known held change nothing)
+                states.record(sk, True)
         return n_new
 
     def delete(self, table_id: int, keys: np.ndarray) -> int:
@@ -579,6 +603,31 @@ class SSDStore:
 
         return values
 
+    def _multi_get_chunks(self, keys: list[bytes], op: str) -> Iterator[list[Any]]:
+        """Values of ``keys`` (None: absent), chunk by chunk in order. The chunks' multi-
+        gets (``2 * num_threads`` of them) all start on the pool at once, so the caller's
+        work on one chunk overlaps the gets of the next."""
+        threads = self.config.num_threads
+        if threads <= 1 or len(keys) < 2 * _MIN_CHUNK:  # not worth a thread hand-off
+            with self._guard(op):
+                vals = self._db.get(keys)
+            yield vals
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(threads, thread_name_prefix="terarec-ssd")
+        step = max(_MIN_CHUNK, -(-len(keys) // (2 * threads)))
+        futs = [
+            self._pool.submit(self._db.get, keys[i : i + step]) for i in range(0, len(keys), step)
+        ]
+        try:
+            for f in futs:
+                with self._guard(op):
+                    vals = f.result()
+                yield vals
+        finally:
+            for f in futs:  # the caller stopped early (an error): drop what has not started
+                f.cancel()
+
     def _multi_get(self, keys: list[bytes], op: str) -> list[Any]:
         if len(keys) < 2 * _MIN_CHUNK:  # not worth a thread hand-off
             with self._guard(op):
@@ -644,15 +693,12 @@ class SSDTier:
     name = "ssd"
 
     def __init__(self, store: SSDStore, row_width: int, table_id: int = 0) -> None:
-        self.has_meta = store.register(table_id, row_width)
+        store.register(table_id, row_width)
         self.store = store
         self.row_width = row_width
         self.table_id = table_id
-        # floats per stored value: the row, then (last_step, freq) as 2 int64 = 4 float32
-        self._width = row_width + (2 * META_WIDTH if self.has_meta else 0)
         self._owns_store = False
         self._hits = self._misses = self._inserts = self._writes = self._deletes = 0
-        self._expired = 0
 
     @classmethod
     def open(
@@ -685,71 +731,29 @@ class SSDTier:
         return self.store.count(self.table_id)
 
     # -- Tier protocol -------------------------------------------------------------
-    def find(
-        self, keys: torch.Tensor, out: torch.Tensor, meta: Optional[torch.Tensor] = None
-    ) -> torch.Tensor:
-        check_batch(self.name, self.row_width, keys, out, meta, what="out")
-        hit_pos, vals, miss_pos = self.store.read(self.table_id, _as_keys(keys), self._width)
+    def find(self, keys: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        hit_pos, rows, miss_pos = self.store.read(self.table_id, _as_keys(keys), self.row_width)
         if hit_pos.size:
             idx = torch.from_numpy(hit_pos).to(out.device)
-            out[idx] = torch.from_numpy(vals[:, : self.row_width]).to(out.device, out.dtype)
-            if meta is not None:
-                meta[idx.to(meta.device)] = torch.from_numpy(self._meta_of(vals)).to(meta.device)
+            out[idx] = torch.from_numpy(rows).to(out.device, out.dtype)
         self._hits += int(hit_pos.size)
         self._misses += int(miss_pos.size)
         return torch.from_numpy(miss_pos).to(keys.device)
 
-    def insert(
-        self, keys: torch.Tensor, rows: torch.Tensor, meta: Optional[torch.Tensor] = None
-    ) -> Rows:
-        check_batch(self.name, self.row_width, keys, rows, meta)
+    def insert(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
         k = _as_keys(keys)
         r = rows.detach().to("cpu", torch.float32).numpy()
-        if self.has_meta:  # the metadata's bits ride along as 4 float32 words
-            m = np.zeros((k.shape[0], META_WIDTH), "<i8")
-            if meta is not None:
-                m[:] = meta.detach().cpu().numpy()
-            r = np.concatenate([r, m.view("<f4")], axis=1)
+        if r.ndim != 2 or r.shape != (k.shape[0], self.row_width):
+            raise ValueError(f"rows must be [{k.shape[0]}, {self.row_width}], got {tuple(r.shape)}")
         self._inserts += self.store.write(self.table_id, k, r)
         self._writes += k.shape[0]
-        return Rows.empty(self.row_width)
 
-    def evict(self, keys: torch.Tensor) -> int:
-        check_batch(self.name, self.row_width, keys)
-        return self.delete(keys)
-
-    def expire(self, before_step: int, spare: Optional[Spare] = None) -> torch.Tensor:
-        """Deletes the rows last used before ``before_step`` (unless ``spare(keys)``), in
-        one chunked scan of the table; returns their keys. Rows of a table written
-        without metadata count as last used at step 0."""
-        gone = [torch.empty(0, dtype=torch.int64)]
-        for k, vals in self.store.scan(self.table_id, self._width):
-            stale = np.flatnonzero(self._meta_of(vals)[:, LAST] < before_step)
-            if stale.size == 0:
-                continue
-            keys = torch.from_numpy(k[stale])
-            if spare is not None:
-                keys = keys[~spare(keys).cpu()]
-            if keys.numel():
-                self._expired += self.store.delete(self.table_id, keys.numpy())
-                gone.append(keys)
-        return torch.cat(gone)
-
-    def export(self, with_meta: bool = False) -> tuple[torch.Tensor, ...]:
-        ks, vs = [np.empty(0, np.int64)], [np.empty((0, self._width), np.float32)]
-        for k, v in self.store.scan(self.table_id, self._width):
+    def export(self) -> tuple[torch.Tensor, torch.Tensor]:
+        ks, rs = [np.empty(0, np.int64)], [np.empty((0, self.row_width), np.float32)]
+        for k, r in self.store.scan(self.table_id, self.row_width):
             ks.append(k)
-            vs.append(v)
-        vals = np.concatenate(vs)
-        keys = torch.from_numpy(np.concatenate(ks))
-        rows = torch.from_numpy(np.ascontiguousarray(vals[:, : self.row_width]))
-        return (keys, rows, torch.from_numpy(self._meta_of(vals))) if with_meta else (keys, rows)
-
-    def _meta_of(self, vals: np.ndarray) -> np.ndarray:
-        """int64 ``[N, 2]`` metadata of stored values ``[N, _width]`` (zeros without)."""
-        if not self.has_meta:
-            return np.zeros((vals.shape[0], META_WIDTH), np.int64)
-        return np.ascontiguousarray(vals[:, self.row_width :]).view("<i8").astype(np.int64)
+            rs.append(r)
+        return torch.from_numpy(np.concatenate(ks)), torch.from_numpy(np.concatenate(rs))
 
     def flush(self) -> None:
         self.store.flush()
@@ -758,13 +762,12 @@ class SSDTier:
         n = len(self)
         return {
             "rows": float(n),
-            "bytes": float(n * self._width * 4),
+            "bytes": float(n * self.row_width * 4),
             "hits": float(self._hits),
             "misses": float(self._misses),
             "inserts": float(self._inserts),
             "writes": float(self._writes),
             "deletes": float(self._deletes),
-            "expired": float(self._expired),
             **self.store.stats(),
         }
 
@@ -790,5 +793,5 @@ class SSDTier:
 
     def export_chunks(self, chunk_rows: int = 65536) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Streams ``(keys [C], rows [C, row_width])`` in key order (tables beyond RAM)."""
-        for k, r in self.store.scan(self.table_id, self._width, chunk_rows):
-            yield torch.from_numpy(k), torch.from_numpy(r[:, : self.row_width])
+        for k, r in self.store.scan(self.table_id, self.row_width, chunk_rows):
+            yield torch.from_numpy(k), torch.from_numpy(r)

@@ -122,7 +122,7 @@ def test_contract_against_dict_reference(tmp_path: Path, threads: int, known_key
     assert np.array_equal(_bits(rows), np.stack([ref.rows[k] for k in keys.tolist()]))
     st = tier.stats()
     assert (st["hits"], st["misses"]) == (n_hits, n_misses)
-    assert st["inserts"] == len(ref.rows) and st["bytes"] == len(ref.rows) * (W * 4 + 16)  # + meta
+    assert st["inserts"] == len(ref.rows) and st["bytes"] == len(ref.rows) * W * 4
     chunks = list(tier.export_chunks(chunk_rows=1000))
     assert len(chunks) == -(-len(ref.rows) // 1000)
     assert torch.equal(torch.cat([k for k, _ in chunks]), keys)
@@ -359,8 +359,32 @@ def test_real_disk_full_is_a_clear_error(tmp_path: Path) -> None:
 def test_corrupted_row_is_reported(tier: SSDTier) -> None:
     tier.insert(torch.tensor([1, 2]), torch.ones(2, W))
     tier.store._db[encode_keys(0, np.array([2]))[0]] = b"short"
-    with pytest.raises(SSDTierError, match="key 2 of table 0 holds 5 bytes, expected 40"):
+    with pytest.raises(SSDTierError, match="key 2 of table 0 holds 5 bytes, expected 24"):
         tier.find(torch.tensor([1, 2]), torch.zeros(2, W))
+
+
+def test_chunked_reads_and_held_views(tmp_path: Path) -> None:
+    """Reads split into chunks over threads (misses between hits, a short value found in
+    a later chunk), and a view of one read's rows kept alive across the next read."""
+    store = SSDStore(tmp_path / "db", _cfg(tmp_path, num_threads=2))
+    store.register(0, W)
+    rng = np.random.default_rng(3)
+    keys = rng.permutation(np.arange(-6000, 6000, dtype=np.int64))
+    rows = _bits(_random_rows(rng, keys.size)).view(np.float32)
+    held = keys[keys % 3 != 0]
+    store.write(0, held, rows[keys % 3 != 0])
+    want = dict(zip(held.tolist(), _bits(rows[keys % 3 != 0])))
+    hit_pos, first, miss_pos = store.read(0, keys, W)
+    assert miss_pos.tolist() == np.flatnonzero(keys % 3 == 0).tolist()
+    assert np.array_equal(_bits(first), np.stack([want[k] for k in keys[hit_pos].tolist()]))
+    kept = first.copy()
+    hit2, second, _ = store.read(0, keys[::-1].copy(), W)  # `first` is still alive
+    assert np.array_equal(_bits(first), _bits(kept))
+    assert np.array_equal(_bits(second), np.stack([want[k] for k in keys[::-1][hit2].tolist()]))
+    store._db[encode_keys(0, held[-1:])[0]] = b"short"
+    with pytest.raises(SSDTierError, match=f"key {held[-1]} of table 0 holds 5 bytes"):
+        store.read(0, keys, W)
+    store.close()
 
 
 def test_closed_store_and_bad_inputs(tmp_path: Path) -> None:
