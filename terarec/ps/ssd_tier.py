@@ -2,8 +2,11 @@
 
 Layout of one rank's DB (``<config.path>/rank{r}``), one column family, raw bytes::
 
-    b"R" | table u32 BE | key u64 BE  ->  row: row_width float32 LE
+    b"R" | table u32 BE | key u64 BE  ->  row: row_width float32 LE, then its metadata
+                                          (last_step, freq): 2 int64 LE
     b"M" | table u32 BE | b"w" / b"n" ->  int64 LE: row_width / number of rows
+    b"M" | table u32 BE | b"m"        ->  b"1": values carry the metadata (tables
+                                          written before it existed lack it and b"m")
 
 Keys have the sign bit flipped before the big-endian encoding, so byte order is numeric
 order: a table is one contiguous key range and an export comes out sorted. The rows of
@@ -50,6 +53,7 @@ import torch
 from terarec.config import SSDCompression as SSDCompression  # re-exported
 from terarec.config import SSDConfig
 from terarec.ps.hash_index import HashIndex
+from terarec.ps.tier import LAST, META_WIDTH, Rows, Spare, check_batch
 
 PathLike = Union[str, Path]
 
@@ -346,8 +350,12 @@ class SSDStore:
         self.close()
 
     # -- tables ------------------------------------------------------------------
-    def register(self, table_id: int, row_width: int) -> None:
-        """Records ``row_width`` of a table, or checks it against the recorded one."""
+    def register(self, table_id: int, row_width: int) -> bool:
+        """Records ``row_width`` of a table, or checks it against the recorded one.
+
+        Returns whether the table's values carry row metadata (16 bytes after the row):
+        always for a new table; not for one written before metadata existed.
+        """
         if not 0 <= table_id <= _MAX_TABLE_ID:
             raise ValueError(f"table_id must be in [0, {_MAX_TABLE_ID}], got {table_id}")
         if row_width < 1:
@@ -356,8 +364,10 @@ class SSDStore:
         with self._lock, self._guard("open table"):
             raw = self._db.get(key)
             if raw is None:
+                self._db.put(_meta_key(table_id, b"m"), b"1", self._write_opts)
                 self._db.put(key, struct.pack("<q", row_width), self._write_opts)
-            elif struct.unpack("<q", raw)[0] != row_width:
+                return True
+            if struct.unpack("<q", raw)[0] != row_width:
                 stored = struct.unpack("<q", raw)[0]
                 raise SSDTierError(
                     "open table",
@@ -366,6 +376,7 @@ class SSDStore:
                     "the DB belongs to another table layout (embedding dim or optimizer state "
                     "changed): point ssd.path elsewhere or restore the matching config",
                 )
+            return self._db.get(_meta_key(table_id, b"m")) is not None
 
     def count(self, table_id: int) -> int:
         """Exact number of distinct keys of ``table_id``."""
@@ -693,12 +704,15 @@ class SSDTier:
     name = "ssd"
 
     def __init__(self, store: SSDStore, row_width: int, table_id: int = 0) -> None:
-        store.register(table_id, row_width)
+        self.has_meta = store.register(table_id, row_width)
         self.store = store
         self.row_width = row_width
         self.table_id = table_id
+        # floats per stored value: the row, then (last_step, freq) as 2 int64 = 4 float32
+        self._width = row_width + (2 * META_WIDTH if self.has_meta else 0)
         self._owns_store = False
         self._hits = self._misses = self._inserts = self._writes = self._deletes = 0
+        self._expired = 0
 
     @classmethod
     def open(
@@ -731,29 +745,71 @@ class SSDTier:
         return self.store.count(self.table_id)
 
     # -- Tier protocol -------------------------------------------------------------
-    def find(self, keys: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        hit_pos, rows, miss_pos = self.store.read(self.table_id, _as_keys(keys), self.row_width)
+    def find(
+        self, keys: torch.Tensor, out: torch.Tensor, meta: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        check_batch(self.name, self.row_width, keys, out, meta, what="out")
+        hit_pos, vals, miss_pos = self.store.read(self.table_id, _as_keys(keys), self._width)
         if hit_pos.size:
             idx = torch.from_numpy(hit_pos).to(out.device)
-            out[idx] = torch.from_numpy(rows).to(out.device, out.dtype)
+            out[idx] = torch.from_numpy(vals[:, : self.row_width]).to(out.device, out.dtype)
+            if meta is not None:
+                meta[idx.to(meta.device)] = torch.from_numpy(self._meta_of(vals)).to(meta.device)
         self._hits += int(hit_pos.size)
         self._misses += int(miss_pos.size)
         return torch.from_numpy(miss_pos).to(keys.device)
 
-    def insert(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
+    def insert(
+        self, keys: torch.Tensor, rows: torch.Tensor, meta: Optional[torch.Tensor] = None
+    ) -> Rows:
+        check_batch(self.name, self.row_width, keys, rows, meta)
         k = _as_keys(keys)
         r = rows.detach().to("cpu", torch.float32).numpy()
-        if r.ndim != 2 or r.shape != (k.shape[0], self.row_width):
-            raise ValueError(f"rows must be [{k.shape[0]}, {self.row_width}], got {tuple(r.shape)}")
+        if self.has_meta:  # the metadata's bits ride along as 4 float32 words
+            m = np.zeros((k.shape[0], META_WIDTH), "<i8")
+            if meta is not None:
+                m[:] = meta.detach().cpu().numpy()
+            r = np.concatenate([r, m.view("<f4")], axis=1)
         self._inserts += self.store.write(self.table_id, k, r)
         self._writes += k.shape[0]
+        return Rows.empty(self.row_width)
 
-    def export(self) -> tuple[torch.Tensor, torch.Tensor]:
-        ks, rs = [np.empty(0, np.int64)], [np.empty((0, self.row_width), np.float32)]
-        for k, r in self.store.scan(self.table_id, self.row_width):
+    def evict(self, keys: torch.Tensor) -> int:
+        check_batch(self.name, self.row_width, keys)
+        return self.delete(keys)
+
+    def expire(self, before_step: int, spare: Optional[Spare] = None) -> torch.Tensor:
+        """Deletes the rows last used before ``before_step`` (unless ``spare(keys)``), in
+        one chunked scan of the table; returns their keys. Rows of a table written
+        without metadata count as last used at step 0."""
+        gone = [torch.empty(0, dtype=torch.int64)]
+        for k, vals in self.store.scan(self.table_id, self._width):
+            stale = np.flatnonzero(self._meta_of(vals)[:, LAST] < before_step)
+            if stale.size == 0:
+                continue
+            keys = torch.from_numpy(k[stale])
+            if spare is not None:
+                keys = keys[~spare(keys).cpu()]
+            if keys.numel():
+                self._expired += self.store.delete(self.table_id, keys.numpy())
+                gone.append(keys)
+        return torch.cat(gone)
+
+    def export(self, with_meta: bool = False) -> tuple[torch.Tensor, ...]:
+        ks, vs = [np.empty(0, np.int64)], [np.empty((0, self._width), np.float32)]
+        for k, v in self.store.scan(self.table_id, self._width):
             ks.append(k)
-            rs.append(r)
-        return torch.from_numpy(np.concatenate(ks)), torch.from_numpy(np.concatenate(rs))
+            vs.append(v)
+        vals = np.concatenate(vs)
+        keys = torch.from_numpy(np.concatenate(ks))
+        rows = torch.from_numpy(np.ascontiguousarray(vals[:, : self.row_width]))
+        return (keys, rows, torch.from_numpy(self._meta_of(vals))) if with_meta else (keys, rows)
+
+    def _meta_of(self, vals: np.ndarray) -> np.ndarray:
+        """int64 ``[N, 2]`` metadata of stored values ``[N, _width]`` (zeros without)."""
+        if not self.has_meta:
+            return np.zeros((vals.shape[0], META_WIDTH), np.int64)
+        return np.ascontiguousarray(vals[:, self.row_width :]).view("<i8").astype(np.int64)
 
     def flush(self) -> None:
         self.store.flush()
@@ -762,12 +818,13 @@ class SSDTier:
         n = len(self)
         return {
             "rows": float(n),
-            "bytes": float(n * self.row_width * 4),
+            "bytes": float(n * self._width * 4),
             "hits": float(self._hits),
             "misses": float(self._misses),
             "inserts": float(self._inserts),
             "writes": float(self._writes),
             "deletes": float(self._deletes),
+            "expired": float(self._expired),
             **self.store.stats(),
         }
 
@@ -793,5 +850,5 @@ class SSDTier:
 
     def export_chunks(self, chunk_rows: int = 65536) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Streams ``(keys [C], rows [C, row_width])`` in key order (tables beyond RAM)."""
-        for k, r in self.store.scan(self.table_id, self.row_width, chunk_rows):
-            yield torch.from_numpy(k), torch.from_numpy(r)
+        for k, r in self.store.scan(self.table_id, self._width, chunk_rows):
+            yield torch.from_numpy(k), torch.from_numpy(r[:, : self.row_width])

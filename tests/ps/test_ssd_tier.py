@@ -122,7 +122,7 @@ def test_contract_against_dict_reference(tmp_path: Path, threads: int, known_key
     assert np.array_equal(_bits(rows), np.stack([ref.rows[k] for k in keys.tolist()]))
     st = tier.stats()
     assert (st["hits"], st["misses"]) == (n_hits, n_misses)
-    assert st["inserts"] == len(ref.rows) and st["bytes"] == len(ref.rows) * W * 4
+    assert st["inserts"] == len(ref.rows) and st["bytes"] == len(ref.rows) * (W * 4 + 16)  # + meta
     chunks = list(tier.export_chunks(chunk_rows=1000))
     assert len(chunks) == -(-len(ref.rows) // 1000)
     assert torch.equal(torch.cat([k for k, _ in chunks]), keys)
@@ -359,7 +359,7 @@ def test_real_disk_full_is_a_clear_error(tmp_path: Path) -> None:
 def test_corrupted_row_is_reported(tier: SSDTier) -> None:
     tier.insert(torch.tensor([1, 2]), torch.ones(2, W))
     tier.store._db[encode_keys(0, np.array([2]))[0]] = b"short"
-    with pytest.raises(SSDTierError, match="key 2 of table 0 holds 5 bytes, expected 24"):
+    with pytest.raises(SSDTierError, match="key 2 of table 0 holds 5 bytes, expected 40"):
         tier.find(torch.tensor([1, 2]), torch.zeros(2, W))
 
 
