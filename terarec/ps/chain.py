@@ -75,6 +75,8 @@ class TierChain:
         self.prefetched = dict.fromkeys(
             ("batches", "skipped", "keys", "resident", "rows_in", "absent"), 0
         )
+        self._prefetch_backoff = 0  # batches not tried after the last skip (doubling)
+        self._prefetch_wait = 0  # of which still to pass
 
     def __len__(self) -> int:
         return self.created - self.expired
@@ -228,20 +230,29 @@ class TierChain:
         It changes where rows are, never what the table holds: keys in no tier are left
         for the step that trains them to create (or, with admission, to decide on). When
         the batch does not fit beside the one being trained (``room``), it gives up
-        before any row moves: the next step makes the batch resident itself.
+        before any row moves: the next step makes the batch resident itself. After
+        a batch that did not fit, the next 1, then 2, 4, ... up to 64 batches are not
+        tried (each attempt costs a lookup of the whole batch), until one fits again.
 
         Returns:
-            False when it gave up.
+            False when it gave up (or did not try).
         """
         self.prefetched["batches"] += 1
+        if self._prefetch_wait:
+            self._prefetch_wait -= 1
+            self.prefetched["skipped"] += 1
+            return False
         self.prefetched["keys"] += keys.numel()
         hits, moved = self.top.stats()["hits"], self.moved[self.top.name]
         try:
             slots = self.prepare(keys, step, _no_rows, lock_until=step + 1, admit=_admit_none)
             self.prefetched["absent"] += int((slots < 0).sum())
+            self._prefetch_backoff = 0
             done = True
         except TierFullError:
             self.prefetched["skipped"] += 1
+            self._prefetch_backoff = min(2 * self._prefetch_backoff or 1, 64)
+            self._prefetch_wait = self._prefetch_backoff
             done = False
         self.prefetched["resident"] += int(self.top.stats()["hits"] - hits)
         self.prefetched["rows_in"] += self.moved[self.top.name] - moved

@@ -196,6 +196,7 @@ class TrainPipeline:
             loop, kept as the reference).
         check_loss: called with the loss before backward; raising there stops the
             step before any update (e.g. a NaN loss).
+        background_threads: torch intra-op threads of the background thread.
 
     Example::
 
@@ -218,6 +219,7 @@ class TrainPipeline:
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         overlap: bool = True,
         check_loss: Optional[Callable[[torch.Tensor], None]] = None,
+        background_threads: int = 1,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -226,6 +228,7 @@ class TrainPipeline:
         self.loss_fn = loss_fn
         self.overlap = overlap
         self.check_loss = check_loss
+        self.background_threads = background_threads
         self.stats = PipelineStats()
         self._cuda = self.device.type == "cuda"
         self._side: Optional[torch.cuda.Stream] = (
@@ -358,6 +361,10 @@ class TrainPipeline:
     def _worker(self) -> None:
         if self._cuda:
             torch.cuda.set_device(self.device)
+        # Intra-op threads are per thread (OpenMP): the background work (hash probes,
+        # row copies, RocksDB reads on RocksDB's own threads) gets one, so that it does
+        # not compete with the training step's threads for the cores.
+        torch.set_num_threads(self.background_threads)
         while True:
             item = self._jobs.get()
             if item is None:
