@@ -254,6 +254,9 @@ class TableConfig:
     device_rows: Optional[int] = None
     host_rows: Optional[int] = None
     cache_policy: str = "lru"
+    # Rows of a batch that the device tier has no room for train from a transient
+    # scratch pad (written back down after the step) instead of stopping the run.
+    scratch_pad: bool = False
     # Rows only for keys seen min_count times (null: every key gets a row on first touch).
     admission: Optional[AdmissionConfig] = None
     # Delete rows not used for more than this many training steps from every tier
@@ -272,10 +275,8 @@ class TableConfig:
             "host_rows: a host budget needs a device tier above it (set device_rows)",
         )
         _check(
-            self.host_rows is None
-            or self.device_rows is None
-            or self.host_rows >= self.device_rows,
-            f"host_rows: must be >= device_rows ({self.device_rows}), got {self.host_rows}",
+            not self.scratch_pad or self.device_rows is not None,
+            "scratch_pad: the scratch pad backs a device tier (set device_rows)",
         )
         _check(
             self.cache_policy in ("lru", "lfu"),
@@ -422,7 +423,8 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps; 0 = only at the end
     # Prepare the next batch on a background thread while one trains: read it, copy it
     # to the device and bring its rows into tiered tables' device tier (trainer/pipeline.py).
-    prefetch: bool = True
+    # null: on when a table has tiers (device_rows), off otherwise.
+    prefetch: Optional[bool] = None
 
     def __post_init__(self) -> None:
         _check(self.steps is None or self.steps >= 1, "steps: must be >= 1")

@@ -31,6 +31,7 @@ from typing import Any, Optional
 import torch
 
 from terarec.ps.cache_tier import CacheTier, TierFullError
+from terarec.ps.scratch import ScratchPad
 from terarec.ps.tier import LAST, META_WIDTH
 
 
@@ -46,30 +47,39 @@ class TierChain:
         tiers: top first; every tier but the last a :class:`CacheTier`; the last one
             unbounded (``HostTier`` or ``SSDTier``).
         table: table name for errors.
+        scratch_pad: rows of a batch that the top tier has no room for are trained from
+            a :class:`~terarec.ps.scratch.ScratchPad` (and written back down after the
+            step) instead of failing with :class:`TierFullError`.
         ttl_steps: delete rows not used for more than this many steps (None: never).
     """
 
-    def __init__(self, tiers: list[Any], table: str, ttl_steps: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        tiers: list[Any],
+        table: str,
+        scratch_pad: bool = False,
+        ttl_steps: Optional[int] = None,
+    ) -> None:
         if len(tiers) < 2 or not all(isinstance(t, CacheTier) for t in tiers[:-1]):
             raise ValueError("a tier chain is caches over one unbounded bottom tier")
         if isinstance(tiers[-1], CacheTier):
             raise ValueError("the bottom tier must be unbounded (host without budget, or SSD)")
-        for upper, lower in zip(tiers[:-2], tiers[1:-1]):
-            if lower.capacity < upper.capacity:
-                raise ValueError(
-                    f"table {table}: the {lower.name} tier ({lower.capacity} rows) must hold "
-                    f"at least as many rows as the {upper.name} tier above it "
-                    f"({upper.capacity})"
-                )
         self.tiers = tiers
         self.top: CacheTier = tiers[0]
+        self.scratch: Optional[ScratchPad] = (
+            ScratchPad(self.top.row_width, self.top.capacity, self.top.device)
+            if scratch_pad
+            else None
+        )
         self.table = table
         self.row_width = self.top.row_width
         self.created = 0  # rows ever created
         self.expired = 0  # rows deleted by TTL (len of the table: created - expired)
         self.ttl = ttl_steps
-        self.step = 0  # the latest step prepared
+        self.step = 0  # the latest step prepared (metadata of scratch pad rows)
         self.moved = dict.fromkeys((t.name for t in tiers), 0)  # rows written into a tier
+        self.moved["scratch"] = 0
+        self.pad_hits = 0
         # prefetch counters: batches, those skipped (no room), keys looked up, keys
         # already in the top tier, rows it brought up, keys it found in no tier
         self.prefetched = dict.fromkeys(
@@ -80,6 +90,37 @@ class TierChain:
 
     def __len__(self) -> int:
         return self.created - self.expired
+
+    @property
+    def device(self) -> torch.device:
+        return self.top.device
+
+    def read(self, slots: torch.Tensor) -> torch.Tensor:
+        """Rows at top-tier (or scratch pad) ``slots`` ``[N, row_width]`` (a copy)."""
+        pad = self._pad_mask(slots)
+        if pad is None:
+            return self.top.read(slots)
+        out = torch.empty(slots.numel(), self.row_width, device=self.top.device)
+        cached, padded = (~pad).nonzero().squeeze(1), pad.nonzero().squeeze(1)
+        out[cached] = self.top.read(slots[cached])
+        out[padded] = self.scratch.read(slots[padded])  # type: ignore[union-attr]
+        return out
+
+    def write(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        """Overwrites the rows at unique top-tier (or scratch pad) ``slots``."""
+        pad = self._pad_mask(slots)
+        if pad is None:
+            self.top.write(slots, rows)
+            return
+        cached, padded = (~pad).nonzero().squeeze(1), pad.nonzero().squeeze(1)
+        self.top.write(slots[cached], rows[cached])
+        self.scratch.write(slots[padded], rows[padded])  # type: ignore[union-attr]
+
+    def _pad_mask(self, slots: torch.Tensor) -> Optional[torch.Tensor]:
+        if self.scratch is None:
+            return None
+        pad = slots >= self.top.capacity
+        return pad if bool(pad.any()) else None
 
     def prepare(
         self,
@@ -113,11 +154,14 @@ class TierChain:
         self.top.touch(slots[hit], lock_until)
         self.top.lock(slots[hit], lock_until)
         miss = (slots < 0).nonzero().squeeze(1)
+        if self.scratch is not None:
+            miss = self._scratch_hits(keys, miss, slots, step, lock_until)
         if miss.numel() == 0:
             return slots
         kmiss = keys[miss]
-        if kmiss.numel() > self.top.room(step):  # check before any row leaves a lower tier
-            self._too_small(keys, lock_until > step)
+        room = self.top.room(step)
+        if kmiss.numel() > room and self.scratch is None:
+            self._too_small(keys, lock_until > step)  # before any row leaves a lower tier
         rows = torch.empty(miss.numel(), self.row_width, device=self.top.device)
         meta = torch.empty(miss.numel(), META_WIDTH, dtype=torch.int64, device=rows.device)
         # TTL: rows found stale (not used since before `fresh_from`) count as absent
@@ -151,7 +195,8 @@ class TierChain:
             rows[pending[found]] = got[found].to(rows.device)
             meta[pending[found]] = got_meta[found]
             pending = pending[missed]
-        self.expired += int(gone.sum())
+        if fresh_from is not None:
+            self.expired += int(gone.sum())
         if pending.numel() and admit is not None:
             ok = admit(miss[pending])
             if not bool(ok.all()):
@@ -163,6 +208,12 @@ class TierChain:
             rows[pending] = create(miss[pending]).to(rows.device)
             meta[pending] = torch.tensor([-1, 0], device=meta.device)  # never used yet
             self.created += pending.numel()
+        if kmiss.numel() > room:  # the rest of the batch trains from the scratch pad
+            over = slice(room, None)
+            slots[miss[over]] = self.scratch.add(kmiss[over], rows[over], lock_until)  # type: ignore[union-attr]
+            self.moved["scratch"] += kmiss.numel() - room
+            miss, kmiss, rows = miss[:room], kmiss[:room], rows[:room]
+            meta = meta[:room]
         new_slots, evicted = self.top.admit(kmiss, rows, step, lock_until, meta=meta)
         self.top.touch(new_slots, lock_until)
         self.moved[self.top.name] += kmiss.numel()
@@ -211,15 +262,41 @@ class TierChain:
         return n
 
     def _held_above(self, level: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``keys -> bool``: held by a tier above ``level``."""
+        """``keys -> bool``: held by a tier above ``level`` (or the scratch pad)."""
 
         def held(keys: torch.Tensor) -> torch.Tensor:
             out = torch.zeros(keys.numel(), dtype=torch.bool, device=keys.device)
             for t in self.tiers[:level]:
                 out |= t.contains(keys)
+            if self.scratch is not None and len(self.scratch):
+                out |= (self.scratch.lookup(keys.to(self.top.device)) >= 0).to(keys.device)
             return out
 
         return held
+
+    def _scratch_hits(
+        self,
+        keys: torch.Tensor,
+        miss: torch.Tensor,
+        slots: torch.Tensor,
+        step: int,
+        lock_until: int,
+    ) -> torch.Tensor:
+        """Keys already in the scratch pad keep their pad slot (locked on); pad rows no
+        step from ``step`` on needs go down. Returns the positions still missing."""
+        pad = self.scratch
+        assert pad is not None
+        if miss.numel() and len(pad):
+            found = pad.lookup(keys[miss])
+            inpad = found >= 0
+            if bool(inpad.any()):
+                pad.lock(found[inpad], lock_until)
+                slots[miss[inpad]] = found[inpad]
+                self.pad_hits += int(inpad.sum())
+                miss = miss[~inpad]
+        done_keys, done_rows = pad.release(step)
+        self._push_down(done_keys, done_rows, 1, step)
+        return miss
 
     def prefetch(self, keys: torch.Tensor, step: int) -> bool:
         """Makes the *next* batch's unique ``keys`` ``[U]`` resident in the top tier,
@@ -263,7 +340,8 @@ class TierChain:
         raise TierFullError(
             f"table {self.table}: this batch has {keys.numel()} unique keys but the "
             f"{self.top.name} tier holds {self.top.capacity} rows; give it at least "
-            f"{keys.numel()} rows{extra if prefetch else ''}"
+            f"{keys.numel()} rows{extra if prefetch else ''}, or let the rows that do not "
+            "fit train from a scratch pad (scratch_pad: true)"
         )
 
     def _push_down(
@@ -274,13 +352,19 @@ class TierChain:
         step: int,
         meta: Optional[torch.Tensor] = None,
     ) -> None:
-        """Writes rows (and their metadata; None: used at ``step``) into tier
-        ``level``; what it evicts goes on down."""
+        """Writes rows (and their metadata; None: used at ``step``, a scratch pad's
+        write-back) into tier ``level``; what it evicts goes on down."""
         if keys.numel() == 0:
             return
         if meta is None:
             meta = torch.tensor([step, 1], device=keys.device).repeat(keys.numel(), 1)
         tier = self.tiers[level]
+        if isinstance(tier, CacheTier) and keys.numel() > tier.capacity:
+            # more rows than the cache holds (a scratch pad's write-back): the oldest
+            # go straight to the tier below; none of them is in this cache (exclusive)
+            skip = keys.numel() - tier.capacity
+            self._push_down(keys[:skip], rows[:skip], level + 1, step, meta[:skip])
+            keys, rows, meta = keys[skip:], rows[skip:], meta[skip:]
         self.moved[tier.name] += keys.numel()
         if isinstance(tier, CacheTier):
             ev = tier.insert(keys, rows.to(tier.device), meta, step)
@@ -297,16 +381,20 @@ class TierChain:
         out = torch.zeros(keys.numel(), self.row_width, device=self.top.device)
         found = torch.zeros(keys.numel(), dtype=torch.bool, device=out.device)
         pending = torch.arange(keys.numel(), device=keys.device)
-        for tier in self.tiers:
+        for tier in self._read_order():
             if pending.numel() == 0:
                 break
             got = torch.zeros(pending.numel(), self.row_width, device=out.device)
-            got_meta = torch.zeros(pending.numel(), META_WIDTH, dtype=torch.int64)
             hit = torch.ones(pending.numel(), dtype=torch.bool, device=out.device)
-            hit[tier.find(keys[pending], got, got_meta)] = False
-            fresh = hit
-            if fresh_from is not None:  # a stale copy: those below are older still
-                fresh = hit & (got_meta[:, LAST] >= fresh_from).to(hit.device)
+            if tier is self.scratch:  # rows of the step being trained: fresh
+                hit[tier.find(keys[pending], got)] = False
+                fresh = hit
+            else:
+                got_meta = torch.zeros(pending.numel(), META_WIDTH, dtype=torch.int64)
+                hit[tier.find(keys[pending], got, got_meta)] = False
+                fresh = hit
+                if fresh_from is not None:  # a stale copy: those below are older still
+                    fresh = hit & (got_meta[:, LAST] >= fresh_from).to(hit.device)
             out[pending[fresh]] = got[fresh]
             found[pending[fresh]] = True
             pending = pending[~hit]
@@ -318,7 +406,7 @@ class TierChain:
         """Every row once, the freshest copy: ``(keys [R], rows [R, row_width])``, plus
         ``meta [R, 2]`` with ``with_meta``; with ``fresh_from`` (TTL) rows not used since
         before that step are left out."""
-        parts = [t.export(with_meta=True) for t in self.tiers]
+        parts = [self._export_meta(t) for t in self._read_order()]
         dev = self.top.device
         keys = torch.cat([k.to(dev) for k, _, _ in parts])
         rows = torch.cat([r.to(dev) for _, r, _ in parts])
@@ -333,11 +421,27 @@ class TierChain:
             keys, rows, meta = keys[pick], rows[pick], meta[pick]
         return (keys, rows, meta) if with_meta else (keys, rows)
 
+    def _export_meta(self, tier: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if tier is self.scratch:  # rows of the step being trained: used at self.step
+            k, r = tier.export()
+            m = torch.tensor([self.step, 1], device=k.device).repeat(k.numel(), 1)
+            return k, r, m
+        return tier.export(with_meta=True)
+
+    def _read_order(self) -> list[Any]:
+        """Where a row's freshest copy is looked for first: the top tier, the scratch
+        pad, then the lower tiers."""
+        if self.scratch is None:
+            return list(self.tiers)
+        return [self.top, self.scratch, *self.tiers[1:]]
+
     def load(
         self, keys: torch.Tensor, rows: torch.Tensor, meta: Optional[torch.Tensor] = None
     ) -> None:
         """Replaces every row (checkpoint restore): all go to the bottom tier, with
         ``meta`` (default zeros)."""
+        if self.scratch is not None:
+            self.scratch.drop_all()
         for tier in self.tiers[:-1]:
             k, _ = tier.export()
             tier.remove(k)
@@ -363,6 +467,11 @@ class TierChain:
                 out[f"{t.name}_{k}"] = v
             out[f"{t.name}_rows_in"] = float(self.moved[t.name])
         out["expired"] = float(self.expired)
+        if self.scratch is not None:
+            out["scratch_rows"] = float(len(self.scratch))
+            out["scratch_peak"] = float(self.scratch.peak)
+            out["scratch_hits"] = float(self.pad_hits)
+            out["scratch_rows_in"] = float(self.moved["scratch"])
         for k, v in self.prefetched.items():
             out[f"prefetch_{k}"] = float(v)
         return out

@@ -6,7 +6,7 @@
 | ``device_rows`` | device :class:`CacheTier` over an unbounded host :class:`HostTier` |
 | ``device_rows`` + ``host_rows`` | device cache over a host cache over the SSD tier |
 
-Everything else (policy, pinned host memory on CUDA machines, TTL) comes
+Everything else (policy, pinned host memory on CUDA machines, scratch pad, TTL) comes
 from the same :class:`~terarec.config.TableConfig`.
 """
 
@@ -33,7 +33,7 @@ def build_chain(
 
     Args:
         cfg: the table's config (``device_rows``, ``host_rows``, ``cache_policy``,
-            ``ttl_steps``).
+            ``scratch_pad``, ``ttl_steps``).
         row_width: floats per row (dim + optimizer state).
         device: where the device tier lives (and training computes).
         ssd: the table's SSD tier (an ``SSDTier`` on the rank's store); required with
@@ -61,5 +61,6 @@ def build_chain(
     return TierChain(
         tiers,
         cfg.name,
+        scratch_pad=cfg.scratch_pad,
         ttl_steps=cfg.ttl_steps,
     )

@@ -434,8 +434,9 @@ class TableGroup:
 
     @property
     def top(self) -> Any:
-        """The tier training reads and updates by slot."""
-        return self.chain.top if self.chain is not None else self.tier
+        """What training reads and updates by slot: the tier chain (cache + scratch pad)
+        of a tiered table, else the host tier."""
+        return self.chain if self.chain is not None else self.tier
 
     def read(self, slots: torch.Tensor) -> torch.Tensor:
         """Rows at ``slots`` ``[N, row_width]``; slot -1 (a pair left out by admission)
