@@ -15,7 +15,10 @@ an insert and the table's new row count go in one ``WriteBatch``: both or neithe
 ``len`` is exact: an insert must know which of its keys are new. The store remembers
 per table what this process established about recent keys (written, found or missed;
 ``config.known_keys``), so the common write-backs need no check: a row read from this
-tier, and a new row whose lookup here missed. Other keys cost a multi-get first.
+tier, and a new row whose lookup here missed. For a table it found empty, it also keeps a
+Bloom filter of every key written since (:class:`_WrittenKeys`): a key the filter never
+saw is certainly new, so a run that starts from an empty SSD tier inserts new keys
+without a check too. Other keys cost a multi-get first.
 
 Hot path: no Python loop over floats, none over keys where rocksdict has a batch call:
 rows are packed via numpy void views (``tolist``: one ``bytes`` per row) and unpacked
@@ -52,6 +55,7 @@ import torch
 
 from terarec.config import SSDCompression as SSDCompression  # re-exported
 from terarec.config import SSDConfig
+from terarec.hashing import mix64_np
 from terarec.ps.hash_index import HashIndex
 from terarec.ps.tier import LAST, META_WIDTH, Rows, Spare, check_batch
 
@@ -245,6 +249,61 @@ class _KeyStates:
         self._index, self._held = None, np.zeros(0, bool)
 
 
+# 2**16 masks of 7 random bits each: a key's Bloom bits, all in one 64-bit word.
+_BLOOM_MASKS = np.zeros(1 << 16, np.uint64)
+for _bits in np.random.default_rng(0x5EED).integers(0, 64, (7, 1 << 16)).astype(np.uint64):
+    _BLOOM_MASKS |= np.left_shift(np.uint64(1), _bits)
+
+
+class _WrittenKeys:
+    """A Bloom filter of every key written to one table since this process found it
+    empty: a key it never saw is certainly not held (exact), one it may have seen needs
+    the existence check (~1% of unseen keys). One 64-bit word per key (7 bits from a
+    fixed table of masks: one memory access per key and layer); layers of doubling
+    capacity at 10 bits per key, ~1.3-2.5 bytes per key written in all. The store
+    drops it (back to checks) past ``max_keys`` (16x ``config.known_keys``).
+    """
+
+    _BITS_PER_KEY = 10
+
+    def __init__(self, max_keys: int, first: int = 1 << 20) -> None:
+        self.max_keys = max_keys
+        self.keys = 0  # keys added (duplicates counted): sizes the layers
+        self._first = first
+        self._layers: list[np.ndarray] = []
+        self._room = 0  # keys the last layer takes before the next one starts
+
+    @staticmethod
+    def _hash(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        h = mix64_np(keys)
+        return h, _BLOOM_MASKS[(h >> np.uint64(48)).astype(np.intp)]
+
+    def add(self, keys: np.ndarray) -> None:
+        """Adds int64 ``keys [N]`` (duplicates allowed)."""
+        if keys.size == 0:
+            return
+        if keys.size > self._room:
+            cap = max(self._first << len(self._layers), keys.size)
+            words = 1 << max(6, (cap * self._BITS_PER_KEY - 1).bit_length() - 6)
+            self._layers.append(np.zeros(words, np.uint64))
+            self._room = cap
+        h, mask = self._hash(keys)
+        words = self._layers[-1]
+        np.bitwise_or.at(words, (h & np.uint64(words.size - 1)).astype(np.intp), mask)
+        self._room -= keys.size
+        self.keys += keys.size
+
+    def may_hold(self, keys: np.ndarray) -> np.ndarray:
+        """bool ``[N]``: False where the key was certainly never added."""
+        out = np.zeros(keys.size, bool)
+        if not self._layers or keys.size == 0:
+            return out
+        h, mask = self._hash(keys)
+        for words in self._layers:
+            out |= (words[(h & np.uint64(words.size - 1)).astype(np.intp)] & mask) == mask
+        return out
+
+
 def _as_keys(keys: torch.Tensor | np.ndarray) -> np.ndarray:
     if isinstance(keys, torch.Tensor):
         if keys.dtype != torch.int64:
@@ -280,6 +339,7 @@ class SSDStore:
         self._generation = 0  # bumped by every write: a read records states only if unchanged
         self._counts: dict[int, int] = {}
         self._key_states: dict[int, _KeyStates] = {}
+        self._written: dict[int, Optional[_WrittenKeys]] = {}
         self._pool: Optional[ThreadPoolExecutor] = None
         try:
             os.makedirs(self.path, exist_ok=True)
@@ -443,8 +503,8 @@ class SSDStore:
         generation = self._generation
         with self._lock:
             state = self._states(table_id).lookup(keys)
+            ask = self._unsure(table_id, keys, np.flatnonzero(state < 0))
         held = state == 1
-        ask = np.flatnonzero(state < 0)
         if ask.size:
             asked = np.sort(keys[ask])
             found = _not_none(self._multi_get(encode_keys(table_id, asked), "contains"))
@@ -467,7 +527,8 @@ class SSDStore:
         states = self._states(table_id)
         with self._lock:
             state = states.lookup(sk)
-            ask = np.flatnonzero(state < 0)
+            ask = self._unsure(table_id, sk, np.flatnonzero(state < 0))
+            state[state < 0] = 0  # certainly new, unless the check below finds them
             # The existence check runs in RocksDB without the GIL while this thread packs.
             check = self._start_multi_get(_take(db_keys, ask), "insert") if ask.size else None
             batch = rocksdict.WriteBatch(raw_mode=True)
@@ -486,6 +547,7 @@ class SSDStore:
             self._counts[table_id] = total
             if not (state == 1).all():  # (overwrites of keys known held change nothing)
                 states.record(sk, True)
+            self._add_written(table_id, sk)
         return n_new
 
     def delete(self, table_id: int, keys: np.ndarray) -> int:
@@ -497,7 +559,7 @@ class SSDStore:
         states = self._states(table_id)
         with self._lock:
             state = states.lookup(uk)
-            ask = np.flatnonzero(state < 0)
+            ask = self._unsure(table_id, uk, np.flatnonzero(state < 0))
             is_held = state == 1
             if ask.size:
                 is_held[ask] = _not_none(self._multi_get(_take(db_keys, ask), "delete"))
@@ -549,6 +611,7 @@ class SSDStore:
         """Forgets what is known of which keys are held: every key is checked again."""
         with self._lock:
             self._key_states.clear()
+            self._written = dict.fromkeys(self._written)  # None: no filter, checks again
 
     def stats(self) -> dict[str, float]:
         """DB-wide counters (bytes on disk, in memtables, in the block cache)."""
@@ -570,6 +633,25 @@ class SSDStore:
         with self._lock:
             if self._generation == gen:
                 self._states(table_id).record(sorted_keys, held)
+
+    def _unsure(self, table_id: int, keys: np.ndarray, ask: np.ndarray) -> np.ndarray:
+        """The positions ``ask`` of ``keys`` (unknown to the key states) that may be held:
+        those the table's written-keys filter may have seen (all, without a filter)."""
+        if table_id not in self._written:  # first use: complete only if the table is empty
+            empty = self.count(table_id) == 0 and self.config.known_keys > 0
+            self._written[table_id] = _WrittenKeys(16 * self.config.known_keys) if empty else None
+        written = self._written[table_id]
+        if written is None or ask.size == 0:
+            return ask
+        return ask[written.may_hold(keys[ask])]
+
+    def _add_written(self, table_id: int, keys: np.ndarray) -> None:
+        written = self._written.get(table_id)
+        if written is not None:
+            if written.keys + keys.size > written.max_keys:
+                self._written[table_id] = None  # too large to keep: checks again
+            else:
+                written.add(keys)
 
     def _states(self, table_id: int) -> _KeyStates:
         states = self._key_states.get(table_id)

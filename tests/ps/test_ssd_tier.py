@@ -20,6 +20,7 @@ from terarec.ps.ssd_tier import (
     SSDTier,
     SSDTierConfig,
     SSDTierError,
+    _WrittenKeys,
     decode_keys,
     encode_keys,
     rank_dir,
@@ -385,6 +386,80 @@ def test_chunked_reads_and_held_views(tmp_path: Path) -> None:
     with pytest.raises(SSDTierError, match=f"key {held[-1]} of table 0 holds 5 bytes"):
         store.read(0, keys, W)
     store.close()
+
+
+def test_written_keys_filter_has_no_false_negatives() -> None:
+    f = _WrittenKeys(max_keys=1 << 30, first=1 << 12)
+    rng = np.random.default_rng(5)
+    added = rng.integers(-(2**63), 2**63 - 1, 50_000, dtype=np.int64)
+    added[:3] = [-1, -(2**63), 2**63 - 1]
+    for s in range(0, added.size, 7000):  # several layers
+        f.add(np.sort(added[s : s + 7000]))
+    assert f.may_hold(added).all()
+    others = rng.integers(-(2**63), 2**63 - 1, 50_000, dtype=np.int64)
+    assert f.may_hold(others).mean() < 0.03
+    assert not _WrittenKeys(max_keys=10).may_hold(added).any()
+
+
+class _CountingGets:
+    """Counts the keys the store asks RocksDB about (existence checks and reads)."""
+
+    def __init__(self, store: SSDStore, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.asked = 0
+        for name in ("_start_multi_get", "_multi_get"):
+            orig = getattr(store, name)
+
+            def counted(keys: list[bytes], op: str, orig=orig) -> object:  # type: ignore[no-untyped-def]
+                self.asked += len(keys)
+                return orig(keys, op)
+
+            monkeypatch.setattr(store, name, counted)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_new_keys_of_a_table_found_empty_need_no_check(
+    tmp_path: Path, threads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From an empty table, inserts of never-seen keys ask RocksDB nothing (the filter of
+    written keys proves them new) and counts stay exact; once the store forgets, or
+    reopens a non-empty DB, unknown keys are checked again, still exactly."""
+    rng = np.random.default_rng(11)
+    cfg = _cfg(tmp_path, num_threads=threads, known_keys=4096)  # the states forget
+    tier = SSDTier.open(cfg, row_width=W)
+    gets = _CountingGets(tier.store, monkeypatch)
+    ref = DictTier()
+    universe = rng.integers(-(2**63), 2**63 - 1, 9000, dtype=np.int64)
+    for step in range(6):
+        keys = torch.from_numpy(rng.choice(universe, 5000 if step == 2 else 700, replace=False))
+        rows = _random_rows(rng, keys.numel())
+        tier.insert(keys, rows)
+        ref.insert(keys, rows)
+        assert len(tier) == len(ref.rows)
+    # Keys held but unknown to the states may be in the filter: only those are checked.
+    assert gets.asked < len(ref.rows)
+    fresh = torch.from_numpy(np.setdiff1d(rng.integers(-(2**62), 2**62, 3000), universe))
+    asked = gets.asked
+    tier.insert(fresh, _random_rows(rng, fresh.numel()))
+    assert gets.asked - asked < 0.05 * fresh.numel()  # false positives of the filter only
+    assert len(tier) == len(ref.rows) + fresh.numel()
+    assert tier.contains(fresh).all() and tier.delete(fresh) == fresh.numel()
+    assert len(tier) == len(ref.rows)
+
+    tier.store.forget_key_states()  # as after a restart: every unknown key is checked
+    asked = gets.asked
+    again = torch.from_numpy(universe[:1000])
+    tier.insert(again, _random_rows(rng, 1000))
+    ref.insert(again, torch.zeros(1000, W))
+    assert gets.asked - asked == 1000 and len(tier) == len(ref.rows)
+    tier.close()
+
+    reopened = SSDTier.open(cfg, row_width=W)
+    gets = _CountingGets(reopened.store, monkeypatch)
+    more = torch.from_numpy(universe[:2000])
+    reopened.insert(more, _random_rows(rng, 2000))
+    ref.insert(more, torch.zeros(2000, W))
+    assert gets.asked == 2000 and len(reopened) == len(ref.rows)
+    reopened.close()
 
 
 def test_closed_store_and_bad_inputs(tmp_path: Path) -> None:
