@@ -32,7 +32,7 @@ import torch
 
 from terarec.ps.cache_tier import CacheTier, TierFullError
 from terarec.ps.scratch import ScratchPad
-from terarec.ps.tier import LAST, META_WIDTH
+from terarec.ps.tier import FREQ, LAST, META_WIDTH
 
 
 def sweep_every(ttl_steps: int) -> int:
@@ -209,8 +209,13 @@ class TierChain:
             meta[pending] = torch.tensor([-1, 0], device=meta.device)  # never used yet
             self.created += pending.numel()
         if kmiss.numel() > room:  # the rest of the batch trains from the scratch pad
+            # the most used rows take the cache's room; the others stay for this step
+            order = torch.argsort(meta[:, FREQ], descending=True, stable=True)
+            miss, kmiss, rows, meta = miss[order], kmiss[order], rows[order], meta[order]
             over = slice(room, None)
-            slots[miss[over]] = self.scratch.add(kmiss[over], rows[over], lock_until)  # type: ignore[union-attr]
+            pad = self.scratch
+            assert pad is not None
+            slots[miss[over]] = pad.add(kmiss[over], rows[over], lock_until, meta[over])
             self.moved["scratch"] += kmiss.numel() - room
             miss, kmiss, rows = miss[:room], kmiss[:room], rows[:room]
             meta = meta[:room]
@@ -294,8 +299,8 @@ class TierChain:
                 slots[miss[inpad]] = found[inpad]
                 self.pad_hits += int(inpad.sum())
                 miss = miss[~inpad]
-        done_keys, done_rows = pad.release(step)
-        self._push_down(done_keys, done_rows, 1, step)
+        done_keys, done_rows, done_meta = pad.release(step)
+        self._push_down(done_keys, done_rows, 1, step, done_meta)
         return miss
 
     def prefetch(self, keys: torch.Tensor, step: int) -> bool:
@@ -422,10 +427,9 @@ class TierChain:
         return (keys, rows, meta) if with_meta else (keys, rows)
 
     def _export_meta(self, tier: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if tier is self.scratch:  # rows of the step being trained: used at self.step
+        if tier is self.scratch:
             k, r = tier.export()
-            m = torch.tensor([self.step, 1], device=k.device).repeat(k.numel(), 1)
-            return k, r, m
+            return k, r, tier.export_meta()
         return tier.export(with_meta=True)
 
     def _read_order(self) -> list[Any]:

@@ -19,6 +19,7 @@ import threading
 import torch
 
 from terarec.ps.key_map import KeyMap
+from terarec.ps.tier import FREQ, LAST, META_WIDTH
 
 
 class ScratchPad:
@@ -38,6 +39,7 @@ class ScratchPad:
         self._keys = torch.empty(0, dtype=torch.int64, device=self.device)
         self._lock = torch.empty(0, dtype=torch.int64, device=self.device)
         self._used = torch.empty(0, dtype=torch.bool, device=self.device)
+        self._meta = torch.empty(0, META_WIDTH, dtype=torch.int64, device=self.device)
         self._map = KeyMap(self.device, capacity=1024)
         self.peak = 0  # most rows held at once
         # A prefetch may grow the pad on a background thread while the step being
@@ -55,12 +57,18 @@ class ScratchPad:
         return torch.where(idx >= 0, idx + self.base, idx)
 
     def lock(self, slots: torch.Tensor, until: int) -> None:
-        """Keeps the rows at pad ``slots`` ``[N]`` until step ``until`` (never shortens)."""
+        """Keeps the rows at pad ``slots`` ``[N]`` until step ``until`` (never shortens)
+        and records the use (metadata as :meth:`CacheTier.touch`)."""
         i = slots - self.base
         self._lock[i] = torch.clamp(self._lock[i], min=until)
+        self._meta[i, FREQ] += (self._meta[i, LAST] != until).to(torch.int64)
+        self._meta[i, LAST] = until
 
-    def add(self, keys: torch.Tensor, rows: torch.Tensor, until: int) -> torch.Tensor:
-        """Adds absent unique ``keys`` ``[M]`` with ``rows [M, row_width]``; their slots."""
+    def add(
+        self, keys: torch.Tensor, rows: torch.Tensor, until: int, meta: torch.Tensor
+    ) -> torch.Tensor:
+        """Adds absent unique ``keys`` ``[M]`` with ``rows [M, row_width]`` and their
+        metadata ``meta [M, 2]`` (before this use); returns their slots."""
         m = keys.numel()
         free = (~self._used).nonzero().squeeze(1)
         if free.numel() < m:
@@ -71,19 +79,23 @@ class ScratchPad:
         self._keys[i] = keys
         self._lock[i] = until
         self._used[i] = True
+        self._meta[i] = meta
+        self._meta[i, FREQ] += (meta[:, LAST] != until).to(torch.int64)
+        self._meta[i, LAST] = until
         self._map.insert(keys, i)
         self.peak = max(self.peak, len(self._map))
         return i + self.base
 
-    def release(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Removes every row no step from ``step`` on needs: ``(keys [R], rows [R, W])``."""
+    def release(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Removes every row no step from ``step`` on needs:
+        ``(keys [R], rows [R, W], meta [R, 2])``."""
         if len(self._map) == 0:
-            return self._keys[:0], self._rows[:0]
+            return self._keys[:0], self._rows[:0], self._meta[:0]
         i = (self._used & (self._lock < step)).nonzero().squeeze(1)
-        keys, rows = self._keys[i], self._rows[i]
+        keys, rows, meta = self._keys[i], self._rows[i], self._meta[i]
         self._used[i] = False
         self._map.delete(keys)
-        return keys, rows
+        return keys, rows, meta
 
     def drop_all(self) -> None:
         """Forgets every row (checkpoint restore replaces all rows)."""
@@ -100,6 +112,10 @@ class ScratchPad:
     def export(self) -> tuple[torch.Tensor, torch.Tensor]:
         i = self._used.nonzero().squeeze(1)
         return self._keys[i], self._rows[i]
+
+    def export_meta(self) -> torch.Tensor:
+        """Metadata of the rows :meth:`export` lists, in that order ``[R, 2]``."""
+        return self._meta[self._used.nonzero().squeeze(1)]
 
     def read(self, slots: torch.Tensor) -> torch.Tensor:
         with self._guard:
@@ -124,4 +140,7 @@ class ScratchPad:
         lock[:old] = self._lock
         used = torch.zeros(cap, dtype=torch.bool, device=self.device)
         used[:old] = self._used
+        meta = torch.zeros(cap, META_WIDTH, dtype=torch.int64, device=self.device)
+        meta[:old] = self._meta
         self._rows, self._keys, self._lock, self._used = rows, keys, lock, used
+        self._meta = meta
