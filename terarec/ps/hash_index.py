@@ -25,6 +25,7 @@ densely (0, 1, 2, ...) so that the rows they index never move when the index gro
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -63,6 +64,26 @@ def _lookup_pool(workers: int) -> ThreadPoolExecutor:
             _pool = ThreadPoolExecutor(workers, thread_name_prefix="terarec-index")
             _pool_pid, _pool_workers = os.getpid(), workers
         return _pool
+
+
+# Tables from this size up go on transparent huge pages (one 2 MiB page or more).
+_HUGE_MIN_BYTES = 1 << 21
+
+
+def host_table(cap: int) -> torch.Tensor:
+    """A ``[cap, 2]`` int64 CPU table filled with -1, on transparent huge pages where the
+    kernel grants them through ``madvise`` (THP ``madvise`` mode; with ``always`` every
+    large allocation gets them anyway). Every probe is a random access into the table:
+    on 4 KiB pages nearly each one also misses the TLB (a page walk, dearer still in a
+    VM); huge pages made find-or-insert on a 256 MB table ~15-25% faster here.
+    """
+    nbytes = cap * 16
+    if nbytes < _HUGE_MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.full((cap, 2), _EMPTY, dtype=torch.int64)
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buf.madvise(mmap.MADV_HUGEPAGE)
+    table = torch.frombuffer(buf, dtype=torch.int64).view(cap, 2)  # keeps `buf` alive
+    return table.fill_(_EMPTY)
 
 
 def _width(pending: int, total: int) -> int:
@@ -140,7 +161,10 @@ class HashIndex:
         self._cap = cap
         self._mask = cap - 1
         # Key and slot id side by side: one cache line holds a whole probe window.
-        self._table = torch.full((cap, 2), _EMPTY, dtype=torch.int64, device=self.device)
+        if self.backend == "fbgemm":
+            self._table = host_table(cap)
+        else:
+            self._table = torch.full((cap, 2), _EMPTY, dtype=torch.int64, device=self.device)
         if self.backend == "torch":
             self._claim = torch.full((cap,), -1, dtype=torch.int64, device=self.device)
             self._window = torch.arange(_TAIL_WINDOW, device=self.device)
