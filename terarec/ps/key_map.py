@@ -24,7 +24,13 @@ import torch
 
 from terarec.hashing import mix64_torch
 from terarec.ps import triton_hash
-from terarec.ps.hash_index import Backend, _resolve_backend, bucket_count, check_max_load
+from terarec.ps.hash_index import (
+    Backend,
+    _resolve_backend,
+    bucket_count,
+    check_max_load,
+    host_table,
+)
 
 _EMPTY = -1
 _DEAD = -3  # value of a deleted entry (FBGEMM's insert skips only the value -1)
@@ -64,7 +70,10 @@ class KeyMap:
             old.record_stream(torch.cuda.current_stream(old.device))
         self._cap = cap
         self._mask = cap - 1
-        self._table = torch.full((cap, 2), _EMPTY, dtype=torch.int64, device=self.device)
+        if self.backend == "fbgemm":  # on huge pages (see hash_index.host_table)
+            self._table = host_table(cap)
+        else:
+            self._table = torch.full((cap, 2), _EMPTY, dtype=torch.int64, device=self.device)
         self._table_offsets = torch.tensor([0, cap], dtype=torch.int64)
 
     def __len__(self) -> int:
