@@ -28,6 +28,7 @@ setup(
     entry_points={
         "console_scripts": [
             "terarec=terarec.cli:main",
+            "terarec-launch=terarec.launch.cli:main",
         ]
     },
 )

@@ -24,9 +24,25 @@ def _checkpoint_dir(path: str) -> Path:
     return inner if inner.is_dir() else Path(path)
 
 
+def _refuse_multi_rank() -> None:
+    """``terarec train`` under torchrun / mpirun / srun with several ranks: refused until
+    the embedding exchange exists (a multi-rank run would replicate every table)."""
+    from terarec.launch.env import LaunchError, read_launch_env
+
+    env = read_launch_env()
+    if env.distributed:
+        raise LaunchError(
+            f"{env.describe()}: training on several ranks needs embedding tables sharded "
+            "over the ranks (the key/row exchange), which is not implemented yet; refusing "
+            f"rather than training {env.world_size} replicas of every table. Run one "
+            "process, or check the launch with `python -m terarec.launch.probe`."
+        )
+
+
 def _train(args: argparse.Namespace) -> int:
     from terarec.trainer.loop import describe_final, train
 
+    _refuse_multi_rank()
     cfg = load_config(args.config, args.set)
     if args.name is not None:
         if not args.name or "/" in args.name:
@@ -125,11 +141,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     except Exception as e:
         from terarec.data import DataError
+        from terarec.launch import LaunchError, PeerFailure
         from terarec.ps.ssd_tier import SSDTierError
         from terarec.trainer.checkpoint import CheckpointError
         from terarec.trainer.loop import TrainingDiverged
 
-        known = (DataError, CheckpointError, TrainingDiverged, SSDTierError, FileNotFoundError)
+        known = (DataError, CheckpointError, TrainingDiverged, SSDTierError, FileNotFoundError,
+                 LaunchError, PeerFailure)
         if isinstance(e, known):
             print(f"terarec: {type(e).__name__}: {e}", file=sys.stderr)
             return 1

@@ -404,6 +404,55 @@ class SSDConfig:
         _check(self.known_keys >= 0, "known_keys: must be >= 0")
 
 
+# ---------------------------------------------------------------------------- dist
+
+
+class DistBackend(StrEnum):
+    AUTO = "auto"  # nccl when the rank's device is CUDA, gloo on CPU
+    NCCL = "nccl"
+    GLOO = "gloo"
+
+
+@dataclass
+class DistConfig:
+    """Process-group setup of a multi-process run (docs/distributed.md).
+
+    The launch itself (ranks, world size, rendezvous endpoint) comes from the launcher's
+    environment (torchrun, mpirun, Slurm), read by ``terarec.launch`` only.
+
+    Attributes:
+        backend: ``auto`` (nccl on CUDA, gloo on CPU), ``nccl`` or ``gloo``.
+        timeout_s: the longest any rank waits for another: rendezvous, a collective, a
+            silent peer. Past it the waiting ranks fail with an error naming the rank.
+        master_addr: mpirun / Slurm only: the address the ranks reach rank 0 at (default:
+            loopback when every rank is on one host, else rank 0's host name). torchrun
+            passes its own.
+        master_port: mpirun / Slurm only: rank 0's rendezvous port (0: mpirun lets rank 0
+            pick a free one; Slurm derives one from the job and step ids).
+    """
+
+    backend: DistBackend = DistBackend.AUTO
+    timeout_s: float = 300.0
+    master_addr: Optional[str] = None
+    master_port: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.backend, DistBackend):  # built in code from a string
+            try:
+                self.backend = DistBackend.from_str(self.backend)  # type: ignore[assignment]
+            except ValueError as e:
+                raise ValueError(f"backend: {e}") from None
+        _check(self.timeout_s > 0, f"timeout_s: must be > 0, got {self.timeout_s}")
+        _check(
+            self.master_addr is None or bool(self.master_addr),
+            "master_addr: must be a host name or address (or null), got ''",
+        )
+        _check(
+            0 <= self.master_port < 65536,
+            f"master_port: must be in [0, 65535], got {self.master_port}",
+        )
+
+
 # --------------------------------------------------------------------------- train
 
 
@@ -458,6 +507,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1000))
     ssd: SSDConfig = field(default_factory=SSDConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     seed: int = 0
 
     def __post_init__(self) -> None:

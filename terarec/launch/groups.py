@@ -1,0 +1,342 @@
+"""The launch environment -> an initialised process group and its subgroups.
+
+:func:`init_distributed` is the one function every multi-process entry point calls::
+
+    from terarec.launch import init_distributed
+
+    with init_distributed(cfg.dist, device=cfg.train.device) as ctx:
+        with ctx.guard():          # a failing peer -> PeerFailure naming the rank
+            ...                    # ctx.fast_group: this node's ranks; ctx.cross_group:
+                                   # the same local rank on every node
+
+Groups (DESIGN.md, "hierarchical synchronisation"):
+
+* **world**: every rank (the default group).
+* **fast group**: the ranks that sync every step — by default one node's ranks, ordered
+  by local rank; later the topology plan's NVLink islands (``fast_groups=``).
+* **cross group**: the ranks at the same position of every fast group (local rank ``l``
+  of each node), the group that merges replicas across nodes.
+
+A node is the launcher's node index when it gives one (torchrun, Slurm), else a host
+name (mpirun); the local ranks of a node must be exactly ``0..n-1``. Lower layers never
+import this module: the trainer hands them the group handles it needs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from terarec.config import DistBackend, DistConfig
+from terarec.launch.env import LaunchEnv, LaunchError, read_launch_env
+from terarec.launch.health import HealthMonitor, PeerFailure, ProcInfo, pid_space
+from terarec.launch.rendezvous import Rendezvous, await_ranks, connect
+
+logger = logging.getLogger("terarec.launch")
+
+
+@dataclass
+class DistContext:
+    """This rank's place in the job and its process groups.
+
+    Attributes:
+        rank, world_size: global rank and number of ranks.
+        local_rank, local_world_size: rank within / size of this rank's fast group.
+        node, num_nodes: index of this rank's node (fast group) and how many there are.
+        device: the device this rank computes on (``cuda:<local rank>`` or cpu).
+        backend: ``nccl`` or ``gloo``.
+        world: the default group (all ranks).
+        fast_group: this rank's fast group; ``fast_ranks`` its global ranks.
+        cross_group: this rank's cross group; ``cross_ranks`` its global ranks.
+        env: what the launcher said.
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    node: int
+    num_nodes: int
+    device: torch.device
+    backend: str
+    world: dist.ProcessGroup
+    fast_group: dist.ProcessGroup
+    cross_group: dist.ProcessGroup
+    fast_ranks: tuple[int, ...]
+    cross_ranks: tuple[int, ...]
+    env: LaunchEnv
+    _rdzv: Optional[Rendezvous] = field(default=None, repr=False)
+    _store: Optional[dist.Store] = field(default=None, repr=False)
+    _monitor: Optional[HealthMonitor] = field(default=None, repr=False)
+    _timeout_s: float = field(default=300.0, repr=False)
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def monitor(self) -> Optional[HealthMonitor]:
+        return self._monitor
+
+    @contextmanager
+    def guard(self) -> Iterator[None]:
+        """Turns an error caused by a failed peer into a :class:`PeerFailure` naming it.
+
+        An exception of this rank's own (one no peer explains) is published to the other
+        ranks, so that they stop with its message, and re-raised unchanged.
+        """
+        try:
+            yield
+        except PeerFailure:
+            raise
+        except Exception as e:
+            if self._monitor is None:
+                raise
+            cause = self._monitor.diagnose(self._monitor.grace_s + self._monitor.interval_s)
+            if cause is not None and not cause.startswith(f"rank {self.rank} failed:"):
+                raise PeerFailure(f"rank {self.rank} stops: {cause}") from e
+            assert self._store is not None
+            self._monitor.report(
+                self._store, f"rank {self.rank} failed: {type(e).__name__}: {e}"
+            )
+            raise
+
+    def close(self) -> None:
+        """Leaves the job: stops the monitor, says ``done``, tears the groups down.
+
+        The rank hosting the store waits (up to ``dist.timeout_s``, less once a failure
+        is known) until every rank is done, so nobody loses the store while leaving.
+        """
+        failed = self._monitor is not None and self._monitor.failure is not None
+        if self._monitor is not None:
+            self._monitor.stop()
+            self._monitor = None
+        store, rdzv = self._store, self._rdzv
+        if store is not None and rdzv is not None and self.world_size > 1:
+            try:
+                store.set(f"done/{self.rank}", "1")
+                if rdzv.hosting and not failed:
+                    _wait_done(store, self.world_size, self._timeout_s)
+            except Exception as e:  # noqa: BLE001 - leaving anyway
+                logger.debug("rank %d: leaving without a clean done: %s", self.rank, e)
+        self._store, self._rdzv = None, None
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception as e:  # noqa: BLE001 - a dead peer can make this fail
+                logger.debug("rank %d: destroy_process_group: %s", self.rank, e)
+
+    def __enter__(self) -> DistContext:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _wait_done(store: dist.Store, world: int, timeout_s: float) -> None:
+    import time
+
+    keys = [f"done/{r}" for r in range(world)]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if store.check(keys) or store.check(["failed"]):
+            return
+        time.sleep(0.05)
+    logger.warning("rank 0: not every rank said done within %.0f s", timeout_s)
+
+
+def pick_device(preference: str, env: LaunchEnv) -> torch.device:
+    """The rank's device for ``train.device`` (auto | cpu | cuda | cuda:N).
+
+    ``auto`` / ``cuda``: ``cuda:<local rank>`` when the node's GPUs are all visible,
+    ``cuda:0`` when the launcher gave each rank one (``CUDA_VISIBLE_DEVICES``), cpu for
+    ``auto`` without CUDA.
+    """
+    if preference == "cpu":
+        return torch.device("cpu")
+    if preference.startswith("cuda:"):
+        if env.local_world_size > 1:
+            raise LaunchError(
+                f"train.device={preference} names one GPU for all {env.local_world_size} "
+                "ranks of a node: use auto or cuda (each rank takes its local rank's GPU)"
+            )
+        return torch.device(preference)
+    if not torch.cuda.is_available():
+        if preference == "cuda":
+            raise LaunchError("train.device=cuda but CUDA is not available here")
+        return torch.device("cpu")
+    n = torch.cuda.device_count()
+    if env.local_rank < n:
+        return torch.device("cuda", env.local_rank)
+    if n == 1:
+        return torch.device("cuda", 0)
+    raise LaunchError(
+        f"{env.describe()}: local rank {env.local_rank} but {n} GPUs are visible"
+    )
+
+
+def _backend(cfg: DistConfig, device: torch.device) -> str:
+    if cfg.backend == DistBackend.AUTO:
+        return "nccl" if device.type == "cuda" else "gloo"
+    if cfg.backend == DistBackend.NCCL and device.type != "cuda":
+        raise LaunchError(f"dist.backend=nccl needs a CUDA device; this rank runs on {device}")
+    return cfg.backend.value
+
+
+def assign_nodes(procs: Sequence[ProcInfo]) -> list[int]:
+    """Node index of every rank: the launcher's when all ranks have one, else by host
+    name (nodes numbered in the order of their lowest rank).
+
+    Raises:
+        LaunchError: the local ranks of some node are not exactly ``0..n-1``.
+    """
+    if all(p.env_node is not None for p in procs):
+        nodes = [int(p.env_node) for p in procs]  # type: ignore[arg-type]
+    else:
+        index: dict[str, int] = {}
+        nodes = [index.setdefault(p.host, len(index)) for p in procs]
+    for n in sorted(set(nodes)):
+        local = sorted(p.local_rank for p, m in zip(procs, nodes) if m == n)
+        if local != list(range(len(local))):
+            hosts = sorted({p.host for p, m in zip(procs, nodes) if m == n})
+            raise LaunchError(
+                f"node {n} (host {', '.join(hosts)}): local ranks {local} are not "
+                f"0..{len(local) - 1}: the launcher's local ranks disagree with its node layout"
+            )
+    return nodes
+
+
+def plan_groups(
+    procs: Sequence[ProcInfo], fast_groups: Optional[Sequence[Sequence[int]]] = None
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Fast groups and cross groups as lists of global ranks.
+
+    Args:
+        procs: every rank's :class:`ProcInfo`.
+        fast_groups: the topology plan's fast groups (a partition of the ranks); None:
+            one per node, ordered by local rank.
+
+    Returns:
+        (fast groups, cross groups); cross group ``j`` holds member ``j`` of every fast
+        group that has one.
+    """
+    world = len(procs)
+    if fast_groups is None:
+        nodes = assign_nodes(procs)
+        by_node: dict[int, list[ProcInfo]] = {}
+        for p, n in zip(procs, nodes):
+            by_node.setdefault(n, []).append(p)
+        fast = [[p.rank for p in sorted(by_node[n], key=lambda p: p.local_rank)]
+                for n in sorted(by_node)]
+    else:
+        fast = [list(g) for g in fast_groups]
+        flat = sorted(r for g in fast for r in g)
+        if flat != list(range(world)) or any(not g for g in fast):
+            raise LaunchError(f"fast groups {fast}: not a partition of ranks 0..{world - 1}")
+    width = max(len(g) for g in fast)
+    cross = [[g[j] for g in fast if j < len(g)] for j in range(width)]
+    return fast, cross
+
+
+def init_distributed(
+    cfg: DistConfig,
+    device: str = "auto",
+    *,
+    environ: Optional[Mapping[str, str]] = None,
+    fast_groups: Optional[Sequence[Sequence[int]]] = None,
+    monitor: bool = True,
+) -> DistContext:
+    """Turns the launch environment into an initialised process group and subgroups.
+
+    Works the same under torchrun, mpirun (Open MPI, MPICH), Slurm's srun and a plain
+    single process (a world of one, so callers need no special case).
+
+    Args:
+        cfg: the ``dist:`` config section (backend, timeout, endpoint overrides).
+        device: ``train.device`` (auto | cpu | cuda | cuda:N); picks the rank's device
+            and, with ``backend: auto``, nccl (CUDA) or gloo (CPU).
+        environ: the environment to read (default ``os.environ``).
+        fast_groups: the topology plan's fast groups, if any (default: one per node).
+        monitor: run the :class:`HealthMonitor` (multi-rank runs only).
+
+    Returns:
+        The :class:`DistContext`; ``close()`` it (or use it as a context manager).
+
+    Raises:
+        LaunchError: bad launch environment, rendezvous failure or timeout (naming the
+            ranks that never came), inconsistent node layout.
+    """
+    if dist.is_initialized():
+        raise LaunchError("a default process group already exists in this process")
+    env = read_launch_env(environ)
+    dev = pick_device(device, env)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    backend = _backend(cfg, dev)
+    rdzv = connect(env, cfg)
+    store = dist.PrefixStore(f"terarec/{env.restart_count}", rdzv.store)
+    await_ranks(store, env, cfg.timeout_s)
+    timeout = timedelta(seconds=cfg.timeout_s)
+    kwargs = {"device_id": dev} if backend == "nccl" else {}
+    dist.init_process_group(
+        backend,
+        store=dist.PrefixStore(f"default_pg/{env.restart_count}", rdzv.store),
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=timeout,
+        **kwargs,
+    )
+    try:
+        me = ProcInfo(env.rank, socket.gethostname(), os.getpid(), pid_space(),
+                      env.local_rank, env.node_rank)
+        procs: list[Optional[ProcInfo]] = [None] * env.world_size
+        dist.all_gather_object(procs, me)
+        infos = [p for p in procs if p is not None]
+        fast, cross = plan_groups(infos, fast_groups)
+        # Every rank creates every group, in the same order (torch.distributed's rule).
+        fast_pgs = [dist.new_group(g, timeout=timeout, backend=backend) for g in fast]
+        cross_pgs = [dist.new_group(g, timeout=timeout, backend=backend) for g in cross]
+        node = next(i for i, g in enumerate(fast) if env.rank in g)
+        pos = fast[node].index(env.rank)
+        ctx = DistContext(
+            rank=env.rank,
+            world_size=env.world_size,
+            local_rank=pos,
+            local_world_size=len(fast[node]),
+            node=node,
+            num_nodes=len(fast),
+            device=dev,
+            backend=backend,
+            world=dist.group.WORLD,
+            fast_group=fast_pgs[node],
+            cross_group=cross_pgs[pos],
+            fast_ranks=tuple(fast[node]),
+            cross_ranks=tuple(cross[pos]),
+            env=env,
+            _rdzv=rdzv,
+            _store=store,
+            _timeout_s=cfg.timeout_s,
+        )
+        if monitor and env.world_size > 1:
+            prefix = f"terarec/{env.restart_count}"
+            ctx._monitor = HealthMonitor(
+                lambda: dist.PrefixStore(prefix, rdzv.connect(cfg.timeout_s)),
+                infos, env.rank, cfg.timeout_s, store_owner=rdzv.where,
+                endpoint=None if rdzv.addr is None else (rdzv.addr, int(rdzv.port or 0)),
+            )
+            ctx._monitor.start()
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    logger.debug("%s: node %d fast %s cross %s on %s (%s)", env.describe(), ctx.node,
+                 ctx.fast_ranks, ctx.cross_ranks, dev, backend)
+    return ctx
