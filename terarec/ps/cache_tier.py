@@ -86,8 +86,9 @@ class CacheTier:
     def touch(self, slots: torch.Tensor, step: int) -> None:
         """Records a use at ``step`` of the rows at ``slots`` (unique). ``freq`` counts
         steps: a row touched twice in one step (prefetched, then trained) counts once."""
-        self._freq[slots] += (self._last[slots] != step).to(torch.int64)
-        self._last[slots] = step
+        new_step = self._last.index_select(0, slots) != step
+        self._freq.index_add_(0, slots, new_step.to(torch.int64))
+        self._last.index_fill_(0, slots, step)
 
     def lock(self, slots: torch.Tensor, until_step: int) -> None:
         """Keeps the rows at ``slots`` from eviction while the step is <= ``until_step``."""
@@ -103,7 +104,9 @@ class CacheTier:
 
     def read_meta(self, slots: torch.Tensor) -> torch.Tensor:
         """Metadata ``(last_step, freq)`` at ``slots``: int64 ``[N, 2]``."""
-        return torch.stack([self._last[slots], self._freq[slots]], dim=1)
+        return torch.stack(
+            [self._last.index_select(0, slots), self._freq.index_select(0, slots)], 1
+        )
 
     def write_meta(self, slots: torch.Tensor, meta: torch.Tensor) -> None:
         """Sets the metadata at unique ``slots`` (int64 ``[N, 2]``)."""

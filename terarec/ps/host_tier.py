@@ -2,7 +2,7 @@
 
 Rows are stored densely by slot id, so training can gather and scatter slot blocks
 in place (``read`` / ``write``) without going through key lookups twice. Each slot also
-holds the row's metadata ``(last_step, freq)`` (``[cap, 2]`` int64 beside the rows).
+holds the row's metadata ``(last_step, freq)`` (two int64 ``[cap]`` arrays beside the rows).
 
 Removing rows (``evict``, ``expire``) marks their slots *dead*: the index keeps the key,
 lookups treat it as absent, and the next insert of that key revives the slot with the
@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from terarec.ps.hash_index import HashIndex
-from terarec.ps.tier import LAST, Export, Rows, Spare, check_batch, zero_meta
+from terarec.ps.tier import FREQ, LAST, Export, Rows, Spare, check_batch
 
 _MIN_COMPACT = 1024  # dead slots below this never trigger a compaction
 
@@ -43,7 +43,8 @@ class HostTier:
         self.device = torch.device(device)
         self.index = HashIndex(self.device, capacity=2 * capacity)
         self._rows = torch.zeros(capacity, row_width, device=self.device)
-        self._meta = zero_meta(capacity, self.device)
+        self._last = torch.zeros(capacity, dtype=torch.int64, device=self.device)
+        self._freq = torch.zeros(capacity, dtype=torch.int64, device=self.device)
         self._dead = torch.zeros(capacity, dtype=torch.bool, device=self.device)
         self._n_dead = 0
         self._unindexed: list[int] = []  # slots of append_unindexed (kept unindexed)
@@ -68,7 +69,7 @@ class HostTier:
         src = slots[hit]
         out[hit.to(out.device)] = self._rows[src].to(out.device, out.dtype)
         if meta is not None:
-            meta[hit.to(meta.device)] = self._meta[src].to(meta.device)
+            meta[hit.to(meta.device)] = self.read_meta(src).to(meta.device)
         missed = (~found).nonzero().squeeze(1).to(keys.device)
         self._stats["hits"] += hit.numel()
         self._stats["misses"] += missed.numel()
@@ -84,7 +85,11 @@ class HostTier:
             self._reserve(len(self.index))
             revived = self._revive(slots)
             self._rows[slots] = rows
-            self._meta[slots] = zero_meta(1, self.device) if meta is None else meta.to(self.device)
+            if meta is None:
+                self._last.index_fill_(0, slots, 0)
+                self._freq.index_fill_(0, slots, 0)
+            else:
+                self.write_meta(slots, meta)
             self._stats["inserts"] += int(inserted.sum()) + revived
         return Rows.empty(self.row_width, self.device)
 
@@ -102,7 +107,7 @@ class HostTier:
         their keys (see :class:`~terarec.ps.tier.Tier`). Slots become dead (see
         :meth:`maybe_compact`)."""
         n = self.num_slots
-        stale = (self._meta[:n, LAST] < before_step) & ~self._dead[:n]
+        stale = (self._last[:n] < before_step) & ~self._dead[:n]
         slots = stale.nonzero().squeeze(1)
         keys = self.index.keys()[slots]
         if spare is not None and slots.numel():
@@ -114,7 +119,7 @@ class HostTier:
     def export(self, with_meta: bool = False) -> Export:
         live = self.live_slots()
         keys, rows = self.index.keys()[live], self._rows[live]
-        return (keys, rows, self._meta[live]) if with_meta else (keys, rows)
+        return (keys, rows, self.read_meta(live)) if with_meta else (keys, rows)
 
     def flush(self) -> None:
         return None
@@ -153,12 +158,14 @@ class HostTier:
             self._reserve(first + n_new)
             # New keys get the next slot ids in their order in ``keys``: one block.
             create(inserted.nonzero().squeeze(1), self._rows[first : first + n_new])
-            self._meta[first : first + n_new] = 0
+            self._last[first : first + n_new] = 0
+            self._freq[first : first + n_new] = 0
         redo: Optional[torch.Tensor] = None
         if self._n_dead:  # dead slots of these keys come back
             redo = self._dead[slots] & ~inserted
         if expire_before is not None:
-            stale = (self._meta[slots, LAST] < expire_before) & ~inserted & ~self._dead[slots]
+            last = self._last.index_select(0, slots)
+            stale = (last < expire_before) & ~inserted & ~self._dead.index_select(0, slots)
             self._stats["expired"] += int(stale.sum())
             redo = stale if redo is None else redo | stale
         n_redo = 0
@@ -169,7 +176,8 @@ class HostTier:
             create(pos, block)
             self._revive(slots[pos])
             self._rows[slots[pos]] = block
-            self._meta[slots[pos]] = 0
+            self._last.index_fill_(0, slots[pos], 0)
+            self._freq.index_fill_(0, slots[pos], 0)
         if fresh is not None:
             fresh.copy_(inserted if redo is None else inserted | redo)
         self._stats["inserts"] += n_new + n_redo
@@ -182,18 +190,21 @@ class HostTier:
         ``freq`` counts steps, so touching twice in one step (prefetch) counts once."""
         if slots.numel() == 0:
             return
-        m = self._meta[slots]
-        m[:, 1] += (m[:, LAST] != step).to(torch.int64)
-        m[:, LAST] = step
-        self._meta[slots] = m
+        new_step = self._last.index_select(0, slots) != step
+        self._freq.index_add_(0, slots, new_step.to(torch.int64))
+        self._last.index_fill_(0, slots, step)
 
     def read_meta(self, slots: torch.Tensor) -> torch.Tensor:
         """Metadata at ``slots``: int64 ``[N, 2]`` (a copy)."""
-        return self._meta.index_select(0, slots)
+        return torch.stack(
+            [self._last.index_select(0, slots), self._freq.index_select(0, slots)], 1
+        )
 
     def write_meta(self, slots: torch.Tensor, meta: torch.Tensor) -> None:
         """Sets the metadata at unique ``slots`` (``meta`` int64 ``[N, 2]``)."""
-        self._meta[slots] = meta.to(self.device)
+        meta = meta.to(self.device)
+        self._last.index_copy_(0, slots, meta[:, LAST].contiguous())
+        self._freq.index_copy_(0, slots, meta[:, FREQ].contiguous())
 
     def append_unindexed(self, keys: torch.Tensor) -> int:
         """Reserves rows for ``keys`` that the index must not map (see ``TableGroup``).
@@ -203,7 +214,8 @@ class HostTier:
         """
         first = self.index.append_unindexed(keys)
         self._reserve(len(self.index))
-        self._meta[first : len(self.index)] = 0
+        self._last[first : len(self.index)] = 0
+        self._freq[first : len(self.index)] = 0
         self._unindexed.extend(range(first, len(self.index)))
         self._stats["inserts"] += keys.numel()
         return first
@@ -247,9 +259,11 @@ class HostTier:
         cap = max(1024, keys.numel())
         self._rows = torch.zeros(cap, self.row_width, device=self.device)
         self._rows[: keys.numel()] = rows.to(self.device, torch.float32)
-        self._meta = zero_meta(cap, self.device)
+        self._last = torch.zeros(cap, dtype=torch.int64, device=self.device)
+        self._freq = torch.zeros(cap, dtype=torch.int64, device=self.device)
         if meta is not None:
-            self._meta[: keys.numel()] = meta.to(self.device)
+            self._last[: keys.numel()] = meta[:, LAST].to(self.device)
+            self._freq[: keys.numel()] = meta[:, FREQ].to(self.device)
         self._dead = torch.zeros(cap, dtype=torch.bool, device=self.device)
         self._n_dead = 0
         self._unindexed = []
@@ -285,8 +299,9 @@ class HostTier:
             self.index.append_unindexed(kept_side)
         m = perm.numel()
         self._rows[:m] = self._rows.index_select(0, perm)
-        self._meta[:m] = self._meta.index_select(0, perm)
-        self._meta[m:] = 0
+        for a in (self._last, self._freq):
+            a[:m] = a.index_select(0, perm)
+            a[m:] = 0
         self._dead.zero_()
         self._n_dead = 0
         self._unindexed = list(range(indexed.numel(), m))
@@ -321,9 +336,10 @@ class HostTier:
         grown = torch.empty(cap, self.row_width, device=self.device)  # rows >= len unused
         grown[:old] = self._rows
         self._rows = grown
-        meta = zero_meta(cap, self.device)
-        meta[:old] = self._meta
-        self._meta = meta
+        for name in ("_last", "_freq"):
+            arr = torch.zeros(cap, dtype=torch.int64, device=self.device)
+            arr[:old] = getattr(self, name)
+            setattr(self, name, arr)
         dead = torch.zeros(cap, dtype=torch.bool, device=self.device)
         dead[:old] = self._dead
         self._dead = dead
