@@ -230,6 +230,14 @@ def _save(
         ) from None
 
 
+def uses_prefetch(cfg: Config) -> bool:
+    """``train.prefetch``; null (the default): on when a table has tiers. Without tiers
+    the pipeline only reads the next batch ahead, which the data source already does."""
+    if cfg.train.prefetch is not None:
+        return cfg.train.prefetch
+    return any(t.device_rows is not None for t in cfg.tables)
+
+
 class _TrainedPosition:
     """The data position after the last batch *trained*, for checkpoints.
 
@@ -386,13 +394,14 @@ def _train(
     # one more step before the check at the end of the step stops it.
     stop = "steps" if cfg.train.steps is not None and step >= cfg.train.steps else None
     model.train()
+    prefetch = uses_prefetch(cfg)
     pipeline = TrainPipeline(
         model,
         parts.dense_optimizer,
         parts.embedding,
         device,
         nn.BCEWithLogitsLoss(),
-        overlap=cfg.train.prefetch,
+        overlap=prefetch,
         check_loss=lambda loss: _check_finite(loss, step + 1, cfg, last_ckpt),
     )
     meter = PipelineMeter(pipeline.stats)
@@ -438,7 +447,7 @@ def _train(
                 if tiers:
                     rec["tiers"] = tiers.interval(seconds)
                     postfix.update(tiers.postfix())
-                if cfg.train.prefetch:
+                if prefetch:
                     rec["pipeline"] = meter.interval()
                     _warn_skipped(cfg, pipeline.stats.skipped, warned)
                 reporter.log(step, "train", rec)
@@ -506,7 +515,7 @@ def _train(
     }
     if tiers:
         summary["tiers"] = tiers.totals()
-    if cfg.train.prefetch:
+    if prefetch:
         summary["pipeline"] = PipelineMeter.figures(pipeline.stats, PipelineStats())
     if cfg.train.save_checkpoint:
         summary["checkpoint"] = str(_save(ckpt_dir, parts, trained, step, cfg, samples, last_ckpt))

@@ -363,7 +363,7 @@ def test_train_with_and_without_the_pipeline_is_bitwise_the_same(
     over = dict(PREFETCHED)
     if not tiered:
         over = {**over, "tables": [{"name": "sparse", "dim": 8}], "ssd": {}}
-    on = train(tiny_config(name="on", **over))
+    on = train(tiny_config(name="on", **{**over, "train": {**over["train"], "prefetch": True}}))
     off_over = {**over, "train": {**over["train"], "prefetch": False}}
     off = train(tiny_config(name="off", **off_over))
     runs = Path(tiny_config().train.runs_dir)
@@ -391,6 +391,23 @@ def test_train_with_and_without_the_pipeline_is_bitwise_the_same(
     assert sum(r["tiers"]["sparse"]["prefetch_rows_in"] for r in lines) == tot["prefetch_rows_in"]
     assert lines[-1]["tiers"]["sparse"]["ssd_read_rows_per_s"] > 0  # once the host tier is full
     assert lines[-1]["tiers"]["sparse"]["ssd_write_rows_per_s"] > 0
+
+
+PIPELINE_KEYS = {"load_s", "prefetch_s", "wait_s", "hidden", "skipped"}
+
+
+def test_the_pipeline_is_on_by_default_for_tiered_tables_only(
+    tiny_config: Callable[..., Config],
+) -> None:
+    assert tiny_config().train.prefetch is None  # null: decided by the tables
+    plain = train(tiny_config(name="plain", train={"steps": 20}))
+    assert "pipeline" not in plain
+    tiered = train(tiny_config(name="tiered", **{**PREFETCHED, "train": {"steps": 20}}))
+    assert set(tiered["pipeline"]) == PIPELINE_KEYS and tiered["pipeline"]["load_s"] > 0
+    run = Path(tiny_config().train.runs_dir) / "tiered"
+    for r in read_jsonl(run / "metrics.jsonl"):
+        if r["split"] == "train":
+            assert set(r["pipeline"]) == PIPELINE_KEYS and 0 <= r["pipeline"]["hidden"] <= 1
 
 
 def test_progress_bar_fields(tiny_config: Callable[..., Config], monkeypatch) -> None:
