@@ -35,8 +35,8 @@ default under /tmp) removed at the end.
 on ``--threads`` torch threads, in lockstep with baselines fed the same calls. Each call
 gets ``--host-keys`` unique keys, shuffled: ``--new-frac`` of them never seen (they get
 slots), the rest drawn from the keys already held (one run per value given). The table
-starts with ``--host-start`` keys (untimed prefill) and takes calls until it holds
-``--host-end``; it is pre-sized for them (no rehash while timing). Sides:
+starts with ``--host-start`` keys (untimed prefill) and takes ``--host-calls`` timed calls
+per repeat; it is pre-sized for them (no rehash while timing). Sides:
 
 * fbgemm: the CPU default (FBGEMM's hash-map kernels, lookups split over the threads);
 * fbgemm_1thread: the same on one torch thread (the split's gain);
@@ -65,7 +65,7 @@ runs for ``--cache-keys-timed`` keys per repeat. Hit rates of both are reported 
 differ slightly: the tier's LRU is per step, the dict's per key).
 
     python benchmarks/ps_bench.py --host [--host-keys 262144] [--new-frac 0.05 0.1 0.2]
-        [--host-start 5000000] [--host-end 6000000] [--dict-sample 16] [--host-profile 20]
+        [--host-start 5000000] [--host-calls 24] [--dict-sample 16] [--host-profile 20]
     python benchmarks/ps_bench.py --cache [--keys 131072] [--cache-capacity 1000000]
         [--cache-row-width 32] [--cache-universe 20000000] [--zipf 1.05]
 
@@ -371,7 +371,8 @@ def _host_repeat(args: argparse.Namespace, new_frac: float, seed: int) -> dict[s
     rng = np.random.default_rng(seed)
     # Room for every key the repeat creates (the timed calls, then the profile's).
     new_per_call = int(args.host_keys * new_frac)
-    pool = np.empty(args.host_end + (args.host_profile + 1) * new_per_call, np.int64)
+    calls = args.host_calls + args.host_profile + 1
+    pool = np.empty(args.host_start + calls * new_per_call, np.int64)
     init = np.unique(rng.integers(-(2**63), 2**63 - 1, args.host_start, dtype=np.int64))
     n = init.size
     pool[:n] = init
@@ -388,8 +389,7 @@ def _host_repeat(args: argparse.Namespace, new_frac: float, seed: int) -> dict[s
     srt = _SortedIndex(t_init)
     d = dict(zip(init.tolist(), range(n)))
     acc: dict[str, Any] = {s: [0.0, 0.0] for s in _HOST_SIDES}
-    i = 0
-    while n < args.host_end:
+    for i in range(args.host_calls):
         keys, new = _host_batch(rng, pool, n, args.host_keys, new_frac)
         kt = torch.from_numpy(keys)
         sub = keys[: max(1, keys.size // args.dict_sample)].tolist()  # untimed
@@ -416,7 +416,6 @@ def _host_repeat(args: argparse.Namespace, new_frac: float, seed: int) -> dict[s
         d.update(zip(missing, range(len(d), len(d) + len(missing))))
         pool[n : n + new.size] = new
         n += new.size
-        i += 1
     fb = indexes["fbgemm"]
     if args.host_profile:
         acc["profile"] = _fbgemm_profile(fb, rng, pool, n, new_frac, args)
@@ -523,25 +522,28 @@ def _host_mix(args: argparse.Namespace, new_frac: float) -> dict[str, Any]:
 
 def bench_host(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0]
+    mixes = [_host_mix(args, f) for f in args.new_frac]
     return {
         "threads": args.threads,
         "keys_per_call": args.host_keys,
         "rows_start": args.host_start,
-        "rows_end": args.host_end,
+        "calls_timed": args.host_calls,
         "dict_sample": f"1/{args.dict_sample}",
         "repeats": args.repeats,
         "target_keys_per_s": HOST_TARGET,
-        "load_avg_1min": os.getloadavg()[0],
-        "mixes": [_host_mix(args, f) for f in args.new_frac],
+        "load_avg_1min": [load, os.getloadavg()[0]],
+        "mixes": mixes,
     }
 
 
 def _print_host(res: dict[str, Any]) -> None:
     print(
         f"host index find_or_insert: {res['keys_per_call']:,} unique keys per call into a "
-        f"pre-sized table growing {res['rows_start']:,} -> {res['rows_end']:,} keys, "
-        f"{res['threads']} thread(s), median of {res['repeats']} repeat(s); dict on "
-        f"{res['dict_sample']} of each batch; load average {res['load_avg_1min']:.2f}"
+        f"pre-sized table of {res['rows_start']:,} keys (+ the new ones), "
+        f"{res['calls_timed']} calls per repeat, {res['threads']} thread(s), median of "
+        f"{res['repeats']} repeat(s); dict on {res['dict_sample']} of each batch; load "
+        f"average {res['load_avg_1min'][0]:.2f} -> {res['load_avg_1min'][1]:.2f}"
     )
     for m in res["mixes"]:
         print(f"mix: {m['new_frac']:.0%} new keys, {1 - m['new_frac']:.0%} present")
@@ -735,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
         "--new-frac", type=float, nargs="+", default=[0.1], help="shares of new keys (--host)"
     )
     p.add_argument("--host-start", type=int, default=5_000_000, help="keys before timing")
-    p.add_argument("--host-end", type=int, default=6_000_000, help="keys when timing stops")
+    p.add_argument("--host-calls", type=int, default=24, help="timed calls per repeat")
     p.add_argument("--dict-sample", type=int, default=16, help="dict runs 1/N of each batch")
     p.add_argument("--host-profile", type=int, default=20, help="batches profiled (0: none)")
     p.add_argument("--cache-capacity", type=int, default=1_000_000)
