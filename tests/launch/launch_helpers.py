@@ -16,7 +16,7 @@ from typing import Optional
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
 WORKER = str(Path(__file__).with_name("dist_worker.py"))
-PROBE = [PY, "-m", "terarec.launch.probe"]
+PROBE = [PY, "-m", "terarec.launch.probe", "--device", "cpu"]  # gloo on CPU, GPU or not
 LAUNCHER_VARS = re.compile(
     r"^(RANK|WORLD_SIZE|LOCAL_RANK|LOCAL_WORLD_SIZE|GROUP_RANK|GROUP_WORLD_SIZE|ROLE_\w+"
     r"|MASTER_ADDR|MASTER_PORT|TORCHELASTIC_\w+|OMPI_\w+|PMI_\w+|PMIX_\w+|MPI_LOCAL\w+"

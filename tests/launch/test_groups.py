@@ -137,7 +137,7 @@ def test_two_torchrun_nodes_on_one_host_via_terarec_launch(tmp_path: Path) -> No
         for _ in range(2):
             ranks.start([exe, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint",
                          f"127.0.0.1:{port}", "--rdzv-id", f"t{port}", "--probe", "--",
-                         "--timeout-s", "40"], base_env())
+                         "--device", "cpu", "--timeout-s", "40"], base_env())
         codes = ranks.wait(58)
         outs = ranks.output(0) + ranks.output(1)
     assert codes == [0, 0], outs[-3000:]
