@@ -25,11 +25,12 @@ densely (0, 1, 2, ...) so that the rows they index never move when the index gro
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 
@@ -273,21 +274,33 @@ class HashIndex:
     def _fb_lookup_split(
         self, stored: torch.Tensor, misses: bool
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """:meth:`_fb_lookup` of ``stored [N]`` in ``torch.get_num_threads()`` contiguous
-        chunks at once (the kernel is a single-threaded loop that runs without the GIL);
-        the misses are found inside the chunks' threads too."""
-        parts = min(torch.get_num_threads(), stored.numel() // _MIN_CHUNK)
+        """:meth:`_fb_lookup` of ``stored [N]`` on ``torch.get_num_threads()`` threads at
+        once (the kernel is a single-threaded loop that runs without the GIL); the misses
+        are found inside the threads too. The keys are cut into ~4 contiguous chunks per
+        thread that the threads take in turn, so a thread the OS preempts (a shared
+        machine) holds up a small chunk, not half the batch."""
+        n = stored.numel()
+        parts = min(torch.get_num_threads(), n // _MIN_CHUNK)
         if parts <= 1:
             return self._fb_lookup(stored, 0, misses)
-        chunks = stored.chunk(parts)  # views: no copy
-        starts = [0]
-        for c in chunks[:-1]:  # one entry per thread
-            starts.append(starts[-1] + c.numel())
+        step = max(_MIN_CHUNK, -(-n // (4 * parts)))
+        starts = list(range(0, n, step))  # one entry per chunk
+        got: list[Any] = [None] * len(starts)
+        turn = itertools.count()  # next() is atomic under the GIL
+
+        def work() -> None:
+            for i in iter(turn.__next__, None):
+                if i >= len(starts):
+                    return
+                got[i] = self._fb_lookup(stored[starts[i] : starts[i] + step], starts[i], misses)
+
         pool = _lookup_pool(parts - 1)
-        futs = [pool.submit(self._fb_lookup, c, s, misses) for c, s in zip(chunks[1:], starts[1:])]
-        got = [self._fb_lookup(chunks[0], 0, misses)] + [f.result() for f in futs]
+        futs = [pool.submit(work) for _ in range(parts - 1)]
+        work()
+        for f in futs:
+            f.result()
         out = torch.cat([g[0] for g in got])
-        return out, torch.cat([g[1] for g in got]) if misses else None  # type: ignore[misc]
+        return out, torch.cat([g[1] for g in got]) if misses else None
 
     def _fb_side(self, stored: torch.Tensor, out: torch.Tensor, miss: torch.Tensor) -> torch.Tensor:
         """Key -1 is the kernels' empty marker: they always miss it, and its slot (if it
