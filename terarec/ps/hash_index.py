@@ -76,7 +76,9 @@ def host_table(cap: int) -> torch.Tensor:
     kernel grants them through ``madvise`` (THP ``madvise`` mode; with ``always`` every
     large allocation gets them anyway). Every probe is a random access into the table:
     on 4 KiB pages nearly each one also misses the TLB (a page walk, dearer still in a
-    VM); huge pages made find-or-insert on a 256 MB table ~15-25% faster here.
+    VM); huge pages made find-or-insert on a 256 MB table ~15-25% faster here. The cost:
+    the kernel may compact memory to find free huge pages, so an allocation (a rehash)
+    can take longer, most of all the first one in a fragmented process.
     """
     nbytes = cap * 16
     if nbytes < _HUGE_MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
