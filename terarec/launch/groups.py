@@ -101,10 +101,15 @@ class DistContext:
         except Exception as e:
             if self._monitor is None:
                 raise
-            cause = self._monitor.diagnose(self._monitor.grace_s + self._monitor.interval_s)
+            cause = self._monitor.diagnose(2.0 * self._monitor.interval_s)
             if cause is not None and not cause.startswith(f"rank {self.rank} failed:"):
                 raise PeerFailure(f"rank {self.rank} stops: {cause}") from e
             assert self._store is not None
+            if _is_comm_error(e):  # a peer's doing, but none could be named
+                msg = (f"rank {self.rank}: a collective failed and no rank was found dead "
+                       f"or silent: {type(e).__name__}: {e}")
+                self._monitor.report(self._store, msg)
+                raise PeerFailure(msg) from e
             self._monitor.report(
                 self._store, f"rank {self.rank} failed: {type(e).__name__}: {e}"
             )
@@ -140,6 +145,15 @@ class DistContext:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_COMM_ERRORS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                "gloo/transport", "NCCL error", "Timed out", "timed out")
+
+
+def _is_comm_error(e: BaseException) -> bool:
+    """An error of the communication layer (a peer gone or too slow), not of our code."""
+    return isinstance(e, dist.DistError) or any(s in str(e) for s in _COMM_ERRORS)
 
 
 def _wait_done(store: dist.Store, world: int, timeout_s: float) -> None:

@@ -183,16 +183,50 @@ class HealthMonitor:
         self._thread = None
 
     def diagnose(self, wait_s: Optional[float] = None) -> Optional[str]:
-        """Checks now and waits up to ``wait_s`` (default ``grace_s``) for a failure.
+        """What failed, asked by the main thread after a collective raised.
 
-        The main thread calls this after a collective raised, to learn whether a peer is
-        the cause.
+        First the watchdog checks at once (pids on this host, the ``failed`` key) and
+        this waits up to ``wait_s`` (default ``grace_s``) for it. If that names no one,
+        every rank's heartbeat is read twice, ``3 * interval_s`` apart: ranks whose
+        counter did not move and that did not say ``done`` are named (and published).
+        This covers a rank alone on a host that died, which no pid check can see.
+
+        Returns:
+            The failure's message, or None when no peer could be blamed.
         """
-        deadline = time.monotonic() + (self.grace_s if wait_s is None else wait_s)
+        if self._poll(self.grace_s if wait_s is None else wait_s):
+            return self._failure
+        try:
+            store = self.connect()
+            before = self._beats(store)
+            if self._poll(3.0 * self.interval_s):
+                return self._failure
+            after = self._beats(store)
+            silent = [r for r in range(self.world) if r != self.rank
+                      and before[r] == after[r] and not self._done(store, r)]
+        except Exception:  # noqa: BLE001 - the store is gone: the watchdog says so
+            self._poll(self.grace_s)
+            return self._failure
+        if silent:
+            names = ", ".join(self.procs[r].where() for r in silent[:4])
+            more = f" and {len(silent) - 4} more" if len(silent) > 4 else ""
+            self.report(store, f"{names}{more} stopped sending heartbeats "
+                               f"(dead, hung or cut off)")
+        return self._failure
+
+    def _poll(self, seconds: float) -> bool:
+        """Wakes the watchdog until it reports a failure or ``seconds`` pass."""
+        deadline = time.monotonic() + seconds
         while self._failure is None and time.monotonic() < deadline:
             self._wake.set()
             time.sleep(min(0.1, self.interval_s))
-        return self._failure
+        return self._failure is not None
+
+    def _beats(self, store: dist.Store) -> list[int]:
+        keys = [f"hb/{r}" for r in range(self.world)]
+        if store.check(keys):
+            return [int(v) for v in store.multi_get(keys)]
+        return [int(store.add(k, 0)) for k in keys]
 
     def report(self, store: dist.Store, message: str) -> None:
         """Publishes a failure of this rank's own (e.g. an exception in its code)."""

@@ -110,6 +110,36 @@ def test_monitor_relays_a_failure_published_by_another_rank() -> None:
     assert catch.messages == ["rank 7 failed: DataError: bad file"]
 
 
+def test_diagnose_names_a_silent_peer_on_another_host() -> None:
+    # A rank alone on its host died: no pid check can see it; its heartbeat stopped.
+    store = dist.PrefixStore("t", dist.HashStore())
+    me = ProcInfo(0, socket.gethostname(), 1, pid_space(), 0, None)
+    far = ProcInfo(1, "elsewhere", 4242, "elsewhere:1", 0, None)
+    catch = _Catch()
+    mon = HealthMonitor(lambda: store, [me, far], 0, 30.0, interval_s=0.05,
+                        on_failure=catch)
+    store.add("hb/1", 1)
+    beating = threading.Event()
+
+    def beat() -> None:
+        while not beating.wait(0.01):
+            store.add("hb/1", 1)
+
+    t = threading.Thread(target=beat)
+    t.start()
+    mon.start()
+    try:
+        assert mon.diagnose(0.1) is None  # alive and beating: nobody to blame
+        beating.set()
+        t.join()
+        msg = mon.diagnose(0.1)
+    finally:
+        mon.stop()
+    assert msg == "rank 1 (pid 4242 on elsewhere) stopped sending heartbeats " \
+        "(dead, hung or cut off)"
+    assert store.get("failed").decode() == msg
+
+
 # ----------------------------------------------------------------- real 2-rank jobs
 
 TIMEOUT_S = 20.0  # dist.timeout_s of the jobs below
