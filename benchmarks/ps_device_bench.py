@@ -103,6 +103,7 @@ def check(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         lengths = torch.randint(0, 5, (2 * 16,), generator=g)
         ids = torch.randint(0, 3000, (int(lengths.sum()),), generator=g) * 7919
         kjt = KeyedJaggedTensor.from_lengths_sync(feats, ids, lengths)
+        kjt.offsets()
         losses = []
         for ebc, dev in ((tiered, device), (plain, torch.device("cpu"))):
             out = ebc(kjt.to(dev)).values()
@@ -219,7 +220,9 @@ def step_bench(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
     for _ in range(args.reps + 2):
         ids = torch.randint(0, rows, (b * f,), generator=g)
         lengths = torch.ones(b * f, dtype=torch.int64)
-        batches.append(KeyedJaggedTensor.from_lengths_sync(feats, ids, lengths).to(device))
+        kjt = KeyedJaggedTensor.from_lengths_sync(feats, ids, lengths)
+        kjt.offsets()  # computed on CPU (torchrec's CUDA cumsum is FBGEMM's CUDA op)
+        batches.append(kjt.to(device))
     t_ours, dev_stats = _step_ours(args, device, feats, batches)
     gc.collect()
     if device.type == "cuda":

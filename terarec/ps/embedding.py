@@ -186,7 +186,7 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
         """The group's unique (table, key) pairs and the bag offsets ``[F*B + 1]``."""
         batch = kjt.stride()
         values = kjt.values().to(self.device, torch.int64)
-        offsets = kjt.offsets().to(self.device)
+        offsets = _kjt_offsets(kjt).to(self.device)
         if group.num_tables == 1:
             return _dedup(values), offsets
         bounds = offsets[::batch]  # value offset of each feature: [F + 1]
@@ -292,6 +292,18 @@ def _dedup(values: torch.Tensor, tables: Optional[torch.Tensor] = None) -> _Dedu
         torch.arange(keys.numel(), device=values.device), counts, output_size=n
     )
     return _Dedup(keys, key_tables, inverse, order, key_offsets)
+
+
+def _kjt_offsets(kjt: KeyedJaggedTensor) -> torch.Tensor:
+    """The KJT's value offsets ``[F*B + 1]``; computed with torch when it only has
+    lengths (torchrec would call FBGEMM's CUDA cumsum, which GPU runs need not have)."""
+    offsets = kjt.offsets_or_none()
+    if offsets is not None:
+        return offsets
+    lengths = kjt.lengths()
+    out = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=lengths.device)
+    torch.cumsum(lengths, 0, out=out[1:])
+    return out
 
 
 class _Pool(torch.autograd.Function):
