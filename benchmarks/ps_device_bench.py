@@ -209,7 +209,19 @@ def _step_ours(
         out = ebc(kjt).values()
         out.backward(torch.ones_like(out))
 
-    return timed(ours, device, args.reps), group.chain.stats()
+    t = timed(ours, device, args.reps)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            for _ in range(3):
+                ours()
+            _sync(device)
+        key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=25), flush=True)
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25), flush=True)
+    return t, group.chain.stats()
 
 
 def step_bench(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -279,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--features", type=int, default=26)
     p.add_argument("--rows", type=int, default=4_000_000)
     p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--profile", action="store_true", help="torch.profiler tables of 3 steps")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     device = torch.device(args.device)
