@@ -199,8 +199,8 @@ def _step_ours(
     group = ebc.groups[0]
     assert group.chain is not None
     # make every row resident in the device tier first (untimed)
-    all_keys = torch.arange(rows, device=device)
-    group.slots_for(all_keys, torch.zeros_like(all_keys))
+    for part in torch.arange(rows, device=device).split(1 << 21):  # bounded temporaries
+        group.slots_for(part, torch.zeros_like(part))
     it = [0]
 
     def ours() -> None:
