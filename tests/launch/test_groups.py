@@ -24,7 +24,12 @@ MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--mca", "btl", "s
 
 
 def _layouts(text: str) -> dict[int, dict[str, Any]]:
-    rows = [json.loads(line) for line in text.splitlines() if line.startswith('{"rank"')]
+    # ranks share one stdout under mpirun: two lines may come out glued together
+    dec, rows, i = json.JSONDecoder(), [], text.find('{"rank"')
+    while i != -1:
+        row, end = dec.raw_decode(text, i)
+        rows.append(row)
+        i = text.find('{"rank"', end)
     return {r["rank"]: r for r in rows}
 
 
