@@ -1,0 +1,194 @@
+"""The SSD tier's on-disk format and what it knows of its keys (``ps/ssd_tier.py``).
+
+* DB keys: 13 bytes, ``ns (1) | table id (u32 BE) | key (u64 BE, sign bit flipped)``,
+  so a table's rows are one contiguous, key-ordered range; rows are float32 LE bytes.
+* :class:`_KeyStates`: which keys of a table this process knows to be held or not.
+* :class:`_WrittenKeys`: a Bloom filter of the keys written since a table was found empty.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import threading
+from itertools import repeat
+from operator import is_
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+
+from terarec.hashing import mix64_np
+from terarec.ps.hash_index import HashIndex
+
+_NS_ROW = 0x52  # b"R"
+_NS_META = b"M"
+_MAX_TABLE_ID = 2**32 - 2  # table_id + 1 must fit the u32 upper bound of a range scan
+_KEY_DTYPE = np.dtype([("ns", "u1"), ("table", ">u4"), ("key", ">u8")])  # 13 bytes, packed
+_KEY_VOID = np.dtype((np.void, _KEY_DTYPE.itemsize))
+_SIGN = np.uint64(1 << 63)
+
+# --------------------------------------------------------------------------- encoding
+
+
+def encode_keys(table_id: int, keys: np.ndarray) -> list[bytes]:
+    """Fixed-width (13-byte) DB keys of the rows of int64 ``keys [N]`` of a table."""
+    rec = np.empty(keys.shape[0], _KEY_DTYPE)
+    rec["ns"] = _NS_ROW
+    rec["table"] = table_id
+    rec["key"] = keys.astype(np.int64, copy=False).view(np.uint64) ^ _SIGN
+    return rec.view(_KEY_VOID).tolist()
+
+
+def decode_keys(raw: bytes) -> np.ndarray:
+    """int64 keys ``[N]`` of the concatenated 13-byte DB keys ``raw``."""
+    rec = np.frombuffer(raw, _KEY_DTYPE)
+    return (rec["key"].astype(np.uint64) ^ _SIGN).view(np.int64)
+
+
+def pack_rows(rows: np.ndarray, order: Optional[np.ndarray] = None) -> list[bytes]:
+    """One ``bytes`` (float32 LE) per row of ``rows [N, W]`` (in ``order`` if given).
+
+    No per-float Python: a void view makes each row one item for ``tolist``.
+    """
+    rows = np.ascontiguousarray(rows, dtype="<f4")
+    flat = rows.view(np.dtype((np.void, rows.shape[1] * 4))).reshape(-1).tolist()
+    return flat if order is None else _take(flat, order)  # reorders pointers, not rows
+
+
+def _meta_key(table_id: int, field: bytes) -> bytes:
+    return _NS_META + struct.pack(">I", table_id) + field
+
+
+def _take(items: list[Any], idx: np.ndarray) -> list[Any]:
+    # list gather in C (map over __getitem__), no bytecode per item
+    return list(map(items.__getitem__, idx.tolist()))
+
+
+_buffers = threading.local()
+
+
+def _read_buffer() -> io.BytesIO:
+    """The calling thread's read buffer, rewound (a new one if a view of the last read
+    is still alive: a buffer with views cannot be written)."""
+    buf = getattr(_buffers, "read", None)
+    if buf is not None:
+        try:
+            buf.write(b"")  # raises while views of the buffer exist
+            buf.seek(0)
+            return buf
+        except BufferError:
+            pass
+    buf = _buffers.read = io.BytesIO()
+    return buf
+
+
+def _not_none(vals: list[Any]) -> np.ndarray:
+    """bool ``[N]``: which multi-get results are values (``None``: key absent)."""
+    mask = np.fromiter(map(is_, vals, repeat(None)), bool, len(vals))
+    return np.logical_not(mask, out=mask)
+
+
+class _KeyStates:
+    """What this process knows of one table's keys: held, not held, or unknown.
+
+    Exact: it records only what a successful write, a read or a check established (this
+    process is the DB's only writer; RocksDB's lock sees to that), and the store calls
+    it under its lock. Bounded: when full it starts over empty; an unknown key just
+    costs an existence check again.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._index: Optional[HashIndex] = None
+        self._held = np.zeros(0, bool)  # by slot of ``_index``
+
+    def lookup(self, keys: np.ndarray) -> np.ndarray:
+        """int8 ``[N]``: 1 held, 0 not held, -1 unknown."""
+        out = np.full(keys.shape[0], -1, np.int8)
+        if self._index is not None and len(self._index):
+            slots = self._index.find(torch.from_numpy(keys)).numpy()
+            seen = slots >= 0
+            out[seen] = self._held[slots[seen]]
+        return out
+
+    def record(self, sorted_keys: np.ndarray, held: Union[bool, np.ndarray]) -> None:
+        """Records ``held`` for ascending ``sorted_keys`` (duplicates allowed)."""
+        if self.capacity == 0 or sorted_keys.size == 0:
+            return
+        held = np.broadcast_to(np.asarray(held, bool), sorted_keys.shape)
+        if sorted_keys.size > 1:
+            first = np.empty(sorted_keys.size, bool)
+            first[0] = True
+            np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=first[1:])
+            sorted_keys, held = sorted_keys[first], held[first]
+        if sorted_keys.size > self.capacity:
+            self.clear()  # cannot record them: what was known of them may be stale now
+            return
+        if self._index is None or len(self._index) + sorted_keys.size > self.capacity:
+            cap = min(2 * self.capacity, 4 * sorted_keys.size + 1024)
+            self._index, self._held = HashIndex("cpu", capacity=cap), np.zeros(0, bool)
+        slots = self._index.find_or_insert(torch.from_numpy(sorted_keys))[0].numpy()
+        if len(self._index) > self._held.size:
+            grown = np.zeros(max(len(self._index), 2 * self._held.size), bool)
+            grown[: self._held.size] = self._held
+            self._held = grown
+        self._held[slots] = held
+
+    def clear(self) -> None:
+        self._index, self._held = None, np.zeros(0, bool)
+
+
+# 2**16 masks of 7 random bits each: a key's Bloom bits, all in one 64-bit word.
+_BLOOM_MASKS = np.zeros(1 << 16, np.uint64)
+for _bits in np.random.default_rng(0x5EED).integers(0, 64, (7, 1 << 16)).astype(np.uint64):
+    _BLOOM_MASKS |= np.left_shift(np.uint64(1), _bits)
+
+
+class _WrittenKeys:
+    """A Bloom filter of every key written to one table since this process found it
+    empty: a key it never saw is certainly not held (exact), one it may have seen needs
+    the existence check (~1% of unseen keys). One 64-bit word per key (7 bits from a
+    fixed table of masks: one memory access per key and layer); layers of doubling
+    capacity at 10 bits per key, ~1.3-2.5 bytes per key written in all. The store
+    drops it (back to checks) past ``max_keys`` (16x ``config.known_keys``).
+    """
+
+    _BITS_PER_KEY = 10
+
+    def __init__(self, max_keys: int, first: int = 1 << 20) -> None:
+        self.max_keys = max_keys
+        self.keys = 0  # keys added (duplicates counted): sizes the layers
+        self._first = first
+        self._layers: list[np.ndarray] = []
+        self._room = 0  # keys the last layer takes before the next one starts
+
+    @staticmethod
+    def _hash(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        h = mix64_np(keys)
+        return h, _BLOOM_MASKS[(h >> np.uint64(48)).astype(np.intp)]
+
+    def add(self, keys: np.ndarray) -> None:
+        """Adds int64 ``keys [N]`` (duplicates allowed)."""
+        if keys.size == 0:
+            return
+        if keys.size > self._room:
+            cap = max(self._first << len(self._layers), keys.size)
+            words = 1 << max(6, (cap * self._BITS_PER_KEY - 1).bit_length() - 6)
+            self._layers.append(np.zeros(words, np.uint64))
+            self._room = cap
+        h, mask = self._hash(keys)
+        words = self._layers[-1]
+        np.bitwise_or.at(words, (h & np.uint64(words.size - 1)).astype(np.intp), mask)
+        self._room -= keys.size
+        self.keys += keys.size
+
+    def may_hold(self, keys: np.ndarray) -> np.ndarray:
+        """bool ``[N]``: False where the key was certainly never added."""
+        out = np.zeros(keys.size, bool)
+        if not self._layers or keys.size == 0:
+            return out
+        h, mask = self._hash(keys)
+        for words in self._layers:
+            out |= (words[(h & np.uint64(words.size - 1)).astype(np.intp)] & mask) == mask
+        return out
