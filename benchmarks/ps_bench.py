@@ -39,6 +39,8 @@ starts with ``--host-start`` keys (untimed prefill) and takes ``--host-calls`` t
 per repeat; it is pre-sized for them (no rehash while timing). Sides:
 
 * fbgemm: the CPU default (FBGEMM's hash-map kernels, lookups split over the threads);
+* fbgemm_full: the same with its buckets filled (by keys never asked for) to load 0.5 at
+  the last call: a table about to double, the slow end of a growth cycle;
 * fbgemm_1thread: the same on one torch thread (the split's gain);
 * torch: the torch-op backend (the reference, and the CUDA fallback);
 * sorted: a sorted key array with its slot ids, probed by ``torch.searchsorted``; new keys
@@ -277,7 +279,7 @@ def _print_ssd(res: dict[str, Any]) -> None:
 
 # -- host tier: HashIndex find-or-insert ----------------------------------------------
 HOST_TARGET = 20e6  # keys/s, the tiers issue's target for the host tier's index
-_HOST_SIDES = ("fbgemm", "fbgemm_1thread", "torch", "sorted", "dict")
+_HOST_SIDES = ("fbgemm", "fbgemm_full", "fbgemm_1thread", "torch", "sorted", "dict")
 _PROFILE_STAGES = ("lookup", "bookkeeping", "insert")
 _PROFILE_FIELDS = (
     *(s + "_s" for s in _PROFILE_STAGES),
@@ -377,24 +379,35 @@ def _host_repeat(args: argparse.Namespace, new_frac: float, seed: int) -> dict[s
     n = init.size
     pool[:n] = init
     t_init = torch.from_numpy(init)
-    # Pre-sized for every key the repeat creates: no rehash while timing (reported apart).
-    cap = 2 * pool.size
+    # Pre-sized for every key the repeat creates: no rehash while timing (reported apart;
+    # an index grows when its keys plus a whole call's would pass max_load = 0.5).
+    cap = 2 * (pool.size + args.host_keys)
     indexes = {
         "fbgemm": HashIndex(capacity=cap, backend="fbgemm"),
+        "fbgemm_full": HashIndex(capacity=cap, backend="fbgemm"),
         "fbgemm_1thread": HashIndex(capacity=cap, backend="fbgemm"),
         "torch": HashIndex(capacity=cap, backend="torch"),
     }
     for idx in indexes.values():  # untimed prefill
         idx.find_or_insert(t_init)
+    # fbgemm_full: the same buckets filled to the end of a growth cycle (load 0.5 at the
+    # last call: max_load, where a growing table doubles) by keys never asked for.
+    full = indexes["fbgemm_full"]
+    filler = int(full.max_load * full.capacity) - n - args.host_calls * new_per_call
+    full.max_load = 0.9  # (no rehash: keep its load)
+    full.find_or_insert(torch.from_numpy(rng.integers(-(2**63), 2**63 - 1, max(filler, 0))))
     srt = _SortedIndex(t_init)
     d = dict(zip(init.tolist(), range(n)))
     acc: dict[str, Any] = {s: [0.0, 0.0] for s in _HOST_SIDES}
+    fb = indexes["fbgemm"]
+    load = [len(fb) / fb.capacity]  # buckets in use: longer probe chains as it rises
     for i in range(args.host_calls):
         keys, new = _host_batch(rng, pool, n, args.host_keys, new_frac)
         kt = torch.from_numpy(keys)
         sub = keys[: max(1, keys.size // args.dict_sample)].tolist()  # untimed
         fns = [
             partial(indexes["fbgemm"].find_or_insert, kt),
+            partial(full.find_or_insert, kt),
             partial(_one_thread, partial(indexes["fbgemm_1thread"].find_or_insert, kt)),
             partial(indexes["torch"].find_or_insert, kt),
             partial(srt.find_or_insert, kt),
@@ -406,7 +419,7 @@ def _host_repeat(args: argparse.Namespace, new_frac: float, seed: int) -> dict[s
             acc[side][0] += s
             acc[side][1] += len(sub) if side == "dict" else keys.size
         # Untimed checks: every side inserted exactly the new keys, slots map back.
-        for side in ("fbgemm", "fbgemm_1thread", "torch", "sorted"):
+        for side in ("fbgemm", "fbgemm_full", "fbgemm_1thread", "torch", "sorted"):
             slots, inserted = got[side]
             if int(inserted.sum()) != new.size:
                 raise AssertionError(f"{side}: {int(inserted.sum())} inserted, {new.size} new")
@@ -416,7 +429,7 @@ def _host_repeat(args: argparse.Namespace, new_frac: float, seed: int) -> dict[s
         d.update(zip(missing, range(len(d), len(d) + len(missing))))
         pool[n : n + new.size] = new
         n += new.size
-    fb = indexes["fbgemm"]
+    acc["table_load"] = load + [len(fb) / fb.capacity, len(full) / full.capacity]
     if args.host_profile:
         acc["profile"] = _fbgemm_profile(fb, rng, pool, n, new_frac, args)
     t0 = time.perf_counter()
@@ -489,7 +502,7 @@ def _host_mix(args: argparse.Namespace, new_frac: float) -> dict[str, Any]:
     def rate(side: str) -> Callable[[dict[str, Any]], float]:
         return lambda r: r[side][1] / r[side][0]
 
-    res: dict[str, Any] = {"new_frac": new_frac}
+    res: dict[str, Any] = {"new_frac": new_frac, "table_load": reps[0]["table_load"]}
     for s in _HOST_SIDES:
         res[s] = {"keys_per_s": med(rate(s))}
     res["ratios"] = {  # medians of the per-repeat ratios
@@ -546,7 +559,11 @@ def _print_host(res: dict[str, Any]) -> None:
         f"average {res['load_avg_1min'][0]:.2f} -> {res['load_avg_1min'][1]:.2f}"
     )
     for m in res["mixes"]:
-        print(f"mix: {m['new_frac']:.0%} new keys, {1 - m['new_frac']:.0%} present")
+        lo, hi, full = m["table_load"]
+        print(
+            f"mix: {m['new_frac']:.0%} new keys, {1 - m['new_frac']:.0%} present; table load "
+            f"{lo:.2f} -> {hi:.2f} of its buckets (fbgemm_full: -> {full:.2f})"
+        )
         print(f"  {'side':<15} {'keys/s':>14} {'fbgemm ratio':>13}")
         for s in _HOST_SIDES:
             ratio = m["ratios"].get(f"fbgemm_vs_{s}")
