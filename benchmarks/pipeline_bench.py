@@ -8,7 +8,8 @@ prefetches skipped) and, per pair, the ratio on/off; the headline is the median 
 Neighbours' load hits both sides of a pair alike; quote ratios, not absolute rates.
 
     python benchmarks/pipeline_bench.py [--config configs/quickstart_tiered.yaml]
-        [--steps 600] [--repeats 2] [--set tables[0].device_rows=21000 ...] [--json]
+        [--steps 600] [--repeats 2] [--set tables[0].device_rows=21000 ...]
+        [--on-set train.threads=1 ...] [--json]
 """
 
 from __future__ import annotations
@@ -52,13 +53,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument(
+        "--on-set", dest="on_sets", action="append", default=[], metavar="KEY=VALUE",
+        help="overrides for the pipeline side only (e.g. train.threads=1: leave it a core)",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     pairs = []
     with tempfile.TemporaryDirectory(prefix="pipeline_bench_") as tmp:
         for _ in range(args.repeats):
             off = run_once(args.config, args.steps, args.sets, False, Path(tmp))
-            on = run_once(args.config, args.steps, args.sets, True, Path(tmp))
+            on = run_once(args.config, args.steps, args.sets + args.on_sets, True, Path(tmp))
             ratio = on["samples_per_s"] / off["samples_per_s"]
             pairs.append({"off": off, "on": on, "ratio": ratio})
             if not args.json:
@@ -75,6 +80,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "config": args.config,
         "steps": args.steps,
         "sets": args.sets,
+        "on_sets": args.on_sets,
         "pairs": pairs,
         "median_ratio": statistics.median(p["ratio"] for p in pairs),
     }

@@ -27,9 +27,11 @@ for batch t+1 while batch t trains on the main thread::
 * **CUDA.** The background thread runs on a side stream: the batch copy and the
   prefetch's kernels and copies go there. The side stream waits on an event recorded
   on the main stream after the forward of batch t (the gate), the main stream waits on
-  an event recorded after the prefetch before it uses batch t+1, and the batch's
-  tensors are ``record_stream``-ed on the main stream (they were allocated on the side
-  one). On CPU the stream parts are no-ops and the same code runs.
+  an event recorded after the prefetch at the end of ``progress`` (so whatever runs
+  between steps, on the GPU too, comes after it), and the batch's tensors are
+  ``record_stream``-ed on the main stream (they were allocated on the side one; tier
+  state that the prefetch reallocates, the device cache's ``KeyMap`` table, records its
+  freeing stream itself). On CPU the stream parts are no-ops and the same code runs.
 * **Errors** raised on the background thread (data errors, SSD tier errors, bugs)
   surface on the main thread, with their traceback, when the batch they belong to is
   needed (the next ``progress``); the batch being trained still completes. An error
@@ -313,6 +315,7 @@ class TrainPipeline:
         t0 = time.perf_counter()
         self._next.done.wait()  # quiescent between calls (errors surface when needed)
         self.stats.wait_s += time.perf_counter() - t0
+        self._main_waits_for(self._next)  # evals, saves, stats: after it on the GPU too
         return out
 
     def _finish_step(self, batch: Batch, logits: torch.Tensor) -> StepOutput:
@@ -352,11 +355,15 @@ class TrainPipeline:
         batch = job.batch
         assert batch is not None
         if self._cuda:
-            main = torch.cuda.current_stream(self.device)
-            if job.ready is not None:
-                main.wait_event(job.ready)
-            _record_stream(batch, main)
+            self._main_waits_for(job)
+            _record_stream(batch, torch.cuda.current_stream(self.device))
         return batch
+
+    def _main_waits_for(self, job: _Job) -> None:
+        """Orders the main stream's later work after ``job``'s side-stream work (the
+        CPU does not wait)."""
+        if job.ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(job.ready)
 
     def _worker(self) -> None:
         if self._cuda:
@@ -375,6 +382,7 @@ class TrainPipeline:
             except BaseException as e:  # noqa: BLE001 - handed to the main thread
                 job.error = e
             finally:
+                self._record_ready(job)
                 job.done.set()
 
     def _run(self, job: _Job, iterator: Iterator[Batch]) -> None:
@@ -397,10 +405,13 @@ class TrainPipeline:
                     self._side.wait_event(job.gate.event)
             job.skipped = self.embedding.prefetch(batch.sparse)
             job.prefetch_s = time.perf_counter() - t1
-            if self._side is not None:
-                job.ready = torch.cuda.Event()
-                job.ready.record(self._side)
             job.batch = batch
+
+    def _record_ready(self, job: _Job) -> None:
+        """Marks the end of ``job``'s work on the side stream (also after an error)."""
+        if self._side is not None:
+            job.ready = torch.cuda.Event()
+            job.ready.record(self._side)
 
 
 def _record_stream(batch: Batch, stream: Any) -> None:

@@ -325,6 +325,12 @@ def describe_tiers(totals: dict[str, dict[str, Optional[float]]]) -> list[str]:
             rows = rec.get(f"{tier}_rows") or 0
             hit = "-" if rate is None else f"{rate:.3f}"
             parts.append(f"{tier} hit {hit} ({int(rows):,} rows)")
+        ready = rec.get("ready_rate")
+        if ready is not None:  # with the prefetch pipeline
+            skipped, batches = rec.get("prefetch_skipped") or 0, rec.get("prefetch_batches") or 0
+            parts.append(
+                f"prefetch ready {ready:.3f} ({int(skipped):,} of {int(batches):,} skipped)"
+            )
         if parts:
             lines.append(f"tiers {name}: " + ", ".join(parts))
         if f"{_ADMISSION}admitted" in rec:

@@ -31,6 +31,7 @@ from terarec.trainer.checkpoint import read_manifest
 from terarec.trainer.loop import train
 from terarec.trainer.pipeline import StepOutput, TrainPipeline
 from terarec.trainer.report import read_jsonl
+from terarec.trainer.tiers import describe_tiers
 
 FEATS = ["a", "b"]
 BATCH = 8
@@ -380,6 +381,9 @@ def test_train_with_and_without_the_pipeline_is_bitwise_the_same(
     assert tot["prefetch_rows_in"] > 0 and 0 < tot["prefetch_hit_rate"] < 1
     assert tot["ready_rate"] > 0.9 > tot["prefetch_hit_rate"]  # the prefetch did its job
     assert off["tiers"]["sparse"]["prefetch_batches"] == 0
+    (line,) = describe_tiers(on["tiers"])  # the closing line of the run
+    assert ", prefetch ready " in line and "skipped)" in line
+    assert "prefetch" not in describe_tiers(off["tiers"])[0]
     assert "ready_rate" not in off["tiers"]["sparse"]
     lines = [r for r in read_jsonl(runs / "on" / "metrics.jsonl") if r["split"] == "train"]
     for r in lines:
