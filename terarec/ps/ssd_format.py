@@ -52,8 +52,10 @@ def pack_rows(rows: np.ndarray, order: Optional[np.ndarray] = None) -> list[byte
     No per-float Python: a void view makes each row one item for ``tolist``.
     """
     rows = np.ascontiguousarray(rows, dtype="<f4")
-    flat = rows.view(np.dtype((np.void, rows.shape[1] * 4))).reshape(-1).tolist()
-    return flat if order is None else _take(flat, order)  # reorders pointers, not rows
+    flat = rows.view(np.dtype((np.void, rows.shape[1] * 4))).reshape(-1)
+    # Rows are gathered into key order before ``tolist``, not the list afterwards: the
+    # ``bytes`` then lie in memory in the order ``WriteBatch.put`` reads them (~8%).
+    return (flat if order is None else flat.take(order)).tolist()
 
 
 def _meta_key(table_id: int, field: bytes) -> bytes:
