@@ -233,6 +233,11 @@ class TrainPipeline:
         self.background_threads = background_threads
         self.stats = PipelineStats()
         self._cuda = self.device.type == "cuda"
+        self._device_index = (
+            (self.device.index if self.device.index is not None else torch.cuda.current_device())
+            if self._cuda
+            else None
+        )
         self._side: Optional[torch.cuda.Stream] = (
             torch.cuda.Stream(device=self.device) if self._cuda and overlap else None
         )
@@ -313,7 +318,7 @@ class TrainPipeline:
         gate.open()  # this batch's rows are resident and locked: prefetch the next
         out = self._finish_step(batch, logits)
         t0 = time.perf_counter()
-        self._next.done.wait()  # quiescent between calls (errors surface when needed)
+        self._wait_done(self._next)  # quiescent between calls (errors surface when needed)
         self.stats.wait_s += time.perf_counter() - t0
         self._main_waits_for(self._next)  # evals, saves, stats: after it on the GPU too
         return out
@@ -342,7 +347,7 @@ class TrainPipeline:
     def _collect(self, job: _Job) -> Optional[Batch]:
         """Waits for ``job``; its batch ready for the main stream (None at the end)."""
         t0 = time.perf_counter()
-        job.done.wait()
+        self._wait_done(job)
         self.stats.wait_s += time.perf_counter() - t0
         self.stats.load_s += job.load_s
         self.stats.prefetch_s += job.prefetch_s
@@ -359,25 +364,40 @@ class TrainPipeline:
             _record_stream(batch, torch.cuda.current_stream(self.device))
         return batch
 
+    def _wait_done(self, job: _Job) -> None:
+        """Waits for ``job``; never forever on a background thread that died."""
+        while not job.done.wait(1.0):
+            if self._thread is None or not self._thread.is_alive():
+                raise RuntimeError("the training pipeline's background thread died")
+
     def _main_waits_for(self, job: _Job) -> None:
         """Orders the main stream's later work after ``job``'s side-stream work (the
         CPU does not wait)."""
         if job.ready is not None:
             torch.cuda.current_stream(self.device).wait_event(job.ready)
 
-    def _worker(self) -> None:
+    def _setup_thread(self) -> None:
         if self._cuda:
-            torch.cuda.set_device(self.device)
+            torch.cuda.set_device(self._device_index)
         # Intra-op threads are per thread (OpenMP): the background work (hash probes,
         # row copies, RocksDB reads on RocksDB's own threads) gets one, so that it does
         # not compete with the training step's threads for the cores.
         torch.set_num_threads(self.background_threads)
+
+    def _worker(self) -> None:
+        setup_error: Optional[BaseException] = None
+        try:
+            self._setup_thread()
+        except BaseException as e:  # noqa: BLE001 - every job reports it
+            setup_error = e
         while True:
             item = self._jobs.get()
             if item is None:
                 return
             job, iterator = item
             try:
+                if setup_error is not None:
+                    raise setup_error
                 self._run(job, iterator)
             except BaseException as e:  # noqa: BLE001 - handed to the main thread
                 job.error = e

@@ -68,13 +68,18 @@ class Tiny(nn.Module):
 
 @pytest.fixture
 def build(tmp_path: Path) -> Iterator[Callable[..., tuple[Tiny, TrainPipeline]]]:
-    """``build(tiered, overlap, budgets=None, **pipeline_kwargs)``: a fresh model and its
-    pipeline (tiered: 120 device rows, 160 host rows and the SSD tier by default)."""
+    """``build(tiered, overlap, budgets=None, device="cpu", **pipeline_kwargs)``: a fresh
+    model and its pipeline (tiered: 120 device rows, 160 host rows and the SSD tier by
+    default)."""
     stores: list[SSDStore] = []
     pipes: list[TrainPipeline] = []
 
     def make(
-        tiered: bool, overlap: bool, budgets: Optional[dict[str, int]] = None, **kw: Any
+        tiered: bool,
+        overlap: bool,
+        budgets: Optional[dict[str, int]] = None,
+        device: str = "cpu",
+        **kw: Any,
     ) -> tuple[Tiny, TrainPipeline]:
         store = None
         if not tiered:
@@ -88,12 +93,14 @@ def build(tmp_path: Path) -> Iterator[Callable[..., tuple[Tiny, TrainPipeline]]]
             name="t", dim=DIM, init=InitConfig(kind="uniform", scale=0.1), **budgets
         )
         opt = SparseOptimConfig(kind="adam", lr=0.05)
-        ebc = HierarchicalEmbeddingBagCollection([table], FEATS, opt, seed=5, ssd_store=store)
+        ebc = HierarchicalEmbeddingBagCollection(
+            [table], FEATS, opt, device=torch.device(device), seed=5, ssd_store=store
+        )
         torch.manual_seed(0)
-        model = Tiny(ebc)
+        model = Tiny(ebc).to(device)
         dense_opt = torch.optim.Adam(model.head.parameters(), lr=0.01)
         pipe = TrainPipeline(
-            model, dense_opt, ebc, torch.device("cpu"), nn.BCEWithLogitsLoss(), overlap, **kw
+            model, dense_opt, ebc, torch.device(device), nn.BCEWithLogitsLoss(), overlap, **kw
         )
         pipes.append(pipe)
         return model, pipe
@@ -123,20 +130,23 @@ def pipeline_threads() -> list[threading.Thread]:
 # ------------------------------------------------------------------- equivalence
 
 
-@pytest.mark.parametrize("tiered", [True, False], ids=["tiered", "untiered"])
-def test_overlapped_training_is_bitwise_the_plain_loop(build: Callable, tiered: bool) -> None:
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize(
+    "tiered, device",
+    [(True, "cpu"), (False, "cpu"), pytest.param(True, "cuda", marks=CUDA)],
+    ids=["tiered", "untiered", "tiered-cuda"],
+)
+def test_overlapped_training_is_bitwise_the_plain_loop(
+    build: Callable, tiered: bool, device: str
+) -> None:
+    """On CUDA the background thread copies and prefetches on a side stream."""
     steps = 300
     data = make_batches(steps)
-    plain_model, plain = build(tiered, overlap=False)
-    model, pipe = build(tiered, overlap=True)
+    plain_model, plain = build(tiered, overlap=False, device=device)
+    model, pipe = build(tiered, overlap=True, device=device)
     group = model.embedding.groups[0]
-    new_rows = []  # rows each step created, and the device misses of its forward
-
-    def count(module: nn.Module, args: Any, output: Any) -> None:
-        stats = group.stats()
-        new_rows.append((len(model.embedding.tables[0]), stats.get("device_misses", 0)))
-
-    model.embedding.register_forward_hook(count)
     a = run(plain, data)
     b = run(pipe, data)
     assert len(a) == len(b) == steps
@@ -357,11 +367,15 @@ def without_wall_clock(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if k != "tiers"} for r in comparable(records)]
 
 
-@pytest.mark.parametrize("tiered", [True, False], ids=["tiered", "untiered"])
+@pytest.mark.parametrize(
+    "tiered, device",
+    [(True, "cpu"), (False, "cpu"), pytest.param(True, "cuda", marks=CUDA)],
+    ids=["tiered", "untiered", "tiered-cuda"],
+)
 def test_train_with_and_without_the_pipeline_is_bitwise_the_same(
-    tiny_config: Callable[..., Config], tiered: bool
+    tiny_config: Callable[..., Config], tiered: bool, device: str
 ) -> None:
-    over = dict(PREFETCHED)
+    over = {**PREFETCHED, "train": {**PREFETCHED["train"], "device": device}}
     if not tiered:
         over = {**over, "tables": [{"name": "sparse", "dim": 8}], "ssd": {}}
     on = train(tiny_config(name="on", **{**over, "train": {**over["train"], "prefetch": True}}))
