@@ -265,6 +265,19 @@ def test_an_error_on_the_background_thread_surfaces_with_its_traceback(
         pipe.progress(it)
 
 
+def test_a_background_thread_that_cannot_start_fails_the_step(
+    build: Callable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(self: TrainPipeline) -> None:
+        raise RuntimeError("no CUDA device 7")
+
+    monkeypatch.setattr(TrainPipeline, "_setup_thread", broken)
+    model, pipe = build(True, overlap=True)
+    with pytest.raises(RuntimeError, match="no CUDA device 7"):  # not a hang
+        pipe.progress(iter(make_batches(3)))
+    assert not pipeline_threads()
+
+
 def test_a_prefetch_error_surfaces_at_the_step_that_needs_the_batch(
     build: Callable,
 ) -> None:
