@@ -60,6 +60,7 @@ from torch import nn
 
 from terarec.data.batch import Batch
 from terarec.ps.embedding import HierarchicalEmbeddingBagCollection
+from terarec.trainer.sync import NoSync, ReplicaSync
 
 log = logging.getLogger("terarec.trainer")
 
@@ -199,6 +200,10 @@ class TrainPipeline:
         check_loss: called with the loss before backward; raising there stops the
             step before any update (e.g. a NaN loss).
         background_threads: torch intra-op threads of the background thread.
+        sync: keeps replicas in step across fast groups (``trainer/sync.py``): called
+            after backward and after the dense optimizer step of every step.
+        start_step: steps trained before this pipeline (a resumed run's step), so that
+            ``sync.after_optimizer_step`` gets the run's step number.
 
     Example::
 
@@ -222,6 +227,8 @@ class TrainPipeline:
         overlap: bool = True,
         check_loss: Optional[Callable[[torch.Tensor], None]] = None,
         background_threads: int = 1,
+        sync: Optional[ReplicaSync] = None,
+        start_step: int = 0,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -231,6 +238,8 @@ class TrainPipeline:
         self.overlap = overlap
         self.check_loss = check_loss
         self.background_threads = background_threads
+        self.sync: ReplicaSync = sync if sync is not None else NoSync()
+        self.step = start_step  # steps trained, this run's and before a resume
         self.stats = PipelineStats()
         self._cuda = self.device.type == "cuda"
         self._device_index = (
@@ -329,7 +338,12 @@ class TrainPipeline:
             self.check_loss(loss)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # the sparse rows are updated by the fused hooks here
+        # The one place where replicas across fast groups are kept in step (k = 1:
+        # grads averaged before the step; k-step merging: parameters merged after it).
+        self.sync.before_optimizer_step()
         self.optimizer.step()
+        self.step += 1
+        self.sync.after_optimizer_step(self.step)
         self.stats.steps += 1
         return StepOutput(loss.detach(), logits.detach(), batch)
 
