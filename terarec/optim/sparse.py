@@ -8,6 +8,10 @@ updates a block of *unique* rows in one vectorised call:
     rows' = opt.update(rows, grad)        # grad: [U, dim], already summed per key
     table.data[slots] = rows'
 
+On CUDA (with triton) ``update_at`` runs one fused kernel that updates the rows in place
+by slot instead (``terarec.optim.triton_rows``: each row read and written once); the
+torch path stays the reference and the CPU path.
+
 Semantics match the torch optimizers on a sparse gradient (rows absent from a step are
 untouched): SGD = ``torch.optim.SGD``, Adagrad = ``torch.optim.Adagrad``, Adam =
 ``torch.optim.SparseAdam`` (one step counter per table, bias correction from it), and
@@ -18,20 +22,35 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from terarec.config import SparseOptimConfig, SparseOptimKind
+from terarec.optim import triton_rows
 
 
 class RowOptimizer(ABC):
     """Updates ``[U, dim + state_width]`` row blocks in place of a sparse optimizer."""
 
+    kernel: int  # the triton_rows optimizer code
+
     def __init__(self, cfg: SparseOptimConfig, dim: int) -> None:
         self.cfg = cfg
         self.dim = dim
         self.step = 0  # number of update() calls (per table)
+
+    def fused_on(self, device: torch.device, fused: Optional[bool] = None) -> bool:
+        """Whether :meth:`update_at` runs the fused kernel on ``device``: ``fused=None``
+        (auto) on CUDA when triton is present; ``True`` demands it (an error where it
+        cannot run, e.g. CPU without ``TRITON_INTERPRET=1``); ``False`` never."""
+        if fused is None:
+            return device.type == "cuda" and triton_rows.available(device)
+        if fused and not triton_rows.available(device):
+            raise ValueError(
+                f"the fused row optimizer needs triton and a CUDA device (got {device})"
+            )
+        return fused
 
     @property
     @abstractmethod
@@ -55,6 +74,24 @@ class RowOptimizer(ABC):
         self.step += 1
         return self._update(rows, grad)
 
+    def update_at(self, storage: torch.Tensor, slots: torch.Tensor, grad: torch.Tensor) -> None:
+        """One fused step on ``storage[slots]`` **in place** (one triton kernel).
+
+        Args:
+            storage: float32 ``[N, dim + state_width]`` row storage of a tier.
+            slots: int64 ``[U]`` unique rows of ``storage`` (-1: skipped).
+            grad: ``[U, dim]`` gradient summed over every occurrence of each key.
+        """
+        self.step += 1
+        c = self.cfg
+        triton_rows.row_update_(
+            storage, slots, grad, self.kernel, lr=c.lr, eps=c.eps, beta1=c.beta1,
+            beta2=c.beta2, step_size=self._step_size(),
+        )
+
+    def _step_size(self) -> float:
+        return self.cfg.lr
+
     @abstractmethod
     def _update(self, rows: torch.Tensor, grad: torch.Tensor) -> torch.Tensor: ...
 
@@ -67,6 +104,7 @@ class RowOptimizer(ABC):
 
 class RowSGD(RowOptimizer):
     state_width = 0
+    kernel = triton_rows.SGD
 
     def _update(self, rows: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         rows[:, : self.dim].add_(grad, alpha=-self.cfg.lr)
@@ -75,6 +113,8 @@ class RowSGD(RowOptimizer):
 
 class RowAdagrad(RowOptimizer):
     """``torch.optim.Adagrad`` (lr_decay = 0): s += g^2; w -= lr * g / (sqrt(s) + eps)."""
+
+    kernel = triton_rows.ADAGRAD
 
     @property
     def state_width(self) -> int:
@@ -95,6 +135,7 @@ class RowWiseAdagrad(RowOptimizer):
     """FBGEMM ``EXACT_ROWWISE_ADAGRAD``: one accumulator per row, s += mean(g^2)."""
 
     state_width = 1
+    kernel = triton_rows.ROWWISE_ADAGRAD
 
     def init_state(self, n: int, device: torch.device) -> torch.Tensor:
         return torch.full((n, 1), self.cfg.initial_accumulator_value, device=device)
@@ -110,6 +151,12 @@ class RowWiseAdagrad(RowOptimizer):
 class RowAdam(RowOptimizer):
     """``torch.optim.SparseAdam``: moments of present rows only, per-table step count."""
 
+    kernel = triton_rows.ADAM
+
+    def _step_size(self) -> float:  # called after the step counter moved
+        c = self.cfg
+        return c.lr * math.sqrt(1 - c.beta2**self.step) / (1 - c.beta1**self.step)
+
     @property
     def state_width(self) -> int:
         return 2 * self.dim
@@ -123,10 +170,7 @@ class RowAdam(RowOptimizer):
         m.add_(m_upd)
         v.add_(v_upd)
         denom = v.sqrt().add_(c.eps)
-        bc1 = 1 - c.beta1**self.step
-        bc2 = 1 - c.beta2**self.step
-        step_size = c.lr * math.sqrt(bc2) / bc1
-        w.add_(-step_size * m.div(denom))
+        w.add_(-self._step_size() * m.div(denom))
         return rows
 
 

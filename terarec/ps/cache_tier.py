@@ -14,7 +14,7 @@ row (only :meth:`CacheTier.evict` and :meth:`CacheTier.expire` remove rows on pu
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 
@@ -97,6 +97,11 @@ class CacheTier:
     def read(self, slots: torch.Tensor) -> torch.Tensor:
         """Rows at ``slots`` ``[N, row_width]`` (a copy)."""
         return self._rows.index_select(0, slots)
+
+    def update_rows(self, slots: torch.Tensor, grad: torch.Tensor, optimizer: Any) -> None:
+        """One fused optimizer step on the rows at unique ``slots`` in place
+        (``grad [N, dim]``; ``optimizer`` a ``RowOptimizer``)."""
+        optimizer.update_at(self._rows, slots, grad)
 
     def write(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
         """Overwrites the rows at unique ``slots``."""

@@ -116,6 +116,21 @@ class TierChain:
         self.top.write(slots[cached], rows[cached])
         self.scratch.write(slots[padded], rows[padded])  # type: ignore[union-attr]
 
+    def update_rows(self, slots: torch.Tensor, grad: torch.Tensor, optimizer: Any) -> None:
+        """One fused optimizer step on the rows at unique top-tier (or scratch pad)
+        ``slots`` in place; ``grad [N, dim]``. The optimizer's step counter advances
+        once even when the rows lie in both the cache and the pad."""
+        pad = self._pad_mask(slots)
+        if pad is None:
+            self.top.update_rows(slots, grad, optimizer)
+            return
+        cached, padded = (~pad).nonzero().squeeze(1), pad.nonzero().squeeze(1)
+        # Both parts take the same step: the counter is rewound before the pad's part.
+        step = optimizer.step
+        self.top.update_rows(slots[cached], grad[cached], optimizer)
+        optimizer.step = step
+        self.scratch.update_rows(slots[padded], grad[padded], optimizer)  # type: ignore[union-attr]
+
     def _pad_mask(self, slots: torch.Tensor) -> Optional[torch.Tensor]:
         if self.scratch is None:
             return None

@@ -66,6 +66,8 @@ class TableGroup:
         device: where rows live (the device tier, when the table has budgets).
         seed: run seed.
         bottom: the tier under a budgeted host tier (the SSD tier), when there is one.
+        fused: the fused (triton) row optimizer updating rows in place by slot: ``None``
+            = on CUDA when triton is present; ``True`` demands it; ``False`` never.
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class TableGroup:
         device: torch.device,
         seed: int,
         bottom: Optional[Any] = None,
+        fused: Optional[bool] = None,
     ) -> None:
         if len({group_key(c) for c in cfgs}) != 1:
             raise ValueError("a table group needs tables of one dim, pooling and initializer")
@@ -85,6 +88,7 @@ class TableGroup:
         self.device = device
         self.optimizer: RowOptimizer = build_row_optimizer(optim, self.dim)
         self.row_width = self.dim + self.optimizer.state_width
+        self.fused = self.optimizer.fused_on(device, fused)
         salts = [0] + [salt_for("table-namespace:" + n) or 1 for n in self.names[1:]]
         self.salts = torch.tensor(salts, dtype=torch.int64, device=device)
         self.seeds = [table_seed(seed, n) for n in self.names]
@@ -473,9 +477,12 @@ class TableGroup:
             if live.numel() < slots.numel():
                 slots, grad = slots[live], grad[live]
                 rows = None if rows is None else rows[live]
-        if rows is None:
-            rows = self.top.read(slots)
-        self.top.write(slots, self.optimizer.update(rows, grad.to(rows.dtype)))
+        if self.fused:  # one kernel, in place in the tier's storage
+            self.top.update_rows(slots, grad, self.optimizer)
+        else:
+            if rows is None:
+                rows = self.top.read(slots)
+            self.top.write(slots, self.optimizer.update(rows, grad.to(rows.dtype)))
         self.version += 1
 
     # -- per-table views -------------------------------------------------------------

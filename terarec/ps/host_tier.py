@@ -15,7 +15,7 @@ the memory is ever dead.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -245,6 +245,11 @@ class HostTier:
     def read(self, slots: torch.Tensor) -> torch.Tensor:
         """Rows at ``slots``: ``[N, row_width]`` (a copy)."""
         return self._rows.index_select(0, slots)
+
+    def update_rows(self, slots: torch.Tensor, grad: torch.Tensor, optimizer: Any) -> None:
+        """One fused optimizer step on the rows at unique ``slots`` in place
+        (``grad [N, dim]``; ``optimizer`` a ``RowOptimizer``)."""
+        optimizer.update_at(self._rows, slots, grad)
 
     def write(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
         """Overwrites the rows at unique ``slots`` with ``rows`` ``[N, row_width]``."""

@@ -15,6 +15,7 @@ Slots of the pad are numbered after the cache's: ``capacity + i`` for pad row ``
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import torch
 
@@ -120,6 +121,11 @@ class ScratchPad:
     def read(self, slots: torch.Tensor) -> torch.Tensor:
         with self._guard:
             return self._rows.index_select(0, slots - self.base)
+
+    def update_rows(self, slots: torch.Tensor, grad: torch.Tensor, optimizer: Any) -> None:
+        """One fused optimizer step on the pad rows at unique ``slots`` in place."""
+        with self._guard:
+            optimizer.update_at(self._rows, slots - self.base, grad)
 
     def write(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
         with self._guard:
