@@ -392,6 +392,48 @@ class TierChain:
         else:
             tier.insert(keys, rows, meta)
 
+    def overwrite(self, keys: torch.Tensor, rows: torch.Tensor, step: int) -> int:
+        """Sets the rows of unique ``keys`` ``[N]`` to ``rows [N, row_width]`` where their
+        freshest copy lives (the top tier, the scratch pad, a lower tier: the order reads
+        follow), in place: metadata, locks and positions are kept, older copies below
+        stay older. Keys in no tier get a new row in the bottom tier (metadata
+        ``(step, 0)``). A k-step merge writes back with it. Returns the rows created."""
+        if keys.numel() == 0:
+            return 0
+        rows = rows.to(self.top.device, torch.float32)
+        slots = self.top.lookup(keys.to(self.top.device))
+        hit = (slots >= 0).to(keys.device)
+        self.top.write(slots[slots >= 0], rows[hit.to(rows.device)])
+        pending = (~hit).nonzero().squeeze(1)
+        if self.scratch is not None and pending.numel() and len(self.scratch):
+            s = self.scratch.lookup(keys[pending].to(self.top.device))
+            h = (s >= 0).to(keys.device)
+            self.scratch.write(s[s >= 0], rows[pending[h].to(rows.device)])
+            pending = pending[~h]
+        for tier in self.tiers[1:]:
+            if pending.numel() == 0:
+                break
+            k = keys[pending]
+            mine = rows[pending.to(rows.device)]
+            if isinstance(tier, CacheTier):
+                s = tier.lookup(k.to(tier.device))
+                h = (s >= 0).to(keys.device)
+                tier.write(s[s >= 0], mine[h.to(mine.device)].to(tier.device))
+            else:  # the bottom tier: an upsert, with the row's own metadata
+                got = torch.empty(k.numel(), self.row_width)
+                meta = torch.empty(k.numel(), META_WIDTH, dtype=torch.int64)
+                h = torch.ones(k.numel(), dtype=torch.bool, device=keys.device)
+                h[tier.find(k, got, meta).to(keys.device)] = False
+                if bool(h.any()):
+                    tier.insert(k[h], mine[h.to(mine.device)], meta[h.cpu()])
+            pending = pending[~h]
+        if pending.numel() == 0:
+            return 0
+        meta = torch.tensor([step, 0], dtype=torch.int64).repeat(pending.numel(), 1)
+        self.tiers[-1].insert(keys[pending], rows[pending.to(rows.device)], meta)
+        self.created += pending.numel()
+        return pending.numel()
+
     def lookup_rows(
         self, keys: torch.Tensor, fresh_from: Optional[int] = None
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -209,6 +209,7 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
             rows = group.read(slots)  # zeros where admission left a pair out (slot -1)
             weights = rows[:, : group.dim].contiguous().requires_grad_(True)
             weights.register_hook(_RowUpdate(group, slots, rows))
+            group.record_touched(dedup.keys, dedup.tables, slots, rows)  # k-step merging
         else:
             rows, _ = group.lookup_rows(dedup.keys, dedup.tables)
             weights = rows[:, : group.dim].contiguous()

@@ -37,6 +37,7 @@ from terarec.ps.factory import build_chain
 from terarec.ps.host_tier import HostTier
 from terarec.ps.initializer import init_rows
 from terarec.ps.tier import LAST, zero_meta
+from terarec.ps.touched import TouchedRows
 
 
 def table_seed(seed: int, name: str) -> int:
@@ -102,6 +103,9 @@ class TableGroup:
         self._slot_table = torch.zeros(1024, dtype=torch.int64, device=device)
         self._side: dict[tuple[int, int], int] = {}  # (table, key) -> slot, collisions only
         self.version = 0  # bumped by every optimizer step (stale-gather detection)
+        # k-step merging (ps/touched.py): pairs trained since the last merge of the
+        # replicas, with their rows at first touch; None: not tracked
+        self.touched: Optional[TouchedRows] = None
         adm = cfgs[0].admission
         self.admission: Optional[Admission] = None
         if adm is not None:
@@ -389,6 +393,65 @@ class TableGroup:
             return False
         meta = self.tier.read_meta(torch.tensor([slot], device=self.device))
         return int(meta[0, LAST]) < fresh_from
+
+    def track_touched(self, on: bool) -> None:
+        """Starts (or stops) recording the pairs trained since the last merge of the
+        replicas (``TouchedRows``; k-step merging). Starting forgets earlier records."""
+        self.touched = TouchedRows(self.row_width, self.device) if on else None
+
+    def record_touched(
+        self,
+        comp: torch.Tensor,
+        tables: torch.Tensor,
+        slots: torch.Tensor,
+        rows: Optional[torch.Tensor] = None,
+    ) -> None:
+        """Records the unique pairs a training forward prepared, before their update,
+        when tracking (k-step merging); pairs without a row (slot -1) are skipped.
+
+        Args:
+            comp, tables, slots: int64 ``[U]`` the pairs and their slots.
+            rows: their rows ``[U, row_width]`` when the forward gathered them; else the
+                rows of the pairs not recorded yet are read at ``slots``.
+        """
+        if self.touched is None:
+            return
+        if self.admission is not None:
+            live = (slots >= 0).nonzero().squeeze(1)
+            if live.numel() < slots.numel():
+                comp, tables, slots = comp[live], tables[live], slots[live]
+                rows = None if rows is None else rows[live]
+
+        def before(pos: torch.Tensor) -> torch.Tensor:
+            return rows[pos] if rows is not None else self.top.read(slots[pos])
+
+        self.touched.record(comp, tables, before)
+
+    def overwrite_rows(self, comp: torch.Tensor, tables: torch.Tensor, rows: torch.Tensor) -> None:
+        """Sets the rows of pairs wherever they live (a k-step merge writes back): a row
+        held in a tier is overwritten in place there, keeping its metadata and locks; a
+        pair without a row gets one holding ``rows`` (in the bottom tier of a tiered
+        table). Takes no training step.
+
+        Args:
+            comp: int64 ``[N]`` composite keys, pairs unique, sorted.
+            tables: int64 ``[N]`` table of each pair.
+            rows: ``[N, row_width]`` weights and optimizer state.
+        """
+        if comp.numel() == 0:
+            return
+        if self.chain is not None:
+            self.chain.overwrite(comp, rows, self.step)
+        else:
+            rows = rows.to(self.device, torch.float32)
+            slots = self.find(comp, tables)
+            hit = (slots >= 0).nonzero().squeeze(1)
+            self.tier.write(slots[hit], rows[hit])
+            new = (slots < 0).nonzero().squeeze(1)
+            if new.numel():
+                made = self._slots_for(comp[new], tables[new], lambda pos: rows[new[pos]])
+                self.tier.write(made, rows[new])  # also where TTL's view found a row after all
+        self.version += 1
 
     def lookup_rows(
         self, comp: torch.Tensor, tables: torch.Tensor

@@ -1,0 +1,219 @@
+"""Parsers for nvidia-smi's text: the ``topo -m`` matrix and ``--query-gpu`` CSV.
+
+``nvidia-smi topo -m`` prints a matrix like::
+
+            GPU0    GPU1    NIC0    CPU Affinity    NUMA Affinity   GPU NUMA ID
+    GPU0     X      NV18    PXB     0-55,112-167    0               N/A
+    GPU1    NV18     X      NODE    0-55,112-167    0               N/A
+    NIC0    PXB     NODE     X
+
+    Legend: ...
+    NIC Legend:
+      NIC0: mlx5_0
+
+Real outputs vary: ANSI underline escapes around the header, NIC columns named
+``mlx5_0`` instead of ``NIC0``, no ``NUMA Affinity`` column on old drivers, prompts and
+tool banners before it, whitespace mangled by pasting. The parser takes the first line
+whose first token is ``GPU0`` and whose second is not ``X`` as the header, reads a row per
+device, and stops at the first line that is not one.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+from terarec.topology.model import TopologyError, normalize_relation, parse_cpulist
+
+_ANSI = re.compile(r"\x1b?\[\d+(?:;\d+)*m")
+_MULTI = ((re.compile(r"GPU\s+NUMA\s+ID"), "GPU_NUMA_ID"),
+          (re.compile(r"CPU\s+Affinity"), "CPU_Affinity"),
+          (re.compile(r"NUMA\s+Affinity"), "NUMA_Affinity"))
+_TRAILING = ("CPU_Affinity", "NUMA_Affinity", "GPU_NUMA_ID")
+_LEGEND = re.compile(r"^\s*(NIC\d+)\s*:\s*(\S+)\s*$")
+
+
+@dataclass
+class TopoMatrix:
+    """What ``nvidia-smi topo -m`` said.
+
+    Attributes:
+        gpu_links: ``[n_gpus][n_gpus]`` relations (``X`` on the diagonal).
+        nic_names: NIC names in column order (``NICk`` resolved through the NIC legend).
+        gpu_nic_links: ``[n_gpus][n_nics]`` relations.
+        nic_nic_links: ``[n_nics][n_nics]`` relations (empty rows when not printed).
+        cpu_affinity: per GPU, its CPU list (empty when ``N/A`` or absent).
+        numa_affinity: per GPU, its NUMA node (None when ``N/A`` or absent).
+        gpu_numa_id: per GPU, the GPU memory's own NUMA node (GH200), else None.
+    """
+
+    gpu_links: list[list[str]]
+    nic_names: list[str]
+    gpu_nic_links: list[list[str]]
+    nic_nic_links: list[list[str]] = field(default_factory=list)
+    cpu_affinity: list[list[int]] = field(default_factory=list)
+    numa_affinity: list[Optional[int]] = field(default_factory=list)
+    gpu_numa_id: list[Optional[int]] = field(default_factory=list)
+
+    @property
+    def num_gpus(self) -> int:
+        return len(self.gpu_links)
+
+
+def _tokens(line: str) -> list[str]:
+    line = _ANSI.sub("", line)
+    for pat, word in _MULTI:
+        line = pat.sub(word, line)
+    return line.split()
+
+
+def _opt_node(cell: Optional[str], where: str) -> Optional[int]:
+    if cell is None or cell.upper() == "N/A":
+        return None
+    try:
+        nodes = parse_cpulist(cell)  # "0" or, rarely, "0-1"
+    except ValueError:
+        raise TopologyError(f"{where}: NUMA node {cell!r} is not a number") from None
+    return nodes[0] if nodes else None
+
+
+def parse_topo_matrix(text: str, source: str = "nvidia-smi topo -m") -> TopoMatrix:
+    """Parses ``nvidia-smi topo -m`` output (anything around the matrix is skipped).
+
+    Args:
+        text: the output, or a file holding it among other text.
+        source: how to name the text in errors (the command or the file).
+
+    Returns:
+        The :class:`TopoMatrix`.
+
+    Raises:
+        TopologyError: no matrix found, a row missing or short, a cell that is not a
+            relation; the message names ``source`` and the row.
+    """
+    lines = text.splitlines()
+    start, cols = None, []
+    for i, line in enumerate(lines):
+        t = _tokens(line)
+        if t and t[0] == "GPU0" and (len(t) == 1 or t[1] != "X"):
+            start, cols = i, t
+            break
+    if start is None:
+        raise TopologyError(
+            f"{source}: no GPU matrix found (expected a header line starting with GPU0)"
+        )
+    devices = [c for c in cols if c not in _TRAILING]
+    trailing = [c for c in cols if c in _TRAILING]
+    if devices != cols[: len(devices)]:
+        raise TopologyError(f"{source}: header {' '.join(cols)!r}: device columns after "
+                            "the affinity columns")
+    gpus = [c for c in devices if re.fullmatch(r"GPU\d+", c)]
+    if gpus != [f"GPU{i}" for i in range(len(gpus))] or devices[: len(gpus)] != gpus:
+        raise TopologyError(f"{source}: header {' '.join(cols)!r}: GPU columns are not "
+                            "GPU0, GPU1, ... first")
+    rows: dict[str, list[str]] = {}
+    for line in lines[start + 1:]:
+        t = _tokens(line)
+        if not t or t[0] not in devices:
+            if rows:
+                break
+            continue
+        rows[t[0]] = t[1:]
+    legend = {m.group(1): m.group(2) for m in map(_LEGEND.match, lines[start:]) if m}
+    ng = len(gpus)
+    nics = devices[ng:]
+    missing = [g for g in gpus if g not in rows]
+    if missing:
+        raise TopologyError(f"{source}: no row for {', '.join(missing)}")
+
+    def rels(row_name: str, cells: list[str], cols_: list[str]) -> list[str]:
+        out = []
+        for c, cell in zip(cols_, cells):
+            try:
+                out.append(normalize_relation(cell))
+            except ValueError as e:
+                raise TopologyError(f"{source}: row {row_name}, column {c}: {e}") from None
+        return out
+
+    gpu_links, gpu_nic, cpu_aff, numa_aff, gpu_numa = [], [], [], [], []
+    for g in gpus:
+        cells = rows[g]
+        if len(cells) < len(devices):
+            raise TopologyError(f"{source}: row {g} has {len(cells)} cells, the header "
+                                f"{len(devices)} devices")
+        links = rels(g, cells[: len(devices)], devices)
+        gpu_links.append(links[:ng])
+        gpu_nic.append(links[ng:])
+        extra = dict(zip(trailing, cells[len(devices):]))
+        try:
+            cpu_aff.append(parse_cpulist(extra.get("CPU_Affinity", "")))
+        except ValueError as e:
+            raise TopologyError(f"{source}: row {g}, CPU Affinity: {e}") from None
+        numa_aff.append(_opt_node(extra.get("NUMA_Affinity"), f"{source}: row {g}"))
+        gpu_numa.append(_opt_node(extra.get("GPU_NUMA_ID"), f"{source}: row {g}"))
+    for i in range(ng):
+        if gpu_links[i][i] != "X":
+            raise TopologyError(f"{source}: row GPU{i}: {gpu_links[i][i]} on the diagonal")
+    nic_nic = [rels(n, rows[n][ng: ng + len(nics)], nics) if n in rows else [] for n in nics]
+    return TopoMatrix(
+        gpu_links=gpu_links,
+        nic_names=[legend.get(n, n) for n in nics],
+        gpu_nic_links=gpu_nic,
+        nic_nic_links=nic_nic,
+        cpu_affinity=cpu_aff,
+        numa_affinity=numa_aff,
+        gpu_numa_id=gpu_numa,
+    )
+
+
+def normalize_bus_id(bus_id: str) -> str:
+    """``00000000:0A:00.0`` (nvidia-smi, NVML) -> ``0000:0a:00.0`` (sysfs)."""
+    b = bus_id.strip().lower()
+    m = re.fullmatch(r"(?:([0-9a-f]+):)?([0-9a-f]{2}):([0-9a-f]{2})\.([0-7])", b)
+    if m is None:
+        raise ValueError(f"{bus_id!r} is not a PCI bus id")
+    domain = int(m.group(1) or "0", 16)
+    return f"{domain:04x}:{m.group(2)}:{m.group(3)}.{m.group(4)}"
+
+
+@dataclass
+class GpuQuery:
+    """One line of ``nvidia-smi --query-gpu=QUERY_FIELDS --format=csv,noheader,nounits``."""
+
+    index: int
+    name: str
+    pci_bus_id: Optional[str]
+    memory_mb: Optional[int]
+    pcie_gen: Optional[int]
+
+
+QUERY_FIELDS = "index,name,pci.bus_id,memory.total,pcie.link.gen.max"
+
+
+def parse_query_gpu(text: str, source: str = "nvidia-smi --query-gpu") -> list[GpuQuery]:
+    """Parses the CSV of ``--query-gpu=`` :data:`QUERY_FIELDS` (``noheader,nounits``).
+
+    Raises:
+        TopologyError: a line without five fields or with a bad index; names ``source``.
+    """
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 5:
+            raise TopologyError(f"{source}: line {n}: {line!r}: expected 5 fields "
+                                f"({QUERY_FIELDS})")
+
+        def num(s: str) -> Optional[int]:
+            return int(s) if s.isdigit() else None
+
+        if num(parts[0]) is None:
+            raise TopologyError(f"{source}: line {n}: index {parts[0]!r} is not a number")
+        try:
+            bus: Optional[str] = normalize_bus_id(parts[2])
+        except ValueError:
+            bus = None
+        out.append(GpuQuery(int(parts[0]), parts[1], bus, num(parts[3]), num(parts[4])))
+    return out
