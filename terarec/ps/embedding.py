@@ -64,6 +64,19 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
         seed: run seed for first-touch row initialisation.
         ssd_store: the rank's SSD store; tables with a ``host_rows`` budget keep the rows
             their host tier evicts there (table id = the table's index in ``tables``).
+        process_group: the shard group (a fast group): every ``(table, key)`` has one
+            owner rank in it that holds the row (``ps/exchange.py``); None = one rank
+            holds every row (the single-process path, unchanged).
+        replica_group: the ranks holding the same shard in other shard groups (a cross
+            group); with ``sync_replicas`` the owners' row gradients are summed over it
+            every step, so every replica applies the same update. None = no replicas.
+        sync_replicas: combine row gradients over ``replica_group`` every step (k = 1);
+            the k-step merger turns it off (attribute ``sync_replicas``) and merges
+            replicas every k steps instead.
+        prefetch_group: a second group with the members of ``process_group`` (in the
+            same order) for :meth:`prefetch`, which runs on a background thread while
+            the main thread's collectives use ``process_group``. Without it a sharded
+            collection's prefetch does nothing.
 
     Example::
 
@@ -79,8 +92,19 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
         device: Optional[torch.device] = None,
         seed: int = 0,
         ssd_store: Optional[SSDStore] = None,
+        *,
+        process_group: Optional[Any] = None,
+        replica_group: Optional[Any] = None,
+        sync_replicas: bool = True,
+        prefetch_group: Optional[Any] = None,
     ) -> None:
         super().__init__()
+        self.process_group = process_group
+        self.replica_group = replica_group
+        self.sync_replicas = sync_replicas
+        self.prefetch_group = prefetch_group
+        if process_group is not None:  # the exchange lands in ps/exchange.py
+            raise NotImplementedError("sharded tables (process_group) are not built yet")
         self.device = torch.device(device or "cpu")
         self.feature_names = list(feature_names)
         table_features = resolve_table_features(tables, self.feature_names)
