@@ -317,3 +317,49 @@ def load_fixture(path: Union[str, Path]) -> Machine:
     except OSError as e:
         raise TopologyError(f"{p}: cannot read: {e.strerror or e}") from None
     return machine_from_text(text, str(p))
+
+
+def machine_to_fixture(m: Machine, comments: Optional[list[str]] = None) -> str:
+    """A machine in the fixture format (``terarec-topo --fixture``): how a real box is
+    captured as text for tests and docs."""
+    from terarec.topology.model import format_cpulist
+    from terarec.topology.smi import format_topo_matrix
+
+    out = [f"# {c}" for c in (comments or [])]
+    out += ["[host]", f"hostname = {m.hostname}"]
+    if m.sockets:
+        out.append(f"sockets = {m.sockets}")
+    if m.threads_per_core:
+        out.append(f"threads_per_core = {m.threads_per_core}")
+    if m.gpus:
+        g = m.gpus[0]
+        if g.name:
+            out.append(f"gpu_name = {g.name}")
+        if g.pcie_gen:
+            out.append(f"gpu_pcie_gen = {g.pcie_gen}")
+        if g.memory_mb:
+            out.append(f"gpu_memory_mb = {g.memory_mb}")
+        out += ["", "[nvidia-smi topo -m]", format_topo_matrix(
+            m.gpu_links, [n.name for n in m.nics], m.gpu_nic_links,
+            [format_cpulist(g.cpus) for g in m.gpus],
+            ["N/A" if g.numa_node is None else str(g.numa_node) for g in m.gpus]).rstrip()]
+    out += ["", "[numa]"]
+    for node in m.numa:
+        out.append(f"node {node.id} cpus: {' '.join(map(str, node.cpus))}")
+        if node.memory_mb is not None:
+            out.append(f"node {node.id} size: {node.memory_mb} MB")
+
+    def cell(v: object) -> str:
+        return "-" if v is None or v == [] else str(v)
+
+    out += ["", "[nics]", "# name  kind  numa  netdev  gbps"]
+    for n in m.nics:
+        kind = "ib" if n.rdma else "eth"
+        out.append(f"{n.name}  {kind}  {cell(n.numa_node)}  {cell(n.netdev)}  "
+                   f"{cell(n.rate_gbps)}")
+    out += ["", "[disks]", "# name  kind  numa  mount  size_gb  members"]
+    for d in m.disks:
+        out.append(f"{d.name}  {'nvme' if d.nvme else 'disk'}  {cell(d.numa_node)}  "
+                   f"{cell(d.mount)}  {cell(d.size_gb)}  "
+                   f"{','.join(d.members) if d.members else '-'}")
+    return "\n".join(out) + "\n"

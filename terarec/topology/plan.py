@@ -17,8 +17,10 @@ Rules (docs/topology.md has the why):
   NVLink (NCCL's PXN does the copy; terarec's own cross-node merge routes through
   ``relay_gpu``). ``NCCL_IB_HCA`` is ``=mlx5_N`` (exact: a bare ``mlx5_1`` would also
   match ``mlx5_10``); a GPU with only Ethernet gets ``NCCL_SOCKET_IFNAME=<netdev>``.
-* **SSD directory**: on the nearest mounted NVMe (same node, then a RAID spanning nodes,
-  then the same socket, then anywhere), ties to the least used, then the largest.
+* **SSD directory**: on the nearest mounted NVMe data volume (same node, then a RAID
+  spanning nodes, then the same socket, then anywhere), ties to the least used, then the
+  largest; the OS disk (mounted on ``/``) only when there is no other, and a non-NVMe
+  disk only when there is no NVMe (a warning).
 * **Fast groups**: NVLink islands (connected components of the NV# links among the
   ranks' GPUs; the whole node under NVSwitch). Without NVLink: the GPUs of one socket
   (PCIe links up to NODE). A CPU box: the whole node.
@@ -262,6 +264,7 @@ def _pick_disks(m: Machine, ranks: list[RankPlan], subdir: str,
         findings.append(Finding("warning", "no NVMe disk: the SSD tier falls back to "
                                 f"{', '.join(d.name for d in usable)} (slow random reads)"))
     pool = nvme or usable
+    pool = [d for d in pool if d.mount != "/"] or pool  # a data volume before the OS disk
     load: Counter[str] = Counter()
 
     def distance(node: Optional[int], disk_node: Optional[int]) -> int:

@@ -217,3 +217,22 @@ def parse_query_gpu(text: str, source: str = "nvidia-smi --query-gpu") -> list[G
             bus = None
         out.append(GpuQuery(int(parts[0]), parts[1], bus, num(parts[3]), num(parts[4])))
     return out
+
+
+def format_topo_matrix(gpu_links: list[list[str]], nic_names: list[str],
+                       gpu_nic_links: list[list[str]], cpu_affinity: list[str],
+                       numa_affinity: list[str]) -> str:
+    """A matrix in ``nvidia-smi topo -m``'s layout (what :func:`parse_topo_matrix` reads),
+    for machines discovered through NVML or sysfs. NIC rows (NIC<->NIC) are left out."""
+    n = len(gpu_links)
+    cols = [f"GPU{i}" for i in range(n)] + [f"NIC{k}" for k in range(len(nic_names))]
+    lines = ["\t" + "\t".join(cols + ["CPU Affinity", "NUMA Affinity", "GPU NUMA ID"])]
+    for i in range(n):
+        cells = [" X " if c == "X" else c for c in gpu_links[i]]
+        cells += list(gpu_nic_links[i]) if gpu_nic_links else []
+        lines.append("\t".join([f"GPU{i}", *cells, cpu_affinity[i] or "N/A",
+                                numa_affinity[i], "N/A"]))
+    if nic_names:
+        lines += ["", "NIC Legend:", ""] + [f"  NIC{k}: {name}" for k, name in
+                                           enumerate(nic_names)]
+    return "\n".join(lines) + "\n"
