@@ -2,6 +2,9 @@
 
 terarec train --config configs/quickstart.yaml [--set train.steps=500 ...]
 terarec eval --run runs/quickstart [--data my_eval.tsv]
+
+Under torchrun (``terarec-launch``), mpirun or srun every rank runs ``terarec train``
+with the same arguments; rank 0 prints the closing lines (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -24,32 +27,24 @@ def _checkpoint_dir(path: str) -> Path:
     return inner if inner.is_dir() else Path(path)
 
 
-def _refuse_multi_rank() -> None:
-    """``terarec train`` under torchrun / mpirun / srun with several ranks: refused until
-    the embedding exchange exists (a multi-rank run would replicate every table)."""
-    from terarec.launch.env import LaunchError, read_launch_env
-
-    env = read_launch_env()
-    if env.distributed:
-        raise LaunchError(
-            f"{env.describe()}: training on several ranks needs embedding tables sharded "
-            "over the ranks (the key/row exchange), which is not implemented yet; refusing "
-            f"rather than training {env.world_size} replicas of every table. Run one "
-            "process, or check the launch with `python -m terarec.launch.probe`."
-        )
-
-
 def _train(args: argparse.Namespace) -> int:
+    from terarec.launch import init_distributed, read_launch_env
     from terarec.trainer.loop import describe_final, train
 
-    _refuse_multi_rank()
     cfg = load_config(args.config, args.set)
     if args.name is not None:
         if not args.name or "/" in args.name:
             raise ConfigError(f"--name {args.name!r}: must be non-empty and contain no '/'")
         cfg.name = args.name
+    resume = _checkpoint_dir(args.resume) if args.resume else None
     try:
-        summary = train(cfg, resume=_checkpoint_dir(args.resume) if args.resume else None)
+        if read_launch_env().distributed:  # torchrun / mpirun / srun with several ranks
+            with init_distributed(cfg.dist, device=cfg.train.device) as ctx, ctx.guard():
+                summary = train(cfg, resume=resume, dist=ctx)
+            if ctx.rank != 0:
+                return 0  # rank 0 prints the run's closing lines
+        else:
+            summary = train(cfg, resume=resume)
     except ConfigError as e:  # sections that only clash once built (tables vs model)
         raise ConfigError(f"{args.config}: {e}") from None
     print(describe_final(summary, cfg))

@@ -14,6 +14,23 @@ Layout of ``<dir>/``::
     data.json       the train source's position (exact resume)
     rng.pt          torch RNG state
 
+A multi-rank run (``parts.dist``) saves one shard per rank, every rank taking part::
+
+    manifest.json   as above, plus ``world``: the number of ranks, the fast groups and
+                    every rank's own sample count; ``files`` lists every rank's files
+    dense.pt        rank 0's (the dense weights and optimizer are the same on all ranks)
+    rank<r>/tables.pt   the rows rank ``r`` owns (its shard of every table)
+    rank<r>/data.json   rank ``r``'s data position
+    rank<r>/rng.pt      rank ``r``'s RNG state
+
+Every rank writes its directory into ``<dir>.tmp``, the ranks agree that all of them
+succeeded (a NaN or a failed write on any rank fails the save on every rank, leaving the
+old checkpoint), then rank 0 writes the manifest and renames the directory, so the
+checkpoint directory must be on a file system every rank sees. A multi-rank checkpoint
+resumes on the same number of ranks in the same fast groups (each rank loads its own
+shard and position); one process (``terarec eval``) can load its rows, the shards of
+the first fast group together, but not its data positions.
+
 The directory is written under a temporary name, fsynced and renamed into place, so a
 crash or power loss mid-save never leaves a half checkpoint where a complete one is
 expected. State holding NaN/Inf is refused rather than saved over a good checkpoint.
@@ -32,14 +49,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
+import torch.distributed as dist
 
 from terarec.config import Config, config_to_dict
+from terarec.trainer.ranks import DistHandles, all_fast_groups
 
 if TYPE_CHECKING:
     from terarec.trainer.loop import Components
 
 FORMAT = 1
 REQUIRED_FILES = ("tables.pt", "dense.pt", "data.json", "rng.pt")
+RANK_FILES = ("tables.pt", "data.json", "rng.pt")  # per rank, in rank<r>/ (multi-rank)
+
+
+def required_files(manifest: dict[str, Any]) -> list[str]:
+    """The files a checkpoint with this manifest must hold."""
+    world = manifest.get("world")
+    if not world:
+        return list(REQUIRED_FILES)
+    return ["dense.pt"] + [f"rank{r}/{n}" for r in range(int(world["size"])) for n in RANK_FILES]
 
 
 class CheckpointError(RuntimeError):
@@ -91,7 +119,8 @@ def save_checkpoint(
     directory is removed and an existing checkpoint at ``path`` is left untouched. Every
     file and the temporary directory are fsynced before the rename and the parent
     directory after it, so after a power loss ``path`` is the old checkpoint or the
-    complete new one, never a renamed directory of empty files.
+    complete new one, never a renamed directory of empty files. With several ranks
+    (``parts.dist``) every rank must call this (see the module docstring).
 
     Args:
         path: the checkpoint directory, e.g. ``runs/<name>/checkpoint``.
@@ -99,60 +128,106 @@ def save_checkpoint(
         source: the train batch source (its ``state_dict()`` is the data position).
         step: training steps taken so far.
         cfg: the run's config (stored in the manifest, so ``terarec eval`` can rebuild it).
-        samples: training samples seen so far (restored on resume).
+        samples: training samples seen so far by the whole job (restored on resume).
 
     Returns:
         ``path``.
 
     Raises:
-        NonFiniteState: a row or dense weight is NaN/Inf; nothing was written.
-        CheckpointError: an OS error (full disk, permissions) while writing.
+        NonFiniteState: a row or dense weight is NaN/Inf (on any rank); nothing was written.
+        CheckpointError: an OS error (full disk, permissions) while writing, on any rank.
     """
+    d = parts.dist
+    if d is not None and d.world_size > 1:
+        return _save_sharded(Path(path), parts, source, step, cfg, samples, d)
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = _fresh_tmp(path)
     try:
-        parts.embedding.flush()
-        tables = parts.embedding.tables_state_dict()
-        model = parts.model.state_dict()
-        bad = _first_non_finite(tables, model)
+        bad = _write_rank_files(tmp, parts, source) or _write_dense(tmp, parts)
         if bad is not None:
             # Saving would replace the last good checkpoint with one nobody can resume from.
             raise NonFiniteState(f"{bad}; {path} was not written")
-        torch.save(tables, tmp / "tables.pt")
-        torch.save(
-            {
-                "model": model,
-                "optimizer": parts.dense_optimizer.state_dict(),
-                "optimizer_class": type(parts.dense_optimizer).__name__,
-            },
-            tmp / "dense.pt",
-        )
-        state = source.state_dict() if hasattr(source, "state_dict") else {}
-        (tmp / "data.json").write_text(json.dumps(state))
-        torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
-        files = sorted(p.name for p in tmp.iterdir())
-        manifest = {
-            "format": FORMAT,
-            "step": step,
-            "samples": samples,
-            "config": config_to_dict(cfg),
-            "files": {
-                n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in files
-            },
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        for n in [*files, "manifest.json"]:
-            _fsync(tmp / n)
-        _fsync(tmp)
+        files = _describe(tmp, sorted(p.name for p in tmp.iterdir()))
+        _write_manifest(tmp, _manifest(step, samples, cfg, files))
     except BaseException as e:
         # Whatever failed (disk full, an unpicklable object, Ctrl-C), leave no half dir.
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
             raise CheckpointError(f"cannot write checkpoint {path}: {e}") from e
         raise
+    _replace(tmp, path)
+    return path
+
+
+def _fresh_tmp(path: Path) -> Path:
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _write_rank_files(out: Path, parts: Components, source: Any) -> Optional[str]:
+    """This rank's rows, data position and RNG into ``out``; what is not finite, if
+    something is (then nothing is written)."""
+    parts.embedding.flush()
+    tables = parts.embedding.tables_state_dict()
+    bad = _first_non_finite(tables, {})
+    if bad is not None:
+        return bad
+    torch.save(tables, out / "tables.pt")
+    state = source.state_dict() if hasattr(source, "state_dict") else {}
+    (out / "data.json").write_text(json.dumps(state))
+    torch.save({"torch": torch.get_rng_state()}, out / "rng.pt")
+    return None
+
+
+def _write_dense(out: Path, parts: Components) -> Optional[str]:
+    """The dense weights, optimizer and replica-sync state into ``out/dense.pt``."""
+    model = parts.model.state_dict()
+    bad = _first_non_finite({}, model)
+    if bad is not None:
+        return bad
+    torch.save(
+        {
+            "model": model,
+            "optimizer": parts.dense_optimizer.state_dict(),
+            "optimizer_class": type(parts.dense_optimizer).__name__,
+            "sync": parts.sync.state_dict(),
+        },
+        out / "dense.pt",
+    )
+    return None
+
+
+def _describe(root: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of each file ``root/name``, fsynced first."""
+    out = {}
+    for n in names:
+        _fsync(root / n)
+        out[n] = {"bytes": (root / n).stat().st_size, "sha256": _sha256(root / n)}
+    return out
+
+
+def _manifest(
+    step: int, samples: int, cfg: Config, files: dict[str, Any], world: Optional[dict] = None
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"format": FORMAT, "step": step, "samples": samples,
+                           "config": config_to_dict(cfg)}
+    if world is not None:
+        out["world"] = world
+    out["files"] = dict(sorted(files.items()))
+    return out
+
+
+def _write_manifest(tmp: Path, manifest: dict[str, Any]) -> None:
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    _fsync(tmp / "manifest.json")
+    _fsync(tmp)
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    """Renames the complete ``tmp`` to ``path``; the old checkpoint goes only after."""
     old = path.with_name(path.name + ".old")
     if path.exists():
         if old.exists():
@@ -164,6 +239,79 @@ def save_checkpoint(
     except OSError as e:
         raise CheckpointError(f"cannot make checkpoint {path} durable: {e}") from e
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _gather(obj: Any, d: DistHandles) -> list[Any]:
+    out: list[Any] = [None] * d.world_size
+    dist.all_gather_object(out, obj, group=d.world)
+    return out
+
+
+def _fast_groups(d: DistHandles) -> list[list[int]]:
+    return [list(g) for g in all_fast_groups(d)]
+
+
+def _save_sharded(
+    path: Path, parts: Components, source: Any, step: int, cfg: Config, samples: int,
+    d: DistHandles,
+) -> Path:
+    """:func:`save_checkpoint` of one rank of a multi-rank run (a collective)."""
+    tmp = path.with_name(path.name + ".tmp")
+    err: Optional[str] = None
+    if d.rank == 0:
+        try:
+            _fresh_tmp(path)
+        except OSError as e:
+            err = f"rank 0: {e}"
+    errs = [e for e in _gather(err, d) if e]  # also: nobody writes before tmp exists
+    if errs:
+        raise CheckpointError(f"cannot write checkpoint {path}: {errs[0]}")
+    mine = f"rank{d.rank}"
+    bad: Optional[str] = None
+    files: dict[str, Any] = {}
+    try:
+        (tmp / mine).mkdir(parents=True, exist_ok=True)
+        bad = _write_rank_files(tmp / mine, parts, source)
+        if bad is None and d.rank == 0:
+            bad = _write_dense(tmp, parts)
+        if bad is None:
+            names = [f"{mine}/{n}" for n in RANK_FILES] + (["dense.pt"] if d.rank == 0 else [])
+            files = _describe(tmp, names)
+            _fsync(tmp / mine)
+    except OSError as e:
+        err = str(e)
+    reports = _gather((None if bad is None else f"rank {d.rank}: {bad}",
+                       None if err is None else f"rank {d.rank}: {err}", files), d)
+    groups = _fast_groups(d)
+    bads = [r[0] for r in reports if r[0]]
+    errs = [r[1] for r in reports if r[1]]
+    result: Optional[str] = None
+    if d.rank == 0:
+        if not bads and not errs:
+            every = {n: m for r in reports for n, m in r[2].items()}
+            try:
+                unseen = [n for n in every if not (tmp / n).is_file()]
+                if unseen:
+                    result = (
+                        f"{tmp / unseen[0]} (written by another rank) is not visible to rank "
+                        f"0: the checkpoint directory must be on a file system every rank "
+                        f"sees (train.runs_dir)"
+                    )
+                else:
+                    world = {"size": d.world_size, "fast_groups": groups}
+                    _write_manifest(tmp, _manifest(step, samples, cfg, every, world))
+                    _replace(tmp, path)
+            except (OSError, CheckpointError) as e:
+                result = f"cannot write checkpoint {path}: {e}"
+        if bads or errs or result:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if bads:
+        raise NonFiniteState(f"{bads[0]}; {path} was not written")
+    if errs:
+        raise CheckpointError(f"cannot write checkpoint {path}: {errs[0]}")
+    result = _gather(result, d)[0]
+    if result:
+        raise CheckpointError(result)
     return path
 
 
@@ -201,7 +349,7 @@ def read_manifest(path: Path, verify: bool = True) -> dict[str, Any]:
         raise CheckpointError(f"{mpath}: corrupted manifest ({type(e).__name__}: {e})") from None
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{mpath}: format {manifest.get('format')}, expected {FORMAT}")
-    unlisted = [n for n in REQUIRED_FILES if n not in files]
+    unlisted = [n for n in required_files(manifest) if n not in files]
     if unlisted:
         raise CheckpointError(f"{mpath}: corrupted manifest (does not list {unlisted})")
     for name, meta in files.items():
@@ -212,19 +360,30 @@ def read_manifest(path: Path, verify: bool = True) -> dict[str, Any]:
             raise CheckpointError(
                 f"{f}: size {f.stat().st_size} != {meta['bytes']} in the manifest (truncated?)"
             )
-        if verify and _sha256(f) != meta["sha256"]:
-            raise CheckpointError(f"{f}: sha256 does not match the manifest (corrupted)")
+        if verify:
+            _verify(path, manifest, [name])
     return manifest
+
+
+def _verify(path: Path, manifest: dict[str, Any], names: list[str]) -> None:
+    """Compares the sha256 of files ``names`` with the manifest."""
+    for name in names:
+        if _sha256(path / name) != manifest["files"][name]["sha256"]:
+            raise CheckpointError(f"{path / name}: sha256 does not match the manifest (corrupted)")
 
 
 def load_checkpoint(path: Path, parts: Components, source: Any = None) -> int:
     """Restores rows, dense weights, optimizer states (and data position); returns step.
 
-    Every file is verified against the manifest (size and sha256) before anything is
-    loaded, so a corrupted checkpoint fails here rather than training on bad rows.
-    A tiered table's rows all go into its bottom tier (the SSD tier, or the unbounded
-    host tier); its caches start empty (the rows and the math are the same wherever a
-    row lives, so training continues bit for bit).
+    The files this rank reads are verified against the manifest (size and sha256)
+    before anything is loaded, so a corrupted checkpoint fails here rather than training
+    on bad rows. A tiered table's rows all go into its bottom tier (the SSD tier, or the
+    unbounded host tier); its caches start empty (the rows and the math are the same
+    wherever a row lives, so training continues bit for bit).
+
+    A multi-rank checkpoint is loaded by every rank of a job with the same ranks and
+    fast groups (each its own shard), or by one process without ``source`` (the rows of
+    the first fast group's shards together; e.g. ``terarec eval``).
 
     Args:
         path: the checkpoint directory.
@@ -233,14 +392,25 @@ def load_checkpoint(path: Path, parts: Components, source: Any = None) -> int:
 
     Raises:
         CheckpointError: a file is missing, truncated or corrupted (named in the
-            message), or the checkpoint was saved by a model of another shape.
+            message), the checkpoint was saved by a model of another shape, or by
+            another number or layout of ranks.
     """
     path = Path(path)
-    manifest = read_manifest(path)
+    manifest = read_manifest(path, verify=False)
+    rank_dir = _rank_dir(path, manifest, parts, source)
     try:
-        parts.embedding.load_tables_state_dict(
-            torch.load(path / "tables.pt", map_location=parts.device, weights_only=True)
-        )
+        if rank_dir is None:  # one process reads a multi-rank checkpoint's rows
+            shards = [f"rank{r}/tables.pt" for r in manifest["world"]["fast_groups"][0]]
+            _verify(path, manifest, [*shards, "dense.pt"])
+            tables = merge_shards(
+                [torch.load(path / n, map_location=parts.device, weights_only=True)
+                 for n in shards]
+            )
+        else:
+            mine = [f"{rank_dir}{n}" for n in RANK_FILES]
+            _verify(path, manifest, [*mine, "dense.pt"])
+            tables = torch.load(path / mine[0], map_location=parts.device, weights_only=True)
+        parts.embedding.load_tables_state_dict(tables)
         dense = torch.load(path / "dense.pt", map_location=parts.device, weights_only=True)
         parts.model.load_state_dict(dense["model"])
         saved, ours = dense.get("optimizer_class"), type(parts.dense_optimizer).__name__
@@ -251,10 +421,53 @@ def load_checkpoint(path: Path, parts: Components, source: Any = None) -> int:
                 "(optimizer.dense.kind)"
             )
         parts.dense_optimizer.load_state_dict(dense["optimizer"])
-        if source is not None and hasattr(source, "load_state_dict"):
-            source.load_state_dict(json.loads((path / "data.json").read_text()))
-        rng = torch.load(path / "rng.pt", weights_only=True)
-        torch.set_rng_state(rng["torch"])
+        parts.sync.load_state_dict(dense.get("sync") or {})
+        if rank_dir is not None:
+            if source is not None and hasattr(source, "load_state_dict"):
+                source.load_state_dict(json.loads((path / rank_dir / "data.json").read_text()))
+            rng = torch.load(path / rank_dir / "rng.pt", weights_only=True)
+            torch.set_rng_state(rng["torch"])
     except (RuntimeError, ValueError, KeyError, pickle.UnpicklingError, EOFError) as e:
         raise CheckpointError(f"{path}: does not fit this model/config: {e}") from e
     return int(manifest["step"])
+
+
+def _rank_dir(path: Path, manifest: dict[str, Any], parts: Components,
+              source: Any) -> Optional[str]:
+    """Where this rank's files are in the checkpoint (``""`` or ``"rank<r>/"``); None
+    when one process reads a multi-rank checkpoint's rows. Raises on a launch that
+    does not fit the checkpoint."""
+    d = parts.dist
+    ours = 1 if d is None else d.world_size
+    world = manifest.get("world")
+    if world is None:
+        if ours > 1:
+            raise CheckpointError(
+                f"{path}: saved by one process, this run has {ours} ranks: resume it on one "
+                "process (its rows are not sharded)"
+            )
+        return ""
+    saved = [list(g) for g in world["fast_groups"]]
+    if ours == 1 and source is None:
+        return None
+    groups = _fast_groups(d) if d is not None and ours > 1 else [[0]]
+    if int(world["size"]) != ours or saved != [list(g) for g in groups]:
+        raise CheckpointError(
+            f"{path}: saved by {world['size']} ranks in fast groups {saved}, this run has "
+            f"{ours} in {groups}: rows are sharded by fast group and data positions are "
+            "per rank, so resume it with the same launch (ranks per node and nodes)"
+        )
+    assert d is not None
+    return f"rank{d.rank}/"
+
+
+def merge_shards(shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """The tables of one fast group's shards as one table state (keys are disjoint
+    between the shards of a fast group; optimizer counters and sketches are the first
+    shard's, which is what an evaluation needs)."""
+    out: dict[str, Any] = {}
+    for name, first in shards[0].items():
+        parts = [s[name] for s in shards]
+        out[name] = {**first, "keys": torch.cat([p["keys"] for p in parts]),
+                     "rows": torch.cat([p["rows"] for p in parts])}
+    return out

@@ -5,6 +5,12 @@ an eval source. Everything a person looks at lands in ``runs/<name>/``: ``metric
 ``summary.json``, ``curves.png``, ``config.yaml``, ``checkpoint/`` (saved at the end and,
 with ``train.checkpoint_every``, every N steps) and, for tables with a host budget, the
 SSD tier (``ssd/`` by default; see ``trainer/tiers.py``).
+
+``train(cfg, dist=ctx)`` is one rank of a multi-rank job (``ctx``: the launch layer's
+``DistContext``): the tables sharded over the fast group (``ps/``), the dense model in
+DDP on it, replicas across fast groups kept in step by a ``ReplicaSync``
+(``trainer/sync.py``), each rank reading its shard of the data, global metrics; rank 0
+alone writes the logs and summary, every rank its shard of the checkpoint.
 """
 
 from __future__ import annotations
@@ -15,8 +21,8 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -40,11 +46,23 @@ from terarec.trainer.checkpoint import (
 )
 from terarec.trainer.metrics import CTRMetrics
 from terarec.trainer.pipeline import PipelineMeter, PipelineStats, TrainPipeline
+from terarec.trainer.ranks import (
+    AgreedEnd,
+    DistHandles,
+    all_sum,
+    any_rank,
+    broadcast_dense,
+    dummy_batch,
+    eval_batches,
+    fast_group_twin,
+    is_rank0,
+    wrap_ddp,
+)
 from terarec.trainer.report import RunReporter, atomic_write_text, read_jsonl
+from terarec.trainer.sync import NoSync, ReplicaSync, build_replica_sync
 from terarec.trainer.tiers import (
     TierCounters,
     close_store,
-    current_rank,
     describe_tiers,
     open_ssd_store,
     ssd_root,
@@ -60,12 +78,31 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class Components:
-    """What a run is made of (built by :func:`build_components`)."""
+    """What a run is made of (built by :func:`build_components`).
+
+    Attributes:
+        embedding: the embedding collection (sharded over the fast group on several
+            ranks).
+        model: the dense model (holding ``embedding``); what is saved and evaluated.
+        dense_optimizer: over ``model``'s parameters.
+        device: where this rank trains.
+        train_model: what the training step calls: ``model`` in DDP on the fast group
+            when it has several ranks, else ``model`` itself.
+        sync: keeps the replicas of several fast groups in step (``trainer/sync.py``).
+        dist: the job's group handles; None for one process.
+    """
 
     embedding: HierarchicalEmbeddingBagCollection
     model: nn.Module
     dense_optimizer: torch.optim.Optimizer
     device: torch.device
+    train_model: Optional[nn.Module] = None
+    sync: ReplicaSync = field(default_factory=NoSync)
+    dist: Optional[DistHandles] = None
+
+    def __post_init__(self) -> None:
+        if self.train_model is None:
+            self.train_model = self.model
 
 
 def resolve_device(name: str) -> torch.device:
@@ -76,22 +113,39 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_components(cfg: Config, ssd_store: Optional[SSDStore] = None) -> Components:
+def build_components(
+    cfg: Config, ssd_store: Optional[SSDStore] = None, dist: Optional[DistHandles] = None
+) -> Components:
     """Embedding collection, model and dense optimizer for ``cfg``.
 
     Args:
         cfg: the run's config.
         ssd_store: the rank's SSD store (see :func:`open_ssd_store`); required when a
             table has ``host_rows``, unused otherwise. The caller closes it.
+        dist: the job's group handles (several ranks): the tables are sharded over the
+            fast group (and their gradients combined over the cross group), the dense
+            weights start as global rank 0's on every rank, the model is wrapped in DDP
+            on the fast group and replicas are kept in step across fast groups.
 
     Raises:
         ConfigError: the tables do not fit the data's features, or the model does not
             fit the tables (e.g. a DLRM bottom MLP not ending in the embedding dim);
             each section validates alone, so these are only found here.
     """
-    device = resolve_device(cfg.train.device)
+    multi = dist is not None and dist.world_size > 1
+    device = dist.device if dist is not None else resolve_device(cfg.train.device)
     torch.manual_seed(cfg.seed)
     features = sparse_feature_names(cfg.data)
+    groups: dict[str, Any] = {}
+    if multi:
+        assert dist is not None
+        sharded = dist.local_world_size > 1
+        groups = {
+            "process_group": dist.fast_group if sharded else None,
+            "replica_group": dist.cross_group if dist.num_nodes > 1 else None,
+            # the pipeline's background prefetch talks on a group of its own
+            "prefetch_group": fast_group_twin(dist) if sharded and uses_prefetch(cfg) else None,
+        }
     try:
         embedding = HierarchicalEmbeddingBagCollection(
             cfg.tables,
@@ -100,6 +154,7 @@ def build_components(cfg: Config, ssd_store: Optional[SSDStore] = None) -> Compo
             device=device,
             seed=cfg.seed,
             ssd_store=ssd_store,
+            **groups,
         )
     except ValueError as e:
         raise ConfigError(f"tables: {e}") from None
@@ -111,7 +166,12 @@ def build_components(cfg: Config, ssd_store: Optional[SSDStore] = None) -> Compo
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
     dense_opt = build_dense_optimizer(cfg.optimizer.dense, model.parameters())
-    return Components(embedding, model, dense_opt, device)
+    if not multi:
+        return Components(embedding, model, dense_opt, device)
+    assert dist is not None
+    broadcast_dense(model, dist)
+    sync = build_replica_sync(model, dist.cross_group, len(dist.cross_ranks))
+    return Components(embedding, model, dense_opt, device, wrap_ddp(model, dist), sync, dist)
 
 
 @torch.no_grad()
@@ -120,27 +180,43 @@ def evaluate(
     batches: Iterable[Batch],
     device: torch.device,
     max_batches: Optional[int] = None,
+    dist: Optional[DistHandles] = None,
+    dummy: Optional[Batch] = None,
 ) -> dict[str, float]:
     """One pass of ``model`` over ``batches``: AUC, NE, logloss, calibration, CTR.
 
     When batches carry the synthetic teacher's probabilities, the same metrics of the
     teacher (the Bayes-optimal scorer) are added as ``oracle_auc`` / ``oracle_logloss``.
+
+    Args:
+        model: the model (not its DDP wrapper).
+        batches: this rank's eval batches.
+        device: where the model runs.
+        max_batches: cap on this rank's batches.
+        dist: several ranks: ``batches`` is this rank's shard, every rank calls this and
+            gets the metrics over all shards (a rank that runs out first keeps taking
+            part in the forwards' exchange with ``dummy``, whose predictions are dropped).
+        dummy: the padding batch for ``dist`` (:func:`terarec.trainer.ranks.dummy_batch`).
     """
+    multi = dist is not None and dist.world_size > 1
     was_training = model.training
     model.eval()
-    metrics, oracle = CTRMetrics(), CTRMetrics()
+    metrics = CTRMetrics(distributed=multi, device=device if multi else "cpu")
+    oracle = CTRMetrics(distributed=multi, device=device if multi else "cpu")
     has_oracle = False
-    for i, batch in enumerate(batches):
-        if max_batches is not None and i >= max_batches:
-            break
+    for batch, real in eval_batches(batches, dist if multi else None, dummy, max_batches):
         batch = batch.to(device, non_blocking=True)
         probs = torch.sigmoid(model(batch.dense, batch.sparse))
+        if not real:
+            continue
         metrics.update(probs, batch.labels)
         if batch.teacher_prob is not None:
             has_oracle = True
             oracle.update(batch.teacher_prob.to(device), batch.labels)
     model.train(was_training)
     out = metrics.compute()
+    if multi:  # every rank must take part in the oracle's compute, or none
+        has_oracle = any_rank(has_oracle, dist)
     if has_oracle:
         o = oracle.compute()
         out["oracle_auc"] = o["auc"]
@@ -291,7 +367,9 @@ def _drop_records_after(path: Path, step: int) -> None:
         atomic_write_text(path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in keep))
 
 
-def train(cfg: Config, resume: Optional[Path] = None) -> dict[str, Any]:
+def train(
+    cfg: Config, resume: Optional[Path] = None, dist: Optional[DistHandles] = None
+) -> dict[str, Any]:
     """Runs a training job end to end and returns the summary written to summary.json.
 
     Args:
@@ -302,6 +380,9 @@ def train(cfg: Config, resume: Optional[Path] = None) -> dict[str, Any]:
             run that reaches ``train.steps`` ends with the same rows, weights and metrics
             as one that ran straight through; ``metrics.jsonl`` lines logged after the
             checkpoint's step are dropped, the resumed run logs them again.
+        dist: this rank's place in a multi-rank job (``terarec.launch.DistContext``);
+            every rank calls ``train`` with the same config (and ``resume``). None: one
+            process. The returned summary is the same on every rank; rank 0 writes it.
 
     Raises:
         TrainingDiverged: the loss became NaN or Inf (nothing of that step is applied,
@@ -321,18 +402,22 @@ def train(cfg: Config, resume: Optional[Path] = None) -> dict[str, Any]:
         )
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    rank = 0 if dist is None else dist.rank
     run_dir = Path(cfg.train.runs_dir) / cfg.name
-    # The outermost directory this call creates: a bad config must leave none behind.
+    # The outermost directory this call creates: a bad config must leave none behind
+    # (rank 0's to remove: on a shared file system the others see the same one).
     new_dir = next((p for p in reversed([run_dir, *run_dir.parents]) if not p.exists()), None)
+    if rank != 0:
+        new_dir = None
     store: Optional[SSDStore] = None
     try:
         root = ssd_root(cfg, run_dir)
         if uses_ssd(cfg):
             assert root is not None
-            store = open_ssd_store(cfg, root, current_rank())
-        elif root is not None:
+            store = open_ssd_store(cfg, root, rank)
+        elif root is not None and rank == 0:
             log.warning("ssd.path is set but no table has host_rows: no SSD tier is used")
-        parts = build_components(cfg, ssd_store=store)
+        parts = build_components(cfg, ssd_store=store, dist=dist)
     except BaseException:
         close_store(store, quiet=True)
         if new_dir is not None:
@@ -347,13 +432,62 @@ def train(cfg: Config, resume: Optional[Path] = None) -> dict[str, Any]:
     return summary
 
 
+def _finite_source(cfg: Config) -> bool:
+    """Whether the train stream ends (file data with ``train.epochs``)."""
+    return cfg.data.kind != DataKind.SYNTHETIC and cfg.train.epochs is not None
+
+
+class _Tally:
+    """Per log interval: every step's loss and samples, summed over the ranks when the
+    interval is logged (one all-reduce per log line), so that the logged loss is the
+    mean over steps of each step's loss over the global batch, as in one process."""
+
+    def __init__(self, samples: int) -> None:
+        self.samples = samples  # global, as of the last :meth:`flush`
+        self.pending = 0  # this rank's samples since then
+        self.weighted: list[float] = []  # per step: loss x batch size
+        self.sizes: list[float] = []
+
+    def add(self, loss: float, batch_size: int) -> None:
+        self.pending += batch_size
+        self.weighted.append(loss * batch_size)
+        self.sizes.append(float(batch_size))
+
+    def flush(self, d: Optional[DistHandles], extra: list[float]) -> tuple[float, list[float]]:
+        """Sums the interval and ``extra`` over the ranks; returns (mean loss, extra)."""
+        n = len(self.weighted)
+        out = all_sum([*self.weighted, *self.sizes, float(self.pending), *extra], d)
+        self.samples += int(out[2 * n])
+        losses = [w / s for w, s in zip(out[:n], out[n: 2 * n]) if s > 0]
+        self.weighted.clear()
+        self.sizes.clear()
+        self.pending = 0
+        return (sum(losses) / len(losses) if losses else math.nan), out[2 * n + 1:]
+
+
+def _global_rows(parts: Components) -> dict[str, int]:
+    """Rows per table over the whole job: the fast group's shards summed (one replica;
+    every fast group holds the same rows)."""
+    local = parts.embedding.num_rows()
+    d = parts.dist
+    if d is None or d.world_size == 1:
+        return local
+    total = all_sum(list(local.values()), d)
+    return {n: int(round(v / d.num_nodes)) for n, v in zip(local, total)}
+
+
 def _train(
     cfg: Config, resume: Optional[Path], parts: Components, run_dir: Path
 ) -> dict[str, Any]:
     """:func:`train` once its components (and SSD store) are built."""
-    model, device = parts.model, parts.device
-    source = build_source(cfg.data, "train", seed=cfg.seed, epochs=cfg.train.epochs)
-    reporter = RunReporter(run_dir)
+    device, d = parts.device, parts.dist
+    multi = d is not None and d.world_size > 1
+    rank, world = (d.rank, d.world_size) if d is not None else (0, 1)
+    main = is_rank0(d)
+    source = build_source(
+        cfg.data, "train", seed=cfg.seed, epochs=cfg.train.epochs, rank=rank, world_size=world
+    )
+    reporter = RunReporter(run_dir, write=main)
     ckpt_dir = run_dir / "checkpoint"
     step = samples = 0
     last_ckpt: Optional[tuple[Path, int]] = None  # (dir, step) known good, for errors
@@ -361,14 +495,15 @@ def _train(
         step = load_checkpoint(resume, parts, source)
         samples = int(read_manifest(resume, verify=False).get("samples", 0))
         last_ckpt = (Path(resume), step)
-        _drop_records_after(reporter.metrics_path, step)
+        if main:
+            _drop_records_after(reporter.metrics_path, step)
         # The optimizer's saved param_groups carry the old lr; the config wins, as it
         # does for the sparse optimizer (resuming with a lower lr after a divergence).
         for group in parts.dense_optimizer.param_groups:
             group["lr"] = cfg.optimizer.dense.lr
             group["weight_decay"] = cfg.optimizer.dense.weight_decay
         log.info("resumed from %s at step %d", resume, step)
-    elif reporter.metrics_path.exists():
+    elif main and reporter.metrics_path.exists():
         # A new run under an old name replaces that run; one log must not mix the two.
         log.warning("%s: replacing the metrics of an earlier run", run_dir)
         reporter.metrics_path.unlink()
@@ -376,40 +511,47 @@ def _train(
 
     tiers = TierCounters(parts.embedding)  # after a resume's load: its rows are not moves
     trained = _TrainedPosition(source)  # the source reads ahead of the batches trained
-    window = CTRMetrics()
+    window = CTRMetrics(distributed=multi, device=device if multi else "cpu")
     start = time.perf_counter()
+    tally = _Tally(samples)
     start_samples = samples
-    losses: list[float] = []
     last_eval: Optional[tuple[int, dict[str, float]]] = None
     paused_seconds = 0.0  # periodic evals and saves, kept out of the throughput numbers
     last_log_t, last_log_samples = start, samples
     bar = tqdm(
         total=cfg.train.steps,
         initial=step,
-        disable=not cfg.train.progress,
+        disable=not (cfg.train.progress and main),
         unit="step",
         dynamic_ncols=True,
     )
     # A run resumed at (or past) its step target must not take, and consume data for,
     # one more step before the check at the end of the step stops it.
     stop = "steps" if cfg.train.steps is not None and step >= cfg.train.steps else None
-    model.train()
+    parts.model.train()
     prefetch = uses_prefetch(cfg)
     pipeline = TrainPipeline(
-        model,
+        parts.train_model,  # type: ignore[arg-type]
         parts.dense_optimizer,
         parts.embedding,
         device,
         nn.BCEWithLogitsLoss(),
         overlap=prefetch,
         check_loss=lambda loss: _check_finite(loss, step + 1, cfg, last_ckpt),
+        sync=parts.sync,
+        start_step=step,
     )
     meter = PipelineMeter(pipeline.stats)
     warned: set[str] = set()
     try:
         # The pipeline reads one batch ahead: never past the step target.
         remaining = None if cfg.train.steps is None else cfg.train.steps - step
-        batches = iter(()) if stop else itertools.islice(iter(source), remaining)
+        batches: Iterator[Batch] = (
+            iter(()) if stop else itertools.islice(iter(source), remaining)
+        )
+        if multi and _finite_source(cfg) and not stop:
+            # Shards may end at different steps: all ranks stop at the first end.
+            batches = AgreedEnd(batches, torch.distributed.new_group(backend="gloo"))
         while not stop:
             try:
                 out = pipeline.progress(batches)
@@ -418,33 +560,36 @@ def _train(
             batch = out.batch
             trained.advance(batch)
             step += 1
-            samples += batch.batch_size
-            losses.append(out.loss.item())
+            tally.add(out.loss.item(), batch.batch_size)
             window.update(torch.sigmoid(out.logits), batch.labels)
             bar.update(1)
             if step % cfg.train.log_every == 0:
                 now = time.perf_counter()
                 seconds = max(now - last_log_t, 1e-9)
+                local_rows = parts.embedding.num_rows()
+                loss, (rows,) = tally.flush(d, [float(sum(local_rows.values()))])
+                if multi:
+                    assert d is not None
+                    rows /= d.num_nodes  # every fast group holds one replica
+                samples = tally.samples
                 rate = (samples - last_log_samples) / seconds
                 last_log_t, last_log_samples = now, samples
                 m = window.compute()
                 window.reset()
-                rows = sum(parts.embedding.num_rows().values())
                 rec = {
-                    "loss": sum(losses) / len(losses),
+                    "loss": loss,
                     "auc": m["auc"],
                     "samples_per_s": rate,
-                    "rows": rows,
+                    "rows": int(rows),
                     "samples": samples,
                 }
-                losses.clear()
                 postfix = {
                     "loss": f"{rec['loss']:.4f}",
                     "auc": f"{m['auc']:.4f}",
                     "sps": f"{rate:,.0f}",
-                    "rows": f"{rows:,}",
+                    "rows": f"{int(rows):,}",
                 }
-                if tiers:
+                if tiers:  # this rank's tiers (rank 0's in the log)
                     rec["tiers"] = tiers.interval(seconds)
                     postfix.update(tiers.postfix())
                 if prefetch:
@@ -461,14 +606,19 @@ def _train(
                 last_log_t += dt
                 reporter.log(step, "eval", ev)
                 last_eval = (step, ev)
-                bar.write(_fmt_eval(step, ev))
+                if main:
+                    bar.write(_fmt_eval(step, ev))
             stop = _stop_reason(cfg, step, start)
+            if multi and cfg.train.max_minutes is not None and stop != "steps":
+                # Clocks differ: the ranks stop together, at the first one's limit.
+                stop = "max_minutes" if any_rank(stop is not None, d) else None
             if stop:
                 break  # the final checkpoint below is this step's
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
                 # After the eval of this step: a resumed run starts past it.
                 t0 = time.perf_counter()
-                _save(ckpt_dir, parts, trained, step, cfg, samples, last_ckpt)
+                tally.flush(d, [])  # the checkpoint's sample count is the job's
+                _save(ckpt_dir, parts, trained, step, cfg, tally.samples, last_ckpt)
                 last_ckpt = (ckpt_dir, step)
                 dt = time.perf_counter() - t0
                 paused_seconds += dt
@@ -494,6 +644,8 @@ def _train(
         if hasattr(source, "close"):
             source.close()
     elapsed = time.perf_counter() - start - paused_seconds
+    tally.flush(d, [])
+    samples = tally.samples
     if last_eval is not None and last_eval[0] == step:
         final = last_eval[1]  # eval_every just evaluated this very model
     else:
@@ -510,9 +662,13 @@ def _train(
         "final_eval": final,
         "auc": final["auc"],
         "oracle_auc": final.get("oracle_auc"),
-        "rows": parts.embedding.num_rows(),
+        "rows": _global_rows(parts),
         "data": source.stats() if hasattr(source, "stats") else {},
     }
+    if multi:
+        assert d is not None
+        summary["world_size"] = world
+        summary["fast_groups"] = d.num_nodes
     if tiers:
         summary["tiers"] = tiers.totals()
     if prefetch:
@@ -520,17 +676,23 @@ def _train(
     if cfg.train.save_checkpoint:
         summary["checkpoint"] = str(_save(ckpt_dir, parts, trained, step, cfg, samples, last_ckpt))
     reporter.write_summary(summary)
-    try:
-        reporter.plot()
-    except Exception as e:  # a plot must never lose a finished run
-        log.warning("could not draw curves.png: %s", e)
+    if main:
+        try:
+            reporter.plot()
+        except Exception as e:  # a plot must never lose a finished run
+            log.warning("could not draw curves.png: %s", e)
     return summary
 
 
 def _run_eval(cfg: Config, parts: Components) -> dict[str, float]:
-    src = build_source(cfg.data, "eval", seed=cfg.seed)
+    d = parts.dist
+    rank, world = (d.rank, d.world_size) if d is not None else (0, 1)
+    src = build_source(cfg.data, "eval", seed=cfg.seed, rank=rank, world_size=world)
+    dummy = dummy_batch(sparse_feature_names(cfg.data), len(dense_feature_names(cfg.data)))
     try:
-        return evaluate(parts.model, src, parts.device, cfg.train.eval_batches)
+        return evaluate(
+            parts.model, src, parts.device, cfg.train.eval_batches, dist=d, dummy=dummy
+        )
     finally:
         if hasattr(src, "close"):
             src.close()

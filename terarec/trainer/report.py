@@ -116,6 +116,8 @@ class RunReporter:
         run_dir: the run directory, conventionally ``<runs_dir>/<run name>``; created
             (with parents) if missing. An existing ``metrics.jsonl`` is appended to, so
             a resumed run keeps one log.
+        write: False for the ranks of a multi-rank job other than rank 0: nothing is
+            written (``log`` still returns the record); one writer per run directory.
 
     Example:
         >>> rep = RunReporter(Path("runs/quickstart"))
@@ -125,8 +127,9 @@ class RunReporter:
         >>> rep.plot()
     """
 
-    def __init__(self, run_dir: Union[str, Path]) -> None:
+    def __init__(self, run_dir: Union[str, Path], write: bool = True) -> None:
         self.run_dir = Path(run_dir)
+        self.write = write
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.name = self.run_dir.resolve().name
 
@@ -165,6 +168,8 @@ class RunReporter:
         record = {"step": int(step), "split": split, "time": time.time()}
         record.update(to_jsonable(dict(metrics)))
         line = json.dumps(record, allow_nan=False)
+        if not self.write:
+            return record
         with self.metrics_path.open("a", encoding="utf-8") as f:
             f.write(line + "\n")
         return record
@@ -177,6 +182,8 @@ class RunReporter:
     def write_summary(self, summary: Mapping[str, Any]) -> Path:
         """Atomically writes ``summary.json`` (JSON-safe, ``nan`` → null)."""
         text = json.dumps(to_jsonable(dict(summary)), indent=2, allow_nan=False, sort_keys=True)
+        if not self.write:
+            return self.summary_path
         atomic_write_text(self.summary_path, text + "\n")
         return self.summary_path
 
@@ -189,6 +196,8 @@ class RunReporter:
     def save_config(self, cfg_dict: Mapping[str, Any]) -> Path:
         """Atomically writes ``config.yaml`` (e.g. ``config_to_dict(cfg)``), keys in order."""
         text = yaml.safe_dump(to_jsonable(dict(cfg_dict)), sort_keys=False)
+        if not self.write:
+            return self.config_path
         atomic_write_text(self.config_path, text)
         return self.config_path
 

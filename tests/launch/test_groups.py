@@ -121,20 +121,6 @@ def test_mpirun_shares_the_endpoint_over_mpi(tmp_path: Path) -> None:
     assert got[0]["fast_ranks"] == [0, 1] and got[0]["num_nodes"] == 1
 
 
-@needs_mpirun
-def test_terarec_train_under_mpirun_refuses_several_ranks(tmp_path: Path) -> None:
-    exe = str(Path(PY).parent / "terarec")
-    res = subprocess.run(
-        [*MPIRUN, "-np", "2", exe, "train", "--config", "configs/quickstart.yaml",
-         "--set", f"train.runs_dir={tmp_path}"],
-        env=base_env(), cwd=REPO, capture_output=True, text=True, timeout=58,
-    )
-    assert res.returncode != 0
-    assert "rank 1/2 (local 1/2) via openmpi: training on several ranks needs embedding " \
-        "tables sharded" in res.stderr
-    assert not any(tmp_path.iterdir())  # nothing trained, nothing written
-
-
 def test_two_torchrun_nodes_on_one_host_via_terarec_launch(tmp_path: Path) -> None:
     port = free_port()
     exe = str(Path(PY).parent / "terarec-launch")

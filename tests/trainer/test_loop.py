@@ -472,8 +472,8 @@ def test_non_finite_rows_are_not_checkpointed(
     built: list[Components] = []
     real_build, real_stop = loop.build_components, loop._stop_reason
 
-    def build(cfg: Config, ssd_store: Any = None) -> Components:
-        built.append(real_build(cfg, ssd_store=ssd_store))
+    def build(cfg: Config, ssd_store: Any = None, **kw: Any) -> Components:
+        built.append(real_build(cfg, ssd_store=ssd_store, **kw))
         return built[-1]
 
     def stop_reason(cfg: Config, step: int, start: float) -> Any:

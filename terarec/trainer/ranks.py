@@ -1,0 +1,216 @@
+"""The trainer's view of a multi-rank job: group handles and the few collectives it adds.
+
+The launch layer (``terarec.launch.init_distributed``) builds the process groups; the
+trainer never imports it (DESIGN.md's import direction) and takes any object with the
+attributes of :class:`DistHandles` (``terarec.launch.DistContext`` has them).
+
+Besides the embedding exchange (``ps/``), DDP and the replica sync (``trainer/sync.py``),
+a multi-rank run needs every rank to take the same decisions at the same step, or the
+next collective deadlocks:
+
+* **end of data**: shards can hold different row counts; :class:`AgreedEnd` stops every
+  rank's stream when the first one runs out (one tiny all-reduce per batch, on a gloo
+  group of its own, only for finite streams).
+* **evals**: eval shards differ by up to one batch; :func:`eval_batches` pads the ranks
+  that ran out with a one-row dummy batch whose predictions are dropped, so that every
+  rank takes part in every forward's exchange.
+* **logs**: the loss, rows and samples of a log line are summed over the ranks
+  (:func:`all_sum`), every rank at the same step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Optional, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from terarec.data.batch import Batch
+
+
+class DistHandles(Protocol):
+    """This rank's place in the job (``terarec.launch.DistContext`` satisfies it).
+
+    Attributes:
+        rank, world_size: global rank and number of ranks.
+        local_rank, local_world_size: position in / size of this rank's fast group.
+        node, num_nodes: this rank's fast group and the number of fast groups.
+        device: this rank's device.
+        world, fast_group, cross_group: the process groups (world = the default one).
+        fast_ranks, cross_ranks: the global ranks of the fast and cross groups.
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    node: int
+    num_nodes: int
+    device: torch.device
+    world: dist.ProcessGroup
+    fast_group: dist.ProcessGroup
+    cross_group: dist.ProcessGroup
+    fast_ranks: tuple[int, ...]
+    cross_ranks: tuple[int, ...]
+
+
+def is_rank0(d: Optional[DistHandles]) -> bool:
+    """Whether this process writes the run's logs, summary and shared checkpoint files."""
+    return d is None or d.rank == 0
+
+
+def all_sum(values: Sequence[float], d: Optional[DistHandles]) -> list[float]:
+    """``values`` summed over every rank (float64; as they are in one process)."""
+    if d is None or d.world_size == 1:
+        return [float(v) for v in values]
+    t = torch.tensor(list(values), dtype=torch.float64, device=_collective_device(d))
+    dist.all_reduce(t, group=d.world)
+    return t.tolist()
+
+
+def any_rank(flag: bool, d: Optional[DistHandles]) -> bool:
+    """Whether ``flag`` is true on some rank (every rank must call it)."""
+    if d is None or d.world_size == 1:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int64, device=_collective_device(d))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=d.world)
+    return bool(t.item())
+
+
+def _collective_device(d: DistHandles) -> torch.device:
+    """Where tensors for collectives on the world group live (NCCL: the rank's GPU)."""
+    backend = dist.get_backend(d.world)
+    return d.device if backend == "nccl" else torch.device("cpu")
+
+
+def all_fast_groups(d: DistHandles) -> list[tuple[int, ...]]:
+    """Every fast group of the job, sorted (a collective: every rank calls it)."""
+    out: list[Optional[tuple[int, ...]]] = [None] * d.world_size
+    dist.all_gather_object(out, tuple(d.fast_ranks), group=d.world)
+    return sorted({g for g in out if g is not None})
+
+
+def fast_group_twin(d: DistHandles) -> dist.ProcessGroup:
+    """A second process group with the members of this rank's fast group, for the
+    collectives of the pipeline's background thread (the embedding prefetch), which
+    must not interleave with the main thread's on the fast group itself. Every rank
+    creates one per fast group, in the same order (a collective)."""
+    mine: Optional[dist.ProcessGroup] = None
+    for g in all_fast_groups(d):
+        pg = dist.new_group(list(g))
+        if d.rank in g:
+            mine = pg
+    assert mine is not None
+    return mine
+
+
+def broadcast_dense(model: nn.Module, d: DistHandles) -> None:
+    """Copies global rank 0's dense parameters and buffers to every rank.
+
+    Every rank built the model from the same seed, so this is a check as much as a
+    copy: the replicas of every fast group start from the very same weights whatever
+    the ranks' RNG did before.
+    """
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(t.data, src=0, group=d.world)
+
+
+def wrap_ddp(model: nn.Module, d: DistHandles) -> nn.Module:
+    """``model`` in ``DistributedDataParallel`` on the fast group (dense grads averaged
+    over it during backward); the model itself when the fast group is one rank.
+
+    ``device_ids`` stays unset: the inputs (a ``KeyedJaggedTensor``) are already on the
+    rank's device, and DDP must not try to move them.
+    """
+    if d.local_world_size <= 1:
+        return model
+    return nn.parallel.DistributedDataParallel(
+        model,
+        process_group=d.fast_group,
+        broadcast_buffers=False,  # buffers were broadcast once; the model keeps none in step
+        find_unused_parameters=False,
+    )
+
+
+class AgreedEnd:
+    """Iterates ``batches`` until *any* rank's stream ends; then every rank stops.
+
+    Each ``next`` all-reduces (MIN) one flag, "I have a batch", over ``group`` (a gloo
+    group of its own: the pipeline reads batches on a background thread while the main
+    thread's collectives run on the other groups). The batch of a rank whose peers ran
+    out is dropped, as ``torch.utils.data.DistributedSampler(drop_last=True)`` would.
+    """
+
+    def __init__(self, batches: Iterable[Batch], group: Optional[dist.ProcessGroup]) -> None:
+        self._it = iter(batches)
+        self._group = group
+        self._ended = False
+        self.dropped = 0  # batches this rank had when a peer ran out
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        if self._ended:
+            raise StopIteration
+        batch = next(self._it, None)
+        flag = torch.tensor([0 if batch is None else 1], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self._group)
+        if int(flag.item()) == 0:
+            self._ended = True
+            self.dropped += int(batch is not None)
+            raise StopIteration
+        assert batch is not None
+        return batch
+
+
+def dummy_batch(sparse_features: Sequence[str], num_dense: int) -> Batch:
+    """A one-row batch (zeros, key 0 for every feature) for a rank with nothing to
+    evaluate while its peers still have batches; its predictions are dropped."""
+    n = len(sparse_features)
+    sparse = KeyedJaggedTensor(
+        keys=list(sparse_features),
+        values=torch.zeros(n, dtype=torch.int64),
+        lengths=torch.ones(n, dtype=torch.int32),
+        stride=1,
+    )
+    return Batch(torch.zeros(1, num_dense), sparse, torch.zeros(1))
+
+
+def eval_batches(
+    batches: Iterable[Batch],
+    d: Optional[DistHandles],
+    dummy: Optional[Batch],
+    max_batches: Optional[int] = None,
+) -> Iterator[tuple[Batch, bool]]:
+    """``(batch, real)`` pairs: this rank's batches (``real``), then dummies until every
+    rank's shard is done, so all ranks run the same number of forwards (each one an
+    exchange inside the fast group). One process: just its batches.
+
+    Args:
+        batches: this rank's eval shard.
+        d: the job (None: one process).
+        dummy: the padding batch (:func:`dummy_batch`); required with several ranks.
+        max_batches: cap on this rank's batches.
+    """
+    if d is not None and d.world_size > 1 and dummy is None:
+        raise ValueError("eval_batches: several ranks need a dummy batch to pad with")
+    it = iter(batches)
+    count = 0
+    while True:
+        batch = None if max_batches is not None and count >= max_batches else next(it, None)
+        if d is None or d.world_size == 1:
+            if batch is None:
+                return
+        elif not any_rank(batch is not None, d):
+            return
+        count += 1
+        if batch is not None:
+            yield batch, True
+        else:
+            assert dummy is not None
+            yield dummy, False
