@@ -24,6 +24,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from terarec.config import Pooling, SparseOptimConfig, TableConfig
 from terarec.optim.sparse import build_row_optimizer
 from terarec.ps.group import TableGroup, group_key
+from terarec.ps.sharded import ShardedLookup
 from terarec.ps.ssd_tier import SSDStore, SSDTier
 from terarec.ps.table import EmbeddingTable
 
@@ -103,8 +104,6 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
         self.replica_group = replica_group
         self.sync_replicas = sync_replicas
         self.prefetch_group = prefetch_group
-        if process_group is not None:  # the exchange lands in ps/exchange.py
-            raise NotImplementedError("sharded tables (process_group) are not built yet")
         self.device = torch.device(device or "cpu")
         self.feature_names = list(feature_names)
         table_features = resolve_table_features(tables, self.feature_names)
@@ -141,6 +140,16 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
             f: t.dim for t, fs in zip(self.tables, table_features) for f in fs
         }
         self._perm_cache: dict[tuple[str, ...], list[int]] = {}
+        self._sharded: Optional[ShardedLookup] = None
+        if process_group is not None:
+            self._sharded = ShardedLookup(
+                self.groups, self.device, process_group, replica_group, prefetch_group
+            )
+
+    @property
+    def sharded(self) -> Optional[ShardedLookup]:
+        """The exchange of a sharded collection (None on a single rank)."""
+        return self._sharded
 
     def _permutation(self, keys: list[str]) -> list[int]:
         key = tuple(keys)
@@ -170,6 +179,8 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
             features = features.permute(perm)
         parts = features.split([len(fs) for fs in self._group_features])
         train = self.training and torch.is_grad_enabled()
+        if self._sharded is not None:
+            return self._keyed(self._forward_sharded(parts, train))
         pooled = [
             self._pool_group(g, kjt, ft, train)
             for g, kjt, ft in zip(self.groups, parts, self._feature_table)
@@ -196,6 +207,8 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
         if perm != list(range(len(keys))):
             features = features.permute(perm)
         parts = features.split([len(fs) for fs in self._group_features])
+        if self._sharded is not None:
+            return self._prefetch_sharded(parts)
         skipped: list[str] = []
         for g, kjt, ft in zip(self.groups, parts, self._feature_table):
             if g.chain is not None:
@@ -211,13 +224,63 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
         batch = kjt.stride()
         values = kjt.values().to(self.device, torch.int64)
         offsets = _kjt_offsets(kjt).to(self.device)
-        if group.num_tables == 1:
+        if group.num_tables == 1 or values.numel() == 0:
             return _dedup(values), offsets
         bounds = offsets[::batch]  # value offset of each feature: [F + 1]
         tables = torch.repeat_interleave(
             feature_table.to(self.device), bounds[1:] - bounds[:-1], output_size=values.numel()
         )
         return _dedup(group.composite(values, tables), tables), offsets
+
+    # -- sharded tables (ps/sharded.py) ---------------------------------------------
+    def _forward_sharded(self, parts: list[KeyedJaggedTensor], train: bool) -> list[torch.Tensor]:
+        """Pooled ``[B, F_g * D_g]`` per group; the rows come from their owners."""
+        assert self._sharded is not None
+        dedups = [
+            self._dedup_group(g, kjt, ft)
+            for g, kjt, ft in zip(self.groups, parts, self._feature_table)
+        ]
+        counts = [
+            d.key_offsets[1:] - d.key_offsets[:-1] if g.admission is not None else None
+            for g, (d, _) in zip(self.groups, dedups)
+        ]
+        weights = self._sharded.lookup(
+            [d.keys for d, _ in dedups],
+            [d.tables for d, _ in dedups],
+            counts,
+            train,
+            sync_replicas=self.sync_replicas,
+        )
+        out = []
+        for g, kjt, w, (d, offsets) in zip(self.groups, parts, weights, dedups):
+            batch, n_feat = kjt.stride(), len(kjt.keys())
+            pooled = _Pool.apply(w, d, offsets, g.cfgs[0].pooling == Pooling.MEAN)
+            out.append(
+                pooled.view(n_feat, batch, g.dim).transpose(0, 1).reshape(batch, n_feat * g.dim)
+            )
+        return out
+
+    def _prefetch_sharded(self, parts: list[KeyedJaggedTensor]) -> list[str]:
+        """:meth:`prefetch` of a sharded collection: the tiered groups' pairs go to their
+        owners over the prefetch group (nothing happens without one)."""
+        assert self._sharded is not None
+        which = [i for i, g in enumerate(self.groups) if g.chain is not None]
+        if self._sharded.prefetcher is None or not which:
+            return []
+        dedups = [
+            self._dedup_group(self.groups[i], parts[i], self._feature_table[i])[0]
+            for i in which
+        ]
+        fitted = self._sharded.prefetch(
+            which, [d.keys for d in dedups], [d.tables for d in dedups]
+        )
+        return [n for i, ok in zip(which, fitted) if not ok for n in self.groups[i].names]
+
+    def _keyed(self, pooled: list[torch.Tensor]) -> KeyedTensor:
+        lengths = [self.feature_dims[f] for f in self.out_features]
+        return KeyedTensor(
+            keys=self.out_features, length_per_key=lengths, values=torch.cat(pooled, dim=1)
+        )
 
     def _pool_group(
         self, group: TableGroup, kjt: KeyedJaggedTensor, feature_table: torch.Tensor, train: bool
@@ -258,7 +321,22 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
     def tables_state_dict(self) -> dict[str, Any]:
         return {t.name: t.state_dict() for t in self.tables}
 
+    def _owned_rows(
+        self, table: EmbeddingTable, state: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A table's saved ``(keys, rows)``; sharded: only the pairs this rank owns (so
+        any rank count can load a checkpoint holding every row, e.g. the shards of all
+        ranks concatenated)."""
+        keys, rows = state["keys"], state["rows"]
+        if self._sharded is None:
+            return keys, rows
+        k = keys.to(self.device, torch.int64)
+        tabs = torch.full_like(k, table.index)
+        mine = self._sharded.owned(table.group.composite(k, tabs)).nonzero().squeeze(1)
+        return k[mine], rows.to(self.device)[mine]
+
     def load_tables_state_dict(self, state: dict[str, Any]) -> None:
+        """Loads every table's rows (see :meth:`_owned_rows` for sharded tables)."""
         missing = [t.name for t in self.tables if t.name not in state]
         if missing:
             raise ValueError(f"checkpoint has no rows for tables {missing}")
@@ -266,7 +344,7 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
             t.check_state(state[t.name])
         for g in self.groups:
             mine = [t for t in self.tables if t.group is g]
-            g.load_tables([(state[t.name]["keys"], state[t.name]["rows"]) for t in mine])
+            g.load_tables([self._owned_rows(t, state[t.name]) for t in mine])
             g.optimizer.load_state_dict(state[mine[0].name]["optimizer"])
             if g.admission is not None:  # saved without admission: counting starts now
                 g.admission.load_state_dict(state[mine[0].name].get("admission") or {})
