@@ -453,6 +453,63 @@ class DistConfig:
         )
 
 
+# ---------------------------------------------------------------------------- sync
+
+
+class DenseMerge(StrEnum):
+    """How a k-step merge combines the replicas' dense weights."""
+
+    PARAMS = "params"  # average the parameters
+    PARAMS_MOMENTS = "params+moments"  # ... and the dense optimizer's state (Adam moments)
+    DILOCO = "diloco"  # average the delta since the last merge, outer SGD-Nesterov step
+
+
+class SparseMerge(StrEnum):
+    """How a k-step merge combines the rows touched since the last merge."""
+
+    DELTA = "delta"  # snapshot + mean over replicas of (weights - snapshot)
+    DELTA_MOMENTS = "delta+moments"  # the same for the row's optimizer state
+
+
+@dataclass
+class SyncConfig:
+    """Keeping replicas (fast groups, one per node) in step across nodes (docs/kstep.md).
+
+    Attributes:
+        k: steps between merges; 1 = fully synchronous (gradients combined over the
+            cross group every step, no merging).
+        dense: ``params`` | ``params+moments`` | ``diloco``.
+        sparse: ``delta`` | ``delta+moments``.
+        warmup_steps: synchronous steps (as k = 1) before local steps start.
+        outer_lr, outer_momentum: DiLoCo's outer Nesterov step (paper defaults).
+    """
+
+    k: int = 1
+    dense: DenseMerge = DenseMerge.PARAMS
+    sparse: SparseMerge = SparseMerge.DELTA
+    warmup_steps: int = 0
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+
+    def __post_init__(self) -> None:
+        for key, enum_cls in (("dense", DenseMerge), ("sparse", SparseMerge)):
+            if not isinstance(getattr(self, key), enum_cls):  # built in code from a string
+                try:
+                    setattr(self, key, enum_cls.from_str(getattr(self, key)))
+                except ValueError as e:
+                    raise ValueError(f"{key}: {e}") from None
+        _check(
+            isinstance(self.k, int) and not isinstance(self.k, bool) and self.k >= 1,
+            f"k: must be a positive number of steps, got {self.k!r}",
+        )
+        _check(self.warmup_steps >= 0, f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+        _check(self.outer_lr > 0, f"outer_lr: must be > 0, got {self.outer_lr}")
+        _check(
+            0 <= self.outer_momentum < 1,
+            f"outer_momentum: must be in [0, 1), got {self.outer_momentum}",
+        )
+
+
 # --------------------------------------------------------------------------- train
 
 
@@ -508,6 +565,7 @@ class Config:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1000))
     ssd: SSDConfig = field(default_factory=SSDConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
     seed: int = 0
 
     def __post_init__(self) -> None:
