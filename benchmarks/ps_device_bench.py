@@ -188,7 +188,11 @@ def index_bench(args: argparse.Namespace, device: torch.device) -> dict[str, Any
 
 # -- step ---------------------------------------------------------------------------------
 def _step_ours(
-    args: argparse.Namespace, device: torch.device, feats: list[str], batches: list[Any]
+    args: argparse.Namespace,
+    device: torch.device,
+    feats: list[str],
+    batches: list[Any],
+    fused: bool,
 ) -> tuple[float, dict[str, float]]:
     rows, dim = args.rows, args.dim
     opt = SparseOptimConfig(kind="adam", lr=0.01)
@@ -198,6 +202,7 @@ def _step_ours(
     ebc = HierarchicalEmbeddingBagCollection([table], feats, opt, device=device, seed=0)
     group = ebc.groups[0]
     assert group.chain is not None
+    group.fused = group.optimizer.fused_on(device, fused)  # triton kernel, or the torch path
     # make every row resident in the device tier first (untimed)
     for part in torch.arange(rows, device=device).split(1 << 21):  # bounded temporaries
         group.slots_for(part, torch.zeros_like(part))
@@ -210,7 +215,7 @@ def _step_ours(
         out.backward(torch.ones_like(out))
 
     t = timed(ours, device, args.reps)
-    if args.profile:
+    if args.profile and fused:
         from torch.profiler import ProfilerActivity, profile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -224,6 +229,12 @@ def _step_ours(
     return t, group.chain.stats()
 
 
+def _fused_available(device: torch.device) -> bool:
+    from terarec.optim import triton_rows
+
+    return triton_rows.available(device) and device.type == "cuda"
+
+
 def step_bench(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     b, f, rows, dim = args.batch, args.features, args.rows, args.dim
     feats = [f"f{i}" for i in range(f)]
@@ -235,7 +246,14 @@ def step_bench(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
         kjt = KeyedJaggedTensor.from_lengths_sync(feats, ids, lengths)
         kjt.offsets()  # computed on CPU (torchrec's CUDA cumsum is FBGEMM's CUDA op)
         batches.append(kjt.to(device))
-    t_ours, dev_stats = _step_ours(args, device, feats, batches)
+    fused_ok = _fused_available(device)
+    t_ours, dev_stats = _step_ours(args, device, feats, batches, fused_ok)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    t_unfused = t_ours
+    if fused_ok:  # the same step with the torch row optimizer (gather, ~10 passes, scatter)
+        t_unfused, _ = _step_ours(args, device, feats, batches, False)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -266,6 +284,9 @@ def step_bench(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
         step_dim=dim,
         step_unique_keys=u,
         step_terarec_s=t_ours,
+        step_fused_row_optimizer=fused_ok,
+        step_terarec_torch_optimizer_s=t_unfused,
+        step_fused_speedup_over_torch_optimizer=t_unfused / t_ours,
         step_baseline_embeddingbag_sparseadam_s=t_base,
         step_speedup=t_base / t_ours,
         step_floor_bytes=floor,

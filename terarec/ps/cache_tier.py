@@ -94,9 +94,11 @@ class CacheTier:
         """Keeps the rows at ``slots`` from eviction while the step is <= ``until_step``."""
         self._lock[slots] = torch.clamp(self._lock[slots], min=until_step)
 
-    def read(self, slots: torch.Tensor) -> torch.Tensor:
-        """Rows at ``slots`` ``[N, row_width]`` (a copy)."""
-        return self._rows.index_select(0, slots)
+    def read(self, slots: torch.Tensor, cols: Optional[int] = None) -> torch.Tensor:
+        """Rows at ``slots`` ``[N, row_width]`` (a copy); the first ``cols`` columns
+        only when given."""
+        src = self._rows if cols is None else self._rows[:, :cols]
+        return src.index_select(0, slots)
 
     def update_rows(self, slots: torch.Tensor, grad: torch.Tensor, optimizer: Any) -> None:
         """One fused optimizer step on the rows at unique ``slots`` in place

@@ -95,15 +95,17 @@ class TierChain:
     def device(self) -> torch.device:
         return self.top.device
 
-    def read(self, slots: torch.Tensor) -> torch.Tensor:
-        """Rows at top-tier (or scratch pad) ``slots`` ``[N, row_width]`` (a copy)."""
+    def read(self, slots: torch.Tensor, cols: Optional[int] = None) -> torch.Tensor:
+        """Rows at top-tier (or scratch pad) ``slots`` ``[N, row_width]`` (a copy); the
+        first ``cols`` columns only when given."""
         pad = self._pad_mask(slots)
         if pad is None:
-            return self.top.read(slots)
-        out = torch.empty(slots.numel(), self.row_width, device=self.top.device)
+            return self.top.read(slots, cols)
+        width = self.row_width if cols is None else cols
+        out = torch.empty(slots.numel(), width, device=self.top.device)
         cached, padded = (~pad).nonzero().squeeze(1), pad.nonzero().squeeze(1)
-        out[cached] = self.top.read(slots[cached])
-        out[padded] = self.scratch.read(slots[padded])  # type: ignore[union-attr]
+        out[cached] = self.top.read(slots[cached], cols)
+        out[padded] = self.scratch.read(slots[padded], cols)  # type: ignore[union-attr]
         return out
 
     def write(self, slots: torch.Tensor, rows: torch.Tensor) -> None:

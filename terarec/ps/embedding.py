@@ -293,8 +293,12 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
             if group.admission is not None:  # occurrences per pair: the sketch's input
                 counts = dedup.key_offsets[1:] - dedup.key_offsets[:-1]
             slots = group.slots_for(dedup.keys, dedup.tables, counts=counts)
-            rows = group.read(slots)  # zeros where admission left a pair out (slot -1)
-            weights = rows[:, : group.dim].contiguous().requires_grad_(True)
+            if group.fused:  # the optimizer reads the rows in place: gather the weights
+                rows = None
+                weights = group.read(slots, group.dim).requires_grad_(True)
+            else:  # zeros where admission left a pair out (slot -1)
+                rows = group.read(slots)
+                weights = rows[:, : group.dim].contiguous().requires_grad_(True)
             weights.register_hook(_RowUpdate(group, slots, rows))
             group.record_touched(dedup.keys, dedup.tables, slots, rows)  # k-step merging
         else:
@@ -465,7 +469,9 @@ class _RowUpdate:
     (e.g. two forwards before one backward); then they are read again.
     """
 
-    def __init__(self, table: TableGroup, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    def __init__(
+        self, table: TableGroup, slots: torch.Tensor, rows: Optional[torch.Tensor]
+    ) -> None:
         self.table = table
         self.slots = slots
         self.rows = rows

@@ -505,16 +505,17 @@ class TableGroup:
         of a tiered table, else the host tier."""
         return self.chain if self.chain is not None else self.tier
 
-    def read(self, slots: torch.Tensor) -> torch.Tensor:
-        """Rows at ``slots`` ``[N, row_width]``; slot -1 (a pair left out by admission)
-        reads as zeros."""
+    def read(self, slots: torch.Tensor, cols: Optional[int] = None) -> torch.Tensor:
+        """Rows at ``slots`` ``[N, row_width]`` (the first ``cols`` columns only when
+        given); slot -1 (a pair left out by admission) reads as zeros."""
         if self.admission is None:
-            return self.top.read(slots)
+            return self.top.read(slots, cols)
         live = (slots >= 0).nonzero().squeeze(1)
         if live.numel() == slots.numel():
-            return self.top.read(slots)
-        out = torch.zeros(slots.numel(), self.row_width, device=self.top.device)
-        out[live] = self.top.read(slots[live])
+            return self.top.read(slots, cols)
+        width = self.row_width if cols is None else cols
+        out = torch.zeros(slots.numel(), width, device=self.top.device)
+        out[live] = self.top.read(slots[live], cols)
         return out
 
     def flush(self) -> None:

@@ -242,9 +242,11 @@ class HostTier:
         """bool ``[N]``: which ``slots`` were removed (evicted or expired)."""
         return self._dead[slots]
 
-    def read(self, slots: torch.Tensor) -> torch.Tensor:
-        """Rows at ``slots``: ``[N, row_width]`` (a copy)."""
-        return self._rows.index_select(0, slots)
+    def read(self, slots: torch.Tensor, cols: Optional[int] = None) -> torch.Tensor:
+        """Rows at ``slots``: ``[N, row_width]`` (a copy); only the first ``cols``
+        columns (e.g. the weights without the optimizer state) when given."""
+        src = self._rows if cols is None else self._rows[:, :cols]
+        return src.index_select(0, slots)
 
     def update_rows(self, slots: torch.Tensor, grad: torch.Tensor, optimizer: Any) -> None:
         """One fused optimizer step on the rows at unique ``slots`` in place

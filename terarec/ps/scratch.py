@@ -15,7 +15,7 @@ Slots of the pad are numbered after the cache's: ``capacity + i`` for pad row ``
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -118,9 +118,10 @@ class ScratchPad:
         """Metadata of the rows :meth:`export` lists, in that order ``[R, 2]``."""
         return self._meta[self._used.nonzero().squeeze(1)]
 
-    def read(self, slots: torch.Tensor) -> torch.Tensor:
+    def read(self, slots: torch.Tensor, cols: Optional[int] = None) -> torch.Tensor:
         with self._guard:
-            return self._rows.index_select(0, slots - self.base)
+            src = self._rows if cols is None else self._rows[:, :cols]
+            return src.index_select(0, slots - self.base)
 
     def update_rows(self, slots: torch.Tensor, grad: torch.Tensor, optimizer: Any) -> None:
         """One fused optimizer step on the pad rows at unique ``slots`` in place."""
