@@ -29,6 +29,7 @@ setup(
         "console_scripts": [
             "terarec=terarec.cli:main",
             "terarec-launch=terarec.launch.cli:main",
+            "terarec-topo=terarec.topology.cli:main",
         ]
     },
 )

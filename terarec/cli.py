@@ -1,7 +1,8 @@
-"""The ``terarec`` command: ``train`` and ``eval``.
+"""The ``terarec`` command: ``train``, ``eval`` and ``topo``.
 
 terarec train --config configs/quickstart.yaml [--set train.steps=500 ...]
 terarec eval --run runs/quickstart [--data my_eval.tsv]
+terarec topo [--check | --json | --from FILE ...]   (terarec-topo; --applied: this rank)
 
 Under torchrun (``terarec-launch``), mpirun or srun every rank runs ``terarec train``
 with the same arguments; rank 0 prints the closing lines (docs/distributed.md).
@@ -99,6 +100,13 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _topo(args: argparse.Namespace) -> int:
+    from terarec.launch.bind import applied
+
+    print(json.dumps(applied()), flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="terarec", description=__doc__.split("\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -121,10 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--run", required=True, help="runs/<name> or a checkpoint directory")
     e.add_argument("--data", nargs="+", help="eval files (default: the run's eval split)")
     e.set_defaults(fn=_eval)
+    o = sub.add_parser("topo", help="this machine's topology and placement plan: "
+                       "terarec-topo's options (`terarec topo --help`), or --applied: what "
+                       "the launcher applied to this process (JSON)")
+    o.add_argument("--applied", action="store_true")
+    o.set_defaults(fn=_topo)
     return p
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["topo"] and argv[1:] != ["--applied"]:  # terarec-topo's own options
+        from terarec.topology.cli import main as topo_main
+
+        return topo_main(argv[1:])
     args = build_parser().parse_args(argv)
     # Our own loggers at INFO; third-party INFO chatter (fbgemm's .so loading) stays quiet.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

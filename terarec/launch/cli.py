@@ -9,12 +9,17 @@ terarec-launch [options] COMMAND [ARGS...]   runs ``terarec COMMAND ARGS...`` pe
     # a static two-node launch: torchrun's --master-addr/--master-port/--node-rank
     terarec-launch --nnodes 2 --node-rank 1 --master-addr node0 --master-port 29500 train ...
     terarec-launch --nproc-per-node 2 --probe          # check the launch, no training
+    terarec-launch --nproc-per-node 8 --no-topology train ...   # no per-rank pinning
 
 Underneath it is ``python -m torch.distributed.run <torchrun options> -m terarec.cli
 COMMAND ARGS...`` (``--dry-run`` prints it), so every torchrun behaviour holds: each rank
 gets ``RANK``/``LOCAL_RANK``/``WORLD_SIZE``/``MASTER_ADDR``..., a failed rank stops the
 others, ``--max-restarts`` restarts the whole group. ``mpirun -np N terarec train ...``
 and Slurm's ``srun terarec train ...`` need no front end (docs/distributed.md).
+
+Unless ``--no-topology``, the node is discovered first and every rank starts through
+``terarec.launch.bind`` with the topology plan: its CPU cores, memory node (numactl),
+NIC and SSD directory environment, and fast groups (docs/topology.md).
 """
 
 from __future__ import annotations
@@ -53,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-dir", default=None, help="torchrun's per-rank log directory")
     p.add_argument("--probe", action="store_true",
                    help="run `python -m terarec.launch.probe` (check the launch) instead")
+    p.add_argument("--no-topology", action="store_true",
+                   help="do not apply the topology plan (CPU cores, memory node, NIC, SSD "
+                   "directory, fast groups per rank; see terarec-topo)")
+    p.add_argument("--topology", default=None, metavar="FILE",
+                   help="plan for this saved machine (terarec-topo --json / --fixture) "
+                   "instead of discovering the node")
     p.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
     p.add_argument("command", nargs=argparse.REMAINDER,
                    help="the terarec command and its arguments")
@@ -66,8 +77,9 @@ def _default_nproc() -> str:
     return str(n or 1)
 
 
-def torchrun_command(args: argparse.Namespace) -> list[str]:
-    """The ``python -m torch.distributed.run ...`` argv for parsed ``args``.
+def torchrun_command(args: argparse.Namespace, plan_file: Optional[str] = None) -> list[str]:
+    """The ``python -m torch.distributed.run ...`` argv for parsed ``args``; with a
+    ``plan_file`` each rank starts through ``terarec.launch.bind``, which applies it.
 
     Raises:
         SystemExit: (via ``ValueError`` in :func:`main`) inconsistent options.
@@ -107,15 +119,47 @@ def torchrun_command(args: argparse.Namespace) -> list[str]:
         cmd += ["--monitor-interval", str(args.monitor_interval)]
     if args.log_dir:
         cmd += ["--log-dir", args.log_dir]
+    if plan_file is not None:
+        cmd += ["-m", "terarec.launch.bind", "--plan", plan_file, "--"]
     cmd += ["-m", "terarec.launch.probe" if args.probe else "terarec.cli", *program]
     return cmd
+
+
+def _topology_plan(args: argparse.Namespace) -> Optional[str]:
+    """Plans this node's ranks and writes the plan file (None: ``--no-topology``).
+
+    Raises:
+        ValueError: the machine or its tools' output cannot be read, or the plan fails.
+    """
+    from terarec.launch.bind import prepare_plan
+    from terarec.topology.model import TopologyError
+    from terarec.topology.plan import describe_rank
+
+    if args.no_topology:
+        return None
+    if not str(args.nproc_per_node).isdigit():
+        print(f"terarec-launch: --nproc-per-node {args.nproc_per_node}: no topology plan "
+              "(give a number)", file=sys.stderr)
+        return None
+    try:
+        plan, _, path = prepare_plan(int(args.nproc_per_node), args.topology, args.log_dir)
+    except TopologyError as e:
+        raise ValueError(f"topology: {e} (--no-topology launches without a plan)") from None
+    print(f"terarec-launch: topology plan {path}:", file=sys.stderr)
+    for r in plan.ranks:
+        print(f"  {describe_rank(r)}", file=sys.stderr)
+    for f in plan.findings:
+        print(f"  {f.level}: {f.text}", file=sys.stderr)
+    return str(path)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        cmd = torchrun_command(args)
+        torchrun_command(args)  # the options hang together before anything is discovered
+        args.nproc_per_node = args.nproc_per_node or _default_nproc()
+        cmd = torchrun_command(args, _topology_plan(args))
     except ValueError as e:
         parser.error(str(e))
     if args.dry_run:

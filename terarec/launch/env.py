@@ -23,6 +23,9 @@ Slurm (srun)      ``SLURM_PROCID``, ``SLURM_LOCALID``, ``SLURM_STEP_NUM_TASKS``,
 none              one process: rank 0 of 1
 ================  ===================================================================
 
+``TERAREC_FAST_GROUPS`` (set per rank by ``terarec-launch`` from the topology plan, see
+``bind.py``) names the node's fast groups in local ranks; it is read here too.
+
 ``MASTER_ADDR`` / ``MASTER_PORT``, when set, are honoured under every launcher; then come
 ``dist.master_addr`` / ``dist.master_port`` from the config. MPI runs without them get the
 rendezvous endpoint from rank 0 over mpi4py (see ``rendezvous.py``); Slurm runs fall back
@@ -31,6 +34,7 @@ to the step's first node and a port derived from the job id.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Mapping
@@ -65,6 +69,9 @@ class LaunchEnv:
             not start one).
         restart_count: torchrun's restart count (0 on the first attempt).
         job_id: the launcher's job / run id, if any (for logs).
+        local_fast_groups: the topology plan's fast groups of this node as local ranks
+            (``TERAREC_FAST_GROUPS``, set by ``terarec-launch``: ``0,1,2,3;4,5,6,7``), or
+            None (one fast group per node).
     """
 
     launcher: str
@@ -81,6 +88,7 @@ class LaunchEnv:
     agent_store: bool = False
     restart_count: int = 0
     job_id: Optional[str] = None
+    local_fast_groups: Optional[tuple[tuple[int, ...], ...]] = None
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> LaunchError:
@@ -97,6 +105,13 @@ class LaunchEnv:
         if self.node_rank is not None and self.num_nodes is not None:
             if not 0 <= self.node_rank < self.num_nodes:
                 raise bad(f"node rank {self.node_rank} not in [0, {self.num_nodes})")
+        groups = self.local_fast_groups
+        if groups is not None:
+            flat = sorted(r for g in groups for r in g)
+            if flat != list(range(self.local_world_size)) or not all(groups):
+                raise bad(f"{FAST_GROUPS_VAR}={format_fast_groups(groups)!r} is not a "
+                          f"partition of the local ranks 0..{self.local_world_size - 1} (a "
+                          "plan made for another number of ranks per node?)")
 
     @property
     def distributed(self) -> bool:
@@ -109,6 +124,25 @@ class LaunchEnv:
             f"rank {self.rank}/{self.world_size} (local {self.local_rank}/"
             f"{self.local_world_size}{node}) via {self.launcher}"
         )
+
+
+FAST_GROUPS_VAR = "TERAREC_FAST_GROUPS"
+
+
+def format_fast_groups(groups: tuple[tuple[int, ...], ...]) -> str:
+    return ";".join(",".join(map(str, g)) for g in groups)
+
+
+def _fast_groups(env: Mapping[str, str]) -> Optional[tuple[tuple[int, ...], ...]]:
+    """``TERAREC_FAST_GROUPS=0,1,2,3;4,5,6,7`` -> ``((0, 1, 2, 3), (4, 5, 6, 7))``."""
+    raw = env.get(FAST_GROUPS_VAR)
+    if not raw:
+        return None
+    try:
+        return tuple(tuple(int(x) for x in g.split(",")) for g in raw.split(";"))
+    except ValueError:
+        raise LaunchError(f"environment variable {FAST_GROUPS_VAR}={raw!r}: expected local "
+                          "ranks like 0,1,2,3;4,5,6,7") from None
 
 
 def _int(env: Mapping[str, str], name: str, default: Optional[int] = None) -> int:
@@ -274,6 +308,12 @@ def read_launch_env(environ: Optional[Mapping[str, str]] = None) -> LaunchEnv:
             inconsistent (e.g. a rank outside the world); the message names the variable.
     """
     env = os.environ if environ is None else environ
+    out = _read(env)
+    groups = _fast_groups(env)
+    return out if groups is None else dataclasses.replace(out, local_fast_groups=groups)
+
+
+def _read(env: Mapping[str, str]) -> LaunchEnv:
     if env.get("RANK") is not None and env.get("WORLD_SIZE") is not None:
         return _torchrun(env)
     if env.get("OMPI_COMM_WORLD_SIZE") is not None:

@@ -12,8 +12,9 @@
 Groups (DESIGN.md, "hierarchical synchronisation"):
 
 * **world**: every rank (the default group).
-* **fast group**: the ranks that sync every step — by default one node's ranks, ordered
-  by local rank; later the topology plan's NVLink islands (``fast_groups=``).
+* **fast group**: the ranks that sync every step — the topology plan's NVLink islands
+  when ``terarec-launch`` applied a plan (``TERAREC_FAST_GROUPS``), else one node's ranks,
+  ordered by local rank.
 * **cross group**: the ranks at the same position of every fast group (local rank ``l``
   of each node), the group that merges replicas across nodes.
 
@@ -261,6 +262,41 @@ def plan_groups(
     return fast, cross
 
 
+def fast_groups_from_plan(
+    procs: Sequence[ProcInfo], local_groups: Sequence[Optional[Sequence[Sequence[int]]]]
+) -> Optional[list[list[int]]]:
+    """Global fast groups from every rank's node plan (``LaunchEnv.local_fast_groups``).
+
+    Args:
+        procs: every rank's :class:`ProcInfo`.
+        local_groups: per rank, its node's fast groups as local ranks, or None.
+
+    Returns:
+        The groups as global ranks, node by node; None when no rank has a plan.
+
+    Raises:
+        LaunchError: some ranks have a plan and others not, or the ranks of one node
+            disagree on it.
+    """
+    if all(g is None for g in local_groups):
+        return None
+    missing = [p.rank for p, g in zip(procs, local_groups) if g is None]
+    if missing:
+        raise LaunchError(f"ranks {missing} have no topology fast groups but others do: "
+                          "launch every node the same way (terarec-launch, or --no-topology)")
+    nodes = assign_nodes(procs)
+    out: list[list[int]] = []
+    for n in sorted(set(nodes)):
+        members = [(p, g) for p, g, m in zip(procs, local_groups, nodes) if m == n]
+        glob = {p.local_rank: p.rank for p, _ in members}
+        plans = {tuple(tuple(x) for x in g) for _, g in members}  # type: ignore[union-attr]
+        if len(plans) != 1:
+            raise LaunchError(f"node {n}: its ranks disagree on the fast groups {sorted(plans)}")
+        for g in plans.pop():
+            out.append([glob[lr] for lr in g])
+    return out
+
+
 def init_distributed(
     cfg: DistConfig,
     device: str = "auto",
@@ -279,7 +315,8 @@ def init_distributed(
         device: ``train.device`` (auto | cpu | cuda | cuda:N); picks the rank's device
             and, with ``backend: auto``, nccl (CUDA) or gloo (CPU).
         environ: the environment to read (default ``os.environ``).
-        fast_groups: the topology plan's fast groups, if any (default: one per node).
+        fast_groups: fast groups as global ranks (default: the topology plan's, which
+            ``terarec-launch`` passes in ``TERAREC_FAST_GROUPS``, else one per node).
         monitor: run the :class:`HealthMonitor` (multi-rank runs only).
 
     Returns:
@@ -312,9 +349,12 @@ def init_distributed(
     try:
         me = ProcInfo(env.rank, socket.gethostname(), os.getpid(), pid_space(),
                       env.local_rank, env.node_rank)
-        procs: list[Optional[ProcInfo]] = [None] * env.world_size
-        dist.all_gather_object(procs, me)
-        infos = [p for p in procs if p is not None]
+        gathered: list[Optional[tuple[ProcInfo, object]]] = [None] * env.world_size
+        dist.all_gather_object(gathered, (me, env.local_fast_groups))
+        infos = [g[0] for g in gathered if g is not None]
+        if fast_groups is None:  # the topology plan's, when terarec-launch applied one
+            fast_groups = fast_groups_from_plan(
+                infos, [g[1] for g in gathered if g is not None])  # type: ignore[misc]
         fast, cross = plan_groups(infos, fast_groups)
         # Every rank creates every group, in the same order (torch.distributed's rule).
         fast_pgs = [dist.new_group(g, timeout=timeout, backend=backend) for g in fast]
