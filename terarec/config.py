@@ -352,6 +352,8 @@ class SSDConfig:
     ``path: null`` (the default) means no SSD tier; a table with ``host_rows`` needs one.
     The trainer resolves a relative ``path`` inside the run directory
     (``<runs_dir>/<name>/<path>``); rank ``r`` keeps its DB in ``<path>/rank{r}``.
+    ``path: auto`` puts it on the NVMe the topology plan picked for the rank
+    (``terarec-launch``; docs/topology.md), else in ``<runs_dir>/<name>/ssd``.
 
     Attributes:
         path: root directory (local NVMe), or None for no SSD tier.

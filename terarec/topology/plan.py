@@ -28,6 +28,7 @@ Rules (docs/topology.md has the why):
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
@@ -42,6 +43,13 @@ from terarec.topology.model import (
 )
 
 DEFAULT_SSD_SUBDIR = "terarec-ssd"
+SSD_DIR_VAR = "TERAREC_SSD_DIR"
+
+
+def planned_ssd_dir() -> Optional[str]:
+    """The SSD directory the launcher applied to this process (``TERAREC_SSD_DIR``), if
+    any; ``ssd.path: auto`` uses it."""
+    return os.environ.get(SSD_DIR_VAR) or None
 
 
 @dataclass
@@ -358,7 +366,7 @@ def make_plan(machine: Machine, nproc: Optional[int] = None,
             elif nic is not None and nic.netdev:
                 env["NCCL_SOCKET_IFNAME"] = f"={nic.netdev}"
         if r.ssd_dir:
-            env["TERAREC_SSD_DIR"] = r.ssd_dir
+            env[SSD_DIR_VAR] = r.ssd_dir
         r.env = env
     return Plan(hostname=m.hostname, ranks=plan_ranks, fast_groups=groups, findings=findings)
 

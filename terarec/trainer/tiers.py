@@ -48,9 +48,18 @@ def uses_ssd(cfg: Config) -> bool:
 
 
 def ssd_root(cfg: Config, run_dir: Path) -> Optional[Path]:
-    """The SSD tier's root: ``ssd.path``, a relative one inside ``run_dir``; None if unset."""
+    """The SSD tier's root: ``ssd.path``, a relative one inside ``run_dir``; None if unset.
+
+    ``ssd.path: auto``: ``<dir>/<run name>`` on the NVMe the topology plan chose for this
+    rank (``terarec-launch`` passes it as ``TERAREC_SSD_DIR``), else ``<run_dir>/ssd``.
+    """
     if cfg.ssd.path is None:
         return None
+    if cfg.ssd.path == "auto":
+        from terarec.topology.plan import planned_ssd_dir
+
+        planned = planned_ssd_dir()
+        return Path(planned) / cfg.name if planned else run_dir / "ssd"
     path = Path(cfg.ssd.path).expanduser()
     return path if path.is_absolute() else run_dir / path
 
