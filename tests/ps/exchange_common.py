@@ -1,7 +1,7 @@
 """Shared by the sharded-exchange tests and their worker processes: the data, the model,
 the per-rank slices of a global batch and one training run (sharded or not).
 
-The model is the issue's equivalence set-up: a tiered table (device 96 rows, host 200
+The model is the issue's equivalence set-up: a tiered table (device 96 rows, host 150
 rows, SSD below: every eviction path on every rank) and a two-table group (mean pooling,
 composite keys) feeding a linear layer and a logistic loss. Each step's global batch is
 split over the ranks that share it; the edge cases are planted in the data:
@@ -34,7 +34,7 @@ EMPTY_STEP, NO_GROUP_STEP, NO_KEYS_STEP = 3, 5, 7
 
 def tables() -> list[TableConfig]:
     return [
-        TableConfig(name="big", dim=4, features=["a", "b"], device_rows=96, host_rows=200,
+        TableConfig(name="big", dim=4, features=["a", "b"], device_rows=96, host_rows=150,
                     init=InitConfig(kind="uniform", scale=0.1)),
         TableConfig(name="u1", dim=3, features=["c"], pooling=Pooling.MEAN),
         TableConfig(name="u2", dim=3, features=["d"], pooling=Pooling.MEAN),
@@ -146,7 +146,26 @@ def train(
     return losses
 
 
-def rows_of(ebc: HierarchicalEmbeddingBagCollection) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def eval_pooled(
+    ebc: HierarchicalEmbeddingBagCollection, data_seed: int, parts: int = 1, index: int = 0
+) -> torch.Tensor:
+    """Pooled embeddings ``[b, 14]`` of this rank's slice of the last batch (every other
+    id replaced by one never trained), in eval mode
+    (owners look rows up, never create them) and back in training mode after."""
+    lengths, ids = global_batches(data_seed)[-1]
+    unseen = torch.arange(ids.numel()) % 2 == 1  # every other id: a key never trained
+    ids = torch.where(unseen, ids * 3 + 1, ids)
+    lo, hi = cut(1, parts, index)
+    ebc.eval()
+    with torch.no_grad():
+        out = ebc(kjt_slice(lengths, ids, lo, hi)).values()
+    ebc.train()
+    return out
+
+
+def rows_of(
+    ebc: HierarchicalEmbeddingBagCollection,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per table ``(keys [R], rows [R, width])`` sorted by key."""
     out = {}
     for name, st in ebc.tables_state_dict().items():

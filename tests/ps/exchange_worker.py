@@ -59,7 +59,9 @@ def main() -> int:
             model = DistributedDataParallel(head, process_group=dense)
             losses = ec.train(ebc, model, seed, parts, index, prefetch=run.get("prefetch", False),
                               loss_group=dense)
-            result = {"losses": losses, "rows": ec.rows_of(ebc), "stats": ebc.table_stats()}
+            pooled = ec.eval_pooled(ebc, seed, parts, index)
+            result = {"losses": losses, "rows": ec.rows_of(ebc), "stats": ebc.table_stats(),
+                      "eval": pooled}
             torch.save(result, out / run["name"] / f"rank{ctx.rank}.pt")
             store.close()
             dist.barrier()

@@ -1,0 +1,154 @@
+"""Sharded tables on several gloo processes train exactly like one process.
+
+The issue's acceptance check, at the ``ps`` level: one launch of 4 ranks (nodes of 2,
+so fast groups ``{0,1}, {2,3}`` and cross groups ``{0,2}, {1,3}``) trains the model of
+``exchange_common`` under SGD, row-wise Adagrad and Adam in three layouts
+(``exchange_worker``):
+
+* ``world``: 4 ranks share one shard group and each global batch;
+* ``fast``: two independent 2-rank shard groups, each on its own data, replicas passed
+  with ``sync_replicas=False`` (nothing crosses the groups);
+* ``rep``: 2 shard groups x 2 replicas with replica sync on (k = 1).
+
+Against the same model trained by one process (``process_group=None``) on the same
+global batches: the loss of every step and every final row (weights + optimizer state,
+gathered from the owners, compared per key) agree to 1e-5; owners hold disjoint key
+sets whose union is exactly the single process's; replicas are bitwise identical. The
+tiered table's device and host budgets make every rank evict (device -> host -> SSD).
+The data plants a rank with an empty batch, a table without keys on a rank and ranks
+with no keys at all; half the runs prefetch the next batch through the owners on a
+background thread. Eval-mode lookups (owners never create) agree too.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.launch.launch_helpers import PY, Ranks, free_port, torchrun_env
+from tests.ps import exchange_common as ec
+
+WORKER = str(Path(__file__).with_name("exchange_worker.py"))
+OPTS = {"sgd": "sgd", "rw": "rowwise_adagrad", "adam": "adam"}
+PREFETCH = {"world_rw", "world_adam", "fast_rw", "rep_adam"}
+RUNS = [f"{mode}_{tag}" for tag in OPTS for mode in ("world", "fast", "rep")]
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One 4-rank launch running every layout and optimizer."""
+    out = tmp_path_factory.mktemp("exchange")
+    spec = []
+    for name in RUNS:
+        mode, tag = name.split("_")
+        (out / name).mkdir()
+        spec.append({"name": name, "opt": OPTS[tag], "prefetch": name in PREFETCH,
+                     "mode": {"rep": "replicas"}.get(mode, mode)})
+    port = free_port()
+    with Ranks(out) as ranks:
+        for r in range(4):
+            ranks.start([PY, WORKER, str(out), json.dumps(spec)],
+                        torchrun_env(r, 4, port, local_world=2))
+        codes = ranks.wait(240)
+        logs = "\n".join(ranks.output(i)[-2000:] for i in range(4) if codes[i])
+        assert codes == [0, 0, 0, 0], logs
+    return out
+
+
+_REFS: dict[tuple[str, int], dict[str, Any]] = {}
+
+
+def reference(opt: str, seed: int) -> dict[str, Any]:
+    """The single-process run (same tiers, budgets and data)."""
+    if (opt, seed) not in _REFS:
+        with tempfile.TemporaryDirectory() as d:
+            ebc, head, store = ec.build(opt, Path(d))
+            losses = ec.train(ebc, head, seed)
+            _REFS[(opt, seed)] = {
+                "losses": losses, "rows": ec.rows_of(ebc), "eval": ec.eval_pooled(ebc, seed)
+            }
+            store.close()
+    return _REFS[(opt, seed)]
+
+
+def load(out: Path, name: str, ranks: list[int]) -> list[dict[str, Any]]:
+    return [torch.load(out / name / f"rank{r}.pt", weights_only=False) for r in ranks]
+
+
+def assert_losses(results: list[dict[str, Any]], ref: dict[str, Any]) -> None:
+    """Every rank saw the single process's global loss curve."""
+    want = torch.tensor(ref["losses"])
+    for r in results:
+        got = torch.tensor(r["losses"])
+        assert got.shape == want.shape
+        assert (got - want).abs().max() <= TOL * want.abs().max().clamp(min=1.0)
+
+
+def assert_rows(owners: list[dict[str, Any]], ref: dict[str, Any]) -> None:
+    """The owners' rows (weights + optimizer state) together are the single process's."""
+    for t, (keys, rows) in ref["rows"].items():
+        ks = torch.cat([r["rows"][t][0] for r in owners])
+        rs = torch.cat([r["rows"][t][1] for r in owners])
+        assert ks.unique().numel() == ks.numel(), f"{t}: a key has two owners"
+        order = torch.argsort(ks)
+        assert torch.equal(ks[order], keys), f"{t}: the owners' keys differ from one process's"
+        torch.testing.assert_close(rs[order], rows, rtol=0, atol=TOL)
+
+
+def assert_eval(results: list[dict[str, Any]], ref: dict[str, Any]) -> None:
+    """Eval-mode lookups: the ranks' slices together are the single process's batch."""
+    torch.testing.assert_close(torch.cat([r["eval"] for r in results]), ref["eval"],
+                               rtol=0, atol=TOL)
+
+
+def assert_evicted(results: list[dict[str, Any]]) -> None:
+    for r in results:  # budgets force every eviction path on every rank
+        big = r["stats"]["big"]
+        assert big["device_evictions"] > 0 and big["host_evictions"] > 0, big
+
+
+@pytest.mark.parametrize("tag", list(OPTS))
+def test_world_shard_group_matches_one_process(runs: Path, tag: str) -> None:
+    results = load(runs, f"world_{tag}", [0, 1, 2, 3])
+    ref = reference(OPTS[tag], 100)
+    assert_losses(results, ref)
+    assert_rows(results, ref)
+    assert_eval(results, ref)
+    assert_evicted(results)
+    if f"world_{tag}" in PREFETCH:  # the owners made the next batch resident
+        assert all(r["stats"]["big"]["prefetch_rows_in"] > 0 for r in results)
+
+
+@pytest.mark.parametrize("tag", list(OPTS))
+def test_two_rank_shard_groups_without_replica_sync(runs: Path, tag: str) -> None:
+    """Each fast group trains its own data; with sync off nothing crosses the groups."""
+    for node, ranks in enumerate(([0, 1], [2, 3])):
+        results = load(runs, f"fast_{tag}", ranks)
+        ref = reference(OPTS[tag], 100 + node)
+        assert_losses(results, ref)
+        assert_rows(results, ref)
+        assert_eval(results, ref)
+        assert_evicted(results)
+
+
+@pytest.mark.parametrize("tag", list(OPTS))
+def test_replicas_synced_every_step(runs: Path, tag: str) -> None:
+    """2 shard groups x 2 replicas, sync on: the global batch split over 4 ranks; each
+    shard group holds the whole table, replicas of one shard hold the same bits."""
+    results = load(runs, f"rep_{tag}", [0, 1, 2, 3])
+    ref = reference(OPTS[tag], 100)
+    assert_losses(results, ref)
+    assert_rows(results[:2], ref)
+    assert_rows(results[2:], ref)
+    assert_eval(results, ref)
+    assert_evicted(results)
+    for x, y in ((0, 2), (1, 3)):
+        for t in results[x]["rows"]:
+            assert torch.equal(results[x]["rows"][t][0], results[y]["rows"][t][0])
+            assert torch.equal(results[x]["rows"][t][1], results[y]["rows"][t][1])
