@@ -670,7 +670,11 @@ def _train(
         summary["world_size"] = world
         summary["fast_groups"] = d.num_nodes
     if tiers:
-        summary["tiers"] = tiers.totals()
+        summary["tiers"] = tiers.totals()  # this rank's (rank 0's in summary.json)
+        if multi:
+            by_rank: list[Any] = [None] * world
+            torch.distributed.all_gather_object(by_rank, summary["tiers"])
+            summary["tiers_by_rank"] = by_rank
     if prefetch:
         summary["pipeline"] = PipelineMeter.figures(pipeline.stats, PipelineStats())
     if cfg.train.save_checkpoint:

@@ -1,0 +1,193 @@
+"""`terarec train` on several gloo ranks (loopback): the same run as one process.
+
+* 2 ranks (one node) and 4 ranks (two nodes of two: tables sharded over each node's
+  fast group, replicas kept in step over the cross groups) train the same loss curve,
+  rows and dense weights as one process on the same global batch, to 1e-5, with device
+  and host budgets that make every rank evict into its host and SSD tiers;
+* a 2-rank run resumed from its checkpoint ends where the straight run ends;
+* real launchers: two `torchrun --nnodes 2 --nproc-per-node 2` launches on this host,
+  and `mpirun -np 4`, train the quickstart config (cut down);
+* a rank killed mid-training makes the others stop fast, naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from launch_helpers import PY, REPO, Ranks, base_env, free_port, torchrun_env
+from train_helpers import (
+    assert_same_run,
+    equivalence_config,
+    needs_exchange,
+    quickstart_config,
+    run_dir,
+    train_cmd,
+    write_config,
+)
+
+from terarec.config import config_from_dict
+from terarec.trainer.loop import train
+
+MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--mca", "btl", "self,tcp",
+          "--mca", "btl_tcp_if_include", "lo", "--mca", "oob_tcp_if_include", "lo"]
+needs_mpirun = pytest.mark.skipif(shutil.which("mpirun") is None, reason="no mpirun here")
+pytestmark = needs_exchange
+
+
+def _one_process(cfg: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        train(config_from_dict(cfg, "<test>"))
+    finally:
+        torch.set_num_threads(threads)
+    return cfg
+
+
+def _ranks(tmp: Path, cfg: dict[str, Any], world: int, local_world: int,
+           *extra: str, timeout: float = 150) -> list[str]:
+    """Runs ``terarec train`` on ``world`` ranks (nodes of ``local_world``) from
+    torchrun's variables; returns every rank's output."""
+    config = write_config(tmp, cfg)
+    port = free_port()
+    logs = tmp / f"logs-{cfg['name']}"
+    logs.mkdir(exist_ok=True)
+    with Ranks(logs) as ranks:
+        for r in range(world):
+            ranks.start(train_cmd(config, *extra), torchrun_env(r, world, port, local_world))
+        codes = ranks.wait(timeout)
+        outs = [ranks.output(i) for i in range(world)]
+    assert codes == [0] * world, "\n".join(o[-2500:] for o in outs)
+    return outs
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("ranks")
+
+
+@pytest.fixture(scope="module")
+def reference(work: Path) -> dict[str, Any]:
+    """The one-process run every multi-rank run must reproduce."""
+    return _one_process(equivalence_config(work, 1, "one"))
+
+
+@pytest.fixture(scope="module")
+def two_ranks(work: Path) -> dict[str, Any]:
+    cfg = equivalence_config(work, 2, "two")
+    _ranks(work, cfg, 2, 2)
+    return cfg
+
+
+def test_two_ranks_train_the_one_process_run(two_ranks: dict[str, Any],
+                                             reference: dict[str, Any]) -> None:
+    assert_same_run(two_ranks, reference)
+    ckpt = run_dir(two_ranks) / "checkpoint"
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    assert manifest["world"] == {"size": 2, "fast_groups": [[0, 1]]}
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "dense.pt", "manifest.json", "rank0", "rank1"]
+    summary = json.loads((run_dir(two_ranks) / "summary.json").read_text())
+    ref = json.loads((run_dir(reference) / "summary.json").read_text())
+    assert summary["samples"] == ref["samples"] and summary["rows"] == ref["rows"]
+    assert summary["auc"] == pytest.approx(ref["auc"], abs=1e-5)  # global eval metrics
+    for r, tiers in enumerate(summary["tiers_by_rank"]):  # every rank evicted all the way
+        t = tiers["sparse"]
+        assert t["device_evictions"] > 0 and t["host_evictions"] > 0, (r, t)
+        assert t["ssd_rows"] > 0, (r, t)
+    # rank 0 alone wrote the run's files; each rank its own SSD tier
+    assert sorted(p.name for p in (run_dir(two_ranks) / "ssd").iterdir()) == ["rank0", "rank1"]
+
+
+@pytest.mark.slow
+def test_two_nodes_of_two_train_the_one_process_run(
+    work: Path, reference: dict[str, Any]
+) -> None:
+    cfg = equivalence_config(work, 4, "four")
+    _ranks(work, cfg, 4, 2)
+    assert_same_run(cfg, reference)
+    manifest = json.loads((run_dir(cfg) / "checkpoint" / "manifest.json").read_text())
+    assert manifest["world"]["fast_groups"] == [[0, 1], [2, 3]]
+
+
+def test_a_resumed_two_rank_run_ends_where_the_straight_run_ends(
+    work: Path, two_ranks: dict[str, Any]
+) -> None:
+    steps = two_ranks["train"]["steps"]
+    cfg = equivalence_config(work, 2, "two-resumed", steps=steps // 2)
+    _ranks(work, cfg, 2, 2)
+    cfg["train"]["steps"] = steps
+    ckpt = run_dir(cfg) / "checkpoint"
+    _ranks(work, cfg, 2, 2, "--resume", str(ckpt))
+    assert_same_run(cfg, two_ranks, tol=1e-6)
+
+
+def test_torchrun_two_nodes_of_two_train_the_quickstart(tmp_path: Path) -> None:
+    cfg = quickstart_config(tmp_path, "qs-torchrun")
+    config = write_config(tmp_path, cfg)
+    port = free_port()
+    with Ranks(tmp_path) as ranks:
+        for _ in range(2):  # two "nodes" on this host, met at a c10d rendezvous
+            ranks.start([PY, "-m", "torch.distributed.run", "--nnodes", "2",
+                         "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+                         "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"qs{port}",
+                         "-m", "terarec.cli", "train", "--config", str(config)], base_env())
+        codes = ranks.wait(150)
+        outs = ranks.output(0) + ranks.output(1)
+    assert codes == [0, 0], outs[-4000:]
+    _check_quickstart(cfg, world=4, out=outs)
+    manifest = json.loads((run_dir(cfg) / "checkpoint" / "manifest.json").read_text())
+    assert len(manifest["world"]["fast_groups"]) == 2  # two nodes of two
+
+
+@needs_mpirun
+def test_mpirun_four_ranks_train_the_quickstart(tmp_path: Path) -> None:
+    cfg = quickstart_config(tmp_path, "qs-mpirun")
+    config = write_config(tmp_path, cfg)
+    res = subprocess.run([*MPIRUN, "-np", "4", *train_cmd(config)], env=base_env(),
+                         cwd=REPO, capture_output=True, text=True, timeout=150)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    _check_quickstart(cfg, world=4, out=res.stdout)
+
+
+def _check_quickstart(cfg: dict[str, Any], world: int, out: str) -> None:
+    summary = json.loads((run_dir(cfg) / "summary.json").read_text())
+    assert summary["world_size"] == world and summary["steps"] == cfg["train"]["steps"]
+    assert summary["samples"] == world * cfg["data"]["batch_size"] * cfg["train"]["steps"]
+    assert 0.5 < summary["auc"] <= 1.0
+    assert out.count(f"run {cfg['name']}: ") == 1  # rank 0 alone prints the closing lines
+    ckpt = run_dir(cfg) / "checkpoint"
+    assert sorted(p.name for p in ckpt.glob("rank*")) == [f"rank{r}" for r in range(world)]
+
+
+def test_a_rank_killed_mid_training_stops_the_others_naming_it(tmp_path: Path) -> None:
+    cfg = quickstart_config(tmp_path, "qs-killed", steps=100_000)
+    cfg["dist"] = {"timeout_s": 20}
+    config = write_config(tmp_path, cfg)
+    port = free_port()
+    metrics = run_dir(cfg) / "metrics.jsonl"
+    with Ranks(tmp_path) as ranks:
+        for r in range(2):
+            ranks.start(train_cmd(config), torchrun_env(r, 2, port))
+        deadline = time.monotonic() + 90
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+            assert time.monotonic() < deadline, ranks.output(0)[-3000:]
+            assert ranks.procs[0].poll() is None, ranks.output(0)[-3000:]
+            time.sleep(0.2)
+        ranks.kill(1, signal.SIGKILL)
+        t0 = time.monotonic()
+        code = ranks.procs[0].wait(timeout=40)
+        took = time.monotonic() - t0
+        out = ranks.output(0)
+    assert code != 0
+    assert "PeerFailure: rank 0 stops: rank 1 (pid" in out and "died" in out, out[-3000:]
+    assert took < 20, took
+    assert not (run_dir(cfg) / "summary.json").exists()
