@@ -1,0 +1,372 @@
+"""k-step model merging across nodes (the ``sync:`` config; docs/kstep.md).
+
+Inside a fast group (one node) ranks sync every step. Across fast groups each replica
+trains locally with its own optimizers for ``k`` steps, then the replicas merge over
+the cross group (the same local rank of every node). With ``R`` replicas, at a merge::
+
+    dense  params:          w <- mean_r w_r
+           params+moments:  w, m, v <- mean_r (w_r, m_r, v_r)     (the optimizer's state)
+           diloco:          g = w_anchor - mean_r w_r             (outer "gradient")
+                            b <- mu b + g;  w_anchor <- w_anchor - lr (g + mu b)
+                            w <- w_anchor                         (SGD-Nesterov outer step)
+    sparse delta:           for every pair touched on any replica since the last merge
+                            row <- snap + (1/R) sum_r [r touched it] (row_r - snap)
+           delta+moments:   the same over the whole row (weights + optimizer state)
+
+``snap`` is the row at the last merge, the same on every replica: a replica that
+touched the row kept it (``TouchedRows`` in ps/), the others still hold it (or, never
+having had the row, create it with the deterministic initializer). So only the touched
+rows' deltas travel (``all_gather`` of counts, then of padded ``[keys | delta]``), and
+every replica computes the same merged row, bit for bit (one summation order).
+
+``k = 1`` is fully synchronous training and merges nothing: the dense gradients are
+averaged over the cross group before every optimizer step and the embedding collection
+combines the rows' gradients over its replica group (``sync_replicas``). A warm-up
+(``warmup_steps``) runs the first steps that way too (post-local SGD), then turns the
+every-step sync off and starts tracking touched rows.
+
+Communication is counted as the bytes one replica sends under ring collectives:
+``all_reduce`` of ``n`` bytes sends ``2 (R - 1) / R * n``, ``all_gather`` of ``m`` bytes
+per rank sends ``(R - 1) * m`` (the padding included).
+
+The merger is a ``ReplicaSync`` (``trainer/sync.py``): the training loop calls
+:meth:`KStepMerger.before_optimizer_step` after backward and
+:meth:`KStepMerger.after_optimizer_step` after the dense optimizer step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any, Optional, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from terarec.config import DenseMerge, SparseMerge, SyncConfig
+
+
+class RowGroup(Protocol):
+    """What a table group offers the merger (``terarec.ps.group.TableGroup``)."""
+
+    dim: int
+    row_width: int
+    num_tables: int
+    touched: Any  # ``TouchedRows`` or None
+
+    def track_touched(self, on: bool) -> None: ...
+
+    def lookup_rows(
+        self, comp: torch.Tensor, tables: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def new_rows(self, keys: torch.Tensor, tables: torch.Tensor) -> torch.Tensor: ...
+
+    def keys_of(self, comp: torch.Tensor, tables: torch.Tensor) -> torch.Tensor: ...
+
+    def overwrite_rows(
+        self, comp: torch.Tensor, tables: torch.Tensor, rows: torch.Tensor
+    ) -> None: ...
+
+
+class CommCounter:
+    """Bytes one replica sends over the cross group (ring model, see the module)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.dense = 0  # dense merges (or, k = 1, the dense gradient all-reduces)
+        self.sparse = 0  # row merges
+
+    @property
+    def total(self) -> int:
+        return self.dense + self.sparse
+
+    def all_reduce(self, nbytes: int) -> int:
+        return (2 * (self.size - 1) * nbytes) // self.size
+
+    def all_gather(self, nbytes_per_rank: int) -> int:
+        return (self.size - 1) * nbytes_per_rank
+
+
+class KStepMerger:
+    """Keeps ``R`` replicas in step: every step (k = 1, warm-up) or every ``k`` steps.
+
+    Args:
+        cfg: the ``sync:`` section.
+        params: the dense parameters (the model's, not a DDP wrapper's).
+        optimizer: the dense optimizer (its state is merged with ``params+moments``).
+        groups: the embedding collection's table groups (``HEBC.groups``).
+        group: the cross group; ``size`` its number of ranks (replicas).
+        embedding: the embedding collection, whose ``sync_replicas`` flag (row gradients
+            combined over the cross group every step) the merger turns on and off; None
+            when it has none.
+        start_step: steps already trained (a resumed run).
+
+    Example::
+
+        merger = KStepMerger(cfg.sync, model.parameters(), opt, ebc.groups,
+                             ctx.cross_group, len(ctx.cross_ranks), ebc)
+        for step in range(1, steps + 1):
+            loss.backward(); merger.before_optimizer_step(); opt.step()
+            merger.after_optimizer_step(step)
+        merger.finish()            # merges what the last steps trained
+    """
+
+    def __init__(
+        self,
+        cfg: SyncConfig,
+        params: Iterable[nn.Parameter],
+        optimizer: torch.optim.Optimizer,
+        groups: Sequence[RowGroup],
+        group: Optional[dist.ProcessGroup],
+        size: int,
+        embedding: Optional[Any] = None,
+        start_step: int = 0,
+    ) -> None:
+        self.cfg = cfg
+        self.k = cfg.k
+        self.params = [p for p in params if p.requires_grad]
+        self.optimizer = optimizer
+        self.groups = list(groups)
+        self.group = group
+        self.size = size
+        self.embedding = embedding
+        self.step = start_step
+        self.comm = CommCounter(size)
+        self.merges = 0
+        self.rows_merged = 0  # distinct rows written by merges (this replica)
+        self.merge_s = 0.0  # wall time in merges
+        self._anchor: Optional[torch.Tensor] = None  # diloco: weights at the last merge
+        self._momentum: Optional[torch.Tensor] = None  # diloco: outer momentum buffer
+        self._set_phase(self.every_step(self.step + 1))
+
+    # -- the ReplicaSync hook --------------------------------------------------------
+    def every_step(self, step: int) -> bool:
+        """Whether training step ``step`` (1-based) syncs its gradients (k = 1, warm-up)."""
+        return self.k == 1 or step <= self.cfg.warmup_steps
+
+    def before_optimizer_step(self) -> None:
+        """k = 1 and warm-up: the dense gradients averaged over the cross group."""
+        if self.size > 1 and self.every_step(self.step + 1):
+            grads = [p.grad for p in self.params if p.grad is not None]
+            if grads:
+                self.comm.dense += self._all_reduce_mean(grads)
+
+    def after_optimizer_step(self, step: int) -> None:
+        """After the optimizer step of ``step``: the end of the warm-up starts local
+        steps; every ``k``-th local step merges."""
+        self.step = step
+        if self.k == 1 or step < self.cfg.warmup_steps:
+            return
+        if step == self.cfg.warmup_steps:
+            self._set_phase(every_step=False)
+        elif (step - self.cfg.warmup_steps) % self.k == 0:
+            self.merge()
+
+    def finish(self) -> None:
+        """Merges the steps trained since the last merge (call once training ends, so
+        every replica evaluates and saves the same model)."""
+        if self.k > 1 and self.step > self.cfg.warmup_steps and (
+            (self.step - self.cfg.warmup_steps) % self.k
+        ):
+            self.merge()
+
+    # -- merging ---------------------------------------------------------------------
+    def merge(self) -> None:
+        """Merges the replicas now (every rank of the cross group calls it)."""
+        t0 = time.perf_counter()
+        if self.size > 1:
+            self._merge_dense()
+            for g in self.groups:
+                self._merge_rows(g)
+        else:  # one replica: nothing to combine, the tracking starts over
+            for g in self.groups:
+                if g.touched is not None:
+                    g.touched.clear()
+        self.merges += 1
+        self.merge_s += time.perf_counter() - t0
+
+    def _merge_dense(self) -> None:
+        mode = self.cfg.dense
+        tensors = [p.data for p in self.params]
+        if mode == DenseMerge.PARAMS_MOMENTS:
+            tensors += self._optimizer_state()
+        if mode != DenseMerge.DILOCO:
+            self.comm.dense += self._all_reduce_mean(tensors)
+            return
+        flat = torch.cat([p.data.reshape(-1) for p in self.params])
+        if self._anchor is None:  # started without a phase change: weights are the anchor
+            self._anchor = flat.clone()
+        self.comm.dense += self._all_reduce_mean([flat])
+        outer_grad = self._anchor - flat
+        mu = self.cfg.outer_momentum
+        if self._momentum is None:
+            self._momentum = outer_grad.clone()
+        else:
+            self._momentum.mul_(mu).add_(outer_grad)
+        self._anchor.add_(outer_grad.add(self._momentum, alpha=mu), alpha=-self.cfg.outer_lr)
+        _unflatten_into(self._anchor, [p.data for p in self.params])
+
+    def _optimizer_state(self) -> list[torch.Tensor]:
+        """The dense optimizer's per-parameter float state (Adam: exp_avg, exp_avg_sq),
+        in parameter order; the step counters are equal on every replica already."""
+        out = []
+        for p in self.params:
+            state = self.optimizer.state.get(p, {})
+            for name in sorted(state):
+                t = state[name]
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.shape == p.shape:
+                    out.append(t)
+        return out
+
+    def _merge_rows(self, g: RowGroup) -> None:
+        """The sparse merge of one table group (see the module docstring)."""
+        cols = g.dim if self.cfg.sparse == SparseMerge.DELTA else g.row_width
+        if g.touched is None:
+            raise RuntimeError("k-step merge: the table group is not tracking touched rows")
+        comp, tables, snap = g.touched.take()
+        dev = snap.device
+        cur, _ = g.lookup_rows(comp, tables)  # touched rows always exist
+        delta = cur[:, :cols].to(dev) - snap[:, :cols]
+        multi = g.num_tables > 1
+        # one float32 payload per row: [key as 2 words | table as 1 word | delta]
+        parts = [comp.contiguous().view(torch.float32).view(-1, 2)]
+        if multi:
+            parts.append(tables.to(torch.int32).contiguous().view(torch.float32).view(-1, 1))
+        parts.append(delta)
+        payload = torch.cat(parts, dim=1)
+        width = payload.shape[1]
+        counts = self._all_gather_counts(comp.numel(), dev)
+        n_max = max(counts)
+        padded = torch.zeros(n_max, width, device=dev)
+        padded[: comp.numel()] = payload
+        gathered = [torch.empty_like(padded) for _ in range(self.size)]
+        dist.all_gather(gathered, padded, group=self.group)
+        self.comm.sparse += self.comm.all_gather(padded.numel() * 4 + 8)
+        got = [t[:n] for t, n in zip(gathered, counts)]
+        all_comp = torch.cat([t[:, :2].contiguous().view(torch.int64).view(-1) for t in got])
+        uniq, inv = torch.unique(all_comp, sorted=True, return_inverse=True)
+        u_tables = torch.zeros(uniq.numel(), dtype=torch.int64, device=dev)
+        if multi:
+            all_tab = torch.cat(
+                [t[:, 2:3].contiguous().view(torch.int32).view(-1) for t in got]
+            ).to(torch.int64)
+            u_tables[inv] = all_tab
+            if bool((u_tables[inv] != all_tab).any()):
+                raise ValueError(
+                    "k-step merge: two tables of one group share a composite key across "
+                    "replicas (put the tables in separate groups)"
+                )
+        # Sum of the deltas per row, replica by replica in rank order: every replica
+        # adds the same numbers in the same order (indices unique within a replica).
+        acc = torch.zeros(uniq.numel(), cols, device=dev)
+        start = 0
+        for t, n in zip(got, counts):
+            acc.index_add_(0, inv[start : start + n], t[:, width - cols :])
+            start += n
+        # The snapshot: this replica's where it touched the row, else its current row.
+        base = torch.empty(uniq.numel(), g.row_width, device=dev)
+        mine = torch.zeros(uniq.numel(), dtype=torch.bool, device=dev)
+        pos = torch.searchsorted(uniq, comp)
+        mine[pos] = True
+        others = (~mine).nonzero().squeeze(1)
+        if others.numel():
+            rows, found = g.lookup_rows(uniq[others], u_tables[others])
+            rows = rows.to(dev)
+            absent = (~found.to(dev)).nonzero().squeeze(1)
+            if absent.numel():  # never had the row: the initializer's (every replica's)
+                at = others[absent]
+                rows[absent] = g.new_rows(g.keys_of(uniq[at], u_tables[at]), u_tables[at])
+            base[others] = rows
+        merged = base.clone()
+        merged[pos] = cur.to(dev)  # this replica's own state where it touched the row
+        base[pos] = snap
+        merged[:, :cols] = base[:, :cols] + acc / self.size
+        g.overwrite_rows(uniq, u_tables, merged)
+        self.rows_merged += uniq.numel()
+
+    # -- helpers ---------------------------------------------------------------------
+    def _set_phase(self, every_step: bool) -> None:
+        """Every-step sync on (tracking off) or local steps (tracking on, anchor set)."""
+        if self.embedding is not None and hasattr(self.embedding, "sync_replicas"):
+            self.embedding.sync_replicas = every_step
+        if self.k == 1:
+            return
+        for g in self.groups:
+            g.track_touched(not every_step)
+        if not every_step and self.cfg.dense == DenseMerge.DILOCO:
+            self._anchor = torch.cat([p.data.reshape(-1) for p in self.params]).clone()
+
+    def _all_reduce_mean(self, tensors: list[torch.Tensor]) -> int:
+        """Averages ``tensors`` in place over the cross group (one flat all-reduce per
+        dtype and device); returns the bytes sent."""
+        sent = 0
+        buckets: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+        for t in tensors:
+            buckets.setdefault((t.dtype, t.device), []).append(t)
+        for bucket in buckets.values():
+            flat = torch.cat([t.reshape(-1) for t in bucket])
+            dist.all_reduce(flat, group=self.group)
+            flat.div_(self.size)
+            _unflatten_into(flat, bucket)
+            sent += self.comm.all_reduce(flat.numel() * flat.element_size())
+        return sent
+
+    def _all_gather_counts(self, n: int, device: torch.device) -> list[int]:
+        mine = torch.tensor([n], dtype=torch.int64, device=device)
+        out = [torch.empty_like(mine) for _ in range(self.size)]
+        dist.all_gather(out, mine, group=self.group)
+        return [int(t) for t in out]
+
+    def stats(self) -> dict[str, float]:
+        """Counters: ``merges``, ``bytes`` (= ``dense_bytes`` + ``sparse_bytes``, sent
+        by this replica), ``rows_merged``, ``merge_s``."""
+        return {
+            "merges": float(self.merges),
+            "bytes": float(self.comm.total),
+            "dense_bytes": float(self.comm.dense),
+            "sparse_bytes": float(self.comm.sparse),
+            "rows_merged": float(self.rows_merged),
+            "merge_s": self.merge_s,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The step, the counters, DiLoCo's anchor and momentum, and every group's
+        touched rows (a run resumed between two merges merges what it trained before)."""
+        touched = []
+        for g in self.groups:
+            t = g.touched
+            touched.append(None if t is None else t.state())
+        return {
+            "step": self.step,
+            "dense_bytes": self.comm.dense,
+            "sparse_bytes": self.comm.sparse,
+            "merges": self.merges,
+            "rows_merged": self.rows_merged,
+            "anchor": self._anchor,
+            "momentum": self._momentum,
+            "touched": touched,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.comm.dense = int(state["dense_bytes"])
+        self.comm.sparse = int(state["sparse_bytes"])
+        self.merges = int(state["merges"])
+        self.rows_merged = int(state["rows_merged"])
+        self._set_phase(self.every_step(self.step + 1))
+        self._anchor = state["anchor"]
+        self._momentum = state["momentum"]
+        for g, t in zip(self.groups, state["touched"]):
+            if t is not None and g.touched is not None:
+                g.touched.load_state(t)
+
+
+def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    """Copies consecutive pieces of ``flat`` into ``tensors`` (their shapes)."""
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset : offset + n].view_as(t))
+        offset += n

@@ -1,0 +1,217 @@
+"""k-step merging (``optim/kstep.py``) on a real 3-process gloo job against a plain
+reference.
+
+Three replicas (each a node of one rank) train a one-feature table on fixed key
+schedules in which rows are touched by some replicas only (and one replica receives a
+row it never had), with a known row gradient per rank, and a dense parameter with a
+known gradient; they merge every 2 steps. A float64 re-enactment of the whole schedule
+(Adagrad rows, Adam dense, the merge rules of docs/kstep.md) must match every rank's
+rows and weights, the replicas must agree bit for bit, and the same run with tiny
+device/host budgets (rows evicted to the host and SSD tiers between merges) must end
+with exactly the same rows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from terarec.config import InitConfig
+from terarec.ps.group import table_seed
+from terarec.ps.initializer import init_rows
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+from kstep_worker import ALL_KEYS, DIM, SCHEDULE, dense_grad, row_grad_weight  # noqa: E402
+
+R = 3
+K = 2
+LR_ROWS, LR_DENSE, EPS = 0.1, 0.01, 1e-8
+SCENARIOS: list[dict[str, Any]] = [
+    {"name": "params-delta", "tiered": False, "sync": {"k": K}},
+    {"name": "params-delta-tiered", "tiered": True, "sync": {"k": K}},
+    {"name": "moments", "tiered": False,
+     "sync": {"k": K, "dense": "params+moments", "sparse": "delta+moments"}},
+    {"name": "moments-tiered", "tiered": True,
+     "sync": {"k": K, "dense": "params+moments", "sparse": "delta+moments"}},
+    {"name": "diloco", "tiered": False, "sync": {"k": K, "dense": "diloco"}},
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
+    out = tmp_path_factory.mktemp("kstep")
+    port = _free_port()
+    procs = []
+    for r in range(R):
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+        env.update(RANK=str(r), WORLD_SIZE=str(R), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                   GROUP_RANK=str(r), GROUP_WORLD_SIZE=str(R), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE",
+                   PYTHONPATH=str(REPO), TORCH_CPP_LOG_LEVEL="ERROR")
+        log = open(out / f"rank{r}.log", "wb")
+        procs.append(subprocess.Popen(
+            [sys.executable, str(HERE / "kstep_worker.py"), str(out), json.dumps(SCENARIOS)],
+            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
+    try:
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    logs = "\n".join((out / f"rank{r}.log").read_text()[-2000:] for r in range(R))
+    assert codes == [0] * R, logs
+    return {sc["name"]: [torch.load(out / f"{sc['name']}-rank{r}.pt") for r in range(R)]
+            for sc in SCENARIOS}
+
+
+# -- the plain reference --------------------------------------------------------------
+def _init_row(key: int) -> list[float]:
+    w = init_rows(torch.tensor([key]), DIM, InitConfig(kind="uniform", scale=0.5),
+                  table_seed(5, "t"))
+    return w[0].double().tolist()
+
+
+def reference(sync: dict[str, Any]) -> tuple[dict[int, list[list[float]]], list[float]]:
+    """Rows ``{key: [w..., s...]}`` (every rank ends with the same) and the dense weights,
+    re-enacted in float64: Adagrad rows, Adam dense, merges every K steps."""
+    moments = sync.get("sparse") == "delta+moments"
+    dense_mode = sync.get("dense", "params")
+    rows: list[dict[int, list[float]]] = [{} for _ in range(R)]  # key -> w + s
+    snap: list[dict[int, list[float]]] = [{} for _ in range(R)]  # first touch since merge
+    p = [[0.3, -0.1, 0.2] for _ in range(R)]
+    m = [[0.0] * 3 for _ in range(R)]
+    v = [[0.0] * 3 for _ in range(R)]
+    anchor, mom = list(p[0]), None
+    steps = len(SCHEDULE[0])
+    for step in range(1, steps + 1):
+        for r in range(R):
+            gw = row_grad_weight(r).double().tolist()
+            keys = SCHEDULE[r][step - 1]
+            for key in set(keys):
+                row = rows[r].setdefault(key, _init_row(key) + [0.0] * DIM)
+                snap[r].setdefault(key, list(row))
+                for j in range(DIM):
+                    g = keys.count(key) * gw[j]
+                    row[DIM + j] += g * g
+                    row[j] -= LR_ROWS * g / (math.sqrt(row[DIM + j]) + EPS)
+            gd = dense_grad(r).double().tolist()
+            for j in range(3):  # torch.optim.Adam, betas (0.9, 0.999)
+                m[r][j] = 0.9 * m[r][j] + 0.1 * gd[j]
+                v[r][j] = 0.999 * v[r][j] + 0.001 * gd[j] ** 2
+                mh, vh = m[r][j] / (1 - 0.9**step), v[r][j] / (1 - 0.999**step)
+                p[r][j] -= LR_DENSE * mh / (math.sqrt(vh) + EPS)
+        if step % K:
+            continue
+        touched = set().union(*(s.keys() for s in snap))
+        for key in touched:
+            base = next(s[key] for s in snap if key in s)  # the same on every replica
+            cols = 2 * DIM if moments else DIM
+            merged = [base[j] + sum(rows[r][key][j] - base[j]
+                                    for r, s in enumerate(snap) if key in s) / R
+                      for j in range(cols)]
+            for r in range(R):
+                own = rows[r].get(key, base[:DIM] + [0.0] * DIM)  # never had it: init
+                rows[r][key] = merged + own[cols:]
+        snap = [{} for _ in range(R)]
+        mean = [sum(p[r][j] for r in range(R)) / R for j in range(3)]
+        if dense_mode == "diloco":
+            g = [a - b for a, b in zip(anchor, mean)]
+            mom = g if mom is None else [0.9 * b + x for b, x in zip(mom, g)]
+            anchor = [a - 0.7 * (x + 0.9 * b) for a, x, b in zip(anchor, g, mom)]
+            p = [list(anchor) for _ in range(R)]
+        else:
+            p = [list(mean) for _ in range(R)]
+            if dense_mode == "params+moments":
+                m = [[sum(m[r][j] for r in range(R)) / R for j in range(3)]] * R
+                v = [[sum(v[r][j] for r in range(R)) / R for j in range(3)]] * R
+                m, v = [list(x) for x in m], [list(x) for x in v]
+    common = rows[0]
+    assert all(set(x) == set(common) for x in rows)
+    return common, p[0]
+
+
+# -- the tests ------------------------------------------------------------------------
+@pytest.mark.parametrize("name", [sc["name"] for sc in SCENARIOS])
+def test_merge_equals_the_reference_and_replicas_agree(
+    results: dict[str, list[dict[str, Any]]], name: str
+) -> None:
+    sc = next(s for s in SCENARIOS if s["name"] == name)
+    ranks = results[name]
+    merged = 2 * DIM if sc["sync"].get("sparse") == "delta+moments" else DIM
+    for other in ranks[1:]:  # replicas agree bit for bit after the final merge
+        assert torch.equal(other["rows"][:, :merged], ranks[0]["rows"][:, :merged])
+        assert torch.equal(other["dense"], ranks[0]["dense"])
+    ref_rows, ref_dense = reference(sc["sync"])
+    got = ranks[0]
+    for i, key in enumerate(ALL_KEYS):
+        if key not in ref_rows:  # touched by nobody: no replica has it
+            assert not any(bool(r["found"][i]) for r in ranks)
+            continue
+        assert all(bool(r["found"][i]) for r in ranks), f"key {key} missing on a replica"
+        if sc["sync"].get("sparse") == "delta+moments":
+            expect = ref_rows[key]
+            assert got["rows"][i].tolist() == pytest.approx(expect, abs=1e-6), key
+        else:  # weights merged, each replica's optimizer state its own
+            assert got["rows"][i, :DIM].tolist() == pytest.approx(ref_rows[key][:DIM],
+                                                                   abs=1e-6), key
+    assert got["dense"].tolist() == pytest.approx(ref_dense, abs=1e-6)
+
+
+def test_delta_merge_by_hand() -> None:
+    """The rule itself on two rows and three replicas: key 3 touched by replica 0 only
+    (the others contribute 0), key 2 by replicas 0 and 1."""
+    ref, _ = reference({"k": K})
+    init3, init2 = _init_row(3), _init_row(2)
+    # replica 0 trains key 3 once at step 2 with gradient w_0 = (1, -0.5): Adagrad's
+    # first step moves each weight by -lr * sign(g)
+    assert ref[3][:DIM] == pytest.approx([init3[0] - 0.1 / R, init3[1] + 0.1 / R], abs=1e-7)
+    # key 2: replica 0 twice in step 1-2 (g = 1, -0.5 then again), replica 1 once (2, -1.5)
+    d0 = [-0.1 - 0.1 / math.sqrt(2), 0.1 + 0.1 / math.sqrt(2)]
+    d1 = [-0.1, 0.1]
+    first = [init2[j] + (d0[j] + d1[j]) / R for j in range(DIM)]
+    # ... then merged again after steps 3-4, where replica 1 touches it once more (its
+    # own Adagrad state from step 2 still holds g^2 = (4, 2.25))
+    d1b = [-0.1 * 2 / math.sqrt(8), 0.1 * 1.5 / math.sqrt(2 * 2.25)]
+    assert ref[2][:DIM] == pytest.approx([first[j] + d1b[j] / R for j in range(DIM)],
+                                         abs=1e-7)
+
+
+@pytest.mark.parametrize("base", ["params-delta", "moments"])
+def test_merge_after_evictions_to_host_and_ssd_is_exact(
+    results: dict[str, list[dict[str, Any]]], base: str
+) -> None:
+    for flat, tiered in zip(results[base], results[base + "-tiered"]):
+        assert torch.equal(flat["rows"], tiered["rows"])
+        assert torch.equal(flat["found"], tiered["found"])
+        assert torch.equal(flat["dense"], tiered["dense"])
+
+
+def test_bytes_are_counted(results: dict[str, list[dict[str, Any]]]) -> None:
+    """Ring model: all_gather of m bytes per rank sends (R-1) m, all_reduce of n sends
+    2 (R-1)/R n. Both merges gather at most 3 rows of [key 2 words | 2 weights] (+ the
+    8-byte count); the dense all-reduce is 3 floats."""
+    st = results["params-delta"][0]["stats"]
+    assert st["merges"] == 2
+    assert st["sparse_bytes"] == 2 * (R - 1) * (3 * 4 * 4 + 8)
+    assert st["dense_bytes"] == 2 * (2 * (R - 1) * 12 // R)
+    moments = results["moments"][0]["stats"]  # + 2 state columns, + Adam's m and v
+    assert moments["sparse_bytes"] == 2 * (R - 1) * (3 * 6 * 4 + 8)
+    assert moments["dense_bytes"] == 2 * (2 * (R - 1) * 36 // R)
