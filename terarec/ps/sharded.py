@@ -263,6 +263,7 @@ class ShardedLookup:
             if train:
                 slots = g.slots_for(q.keys, q.tables, counts=o if g.admission else None)
                 rows = g.read(slots)  # zeros where admission left a pair out
+                g.record_touched(q.keys, q.tables, slots, rows)  # k-step merging
                 served.slots.append(slots)
                 served.rows.append(rows)
                 served.versions.append(g.version)
