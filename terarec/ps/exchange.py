@@ -168,6 +168,9 @@ class ShardExchange:
         self.replica_group = replica_group
         self.replicas = 1 if replica_group is None else dist.get_world_size(replica_group)
         self.replica_rank = 0 if replica_group is None else dist.get_rank(replica_group)
+        # bytes this rank sent to its replica group (k = 1 sync), under ring collectives:
+        # all_gather of m bytes per rank sends (P - 1) m, all_reduce of n sends 2 (P - 1) n / P
+        self.replica_bytes = 0
 
     # -- requester <-> owner ---------------------------------------------------------
     def send_counts(self, send: torch.Tensor) -> Awaitable[Splits]:
@@ -230,6 +233,9 @@ class ShardExchange:
             return Awaitable.done((packed.new_zeros(n, 0, packed.shape[1]), per))
         padded = packed.new_zeros(v_max, packed.shape[1])
         padded[: packed.shape[0]] = packed
+        self.replica_bytes += (n - 1) * (
+            padded.numel() * padded.element_size() + mine.numel() * mine.element_size()
+        )
         rows = [torch.empty_like(padded) for _ in range(n)]
         work = dist.all_gather(rows, padded, group=group, async_op=True)
         return Awaitable([work], lambda: (torch.stack(rows), per))
@@ -237,6 +243,8 @@ class ShardExchange:
     def reduce_replicas(self, flat: torch.Tensor) -> Awaitable[torch.Tensor]:
         """Sums ``flat`` (the owners' per-key gradients over the union) over the replica
         group, in place; every replica gets the same bits."""
+        n = self.replicas
+        self.replica_bytes += 2 * (n - 1) * flat.numel() * flat.element_size() // n
         work = dist.all_reduce(flat, group=self.replica_group, async_op=True)
         return Awaitable([work], lambda: flat)
 
