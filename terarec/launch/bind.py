@@ -179,8 +179,16 @@ def applied() -> dict[str, object]:
                 mems = line.split(":", 1)[1].strip()
     except OSError:
         pass
+    policies: set[str] = set()  # per mapping: default, bind:0, prefer:1, ...
+    try:
+        for line in Path("/proc/self/numa_maps").read_text().splitlines():
+            parts = line.split()
+            if len(parts) > 1:
+                policies.add(parts[1])
+    except OSError:
+        pass
     keys = ("OMP_NUM_THREADS", "CUDA_DEVICE_ORDER", "NCCL_IB_HCA", "NCCL_SOCKET_IFNAME",
             "TERAREC_SSD_DIR", "TERAREC_FAST_GROUPS")
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     return {"rank": env.rank, "local_rank": env.local_rank, "cpus": cpus,
-            "mems_allowed": mems, "env": {k: os.environ.get(k) for k in keys}}
+            "mems_allowed": mems, "mempolicy": sorted(policies), "env": {k: os.environ.get(k) for k in keys}}
