@@ -215,6 +215,23 @@ def _step_ours(
         out.backward(torch.ones_like(out))
 
     t = timed(ours, device, args.reps)
+    if args.sync_debug and fused and device.type == "cuda":
+        # every host<->device sync of one step, with the Python line that caused it
+        import warnings
+
+        sites: dict[str, int] = {}
+        torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ours()
+            torch.cuda.set_sync_debug_mode(0)
+        for w in caught:
+            if "synchroniz" in str(w.message):
+                site = f"{w.filename}:{w.lineno}"
+                sites[site] = sites.get(site, 0) + 1
+        print("syncs per step:", sum(sites.values()), flush=True)
+        for site, n in sorted(sites.items(), key=lambda x: -x[1]):
+            print(f"  {n:3d}  {site}", flush=True)
     if args.profile and fused:
         from torch.profiler import ProfilerActivity, profile
 
@@ -313,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=4_000_000)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--profile", action="store_true", help="torch.profiler tables of 3 steps")
+    p.add_argument("--sync-debug", action="store_true",
+                   help="CUDA: list the host<->device syncs of one step by source line")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     device = torch.device(args.device)
