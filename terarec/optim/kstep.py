@@ -319,14 +319,22 @@ class KStepMerger:
         dist.all_gather(out, mine, group=self.group)
         return [int(t) for t in out]
 
+    def _exchange_bytes(self) -> int:
+        """Bytes the embedding exchange sent to the replicas for the every-step sync
+        (``ShardExchange.replica_bytes``; 0 without a sharded exchange)."""
+        exchange = getattr(getattr(self.embedding, "sharded", None), "exchange", None)
+        return int(getattr(exchange, "replica_bytes", 0))
+
     def stats(self) -> dict[str, float]:
         """Counters: ``merges``, ``bytes`` (= ``dense_bytes`` + ``sparse_bytes``, sent
-        by this replica), ``rows_merged``, ``merge_s``."""
+        by this replica: merges, the dense gradient all-reduces of k = 1 and warm-up,
+        and the exchange's every-step row sync), ``rows_merged``, ``merge_s``."""
+        sparse = self.comm.sparse + self._exchange_bytes()
         return {
             "merges": float(self.merges),
-            "bytes": float(self.comm.total),
+            "bytes": float(self.comm.dense + sparse),
             "dense_bytes": float(self.comm.dense),
-            "sparse_bytes": float(self.comm.sparse),
+            "sparse_bytes": float(sparse),
             "rows_merged": float(self.rows_merged),
             "merge_s": self.merge_s,
         }
@@ -341,7 +349,7 @@ class KStepMerger:
         return {
             "step": self.step,
             "dense_bytes": self.comm.dense,
-            "sparse_bytes": self.comm.sparse,
+            "sparse_bytes": self.comm.sparse + self._exchange_bytes(),
             "merges": self.merges,
             "rows_merged": self.rows_merged,
             "anchor": self._anchor,
