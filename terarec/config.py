@@ -584,6 +584,14 @@ class Config:
             sum(t.features is None for t in self.tables) <= 1,
             "tables: at most one table may take all features (features: null)",
         )
+        k, every = self.sync.k, self.train.checkpoint_every
+        _check(
+            k == 1 or every == 0 or (every % k == 0 and self.sync.warmup_steps % k == 0),
+            f"train.checkpoint_every: with sync.k = {k} a checkpoint must fall on a merge "
+            f"(replicas differ between merges): make it a multiple of {k}, and "
+            f"sync.warmup_steps too (got checkpoint_every {every}, warmup_steps "
+            f"{self.sync.warmup_steps})",
+        )
         if self.ssd.path is None:
             for i, t in enumerate(self.tables):
                 _check(

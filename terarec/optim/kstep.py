@@ -340,12 +340,8 @@ class KStepMerger:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """The step, the counters, DiLoCo's anchor and momentum, and every group's
-        touched rows (a run resumed between two merges merges what it trained before)."""
-        touched = []
-        for g in self.groups:
-            t = g.touched
-            touched.append(None if t is None else t.state())
+        """The step, the counters, DiLoCo's anchor and momentum. Taken at a merge (the
+        trainer checkpoints on merges only): no touched rows are pending then."""
         return {
             "step": self.step,
             "dense_bytes": self.comm.dense,
@@ -354,7 +350,6 @@ class KStepMerger:
             "rows_merged": self.rows_merged,
             "anchor": self._anchor,
             "momentum": self._momentum,
-            "touched": touched,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -366,9 +361,6 @@ class KStepMerger:
         self._set_phase(self.every_step(self.step + 1))
         self._anchor = state["anchor"]
         self._momentum = state["momentum"]
-        for g, t in zip(self.groups, state["touched"]):
-            if t is not None and g.touched is not None:
-                g.touched.load_state(t)
 
 
 def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:

@@ -114,19 +114,6 @@ class TouchedRows:
         self._reset(max(1024, n))
         return out
 
-    def state(self) -> dict[str, torch.Tensor]:
-        """The records (``comp``, ``tables``, ``rows``), for a checkpoint."""
-        n = self._n
-        return {"comp": self._comp[:n].cpu(), "tables": self._tables[:n].cpu(),
-                "rows": self._rows[:n].cpu()}
-
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Replaces the records with those of :meth:`state`."""
-        self._reset(max(1024, state["comp"].numel()))
-        rows = state["rows"].to(self.device)
-        self.record(state["comp"].to(self.device), state["tables"].to(self.device),
-                    lambda pos: rows[pos])
-
     def clear(self) -> None:
         """Forgets every record (e.g. when every-step sync takes over)."""
         self._reset(1024)

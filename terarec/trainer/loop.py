@@ -59,7 +59,7 @@ from terarec.trainer.ranks import (
     wrap_ddp,
 )
 from terarec.trainer.report import RunReporter, atomic_write_text, read_jsonl
-from terarec.trainer.sync import NoSync, ReplicaSync, build_replica_sync
+from terarec.trainer.sync import NoSync, ReplicaSync, build_replica_sync, sync_figures
 from terarec.trainer.tiers import (
     TierCounters,
     close_store,
@@ -170,7 +170,9 @@ def build_components(
         return Components(embedding, model, dense_opt, device)
     assert dist is not None
     broadcast_dense(model, dist)
-    sync = build_replica_sync(model, dist.cross_group, len(dist.cross_ranks))
+    sync = build_replica_sync(
+        model, dist.cross_group, len(dist.cross_ranks), cfg.sync, dense_opt, embedding
+    )
     return Components(embedding, model, dense_opt, device, wrap_ddp(model, dist), sync, dist)
 
 
@@ -595,6 +597,9 @@ def _train(
                 if prefetch:
                     rec["pipeline"] = meter.interval()
                     _warn_skipped(cfg, pipeline.stats.skipped, warned)
+                traffic = sync_figures(parts.sync, samples // world)  # k-step: cross-node bytes
+                if traffic is not None:
+                    rec["sync"] = traffic
                 reporter.log(step, "train", rec)
                 bar.set_postfix(postfix)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0:
@@ -643,6 +648,9 @@ def _train(
         bar.close()
         if hasattr(source, "close"):
             source.close()
+    finish = getattr(parts.sync, "finish", None)
+    if finish is not None:  # k-step: merge the last steps, every replica the same model
+        finish()
     elapsed = time.perf_counter() - start - paused_seconds
     tally.flush(d, [])
     samples = tally.samples
@@ -677,6 +685,9 @@ def _train(
             summary["tiers_by_rank"] = by_rank
     if prefetch:
         summary["pipeline"] = PipelineMeter.figures(pipeline.stats, PipelineStats())
+    traffic = sync_figures(parts.sync, samples // world)
+    if traffic is not None:
+        summary["sync"] = traffic
     if cfg.train.save_checkpoint:
         summary["checkpoint"] = str(_save(ckpt_dir, parts, trained, step, cfg, samples, last_ckpt))
     reporter.write_summary(summary)

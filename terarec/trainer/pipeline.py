@@ -310,7 +310,9 @@ class TrainPipeline:
         batch = batch.to(self.device, non_blocking=True)
         self.stats.load_s += time.perf_counter() - t0
         logits = self.model(batch.dense, batch.sparse)
-        return self._finish_step(batch, logits)
+        out = self._finish_step(batch, logits)
+        self.sync.after_optimizer_step(self.step)
+        return out
 
     def _step_overlapped(self, iterator: Iterator[Batch]) -> StepOutput:
         if self._next is None:  # the first batch: nothing trains meanwhile
@@ -330,6 +332,9 @@ class TrainPipeline:
         self._wait_done(self._next)  # quiescent between calls (errors surface when needed)
         self.stats.wait_s += time.perf_counter() - t0
         self._main_waits_for(self._next)  # evals, saves, stats: after it on the GPU too
+        # After the prefetch of the next batch, never beside it: a k-step merge reads
+        # and writes rows in every tier, which the prefetch moves between tiers.
+        self.sync.after_optimizer_step(self.step)
         return out
 
     def _finish_step(self, batch: Batch, logits: torch.Tensor) -> StepOutput:
@@ -338,12 +343,12 @@ class TrainPipeline:
             self.check_loss(loss)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # the sparse rows are updated by the fused hooks here
-        # The one place where replicas across fast groups are kept in step (k = 1:
-        # grads averaged before the step; k-step merging: parameters merged after it).
+        # Where replicas across fast groups are kept in step (k = 1: grads averaged
+        # before the step; k-step merging: after it, once the pipeline is quiescent, in
+        # progress()).
         self.sync.before_optimizer_step()
         self.optimizer.step()
         self.step += 1
-        self.sync.after_optimizer_step(self.step)
         self.stats.steps += 1
         return StepOutput(loss.detach(), logits.detach(), batch)
 

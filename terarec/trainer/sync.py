@@ -27,6 +27,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from terarec.config import SyncConfig
+from terarec.optim.kstep import KStepMerger
+from terarec.ps.embedding import HierarchicalEmbeddingBagCollection
+
 
 class ReplicaSync(Protocol):
     """What the training loop calls around each dense optimizer step (see the module).
@@ -116,16 +120,41 @@ def build_replica_sync(
     model: nn.Module,
     cross_group: Optional[dist.ProcessGroup],
     cross_size: int,
+    sync: Optional[SyncConfig] = None,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    embedding: Optional[HierarchicalEmbeddingBagCollection] = None,
 ) -> ReplicaSync:
-    """The replica policy of a run: :class:`NoSync` with one fast group, else k = 1
-    (:class:`CrossGradAllReduce`). The k-step merge (the ``sync:`` config) adds its
-    branch here.
+    """The replica policy of a run: :class:`NoSync` with one fast group; else the
+    ``sync:`` config's :class:`~terarec.optim.kstep.KStepMerger` (k = 1: the dense
+    gradients averaged over the cross group every step, as :class:`CrossGradAllReduce`
+    does, with the bytes counted; k > 1: merges every k steps), or
+    :class:`CrossGradAllReduce` when no ``sync`` config is given.
 
     Args:
         model: the dense model (its parameters, not the DDP wrapper's).
         cross_group: this rank's cross group, None in a single process.
         cross_size: the cross group's size (the number of fast groups / replicas).
+        sync: the ``sync:`` section; with it, ``optimizer`` (the dense optimizer) and
+            ``embedding`` (its table groups are merged, its ``sync_replicas`` switched).
     """
     if cross_group is None or cross_size <= 1:
         return NoSync()
-    return CrossGradAllReduce(model.parameters(), cross_group, cross_size)
+    if sync is None:
+        return CrossGradAllReduce(model.parameters(), cross_group, cross_size)
+    if optimizer is None or embedding is None:
+        raise ValueError("a sync config needs the dense optimizer and the embedding")
+    return KStepMerger(sync, model.parameters(), optimizer, embedding.groups, cross_group,
+                       cross_size, embedding)
+
+
+def sync_figures(sync: ReplicaSync, local_samples: int) -> Optional[dict[str, float]]:
+    """The cross-node traffic of a :class:`~terarec.optim.kstep.KStepMerger` (None for
+    the other policies): its counters (``merges``, ``bytes`` = ``dense_bytes`` +
+    ``sparse_bytes`` sent by this rank, ``rows_merged``, ``merge_s``) and
+    ``bytes_per_sample``: this rank's bytes over the samples it trained."""
+    stats = getattr(sync, "stats", None)
+    if stats is None:
+        return None
+    out: dict[str, float] = stats()
+    out["bytes_per_sample"] = out["bytes"] / max(local_samples, 1)
+    return out
