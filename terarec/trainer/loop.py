@@ -139,12 +139,13 @@ def build_components(
     groups: dict[str, Any] = {}
     if multi:
         assert dist is not None
-        sharded = dist.local_world_size > 1
+        # A fast group of one rank still goes through the exchange: its replicas (the
+        # same rank on the other nodes) combine their row gradients there.
         groups = {
-            "process_group": dist.fast_group if sharded else None,
+            "process_group": dist.fast_group,
             "replica_group": dist.cross_group if dist.num_nodes > 1 else None,
             # the pipeline's background prefetch talks on a group of its own
-            "prefetch_group": fast_group_twin(dist) if sharded and uses_prefetch(cfg) else None,
+            "prefetch_group": fast_group_twin(dist) if uses_prefetch(cfg) else None,
         }
     try:
         embedding = HierarchicalEmbeddingBagCollection(

@@ -131,7 +131,6 @@ def wrap_ddp(model: nn.Module, d: DistHandles) -> nn.Module:
     return nn.parallel.DistributedDataParallel(
         model,
         process_group=d.fast_group,
-        broadcast_buffers=False,  # buffers were broadcast once; the model keeps none in step
         find_unused_parameters=False,
     )
 

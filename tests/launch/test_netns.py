@@ -24,7 +24,6 @@ from launch_helpers import PY, Ranks, base_env, free_port
 from train_helpers import (
     assert_same_run,
     equivalence_config,
-    needs_exchange,
     run_dir,
     write_config,
 )
@@ -103,7 +102,6 @@ def _one_process(cfg: dict[str, Any]) -> None:
         torch.set_num_threads(threads)
 
 
-@needs_exchange
 def test_two_hosts_over_veth_train_the_one_process_run(hosts: TwoHosts, tmp_path: Path) -> None:
     ref = equivalence_config(tmp_path, 1, "one")
     _one_process(ref)

@@ -18,18 +18,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 
-
-def sharding_built() -> bool:
-    """Whether the embedding exchange (``terarec/ps/exchange.py``) exists yet."""
-    import importlib.util
-
-    return importlib.util.find_spec("terarec.ps.exchange") is not None
-
-
-needs_exchange = __import__("pytest").mark.skipif(
-    not sharding_built(), reason="the embedding exchange (terarec/ps/exchange.py) is not built yet"
-)
-
 GLOBAL_BATCH = 64
 STEPS = 16
 
