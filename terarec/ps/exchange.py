@@ -102,6 +102,8 @@ def pack_blocks(parts: Sequence[torch.Tensor], counts: torch.Tensor) -> torch.Te
         ``[[1, 1], [2, 0]]``: ``[a0 | b0 b0' | a1 a2]``.
     """
     world, n_groups = counts.shape
+    if n_groups == 1:  # rank-major is already the layout
+        return parts[0].reshape(-1)
     pieces = [p.split(counts[:, g].tolist()) for g, p in enumerate(parts)]
     flat = [pieces[g][r].reshape(-1) for r in range(world) for g in range(n_groups)]
     if not flat:
@@ -118,6 +120,8 @@ def unpack_blocks(
     rows back to ``flat`` in one buffer.
     """
     world, n_groups = counts.shape
+    if n_groups == 1:
+        return [flat.view(-1, widths[0])]
     sizes = (counts * torch.tensor(widths, dtype=torch.int64)).reshape(-1).tolist()
     blocks = flat.split(sizes)
     out = []
@@ -176,6 +180,8 @@ class ShardExchange:
     def send_counts(self, send: torch.Tensor) -> Awaitable[Splits]:
         """Phase 1: pair counts ``send [W, G]`` to every owner; the result knows what
         every rank will send here."""
+        if self.world == 1:
+            return Awaitable.done(Splits(send.cpu(), send.cpu()))
         out = torch.empty_like(send, device=self.device)
         work = dist.all_to_all_single(
             out, send.to(self.device), group=self.group, async_op=True

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -330,12 +330,7 @@ class ShardedLookup:
             rows.requires_grad_(True)
             rows.register_hook(_Backward(self, splits, served))
         parts = unpack_blocks(rows, splits.send, self.dims)
-        out = []
-        for p, order in zip(parts, req.orders):
-            inv = torch.empty_like(order)
-            inv[order] = torch.arange(order.numel(), device=order.device)
-            out.append(p.index_select(0, inv))
-        return out
+        return [_Permute.apply(p, order) for p, order in zip(parts, req.orders)]
 
     def apply_gradients(self, grad: torch.Tensor, splits: Splits, served: Served) -> None:
         """Backward: row gradients to the owners, summed per pair (and over replicas),
@@ -384,6 +379,24 @@ class ShardedLookup:
             q = dedup_pairs(p[:, 0], p[:, 1], g.num_tables > 1)
             out.append(g.prefetch(q.keys, q.tables))
         return out
+
+
+class _Permute(torch.autograd.Function):
+    """``out[order] = rows``: rows in send order back to local order. A permutation's
+    adjoint is the inverse gather, so the backward is one ``index_select`` (autograd's
+    ``index_select`` backward would zero a buffer and scatter-add into it)."""
+
+    @staticmethod
+    def forward(ctx: Any, rows: torch.Tensor, order: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(order)
+        out = torch.empty_like(rows)
+        out[order] = rows
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        (order,) = ctx.saved_tensors
+        return grad.index_select(0, order), None
 
 
 class _Backward:
