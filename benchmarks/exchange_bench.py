@@ -169,10 +169,12 @@ def main() -> None:
     worlds = [int(x) for x in args.ranks.split(",")]
     if args.device == "cuda" and max(worlds) > torch.cuda.device_count():
         raise SystemExit(f"--ranks {args.ranks}: only {torch.cuda.device_count()} GPUs here")
+    load_start = os.getloadavg()[0]
     results = [bench(args, w) for w in worlds]
+    load = {"start": load_start, "end": os.getloadavg()[0], "cpus": os.cpu_count()}
     if args.json:
         print(json.dumps({"device": args.device, "backend": args.backend,
-                          "args": vars(args), "results": results}))
+                          "args": vars(args), "load_avg_1m": load, "results": results}))
         return
     print(f"{args.device}/{args.backend}: {args.batch} x {args.features} ids per rank and "
           f"step, dim {args.dim}, {args.optimizer}, vocab {args.vocab}")
@@ -183,6 +185,8 @@ def main() -> None:
         print(f"{r['ranks']:>5} {lo['step_ms']:>9.2f} {sh['step_ms']:>9.2f} "
               f"{sh['fwd_ms']:>7.2f} {sh['bwd_ms']:>7.2f} {lo['ids_per_s_total'] / 1e6:>12.2f} "
               f"{sh['ids_per_s_total'] / 1e6:>12.2f} {r['ratio']:>6.2f}")
+    print(f"load average (1 min) {load['start']:.1f} at start, {load['end']:.1f} at end, "
+          f"{load['cpus']} CPUs")
 
 
 if __name__ == "__main__":
