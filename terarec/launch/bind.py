@@ -191,4 +191,5 @@ def applied() -> dict[str, object]:
             "TERAREC_SSD_DIR", "TERAREC_FAST_GROUPS")
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     return {"rank": env.rank, "local_rank": env.local_rank, "cpus": cpus,
-            "mems_allowed": mems, "mempolicy": sorted(policies), "env": {k: os.environ.get(k) for k in keys}}
+            "mems_allowed": mems, "mempolicy": sorted(policies),
+            "env": {k: os.environ.get(k) for k in keys}}
