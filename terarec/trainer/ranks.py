@@ -138,10 +138,14 @@ def wrap_ddp(model: nn.Module, d: DistHandles) -> nn.Module:
 class AgreedEnd:
     """Iterates ``batches`` until *any* rank's stream ends; then every rank stops.
 
-    Each ``next`` all-reduces (MIN) one flag, "I have a batch", over ``group`` (a gloo
-    group of its own: the pipeline reads batches on a background thread while the main
-    thread's collectives run on the other groups). The batch of a rank whose peers ran
-    out is dropped, as ``torch.utils.data.DistributedSampler(drop_last=True)`` would.
+    Each ``next`` all-gathers every rank's batch size (0: none left) over ``group`` (a
+    gloo group of its own: the pipeline reads batches on a background thread while the
+    main thread's collectives run on the other groups). Every rank stops when one has
+    no batch left, or when the ranks' batches differ in size (the short last batch of
+    a finite pass): each rank's loss is the mean over its own batch and gradients are
+    averaged over the ranks, which is the global batch's mean only for equal batches.
+    Those batches are dropped, as ``torch.utils.data.DistributedSampler(drop_last=True)``
+    would (one process would still train the last, short one).
     """
 
     def __init__(self, batches: Iterable[Batch], group: Optional[dist.ProcessGroup]) -> None:
@@ -157,9 +161,10 @@ class AgreedEnd:
         if self._ended:
             raise StopIteration
         batch = next(self._it, None)
-        flag = torch.tensor([0 if batch is None else 1], dtype=torch.int64)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self._group)
-        if int(flag.item()) == 0:
+        size = torch.tensor([0 if batch is None else batch.batch_size], dtype=torch.int64)
+        sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size(self._group))]
+        dist.all_gather(sizes, size, group=self._group)
+        if len({int(t.item()) for t in sizes}) > 1 or int(size.item()) == 0:
             self._ended = True
             self.dropped += int(batch is not None)
             raise StopIteration

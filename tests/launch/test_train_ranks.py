@@ -23,12 +23,15 @@ from typing import Any
 import pytest
 from launch_helpers import PY, REPO, Ranks, base_env, free_port, torchrun_env
 from train_helpers import (
+    GLOBAL_BATCH,
     assert_same_run,
     equivalence_config,
+    losses,
     quickstart_config,
     run_dir,
     train_cmd,
     write_config,
+    write_criteo,
 )
 
 from terarec.config import config_from_dict
@@ -126,6 +129,27 @@ def test_a_resumed_two_rank_run_ends_where_the_straight_run_ends(
     ckpt = run_dir(cfg) / "checkpoint"
     _ranks(work, cfg, 2, 2, "--resume", str(ckpt))
     assert_same_run(cfg, two_ranks, tol=1e-6)
+
+
+def test_ranks_stop_together_at_an_uneven_end_of_data(work: Path) -> None:
+    """A finite pass whose last global batch splits 6 / 5 over two ranks: both stop
+    before it (drop_last); the steps before match one process, which trains it too."""
+    data = write_criteo(work / "uneven.tsv", 3 * GLOBAL_BATCH + 11, seed=5)
+    runs = []
+    for world in (1, 2):
+        cfg = equivalence_config(work, world, f"uneven{world}", tiers=False)
+        cfg["data"]["path"] = [str(data)]
+        cfg["train"].update(steps=None, epochs=1)
+        if world == 1:
+            _one_process(cfg)
+        else:
+            _ranks(work, cfg, 2, 2)
+        runs.append(cfg)
+    one, two = (losses(c) for c in runs)
+    assert len(one) == 4 and len(two) == 3
+    assert max(abs(a - b) for a, b in zip(one, two)) <= 1e-5
+    summary = json.loads((run_dir(runs[1]) / "summary.json").read_text())
+    assert summary["stopped_by"] == "end_of_data" and summary["samples"] == 3 * GLOBAL_BATCH
 
 
 def test_torchrun_two_nodes_of_two_train_the_quickstart(tmp_path: Path) -> None:
