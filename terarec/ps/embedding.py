@@ -306,7 +306,8 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
             weights = rows[:, : group.dim].contiguous()
         mean = group.cfgs[0].pooling == Pooling.MEAN
         pooled = _Pool.apply(weights, dedup, offsets, mean)
-        return pooled.view(n_feat, batch, group.dim).transpose(0, 1).reshape(batch, -1)
+        width = n_feat * group.dim  # explicit: -1 is ambiguous for an empty batch
+        return pooled.view(n_feat, batch, group.dim).transpose(0, 1).reshape(batch, width)
 
     # -- state ---------------------------------------------------------------------
     def num_rows(self) -> dict[str, int]:

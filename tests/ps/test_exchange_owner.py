@@ -95,3 +95,24 @@ def test_dedup_pairs_matches_python() -> None:
     assert torch.equal(one.keys[one.inverse], comp)
     empty = dedup_pairs(comp[:0], tables[:0], multi=True)
     assert empty.keys.numel() == 0 and empty.inverse.numel() == 0
+
+
+def test_empty_batch_on_one_rank() -> None:
+    """An empty batch (a rank without samples) pools to ``[0, sum of dims]`` and its
+    backward steps every group once (an empty step, as on the other ranks)."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from terarec.config import SparseOptimConfig, TableConfig
+    from terarec.ps.embedding import HierarchicalEmbeddingBagCollection
+
+    tables = [TableConfig(name="a", dim=4, features=["f"]),
+              TableConfig(name="b", dim=4, features=["g", "h"])]
+    ebc = HierarchicalEmbeddingBagCollection(
+        tables, ["f", "g", "h"], SparseOptimConfig(kind="adam")
+    )
+    empty = torch.empty(0, dtype=torch.int64)
+    kt = ebc(KeyedJaggedTensor.from_lengths_sync(["f", "g", "h"], empty, empty))
+    assert kt.values().shape == (0, 12)
+    kt.values().sum().backward()
+    assert [g.optimizer.step for g in ebc.groups] == [1]
+    assert sum(ebc.num_rows().values()) == 0
