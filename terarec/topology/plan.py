@@ -4,7 +4,8 @@ directory, environment, and the node's fast groups. Pure: a :class:`Machine` in,
 
 Rules (docs/topology.md has the why):
 
-* **GPU**: local rank ``i`` drives GPU ``i`` (nvidia-smi's index; the plan sets
+* **GPU**: local rank ``i`` drives GPU ``i`` (``i % n`` with more ranks than GPUs, a
+  warning; nvidia-smi's index; the plan sets
   ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` so that CUDA numbers them the same way). A CPU box
   spreads its ranks over the NUMA nodes in order.
 * **CPU cores / memory node**: the GPU's NUMA node (``NUMA Affinity``; else the node its
@@ -176,9 +177,11 @@ def _fast_groups(m: Machine, ranks: list[RankPlan]) -> list[list[int]]:
     if not gpu_ranks:
         return [[r.local_rank for r in ranks]]
     any_nv = any(nvlinks(m.gpu_links[a.gpu][b.gpu])  # type: ignore[index]
-                 for a in gpu_ranks for b in gpu_ranks if a is not b)
+                 for a in gpu_ranks for b in gpu_ranks if a.gpu != b.gpu)
 
     def joined(a: RankPlan, b: RankPlan) -> bool:
+        if a.gpu == b.gpu:
+            return True
         rel = m.gpu_links[a.gpu][b.gpu]  # type: ignore[index]
         return nvlinks(rel) > 0 if any_nv else relation_rank(rel) <= relation_rank("NODE")
 
@@ -307,20 +310,20 @@ def make_plan(machine: Machine, nproc: Optional[int] = None,
         The :class:`Plan`.
 
     Raises:
-        TopologyError: more ranks than GPUs on a GPU machine, or ``nproc < 1``.
+        TopologyError: ``nproc < 1``. (More ranks than GPUs share them, with a warning.)
     """
     m = machine
     n_gpu = len(m.gpus)
     nproc = nproc if nproc is not None else (n_gpu or 1)
     if nproc < 1:
         raise TopologyError(f"nproc: must be >= 1, got {nproc}")
-    if n_gpu and nproc > n_gpu:
-        raise TopologyError(f"nproc: {nproc} ranks but {m.hostname} has {n_gpu} GPUs "
-                            "(one rank per GPU)")
     findings = [Finding("note", w) for w in m.warnings]
+    if n_gpu and nproc > n_gpu:
+        findings.append(Finding("warning", f"{nproc} ranks on {n_gpu} GPU(s): local rank i "
+                                f"shares GPU i % {n_gpu}"))
     nodes = sorted(m.numa, key=lambda x: x.id)
     if n_gpu:
-        placed = [(i, i, _gpu_node(m, i)) for i in range(nproc)]
+        placed = [(i, i % n_gpu, _gpu_node(m, i % n_gpu)) for i in range(nproc)]
     else:
         placed = [(i, None, nodes[i * len(nodes) // nproc].id if nodes else None)
                   for i in range(nproc)]

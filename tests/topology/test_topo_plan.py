@@ -111,8 +111,10 @@ def test_h200_vm_plan() -> None:
     assert "NCCL_IB_HCA" not in plan.ranks[0].env
     assert plan.warnings == ["no NVMe disk: the SSD tier falls back to vda (slow random reads)"]
     assert plan.ranks[0].ssd_dir == "/var/tmp/terarec-ssd"  # the root fs, not /
-    with pytest.raises(TopologyError, match="nproc: 3 ranks but h200-vm has 2 GPUs"):
-        make_plan(m, 3)
+    three = make_plan(m, 3)  # more ranks than GPUs: shared, with a warning
+    assert [r.gpu for r in three.ranks] == [0, 1, 0] and three.fast_groups == [[0, 1, 2]]
+    assert "3 ranks on 2 GPU(s): local rank i shares GPU i % 2" in three.warnings
+    assert [len(r.cpus) for r in three.ranks] == [10, 11, 11]
 
 
 def test_cpu_box_plan() -> None:
