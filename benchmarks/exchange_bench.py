@@ -15,7 +15,10 @@ the sharded run) after a warm-up pass over the same batches (rows exist: the ste
 state); the two take turns for ``--repeats`` passes and each keeps its best pass (the
 median step of a pass; a shared machine's noise hits both alike). Printed per world size:
 median ms per step, ids/s per rank and in total, and the ratio sharded / local
-(the exchange's cost: 1.0 = free).
+(the exchange's cost: 1.0 = free). ``cpu`` columns: the rank's process CPU time per step
+(``time.process_time``, the median rank), which waiting on a descheduled peer does not
+inflate: on an oversubscribed CPU machine it is the exchange's own compute cost, and
+``cpu ratio`` = local / sharded CPU time per step.
 
     python3 benchmarks/exchange_bench.py [--ranks 1,2,4] [--json]
     # GPUs (torch ops only on CUDA: no fbgemm CUDA kernels needed):
@@ -70,9 +73,10 @@ def _sync(device: torch.device) -> None:
 def _pass(ebc: HierarchicalEmbeddingBagCollection, batches: list[KeyedJaggedTensor],
           head: torch.Tensor, device: torch.device) -> dict[str, float]:
     """Median forward / backward / step seconds of one pass over ``batches``."""
-    fwd, bwd, step = [], [], []
+    fwd, bwd, step, cpu = [], [], [], []
     for kjt in batches:
         _sync(device)
+        c0 = time.process_time()
         t0 = time.perf_counter()
         pooled = ebc(kjt).values()
         _sync(device)
@@ -80,11 +84,12 @@ def _pass(ebc: HierarchicalEmbeddingBagCollection, batches: list[KeyedJaggedTens
         (pooled * head).sum().backward()
         _sync(device)
         t2 = time.perf_counter()
+        cpu.append(time.process_time() - c0)
         fwd.append(t1 - t0)
         bwd.append(t2 - t1)
         step.append(t2 - t0)
     return {"fwd_s": statistics.median(fwd), "bwd_s": statistics.median(bwd),
-            "step_s": statistics.median(step)}
+            "step_s": statistics.median(step), "cpu_s": statistics.median(cpu)}
 
 
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: Any) -> None:
@@ -139,11 +144,13 @@ def bench(args: argparse.Namespace, world: int) -> dict[str, Any]:
             "step_ms": 1e3 * step,
             "fwd_ms": 1e3 * statistics.median(per_rank[r][mode]["fwd_s"] for r in range(world)),
             "bwd_ms": 1e3 * statistics.median(per_rank[r][mode]["bwd_s"] for r in range(world)),
+            "cpu_ms": 1e3 * statistics.median(per_rank[r][mode]["cpu_s"] for r in range(world)),
             "ids_per_s_rank": ids / step,
             "ids_per_s_total": world * ids / step,
             "rows_per_rank": [per_rank[r][mode]["rows"] for r in range(world)],
         }
     res["ratio"] = res["sharded"]["ids_per_s_total"] / res["local"]["ids_per_s_total"]
+    res["cpu_ratio"] = res["local"]["cpu_ms"] / res["sharded"]["cpu_ms"]
     return res
 
 
@@ -179,12 +186,14 @@ def main() -> None:
     print(f"{args.device}/{args.backend}: {args.batch} x {args.features} ids per rank and "
           f"step, dim {args.dim}, {args.optimizer}, vocab {args.vocab}")
     print(f"{'ranks':>5} {'local ms':>9} {'shard ms':>9} {'fwd ms':>7} {'bwd ms':>7} "
-          f"{'local Mid/s':>12} {'shard Mid/s':>12} {'ratio':>6}")
+          f"{'local Mid/s':>12} {'shard Mid/s':>12} {'ratio':>6} {'local cpu':>9} "
+          f"{'shard cpu':>9} {'cpu ratio':>9}")
     for r in results:
         lo, sh = r["local"], r["sharded"]
         print(f"{r['ranks']:>5} {lo['step_ms']:>9.2f} {sh['step_ms']:>9.2f} "
               f"{sh['fwd_ms']:>7.2f} {sh['bwd_ms']:>7.2f} {lo['ids_per_s_total'] / 1e6:>12.2f} "
-              f"{sh['ids_per_s_total'] / 1e6:>12.2f} {r['ratio']:>6.2f}")
+              f"{sh['ids_per_s_total'] / 1e6:>12.2f} {r['ratio']:>6.2f} "
+              f"{lo['cpu_ms']:>9.2f} {sh['cpu_ms']:>9.2f} {r['cpu_ratio']:>9.2f}")
     print(f"load average (1 min) {load['start']:.1f} at start, {load['end']:.1f} at end, "
           f"{load['cpus']} CPUs")
 
