@@ -53,11 +53,16 @@ def run(sc: dict, rank: int, ctx, out: Path) -> None:  # noqa: ANN001 - DistCont
     tiered = sc["tiered"]
     table = TableConfig(
         name="t", dim=DIM, init=InitConfig(kind="uniform", scale=0.5),
-        device_rows=2 if tiered else None, host_rows=2 if tiered else None,
+        device_rows=sc.get("device_rows", 2) if tiered else None,
+        host_rows=2 if tiered else None,
     )
     store = SSDStore(out / f"ssd-{sc['name']}-rank{rank}") if tiered else None
     opt = SparseOptimConfig(kind=sc.get("sparse_opt", "adagrad"), lr=0.1)
-    ebc = HierarchicalEmbeddingBagCollection([table], ["f"], opt, seed=5, ssd_store=store)
+    groups = {}
+    if sc.get("sharded"):  # through the exchange: a shard group of one, replicas across
+        groups = {"process_group": ctx.fast_group, "replica_group": ctx.cross_group}
+    ebc = HierarchicalEmbeddingBagCollection([table], ["f"], opt, seed=5, ssd_store=store,
+                                             **groups)
     dense = nn.Parameter(torch.tensor([0.3, -0.1, 0.2]))
     dense_opt = torch.optim.Adam([dense], lr=0.01)
     cfg = SyncConfig(**sc["sync"])

@@ -45,6 +45,10 @@ SCENARIOS: list[dict[str, Any]] = [
     {"name": "moments-tiered", "tiered": True,
      "sync": {"k": K, "dense": "params+moments", "sparse": "delta+moments"}},
     {"name": "diloco", "tiered": False, "sync": {"k": K, "dense": "diloco"}},
+    # two synchronous steps through the exchange (rows' gradients combined over the
+    # replicas, dense gradients averaged), then local steps merged every K
+    {"name": "warmup", "tiered": True, "sharded": True, "device_rows": 5,  # the union
+     "sync": {"k": K, "warmup_steps": 2}},
 ]
 
 
@@ -101,7 +105,27 @@ def reference(sync: dict[str, Any]) -> tuple[dict[int, list[list[float]]], list[
     v = [[0.0] * 3 for _ in range(R)]
     anchor, mom = list(p[0]), None
     steps = len(SCHEDULE[0])
+    warmup = sync.get("warmup_steps", 0)
     for step in range(1, steps + 1):
+        if step <= warmup:  # synchronous: every replica applies the averaged gradients
+            union = set().union(*(SCHEDULE[r][step - 1] for r in range(R)))
+            for key in union:
+                g = [sum(SCHEDULE[r][step - 1].count(key) * row_grad_weight(r)[j].item()
+                         for r in range(R)) / R for j in range(DIM)]
+                for r in range(R):
+                    row = rows[r].setdefault(key, _init_row(key) + [0.0] * DIM)
+                    for j in range(DIM):
+                        row[DIM + j] += g[j] * g[j]
+                        row[j] -= LR_ROWS * g[j] / (math.sqrt(row[DIM + j]) + EPS)
+            gd = [sum(dense_grad(r)[j].item() for r in range(R)) / R for j in range(3)]
+            for r in range(R):
+                for j in range(3):
+                    m[r][j] = 0.9 * m[r][j] + 0.1 * gd[j]
+                    v[r][j] = 0.999 * v[r][j] + 0.001 * gd[j] ** 2
+                    mh, vh = m[r][j] / (1 - 0.9**step), v[r][j] / (1 - 0.999**step)
+                    p[r][j] -= LR_DENSE * mh / (math.sqrt(vh) + EPS)
+            anchor = list(p[0])
+            continue
         for r in range(R):
             gw = row_grad_weight(r).double().tolist()
             keys = SCHEDULE[r][step - 1]
@@ -118,7 +142,7 @@ def reference(sync: dict[str, Any]) -> tuple[dict[int, list[list[float]]], list[
                 v[r][j] = 0.999 * v[r][j] + 0.001 * gd[j] ** 2
                 mh, vh = m[r][j] / (1 - 0.9**step), v[r][j] / (1 - 0.999**step)
                 p[r][j] -= LR_DENSE * mh / (math.sqrt(vh) + EPS)
-        if step % K:
+        if (step - warmup) % K:
             continue
         touched = set().union(*(s.keys() for s in snap))
         for key in touched:
@@ -202,6 +226,17 @@ def test_merge_after_evictions_to_host_and_ssd_is_exact(
         assert torch.equal(flat["rows"], tiered["rows"])
         assert torch.equal(flat["found"], tiered["found"])
         assert torch.equal(flat["dense"], tiered["dense"])
+
+
+def test_warmup_then_local_steps_through_the_exchange(
+    results: dict[str, list[dict[str, Any]]]
+) -> None:
+    """Warm-up steps sync every step (one merge left for the 2 local steps), and bytes
+    of the every-step sync are counted too."""
+    st = results["warmup"][0]["stats"]
+    assert st["merges"] == 1
+    assert st["dense_bytes"] == 2 * (2 * (R - 1) * 12 // R) + 2 * (R - 1) * 12 // R
+    assert st["sparse_bytes"] > (R - 1) * (3 * 4 * 4 + 8)  # + the exchange's row sync
 
 
 def test_bytes_are_counted(results: dict[str, list[dict[str, Any]]]) -> None:
