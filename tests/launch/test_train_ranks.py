@@ -108,6 +108,22 @@ def test_two_ranks_train_the_one_process_run(two_ranks: dict[str, Any],
     assert sorted(p.name for p in (run_dir(two_ranks) / "ssd").iterdir()) == ["rank0", "rank1"]
 
 
+def test_one_process_evaluates_a_sharded_checkpoint_but_cannot_resume_it(
+    two_ranks: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from terarec.cli import main
+    from terarec.trainer.checkpoint import CheckpointError
+
+    assert main(["eval", "--run", str(run_dir(two_ranks))]) == 0  # the shards together
+    got = json.loads(capsys.readouterr().out)
+    summary = json.loads((run_dir(two_ranks) / "summary.json").read_text())
+    assert got["auc"] == pytest.approx(summary["auc"], abs=1e-6)
+    assert got["step"] == two_ranks["train"]["steps"]
+    cfg = dict(two_ranks, name="two-as-one")
+    with pytest.raises(CheckpointError, match=r"saved by 2 ranks in fast groups \[\[0, 1\]\]"):
+        train(config_from_dict(cfg, "<test>"), resume=run_dir(two_ranks) / "checkpoint")
+
+
 @pytest.mark.slow
 def test_two_nodes_of_two_train_the_one_process_run(
     work: Path, reference: dict[str, Any]
