@@ -250,3 +250,28 @@ def test_bytes_are_counted(results: dict[str, list[dict[str, Any]]]) -> None:
     moments = results["moments"][0]["stats"]  # + 2 state columns, + Adam's m and v
     assert moments["sparse_bytes"] == 2 * (R - 1) * (3 * 6 * 4 + 8)
     assert moments["dense_bytes"] == 2 * (2 * (R - 1) * 36 // R)
+
+
+@pytest.mark.parametrize(
+    "sync, train, msg",
+    [
+        ({"k": 0}, {}, "sync.k: must be a positive number of steps"),
+        ({"dense": "mean"}, {}, r"sync.dense: must be one of \[params, params\+moments, diloco\]"),
+        ({"sparse": "rows"}, {}, r"sync.sparse: must be one of \[delta, delta\+moments\]"),
+        ({"outer_momentum": 1.0}, {}, r"sync.outer_momentum: must be in \[0, 1\)"),
+        ({"kk": 2}, {}, "sync.kk: unknown key"),
+        ({"k": 8}, {"checkpoint_every": 12}, "train.checkpoint_every: with sync.k = 8"),
+        ({"k": 8, "warmup_steps": 4}, {"checkpoint_every": 16}, "sync.warmup_steps too"),
+    ],
+)
+def test_sync_config_errors_name_the_key(sync: dict, train: dict, msg: str) -> None:
+    from terarec.config import ConfigError, config_from_dict
+
+    data = {"name": "x", "tables": [{"name": "t", "dim": 4}], "sync": sync,
+            "train": {"steps": 10, **train}}
+    with pytest.raises(ConfigError, match=msg):
+        config_from_dict(data)
+    ok = config_from_dict({"name": "x", "tables": [{"name": "t", "dim": 4}],
+                           "sync": {"k": 8, "dense": "params+moments", "warmup_steps": 8},
+                           "train": {"steps": 10, "checkpoint_every": 16}})
+    assert ok.sync.dense.value == "params+moments" and ok.sync.outer_lr == 0.7
