@@ -63,10 +63,6 @@ def nvlinks(rel: str) -> int:
     return int(m.group(1)) if m else 0
 
 
-def crosses_sockets(rel: str) -> bool:
-    return rel == "SYS"
-
-
 def is_near(rel: str) -> bool:
     """Near enough for GPUDirect RDMA without help: NVLink, a PCIe switch or one host bridge."""
     return relation_rank(rel) <= _ORDER["PHB"]
