@@ -109,14 +109,17 @@ def test_real_capture_details() -> None:
 
 def test_named_fixtures_load_and_round_trip() -> None:
     names = sorted(p.stem for p in FIXTURES.glob("*.topo"))
-    assert names == ["cpu-box", "dgx-h200-nvswitch", "h200-vm", "pcie-4gpu-workstation",
-                     "pcie-8gpu-2x4-switch"]
+    assert names == ["cpu-box", "dgx-h200-nvswitch", "h100-vm-captured", "h200-vm",
+                     "pcie-4gpu-workstation", "pcie-8gpu-2x4-switch"]
     for name in names:
         m = load_fixture(FIXTURES / f"{name}.topo")
         again = machine_from_text(machine_to_fixture(m), name)
         a, b = machine_to_dict(m), machine_to_dict(again)
         assert {k: v for k, v in a.items() if k != "sources"} == \
             {k: v for k, v in b.items() if k != "sources"}
+    h100 = load_fixture(FIXTURES / "h100-vm-captured.topo")  # the device machine, as captured
+    assert [g.name for g in h100.gpus] == ["NVIDIA H100 80GB HBM3"]
+    assert len(h100.numa) == 1 and len(h100.numa[0].cpus) == 16
     dgx = load_fixture(FIXTURES / "dgx-h200-nvswitch.topo")
     assert len(dgx.gpus) == 8 and len(dgx.nics) == 12 and dgx.gpus[0].pcie_gen == 5
     assert sum(n.rate_gbps == 400 for n in dgx.nics) == 8
