@@ -243,9 +243,16 @@ class ShardedLookup:
         looked up (eval), and the weights to send back. With replicas and sync on, the
         union over the replica group is made resident (one all_gather)."""
         parts = unpack_blocks(received, splits.recv, [self.cols] * len(self.groups))
-        pairs = [
-            dedup_pairs(p[:, 0], p[:, 1], g.num_tables > 1) for g, p in zip(self.groups, parts)
-        ]
+        if self.world == 1:  # the requester's own pairs: unique and sorted already
+            pairs = [
+                Pairs(p[:, 0], p[:, 1], torch.arange(p.shape[0], device=p.device))
+                for p in parts
+            ]
+        else:
+            pairs = [
+                dedup_pairs(p[:, 0], p[:, 1], g.num_tables > 1)
+                for g, p in zip(self.groups, parts)
+            ]
         occ: list[Optional[torch.Tensor]] = [None] * len(self.groups)
         if self.cols == 3:
             occ = [

@@ -9,7 +9,9 @@ of 2 ranks, so ``init_distributed`` builds fast groups ``{0,1}, {2,3}`` and cros
   seed ``100 + node``), replicas passed but ``sync_replicas=False``: nothing is combined
   across the groups;
 * ``replicas``: 2 fast groups x 2, replica sync on, the global batch split over all 4
-  ranks, the dense head averaged over the world (k = 1).
+  ranks, the dense head averaged over the world (k = 1);
+* ``solo``: shard groups of one rank, every rank a replica of the others (sync on): the
+  trainer's layout for nodes of one GPU.
 
 Writes ``OUT_DIR/<name>/rank<r>.pt``: losses, this rank's rows, its tier stats.
 """
@@ -39,6 +41,7 @@ def main() -> int:
         pre_fast = [
             dist.new_group([2 * n, 2 * n + 1]) for n in range(ctx.world_size // 2)
         ][ctx.node]
+        solo = [dist.new_group([r]) for r in range(ctx.world_size)][ctx.rank]
         for run in spec:
             mode = run["mode"]
             if mode == "world":
@@ -48,6 +51,9 @@ def main() -> int:
                 shard, replica, sync, pre = ctx.fast_group, ctx.cross_group, False, pre_fast
                 parts, index, dense = ctx.local_world_size, ctx.local_rank, ctx.fast_group
                 seed = 100 + ctx.node
+            elif mode == "solo":
+                shard, replica, sync, pre = solo, world, True, None
+                parts, index, dense, seed = ctx.world_size, ctx.rank, world, 100
             else:
                 shard, replica, sync, pre = ctx.fast_group, ctx.cross_group, True, pre_fast
                 parts, index, dense, seed = ctx.world_size, ctx.rank, world, 100

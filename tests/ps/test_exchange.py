@@ -36,7 +36,7 @@ from tests.ps import exchange_common as ec
 WORKER = str(Path(__file__).with_name("exchange_worker.py"))
 OPTS = {"sgd": "sgd", "rw": "rowwise_adagrad", "adam": "adam"}
 PREFETCH = {"world_rw", "world_adam", "fast_rw", "rep_adam"}
-RUNS = [f"{mode}_{tag}" for tag in OPTS for mode in ("world", "fast", "rep")]
+RUNS = [f"{mode}_{tag}" for tag in OPTS for mode in ("world", "fast", "rep")] + ["solo_adam"]
 TOL = 1e-5
 
 
@@ -152,3 +152,17 @@ def test_replicas_synced_every_step(runs: Path, tag: str) -> None:
         for t in results[x]["rows"]:
             assert torch.equal(results[x]["rows"][t][0], results[y]["rows"][t][0])
             assert torch.equal(results[x]["rows"][t][1], results[y]["rows"][t][1])
+
+
+def test_one_rank_shard_groups_with_four_replicas(runs: Path) -> None:
+    """Shard groups of one rank (nodes of one GPU), 4 replicas synced every step: every
+    rank holds every row, all bitwise equal, and equal to one process."""
+    results = load(runs, "solo_adam", [0, 1, 2, 3])
+    ref = reference("adam", 100)
+    assert_losses(results, ref)
+    for r in results:
+        assert_rows([r], ref)
+        for t in r["rows"]:
+            assert torch.equal(r["rows"][t][1], results[0]["rows"][t][1])
+    assert_eval(results, ref)
+    assert_evicted(results)
