@@ -20,6 +20,10 @@ median ms per step, ids/s per rank and in total, and the ratio sharded / local
 inflate: on an oversubscribed CPU machine it is the exchange's own compute cost, and
 ``cpu ratio`` = local / sharded CPU time per step.
 
+Then (``--check-steps``, default 8; 0 = off) an equivalence check on the same device and
+backend: sharded training over all ranks vs one process on the same global batches,
+losses and final rows (weights + optimizer state) within 1e-5 (see ``_check``).
+
     python3 benchmarks/exchange_bench.py [--ranks 1,2,4] [--json]
     # GPUs (torch ops only on CUDA: no fbgemm CUDA kernels needed):
     PYTHONPATH=/tmp/site:$PWD python3 benchmarks/exchange_bench.py \\
@@ -92,6 +96,70 @@ def _pass(ebc: HierarchicalEmbeddingBagCollection, batches: list[KeyedJaggedTens
             "step_s": statistics.median(step), "cpu_s": statistics.median(cpu)}
 
 
+def _check(args: argparse.Namespace, rank: int, world: int,
+           device: torch.device) -> dict[str, Any]:
+    """Sharded training over every rank vs one process on the global batch (rank 0).
+
+    ``--check-steps`` global batches of ``world x --check-batch`` samples (ids over
+    ``--check-vocab``), each rank training its slice through the exchange with the loss
+    ``world / B x sum(tanh(pooled) * head)``; rank 0 then trains one local collection on
+    the whole global batches (loss ``1 / B x sum(...)``). Returns the largest difference
+    of the per-step losses and of the final rows (weights + optimizer state, per key,
+    gathered from the owners) on rank 0; ``ok`` when both are within 1e-5 (relative for
+    the losses)."""
+    feats = [f"f{i}" for i in range(args.features)]
+    table = TableConfig(name="t", dim=args.dim, features=None)
+    opt = SparseOptimConfig(kind=args.optimizer, lr=0.01)
+    b, big = args.check_batch, args.check_batch * world
+    g = torch.Generator().manual_seed(7)
+    data = []
+    for _ in range(args.check_steps):
+        ids = torch.randint(0, args.check_vocab, (args.features, big), generator=g)
+        head = torch.randn(big, args.features * args.dim, generator=g)
+        data.append((ids, head))
+
+    def kjt(ids: torch.Tensor) -> KeyedJaggedTensor:
+        n = ids.numel()
+        return KeyedJaggedTensor(feats, ids.reshape(-1).to(device),
+                                 lengths=torch.ones(n, dtype=torch.int64, device=device),
+                                 offsets=torch.arange(n + 1, device=device))
+
+    def train(ebc: HierarchicalEmbeddingBagCollection, lo: int, hi: int,
+              scale: float) -> list[float]:
+        losses = []
+        for ids, head in data:
+            pooled = ebc(kjt(ids[:, lo:hi].contiguous())).values()
+            total = (torch.tanh(pooled) * head[lo:hi].to(device)).sum()
+            (total * scale).backward()
+            seen = total.detach().reshape(1)
+            if hi - lo < big:
+                dist.all_reduce(seen)
+            losses.append(float(seen) / big)
+        return losses
+
+    sharded = HierarchicalEmbeddingBagCollection([table], feats, opt, device=device, seed=3,
+                                                 process_group=dist.group.WORLD)
+    losses = train(sharded, rank * b, (rank + 1) * b, world / big)
+    st = sharded.tables_state_dict()["t"]
+    shards: list[Any] = [None] * world
+    dist.all_gather_object(shards, (st["keys"].cpu(), st["rows"].cpu()))
+    if rank != 0:
+        return {}
+    local = HierarchicalEmbeddingBagCollection([table], feats, opt, device=device, seed=3)
+    want = train(local, 0, big, 1.0 / big)
+    ref = local.tables_state_dict()["t"]
+    keys = torch.cat([k for k, _ in shards])
+    rows = torch.cat([r for _, r in shards])
+    order, ref_order = torch.argsort(keys), torch.argsort(ref["keys"].cpu())
+    same_keys = bool(torch.equal(keys[order], ref["keys"].cpu()[ref_order]))
+    row_diff = float((rows[order] - ref["rows"].cpu()[ref_order]).abs().max()) \
+        if same_keys else float("inf")
+    loss_diff = max(abs(a - w) / max(1.0, abs(w)) for a, w in zip(losses, want))
+    return {"steps": args.check_steps, "rows": int(keys.numel()), "same_keys": same_keys,
+            "max_row_diff": row_diff, "max_loss_diff": loss_diff,
+            "ok": same_keys and row_diff <= 1e-5 and loss_diff <= 1e-5}
+
+
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: Any) -> None:
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
@@ -125,6 +193,8 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: A
                     out[mode] = got
         for mode, ebc in ebcs.items():
             out[mode]["rows"] = sum(ebc.num_rows().values())
+        if args.check_steps:
+            out["check"] = _check(args, rank, world, device)  # type: ignore[assignment]
         queue.put((rank, out))
     finally:
         dist.destroy_process_group()
@@ -151,6 +221,8 @@ def bench(args: argparse.Namespace, world: int) -> dict[str, Any]:
         }
     res["ratio"] = res["sharded"]["ids_per_s_total"] / res["local"]["ids_per_s_total"]
     res["cpu_ratio"] = res["local"]["cpu_ms"] / res["sharded"]["cpu_ms"]
+    if args.check_steps:
+        res["check"] = per_rank[0]["check"]
     return res
 
 
@@ -169,6 +241,10 @@ def main() -> None:
                     help="timed passes of each mode, in turn (the best one counts)")
     ap.add_argument("--optimizer", default="adam")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    ap.add_argument("--check-steps", type=int, default=8,
+                    help="equivalence check: steps of sharded vs one-process training (0: off)")
+    ap.add_argument("--check-batch", type=int, default=256, help="check: samples per rank")
+    ap.add_argument("--check-vocab", type=int, default=20_000)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     args.backend = args.backend or ("nccl" if args.device == "cuda" else "gloo")
@@ -194,6 +270,12 @@ def main() -> None:
               f"{sh['fwd_ms']:>7.2f} {sh['bwd_ms']:>7.2f} {lo['ids_per_s_total'] / 1e6:>12.2f} "
               f"{sh['ids_per_s_total'] / 1e6:>12.2f} {r['ratio']:>6.2f} "
               f"{lo['cpu_ms']:>9.2f} {sh['cpu_ms']:>9.2f} {r['cpu_ratio']:>9.2f}")
+    for r in results:
+        if "check" in r:
+            c = r["check"]
+            print(f"check {r['ranks']} ranks vs one process, {c['steps']} steps, {c['rows']} "
+                  f"rows: max row diff {c['max_row_diff']:.2e}, max loss diff "
+                  f"{c['max_loss_diff']:.2e} -> {'OK' if c['ok'] else 'FAILED'}")
     print(f"load average (1 min) {load['start']:.1f} at start, {load['end']:.1f} at end, "
           f"{load['cpus']} CPUs")
 
