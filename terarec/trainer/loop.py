@@ -49,6 +49,7 @@ from terarec.trainer.pipeline import PipelineMeter, PipelineStats, TrainPipeline
 from terarec.trainer.ranks import (
     AgreedEnd,
     DistHandles,
+    StepTally,
     all_sum,
     any_rank,
     broadcast_dense,
@@ -440,34 +441,6 @@ def _finite_source(cfg: Config) -> bool:
     return cfg.data.kind != DataKind.SYNTHETIC and cfg.train.epochs is not None
 
 
-class _Tally:
-    """Per log interval: every step's loss and samples, summed over the ranks when the
-    interval is logged (one all-reduce per log line), so that the logged loss is the
-    mean over steps of each step's loss over the global batch, as in one process."""
-
-    def __init__(self, samples: int) -> None:
-        self.samples = samples  # global, as of the last :meth:`flush`
-        self.pending = 0  # this rank's samples since then
-        self.weighted: list[float] = []  # per step: loss x batch size
-        self.sizes: list[float] = []
-
-    def add(self, loss: float, batch_size: int) -> None:
-        self.pending += batch_size
-        self.weighted.append(loss * batch_size)
-        self.sizes.append(float(batch_size))
-
-    def flush(self, d: Optional[DistHandles], extra: list[float]) -> tuple[float, list[float]]:
-        """Sums the interval and ``extra`` over the ranks; returns (mean loss, extra)."""
-        n = len(self.weighted)
-        out = all_sum([*self.weighted, *self.sizes, float(self.pending), *extra], d)
-        self.samples += int(out[2 * n])
-        losses = [w / s for w, s in zip(out[:n], out[n: 2 * n]) if s > 0]
-        self.weighted.clear()
-        self.sizes.clear()
-        self.pending = 0
-        return (sum(losses) / len(losses) if losses else math.nan), out[2 * n + 1:]
-
-
 def _global_rows(parts: Components) -> dict[str, int]:
     """Rows per table over the whole job: the fast group's shards summed (one replica;
     every fast group holds the same rows)."""
@@ -516,7 +489,7 @@ def _train(
     trained = _TrainedPosition(source)  # the source reads ahead of the batches trained
     window = CTRMetrics(distributed=multi, device=device if multi else "cpu")
     start = time.perf_counter()
-    tally = _Tally(samples)
+    tally = StepTally(samples)
     start_samples = samples
     last_eval: Optional[tuple[int, dict[str, float]]] = None
     paused_seconds = 0.0  # periodic evals and saves, kept out of the throughput numbers

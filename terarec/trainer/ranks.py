@@ -15,11 +15,12 @@ next collective deadlocks:
   that ran out with a one-row dummy batch whose predictions are dropped, so that every
   rank takes part in every forward's exchange.
 * **logs**: the loss, rows and samples of a log line are summed over the ranks
-  (:func:`all_sum`), every rank at the same step.
+  (:class:`StepTally`, :func:`all_sum`), every rank at the same step.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Optional, Protocol
 
@@ -218,3 +219,31 @@ def eval_batches(
         else:
             assert dummy is not None
             yield dummy, False
+
+
+class StepTally:
+    """Per log interval: every step's loss and samples, summed over the ranks when the
+    interval is logged (one all-reduce per log line), so that the logged loss is the
+    mean over steps of each step's loss over the global batch, as in one process."""
+
+    def __init__(self, samples: int) -> None:
+        self.samples = samples  # global, as of the last :meth:`flush`
+        self.pending = 0  # this rank's samples since then
+        self.weighted: list[float] = []  # per step: loss x batch size
+        self.sizes: list[float] = []
+
+    def add(self, loss: float, batch_size: int) -> None:
+        self.pending += batch_size
+        self.weighted.append(loss * batch_size)
+        self.sizes.append(float(batch_size))
+
+    def flush(self, d: Optional[DistHandles], extra: list[float]) -> tuple[float, list[float]]:
+        """Sums the interval and ``extra`` over the ranks; returns (mean loss, extra)."""
+        n = len(self.weighted)
+        out = all_sum([*self.weighted, *self.sizes, float(self.pending), *extra], d)
+        self.samples += int(out[2 * n])
+        losses = [w / s for w, s in zip(out[:n], out[n: 2 * n]) if s > 0]
+        self.weighted.clear()
+        self.sizes.clear()
+        self.pending = 0
+        return (sum(losses) / len(losses) if losses else math.nan), out[2 * n + 1:]
