@@ -396,9 +396,7 @@ class _Permute(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, rows: torch.Tensor, order: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(order)
-        out = torch.empty_like(rows)
-        out[order] = rows
-        return out
+        return torch.empty_like(rows).index_copy_(0, order, rows)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
