@@ -88,7 +88,7 @@ def _worker(args: argparse.Namespace) -> int:
             for item in grid:
                 sync = SyncConfig(k=item["k"], dense=item["dense"], sparse=item["sparse"],
                                   warmup_steps=item.get("warmup", 0))
-                res = _run_one(cfg, sync, ctx, args.steps)
+                res = _run_one(cfg, sync, ctx, args.steps, bool(item.get("diagnose")))
                 if ctx.rank == 0:
                     res.update(dataset=args.dataset, **item)
                     with open(out, "a") as f:
@@ -97,7 +97,20 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_one(cfg: Any, sync: Any, ctx: Any, steps: int) -> dict[str, Any]:
+def _TouchingMean() -> type:  # noqa: N802 - a class factory (imports torch lazily)
+    """Diagnostic, not the algorithm: rows' deltas averaged over the replicas that
+    touched them (instead of over all R, the others counting 0)."""
+    from terarec.optim.kstep import KStepMerger
+
+    class TouchingMean(KStepMerger):
+        def _mean_delta(self, total: Any, touches: Any) -> Any:
+            return total / touches.unsqueeze(1)
+
+    return TouchingMean
+
+
+def _run_one(cfg: Any, sync: Any, ctx: Any, steps: int, diagnose: bool = False
+             ) -> dict[str, Any]:
     """Trains one setting on this replica; returns the global figures (rank 0's)."""
     import torch
     import torch.distributed as dist
@@ -122,8 +135,9 @@ def _run_one(cfg: Any, sync: Any, ctx: Any, steps: int) -> dict[str, Any]:
         dist.broadcast(p.data, src=ctx.cross_ranks[0], group=ctx.cross_group)
     opt = build_dense_optimizer(cfg.optimizer.dense, model.parameters())
     replicas = len(ctx.cross_ranks)
-    merger = KStepMerger(sync, model.parameters(), opt, ebc.groups, ctx.cross_group,
-                         replicas, ebc)
+    merger_cls = _TouchingMean() if diagnose else KStepMerger
+    merger = merger_cls(sync, model.parameters(), opt, ebc.groups, ctx.cross_group,
+                        replicas, ebc)
     loss_fn = nn.BCEWithLogitsLoss()
     src = build_source(cfg.data, "train", seed=cfg.seed, rank=ctx.rank,
                        world_size=ctx.world_size, epochs=1000.0)
@@ -301,6 +315,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="config overrides for every data set (e.g. optimizer.dense.lr=0.002)")
     ap.add_argument("--keep", action="store_true", help="append to existing results")
+    ap.add_argument("--diagnose", action="store_true",
+                    help="diagnostic runs (k > 1 only; give them their own --out): rows' "
+                    "deltas averaged over the replicas that touched them, not over all R")
     # worker mode (internal)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--dataset", help=argparse.SUPPRESS)
@@ -315,6 +332,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ks = [int(k) for k in args.ks.split(",")]
     modes = args.modes.split(",")
     grid = _grid(ks, modes, args.sparse)
+    if args.diagnose:  # the rows' deltas averaged over the replicas that touched them
+        grid = [dict(g, diagnose=True) for g in grid if g["k"] > 1]
     t_all = time.perf_counter()
     for ds in args.datasets.split(","):
         if ds == "frappe" and not Path(args.frappe).exists():

@@ -261,9 +261,11 @@ class KStepMerger:
         # Sum of the deltas per row, replica by replica in rank order: every replica
         # adds the same numbers in the same order (indices unique within a replica).
         acc = torch.zeros(uniq.numel(), cols, device=dev)
+        touches = torch.zeros(uniq.numel(), device=dev)  # replicas that touched each row
         start = 0
         for t, n in zip(got, counts):
             acc.index_add_(0, inv[start : start + n], t[:, width - cols :])
+            touches.index_add_(0, inv[start : start + n], torch.ones(n, device=dev))
             start += n
         # The snapshot: this replica's where it touched the row, else its current row.
         base = torch.empty(uniq.numel(), g.row_width, device=dev)
@@ -282,9 +284,16 @@ class KStepMerger:
         merged = base.clone()
         merged[pos] = cur.to(dev)  # this replica's own state where it touched the row
         base[pos] = snap
-        merged[:, :cols] = base[:, :cols] + acc / self.size
+        merged[:, :cols] = base[:, :cols] + self._mean_delta(acc, touches)
         g.overwrite_rows(uniq, u_tables, merged)
         self.rows_merged += uniq.numel()
+
+    def _mean_delta(self, total: torch.Tensor, touches: torch.Tensor) -> torch.Tensor:
+        """The merged change of each row: ``total [U, c]`` (the replicas' deltas summed)
+        over all ``R`` replicas, those that did not touch a row contributing 0.
+        ``touches [U]`` (how many replicas touched each row) is unused here; the
+        benchmark's diagnostic divides by it instead (``--diagnose``)."""
+        return total / self.size
 
     # -- helpers ---------------------------------------------------------------------
     def _set_phase(self, every_step: bool) -> None:
