@@ -34,6 +34,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -156,7 +157,7 @@ def _run_one(cfg: Any, sync: Any, ctx: Any, steps: int, diagnose: bool = False
         opt.step()
         merger.after_optimizer_step(step)
         samples += batch.batch_size
-        losses.append(float(loss))
+        losses.append(loss.item())
     merger.finish()
     train_s = time.perf_counter() - t0
     if hasattr(src, "close"):
@@ -207,7 +208,7 @@ def _launch(dataset: str, grid: list[dict[str, Any]], steps: int, args: argparse
                    GROUP_RANK=str(rank), GROUP_WORLD_SIZE=str(r), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port), OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE",
                    PYTHONPATH=str(REPO), TORCH_CPP_LOG_LEVEL="ERROR")
-        log = result.with_name(f"{dataset}-rank{rank}.log")
+        log = Path(tempfile.gettempdir()) / f"terarec-kstep-{dataset}-rank{rank}.log"
         logs.append(log)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--dataset", dataset,
                "--grid", json.dumps(grid), "--steps", str(steps), "--result", str(result),
