@@ -37,8 +37,11 @@ from train_helpers import (
 from terarec.config import config_from_dict
 from terarec.trainer.loop import train
 
+# Oversubscribed (4 ranks, 2 cores): ranks waiting in MPI calls (the rendezvous while
+# the others still import, MPI_Finalize at exit) must yield their core, not spin.
 MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--mca", "btl", "self,tcp",
-          "--mca", "btl_tcp_if_include", "lo", "--mca", "oob_tcp_if_include", "lo"]
+          "--mca", "btl_tcp_if_include", "lo", "--mca", "oob_tcp_if_include", "lo",
+          "--mca", "mpi_yield_when_idle", "1"]
 needs_mpirun = pytest.mark.skipif(shutil.which("mpirun") is None, reason="no mpirun here")
 
 
