@@ -219,8 +219,8 @@ class Machine:
                     if name == "gpu_links" and (rel == "X") != (i == j):
                         raise TopologyError(f"{name}[{i}][{j}]: {cell!r} (X only on the diagonal)")
                     row[j] = rel
-        for g in self.gpus:
-            if g.numa_node is not None and g.numa_node not in ids and ids:
+        for g in self.gpus:  # (with no NUMA nodes known, no GPU may name one either)
+            if g.numa_node is not None and g.numa_node not in ids:
                 raise TopologyError(
                     f"gpus[{g.index}].numa_node: {g.numa_node} is not in numa {ids}")
 

@@ -190,6 +190,8 @@ def test_malformed_saved_topology_names_the_file(tmp_path: Path) -> None:
         (lambda d: d.pop("hostname"), "hostname: missing"),
         (lambda d: d.update(schema="other/9"), "schema: 'other/9'"),
         (lambda d: d["nics"][0].pop("name"), r"nics\[0\]\.name: missing"),
+        (lambda d: d["gpus"][0].update(numa_node=3), r"gpus\[0\]\.numa_node: 3 is not in"),
+        (lambda d: d.update(numa=[]), r"gpus\[0\]\.numa_node: 0 is not in numa \[\]"),
     ]:
         d = json.loads(json.dumps(good))
         mutate(d)
