@@ -20,6 +20,7 @@ The same module works under mpirun / srun: ``mpirun -np 8 python -m terarec.laun
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -42,10 +43,14 @@ def prepare_plan(nproc: int, machine_file: Optional[str] = None,
     the plan file the ranks read.
 
     The file also records which of the plan's variables the user already set, so that
-    the ranks keep the user's values.
+    the ranks keep the user's values. It must outlive the launcher (which execs
+    torchrun, and torchrun's restarts read it again), so nothing removes it; its name
+    is the content's hash (and the user id), so launches of one plan share one file
+    instead of leaving one behind each. It is replaced atomically: a rank reading it
+    while another launch writes the same plan sees the whole file.
 
     Raises:
-        TopologyError: unreadable machine / tool output, or more ranks than GPUs.
+        TopologyError: unreadable machine / tool output, or ``nproc < 1``.
     """
     from terarec.topology.cli import read_machine
     from terarec.topology.discover import discover
@@ -55,12 +60,21 @@ def prepare_plan(nproc: int, machine_file: Optional[str] = None,
     env = os.environ if environ is None else environ
     keys = sorted({k for r in plan.ranks for k in r.env})
     doc = {"plan": plan_to_dict(plan), "user_env": [k for k in keys if k in env]}
+    text = json.dumps(doc, indent=1, sort_keys=True)
     where = Path(out_dir) if out_dir else Path(tempfile.gettempdir())
     where.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix="terarec-plan-", suffix=".json", dir=where)
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f, indent=1)
-    return plan, machine, Path(name)
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    path = where / f"terarec-plan-{uid}-{digest}.json"
+    fd, tmp = tempfile.mkstemp(prefix=".terarec-plan-", suffix=".tmp", dir=where)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return plan, machine, path
 
 
 def read_plan_file(path: str) -> tuple[Plan, set[str]]:
@@ -131,6 +145,33 @@ def rank_command(rp: Optional[RankPlan], args: Sequence[str], numactl: bool = Tr
     return prefix + cmd, [f"local rank {rp.local_rank}: no memory binding ({why})"]
 
 
+def applied() -> dict[str, object]:
+    """What this process runs with: its rank, CPUs, memory nodes and the plan's
+    variables (``terarec topo --applied`` prints it, e.g. under ``terarec-launch``)."""
+    env = read_launch_env()
+    mems = None
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Mems_allowed_list:"):
+                mems = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    policies: set[str] = set()  # per mapping: default, bind:0, prefer:1, ...
+    try:
+        for line in Path("/proc/self/numa_maps").read_text().splitlines():
+            parts = line.split()
+            if len(parts) > 1:
+                policies.add(parts[1])
+    except OSError:
+        pass
+    keys = ("OMP_NUM_THREADS", "CUDA_DEVICE_ORDER", "NCCL_IB_HCA", "NCCL_SOCKET_IFNAME",
+            "TERAREC_SSD_DIR", "TERAREC_FAST_GROUPS")
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return {"rank": env.rank, "local_rank": env.local_rank, "cpus": cpus,
+            "mems_allowed": mems, "mempolicy": sorted(policies),
+            "env": {k: os.environ.get(k) for k in keys}}
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m terarec.launch.bind",
                                 description="Apply a topology plan to this rank, then run "
@@ -167,29 +208,3 @@ def main(argv: Optional[list[str]] = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-def applied() -> dict[str, object]:
-    """What this process runs with: its rank, CPUs, memory nodes and the plan's
-    variables (``terarec topo --applied`` prints it, e.g. under ``terarec-launch``)."""
-    env = read_launch_env()
-    mems = None
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Mems_allowed_list:"):
-                mems = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    policies: set[str] = set()  # per mapping: default, bind:0, prefer:1, ...
-    try:
-        for line in Path("/proc/self/numa_maps").read_text().splitlines():
-            parts = line.split()
-            if len(parts) > 1:
-                policies.add(parts[1])
-    except OSError:
-        pass
-    keys = ("OMP_NUM_THREADS", "CUDA_DEVICE_ORDER", "NCCL_IB_HCA", "NCCL_SOCKET_IFNAME",
-            "TERAREC_SSD_DIR", "TERAREC_FAST_GROUPS")
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    return {"rank": env.rank, "local_rank": env.local_rank, "cpus": cpus,
-            "mems_allowed": mems, "mempolicy": sorted(policies),
-            "env": {k: os.environ.get(k) for k in keys}}

@@ -59,6 +59,10 @@ def test_plan_file(tmp_path: Path) -> None:
     assert path.parent == tmp_path and machine.hostname == "dgx-h200"
     again, user = read_plan_file(str(path))
     assert again.ranks[3].nic == plan.ranks[3].nic == "mlx5_5" and user == {"NCCL_IB_HCA"}
+    # launches of one plan share its file (nothing removes it: no file per launch piles up)
+    assert prepare_plan(8, DGX, str(tmp_path), environ={"NCCL_IB_HCA": "mine"})[2] == path
+    other = prepare_plan(8, DGX, str(tmp_path), environ={})[2]  # another user_env
+    assert other != path and sorted(tmp_path.iterdir()) == sorted([path, other])
     path.write_text("{")
     with pytest.raises(TopologyError, match=f"{path}: not valid JSON"):
         read_plan_file(str(path))
