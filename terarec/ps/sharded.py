@@ -151,10 +151,14 @@ class ShardedLookup:
         self.prefetcher: Optional[ShardExchange] = None
         if prefetch_group is not None:
             self.prefetcher = ShardExchange(prefetch_group, device)
-            if self.prefetcher.world != self.exchange.world:
+            # local facts, no collective: the members' global ranks in group-rank order
+            # (owner_of numbers owners by group rank, so these must be equal)
+            members = dist.get_process_group_ranks(group)
+            pre = dist.get_process_group_ranks(prefetch_group)
+            if pre != members:
                 raise ValueError(
-                    f"prefetch_group has {self.prefetcher.world} ranks, the shard group "
-                    f"{self.exchange.world}: it must have the same members"
+                    f"prefetch_group has the global ranks {pre}, the shard group {members}: "
+                    "it must have the same members"
                 )
 
     @property
