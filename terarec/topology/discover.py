@@ -218,8 +218,9 @@ def discover(
         except TopologyError:
             raise
         except Exception as e:  # noqa: BLE001 - no driver, no GPU, old library
-            warnings.append(f"NVML (nvidia-ml-py) failed: {type(e).__name__}: {e}; trying "
-                            "nvidia-smi")
+            if sysfs.nvidia_gpus(root):  # a CPU box with nvidia-ml-py installed: nothing lost
+                warnings.append(f"NVML (nvidia-ml-py) failed: {type(e).__name__}: {e}; "
+                                "trying nvidia-smi")
     if gpus is None:
         try:
             gpus = _from_smi(run, root, single)

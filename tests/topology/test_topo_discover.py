@@ -205,6 +205,10 @@ def test_nvml(tmp_path: Path) -> None:
     m = discover(root, run=smi(), nvml=fake_nvml(fail=True))  # falls back to nvidia-smi
     assert m.sources == ["sysfs", "nvidia-smi"]
     assert m.warnings[0].startswith("NVML (nvidia-ml-py) failed: RuntimeError: NVML Shared")
+    cpu_box = tmp_path / "cpu-box"  # nvidia-ml-py installed, no GPU, no driver: no warning
+    _write(cpu_box / "sys/devices/system/node/node0/cpulist", "0-3")
+    m = discover(cpu_box, run=no_tools, nvml=fake_nvml(fail=True), hostname="cpu")
+    assert m.gpus == [] and m.warnings == [] and m.sources == ["sysfs"]
 
 
 def test_pci_relation_words() -> None:
