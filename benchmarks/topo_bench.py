@@ -137,12 +137,18 @@ def _run_ranks(specs: list[dict[str, Any]]) -> float:
     procs = [subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(s)],
                               stdout=subprocess.PIPE, env=env, text=True) for s in specs]
     total = 0.0
-    for p in procs:
-        out, _ = p.communicate(timeout=600)
-        if p.returncode != 0:
-            raise RuntimeError(f"loader rank exited {p.returncode}")
-        r = json.loads(out.strip().splitlines()[-1])
-        total += r["batches"] / r["seconds"]
+    try:
+        for rank, p in enumerate(procs):
+            out, _ = p.communicate(timeout=600)
+            if p.returncode != 0:
+                raise RuntimeError(f"loader rank {rank} exited {p.returncode}")
+            r = json.loads(out.strip().splitlines()[-1])
+            total += r["batches"] / r["seconds"]
+    finally:  # a failed or timed-out rank: the others are not left running
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     return total
 
 
