@@ -138,6 +138,7 @@ def test_two_nodes_of_two_train_the_one_process_run(
     assert manifest["world"]["fast_groups"] == [[0, 1], [2, 3]]
 
 
+@pytest.mark.slow  # two 2-rank launches
 def test_a_resumed_two_rank_run_ends_where_the_straight_run_ends(
     work: Path, two_ranks: dict[str, Any]
 ) -> None:
