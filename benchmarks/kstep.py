@@ -89,7 +89,8 @@ def _worker(args: argparse.Namespace) -> int:
             for item in grid:
                 sync = SyncConfig(k=item["k"], dense=item["dense"], sparse=item["sparse"],
                                   warmup_steps=item.get("warmup", 0))
-                res = _run_one(cfg, sync, ctx, args.steps, bool(item.get("diagnose")))
+                res = _run_one(cfg, sync, ctx, args.steps, bool(item.get("diagnose")),
+                               args.eval_every)
                 if ctx.rank == 0:
                     res.update(dataset=args.dataset, **item)
                     with open(out, "a") as f:
@@ -110,8 +111,8 @@ def _TouchingMean() -> type:  # noqa: N802 - a class factory (imports torch lazi
     return TouchingMean
 
 
-def _run_one(cfg: Any, sync: Any, ctx: Any, steps: int, diagnose: bool = False
-             ) -> dict[str, Any]:
+def _run_one(cfg: Any, sync: Any, ctx: Any, steps: int, diagnose: bool = False,
+             eval_every: int = 0) -> dict[str, Any]:
     """Trains one setting on this replica; returns the global figures (rank 0's)."""
     import torch
     import torch.distributed as dist
@@ -122,7 +123,6 @@ def _run_one(cfg: Any, sync: Any, ctx: Any, steps: int, diagnose: bool = False
     from terarec.optim.dense import build_dense_optimizer
     from terarec.optim.kstep import KStepMerger
     from terarec.ps.embedding import HierarchicalEmbeddingBagCollection
-    from terarec.trainer.metrics import CTRMetrics
 
     torch.manual_seed(cfg.seed)
     ebc = HierarchicalEmbeddingBagCollection(
@@ -143,7 +143,7 @@ def _run_one(cfg: Any, sync: Any, ctx: Any, steps: int, diagnose: bool = False
     src = build_source(cfg.data, "train", seed=cfg.seed, rank=ctx.rank,
                        world_size=ctx.world_size, epochs=1000.0)
     it = iter(src)
-    samples, losses = 0, []
+    samples, losses, curve = 0, [], []
     model.train()
     dist.barrier()
     t0 = time.perf_counter()
@@ -158,20 +158,18 @@ def _run_one(cfg: Any, sync: Any, ctx: Any, steps: int, diagnose: bool = False
         merger.after_optimizer_step(step)
         samples += batch.batch_size
         losses.append(loss.item())
+        if eval_every and step % eval_every == 0 and step < steps:
+            t_ev = time.perf_counter()
+            # every replica's own model, on its eval shard (between merges they differ)
+            ev = _evaluate(cfg, ctx, model)
+            curve.append({"step": step, "auc": ev["auc"], "logloss": ev["logloss"]})
+            model.train()
+            t0 += time.perf_counter() - t_ev  # kept out of the training time
     merger.finish()
     train_s = time.perf_counter() - t0
     if hasattr(src, "close"):
         src.close()
-    model.eval()
-    metrics = CTRMetrics(distributed=True)
-    ev = build_source(cfg.data, "eval", seed=cfg.seed, rank=ctx.rank,
-                      world_size=ctx.world_size)
-    with torch.no_grad():
-        for b in ev:
-            metrics.update(torch.sigmoid(model(b.dense, b.sparse)), b.labels)
-    if hasattr(ev, "close"):
-        ev.close()
-    m = metrics.compute()
+    m = _evaluate(cfg, ctx, model)
     st = merger.stats()
     t = torch.tensor([train_s, st["merge_s"]], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -192,7 +190,29 @@ def _run_one(cfg: Any, sync: Any, ctx: Any, steps: int, diagnose: bool = False
         "bytes_per_sample": st["bytes"] / max(samples, 1),
         "rows_merged": st["rows_merged"],
         "dense_params": sum(p.numel() for p in model.parameters()),
+        "curve": curve + [{"step": steps, "auc": m["auc"], "logloss": m["logloss"]}],
+        "seed": cfg.seed,
     }
+
+
+def _evaluate(cfg: Any, ctx: Any, model: Any) -> dict[str, float]:
+    """AUC and logloss of the replicas' models on the whole eval set (each rank scores
+    its shard, the metrics are global)."""
+    import torch
+
+    from terarec.data import build_source
+    from terarec.trainer.metrics import CTRMetrics
+
+    model.eval()
+    metrics = CTRMetrics(distributed=True)
+    ev = build_source(cfg.data, "eval", seed=cfg.seed, rank=ctx.rank,
+                      world_size=ctx.world_size)
+    with torch.no_grad():
+        for b in ev:
+            metrics.update(torch.sigmoid(model(b.dense, b.sparse)), b.labels)
+    if hasattr(ev, "close"):
+        ev.close()
+    return metrics.compute()
 
 
 # ------------------------------------------------------------------------- driver side
@@ -212,7 +232,7 @@ def _launch(dataset: str, grid: list[dict[str, Any]], steps: int, args: argparse
         logs.append(log)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--dataset", dataset,
                "--grid", json.dumps(grid), "--steps", str(steps), "--result", str(result),
-               "--frappe", str(args.frappe)]
+               "--frappe", str(args.frappe), "--eval-every", str(args.eval_every)]
         for s in args.sets:
             cmd += ["--set", s]
         with open(log, "wb") as f:
@@ -316,6 +336,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="config overrides for every data set (e.g. optimizer.dense.lr=0.002)")
     ap.add_argument("--keep", action="store_true", help="append to existing results")
+    ap.add_argument("--eval-every", type=int, default=0,
+                    help="also evaluate every N steps (a curve; a multiple of every k "
+                    "evaluates merged models, else each replica's own on its eval shard)")
     ap.add_argument("--diagnose", action="store_true",
                     help="diagnostic runs (k > 1 only; give them their own --out): rows' "
                     "deltas averaged over the replicas that touched them, not over all R")
