@@ -244,11 +244,12 @@ def _launch(dataset: str, grid: list[dict[str, Any]], steps: int, args: argparse
         raise SystemExit(f"{dataset}: workers exited {codes}\n{tail}")
 
 
-def _grid(ks: list[int], modes: list[str], sparse: str) -> list[dict[str, Any]]:
+def _grid(ks: list[int], modes: list[str], sparse: str, warmup: int = 0
+          ) -> list[dict[str, Any]]:
     grid = [{"k": 1, "dense": "params", "sparse": sparse}] if 1 in ks else []
     for k in ks:
         if k > 1:
-            grid += [{"k": k, "dense": m, "sparse": sparse} for m in modes]
+            grid += [{"k": k, "dense": m, "sparse": sparse, "warmup": warmup} for m in modes]
     return grid
 
 
@@ -329,6 +330,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--modes", default="params,params+moments,diloco")
     ap.add_argument("--sparse", default="delta", help="sparse merge mode (delta | delta+moments)")
     ap.add_argument("--replicas", type=int, default=4)
+    ap.add_argument("--warmup", type=int, default=0, help="sync.warmup_steps of k > 1 runs")
     ap.add_argument("--synthetic-steps", type=int, default=480)
     ap.add_argument("--frappe-steps", type=int, default=360)
     ap.add_argument("--frappe", default=str(FRAPPE))
@@ -355,7 +357,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     ks = [int(k) for k in args.ks.split(",")]
     modes = args.modes.split(",")
-    grid = _grid(ks, modes, args.sparse)
+    grid = _grid(ks, modes, args.sparse, args.warmup)
     if args.diagnose:  # the rows' deltas averaged over the replicas that touched them
         grid = [dict(g, diagnose=True) for g in grid if g["k"] > 1]
     t_all = time.perf_counter()

@@ -137,6 +137,7 @@ class KStepMerger:
         self.merges = 0
         self.rows_merged = 0  # distinct rows written by merges (this replica)
         self.merge_s = 0.0  # wall time in merges
+        self._merged_at = start_step  # the step of the last merge (or phase change)
         self._anchor: Optional[torch.Tensor] = None  # diloco: weights at the last merge
         self._momentum: Optional[torch.Tensor] = None  # diloco: outer momentum buffer
         self._set_phase(self.every_step(self.step + 1))
@@ -161,15 +162,14 @@ class KStepMerger:
             return
         if step == self.cfg.warmup_steps:
             self._set_phase(every_step=False)
+            self._merged_at = step
         elif (step - self.cfg.warmup_steps) % self.k == 0:
             self.merge()
 
     def finish(self) -> None:
         """Merges the steps trained since the last merge (call once training ends, so
-        every replica evaluates and saves the same model)."""
-        if self.k > 1 and self.step > self.cfg.warmup_steps and (
-            (self.step - self.cfg.warmup_steps) % self.k
-        ):
+        every replica evaluates and saves the same model); idempotent."""
+        if self.k > 1 and self.step > max(self.cfg.warmup_steps, self._merged_at):
             self.merge()
 
     # -- merging ---------------------------------------------------------------------
@@ -185,6 +185,7 @@ class KStepMerger:
                 if g.touched is not None:
                     g.touched.clear()
         self.merges += 1
+        self._merged_at = self.step
         self.merge_s += time.perf_counter() - t0
 
     def _merge_dense(self) -> None:
@@ -367,6 +368,7 @@ class KStepMerger:
         self.comm.sparse = int(state["sparse_bytes"])
         self.merges = int(state["merges"])
         self.rows_merged = int(state["rows_merged"])
+        self._merged_at = self.step  # checkpoints are taken at merges
         self._set_phase(self.every_step(self.step + 1))
         self._anchor = state["anchor"]
         self._momentum = state["momentum"]

@@ -80,6 +80,7 @@ def run(sc: dict, rank: int, ctx, out: Path) -> None:  # noqa: ANN001 - DistCont
         dense_opt.step()
         merger.after_optimizer_step(step)
     merger.finish()
+    merger.finish()  # idempotent
     keys = torch.tensor(ALL_KEYS)
     rows, found = ebc.tables[0].lookup(keys), None
     _, found = ebc.groups[0].lookup_rows(keys, torch.zeros_like(keys))

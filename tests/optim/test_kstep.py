@@ -47,6 +47,8 @@ SCENARIOS: list[dict[str, Any]] = [
     {"name": "diloco", "tiered": False, "sync": {"k": K, "dense": "diloco"}},
     # two synchronous steps through the exchange (rows' gradients combined over the
     # replicas, dense gradients averaged), then local steps merged every K
+    # k = 3 over 4 steps: a merge at step 3, the last step merged by finish()
+    {"name": "finish-k3", "tiered": False, "sync": {"k": 3}},
     {"name": "warmup", "tiered": True, "sharded": True, "device_rows": 5,  # the union
      "sync": {"k": K, "warmup_steps": 2}},
 ]
@@ -105,7 +107,7 @@ def reference(sync: dict[str, Any]) -> tuple[dict[int, list[list[float]]], list[
     v = [[0.0] * 3 for _ in range(R)]
     anchor, mom = list(p[0]), None
     steps = len(SCHEDULE[0])
-    warmup = sync.get("warmup_steps", 0)
+    warmup, k = sync.get("warmup_steps", 0), sync["k"]
     for step in range(1, steps + 1):
         if step <= warmup:  # synchronous: every replica applies the averaged gradients
             union = set().union(*(SCHEDULE[r][step - 1] for r in range(R)))
@@ -142,7 +144,7 @@ def reference(sync: dict[str, Any]) -> tuple[dict[int, list[list[float]]], list[
                 v[r][j] = 0.999 * v[r][j] + 0.001 * gd[j] ** 2
                 mh, vh = m[r][j] / (1 - 0.9**step), v[r][j] / (1 - 0.999**step)
                 p[r][j] -= LR_DENSE * mh / (math.sqrt(vh) + EPS)
-        if (step - warmup) % K:
+        if (step - warmup) % k and step < steps:  # the last one: finish() merges
             continue
         touched = set().union(*(s.keys() for s in snap))
         for key in touched:
@@ -226,6 +228,10 @@ def test_merge_after_evictions_to_host_and_ssd_is_exact(
         assert torch.equal(flat["rows"], tiered["rows"])
         assert torch.equal(flat["found"], tiered["found"])
         assert torch.equal(flat["dense"], tiered["dense"])
+
+
+def test_finish_merges_the_last_steps_once(results: dict[str, list[dict[str, Any]]]) -> None:
+    assert results["finish-k3"][0]["stats"]["merges"] == 2  # step 3, then finish() once
 
 
 def test_warmup_then_local_steps_through_the_exchange(
