@@ -473,6 +473,15 @@ class SparseMerge(StrEnum):
     DELTA_MOMENTS = "delta+moments"  # the same for the row's optimizer state
 
 
+class WireDtype(StrEnum):
+    """How the rows' deltas travel in a k-step merge (docs/kstep.md, optim/row_codec.py)."""
+
+    FP32 = "fp32"  # exact
+    BF16 = "bf16"
+    FP16 = "fp16"
+    INT8 = "int8"  # weights: symmetric absmax per row (bf16 scale); optimizer state bf16
+
+
 @dataclass
 class SyncConfig:
     """Keeping replicas (fast groups, one per node) in step across nodes (docs/kstep.md).
@@ -482,6 +491,10 @@ class SyncConfig:
             cross group every step, no merging).
         dense: ``params`` | ``params+moments`` | ``diloco``.
         sparse: ``delta`` | ``delta+moments``.
+        sparse_dtype: how the rows' deltas travel: ``fp32`` (exact) | ``bf16`` |
+            ``fp16`` | ``int8`` (the weights' delta quantised per row, the optimizer
+            state's as bf16); every replica decodes the same messages, so the merged
+            rows stay identical on all of them.
         warmup_steps: synchronous steps (as k = 1) before local steps start.
         outer_lr, outer_momentum: DiLoCo's outer Nesterov step (paper defaults).
     """
@@ -489,12 +502,15 @@ class SyncConfig:
     k: int = 1
     dense: DenseMerge = DenseMerge.PARAMS
     sparse: SparseMerge = SparseMerge.DELTA
+    sparse_dtype: WireDtype = WireDtype.FP32
     warmup_steps: int = 0
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
 
     def __post_init__(self) -> None:
-        for key, enum_cls in (("dense", DenseMerge), ("sparse", SparseMerge)):
+        for key, enum_cls in (
+            ("dense", DenseMerge), ("sparse", SparseMerge), ("sparse_dtype", WireDtype)
+        ):
             if not isinstance(getattr(self, key), enum_cls):  # built in code from a string
                 try:
                     setattr(self, key, enum_cls.from_str(getattr(self, key)))
