@@ -16,8 +16,10 @@ the cross group (the same local rank of every node). With ``R`` replicas, at a m
 ``snap`` is the row at the last merge, the same on every replica: a replica that
 touched the row kept it (``TouchedRows`` in ps/), the others still hold it (or, never
 having had the row, create it with the deterministic initializer). So only the touched
-rows' deltas travel (``all_gather`` of counts, then of padded ``[keys | delta]``), and
-every replica computes the same merged row, bit for bit (one summation order).
+rows' deltas travel (``all_gather`` of counts, then of padded ``[keys | delta]``, the
+deltas encoded as ``sync.sparse_dtype`` says: ``optim/row_codec.py``), and every replica
+computes the same merged row, bit for bit (the same decoded messages, one summation
+order).
 
 ``k = 1`` is fully synchronous training and merges nothing: the dense gradients are
 averaged over the cross group before every optimizer step and the embedding collection
@@ -45,6 +47,7 @@ import torch.distributed as dist
 from torch import nn
 
 from terarec.config import DenseMerge, SparseMerge, SyncConfig
+from terarec.optim.row_codec import RowCodec
 
 
 class RowGroup(Protocol):
@@ -223,35 +226,36 @@ class KStepMerger:
 
     def _merge_rows(self, g: RowGroup) -> None:
         """The sparse merge of one table group (see the module docstring)."""
-        cols = g.dim if self.cfg.sparse == SparseMerge.DELTA else g.row_width
         if g.touched is None:
             raise RuntimeError("k-step merge: the table group is not tracking touched rows")
         comp, tables, snap = g.touched.take()
         dev = snap.device
+        cols = self._merged_columns(g).to(dev)
         cur, _ = g.lookup_rows(comp, tables)  # touched rows always exist
-        delta = cur[:, :cols].to(dev) - snap[:, :cols]
+        delta = cur[:, cols].to(dev) - snap[:, cols]
+        codec = RowCodec(self.cfg.sparse_dtype, cols.numel(), g.dim)
         multi = g.num_tables > 1
-        # one float32 payload per row: [key as 2 words | table as 1 word | delta]
-        parts = [comp.contiguous().view(torch.float32).view(-1, 2)]
+        # one byte payload per row: [key: 8 | table: 4 (several tables) | encoded delta]
+        parts = [comp.contiguous().view(torch.uint8).view(-1, 8)]
         if multi:
-            parts.append(tables.to(torch.int32).contiguous().view(torch.float32).view(-1, 1))
-        parts.append(delta)
+            parts.append(tables.to(torch.int32).contiguous().view(torch.uint8).view(-1, 4))
+        parts.append(codec.encode(delta))
         payload = torch.cat(parts, dim=1)
         width = payload.shape[1]
         counts = self._all_gather_counts(comp.numel(), dev)
         n_max = max(counts)
-        padded = torch.zeros(n_max, width, device=dev)
+        padded = torch.zeros(n_max, width, dtype=torch.uint8, device=dev)
         padded[: comp.numel()] = payload
         gathered = [torch.empty_like(padded) for _ in range(self.size)]
         dist.all_gather(gathered, padded, group=self.group)
-        self.comm.sparse += self.comm.all_gather(padded.numel() * 4 + 8)
+        self.comm.sparse += self.comm.all_gather(padded.numel() + 8)  # the wire bytes
         got = [t[:n] for t, n in zip(gathered, counts)]
-        all_comp = torch.cat([t[:, :2].contiguous().view(torch.int64).view(-1) for t in got])
+        all_comp = torch.cat([t[:, :8].contiguous().view(torch.int64).view(-1) for t in got])
         uniq, inv = torch.unique(all_comp, sorted=True, return_inverse=True)
         u_tables = torch.zeros(uniq.numel(), dtype=torch.int64, device=dev)
         if multi:
             all_tab = torch.cat(
-                [t[:, 2:3].contiguous().view(torch.int32).view(-1) for t in got]
+                [t[:, 8:12].contiguous().view(torch.int32).view(-1) for t in got]
             ).to(torch.int64)
             u_tables[inv] = all_tab
             if bool((u_tables[inv] != all_tab).any()):
@@ -259,13 +263,13 @@ class KStepMerger:
                     "k-step merge: two tables of one group share a composite key across "
                     "replicas (put the tables in separate groups)"
                 )
-        # Sum of the deltas per row, replica by replica in rank order: every replica
-        # adds the same numbers in the same order (indices unique within a replica).
-        acc = torch.zeros(uniq.numel(), cols, device=dev)
+        # Sum of the decoded deltas per row, replica by replica in rank order: every
+        # replica adds the same numbers in the same order (indices unique per replica).
+        acc = torch.zeros(uniq.numel(), cols.numel(), device=dev)
         touches = torch.zeros(uniq.numel(), device=dev)  # replicas that touched each row
         start = 0
         for t, n in zip(got, counts):
-            acc.index_add_(0, inv[start : start + n], t[:, width - cols :])
+            acc.index_add_(0, inv[start : start + n], codec.decode(t[:, width - codec.nbytes :]))
             touches.index_add_(0, inv[start : start + n], torch.ones(n, device=dev))
             start += n
         # The snapshot: this replica's where it touched the row, else its current row.
@@ -285,9 +289,15 @@ class KStepMerger:
         merged = base.clone()
         merged[pos] = cur.to(dev)  # this replica's own state where it touched the row
         base[pos] = snap
-        merged[:, :cols] = base[:, :cols] + self._mean_delta(acc, touches)
+        merged[:, cols] = base[:, cols] + self._mean_delta(acc, touches)
         g.overwrite_rows(uniq, u_tables, merged)
         self.rows_merged += uniq.numel()
+
+    def _merged_columns(self, g: RowGroup) -> torch.Tensor:
+        """The row columns a merge combines: the weights (``delta``) or the whole row
+        (``delta+moments``); the benchmark's diagnostics pick other sets."""
+        cols = g.dim if self.cfg.sparse == SparseMerge.DELTA else g.row_width
+        return torch.arange(cols)
 
     def _mean_delta(self, total: torch.Tensor, touches: torch.Tensor) -> torch.Tensor:
         """The merged change of each row: ``total [U, c]`` (the replicas' deltas summed)
