@@ -88,9 +88,11 @@ def _worker(args: argparse.Namespace) -> int:
         with ctx.guard():
             for item in grid:
                 sync = SyncConfig(k=item["k"], dense=item["dense"], sparse=item["sparse"],
+                                  sparse_dtype=item.get("dtype", "fp32"),
                                   warmup_steps=item.get("warmup", 0))
-                res = _run_one(cfg, sync, ctx, args.steps, bool(item.get("diagnose")),
-                               args.eval_every)
+                variant = item.get("variant") or ("touching-mean" if item.get("diagnose")
+                                                  else None)
+                res = _run_one(cfg, sync, ctx, args.steps, variant, args.eval_every)
                 if ctx.rank == 0:
                     res.update(dataset=args.dataset, **item)
                     with open(out, "a") as f:
@@ -99,19 +101,40 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _TouchingMean() -> type:  # noqa: N802 - a class factory (imports torch lazily)
-    """Diagnostic, not the algorithm: rows' deltas averaged over the replicas that
-    touched them (instead of over all R, the others counting 0)."""
+def _variant_merger(variant: Optional[str]) -> type:
+    """The merger class of a diagnostic ``variant`` (not the algorithm), or the real one:
+
+    * ``touching-mean``: rows' deltas averaged over the replicas that touched them
+      (instead of over all R, the others counting 0);
+    * ``state-m`` / ``state-v``: the weights and only Adam's first (``m``) or second
+      (``v``) moment of the rows merged (``delta+moments`` merges both)."""
+    import torch
+
     from terarec.optim.kstep import KStepMerger
 
-    class TouchingMean(KStepMerger):
+    if variant is None:
+        return KStepMerger
+
+    class Variant(KStepMerger):
         def _mean_delta(self, total: Any, touches: Any) -> Any:
-            return total / touches.unsqueeze(1)
+            if variant == "touching-mean":
+                return total / touches.unsqueeze(1)
+            return total / self.size
 
-    return TouchingMean
+        def _merged_columns(self, g: Any) -> Any:
+            d = g.dim
+            if variant == "state-m":
+                return torch.arange(2 * d)
+            if variant == "state-v":
+                return torch.cat([torch.arange(d), torch.arange(2 * d, 3 * d)])
+            return torch.arange(d)
+
+    if variant not in ("touching-mean", "state-m", "state-v"):
+        raise SystemExit(f"unknown --variant {variant}")
+    return Variant
 
 
-def _run_one(cfg: Any, sync: Any, ctx: Any, steps: int, diagnose: bool = False,
+def _run_one(cfg: Any, sync: Any, ctx: Any, steps: int, variant: Optional[str] = None,
              eval_every: int = 0) -> dict[str, Any]:
     """Trains one setting on this replica; returns the global figures (rank 0's)."""
     import torch
@@ -121,7 +144,6 @@ def _run_one(cfg: Any, sync: Any, ctx: Any, steps: int, diagnose: bool = False,
     from terarec.data import build_source, dense_feature_names, sparse_feature_names
     from terarec.models import build_model
     from terarec.optim.dense import build_dense_optimizer
-    from terarec.optim.kstep import KStepMerger
     from terarec.ps.embedding import HierarchicalEmbeddingBagCollection
 
     torch.manual_seed(cfg.seed)
@@ -136,7 +158,7 @@ def _run_one(cfg: Any, sync: Any, ctx: Any, steps: int, diagnose: bool = False,
         dist.broadcast(p.data, src=ctx.cross_ranks[0], group=ctx.cross_group)
     opt = build_dense_optimizer(cfg.optimizer.dense, model.parameters())
     replicas = len(ctx.cross_ranks)
-    merger_cls = _TouchingMean() if diagnose else KStepMerger
+    merger_cls = _variant_merger(variant)
     merger = merger_cls(sync, model.parameters(), opt, ebc.groups, ctx.cross_group,
                         replicas, ebc)
     loss_fn = nn.BCEWithLogitsLoss()
@@ -244,12 +266,17 @@ def _launch(dataset: str, grid: list[dict[str, Any]], steps: int, args: argparse
         raise SystemExit(f"{dataset}: workers exited {codes}\n{tail}")
 
 
-def _grid(ks: list[int], modes: list[str], sparse: str, warmup: int = 0
-          ) -> list[dict[str, Any]]:
-    grid = [{"k": 1, "dense": "params", "sparse": sparse}] if 1 in ks else []
+def _grid(ks: list[int], modes: list[str], sparse: str, warmup: int = 0,
+          dtypes: str = "fp32", variant: Optional[str] = None) -> list[dict[str, Any]]:
+    """k = 1 once (it merges nothing), then every k > 1 x dense mode x sparse mode x
+    wire dtype (``sparse`` and ``dtypes`` comma-separated)."""
+    sparses, dts = sparse.split(","), dtypes.split(",")
+    grid = [{"k": 1, "dense": "params", "sparse": sparses[0]}] if 1 in ks else []
     for k in ks:
         if k > 1:
-            grid += [{"k": k, "dense": m, "sparse": sparse, "warmup": warmup} for m in modes]
+            grid += [{"k": k, "dense": m, "sparse": sp, "dtype": dt, "warmup": warmup,
+                      **({"variant": variant} if variant else {})}
+                     for m in modes for sp in sparses for dt in dts]
     return grid
 
 
@@ -262,17 +289,21 @@ def _table(rows: list[dict[str, Any]]) -> str:
             f"**{ds}** ({mine[0]['replicas']} replicas x {mine[0]['steps']} steps, "
             f"{mine[0]['samples_per_replica']:,} samples per replica)",
             "",
-            "| k | dense | AUC | dAUC vs k=1 | logloss | bytes/sample | bytes vs k=1 "
-            "| dense B/sample | sparse B/sample | merges | train s |",
-            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| k | dense | sparse | wire | AUC | dAUC vs k=1 | logloss | bytes/sample "
+            "| bytes vs k=1 | dense B/sample | sparse B/sample | merges | train s |",
+            "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in mine:
             n = r["samples_per_replica"]
             dauc = "" if base is None else f"{r['auc'] - base['auc']:+.4f}"
             ratio = "" if base is None else f"{r['bytes'] / base['bytes']:.3f}"
             dense = "(sync)" if r["k"] == 1 else r["dense"]
+            sparse = "" if r["k"] == 1 else r["sparse"] + (
+                f" ({r['variant']})" if r.get("variant") else "")
+            wire = "fp32" if r["k"] == 1 else r.get("dtype", "fp32")
             lines.append(
-                f"| {r['k']} | {dense} | {r['auc']:.4f} | {dauc} | {r['logloss']:.4f} | "
+                f"| {r['k']} | {dense} | {sparse} | {wire} | {r['auc']:.4f} | {dauc} | "
+                f"{r['logloss']:.4f} | "
                 f"{r['bytes_per_sample']:,.0f} | {ratio} | {r['dense_bytes'] / n:,.0f} | "
                 f"{r['sparse_bytes'] / n:,.0f} | {r['merges']:.0f} | {r['train_s']:.1f} |"
             )
@@ -328,7 +359,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--datasets", default="synthetic,frappe")
     ap.add_argument("--ks", default="1,2,4,8,16,32,64")
     ap.add_argument("--modes", default="params,params+moments,diloco")
-    ap.add_argument("--sparse", default="delta", help="sparse merge mode (delta | delta+moments)")
+    ap.add_argument("--sparse", default="delta",
+                    help="sparse merge modes, comma-separated (delta, delta+moments)")
+    ap.add_argument("--dtype", default="fp32",
+                    help="sync.sparse_dtype of k > 1 runs, comma-separated (fp32, bf16, "
+                    "fp16, int8)")
+    ap.add_argument("--variant", default=None,
+                    help="diagnostic merger (k > 1; give it its own --out): state-m, "
+                    "state-v (the weights and one Adam moment of the rows merged), "
+                    "touching-mean (= --diagnose)")
     ap.add_argument("--replicas", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=0, help="sync.warmup_steps of k > 1 runs")
     ap.add_argument("--synthetic-steps", type=int, default=480)
@@ -357,7 +396,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     ks = [int(k) for k in args.ks.split(",")]
     modes = args.modes.split(",")
-    grid = _grid(ks, modes, args.sparse, args.warmup)
+    grid = _grid(ks, modes, args.sparse, args.warmup, args.dtype, args.variant)
     if args.diagnose:  # the rows' deltas averaged over the replicas that touched them
         grid = [dict(g, diagnose=True) for g in grid if g["k"] > 1]
     t_all = time.perf_counter()
@@ -397,7 +436,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 continue
             ok_auc = abs(r["auc"] - base["auc"]) <= 0.001
             ok_b = r["bytes"] <= base["bytes"] / 7
-            print(f"{ds} k=8 {r['dense']}: dAUC {r['auc'] - base['auc']:+.4f} "
+            tag = f"{r['dense']} {r['sparse']} {r.get('dtype', 'fp32')} {r.get('variant') or ''}"
+            print(f"{ds} k=8 {tag.strip()}: dAUC {r['auc'] - base['auc']:+.4f} "
                   f"({'ok' if ok_auc else 'MISSED'}), bytes {r['bytes'] / base['bytes']:.3f}x "
                   f"of k=1 ({'ok' if ok_b else 'MISSED'}; target <= {1 / 7:.3f})")
     png = _plot(rows, out / "kstep.png")

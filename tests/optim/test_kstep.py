@@ -51,6 +51,12 @@ SCENARIOS: list[dict[str, Any]] = [
     {"name": "finish-k3", "tiered": False, "sync": {"k": 3}},
     {"name": "warmup", "tiered": True, "sharded": True, "device_rows": 5,  # the union
      "sync": {"k": K, "warmup_steps": 2}},
+    # cheaper row messages (sync.sparse_dtype): the reference merges the decoded deltas
+    {"name": "int8", "tiered": False, "sync": {"k": K, "sparse_dtype": "int8"}},
+    {"name": "bf16", "tiered": False, "sync": {"k": K, "sparse_dtype": "bf16"}},
+    {"name": "moments-int8", "tiered": False,
+     "sync": {"k": K, "dense": "params+moments", "sparse": "delta+moments",
+              "sparse_dtype": "int8"}},
 ]
 
 
@@ -95,9 +101,32 @@ def _init_row(key: int) -> list[float]:
     return w[0].double().tolist()
 
 
+def _round_up_bf16(s: torch.Tensor) -> torch.Tensor:
+    b = s.to(torch.bfloat16)
+    up = torch.nextafter(b, torch.full_like(b, float("inf")))
+    return torch.where(b.float() < s, up, b).float()
+
+
+def wire(delta: list[float], dtype: str) -> list[float]:
+    """One replica's row delta as the others receive it (``sync.sparse_dtype``), by
+    hand: int8 = the weights' delta rounded to multiples of max|delta| / 127 (that scale
+    rounded up to a bfloat16), the optimizer state's delta as bfloat16."""
+    x = torch.tensor(delta, dtype=torch.float32)
+    if dtype == "fp32":
+        return delta
+    if dtype == "bf16":
+        return x.to(torch.bfloat16).double().tolist()
+    w, state = x[:DIM], x[DIM:]
+    s = _round_up_bf16(w.abs().max() / 127)
+    w = torch.round(w / s) * s if float(s) > 0 else torch.zeros_like(w)
+    return w.double().tolist() + state.to(torch.bfloat16).double().tolist()
+
+
 def reference(sync: dict[str, Any]) -> tuple[dict[int, list[list[float]]], list[float]]:
     """Rows ``{key: [w..., s...]}`` (every rank ends with the same) and the dense weights,
-    re-enacted in float64: Adagrad rows, Adam dense, merges every K steps."""
+    re-enacted in float64: Adagrad rows, Adam dense, merges every K steps (each
+    replica's row delta through :func:`wire` first)."""
+    dtype = sync.get("sparse_dtype", "fp32")
     moments = sync.get("sparse") == "delta+moments"
     dense_mode = sync.get("dense", "params")
     rows: list[dict[int, list[float]]] = [{} for _ in range(R)]  # key -> w + s
@@ -150,9 +179,9 @@ def reference(sync: dict[str, Any]) -> tuple[dict[int, list[list[float]]], list[
         for key in touched:
             base = next(s[key] for s in snap if key in s)  # the same on every replica
             cols = 2 * DIM if moments else DIM
-            merged = [base[j] + sum(rows[r][key][j] - base[j]
-                                    for r, s in enumerate(snap) if key in s) / R
-                      for j in range(cols)]
+            deltas = [wire([rows[r][key][j] - base[j] for j in range(cols)], dtype)
+                      for r, s in enumerate(snap) if key in s]
+            merged = [base[j] + sum(d[j] for d in deltas) / R for j in range(cols)]
             for r in range(R):
                 own = rows[r].get(key, base[:DIM] + [0.0] * DIM)  # never had it: init
                 rows[r][key] = merged + own[cols:]
@@ -256,6 +285,21 @@ def test_bytes_are_counted(results: dict[str, list[dict[str, Any]]]) -> None:
     moments = results["moments"][0]["stats"]  # + 2 state columns, + Adam's m and v
     assert moments["sparse_bytes"] == 2 * (R - 1) * (3 * 6 * 4 + 8)
     assert moments["dense_bytes"] == 2 * (2 * (R - 1) * 36 // R)
+    # the wire bytes: [key 8 | 2 int8 + a 2-byte scale] and [key 8 | 2 bf16]
+    for name in ("int8", "bf16"):
+        assert results[name][0]["stats"]["sparse_bytes"] == 2 * (R - 1) * (3 * 12 + 8)
+    # int8 with the state: [key 8 | 2 int8 + scale | 2 state entries as bf16]
+    assert results["moments-int8"][0]["stats"]["sparse_bytes"] == 2 * (R - 1) * (3 * 16 + 8)
+
+
+def test_lossy_wire_is_not_the_exact_merge(results: dict[str, list[dict[str, Any]]]) -> None:
+    """The quantised runs really travel quantised: their rows differ from fp32's (by
+    at most a few int8 steps of the largest delta, ~0.1 / 127 here)."""
+    exact = results["params-delta"][0]["rows"][:, :DIM]
+    for name in ("int8", "bf16"):
+        rows = results[name][0]["rows"][:, :DIM]
+        assert not torch.equal(rows, exact), name
+        assert float((rows - exact).abs().max()) < 5e-3, name
 
 
 @pytest.mark.parametrize(
@@ -264,6 +308,8 @@ def test_bytes_are_counted(results: dict[str, list[dict[str, Any]]]) -> None:
         ({"k": 0}, {}, "sync.k: must be a positive number of steps"),
         ({"dense": "mean"}, {}, r"sync.dense: must be one of \[params, params\+moments, diloco\]"),
         ({"sparse": "rows"}, {}, r"sync.sparse: must be one of \[delta, delta\+moments\]"),
+        ({"sparse_dtype": "int4"}, {},
+         r"sync.sparse_dtype: must be one of \[fp32, bf16, fp16, int8\]"),
         ({"outer_momentum": 1.0}, {}, r"sync.outer_momentum: must be in \[0, 1\)"),
         ({"kk": 2}, {}, "sync.kk: unknown key"),
         ({"k": 8}, {"checkpoint_every": 12}, "train.checkpoint_every: with sync.k = 8"),
