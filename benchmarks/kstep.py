@@ -311,6 +311,12 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _setting(r: dict[str, Any]) -> tuple[str, ...]:
+    """A k > 1 run's merge setting (one line of the plot)."""
+    return (r["dense"], r["sparse"], r.get("dtype", "fp32")) + (
+        (r["variant"],) if r.get("variant") else ())
+
+
 def _plot(rows: list[dict[str, Any]], path: Path) -> Optional[Path]:
     try:
         import matplotlib
@@ -325,14 +331,15 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> Optional[Path]:
     for j, ds in enumerate(datasets):
         mine = [r for r in rows if r["dataset"] == ds]
         base = next((r for r in mine if r["k"] == 1), None)
-        modes = list(dict.fromkeys(r["dense"] for r in mine if r["k"] > 1))
+        modes = list(dict.fromkeys(_setting(r) for r in mine if r["k"] > 1))
         ax_auc, ax_bytes = axes[0][j], axes[1][j]
         for mode in modes:
-            pts = sorted((r["k"], r) for r in mine if r["k"] > 1 and r["dense"] == mode)
-            ks = [k for k, _ in pts]
-            ax_auc.plot(ks, [r["auc"] for _, r in pts], marker="o", label=f"k-step, {mode}")
-            ax_bytes.plot(ks, [r["bytes_per_sample"] for _, r in pts], marker="o",
-                          label=f"k-step, {mode}")
+            pts = sorted((r for r in mine if r["k"] > 1 and _setting(r) == mode),
+                         key=lambda r: r["k"])
+            ks = [r["k"] for r in pts]
+            label = "k-step, " + ", ".join(x for x in mode if x not in ("delta", "fp32"))
+            ax_auc.plot(ks, [r["auc"] for r in pts], marker="o", label=label)
+            ax_bytes.plot(ks, [r["bytes_per_sample"] for r in pts], marker="o", label=label)
         if base is not None:
             for ax, key in ((ax_auc, "auc"), (ax_bytes, "bytes_per_sample")):
                 ax.axhline(base[key], color="k", ls="--", lw=1, label="k = 1 (synchronous)")
@@ -377,6 +384,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="config overrides for every data set (e.g. optimizer.dense.lr=0.002)")
     ap.add_argument("--keep", action="store_true", help="append to existing results")
+    ap.add_argument("--report-only", action="store_true",
+                    help="run nothing: rebuild table, JSON and plot from <out>/*.jsonl")
     ap.add_argument("--eval-every", type=int, default=0,
                     help="also evaluate every N steps (a curve; a multiple of every k "
                     "evaluates merged models, else each replica's own on its eval shard)")
@@ -400,7 +409,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.diagnose:  # the rows' deltas averaged over the replicas that touched them
         grid = [dict(g, diagnose=True) for g in grid if g["k"] > 1]
     t_all = time.perf_counter()
-    for ds in args.datasets.split(","):
+    for ds in [] if args.report_only else args.datasets.split(","):
         if ds == "frappe" and not Path(args.frappe).exists():
             print(f"frappe: {args.frappe} not found: skipped")
             continue
@@ -425,6 +434,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     meta = {"command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
             "wall_s": time.perf_counter() - t_all, "loadavg_end": load,
             "cpus": os.cpu_count()}
+    if args.report_only and (out / "results.json").exists():  # keep the runs' own meta
+        meta = json.loads((out / "results.json").read_text())["meta"]
     (out / "results.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
     table = _table(rows)
     (out / "table.md").write_text(table)
