@@ -107,7 +107,9 @@ def _variant_merger(variant: Optional[str]) -> type:
     * ``touching-mean``: rows' deltas averaged over the replicas that touched them
       (instead of over all R, the others counting 0);
     * ``state-m`` / ``state-v``: the weights and only Adam's first (``m``) or second
-      (``v``) moment of the rows merged (``delta+moments`` merges both)."""
+      (``v``) moment of the rows merged (``delta+moments`` merges both);
+    * ``reset-m``: ``delta``, and every replica zeroes Adam's first moment of every
+      merged row (no bytes: a replica's own momentum no longer pushes a merged row)."""
     import torch
 
     from terarec.optim.kstep import KStepMerger
@@ -129,7 +131,22 @@ def _variant_merger(variant: Optional[str]) -> type:
                 return torch.cat([torch.arange(d), torch.arange(2 * d, 3 * d)])
             return torch.arange(d)
 
-    if variant not in ("touching-mean", "state-m", "state-v"):
+        def _merge_rows(self, g: Any) -> None:
+            if variant != "reset-m":
+                return super()._merge_rows(g)
+            write = g.overwrite_rows
+
+            def zero_m(comp: Any, tables: Any, rows: Any) -> None:
+                rows[:, g.dim : 2 * g.dim] = 0.0
+                write(comp, tables, rows)
+
+            g.overwrite_rows = zero_m
+            try:
+                super()._merge_rows(g)
+            finally:
+                del g.overwrite_rows  # the bound method again
+
+    if variant not in ("touching-mean", "state-m", "state-v", "reset-m"):
         raise SystemExit(f"unknown --variant {variant}")
     return Variant
 

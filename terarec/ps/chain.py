@@ -32,7 +32,7 @@ import torch
 
 from terarec.ps.cache_tier import CacheTier, TierFullError
 from terarec.ps.scratch import ScratchPad
-from terarec.ps.tier import FREQ, LAST, META_WIDTH
+from terarec.ps.tier import FREQ, LAST, META_WIDTH, Rows
 
 
 def sweep_every(ttl_steps: int) -> int:
@@ -171,10 +171,36 @@ class TierChain:
         self.top.touch(slots[hit], lock_until)
         self.top.lock(slots[hit], lock_until)
         miss = (slots < 0).nonzero().squeeze(1)
+        done: Optional[Rows] = None  # pad rows no step from `step` on needs
         if self.scratch is not None:
-            miss = self._scratch_hits(keys, miss, slots, step, lock_until)
+            miss, done = self._scratch_hits(keys, miss, slots, step, lock_until)
         if miss.numel() == 0:
+            self._push_down_recent(done, None, step)
             return slots
+        # The rows leaving the pad go down only after this batch's rows were taken from
+        # the tiers below: pushed first, they would evict from the host tier the very rows
+        # this batch was about to find there (to the SSD tier and back).
+        try:
+            evicted = self._bring_up(keys, miss, slots, step, lock_until, stale_top, create, admit)
+        except BaseException:
+            self._push_down_recent(done, None, step)  # never dropped, whatever happened
+            raise
+        self._push_down_recent(done, evicted, step)
+        return slots
+
+    def _bring_up(
+        self,
+        keys: torch.Tensor,
+        miss: torch.Tensor,
+        slots: torch.Tensor,
+        step: int,
+        lock_until: int,
+        stale_top: Optional[torch.Tensor],
+        create: Callable[[torch.Tensor], torch.Tensor],
+        admit: Optional[Callable[[torch.Tensor], torch.Tensor]],
+    ) -> Rows:
+        """:meth:`prepare` for the positions ``miss`` found in neither the top tier nor
+        the pad: fills their ``slots``; returns the rows the top tier evicted."""
         kmiss = keys[miss]
         room = self.top.room(step)
         if kmiss.numel() > room and self.scratch is None:
@@ -239,9 +265,25 @@ class TierChain:
         new_slots, evicted = self.top.admit(kmiss, rows, step, lock_until, meta=meta)
         self.top.touch(new_slots, lock_until)
         self.moved[self.top.name] += kmiss.numel()
-        self._push_down(evicted.keys, evicted.rows, 1, step, evicted.meta)
         slots[miss] = new_slots
-        return slots
+        return evicted
+
+    def _push_down_recent(self, done: Optional[Rows], evicted: Optional[Rows], step: int) -> None:
+        """Writes the rows leaving the scratch pad (``done``) and the top tier
+        (``evicted``) into the tier below, least recently then least often used first:
+        when they are more than it holds, the ones it keeps are the likeliest to be used
+        again (the others go straight on down). None of them is a key of the batch being
+        prepared."""
+        parts = [r for r in (evicted, done) if r is not None and r.keys.numel()]
+        if not parts:
+            return
+        out = parts[0] if len(parts) == 1 else Rows(*(torch.cat(f) for f in zip(*parts)))
+        if out.keys.numel() > 1:
+            # (last, freq) ascending, in two stable sorts
+            order = torch.sort(out.meta[:, FREQ], stable=True).indices
+            order = order[torch.sort(out.meta[order, LAST], stable=True).indices]
+            out = Rows(out.keys[order], out.rows[order], out.meta[order])
+        self._push_down(out.keys, out.rows, 1, step, out.meta)
 
     def _stale_top(
         self, keys: torch.Tensor, slots: torch.Tensor, lock_until: int
@@ -303,9 +345,10 @@ class TierChain:
         slots: torch.Tensor,
         step: int,
         lock_until: int,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, Rows]:
         """Keys already in the scratch pad keep their pad slot (locked on); pad rows no
-        step from ``step`` on needs go down. Returns the positions still missing."""
+        step from ``step`` on needs leave the pad. Returns the positions still missing
+        and the rows that left (for :meth:`_push_down_recent`)."""
         pad = self.scratch
         assert pad is not None
         if miss.numel() and len(pad):
@@ -316,9 +359,7 @@ class TierChain:
                 slots[miss[inpad]] = found[inpad]
                 self.pad_hits += int(inpad.sum())
                 miss = miss[~inpad]
-        done_keys, done_rows, done_meta = pad.release(step)
-        self._push_down(done_keys, done_rows, 1, step, done_meta)
-        return miss
+        return miss, Rows(*pad.release(step))
 
     def prefetch(self, keys: torch.Tensor, step: int) -> bool:
         """Makes the *next* batch's unique ``keys`` ``[U]`` resident in the top tier,
