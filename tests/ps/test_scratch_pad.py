@@ -78,3 +78,30 @@ def test_without_scratch_pad_the_error_names_it() -> None:
 def test_scratch_pad_needs_a_device_tier() -> None:
     with pytest.raises(ValueError, match="scratch_pad"):
         TableConfig(name="t", dim=4, scratch_pad=True)
+
+
+def test_rows_leaving_the_pad_do_not_evict_what_the_batch_finds_below() -> None:
+    """A batch's rows in the host tier are found there: the rows the pad releases in the
+    same step go down only afterwards (pushed first, they evicted exactly those rows)."""
+    from terarec.ps.cache_tier import CacheTier
+    from terarec.ps.chain import TierChain
+    from terarec.ps.host_tier import HostTier
+
+    width = 3
+    chain = TierChain(
+        [CacheTier(width, 4, name="device"), CacheTier(width, 8, name="host"), HostTier(width)],
+        "t",
+        scratch_pad=True,
+    )
+
+    def create(pos: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(pos.numel(), width)
+
+    a, b = torch.arange(10), torch.arange(10, 20)
+    chain.prepare(a, 1, create)  # 4 rows in the device tier, 6 in the pad
+    chain.prepare(b, 2, create)  # a's rows: 4 evicted + 6 released -> 8 in host, 2 below
+    host_hits = chain.tiers[1].stats()["hits"]
+    chain.prepare(a, 3, create)  # b's 6 pad rows leave as a's rows are looked for
+    assert chain.tiers[1].stats()["hits"] - host_hits == 8
+    keys, _ = chain.export()
+    assert torch.equal(torch.sort(keys).values, torch.arange(20))
