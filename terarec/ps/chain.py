@@ -279,9 +279,10 @@ class TierChain:
             return
         out = parts[0] if len(parts) == 1 else Rows(*(torch.cat(f) for f in zip(*parts)))
         if out.keys.numel() > 1:
-            # (last, freq) ascending, in two stable sorts
-            order = torch.sort(out.meta[:, FREQ], stable=True).indices
-            order = order[torch.sort(out.meta[order, LAST], stable=True).indices]
+            # (last, freq) ascending: one sort of last * 2**32 + freq (last >= -1; a
+            # freq past 2**32 - 1 only blurs the tie-break)
+            score = (out.meta[:, LAST] + 1) * (1 << 32) + out.meta[:, FREQ].clamp(max=(1 << 32) - 1)
+            order = torch.sort(score, stable=True).indices
             out = Rows(out.keys[order], out.rows[order], out.meta[order])
         self._push_down(out.keys, out.rows, 1, step, out.meta)
 
@@ -422,18 +423,23 @@ class TierChain:
         if meta is None:
             meta = torch.tensor([step, 1], device=keys.device).repeat(keys.numel(), 1)
         tier = self.tiers[level]
-        if isinstance(tier, CacheTier) and keys.numel() > tier.capacity:
+        if not isinstance(tier, CacheTier):
+            self.moved[tier.name] += keys.numel()
+            tier.insert(keys, rows, meta)
+            return
+        skipped = None
+        if keys.numel() > tier.capacity:
             # more rows than the cache holds (a scratch pad's write-back): the oldest
             # go straight to the tier below; none of them is in this cache (exclusive)
             skip = keys.numel() - tier.capacity
-            self._push_down(keys[:skip], rows[:skip], level + 1, step, meta[:skip])
+            dev = tier.device
+            skipped = Rows(keys[:skip].to(dev), rows[:skip].to(dev), meta[:skip].to(dev))
             keys, rows, meta = keys[skip:], rows[skip:], meta[skip:]
         self.moved[tier.name] += keys.numel()
-        if isinstance(tier, CacheTier):
-            ev = tier.insert(keys, rows.to(tier.device), meta, step)
-            self._push_down(ev.keys, ev.rows, level + 1, step, ev.meta)
-        else:
-            tier.insert(keys, rows, meta)
+        ev = tier.insert(keys, rows.to(tier.device), meta, step)
+        if skipped is not None:  # one write into the tier below, not two
+            ev = Rows(*(torch.cat(f) for f in zip(skipped, ev)))
+        self._push_down(ev.keys, ev.rows, level + 1, step, ev.meta)
 
     def overwrite(self, keys: torch.Tensor, rows: torch.Tensor, step: int) -> int:
         """Sets the rows of unique ``keys`` ``[N]`` to ``rows [N, row_width]`` where their
