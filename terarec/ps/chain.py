@@ -87,6 +87,7 @@ class TierChain:
         )
         self._prefetch_backoff = 0  # batches not tried after the last skip (doubling)
         self._prefetch_wait = 0  # of which still to pass
+        self._prefetched_for = -1  # the step whose batch the last prefetch brought in
 
     def __len__(self) -> int:
         return self.created - self.expired
@@ -173,7 +174,11 @@ class TierChain:
         miss = (slots < 0).nonzero().squeeze(1)
         done: Optional[Rows] = None  # pad rows no step from `step` on needs
         if self.scratch is not None:
-            miss, done = self._scratch_hits(keys, miss, slots, step, lock_until)
+            # After a prefetch of this batch, the pad rows only the last step used stay
+            # until the next prefetch (on the pipeline's background thread) writes them
+            # down: the training thread neither waits for nor holds the GIL over them.
+            release = lock_until > step or self._prefetched_for != step
+            miss, done = self._scratch_hits(keys, miss, slots, step, lock_until, release)
         if miss.numel() == 0:
             self._push_down_recent(done, None, step)
             return slots
@@ -346,10 +351,11 @@ class TierChain:
         slots: torch.Tensor,
         step: int,
         lock_until: int,
-    ) -> tuple[torch.Tensor, Rows]:
+        release: bool = True,
+    ) -> tuple[torch.Tensor, Optional[Rows]]:
         """Keys already in the scratch pad keep their pad slot (locked on); pad rows no
-        step from ``step`` on needs leave the pad. Returns the positions still missing
-        and the rows that left (for :meth:`_push_down_recent`)."""
+        step from ``step`` on needs leave the pad (unless not ``release``). Returns the
+        positions still missing and the rows that left (for :meth:`_push_down_recent`)."""
         pad = self.scratch
         assert pad is not None
         if miss.numel() and len(pad):
@@ -360,7 +366,7 @@ class TierChain:
                 slots[miss[inpad]] = found[inpad]
                 self.pad_hits += int(inpad.sum())
                 miss = miss[~inpad]
-        return miss, Rows(*pad.release(step))
+        return miss, Rows(*pad.release(step)) if release else None
 
     def prefetch(self, keys: torch.Tensor, step: int) -> bool:
         """Makes the *next* batch's unique ``keys`` ``[U]`` resident in the top tier,
@@ -389,6 +395,7 @@ class TierChain:
             slots = self.prepare(keys, step, _no_rows, lock_until=step + 1, admit=_admit_none)
             self.prefetched["absent"] += int((slots < 0).sum())
             self._prefetch_backoff = 0
+            self._prefetched_for = step + 1
             done = True
         except TierFullError:
             self.prefetched["skipped"] += 1

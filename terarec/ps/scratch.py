@@ -6,8 +6,9 @@ scratch pad beside the cache instead of failing the step, as FBGEMM's SSD TBE do
 its conflict misses: they are fetched from the lower tiers like any miss, read and updated
 in place by slot during the step, and written back down (never dropped) once no step
 that uses them is pending. The pad is transient working memory sized by the batch, not
-part of the cache budget: between steps it holds only rows still locked for the next
-(prefetched) batch.
+part of the cache budget: between steps it holds the last step's rows (until the next
+``prepare`` or prefetch writes down those no pending step uses) and the prefetched next
+batch's.
 
 Slots of the pad are numbered after the cache's: ``capacity + i`` for pad row ``i``.
 """

@@ -105,3 +105,42 @@ def test_rows_leaving_the_pad_do_not_evict_what_the_batch_finds_below() -> None:
     assert chain.tiers[1].stats()["hits"] - host_hits == 8
     keys, _ = chain.export()
     assert torch.equal(torch.sort(keys).values, torch.arange(20))
+
+
+def test_after_a_prefetch_the_next_prefetch_writes_the_last_steps_pad_rows_down() -> None:
+    """The training thread's ``prepare`` of a prefetched batch leaves the rows only the
+    last step used in the pad (still read from there); the next prefetch, or without
+    one the next ``prepare``, writes them down."""
+    from terarec.ps.cache_tier import CacheTier
+    from terarec.ps.chain import TierChain
+    from terarec.ps.host_tier import HostTier
+
+    width = 3
+    chain = TierChain(
+        [CacheTier(width, 4, name="device"), CacheTier(width, 8, name="host"), HostTier(width)],
+        "t",
+        scratch_pad=True,
+    )
+    pad = chain.scratch
+    assert pad is not None
+
+    def create(pos: torch.Tensor) -> torch.Tensor:
+        return torch.full((pos.numel(), width), 7.0)
+
+    a, b, c = torch.arange(10), torch.arange(10, 20), torch.arange(20, 30)
+    chain.prepare(a, 1, create)  # 4 rows in the device tier, 6 in the pad
+    chain.prepare(b, 2, create)  # no prefetch: a's 6 pad rows go down
+    assert len(pad) == 6
+    chain.prepare(c, 3, create)
+    assert chain.prefetch(b, 3)  # b's rows come back (device room 0: all to the pad)
+    chain.prepare(b, 4, create)  # prefetched: c's pad rows stay
+    assert len(pad) == 16 and bool((pad.lookup(c) >= 0).sum() == 6)  # c: 6, b: 10
+    rows, found = chain.lookup_rows(c)
+    assert bool(found.all()) and bool((rows == 7).all())
+    assert chain.prefetch(a, 4)  # writes c's pad rows down
+    assert bool((pad.lookup(c) >= 0).sum() == 0)
+    chain.prepare(a, 5, create)
+    chain.prepare(c, 6, create)  # no prefetch for c: b's pad rows go down at once
+    assert bool((pad.lookup(b) >= 0).sum() == 0)
+    keys, rows = chain.export()
+    assert torch.equal(torch.sort(keys).values, torch.arange(30)) and bool((rows == 7).all())
