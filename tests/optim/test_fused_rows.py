@@ -87,7 +87,9 @@ def test_tiered_group_fused_equals_torch_path(kind: SparseOptimKind) -> None:
     (k0, r0), (k1, r1) = (grp.export_table(0) for grp in groups)
     o0, o1 = torch.argsort(k0), torch.argsort(k1)
     assert torch.equal(k0[o0], k1[o1])
-    torch.testing.assert_close(r1[o1], r0[o0], rtol=1e-6, atol=1e-6)
+    # 12 steps: on a GPU the kernel's fused multiply-adds round differently from torch's
+    # separate passes, and Adam's m / sqrt(v) amplifies that (2e-6 seen on an H100)
+    torch.testing.assert_close(r1[o1], r0[o0], rtol=1e-5, atol=1e-5)
 
 
 def test_collection_training_fused_equals_torch_path() -> None:
