@@ -319,19 +319,9 @@ class KStepMerger:
             self._anchor = torch.cat([p.data.reshape(-1) for p in self.params]).clone()
 
     def _all_reduce_mean(self, tensors: list[torch.Tensor]) -> int:
-        """Averages ``tensors`` in place over the cross group (one flat all-reduce per
-        dtype and device); returns the bytes sent."""
-        sent = 0
-        buckets: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
-        for t in tensors:
-            buckets.setdefault((t.dtype, t.device), []).append(t)
-        for bucket in buckets.values():
-            flat = torch.cat([t.reshape(-1) for t in bucket])
-            dist.all_reduce(flat, group=self.group)
-            flat.div_(self.size)
-            _unflatten_into(flat, bucket)
-            sent += self.comm.all_reduce(flat.numel() * flat.element_size())
-        return sent
+        """Averages ``tensors`` in place over the cross group; returns the bytes sent."""
+        payloads = all_reduce_mean(tensors, self.group, self.size)
+        return sum(self.comm.all_reduce(n) for n in payloads)
 
     def _all_gather_counts(self, n: int, device: torch.device) -> list[int]:
         mine = torch.tensor([n], dtype=torch.int64, device=device)
@@ -382,6 +372,24 @@ class KStepMerger:
         self._set_phase(self.every_step(self.step + 1))
         self._anchor = state["anchor"]
         self._momentum = state["momentum"]
+
+
+def all_reduce_mean(
+    tensors: list[torch.Tensor], group: dist.ProcessGroup, size: int
+) -> list[int]:
+    """Averages ``tensors`` in place over ``group`` (``size`` ranks): one flat all-reduce
+    per dtype and device. Returns each all-reduce's payload in bytes."""
+    buckets: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for t in tensors:
+        buckets.setdefault((t.dtype, t.device), []).append(t)
+    payloads = []
+    for bucket in buckets.values():
+        flat = torch.cat([t.reshape(-1) for t in bucket])
+        dist.all_reduce(flat, group=group)
+        flat.div_(size)
+        _unflatten_into(flat, bucket)
+        payloads.append(flat.numel() * flat.element_size())
+    return payloads
 
 
 def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from terarec.config import SyncConfig
-from terarec.optim.kstep import KStepMerger
+from terarec.optim.kstep import KStepMerger, all_reduce_mean
 from terarec.ps.embedding import HierarchicalEmbeddingBagCollection
 
 
@@ -70,7 +70,7 @@ class NoSync:
         return None
 
 
-class CrossGradAllReduce:
+class CrossGradAllReduce(NoSync):
     """k = 1: averages the dense gradients over the cross group before every step.
 
     One all-reduce of the flattened gradients per step (per dtype and device). With DDP
@@ -92,28 +92,8 @@ class CrossGradAllReduce:
         self.size = size
 
     def before_optimizer_step(self) -> None:
-        grads = [p.grad for p in self.params if p.grad is not None]
-        buckets: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
-        for g in grads:
-            buckets.setdefault((g.dtype, g.device), []).append(g)
-        for bucket in buckets.values():
-            flat = torch.cat([g.reshape(-1) for g in bucket])
-            dist.all_reduce(flat, group=self.group)
-            flat.div_(self.size)
-            offset = 0
-            for g in bucket:
-                n = g.numel()
-                g.copy_(flat[offset: offset + n].view_as(g))
-                offset += n
-
-    def after_optimizer_step(self, step: int) -> None:
-        return None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        return None
+        all_reduce_mean([p.grad for p in self.params if p.grad is not None],
+                        self.group, self.size)
 
 
 def build_replica_sync(
