@@ -445,13 +445,12 @@ class _Pool(torch.autograd.Function):
         ctx.save_for_backward(offsets)
         ctx.mean = mean
         ctx.shape = (n_feat, batch, reorder)
+        index, bag_offsets = dedup.inverse, offsets
         if reorder:
-            index, bm_offsets = _batch_major_values(dedup.inverse, offsets, n_feat, batch)
-            out = F.embedding_bag(index, weights, bm_offsets, mode=mode, include_last_offset=True)
+            index, bag_offsets = _batch_major_values(dedup.inverse, offsets, n_feat, batch)
+        out = F.embedding_bag(index, weights, bag_offsets, mode=mode, include_last_offset=True)
+        if reorder:
             return out.view(batch, n_feat * dim)
-        out = F.embedding_bag(
-            dedup.inverse, weights, offsets, mode=mode, include_last_offset=True
-        )
         return out.view(n_feat, batch, dim).transpose(0, 1).reshape(batch, n_feat * dim)
 
     @staticmethod

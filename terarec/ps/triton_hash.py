@@ -21,27 +21,13 @@ CPU tensors (the tests do that); production CPU tables use FBGEMM's kernels.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:  # optional: present with CUDA torch builds, absent on CPU CI
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised where triton is missing
-    triton = None  # type: ignore[assignment]
-    tl = None  # type: ignore[assignment]
+from terarec.optim.triton_rows import available, tl, triton  # one optional-triton switch
+
+__all__ = ["available", "probe", "probe_or_claim"]
 
 _BLOCK = 256
-
-
-def available(device: torch.device) -> bool:
-    """Whether the kernels can run on ``device`` (CUDA, or CPU under the interpreter)."""
-    if triton is None:
-        return False
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 if triton is not None:
