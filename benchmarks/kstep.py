@@ -89,6 +89,7 @@ def _worker(args: argparse.Namespace) -> int:
             for item in grid:
                 sync = SyncConfig(k=item["k"], dense=item["dense"], sparse=item["sparse"],
                                   sparse_dtype=item.get("dtype", "fp32"),
+                                  dense_dtype=item.get("dense_dtype", "fp32"),
                                   warmup_steps=item.get("warmup", 0))
                 variant = item.get("variant") or ("touching-mean" if item.get("diagnose")
                                                   else None)
@@ -131,9 +132,9 @@ def _variant_merger(variant: Optional[str]) -> type:
                 return torch.cat([torch.arange(d), torch.arange(2 * d, 3 * d)])
             return torch.arange(d)
 
-        def _merge_rows(self, g: Any) -> None:
+        def _merge_rows(self, g: Any, gi: int = 0) -> None:
             if variant != "reset-m":
-                return super()._merge_rows(g)
+                return super()._merge_rows(g, gi)
             write = g.overwrite_rows
 
             def zero_m(comp: Any, tables: Any, rows: Any) -> None:
@@ -142,7 +143,7 @@ def _variant_merger(variant: Optional[str]) -> type:
 
             g.overwrite_rows = zero_m
             try:
-                super()._merge_rows(g)
+                super()._merge_rows(g, gi)
             finally:
                 del g.overwrite_rows  # the bound method again
 
@@ -284,16 +285,20 @@ def _launch(dataset: str, grid: list[dict[str, Any]], steps: int, args: argparse
 
 
 def _grid(ks: list[int], modes: list[str], sparse: str, warmup: int = 0,
-          dtypes: str = "fp32", variant: Optional[str] = None) -> list[dict[str, Any]]:
+          dtypes: str = "fp32", variant: Optional[str] = None,
+          dense_dtypes: str = "fp32") -> list[dict[str, Any]]:
     """k = 1 once (it merges nothing), then every k > 1 x dense mode x sparse mode x
-    wire dtype (``sparse`` and ``dtypes`` comma-separated)."""
+    wire dtype x dense wire dtype (``sparse``, ``dtypes``, ``dense_dtypes``
+    comma-separated)."""
     sparses, dts = sparse.split(","), dtypes.split(",")
+    ddts = dense_dtypes.split(",")
     grid = [{"k": 1, "dense": "params", "sparse": sparses[0]}] if 1 in ks else []
     for k in ks:
         if k > 1:
             grid += [{"k": k, "dense": m, "sparse": sp, "dtype": dt, "warmup": warmup,
+                      **({"dense_dtype": ddt} if ddt != "fp32" else {}),
                       **({"variant": variant} if variant else {})}
-                     for m in modes for sp in sparses for dt in dts]
+                     for m in modes for sp in sparses for dt in dts for ddt in ddts]
     return grid
 
 
@@ -318,6 +323,8 @@ def _table(rows: list[dict[str, Any]]) -> str:
             sparse = "" if r["k"] == 1 else r["sparse"] + (
                 f" ({r['variant']})" if r.get("variant") else "")
             wire = "fp32" if r["k"] == 1 else r.get("dtype", "fp32")
+            if r.get("dense_dtype"):
+                wire += f", dense {r['dense_dtype']}"
             lines.append(
                 f"| {r['k']} | {dense} | {sparse} | {wire} | {r['auc']:.4f} | {dauc} | "
                 f"{r['logloss']:.4f} | "
@@ -331,6 +338,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
 def _setting(r: dict[str, Any]) -> tuple[str, ...]:
     """A k > 1 run's merge setting (one line of the plot)."""
     return (r["dense"], r["sparse"], r.get("dtype", "fp32")) + (
+        (f"dense {r['dense_dtype']}",) if r.get("dense_dtype") else ()) + (
         (r["variant"],) if r.get("variant") else ())
 
 
@@ -384,7 +392,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--ks", default="1,2,4,8,16,32,64")
     ap.add_argument("--modes", default="params,params+moments,diloco")
     ap.add_argument("--sparse", default="delta",
-                    help="sparse merge modes, comma-separated (delta, delta+moments)")
+                    help="sparse merge modes, comma-separated (delta, delta+m, "
+                    "delta+moments)")
     ap.add_argument("--dtype", default="fp32",
                     help="sync.sparse_dtype of k > 1 runs, comma-separated (fp32, bf16, "
                     "fp16, int8)")
@@ -392,6 +401,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="diagnostic merger (k > 1; give it its own --out): state-m, "
                     "state-v (the weights and one Adam moment of the rows merged), "
                     "touching-mean (= --diagnose)")
+    ap.add_argument("--dense-dtype", default="fp32",
+                    help="sync.dense_dtype of k > 1 runs, comma-separated (fp32, bf16)")
     ap.add_argument("--replicas", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=0, help="sync.warmup_steps of k > 1 runs")
     ap.add_argument("--synthetic-steps", type=int, default=480)
@@ -422,7 +433,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     ks = [int(k) for k in args.ks.split(",")]
     modes = args.modes.split(",")
-    grid = _grid(ks, modes, args.sparse, args.warmup, args.dtype, args.variant)
+    grid = _grid(ks, modes, args.sparse, args.warmup, args.dtype, args.variant,
+                 args.dense_dtype)
     if args.diagnose:  # the rows' deltas averaged over the replicas that touched them
         grid = [dict(g, diagnose=True) for g in grid if g["k"] > 1]
     t_all = time.perf_counter()
@@ -464,7 +476,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 continue
             ok_auc = abs(r["auc"] - base["auc"]) <= 0.001
             ok_b = r["bytes"] <= base["bytes"] / 7
-            tag = f"{r['dense']} {r['sparse']} {r.get('dtype', 'fp32')} {r.get('variant') or ''}"
+            tag = " ".join(_setting(r))
             print(f"{ds} k=8 {tag.strip()}: dAUC {r['auc'] - base['auc']:+.4f} "
                   f"({'ok' if ok_auc else 'MISSED'}), bytes {r['bytes'] / base['bytes']:.3f}x "
                   f"of k=1 ({'ok' if ok_b else 'MISSED'}; target <= {1 / 7:.3f})")

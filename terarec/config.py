@@ -470,7 +470,8 @@ class SparseMerge(StrEnum):
     """How a k-step merge combines the rows touched since the last merge."""
 
     DELTA = "delta"  # snapshot + mean over replicas of (weights - snapshot)
-    DELTA_MOMENTS = "delta+moments"  # the same for the row's optimizer state
+    DELTA_M = "delta+m"  # the same for the weights and Adam's first moment
+    DELTA_MOMENTS = "delta+moments"  # the same for the row's whole optimizer state
 
 
 class WireDtype(StrEnum):
@@ -490,11 +491,15 @@ class SyncConfig:
         k: steps between merges; 1 = fully synchronous (gradients combined over the
             cross group every step, no merging).
         dense: ``params`` | ``params+moments`` | ``diloco``.
-        sparse: ``delta`` | ``delta+moments``.
+        sparse: ``delta`` | ``delta+m`` (the weights and Adam's first moment; needs
+            the ``adam`` row optimizer) | ``delta+moments`` (the whole row).
         sparse_dtype: how the rows' deltas travel: ``fp32`` (exact) | ``bf16`` |
-            ``fp16`` | ``int8`` (the weights' delta quantised per row, the optimizer
-            state's as bf16); every replica decodes the same messages, so the merged
-            rows stay identical on all of them.
+            ``fp16`` | ``int8`` (the weights' delta, and with ``delta+m`` the first
+            moment's, quantised per row; other optimizer state as bf16); every replica
+            decodes the same messages, so the merged rows stay identical on all of them.
+        dense_dtype: how the dense merge travels: ``fp32`` (the parameters averaged
+            exactly) | ``bf16`` (their change since the last merge, rounded to
+            bfloat16 with error feedback; ``params`` and ``diloco`` only).
         warmup_steps: synchronous steps (as k = 1) before local steps start.
         outer_lr, outer_momentum: DiLoCo's outer Nesterov step (paper defaults).
     """
@@ -503,13 +508,17 @@ class SyncConfig:
     dense: DenseMerge = DenseMerge.PARAMS
     sparse: SparseMerge = SparseMerge.DELTA
     sparse_dtype: WireDtype = WireDtype.FP32
+    dense_dtype: WireDtype = WireDtype.FP32
     warmup_steps: int = 0
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
 
     def __post_init__(self) -> None:
         for key, enum_cls in (
-            ("dense", DenseMerge), ("sparse", SparseMerge), ("sparse_dtype", WireDtype)
+            ("dense", DenseMerge),
+            ("sparse", SparseMerge),
+            ("sparse_dtype", WireDtype),
+            ("dense_dtype", WireDtype),
         ):
             if not isinstance(getattr(self, key), enum_cls):  # built in code from a string
                 try:
@@ -519,6 +528,15 @@ class SyncConfig:
         _check(
             isinstance(self.k, int) and not isinstance(self.k, bool) and self.k >= 1,
             f"k: must be a positive number of steps, got {self.k!r}",
+        )
+        _check(
+            self.dense_dtype in (WireDtype.FP32, WireDtype.BF16),
+            f"dense_dtype: must be one of [fp32, bf16], got {self.dense_dtype.value!r}",
+        )
+        _check(
+            self.dense_dtype == WireDtype.FP32 or self.dense != DenseMerge.PARAMS_MOMENTS,
+            "dense_dtype: bf16 merges the parameters' change (dense: params or diloco); "
+            "dense: params+moments averages the optimizer state too and needs fp32",
         )
         _check(self.warmup_steps >= 0, f"warmup_steps: must be >= 0, got {self.warmup_steps}")
         _check(self.outer_lr > 0, f"outer_lr: must be > 0, got {self.outer_lr}")

@@ -49,17 +49,27 @@ class RowCodec:
 
     Args:
         dtype: the wire format.
-        cols: merged columns per row (``dim`` for ``delta``, the whole row for
-            ``delta+moments``).
+        cols: merged columns per row (``dim`` for ``delta``, ``2 dim`` for ``delta+m``,
+            the whole row for ``delta+moments``).
         dim: the embedding dim: the first ``dim`` columns are the weights.
+        int8_cols: with ``int8``, the leading columns quantised (blocks of ``dim``, a
+            scale each: the weights, and with ``delta+m`` Adam's first moment); the
+            rest travel as bfloat16. Default (0): ``dim``.
     """
 
-    def __init__(self, dtype: WireDtype, cols: int, dim: int) -> None:
+    def __init__(self, dtype: WireDtype, cols: int, dim: int, int8_cols: int = 0) -> None:
+        int8_cols = int8_cols or dim
         if not 0 < dim <= cols:
             raise ValueError(f"RowCodec: need 0 < dim <= cols, got dim {dim}, cols {cols}")
+        if int8_cols % dim or not dim <= int8_cols <= cols:
+            raise ValueError(
+                f"RowCodec: int8_cols must be a multiple of dim {dim} in [dim, {cols}], "
+                f"got {int8_cols}"
+            )
         self.dtype = WireDtype(dtype)
         self.cols = cols
         self.dim = dim
+        self.int8_cols = int8_cols
 
     @property
     def nbytes(self) -> int:
@@ -67,7 +77,8 @@ class RowCodec:
         if self.dtype == WireDtype.FP32:
             return 4 * self.cols
         if self.dtype == WireDtype.INT8:
-            return self.dim + 2 + 2 * (self.cols - self.dim)
+            q = self.int8_cols
+            return q + 2 * (q // self.dim) + 2 * (self.cols - q)
         return 2 * self.cols
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,13 +88,14 @@ class RowCodec:
             return _bytes(x)
         if self.dtype in _HALF:
             return _bytes(_to_half(x, _HALF[self.dtype]))
-        w = x[:, : self.dim]
-        scale = _round_up_bf16(w.abs().amax(dim=1, keepdim=True) / 127.0)
-        q = torch.where(scale > 0, w / scale, torch.zeros_like(w))
-        q = q.round_().clamp_(-127, 127).to(torch.int8)
-        parts = [_bytes(q), _bytes(scale.to(torch.bfloat16))]
-        if self.cols > self.dim:
-            parts.append(_bytes(_to_half(x[:, self.dim :], torch.bfloat16)))
+        n, q, d = x.shape[0], self.int8_cols, self.dim
+        w = x[:, :q].reshape(n, q // d, d)  # blocks of dim columns, a scale each
+        scale = _round_up_bf16(w.abs().amax(dim=2, keepdim=True) / 127.0)
+        qw = torch.where(scale > 0, w / scale, torch.zeros_like(w))
+        qw = qw.round_().clamp_(-127, 127).to(torch.int8).reshape(n, q)
+        parts = [_bytes(qw), _bytes(scale.reshape(n, q // d).to(torch.bfloat16))]
+        if self.cols > q:
+            parts.append(_bytes(_to_half(x[:, q:], torch.bfloat16)))
         return torch.cat(parts, dim=1)
 
     def decode(self, b: torch.Tensor) -> torch.Tensor:
@@ -95,13 +107,14 @@ class RowCodec:
             return b.view(torch.float32).clone()
         if self.dtype in _HALF:
             return b.view(_HALF[self.dtype]).to(torch.float32)
-        d = self.dim
-        q = b[:, :d].contiguous().view(torch.int8).to(torch.float32)
-        scale = b[:, d : d + 2].contiguous().view(torch.bfloat16).to(torch.float32)
-        w = q * scale
-        if self.cols == d:
+        n, q, d = b.shape[0], self.int8_cols, self.dim
+        blocks = q // d
+        qw = b[:, :q].contiguous().view(torch.int8).to(torch.float32).reshape(n, blocks, d)
+        scale = b[:, q : q + 2 * blocks].clone(memory_format=torch.contiguous_format).view(torch.bfloat16).to(torch.float32)
+        w = (qw * scale.unsqueeze(2)).reshape(n, q)
+        if self.cols == q:
             return w
-        state = b[:, d + 2 :].contiguous().view(torch.bfloat16).to(torch.float32)
+        state = b[:, q + 2 * blocks :].clone(memory_format=torch.contiguous_format).view(torch.bfloat16).to(torch.float32)
         return torch.cat([w, state], dim=1)
 
 

@@ -34,6 +34,9 @@ class RowOptimizer(ABC):
     """Updates ``[U, dim + state_width]`` row blocks in place of a sparse optimizer."""
 
     kernel: int  # the triton_rows optimizer code
+    # State columns right after the weights that hold a first moment (Adam's m, ``dim``
+    # of them; 0: none): what ``sync.sparse: delta+m`` merges beside the weights.
+    first_moment_width: int = 0
 
     def __init__(self, cfg: SparseOptimConfig, dim: int) -> None:
         self.cfg = cfg
@@ -152,6 +155,10 @@ class RowAdam(RowOptimizer):
     """``torch.optim.SparseAdam``: moments of present rows only, per-table step count."""
 
     kernel = triton_rows.ADAM
+
+    def __init__(self, cfg: SparseOptimConfig, dim: int) -> None:
+        super().__init__(cfg, dim)
+        self.first_moment_width = dim
 
     def _step_size(self) -> float:  # called after the step counter moved
         c = self.cfg

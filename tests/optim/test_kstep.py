@@ -57,6 +57,15 @@ SCENARIOS: list[dict[str, Any]] = [
     {"name": "moments-int8", "tiered": False,
      "sync": {"k": K, "dense": "params+moments", "sparse": "delta+moments",
               "sparse_dtype": "int8"}},
+    # Adam rows, the weights and the first moment merged, both as int8 (a scale each)
+    {"name": "delta-m", "tiered": False, "sparse_opt": "adam",
+     "sync": {"k": K, "sparse": "delta+m"}},
+    {"name": "delta-m-int8", "tiered": True, "sparse_opt": "adam",
+     "sync": {"k": K, "sparse": "delta+m", "sparse_dtype": "int8"}},
+    # the dense change since the last merge as bfloat16, with error feedback
+    {"name": "dense-bf16", "tiered": False, "sync": {"k": K, "dense_dtype": "bf16"}},
+    {"name": "diloco-bf16", "tiered": False,
+     "sync": {"k": K, "dense": "diloco", "dense_dtype": "bf16"}},
 ]
 
 
@@ -107,28 +116,60 @@ def _round_up_bf16(s: torch.Tensor) -> torch.Tensor:
     return torch.where(b.float() < s, up, b).float()
 
 
-def wire(delta: list[float], dtype: str) -> list[float]:
+def wire(delta: list[float], dtype: str, int8_cols: int = DIM) -> list[float]:
     """One replica's row delta as the others receive it (``sync.sparse_dtype``), by
-    hand: int8 = the weights' delta rounded to multiples of max|delta| / 127 (that scale
-    rounded up to a bfloat16), the optimizer state's delta as bfloat16."""
+    hand: int8 = each block of DIM leading columns (the weights; with ``delta+m`` Adam's
+    first moment too) rounded to multiples of its max|delta| / 127 (that scale rounded
+    up to a bfloat16), the rest of the optimizer state's delta as bfloat16."""
     x = torch.tensor(delta, dtype=torch.float32)
     if dtype == "fp32":
         return delta
     if dtype == "bf16":
         return x.to(torch.bfloat16).double().tolist()
-    w, state = x[:DIM], x[DIM:]
-    s = _round_up_bf16(w.abs().max() / 127)
-    w = torch.round(w / s) * s if float(s) > 0 else torch.zeros_like(w)
-    return w.double().tolist() + state.to(torch.bfloat16).double().tolist()
+    out: list[float] = []
+    for b in range(0, int8_cols, DIM):
+        w = x[b : b + DIM]
+        s = _round_up_bf16(w.abs().max() / 127)
+        w = torch.round(w / s) * s if float(s) > 0 else torch.zeros_like(w)
+        out += w.double().tolist()
+    return out + x[int8_cols:].to(torch.bfloat16).double().tolist()
 
 
-def reference(sync: dict[str, Any]) -> tuple[dict[int, list[list[float]]], list[float]]:
+def _bf16(x: float) -> float:
+    return float(torch.tensor(x, dtype=torch.float32).to(torch.bfloat16).double())
+
+
+def _row_step(row: list[float], g: list[float], opt: str, t: int) -> None:
+    """One row update in place: Adagrad (``[w, s]``) or SparseAdam (``[w, m, v]``,
+    bias correction from the replica's step count ``t``)."""
+    if opt == "adagrad":
+        for j in range(DIM):
+            row[DIM + j] += g[j] * g[j]
+            row[j] -= LR_ROWS * g[j] / (math.sqrt(row[DIM + j]) + EPS)
+        return
+    size = LR_ROWS * math.sqrt(1 - 0.999**t) / (1 - 0.9**t)
+    for j in range(DIM):
+        row[DIM + j] += (g[j] - row[DIM + j]) * 0.1
+        row[2 * DIM + j] += (g[j] * g[j] - row[2 * DIM + j]) * 0.001
+        row[j] -= size * row[DIM + j] / (math.sqrt(row[2 * DIM + j]) + EPS)
+
+
+def reference(
+    sync: dict[str, Any], opt: str = "adagrad"
+) -> tuple[dict[int, list[list[float]]], list[float]]:
     """Rows ``{key: [w..., s...]}`` (every rank ends with the same) and the dense weights,
-    re-enacted in float64: Adagrad rows, Adam dense, merges every K steps (each
-    replica's row delta through :func:`wire` first)."""
+    re-enacted in float64: Adagrad (or Adam) rows, Adam dense, merges every K steps
+    (each replica's row delta through :func:`wire` first; with ``dense_dtype: bf16``
+    each replica's dense change since the last merge rounded to bfloat16, its rounding
+    error carried to the next merge)."""
     dtype = sync.get("sparse_dtype", "fp32")
-    moments = sync.get("sparse") == "delta+moments"
+    state = DIM if opt == "adagrad" else 2 * DIM
+    cols = {"delta": DIM, "delta+m": 2 * DIM, "delta+moments": DIM + state}[
+        sync.get("sparse", "delta")]
+    int8_cols = 2 * DIM if sync.get("sparse") == "delta+m" else DIM
     dense_mode = sync.get("dense", "params")
+    bf16_dense = sync.get("dense_dtype", "fp32") == "bf16"
+    residual = [[0.0] * 3 for _ in range(R)]
     rows: list[dict[int, list[float]]] = [{} for _ in range(R)]  # key -> w + s
     snap: list[dict[int, list[float]]] = [{} for _ in range(R)]  # first touch since merge
     p = [[0.3, -0.1, 0.2] for _ in range(R)]
@@ -144,10 +185,8 @@ def reference(sync: dict[str, Any]) -> tuple[dict[int, list[list[float]]], list[
                 g = [sum(SCHEDULE[r][step - 1].count(key) * row_grad_weight(r)[j].item()
                          for r in range(R)) / R for j in range(DIM)]
                 for r in range(R):
-                    row = rows[r].setdefault(key, _init_row(key) + [0.0] * DIM)
-                    for j in range(DIM):
-                        row[DIM + j] += g[j] * g[j]
-                        row[j] -= LR_ROWS * g[j] / (math.sqrt(row[DIM + j]) + EPS)
+                    row = rows[r].setdefault(key, _init_row(key) + [0.0] * state)
+                    _row_step(row, g, opt, step)
             gd = [sum(dense_grad(r)[j].item() for r in range(R)) / R for j in range(3)]
             for r in range(R):
                 for j in range(3):
@@ -161,12 +200,9 @@ def reference(sync: dict[str, Any]) -> tuple[dict[int, list[list[float]]], list[
             gw = row_grad_weight(r).double().tolist()
             keys = SCHEDULE[r][step - 1]
             for key in set(keys):
-                row = rows[r].setdefault(key, _init_row(key) + [0.0] * DIM)
+                row = rows[r].setdefault(key, _init_row(key) + [0.0] * state)
                 snap[r].setdefault(key, list(row))
-                for j in range(DIM):
-                    g = keys.count(key) * gw[j]
-                    row[DIM + j] += g * g
-                    row[j] -= LR_ROWS * g / (math.sqrt(row[DIM + j]) + EPS)
+                _row_step(row, [keys.count(key) * gw[j] for j in range(DIM)], opt, step)
             gd = dense_grad(r).double().tolist()
             for j in range(3):  # torch.optim.Adam, betas (0.9, 0.999)
                 m[r][j] = 0.9 * m[r][j] + 0.1 * gd[j]
@@ -178,15 +214,21 @@ def reference(sync: dict[str, Any]) -> tuple[dict[int, list[list[float]]], list[
         touched = set().union(*(s.keys() for s in snap))
         for key in touched:
             base = next(s[key] for s in snap if key in s)  # the same on every replica
-            cols = 2 * DIM if moments else DIM
-            deltas = [wire([rows[r][key][j] - base[j] for j in range(cols)], dtype)
+            deltas = [wire([rows[r][key][j] - base[j] for j in range(cols)], dtype, int8_cols)
                       for r, s in enumerate(snap) if key in s]
             merged = [base[j] + sum(d[j] for d in deltas) / R for j in range(cols)]
             for r in range(R):
-                own = rows[r].get(key, base[:DIM] + [0.0] * DIM)  # never had it: init
+                own = rows[r].get(key, base[:DIM] + [0.0] * state)  # never had it: init
                 rows[r][key] = merged + own[cols:]
         snap = [{} for _ in range(R)]
         mean = [sum(p[r][j] for r in range(R)) / R for j in range(3)]
+        if bf16_dense:  # what travels: each replica's change, rounded, error fed back
+            sent = []
+            for r in range(R):
+                change = [p[r][j] - anchor[j] + residual[r][j] for j in range(3)]
+                sent.append([_bf16(c) for c in change])
+                residual[r] = [c - q for c, q in zip(change, sent[r])]
+            mean = [anchor[j] + sum(x[j] for x in sent) / R for j in range(3)]
         if dense_mode == "diloco":
             g = [a - b for a, b in zip(anchor, mean)]
             mom = g if mom is None else [0.9 * b + x for b, x in zip(mom, g)]
@@ -194,6 +236,7 @@ def reference(sync: dict[str, Any]) -> tuple[dict[int, list[list[float]]], list[
             p = [list(anchor) for _ in range(R)]
         else:
             p = [list(mean) for _ in range(R)]
+            anchor = list(mean)
             if dense_mode == "params+moments":
                 m = [[sum(m[r][j] for r in range(R)) / R for j in range(3)]] * R
                 v = [[sum(v[r][j] for r in range(R)) / R for j in range(3)]] * R
@@ -210,24 +253,37 @@ def test_merge_equals_the_reference_and_replicas_agree(
 ) -> None:
     sc = next(s for s in SCENARIOS if s["name"] == name)
     ranks = results[name]
-    merged = 2 * DIM if sc["sync"].get("sparse") == "delta+moments" else DIM
+    opt = sc.get("sparse_opt", "adagrad")
+    state = DIM if opt == "adagrad" else 2 * DIM
+    merged = {"delta": DIM, "delta+m": 2 * DIM, "delta+moments": DIM + state}[
+        sc["sync"].get("sparse", "delta")]
     for other in ranks[1:]:  # replicas agree bit for bit after the final merge
         assert torch.equal(other["rows"][:, :merged], ranks[0]["rows"][:, :merged])
         assert torch.equal(other["dense"], ranks[0]["dense"])
-    ref_rows, ref_dense = reference(sc["sync"])
+    ref_rows, ref_dense = reference(sc["sync"], opt)
     got = ranks[0]
     for i, key in enumerate(ALL_KEYS):
         if key not in ref_rows:  # touched by nobody: no replica has it
             assert not any(bool(r["found"][i]) for r in ranks)
             continue
         assert all(bool(r["found"][i]) for r in ranks), f"key {key} missing on a replica"
-        if sc["sync"].get("sparse") == "delta+moments":
-            expect = ref_rows[key]
-            assert got["rows"][i].tolist() == pytest.approx(expect, abs=1e-6), key
-        else:  # weights merged, each replica's optimizer state its own
-            assert got["rows"][i, :DIM].tolist() == pytest.approx(ref_rows[key][:DIM],
-                                                                   abs=1e-6), key
-    assert got["dense"].tolist() == pytest.approx(ref_dense, abs=1e-6)
+        # merged columns as merged; the rest is rank 0's own optimizer state
+        assert got["rows"][i].tolist() == pytest.approx(ref_rows[key], abs=1e-6), key
+    # bf16 dense: the replicas' bfloat16 changes are summed in bfloat16 by the
+    # all-reduce (the reference sums them exactly): a few bf16 steps of a ~0.02 change
+    tol = 2e-4 if sc["sync"].get("dense_dtype") == "bf16" else 1e-6
+    assert got["dense"].tolist() == pytest.approx(ref_dense, abs=tol)
+
+
+def test_bf16_dense_travels_rounded(results: dict[str, list[dict[str, Any]]]) -> None:
+    """The bf16 dense merge is not the fp32 one (it really travels rounded), sends half
+    the bytes, and leaves the rows alone."""
+    for name, exact in (("dense-bf16", "params-delta"), ("diloco-bf16", "diloco")):
+        got, ref = results[name][0], results[exact][0]
+        assert not torch.equal(got["dense"], ref["dense"]), name
+        assert float((got["dense"] - ref["dense"]).abs().max()) < 2e-4, name
+        assert torch.equal(got["rows"], ref["rows"]), name
+        assert got["stats"]["dense_bytes"] * 2 == ref["stats"]["dense_bytes"], name
 
 
 def test_delta_merge_by_hand() -> None:
@@ -274,22 +330,44 @@ def test_warmup_then_local_steps_through_the_exchange(
     assert st["sparse_bytes"] > (R - 1) * (3 * 4 * 4 + 8)  # + the exchange's row sync
 
 
+def _expected_sparse_bytes(nbytes: int) -> int:
+    """Wire bytes of the row merges of the schedule (ring all_gather: (R-1) x the
+    padded message + the two 8-byte counts). A message: a bitmap over the keys the last
+    merge wrote, then ``nbytes`` per known row, ``8 + nbytes`` per new one."""
+    total, prev = 0, set()
+    steps = len(SCHEDULE[0])
+    for start in range(0, steps, K):
+        touched = [set().union(*SCHEDULE[r][start : start + K]) for r in range(R)]
+        msg = [(len(prev) + 7) // 8 + len(t & prev) * nbytes + len(t - prev) * (8 + nbytes)
+               for t in touched]
+        total += (R - 1) * (max(msg) + 16)
+        prev = set().union(*touched)
+    return total
+
+
 def test_bytes_are_counted(results: dict[str, list[dict[str, Any]]]) -> None:
     """Ring model: all_gather of m bytes per rank sends (R-1) m, all_reduce of n sends
-    2 (R-1)/R n. Both merges gather at most 3 rows of [key 2 words | 2 weights] (+ the
-    8-byte count); the dense all-reduce is 3 floats."""
+    2 (R-1)/R n; the dense all-reduce is 3 floats (bf16: 3 halves)."""
     st = results["params-delta"][0]["stats"]
     assert st["merges"] == 2
-    assert st["sparse_bytes"] == 2 * (R - 1) * (3 * 4 * 4 + 8)
+    # by hand: merge 1, no keys known: replica 0's 3 rows of [key 8 | 2 floats] = 48;
+    # merge 2, 6 keys known (a 1-byte bitmap): replica 1's 3 known rows 1 + 24 and
+    # replica 2's known + new row 1 + 8 + 16 both 25
+    assert st["sparse_bytes"] == (R - 1) * (48 + 16) + (R - 1) * (25 + 16) == 210
+    assert st["sparse_bytes"] == _expected_sparse_bytes(4 * DIM)
     assert st["dense_bytes"] == 2 * (2 * (R - 1) * 12 // R)
     moments = results["moments"][0]["stats"]  # + 2 state columns, + Adam's m and v
-    assert moments["sparse_bytes"] == 2 * (R - 1) * (3 * 6 * 4 + 8)
+    assert moments["sparse_bytes"] == _expected_sparse_bytes(4 * 2 * DIM)
     assert moments["dense_bytes"] == 2 * (2 * (R - 1) * 36 // R)
-    # the wire bytes: [key 8 | 2 int8 + a 2-byte scale] and [key 8 | 2 bf16]
+    # the wire bytes: [2 int8 + a 2-byte scale] and [2 bf16]
     for name in ("int8", "bf16"):
-        assert results[name][0]["stats"]["sparse_bytes"] == 2 * (R - 1) * (3 * 12 + 8)
-    # int8 with the state: [key 8 | 2 int8 + scale | 2 state entries as bf16]
-    assert results["moments-int8"][0]["stats"]["sparse_bytes"] == 2 * (R - 1) * (3 * 16 + 8)
+        assert results[name][0]["stats"]["sparse_bytes"] == _expected_sparse_bytes(4)
+    # int8 with the state: [2 int8 + scale | 2 state entries as bf16]
+    assert results["moments-int8"][0]["stats"]["sparse_bytes"] == _expected_sparse_bytes(8)
+    # delta+m: [w, m] as fp32; int8: [2 int8 + scale | 2 int8 + scale]
+    assert results["delta-m"][0]["stats"]["sparse_bytes"] == _expected_sparse_bytes(16)
+    assert results["delta-m-int8"][0]["stats"]["sparse_bytes"] == _expected_sparse_bytes(8)
+    assert results["dense-bf16"][0]["stats"]["dense_bytes"] == 2 * (2 * (R - 1) * 6 // R)
 
 
 def test_lossy_wire_is_not_the_exact_merge(results: dict[str, list[dict[str, Any]]]) -> None:
@@ -307,7 +385,11 @@ def test_lossy_wire_is_not_the_exact_merge(results: dict[str, list[dict[str, Any
     [
         ({"k": 0}, {}, "sync.k: must be a positive number of steps"),
         ({"dense": "mean"}, {}, r"sync.dense: must be one of \[params, params\+moments, diloco\]"),
-        ({"sparse": "rows"}, {}, r"sync.sparse: must be one of \[delta, delta\+moments\]"),
+        ({"sparse": "rows"}, {},
+         r"sync.sparse: must be one of \[delta, delta\+m, delta\+moments\]"),
+        ({"dense_dtype": "int8"}, {}, r"sync.dense_dtype: must be one of \[fp32, bf16\]"),
+        ({"dense": "params+moments", "dense_dtype": "bf16"}, {},
+         "sync.dense_dtype: bf16 merges the parameters' change"),
         ({"sparse_dtype": "int4"}, {},
          r"sync.sparse_dtype: must be one of \[fp32, bf16, fp16, int8\]"),
         ({"outer_momentum": 1.0}, {}, r"sync.outer_momentum: must be in \[0, 1\)"),
