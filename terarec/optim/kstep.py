@@ -47,7 +47,7 @@ import torch.distributed as dist
 from torch import nn
 
 from terarec.config import DenseMerge, SparseMerge, SyncConfig, WireDtype
-from terarec.optim.row_codec import RowCodec
+from terarec.optim.row_codec import RowCodec, bytes_as
 
 
 class RowGroup(Protocol):
@@ -551,9 +551,9 @@ def _decode_rows(
     at += n_known * nb
     kb = 8 + 4 * multi
     new = buf[at : at + n_new * (kb + nb)].view(n_new, kb + nb)
-    keys = torch.cat([prev[idx], new[:, :8].clone(memory_format=torch.contiguous_format).view(torch.int64).view(-1)])
+    keys = torch.cat([prev[idx], bytes_as(new[:, :8], torch.int64).view(-1)])
     if multi:
-        new_tab = new[:, 8:12].clone(memory_format=torch.contiguous_format).view(torch.int32).view(-1).to(torch.int64)
+        new_tab = bytes_as(new[:, 8:12], torch.int32).view(-1).to(torch.int64)
         tables = torch.cat([prev_tables[idx], new_tab])
     else:
         tables = torch.zeros(keys.numel(), dtype=torch.int64, device=buf.device)

@@ -1,29 +1,33 @@
 """How the rows' deltas travel in a k-step merge (``sync.sparse_dtype``, docs/kstep.md).
 
 A merge all-gathers, per replica, one message per touched row: its key and the change
-of the merged columns since the last merge (the weights, and with ``delta+moments`` the
-optimizer state after them). :class:`RowCodec` turns those deltas ``[n, cols]`` float32
-into bytes ``[n, nbytes]`` uint8 and back:
+of the merged columns since the last merge (the weights; with ``delta+m`` Adam's first
+moment after them; with ``delta+moments`` all the optimizer state). :class:`RowCodec`
+turns those deltas ``[n, cols]`` float32 into bytes ``[n, nbytes]`` uint8 and back:
 
 =========  =============================================  ==========================
-dtype      weights' delta (the first ``dim`` columns)     optimizer state's delta
+dtype      weights' delta (and ``delta+m``'s first        other optimizer state's
+           moment: ``int8_cols`` leading columns)         delta
 =========  =============================================  ==========================
 ``fp32``   float32 (exact)                                float32
 ``bf16``   bfloat16 (round to nearest even)               bfloat16
 ``fp16``   float16 (an error on overflow)                 float16
-``int8``   int8, symmetric absmax per row: ``q = round(   bfloat16
-           x / s)``, ``s = max|x| / 127`` rounded up to
-           bfloat16 (2 bytes), ``x ~ q * s``
+``int8``   int8, symmetric absmax per block of ``dim``    bfloat16
+           columns: ``q = round(x / s)``, ``s = max|x|
+           / 127`` rounded up to bfloat16 (2 bytes),
+           ``x ~ q * s``
 =========  =============================================  ==========================
 
-Per row of dim 16: 64 bytes (fp32), 32 (bf16/fp16), 18 (int8), plus the 8-byte key.
+Per row of dim 16: 64 bytes (fp32), 32 (bf16/fp16), 18 (int8); ``delta+m`` as int8: 36
+(two blocks, a scale each: the first moment is far smaller than the weights' change).
 The int8 scale is stored as bfloat16 rounded *up* (so ``|x / s| <= 127``, no clipping):
 an fp32 scale would make it 20 bytes, ~1/7 of the message, for a precision (2^-8
-relative) that the int8 step (1/254 of the row's largest change) does not use.
-The optimizer state is never int8: Adam's second moment (and Adagrad's accumulator)
-spans orders of magnitude within a row, so a per-row absmax step would round its small
-entries to zero or below, and ``m / (sqrt(v) + eps)`` would explode there; bfloat16
-keeps a relative precision per entry and the exponent range of float32.
+relative) that the int8 step (1/254 of the block's largest change) does not use.
+Adam's second moment (and Adagrad's accumulator) is never int8: it spans orders of
+magnitude within a row, so a per-row absmax step would round its small entries to zero
+or below, and ``m / (sqrt(v) + eps)`` would explode there; bfloat16 keeps a relative
+precision per entry and the exponent range of float32. The first moment is signed and
+scaled like the gradients, as the weights' change is: int8 with its own scale suits it.
 
 Every replica decodes the same gathered bytes with the same ops, so the merged rows
 stay identical everywhere; a sender uses the decoded (not its exact) delta too.
@@ -33,6 +37,7 @@ Example::
     codec = RowCodec(WireDtype.INT8, cols=16, dim=16)   # codec.nbytes == 18
     wire = codec.encode(delta)                          # [n, 18] uint8
     delta_hat = codec.decode(wire)                      # [n, 16] float32
+    RowCodec(WireDtype.INT8, cols=32, dim=16, int8_cols=32).nbytes   # delta+m: 36
 """
 
 from __future__ import annotations
@@ -110,12 +115,19 @@ class RowCodec:
         n, q, d = b.shape[0], self.int8_cols, self.dim
         blocks = q // d
         qw = b[:, :q].contiguous().view(torch.int8).to(torch.float32).reshape(n, blocks, d)
-        scale = b[:, q : q + 2 * blocks].clone(memory_format=torch.contiguous_format).view(torch.bfloat16).to(torch.float32)
+        scale = bytes_as(b[:, q : q + 2 * blocks], torch.bfloat16).to(torch.float32)
         w = (qw * scale.unsqueeze(2)).reshape(n, q)
         if self.cols == q:
             return w
-        state = b[:, q + 2 * blocks :].clone(memory_format=torch.contiguous_format).view(torch.bfloat16).to(torch.float32)
+        state = bytes_as(b[:, q + 2 * blocks :], torch.bfloat16).to(torch.float32)
         return torch.cat([w, state], dim=1)
+
+
+def bytes_as(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 ``b [n, c]`` (any slice) reinterpreted as ``dtype`` ``[n, c / itemsize]``: a
+    fresh contiguous copy first (a slice's offset or row stride need not be a multiple
+    of the item size)."""
+    return b.clone(memory_format=torch.contiguous_format).view(dtype)
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:

@@ -409,3 +409,24 @@ def test_sync_config_errors_name_the_key(sync: dict, train: dict, msg: str) -> N
                            "sync": {"k": 8, "dense": "params+moments", "warmup_steps": 8},
                            "train": {"steps": 10, "checkpoint_every": 16}})
     assert ok.sync.dense.value == "params+moments" and ok.sync.outer_lr == 0.7
+
+
+def test_delta_m_needs_a_first_moment() -> None:
+    """``sparse: delta+m`` with a row optimizer without one is an error naming it, when
+    the merger is built (not at the first merge)."""
+    from terarec.config import SparseOptimConfig, SyncConfig, TableConfig
+    from terarec.optim.kstep import KStepMerger
+    from terarec.ps.embedding import HierarchicalEmbeddingBagCollection
+
+    for kind, ok in (("adagrad", False), ("rowwise_adagrad", False), ("sgd", False),
+                     ("adam", True)):
+        ebc = HierarchicalEmbeddingBagCollection(
+            [TableConfig(name="t", dim=4)], ["f"], SparseOptimConfig(kind=kind), seed=0)
+        cfg = SyncConfig(k=4, sparse="delta+m")
+        if ok:
+            KStepMerger(cfg, [], torch.optim.SGD([torch.zeros(1, requires_grad=True)]),
+                        ebc.groups, None, 1, ebc)
+            continue
+        with pytest.raises(ValueError, match=rf"delta\+m .*\({kind}\) has none"):
+            KStepMerger(cfg, [], torch.optim.SGD([torch.zeros(1, requires_grad=True)]),
+                        ebc.groups, None, 1, ebc)

@@ -90,3 +90,25 @@ def test_int8_weights_only_row() -> None:
 def test_decode_checks_the_width() -> None:
     with pytest.raises(ValueError, match="expected 18 bytes per row"):
         RowCodec(WireDtype.INT8, cols=16, dim=16).decode(torch.zeros(2, 20, dtype=torch.uint8))
+
+
+def test_int8_blocks_weights_and_first_moment() -> None:
+    """``delta+m``: the weights and Adam's first moment each quantised with their own
+    scale (the first moment is ~100x smaller than the weights' change here: one shared
+    scale would round it to zero), the second moment as bfloat16."""
+    dim = 16
+    x = _deltas(cols=3 * dim)
+    x[:, dim : 2 * dim] *= 0.01
+    codec = RowCodec(WireDtype.INT8, 3 * dim, dim, int8_cols=2 * dim)
+    assert codec.nbytes == 2 * (dim + 2) + 2 * dim
+    got = codec.decode(codec.encode(x))
+    for b in (0, dim):
+        blk = x[:, b : b + dim]
+        s = _round_up_bf16(blk.abs().amax(dim=1, keepdim=True) / 127)
+        q = torch.where(s > 0, torch.round(blk / s), torch.zeros_like(blk))
+        assert torch.equal(got[:, b : b + dim], q * s)
+        assert bool(((got[:, b : b + dim] - blk).abs() <= s / 2 + 1e-12).all())
+    assert torch.equal(got[:, 2 * dim :], x[:, 2 * dim :].to(torch.bfloat16).float())
+    assert bool((got[:, dim : 2 * dim] != 0).any(dim=1)[x[:, dim] != 0].all())
+    with pytest.raises(ValueError, match="int8_cols must be a multiple of dim 16"):
+        RowCodec(WireDtype.INT8, 3 * dim, dim, int8_cols=20)
