@@ -256,22 +256,71 @@ class ShardExchange:
 
 
 def check_same_layout(
-    group: Optional[dist.ProcessGroup],
+    groups: Sequence[Optional[dist.ProcessGroup]],
     device: torch.device,
     layout: Sequence[int],
     what: str,
+    field: Callable[[int], str] = lambda i: f"value {i}",
 ) -> None:
-    """Every rank of ``group`` must hold the same ``layout`` (small ints, e.g. the
-    table groups' widths, or the shard group's size): raises ValueError naming ``what``.
+    """Every rank reachable through ``groups`` must hold the same ``layout`` (small ints,
+    e.g. the shard group's size and the table groups' widths).
+
+    The layouts are gathered over the groups in turn, each stage passing on every layout
+    the last one gathered (a shard group, then its replica group: every rank of a shard
+    group x replica grid then holds every rank's layout). Nothing is raised between the
+    stages, so every rank runs the same collectives and then raises the same error: no
+    rank is left waiting in a collective another rank has left.
+
+    Args:
+        groups: the groups in order (``None``: the default group).
+        device: where the messages live (CUDA for NCCL, CPU for gloo).
+        layout: this rank's layout.
+        what: what the layout describes (starts the error message).
+        field: the name of the layout's value ``i`` (for the error message).
+    Raises:
+        ValueError: naming the ranks of each layout and the values that differ from the
+            lowest rank's.
     """
-    mine = torch.tensor(list(layout), dtype=torch.int64, device=device)
-    n = dist.get_world_size(group)
-    sizes = [torch.empty(1, dtype=torch.int64, device=device) for _ in range(n)]
-    dist.all_gather(sizes, torch.tensor([mine.numel()], device=device), group=group)
-    if len({int(s) for s in sizes}) != 1:
-        raise ValueError(f"{what} differs between ranks: lengths {[int(s) for s in sizes]}")
-    got = [torch.empty_like(mine) for _ in range(n)]
-    dist.all_gather(got, mine, group=group)
-    seen = [g.tolist() for g in got]
-    if any(s != seen[0] for s in seen):
-        raise ValueError(f"{what} differs between ranks: {seen}")
+    # one row per rank: [global rank, length, layout..., zero padding]
+    rows = torch.tensor([[dist.get_rank(), len(layout), *layout]], dtype=torch.int64)
+    for group in groups:
+        n = dist.get_world_size(group)
+        shape = torch.tensor(rows.shape, dtype=torch.int64, device=device)
+        dist.all_reduce(shape, op=dist.ReduceOp.MAX, group=group)
+        padded = torch.zeros(*shape.tolist(), dtype=torch.int64)
+        padded[:, 0] = -1  # rows of no rank
+        padded[: rows.shape[0], : rows.shape[1]] = rows
+        got = [torch.empty_like(padded, device=device) for _ in range(n)]
+        dist.all_gather(got, padded.to(device), group=group)
+        rows = torch.cat(got).cpu()
+    seen = {int(r[0]): tuple(r[2 : 2 + int(r[1])].tolist()) for r in rows if r[0] >= 0}
+    by_layout: dict[tuple[int, ...], list[int]] = {}
+    for rank in sorted(seen):
+        by_layout.setdefault(seen[rank], []).append(rank)
+    if len(by_layout) == 1:
+        return
+    (ref, ref_ranks), *others = by_layout.items()
+    parts = [f"{_ranks(ref_ranks)} have {list(ref)}"]
+    for other, ranks in others:
+        diff = _differences(ref, other, field)
+        parts.append(f"{_ranks(ranks)} {'have' if len(ranks) > 1 else 'has'} "
+                     f"{list(other)} ({diff})")
+    raise ValueError(f"{what} differs between ranks: " + "; ".join(parts))
+
+
+def _ranks(ranks: Sequence[int]) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {list(ranks)}"
+
+
+def _differences(ref: Sequence[int], other: Sequence[int], field: Callable[[int], str]) -> str:
+    """``field value vs ref_value, ...`` for the first few values that differ."""
+    out = []
+    for i in range(max(len(ref), len(other))):
+        if i >= len(other):
+            out.append(f"no {field(i)} (vs {ref[i]})")
+        elif i >= len(ref):
+            out.append(f"{field(i)} {other[i]} (vs none)")
+        elif other[i] != ref[i]:
+            out.append(f"{field(i)} {other[i]} vs {ref[i]}")
+    shown = ", ".join(out[:6])
+    return shown + (f", and {len(out) - 6} more" if len(out) > 6 else "")

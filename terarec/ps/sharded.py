@@ -117,6 +117,16 @@ class Served:
     response: Optional[torch.Tensor] = None
 
 
+_GROUP_FIELDS = ("dim", "row width", "tables")
+
+
+def _layout_field(i: int) -> str:
+    """The name of value ``i`` of :class:`ShardedLookup`'s layout check."""
+    if i < 2:
+        return ("shard group size", "pair columns (3 with admission)")[i]
+    return f"table group {(i - 2) // 3} {_GROUP_FIELDS[(i - 2) % 3]}"
+
+
 class ShardedLookup:
     """Lookups and row updates of ``groups`` sharded over ``group``'s ranks.
 
@@ -145,9 +155,10 @@ class ShardedLookup:
         self.cols = 3 if any(g.admission is not None for g in self.groups) else 2
         layout = [self.exchange.world, self.cols]
         layout += [v for g in self.groups for v in (g.dim, g.row_width, g.num_tables)]
-        check_same_layout(group, device, layout, "the table groups (dim, row width, tables)")
-        if replica_group is not None:  # replicas must split keys the same way
-            check_same_layout(replica_group, device, layout, "the shard layout of replicas")
+        # replicas must split keys the same way: one check over both groups, so that
+        # every rank raises the same error together (none waits in a later collective)
+        over = [group] if replica_group is None else [group, replica_group]
+        check_same_layout(over, device, layout, "the sharded table layout", _layout_field)
         self.prefetcher: Optional[ShardExchange] = None
         if prefetch_group is not None:
             self.prefetcher = ShardExchange(prefetch_group, device)
