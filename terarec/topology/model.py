@@ -269,8 +269,14 @@ def machine_to_json(m: Machine) -> str:
     return json.dumps(machine_to_dict(m), indent=1)
 
 
-def _check_type(where: str, value: Any, tp: Any) -> None:
-    """A light check of a JSON value against a dataclass field's annotation string."""
+def check_type(where: str, value: Any, tp: Any) -> None:
+    """A light check of a JSON value against a dataclass field's annotation string
+    (``int``, ``str``, ``bool``, ``float``, ``Optional[...]``, ``list[...]``,
+    ``dict[str, ...]``; other annotations are not checked).
+
+    Raises:
+        TopologyError: naming ``where`` (with the index or key of a bad element).
+    """
     tp = str(tp).replace("typing.", "")
     ok = True
     if tp in ("int",):
@@ -282,7 +288,7 @@ def _check_type(where: str, value: Any, tp: Any) -> None:
     elif tp.startswith("Optional["):
         inner = tp[len("Optional["):-1]
         if value is not None:
-            _check_type(where, value, inner)
+            check_type(where, value, inner)
         return
     elif tp == "float":
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -292,13 +298,28 @@ def _check_type(where: str, value: Any, tp: Any) -> None:
         else:
             inner = tp[len("list["):-1]
             for i, v in enumerate(value):
-                _check_type(f"{where}[{i}]", v, inner)
+                check_type(f"{where}[{i}]", v, inner)
+            return
+    elif tp.startswith("dict[str, "):
+        if not isinstance(value, dict):
+            ok = False
+        else:
+            inner = tp[len("dict[str, "):-1]
+            for k, v in value.items():
+                check_type(f"{where}[{k}]", v, inner)
             return
     if not ok:
         raise TopologyError(f"{where}: expected {tp}, got {json.dumps(value)}")
 
 
-def _build(cls: type, raw: Any, where: str) -> Any:
+def build_dataclass(cls: type, raw: Any, where: str) -> Any:
+    """``cls(**raw)`` from a JSON object whose keys are ``cls``'s fields, each value
+    checked by :func:`check_type`.
+
+    Raises:
+        TopologyError: not an object, an unknown or missing key, a mistyped value; named
+            with its path below ``where``.
+    """
     if not isinstance(raw, dict):
         raise TopologyError(f"{where}: expected an object, got {json.dumps(raw)[:60]}")
     known = {f.name: f for f in fields(cls)}
@@ -311,7 +332,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
             if f.default is MISSING and f.default_factory is MISSING:
                 raise TopologyError(f"{where}.{name}: missing")
             continue
-        _check_type(f"{where}.{name}", raw[name], f.type)
+        check_type(f"{where}.{name}", raw[name], f.type)
         kwargs[name] = raw[name]
     return cls(**kwargs)
 
@@ -333,14 +354,14 @@ def machine_from_dict(raw: Any, where: str = "machine") -> Machine:
         items = raw.pop(key, [])
         if not isinstance(items, list):
             raise TopologyError(f"{where}.{key}: expected a list")
-        parts[key] = [_build(cls, x, f"{where}.{key}[{i}]") for i, x in enumerate(items)]
+        parts[key] = [build_dataclass(cls, x, f"{where}.{key}[{i}]") for i, x in enumerate(items)]
     known = {f.name for f in fields(Machine)} - set(_CLASSES)
     unknown = sorted(set(raw) - known)
     if unknown:
         raise TopologyError(f"{where}: unknown key(s) {unknown}")
     for f in fields(Machine):
         if f.name in raw:
-            _check_type(f"{where}.{f.name}", raw[f.name], f.type)
+            check_type(f"{where}.{f.name}", raw[f.name], f.type)
     if "hostname" not in raw:
         raise TopologyError(f"{where}.hostname: missing")
     try:

@@ -29,6 +29,7 @@ Rules (docs/topology.md has the why):
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
@@ -37,6 +38,8 @@ from typing import Any, Optional
 from terarec.topology.model import (
     Machine,
     TopologyError,
+    build_dataclass,
+    check_type,
     format_cpulist,
     is_near,
     nvlinks,
@@ -381,33 +384,59 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
     return asdict(plan)
 
 
+# the smallest value of each int field of a rank's plan (lists: of every element)
+_RANK_MINIMUM = {"local_rank": 0, "gpu": 0, "numa_node": 0, "cpus": 0, "omp_threads": 1,
+                 "relay_gpu": 0}
+_LEVELS = ("note", "warning")
+
+
 def plan_from_dict(raw: Any, where: str = "plan") -> Plan:
     """A :class:`Plan` from parsed JSON (what :func:`plan_to_dict` wrote).
 
     Raises:
-        TopologyError: a missing or unknown field, named with its path.
+        TopologyError: a missing, unknown, mistyped or out-of-range field (a negative
+            core id, a float rank, fast groups that do not partition the ranks), named
+            with its path.
     """
-    def build(cls: type, obj: Any, at: str) -> dict[str, Any]:
-        if not isinstance(obj, dict):
-            raise TopologyError(f"{at}: expected an object")
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(obj) - names)
-        if unknown:
-            raise TopologyError(f"{at}: unknown key(s) {unknown}")
-        return dict(obj)
-
-    top = build(Plan, raw, where)
-    try:
-        ranks = [RankPlan(**build(RankPlan, r, f"{where}.ranks[{i}]"))
-                 for i, r in enumerate(top.get("ranks", []))]
-        findings = [Finding(**build(Finding, f, f"{where}.findings[{i}]"))
-                    for i, f in enumerate(top.get("findings", []))]
-        plan = Plan(hostname=top["hostname"], ranks=ranks, fast_groups=top["fast_groups"],
-                    findings=findings)
-    except (TypeError, KeyError) as e:
-        raise TopologyError(f"{where}: {e}") from None
-    if [r.local_rank for r in plan.ranks] != list(range(len(plan.ranks))):
-        raise TopologyError(f"{where}.ranks: local ranks are not 0..{len(plan.ranks) - 1}")
+    if not isinstance(raw, dict):
+        raise TopologyError(f"{where}: expected an object, got {json.dumps(raw)[:60]}")
+    top = dict(raw)
+    if "ranks" not in top:
+        raise TopologyError(f"{where}.ranks: missing")
+    parts: dict[str, Any] = {}
+    for key, cls in (("ranks", RankPlan), ("findings", Finding)):
+        items = top.pop(key, [])
+        if not isinstance(items, list):
+            raise TopologyError(f"{where}.{key}: expected a list, got {json.dumps(items)[:60]}")
+        parts[key] = [build_dataclass(cls, x, f"{where}.{key}[{i}]") for i, x in enumerate(items)]
+    known = {f.name for f in fields(Plan)} - set(parts)
+    unknown = sorted(set(top) - known)
+    if unknown:
+        raise TopologyError(f"{where}: unknown key(s) {unknown} (known: {sorted(known)})")
+    for f in fields(Plan):
+        if f.name in known:
+            if f.name not in top:
+                raise TopologyError(f"{where}.{f.name}: missing")
+            check_type(f"{where}.{f.name}", top[f.name], f.type)
+    plan = Plan(**top, **parts)
+    for i, r in enumerate(plan.ranks):
+        for name, lo in _RANK_MINIMUM.items():
+            value = getattr(r, name)
+            values = enumerate(value) if isinstance(value, list) else [(None, value)]
+            for j, v in values:
+                if v is not None and v < lo:
+                    at = f"{where}.ranks[{i}].{name}" + (f"[{j}]" if j is not None else "")
+                    raise TopologyError(f"{at}: must be >= {lo}, got {v}")
+    for i, finding in enumerate(plan.findings):
+        if finding.level not in _LEVELS:
+            raise TopologyError(f"{where}.findings[{i}].level: {finding.level!r}, expected "
+                                f"one of {list(_LEVELS)}")
+    n = len(plan.ranks)
+    if [r.local_rank for r in plan.ranks] != list(range(n)):
+        raise TopologyError(f"{where}.ranks: local ranks are not 0..{n - 1}")
+    if sorted(i for g in plan.fast_groups for i in g) != list(range(n)):
+        raise TopologyError(f"{where}.fast_groups: {plan.fast_groups} is not a partition of "
+                            f"the local ranks 0..{n - 1}")
     return plan
 
 

@@ -162,6 +162,66 @@ def test_plan_json_round_trip() -> None:
         plan_from_dict(bad)
 
 
+
+@pytest.mark.parametrize("path, value, match", [
+    ("hostname", 5, r"plan\.hostname: expected str, got 5"),
+    ("ranks", {}, r"plan\.ranks: expected a list"),
+    ("ranks.0", [1], r"plan\.ranks\[0\]: expected an object"),
+    ("ranks.0.cpus", "0-13", r'plan\.ranks\[0\]\.cpus: expected list\[int\], got "0-13"'),
+    ("ranks.0.cpus.3", -2, r"plan\.ranks\[0\]\.cpus\[3\]: must be >= 0, got -2"),
+    ("ranks.2.local_rank", 2.0, r"plan\.ranks\[2\]\.local_rank: expected int, got 2\.0"),
+    ("ranks.1.gpu", -1, r"plan\.ranks\[1\]\.gpu: must be >= 0, got -1"),
+    ("ranks.1.gpu", True, r"plan\.ranks\[1\]\.gpu: expected int, got true"),
+    ("ranks.1.numa_node", "0", r"plan\.ranks\[1\]\.numa_node: expected int"),
+    ("ranks.0.omp_threads", 0, r"plan\.ranks\[0\]\.omp_threads: must be >= 1, got 0"),
+    ("ranks.0.nic", 3, r"plan\.ranks\[0\]\.nic: expected str, got 3"),
+    ("ranks.0.env", ["A=1"], r"plan\.ranks\[0\]\.env: expected dict\[str, str\]"),
+    ("ranks.0.env.OMP_NUM_THREADS", 14,
+     r"plan\.ranks\[0\]\.env\[OMP_NUM_THREADS\]: expected str, got 14"),
+    ("ranks.0.local_rank", None, r"plan\.ranks\[0\]\.local_rank: expected int, got null"),
+    ("fast_groups", "0-7", r'plan\.fast_groups: expected list\[list\[int\]\], got "0-7"'),
+    ("fast_groups.0.1", "1", r"plan\.fast_groups\[0\]\[1\]: expected int"),
+    ("fast_groups", [[0, 1, 2, 3], [4, 5, 6]],
+     r"plan\.fast_groups: .* not a partition of the local ranks 0\.\.7"),
+    ("fast_groups", [[0, 1, 2, 3], [3, 4, 5, 6, 7]], r"plan\.fast_groups: .* not a partition"),
+    ("findings", [{"level": "bad", "text": "x"}],
+     r"plan\.findings\[0\]\.level: 'bad', expected one of \['note', 'warning'\]"),
+    ("findings", [{"level": "note", "text": 1}], r"plan\.findings\[0\]\.text: expected str"),
+])
+def test_plan_json_wrong_types_name_the_field(path: str, value: object, match: str) -> None:
+    """A saved plan with a mistyped or out-of-range value is a TopologyError naming the
+    field, not a plan that fails later (or silently pins the wrong cores)."""
+    raw = plan_to_dict(make_plan(fixture("dgx-h200-nvswitch")))
+    *parents, last = path.split(".")
+    obj = raw
+    for key in parents:
+        obj = obj[int(key)] if isinstance(obj, list) else obj[key]
+    if isinstance(obj, list):
+        obj[int(last)] = value
+    else:
+        obj[last] = value
+    with pytest.raises(TopologyError, match=match):
+        plan_from_dict(raw)
+
+
+def test_plan_file_with_a_wrong_type_names_the_file(tmp_path: Path) -> None:
+    from terarec.launch.bind import read_plan_file
+
+    raw = plan_to_dict(make_plan(fixture("cpu-box")))
+    raw["ranks"][0]["cpus"] = "0-3"
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({"plan": raw, "user_env": []}))
+    with pytest.raises(TopologyError, match=f"{path}: plan\\.ranks\\[0\\]\\.cpus: expected"):
+        read_plan_file(str(path))
+
+
+@pytest.mark.parametrize("name", ["dgx-h200-nvswitch", "pcie-8gpu-2x4-switch", "cpu-box",
+                                  "h200-vm", "pcie-4gpu-workstation", "h100-vm-captured"])
+def test_every_fixture_plan_round_trips(name: str) -> None:
+    plan = make_plan(fixture(name))
+    again = plan_from_dict(json.loads(json.dumps(plan_to_dict(plan))))
+    assert plan_to_dict(again) == plan_to_dict(plan)
+
 def test_cost_model_against_hand_computed_times() -> None:
     m = fixture("dgx-h200-nvswitch")
     load = StepLoad(host_to_gpu_mb=100, gpu_to_host_mb=100, ssd_read_mb=10, ssd_write_mb=10,
