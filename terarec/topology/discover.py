@@ -8,7 +8,8 @@ reported with its CPUs, NUMA nodes, NICs and disks only.
 
 Errors: a tool that runs but prints what cannot be parsed is a :class:`TopologyError`
 naming the command; a tool that is missing or fails degrades to what sysfs shows, and the
-machine's ``warnings`` say so.
+machine's ``warnings`` say so (a failed ``--query-gpu`` after a good ``topo -m``: the
+matrix's GPUs, their PCI bus ids from sysfs).
 """
 
 from __future__ import annotations
@@ -23,7 +24,13 @@ from typing import Any, Optional, Union
 from terarec.topology import sysfs
 from terarec.topology.facts import assign_sockets
 from terarec.topology.model import Gpu, Machine, Nic, NumaNode, TopologyError, parse_cpulist
-from terarec.topology.smi import QUERY_FIELDS, normalize_bus_id, parse_query_gpu, parse_topo_matrix
+from terarec.topology.smi import (
+    QUERY_FIELDS,
+    GpuQuery,
+    normalize_bus_id,
+    parse_query_gpu,
+    parse_topo_matrix,
+)
 
 # (argv) -> (return code, stdout, stderr); raises FileNotFoundError when not installed.
 Runner = Callable[[Sequence[str]], tuple[int, str, str]]
@@ -52,6 +59,7 @@ class _Gpus:
         self.links: list[list[str]] = []
         self.nic_names: list[str] = []  # NICs the source put in its matrix
         self.nic_links: list[list[str]] = []
+        self.warnings: list[str] = []  # what the source could not see, and the fallback
 
 
 # ------------------------------------------------------------------------------ NVML
@@ -129,12 +137,10 @@ def _from_smi(run: Runner, root: Path, single: Optional[int]) -> _Gpus:
     if rc != 0:
         raise RuntimeError(f"`{' '.join(TOPO_CMD)}` exited {rc}: {(err or text).strip()[:200]}")
     topo = parse_topo_matrix(text, f"`{' '.join(TOPO_CMD)}`")
-    rc, qtext, err = run(QUERY_CMD)
-    query = parse_query_gpu(qtext, f"`{' '.join(QUERY_CMD)}`") if rc == 0 else []
-    by_index = {q.index: q for q in query}
+    by_index, sysfs_bus = _query_smi(run, root, topo.num_gpus, out.warnings)
     for i in range(topo.num_gpus):
         q = by_index.get(i)
-        bus = q.pci_bus_id if q else None
+        bus = q.pci_bus_id if q and q.pci_bus_id else sysfs_bus.get(i)
         node = topo.numa_affinity[i]
         if node is None and bus is not None:
             node = sysfs.pci_numa(root, bus, single)
@@ -145,6 +151,39 @@ def _from_smi(run: Runner, root: Path, single: Optional[int]) -> _Gpus:
     out.links = topo.gpu_links
     out.nic_names, out.nic_links = topo.nic_names, topo.gpu_nic_links
     return out
+
+
+def _query_smi(
+    run: Runner, root: Path, num_gpus: int, warnings: list[str]
+) -> tuple[dict[int, GpuQuery], dict[int, str]]:
+    """``nvidia-smi --query-gpu`` by GPU index, and the PCI bus ids to use for the GPUs
+    it gave none: a failed query (or one that misses GPUs or their bus ids) degrades to
+    the bus ids sysfs lists, in bus order as nvidia-smi numbers them, when sysfs sees as
+    many NVIDIA GPUs as the matrix, with a warning; output that does not parse is a
+    TopologyError naming the command (as for ``topo -m``)."""
+    cmd = f"`{' '.join(QUERY_CMD)}`"
+    rc, text, err = run(QUERY_CMD)
+    if rc != 0:
+        by_index: dict[int, GpuQuery] = {}
+        problem = f"{cmd} exited {rc}: {(err or text).strip()[:200]}"
+    else:
+        by_index = {q.index: q for q in parse_query_gpu(text, cmd)}
+        lost = [i for i in range(num_gpus) if i not in by_index]
+        no_bus = [i for i in range(num_gpus) if i in by_index and not by_index[i].pci_bus_id]
+        problem = "; ".join(
+            [f"{cmd}: no line for GPU {lost}"] * bool(lost)
+            + [f"{cmd}: no PCI bus id for GPU {no_bus}"] * bool(no_bus)
+        )
+    if not problem:
+        return by_index, {}
+    buses = sysfs.nvidia_gpus(root)
+    if len(buses) == num_gpus:
+        warnings.append(f"{problem}; PCI bus ids from sysfs (bus order), "
+                        "names and memory unknown")
+        return by_index, dict(enumerate(buses))
+    warnings.append(f"{problem}; names, memory and PCI bus ids unknown (sysfs lists "
+                    f"{len(buses)} NVIDIA GPUs, the matrix {num_gpus})")
+    return by_index, {}
 
 
 def _from_pci(root: Path, single: Optional[int]) -> _Gpus:
@@ -234,6 +273,7 @@ def discover(
         gpus = _from_pci(root, single)
     if gpus.gpus:
         sources.append(gpus.source)
+    warnings += gpus.warnings
     # NICs: the tool's matrix order first, then what only sysfs shows.
     by_name = {n.name: n for n in nics}
     ordered: list[Nic] = [by_name.pop(name, None) or Nic(name=name) for name in gpus.nic_names]

@@ -108,12 +108,13 @@ SMI_QUERY = (f"0, NVIDIA A100-SXM4-80GB, 0000{GPU0.upper()}, 81920, 4\n"
              f"2, NVIDIA A100-SXM4-80GB, 0000{GPU2.upper()}, 81920, 4\n")
 
 
-def smi(topo: str = SMI_TOPO, rc: int = 0):  # noqa: ANN201
+def smi(topo: str = SMI_TOPO, rc: int = 0, query: str = SMI_QUERY,  # noqa: ANN201
+        query_rc: int = 0):
     def run(argv: Sequence[str]) -> tuple[int, str, str]:
         if tuple(argv) == TOPO_CMD:
             return rc, topo, "" if rc == 0 else "NVIDIA-SMI has failed"
         assert tuple(argv) == QUERY_CMD
-        return 0, SMI_QUERY, ""
+        return query_rc, query, "" if query_rc == 0 else "Driver/library version mismatch"
     return run
 
 
@@ -164,6 +165,41 @@ def test_bad_or_failing_nvidia_smi(tmp_path: Path) -> None:
                           "sysfs PCI devices only"]
     assert len(m.gpus) == 3 and m.gpu_links[0][1] == "PIX"
 
+
+QUERY = "`" + " ".join(QUERY_CMD) + "`"
+
+
+def test_failing_nvidia_smi_query(tmp_path: Path) -> None:
+    """``--query-gpu`` failing after a good ``topo -m``: a warning naming the command and
+    its error; the matrix's GPUs and links are kept, their bus ids come from sysfs."""
+    root = make_tree(tmp_path)
+    m = discover(root, run=smi(query_rc=6), nvml=None)
+    assert m.warnings == [f"{QUERY} exited 6: Driver/library version mismatch; PCI bus ids "
+                          "from sysfs (bus order), names and memory unknown"]
+    assert m.sources == ["sysfs", "nvidia-smi"] and m.gpu_links[0][1] == "NV4"
+    assert [g.pci_bus_id for g in m.gpus] == [GPU0, GPU1, GPU2]
+    assert [g.name for g in m.gpus] == [""] * 3 and m.gpus[0].memory_mb is None
+    assert m.gpu_nic_links[0] == ["PIX", "PHB"]  # eth0's link from the sysfs bus id
+    # a line missing (here GPU2's) or a bus id that is none: the same, for those GPUs
+    m = discover(root, run=smi(query=SMI_QUERY.rsplit("2,", 1)[0]), nvml=None)
+    assert m.warnings == [f"{QUERY}: no line for GPU [2]; PCI bus ids from sysfs (bus "
+                          "order), names and memory unknown"]
+    assert m.gpus[1].name == "NVIDIA A100-SXM4-80GB" and m.gpus[2].pci_bus_id == GPU2
+    m = discover(root, run=smi(query=SMI_QUERY.replace(f"0000{GPU1.upper()}", "N/A")),
+                 nvml=None)
+    assert m.warnings == [f"{QUERY}: no PCI bus id for GPU [1]; PCI bus ids from sysfs "
+                          "(bus order), names and memory unknown"]
+    assert [g.pci_bus_id for g in m.gpus] == [GPU0, GPU1, GPU2]
+    # output that does not parse is an error naming the command, as for `topo -m`
+    with pytest.raises(TopologyError, match=r"nvidia-smi --query-gpu=.*: line 1: 'garbage'"):
+        discover(root, run=smi(query="garbage\n"), nvml=None)
+    # sysfs sees another number of GPUs: no bus ids to trust, said so
+    (root / "sys/bus/pci/devices" / GPU2).unlink()
+    m = discover(root, run=smi(query_rc=6), nvml=None)
+    assert m.warnings == [f"{QUERY} exited 6: Driver/library version mismatch; names, "
+                          "memory and PCI bus ids unknown (sysfs lists 2 NVIDIA GPUs, the "
+                          "matrix 3)"]
+    assert [g.pci_bus_id for g in m.gpus] == [None] * 3 and m.gpu_links[0][1] == "NV4"
 
 class _Pci:
     def __init__(self, bus: str) -> None:
