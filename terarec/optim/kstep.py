@@ -420,6 +420,15 @@ class KStepMerger:
             "momentum": self._momentum,
         }
 
+    def local_state_dict(self) -> Optional[dict[str, Any]]:
+        """This replica's own state at a checkpoint (with ``k > 1`` the replicas' dense
+        optimizer states differ too: the checkpoint saves each rank's): the bf16 dense
+        merge's rounding residual. None for ``k = 1`` (replicas identical)."""
+        return None if self.k == 1 else {"residual": self._residual}
+
+    def load_local_state_dict(self, state: dict[str, Any]) -> None:
+        self._residual = state.get("residual")
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.comm.dense = int(state["dense_bytes"])

@@ -22,6 +22,9 @@ A multi-rank run (``parts.dist``) saves one shard per rank, every rank taking pa
     rank<r>/tables.pt   the rows rank ``r`` owns (its shard of every table)
     rank<r>/data.json   rank ``r``'s data position
     rank<r>/rng.pt      rank ``r``'s RNG state
+    rank<r>/dense_local.pt  with k-step merging (``sync.k > 1``): rank ``r``'s dense
+                    optimizer state and its merger's own state (replicas differ there
+                    between merges, so a resume restores each rank's, not rank 0's)
 
 Every rank writes its directory into ``<dir>.tmp``, the ranks agree that all of them
 succeeded (a NaN or a failed write on any rank fails the save on every rank, leaving the
@@ -60,6 +63,7 @@ if TYPE_CHECKING:
 FORMAT = 1
 REQUIRED_FILES = ("tables.pt", "dense.pt", "data.json", "rng.pt")
 RANK_FILES = ("tables.pt", "data.json", "rng.pt")  # per rank, in rank<r>/ (multi-rank)
+LOCAL_FILE = "dense_local.pt"  # per rank with k-step merging: its dense optimizer state
 
 
 def required_files(manifest: dict[str, Any]) -> list[str]:
@@ -272,10 +276,15 @@ def _save_sharded(
     try:
         (tmp / mine).mkdir(parents=True, exist_ok=True)
         bad = _write_rank_files(tmp / mine, parts, source)
+        local = parts.sync.local_state_dict()
+        if bad is None and local is not None:
+            torch.save({"optimizer": parts.dense_optimizer.state_dict(), "sync": local},
+                       tmp / mine / LOCAL_FILE)
         if bad is None and d.rank == 0:
             bad = _write_dense(tmp, parts)
         if bad is None:
             names = [f"{mine}/{n}" for n in RANK_FILES] + (["dense.pt"] if d.rank == 0 else [])
+            names += [f"{mine}/{LOCAL_FILE}"] if local is not None else []
             files = _describe(tmp, names)
             _fsync(tmp / mine)
     except OSError as e:
@@ -422,6 +431,12 @@ def load_checkpoint(path: Path, parts: Components, source: Any = None) -> int:
             )
         parts.dense_optimizer.load_state_dict(dense["optimizer"])
         parts.sync.load_state_dict(dense.get("sync") or {})
+        local = f"{rank_dir}{LOCAL_FILE}" if rank_dir else None
+        if local is not None and local in manifest["files"]:  # this replica's own
+            _verify(path, manifest, [local])
+            own = torch.load(path / local, map_location=parts.device, weights_only=True)
+            parts.dense_optimizer.load_state_dict(own["optimizer"])
+            parts.sync.load_local_state_dict(own["sync"])
         if rank_dir is not None:
             if source is not None and hasattr(source, "load_state_dict"):
                 source.load_state_dict(json.loads((path / rank_dir / "data.json").read_text()))

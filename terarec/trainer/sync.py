@@ -36,8 +36,10 @@ class ReplicaSync(Protocol):
     """What the training loop calls around each dense optimizer step (see the module).
 
     Implementations hold whatever state they need (e.g. the parameters at the last
-    merge); :meth:`state_dict` goes into every rank's checkpoint shard and comes back
-    through :meth:`load_state_dict` on resume.
+    merge); :meth:`state_dict` (the same on every replica) goes into the checkpoint's
+    ``dense.pt`` and comes back through :meth:`load_state_dict` on resume. What differs
+    between replicas (:meth:`local_state_dict`) is saved by every rank in its shard,
+    together with its own dense optimizer state.
     """
 
     def before_optimizer_step(self) -> None:
@@ -53,6 +55,13 @@ class ReplicaSync(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores :meth:`state_dict`."""
 
+    def local_state_dict(self) -> Optional[dict[str, Any]]:
+        """This replica's own state, when replicas (and their dense optimizer states)
+        differ at a checkpoint; None when they are identical."""
+
+    def load_local_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores :meth:`local_state_dict` (after :meth:`load_state_dict`)."""
+
 
 class NoSync:
     """One fast group (a single node, or a single process): nothing to keep in step."""
@@ -67,6 +76,12 @@ class NoSync:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+    def local_state_dict(self) -> Optional[dict[str, Any]]:
+        return None
+
+    def load_local_state_dict(self, state: dict[str, Any]) -> None:
         return None
 
 

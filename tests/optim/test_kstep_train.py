@@ -34,7 +34,7 @@ from terarec.config import config_from_dict  # noqa: E402
 from terarec.trainer.loop import train  # noqa: E402
 
 
-def _nodes(tmp: Path, cfg: dict[str, Any], nodes: int) -> None:
+def _nodes(tmp: Path, cfg: dict[str, Any], nodes: int, *extra: str) -> None:
     """``terarec train`` on ``nodes`` nodes of one rank each (torchrun's variables)."""
     config = write_config(tmp, cfg)
     port = free_port()
@@ -42,7 +42,7 @@ def _nodes(tmp: Path, cfg: dict[str, Any], nodes: int) -> None:
     logs.mkdir(exist_ok=True)
     with Ranks(logs) as ranks:
         for r in range(nodes):
-            ranks.start(train_cmd(config), torchrun_env(r, nodes, port, local_world=1))
+            ranks.start(train_cmd(config, *extra), torchrun_env(r, nodes, port, local_world=1))
         codes = ranks.wait(150)
         outs = [ranks.output(i) for i in range(nodes)]
     assert codes == [0] * nodes, "\n".join(o[-2500:] for o in outs)
@@ -100,3 +100,24 @@ def test_k4_merges_and_replicas_agree(work: Path, sync_run: dict[str, Any]) -> N
     recs = [json.loads(ln) for ln in (run_dir(cfg) / "metrics.jsonl").read_text().splitlines()]
     logged = [r["sync"]["merges"] for r in recs if r["split"] == "train"]
     assert logged == [s // 4 for s in range(1, steps + 1)]  # log_every: 1
+
+
+@pytest.mark.slow  # three 2-node launches
+def test_a_resumed_k4_run_ends_where_the_straight_run_ends(work: Path) -> None:
+    """Replicas' dense optimizer states differ between merges (``dense: params`` merges
+    the weights only) and so does the bf16 merge's error feedback: each rank saves and
+    restores its own, so a run resumed at a merge ends where the straight run ends."""
+    steps = 16
+
+    def config(name: str, n: int) -> dict[str, Any]:
+        cfg = equivalence_config(work, 2, name, steps=n)
+        cfg["sync"] = {"k": 4, "dense": "params", "dense_dtype": "bf16"}
+        return cfg
+
+    straight = config("k4-straight", steps)
+    _nodes(work, straight, 2)
+    cfg = config("k4-resumed", steps // 2)
+    _nodes(work, cfg, 2)
+    cfg["train"]["steps"] = steps
+    _nodes(work, cfg, 2, "--resume", str(run_dir(cfg) / "checkpoint"))
+    assert_same_run(cfg, straight, tol=1e-6)
