@@ -45,6 +45,8 @@ from typing import Any, Optional
 import numpy as np
 import yaml
 
+from terarec.data.criteo_writer import write_criteo
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -178,21 +180,6 @@ def print_throughput(out: dict[str, Any]) -> None:
 # ------------------------------------------------------------------- equivalence
 
 
-def write_criteo(path: Path, rows: int, seed: int, vocab: int = 2000) -> None:
-    """Criteo lines with Zipf-like categories and labels that depend on them."""
-    rng = np.random.default_rng(seed)
-    dense = rng.poisson(3.0, size=(rows, 13))
-    ranks = np.minimum(rng.zipf(1.3, size=(rows, 26)), vocab) - 1
-    cats = (ranks * 2654435761 + np.arange(26) * 97) % (1 << 32)
-    score = (ranks % 7).sum(axis=1) + 2.0 * dense[:, 0]
-    logit = (score - score.mean()) / (2.0 * score.std() + 1e-9)
-    labels = (rng.random(rows) < 1.0 / (1.0 + np.exp(-logit))).astype(int)
-    with open(path, "w") as f:
-        for i in range(rows):
-            f.write("\t".join([str(labels[i]), *map(str, dense[i]),
-                               *(f"{c:08x}" for c in cats[i])]) + "\n")
-
-
 def check_config(args: argparse.Namespace, world: int, work: Path) -> dict[str, Any]:
     g = args.check_batch
     table: dict[str, Any] = {"name": "sparse", "dim": 16, "features": None,
@@ -239,8 +226,8 @@ def run_rows(run: Path) -> dict[str, Any]:
 
 def check(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     steps, g = args.check_steps, args.check_batch
-    write_criteo(work / "train.tsv", g * (steps + 2), seed=1)
-    write_criteo(work / "eval.tsv", 2048, seed=2)
+    write_criteo(work / "train.tsv", g * (steps + 2), seed=1, vocab=2000)
+    write_criteo(work / "eval.tsv", 2048, seed=2, vocab=2000)
     runs = {}
     for world in (1, 2):
         cfg = check_config(args, world, work)

@@ -31,10 +31,10 @@ from train_helpers import (
     run_dir,
     train_cmd,
     write_config,
-    write_criteo,
 )
 
 from terarec.config import config_from_dict
+from terarec.data.criteo_writer import write_criteo
 from terarec.trainer.loop import train
 
 # Oversubscribed (4 ranks, 2 cores): ranks waiting in MPI calls (the rendezvous while

@@ -13,31 +13,14 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+
+from terarec.data.criteo_writer import write_criteo
 
 REPO = Path(__file__).resolve().parents[2]
 
 GLOBAL_BATCH = 64
 STEPS = 16
-
-
-def write_criteo(path: Path, rows: int, seed: int, vocab: int = 400) -> Path:
-    """``rows`` Criteo lines (label, 13 ints, 26 hex categories) with Zipf-like
-    categories (a few hot keys, a long tail) and labels that depend on them."""
-    rng = np.random.default_rng(seed)
-    dense = rng.poisson(3.0, size=(rows, 13))
-    ranks = np.minimum(rng.zipf(1.3, size=(rows, 26)), vocab) - 1
-    cats = (ranks * 2654435761 + np.arange(26) * 97) % (1 << 32)
-    score = (ranks % 7).sum(axis=1) + 2.0 * dense[:, 0]
-    logit = (score - score.mean()) / (2.0 * score.std() + 1e-9)
-    labels = (rng.random(rows) < 1.0 / (1.0 + np.exp(-logit))).astype(int)
-    lines = [
-        "\t".join([str(labels[i]), *map(str, dense[i]), *(f"{c:08x}" for c in cats[i])])
-        for i in range(rows)
-    ]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def equivalence_config(tmp: Path, world: int, name: str, steps: int = STEPS,
