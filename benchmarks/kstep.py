@@ -298,7 +298,8 @@ def _grid(ks: list[int], modes: list[str], sparse: str, warmup: int = 0,
             grid += [{"k": k, "dense": m, "sparse": sp, "dtype": dt, "warmup": warmup,
                       **({"dense_dtype": ddt} if ddt != "fp32" else {}),
                       **({"variant": variant} if variant else {})}
-                     for m in modes for sp in sparses for dt in dts for ddt in ddts]
+                     for m in modes for sp in sparses for dt in dts for ddt in ddts
+                     if not (m == "params+moments" and ddt != "fp32")]  # needs fp32
     return grid
 
 

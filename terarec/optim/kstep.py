@@ -9,17 +9,22 @@ the cross group (the same local rank of every node). With ``R`` replicas, at a m
            diloco:          g = w_anchor - mean_r w_r             (outer "gradient")
                             b <- mu b + g;  w_anchor <- w_anchor - lr (g + mu b)
                             w <- w_anchor                         (SGD-Nesterov outer step)
+           dense_dtype bf16 (params, diloco): mean_r w_r = w_anchor + mean_r c_r, each
+                            replica's change c_r = w_r - w_anchor sent as bfloat16, its
+                            rounding error added to its next change (error feedback)
     sparse delta:           for every pair touched on any replica since the last merge
                             row <- snap + (1/R) sum_r [r touched it] (row_r - snap)
+           delta+m:         the same over the weights and Adam's first moment
            delta+moments:   the same over the whole row (weights + optimizer state)
 
 ``snap`` is the row at the last merge, the same on every replica: a replica that
 touched the row kept it (``TouchedRows`` in ps/), the others still hold it (or, never
 having had the row, create it with the deterministic initializer). So only the touched
-rows' deltas travel (``all_gather`` of counts, then of padded ``[keys | delta]``, the
-deltas encoded as ``sync.sparse_dtype`` says: ``optim/row_codec.py``), and every replica
-computes the same merged row, bit for bit (the same decoded messages, one summation
-order).
+rows' deltas travel (``all_gather`` of counts, then of one padded message per replica:
+a bitmap over the keys the last merge wrote, their deltas, then the other keys with
+theirs; the deltas encoded as ``sync.sparse_dtype`` says: ``optim/row_codec.py``; the
+message layout is at the end of this file), and every replica computes the same merged
+row, bit for bit (the same decoded messages, one summation order).
 
 ``k = 1`` is fully synchronous training and merges nothing: the dense gradients are
 averaged over the cross group before every optimizer step and the embedding collection
@@ -212,9 +217,9 @@ class KStepMerger:
         # The change since the last merge, averaged: diloco's outer gradient, and with
         # dense_dtype bf16 the params merge (it travels rounded, the rounding error is
         # kept by the sender and added to its next change: error feedback).
+        if self._anchor is None:  # _set_phase sets it when local steps start
+            raise RuntimeError("k-step merge: no dense anchor (the weights at the last merge)")
         flat = torch.cat([p.data.reshape(-1) for p in self.params])
-        if self._anchor is None:  # started without a phase change: weights are the anchor
-            self._anchor = flat.clone()
         change = flat.sub_(self._anchor)
         if self.cfg.dense_dtype == WireDtype.BF16:
             if self._residual is not None:
@@ -267,12 +272,12 @@ class KStepMerger:
         prev_comp, prev_tab = self._prev.get(gi, (empty, empty))
         # rows the last merge wrote first (in its key order: a bitmap names them), then
         # the others with their keys
-        known, order = _split_known(comp, prev_comp)
+        known, order = _split_known(comp, tables, prev_comp, prev_tab)
         comp, tables, snap = comp[order], tables[order], snap[order]
         cur, _ = g.lookup_rows(comp, tables)  # touched rows always exist
         delta = cur[:, cols].to(dev) - snap[:, cols]
         payload, n_known = _encode_rows(codec, delta, comp, tables, known, prev_comp, multi)
-        counts = self._all_gather_counts([n_known, comp.numel() - n_known], dev)
+        counts = self._all_gather_counts([n_known, comp.numel() - max(n_known, 0)], dev)
         n_max = max(_message_bytes(codec, prev_comp.numel(), c, multi) for c in counts)
         padded = torch.zeros(n_max, dtype=torch.uint8, device=dev)
         padded[: payload.numel()] = payload
@@ -408,8 +413,9 @@ class KStepMerger:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """The step, the counters, DiLoCo's anchor and momentum. Taken at a merge (the
-        trainer checkpoints on merges only): no touched rows are pending then."""
+        """The step, the counters, the dense anchor (diloco, bf16 dense: the weights at
+        the last merge) and DiLoCo's momentum: the same on every replica. Taken at a merge
+        (the trainer checkpoints on merges only): no touched rows are pending then."""
         return {
             "step": self.step,
             "dense_bytes": self.comm.dense,
@@ -438,9 +444,10 @@ class KStepMerger:
         self._merged_at = self.step  # checkpoints are taken at merges
         self._prev = {}  # every replica resumes from the same checkpoint: none known
         self._residual = None
-        self._set_phase(self.every_step(self.step + 1))
-        self._anchor = state["anchor"]
-        self._momentum = state["momentum"]
+        self._set_phase(self.every_step(self.step + 1))  # anchor: the loaded weights
+        if state.get("anchor") is not None:  # (the same: checkpoints are taken at merges)
+            self._anchor = state["anchor"]
+        self._momentum = state.get("momentum")
 
 
 def all_reduce_mean(
@@ -476,21 +483,27 @@ def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
 #           merge wrote (P of them, sorted; every replica knows them)
 #   known   n_known x nbytes: those rows' encoded deltas, in the bitmap's order
 #   new     n_new x (8 key [+ 4 table] + nbytes): the other rows, keys spelled out
-# Hot rows are merged again and again, so most keys cost one bit instead of 8 bytes.
+# Hot rows are merged again and again, so most keys cost one bit instead of 8 bytes. A
+# replica that touched fewer than P / 64 of them again names every key instead (no
+# bitmap, n_known = NO_BITMAP): a message is never longer than the keys spelled out.
 
 _BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)
+NO_BITMAP = -1  # n_known of a message that names every key (no bitmap)
 
 
-def _split_known(comp: torch.Tensor, prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(known [N] bool, order [N])``: ``comp[order]`` holds the keys found in the sorted
-    ``prev`` first (ascending), then the others in their order; ``known`` says which."""
+def _split_known(
+    comp: torch.Tensor, tables: torch.Tensor, prev: torch.Tensor, prev_tables: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(known [N] bool, order [N])``: ``comp[order]`` holds the pairs found in the
+    sorted ``prev`` (same key, same table) first, ascending, then the others in their
+    order; ``known`` says which."""
     dev = comp.device
     if prev.numel() == 0 or comp.numel() == 0:
         return torch.zeros(comp.numel(), dtype=torch.bool, device=dev), torch.arange(
             comp.numel(), device=dev
         )
     pos = torch.searchsorted(prev, comp).clamp_(max=prev.numel() - 1)
-    found = prev[pos] == comp
+    found = (prev[pos] == comp) & (prev_tables[pos] == tables)
     idx_known = found.nonzero().squeeze(1)
     idx_known = idx_known[torch.argsort(pos[idx_known])]
     order = torch.cat([idx_known, (~found).nonzero().squeeze(1)])
@@ -498,9 +511,11 @@ def _split_known(comp: torch.Tensor, prev: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def _message_bytes(codec: RowCodec, n_prev: int, counts: tuple[int, ...], multi: bool) -> int:
-    """Bytes of a message with ``counts = (n_known, n_new)`` rows."""
+    """Bytes of a message with ``counts = (n_known, n_new)`` rows (``n_known`` =
+    ``NO_BITMAP``: every key spelled out, no bitmap)."""
     n_known, n_new = counts
-    return (n_prev + 7) // 8 + n_known * codec.nbytes + n_new * (8 + 4 * multi + codec.nbytes)
+    head = 0 if n_known == NO_BITMAP else (n_prev + 7) // 8 + n_known * codec.nbytes
+    return head + n_new * (8 + 4 * multi + codec.nbytes)
 
 
 def _encode_rows(
@@ -514,21 +529,25 @@ def _encode_rows(
 ) -> tuple[torch.Tensor, int]:
     """The message of ``delta [N, cols]`` for keys ``comp [N]`` (``tables [N]``) in the
     order of :func:`_split_known` (``known [N]`` first); returns it flat (uint8) and the
-    number of known rows."""
+    number of known rows, or ``NO_BITMAP`` when naming them by key is shorter than the
+    bitmap (few of the last merge's keys touched again)."""
     dev = delta.device
     n_known = int(known.sum())
     enc = codec.encode(delta)  # [N, nbytes]
     parts = []
-    if prev.numel():
+    if 8 * n_known <= (prev.numel() + 7) // 8:  # keys are cheaper than the bitmap
+        n_known = NO_BITMAP
+    else:
         bits = torch.zeros((prev.numel() + 7) // 8 * 8, dtype=torch.bool, device=dev)
         bits[torch.searchsorted(prev, comp[:n_known])] = True
         w = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=dev)
         parts.append((bits.view(-1, 8).to(torch.uint8) * w).sum(1, dtype=torch.uint8))
-    parts.append(enc[:n_known].reshape(-1))
-    new = [comp[n_known:].contiguous().view(torch.uint8).view(-1, 8)]
+        parts.append(enc[:n_known].reshape(-1))
+    start = max(n_known, 0)
+    new = [comp[start:].contiguous().view(torch.uint8).view(-1, 8)]
     if multi:
-        new.append(tables[n_known:].to(torch.int32).contiguous().view(torch.uint8).view(-1, 4))
-    new.append(enc[n_known:])
+        new.append(tables[start:].to(torch.int32).contiguous().view(torch.uint8).view(-1, 4))
+    new.append(enc[start:])
     parts.append(torch.cat(new, dim=1).reshape(-1))
     return torch.cat(parts), n_known
 
@@ -545,7 +564,10 @@ def _decode_rows(
     -> ``(keys [n], tables [n], decoded deltas [n, cols])``."""
     n_known, n_new = counts
     nb, at = codec.nbytes, (prev.numel() + 7) // 8
-    if prev.numel():
+    if n_known == NO_BITMAP:
+        n_known, at = 0, 0
+        idx = torch.empty(0, dtype=torch.int64, device=buf.device)
+    elif prev.numel():
         w = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=buf.device)
         bits = (buf[:at].unsqueeze(1) & w).ne(0).reshape(-1)[: prev.numel()]
         idx = bits.nonzero().squeeze(1)

@@ -133,7 +133,8 @@ def bytes_as(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _bytes(t: torch.Tensor) -> torch.Tensor:
     """A ``[n, c]`` tensor's bytes as ``[n, c * itemsize]`` uint8 (native byte order:
     every replica of a cluster runs on the same architecture)."""
-    return t.contiguous().view(torch.uint8).view(t.shape[0], -1)
+    n, c = t.shape
+    return t.contiguous().view(torch.uint8).view(n, c * t.element_size())  # n may be 0
 
 
 def _to_half(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

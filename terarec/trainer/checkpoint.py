@@ -407,6 +407,7 @@ def load_checkpoint(path: Path, parts: Components, source: Any = None) -> int:
     path = Path(path)
     manifest = read_manifest(path, verify=False)
     rank_dir = _rank_dir(path, manifest, parts, source)
+    local: Optional[str] = None
     try:
         if rank_dir is None:  # one process reads a multi-rank checkpoint's rows
             shards = [f"rank{r}/tables.pt" for r in manifest["world"]["fast_groups"][0]]
@@ -417,7 +418,12 @@ def load_checkpoint(path: Path, parts: Components, source: Any = None) -> int:
             )
         else:
             mine = [f"{rank_dir}{n}" for n in RANK_FILES]
-            _verify(path, manifest, [*mine, "dense.pt"])
+            # this replica's own dense optimizer state (k-step merging), when this run
+            # keeps replicas apart between merges too (a k = 1 resume takes rank 0's)
+            local = f"{rank_dir}{LOCAL_FILE}"
+            if local not in manifest["files"] or parts.sync.local_state_dict() is None:
+                local = None
+            _verify(path, manifest, [*mine, "dense.pt"] + ([local] if local else []))
             tables = torch.load(path / mine[0], map_location=parts.device, weights_only=True)
         parts.embedding.load_tables_state_dict(tables)
         dense = torch.load(path / "dense.pt", map_location=parts.device, weights_only=True)
@@ -431,9 +437,7 @@ def load_checkpoint(path: Path, parts: Components, source: Any = None) -> int:
             )
         parts.dense_optimizer.load_state_dict(dense["optimizer"])
         parts.sync.load_state_dict(dense.get("sync") or {})
-        local = f"{rank_dir}{LOCAL_FILE}" if rank_dir else None
-        if local is not None and local in manifest["files"]:  # this replica's own
-            _verify(path, manifest, [local])
+        if local is not None:
             own = torch.load(path / local, map_location=parts.device, weights_only=True)
             parts.dense_optimizer.load_state_dict(own["optimizer"])
             parts.sync.load_local_state_dict(own["sync"])

@@ -37,6 +37,10 @@ SCHEDULE = {
     1: [[2], [4], [1, 4], [2]],
     2: [[5], [5, 6], [7], [5]],
 }
+# ... and one where replica 2 trains nothing for a whole merge window (steps 3-4): its
+# message is empty (no rows), the others' rows still reach it
+GAP_SCHEDULE = {0: SCHEDULE[0], 1: SCHEDULE[1], 2: [[5], [5, 6], [], []]}
+SCHEDULES = {"default": SCHEDULE, "gap": GAP_SCHEDULE}
 ALL_KEYS = list(range(1, 9))
 DIM = 2
 
@@ -69,12 +73,13 @@ def run(sc: dict, rank: int, ctx, out: Path) -> None:  # noqa: ANN001 - DistCont
     merger = KStepMerger(cfg, [dense], dense_opt, ebc.groups, ctx.cross_group,
                          len(ctx.cross_ranks), ebc)
     w = row_grad_weight(rank)
-    for step, keys in enumerate(SCHEDULE[rank], start=1):
-        kjt = KeyedJaggedTensor.from_lengths_sync(
-            ["f"], torch.tensor(keys), torch.ones(len(keys), dtype=torch.int64)
-        )
-        pooled = ebc(kjt).values()  # [B, DIM]: one key per bag
-        (pooled * w).sum().backward()  # the row optimizer steps here
+    for step, keys in enumerate(SCHEDULES[sc.get("schedule", "default")][rank], start=1):
+        if keys:  # no keys: this replica trains no rows this step (the dense part still)
+            kjt = KeyedJaggedTensor.from_lengths_sync(
+                ["f"], torch.tensor(keys), torch.ones(len(keys), dtype=torch.int64)
+            )
+            pooled = ebc(kjt).values()  # [B, DIM]: one key per bag
+            (pooled * w).sum().backward()  # the row optimizer steps here
         dense.grad = dense_grad(rank).clone()
         merger.before_optimizer_step()
         dense_opt.step()

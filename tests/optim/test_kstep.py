@@ -32,7 +32,14 @@ from terarec.ps.initializer import init_rows
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
-from kstep_worker import ALL_KEYS, DIM, SCHEDULE, dense_grad, row_grad_weight  # noqa: E402
+from kstep_worker import (  # noqa: E402
+    ALL_KEYS,
+    DIM,
+    SCHEDULE,
+    SCHEDULES,
+    dense_grad,
+    row_grad_weight,
+)
 
 R = 3
 K = 2
@@ -66,6 +73,10 @@ SCENARIOS: list[dict[str, Any]] = [
     {"name": "dense-bf16", "tiered": False, "sync": {"k": K, "dense_dtype": "bf16"}},
     {"name": "diloco-bf16", "tiered": False,
      "sync": {"k": K, "dense": "diloco", "dense_dtype": "bf16"}},
+    # a replica with nothing to send in a merge (it trained no rows for K steps)
+    {"name": "gap", "tiered": True, "schedule": "gap", "sync": {"k": K}},
+    {"name": "gap-m-int8", "tiered": False, "schedule": "gap", "sparse_opt": "adam",
+     "sync": {"k": K, "sparse": "delta+m", "sparse_dtype": "int8"}},
 ]
 
 
@@ -155,7 +166,7 @@ def _row_step(row: list[float], g: list[float], opt: str, t: int) -> None:
 
 
 def reference(
-    sync: dict[str, Any], opt: str = "adagrad"
+    sync: dict[str, Any], opt: str = "adagrad", schedule: str = "default"
 ) -> tuple[dict[int, list[list[float]]], list[float]]:
     """Rows ``{key: [w..., s...]}`` (every rank ends with the same) and the dense weights,
     re-enacted in float64: Adagrad (or Adam) rows, Adam dense, merges every K steps
@@ -170,6 +181,8 @@ def reference(
     dense_mode = sync.get("dense", "params")
     bf16_dense = sync.get("dense_dtype", "fp32") == "bf16"
     residual = [[0.0] * 3 for _ in range(R)]
+    keys_of = SCHEDULES[schedule]
+    upd = [0] * R  # the row optimizer's steps per replica (Adam's bias correction)
     rows: list[dict[int, list[float]]] = [{} for _ in range(R)]  # key -> w + s
     snap: list[dict[int, list[float]]] = [{} for _ in range(R)]  # first touch since merge
     p = [[0.3, -0.1, 0.2] for _ in range(R)]
@@ -180,13 +193,14 @@ def reference(
     warmup, k = sync.get("warmup_steps", 0), sync["k"]
     for step in range(1, steps + 1):
         if step <= warmup:  # synchronous: every replica applies the averaged gradients
-            union = set().union(*(SCHEDULE[r][step - 1] for r in range(R)))
+            union = set().union(*(keys_of[r][step - 1] for r in range(R)))
+            upd = [u + 1 for u in upd]
             for key in union:
-                g = [sum(SCHEDULE[r][step - 1].count(key) * row_grad_weight(r)[j].item()
+                g = [sum(keys_of[r][step - 1].count(key) * row_grad_weight(r)[j].item()
                          for r in range(R)) / R for j in range(DIM)]
                 for r in range(R):
                     row = rows[r].setdefault(key, _init_row(key) + [0.0] * state)
-                    _row_step(row, g, opt, step)
+                    _row_step(row, g, opt, upd[r])
             gd = [sum(dense_grad(r)[j].item() for r in range(R)) / R for j in range(3)]
             for r in range(R):
                 for j in range(3):
@@ -198,11 +212,12 @@ def reference(
             continue
         for r in range(R):
             gw = row_grad_weight(r).double().tolist()
-            keys = SCHEDULE[r][step - 1]
+            keys = keys_of[r][step - 1]
+            upd[r] += bool(keys)
             for key in set(keys):
                 row = rows[r].setdefault(key, _init_row(key) + [0.0] * state)
                 snap[r].setdefault(key, list(row))
-                _row_step(row, [keys.count(key) * gw[j] for j in range(DIM)], opt, step)
+                _row_step(row, [keys.count(key) * gw[j] for j in range(DIM)], opt, upd[r])
             gd = dense_grad(r).double().tolist()
             for j in range(3):  # torch.optim.Adam, betas (0.9, 0.999)
                 m[r][j] = 0.9 * m[r][j] + 0.1 * gd[j]
@@ -260,7 +275,7 @@ def test_merge_equals_the_reference_and_replicas_agree(
     for other in ranks[1:]:  # replicas agree bit for bit after the final merge
         assert torch.equal(other["rows"][:, :merged], ranks[0]["rows"][:, :merged])
         assert torch.equal(other["dense"], ranks[0]["dense"])
-    ref_rows, ref_dense = reference(sc["sync"], opt)
+    ref_rows, ref_dense = reference(sc["sync"], opt, sc.get("schedule", "default"))
     got = ranks[0]
     for i, key in enumerate(ALL_KEYS):
         if key not in ref_rows:  # touched by nobody: no replica has it
@@ -338,7 +353,9 @@ def _expected_sparse_bytes(nbytes: int) -> int:
     steps = len(SCHEDULE[0])
     for start in range(0, steps, K):
         touched = [set().union(*SCHEDULE[r][start : start + K]) for r in range(R)]
-        msg = [(len(prev) + 7) // 8 + len(t & prev) * nbytes + len(t - prev) * (8 + nbytes)
+        bitmap = (len(prev) + 7) // 8
+        msg = [bitmap + len(t & prev) * nbytes + len(t - prev) * (8 + nbytes)
+               if 8 * len(t & prev) > bitmap else len(t) * (8 + nbytes)  # keys cheaper
                for t in touched]
         total += (R - 1) * (max(msg) + 16)
         prev = set().union(*touched)
@@ -430,3 +447,73 @@ def test_delta_m_needs_a_first_moment() -> None:
         with pytest.raises(ValueError, match=rf"delta\+m .*\({kind}\) has none"):
             KStepMerger(cfg, [], torch.optim.SGD([torch.zeros(1, requires_grad=True)]),
                         ebc.groups, None, 1, ebc)
+
+
+def test_bf16_dense_error_feedback_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each merge sends bf16(change + residual) and keeps the rounding error for the
+    next one, exactly (two identical replicas: the all-reduce doubles the message)."""
+    import terarec.optim.kstep as kstep
+    from terarec.config import SyncConfig
+    from terarec.optim.kstep import KStepMerger
+
+    sent: list[torch.Tensor] = []
+
+    def all_reduce(t: torch.Tensor, group: Any = None) -> None:
+        sent.append(t.clone())
+        t.mul_(2)
+
+    monkeypatch.setattr(kstep.dist, "all_reduce", all_reduce)
+    w = torch.nn.Parameter(torch.tensor([0.5, -0.25, 1.0]))
+    m = KStepMerger(SyncConfig(k=2, dense_dtype="bf16"), [w], torch.optim.SGD([w], lr=1.0),
+                    [], None, 2)
+    anchor = w.detach().clone()
+    residual = torch.zeros(3)
+    for change in ([1e-3, 2.5e-4, -7e-4], [3e-4, -1e-3, 1.2e-3]):
+        with torch.no_grad():
+            w.add_(torch.tensor(change))
+        exact = w.detach() - anchor + residual
+        m.merge()
+        q = exact.to(torch.bfloat16)
+        assert torch.equal(sent[-1], q)  # what travels: the change plus the residual
+        residual = exact - q.float()
+        assert torch.equal(m._residual, residual)
+        anchor = anchor + (2 * q).float() / 2
+        assert torch.equal(w.detach(), anchor)
+        assert float(residual.abs().max()) > 0  # the rounding is real here
+    assert m.comm.dense == 2 * (2 * (2 - 1) * 6 // 2)  # two bf16 all-reduces of 3 values
+
+
+def test_known_keys_need_the_same_table() -> None:
+    """A key the last merge wrote for another table of the group is not "known" (it
+    travels with its key and table, and the merge's table check sees it)."""
+    from terarec.optim.kstep import _split_known
+
+    prev, prev_t = torch.tensor([3, 7, 9]), torch.tensor([0, 1, 0])
+    comp, tables = torch.tensor([9, 7, 4, 3]), torch.tensor([0, 0, 1, 0])
+    known, order = _split_known(comp, tables, prev, prev_t)
+    assert comp[order].tolist() == [3, 9, 7, 4] and known.tolist() == [True, True, False, False]
+
+
+def test_a_message_without_rows_and_one_without_a_bitmap() -> None:
+    """An empty message (a replica that trained no rows) and one that names its keys
+    because few were known round-trip through encode / decode."""
+    from terarec.config import WireDtype
+    from terarec.optim.kstep import NO_BITMAP, _decode_rows, _encode_rows, _message_bytes
+    from terarec.optim.row_codec import RowCodec
+
+    codec = RowCodec(WireDtype.INT8, 2 * DIM, DIM, 2 * DIM)
+    prev = torch.arange(1000, dtype=torch.int64)
+    prev_t = torch.zeros(1000, dtype=torch.int64)
+    for comp in (torch.empty(0, dtype=torch.int64), torch.tensor([5, 2000])):
+        n = comp.numel()
+        known = torch.zeros(n, dtype=torch.bool)
+        known[: int((comp < 1000).sum())] = True
+        delta = torch.randn(n, 2 * DIM)
+        msg, n_known = _encode_rows(codec, delta, comp, torch.zeros_like(comp), known, prev,
+                                    False)
+        counts = (n_known, n - max(n_known, 0))
+        assert n_known == NO_BITMAP  # 0 or 1 known key: 8 bytes each < the 125-byte bitmap
+        assert msg.numel() == _message_bytes(codec, 1000, counts, False) == n * (8 + 8)
+        keys, tabs, got = _decode_rows(codec, msg, counts, prev, prev_t, False)
+        assert torch.equal(keys, comp) and torch.equal(tabs, torch.zeros_like(comp))
+        assert torch.equal(got, codec.decode(codec.encode(delta)))

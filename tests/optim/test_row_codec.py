@@ -112,3 +112,12 @@ def test_int8_blocks_weights_and_first_moment() -> None:
     assert bool((got[:, dim : 2 * dim] != 0).any(dim=1)[x[:, dim] != 0].all())
     with pytest.raises(ValueError, match="int8_cols must be a multiple of dim 16"):
         RowCodec(WireDtype.INT8, 3 * dim, dim, int8_cols=20)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16", "int8"])
+def test_no_rows(dtype: str) -> None:
+    """A replica that trained no rows sends an empty message."""
+    codec = RowCodec(WireDtype(dtype), 48, 16)
+    wire = codec.encode(torch.empty(0, 48))
+    assert wire.shape == (0, codec.nbytes) and wire.dtype == torch.uint8
+    assert codec.decode(wire).shape == (0, 48)
