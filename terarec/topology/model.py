@@ -312,6 +312,18 @@ def check_type(where: str, value: Any, tp: Any) -> None:
         raise TopologyError(f"{where}: expected {tp}, got {json.dumps(value)}")
 
 
+def pop_lists(raw: dict[str, Any], classes: dict[str, type], where: str) -> dict[str, Any]:
+    """Pops each ``key`` of ``classes`` (absent: ``[]``) from ``raw`` and builds its list
+    of dataclasses; a value that is not a list is an error naming ``where.key``."""
+    parts: dict[str, Any] = {}
+    for key, cls in classes.items():
+        items = raw.pop(key, [])
+        if not isinstance(items, list):
+            raise TopologyError(f"{where}.{key}: expected a list, got {json.dumps(items)[:60]}")
+        parts[key] = [build_dataclass(cls, x, f"{where}.{key}[{i}]") for i, x in enumerate(items)]
+    return parts
+
+
 def build_dataclass(cls: type, raw: Any, where: str) -> Any:
     """``cls(**raw)`` from a JSON object whose keys are ``cls``'s fields, each value
     checked by :func:`check_type`.
@@ -349,12 +361,7 @@ def machine_from_dict(raw: Any, where: str = "machine") -> Machine:
     schema = raw.pop("schema", SCHEMA)
     if schema != SCHEMA:
         raise TopologyError(f"{where}.schema: {schema!r}, this terarec reads {SCHEMA!r}")
-    parts: dict[str, Any] = {}
-    for key, cls in _CLASSES.items():
-        items = raw.pop(key, [])
-        if not isinstance(items, list):
-            raise TopologyError(f"{where}.{key}: expected a list")
-        parts[key] = [build_dataclass(cls, x, f"{where}.{key}[{i}]") for i, x in enumerate(items)]
+    parts = pop_lists(raw, _CLASSES, where)
     known = {f.name for f in fields(Machine)} - set(_CLASSES)
     unknown = sorted(set(raw) - known)
     if unknown:

@@ -38,11 +38,11 @@ from typing import Any, Optional
 from terarec.topology.model import (
     Machine,
     TopologyError,
-    build_dataclass,
     check_type,
     format_cpulist,
     is_near,
     nvlinks,
+    pop_lists,
     relation_rank,
 )
 
@@ -403,12 +403,7 @@ def plan_from_dict(raw: Any, where: str = "plan") -> Plan:
     top = dict(raw)
     if "ranks" not in top:
         raise TopologyError(f"{where}.ranks: missing")
-    parts: dict[str, Any] = {}
-    for key, cls in (("ranks", RankPlan), ("findings", Finding)):
-        items = top.pop(key, [])
-        if not isinstance(items, list):
-            raise TopologyError(f"{where}.{key}: expected a list, got {json.dumps(items)[:60]}")
-        parts[key] = [build_dataclass(cls, x, f"{where}.{key}[{i}]") for i, x in enumerate(items)]
+    parts = pop_lists(top, {"ranks": RankPlan, "findings": Finding}, where)
     known = {f.name for f in fields(Plan)} - set(parts)
     unknown = sorted(set(top) - known)
     if unknown:
