@@ -1,6 +1,7 @@
-"""The ``terarec`` command: ``train``, ``eval`` and ``topo``.
+"""The ``terarec`` command: ``train``, ``eval``, ``preprocess`` and ``topo``.
 
 terarec train --config configs/quickstart.yaml [--set train.steps=500 ...]
+terarec preprocess --config configs/criteo.yaml --out data/criteo_prep [--workers 4]
 terarec eval --run runs/quickstart [--data my_eval.tsv]
 terarec topo [--check | --json | --from FILE ...]   (terarec-topo; --applied: this rank)
 
@@ -100,6 +101,23 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _preprocess(args: argparse.Namespace) -> int:
+    from terarec.data.preprocess import preprocess
+
+    cfg = load_config(args.config, args.set)
+    if args.input:
+        cfg.data.path = list(args.input)
+    summary = preprocess(cfg.data, args.out, chunk_rows=args.chunk_rows, workers=args.workers,
+                         show_progress=not args.no_progress)
+    for split, s in summary.items():
+        skipped = sum(s["bad_rows"].values())
+        print(f"{split}: {s['rows']} rows in {s['parts']} part(s) -> {s['path']}"
+              + (f" ({skipped} malformed rows skipped: {s['bad_rows']})" if skipped else ""))
+    print("train on it with:\n  data:\n    kind: columnar\n    path: [" + summary["train"]["path"]
+          + "]" + (f"\n    eval_path: [{summary['eval']['path']}]" if "eval" in summary else ""))
+    return 0
+
+
 def _topo(args: argparse.Namespace) -> int:
     from terarec.launch.bind import applied
 
@@ -129,6 +147,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--run", required=True, help="runs/<name> or a checkpoint directory")
     e.add_argument("--data", nargs="+", help="eval files (default: the run's eval split)")
     e.set_defaults(fn=_eval)
+    pp = sub.add_parser(
+        "preprocess", help="text data (Criteo TSV, CSV, libFM; plain or .gz) -> the columnar "
+        "format training reads without parsing (docs/data.md)")
+    pp.add_argument("--config", required=True, help="YAML config whose data: section "
+                    "describes the text data (kind criteo/csv/libfm, path, eval_path or "
+                    "eval_fraction, dense_transform)")
+    pp.add_argument("--out", required=True, help="output directory (a rerun resumes it)")
+    pp.add_argument("--input", nargs="+", help="source files (default: the config's data.path)")
+    pp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value (repeatable)")
+    pp.add_argument("--chunk-rows", type=int, default=131_072,
+                    help="rows per chunk (default 131072)")
+    pp.add_argument("--workers", type=int, default=1, help="files converted in parallel")
+    pp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pp.set_defaults(fn=_preprocess)
     o = sub.add_parser("topo", help="this machine's topology and placement plan: "
                        "terarec-topo's options (`terarec topo --help`), or --applied: what "
                        "the launcher applied to this process (JSON)")

@@ -47,6 +47,7 @@ class DataKind(StrEnum):
     CRITEO = "criteo"
     LIBFM = "libfm"
     CSV = "csv"
+    COLUMNAR = "columnar"  # a directory written by `terarec preprocess`
 
 
 class DenseTransform(StrEnum):
@@ -181,6 +182,7 @@ class DataConfig:
     log_bad_rows: int = 5  # how many skipped rows to log with file:line
     chunk_rows: int = 65_536  # rows parsed per chunk when streaming files
     prefetch_batches: int = 4  # batches prepared ahead by the background thread
+    read_workers: int = 2  # columnar data: threads building batches (0: the producer only)
     shuffle_buffer: int = 0  # rows; 0 = keep file order
     dense_transform: DenseTransform = DenseTransform.NONE
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -193,12 +195,20 @@ class DataConfig:
         _check(0.0 <= self.eval_fraction < 1.0, "eval_fraction: must be in [0, 1)")
         _check(self.chunk_rows >= 1, "chunk_rows: must be >= 1")
         _check(self.prefetch_batches >= 0, "prefetch_batches: must be >= 0")
+        _check(self.read_workers >= 0, "read_workers: must be >= 0")
         _check(self.log_bad_rows >= 0, "log_bad_rows: must be >= 0")
         _check(self.shuffle_buffer >= 0, "shuffle_buffer: must be >= 0")
         if self.kind != DataKind.SYNTHETIC:
             _check(bool(self.path), f"path: required for kind {self.kind.value}")
         if self.kind == DataKind.CSV:
             _check(self.csv is not None, "csv: a schema is required for kind csv")
+        if self.kind == DataKind.COLUMNAR:
+            for name, v in (("path", self.path), ("eval_path", self.eval_path)):
+                _check(v is None or len(v) == 1,
+                       f"{name}: kind columnar takes one preprocessed directory, got {v}")
+            _check(self.eval_fraction == 0.0,
+                   "eval_fraction: kind columnar reads the eval split `terarec preprocess` "
+                   "wrote (<out>/eval); set eval_path to it")
 
 
 # ------------------------------------------------------------------ tables / model

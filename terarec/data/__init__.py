@@ -23,7 +23,7 @@ from terarec.data.batch import Batch
 from terarec.data.delimited import CRITEO_DENSE, CRITEO_SPARSE
 from terarec.data.errors import DataError
 from terarec.data.libfm import ALL_TOKENS
-from terarec.data.source import BatchSource, make_source
+from terarec.data.source import BatchSource, make_source, open_columnar
 from terarec.data.synthetic import dense_names, sparse_names
 
 __all__ = [
@@ -44,6 +44,8 @@ def sparse_feature_names(cfg: DataConfig) -> list[str]:
         return list(CRITEO_SPARSE)
     if cfg.kind == DataKind.LIBFM:
         return list(cfg.libfm.fields) if cfg.libfm.fields else [ALL_TOKENS]
+    if cfg.kind == DataKind.COLUMNAR:
+        return list(open_columnar(cfg, "train").sparse)
     assert cfg.csv is not None
     return [c.name or c.column for c in cfg.csv.categorical]
 
@@ -56,6 +58,8 @@ def dense_feature_names(cfg: DataConfig) -> list[str]:
         return list(CRITEO_DENSE)
     if cfg.kind == DataKind.LIBFM:
         return []
+    if cfg.kind == DataKind.COLUMNAR:
+        return list(open_columnar(cfg, "train").dense)
     assert cfg.csv is not None
     return list(cfg.csv.dense)
 

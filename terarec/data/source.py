@@ -11,6 +11,8 @@ import torch
 
 from terarec.config import DataConfig, DataKind
 from terarec.data.batch import Batch
+from terarec.data.columnar import Dataset, open_dataset
+from terarec.data.columnar_stream import ColumnarStream
 from terarec.data.delimited import criteo_parser, csv_parser
 from terarec.data.errors import BadRows, DataError
 from terarec.data.files import expand_paths
@@ -47,7 +49,8 @@ class BatchSource:
         self.prefetch = prefetch
         self.bad = bad
         self.counters = counters
-        self.pin = torch.cuda.is_available()
+        # Streams that build their batches in pinned memory themselves say so.
+        self.pin = torch.cuda.is_available() and not stream.pins_batches
         self._state = stream.initial_state()
         self._handed = 0
         self._thread: Optional[threading.Thread] = None
@@ -164,7 +167,42 @@ class BatchSource:
         }
 
 
-def _parser(cfg: DataConfig, bad: BadRows) -> Any:
+def open_columnar(cfg: DataConfig, split: str) -> Dataset:
+    """The preprocessed dataset of ``split``, checked against the config.
+
+    Raises:
+        DataError: no eval dataset, or a dense transform that differs from the one the
+            data was preprocessed with.
+    """
+    if split == "eval" and not cfg.eval_path:
+        raise DataError("no eval data: set data.eval_path to the eval directory "
+                        "`terarec preprocess` wrote (<out>/eval)")
+    assert cfg.path is not None  # validated by DataConfig
+    ds = open_dataset((cfg.eval_path if split == "eval" else cfg.path)[0])
+    if cfg.dense_transform.value not in ("none", ds.dense_transform):
+        raise DataError(f"{ds.root}: preprocessed with dense_transform {ds.dense_transform}, "
+                        f"the config asks for {cfg.dense_transform.value} (the transform is "
+                        f"applied when preprocessing; leave data.dense_transform unset)")
+    return ds
+
+
+def columnar_stream(cfg: DataConfig, split: str, seed: int, rank: int, world_size: int,
+                    epochs: Optional[float], batch_size: int, counters: Counters
+                    ) -> ColumnarStream:
+    ds = open_columnar(cfg, split)
+    if split == "eval":
+        train = open_columnar(cfg, "train")
+        if (train.dense, train.sparse) != (ds.dense, ds.sparse):
+            raise DataError(f"{ds.root}: features {ds.dense + ds.sparse} differ from the train "
+                            f"data's {train.dense + train.sparse} ({train.root})")
+    return ColumnarStream(
+        ds, split, seed, rank, world_size, epochs if split == "train" else 1.0, batch_size,
+        cfg.shuffle_buffer, cfg.read_workers, torch.cuda.is_available(), counters,
+    )
+
+
+def text_parser(cfg: DataConfig, bad: BadRows) -> Any:
+    """The line parser of a text data kind (criteo, csv, libfm)."""
     if cfg.kind == DataKind.CRITEO:
         return criteo_parser(cfg.dense_transform, bad)
     if cfg.kind == DataKind.CSV:
@@ -194,11 +232,13 @@ def make_source(
     bad = BadRows(cfg.strict, cfg.log_bad_rows)
     counters = Counters()
     stream: Stream
-    if cfg.kind == DataKind.SYNTHETIC:
+    if cfg.kind == DataKind.COLUMNAR:
+        stream = columnar_stream(cfg, split, seed, rank, world_size, epochs, bs, counters)
+    elif cfg.kind == DataKind.SYNTHETIC:
         gen = SyntheticGenerator(cfg.synthetic, seed, cfg.dense_transform)
         stream = SyntheticStream(gen, split, seed, rank, world_size, bs, counters)
     else:
-        parser = _parser(cfg, bad)
+        parser = text_parser(cfg, bad)
         if split == "eval" and cfg.eval_path:
             files, hold_out = expand_paths(cfg.eval_path), 0.0
         elif split == "eval" and cfg.eval_fraction <= 0:

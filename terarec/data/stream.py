@@ -53,6 +53,7 @@ class Counters:
 
 class Stream(Protocol):
     keys: list[str]
+    pins_batches: bool  # batches come in pinned memory already (the source skips pinning)
 
     def initial_state(self) -> dict[str, Any]: ...
 
@@ -107,6 +108,8 @@ class FileStream:
         sizes: (batch_size, chunk_rows, shuffle_buffer) from ``DataConfig``.
         counters: the source's counters.
     """
+
+    pins_batches = False
 
     def __init__(
         self,
@@ -253,6 +256,8 @@ class FileStream:
 
 class SyntheticStream:
     """Endless train batches or the fixed eval set of the synthetic generator."""
+
+    pins_batches = False
 
     def __init__(
         self,
