@@ -23,36 +23,26 @@ from typing import Any, Optional, TypeVar, Union
 
 import yaml
 
+from terarec.config.base import ConfigError, StrEnum
+from terarec.config.base import check as _check
+from terarec.config.data import (
+    CategoricalColumn,
+    CsvSchema,
+    DataConfig,
+    DataKind,
+    DenseTransform,
+    LibfmConfig,
+    SyntheticConfig,
+)
+
 T = TypeVar("T")
 
-
-class ConfigError(ValueError):
-    """A config value is missing, unknown, of the wrong type or out of range."""
-
-
-class StrEnum(str, enum.Enum):
-    """Enum spelled as a lower-case string in YAML."""
-
-    @classmethod
-    def from_str(cls, value: str) -> StrEnum:
-        try:
-            return cls(value.lower())
-        except (ValueError, AttributeError):
-            allowed = ", ".join(m.value for m in cls)
-            raise ValueError(f"must be one of [{allowed}], got {value!r}") from None
-
-
-class DataKind(StrEnum):
-    SYNTHETIC = "synthetic"
-    CRITEO = "criteo"
-    LIBFM = "libfm"
-    CSV = "csv"
-    COLUMNAR = "columnar"  # a directory written by `terarec preprocess`
-
-
-class DenseTransform(StrEnum):
-    NONE = "none"
-    LOG1P = "log1p"  # sign-safe: log1p(max(x, 0)), the DLRM Criteo convention
+# The data section lives in config/data.py; it is re-exported here with the loader's API.
+__all__ = [
+    "CategoricalColumn", "Config", "ConfigError", "CsvSchema", "DataConfig", "DataKind",
+    "DenseTransform", "LibfmConfig", "StrEnum", "SyntheticConfig", "config_from_dict",
+    "config_to_dict", "load_config",
+]
 
 
 class Pooling(StrEnum):
@@ -90,125 +80,6 @@ class SSDCompression(StrEnum):
     NONE = "none"
     LZ4 = "lz4"
     ZSTD = "zstd"
-
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
-
-
-# --------------------------------------------------------------------------- data
-
-
-@dataclass
-class SyntheticConfig:
-    """Criteo-shaped synthetic stream with labels from a planted teacher model."""
-
-    num_dense: int = 13
-    num_sparse: int = 26
-    vocab_size: int = 100_000  # distinct ids per feature (<= 1e9)
-    zipf_alpha: float = 1.1  # P(rank r) ~ r^-alpha, bounded to vocab_size
-    values_per_feature: int = 1  # multi-hot width (fixed)
-    teacher_dim: int = 4  # pairwise-interaction width of the teacher
-    teacher_scale: float = 1.0  # std of the teacher's summed per-key first-order weights
-    teacher_pairwise_scale: Optional[float] = None  # std of its pairwise term (None: = scale)
-    teacher_bias: float = -1.0  # teacher logit bias (sets the positive rate)
-    eval_samples: int = 65_536  # size of the held-out eval stream
-
-    def __post_init__(self) -> None:
-        _check(self.num_dense >= 0, "num_dense: must be >= 0")
-        _check(self.num_sparse >= 1, "num_sparse: must be >= 1")
-        _check(1 <= self.vocab_size <= 10**9, "vocab_size: must be in [1, 1e9]")
-        _check(self.zipf_alpha > 0, "zipf_alpha: must be > 0")
-        _check(self.values_per_feature >= 1, "values_per_feature: must be >= 1")
-        _check(self.teacher_dim >= 0, "teacher_dim: must be >= 0")
-        _check(self.teacher_scale >= 0, "teacher_scale: must be >= 0")
-        _check(
-            self.teacher_pairwise_scale is None or self.teacher_pairwise_scale >= 0,
-            "teacher_pairwise_scale: must be >= 0",
-        )
-        _check(self.eval_samples >= 1, "eval_samples: must be >= 1")
-
-
-@dataclass
-class CategoricalColumn:
-    """One categorical column of a CSV schema; ``sep`` splits multi-valued cells."""
-
-    column: str
-    name: Optional[str] = None  # feature name (default: the column name)
-    sep: Optional[str] = None
-
-    def __post_init__(self) -> None:
-        if self.name is None:
-            self.name = self.column
-        _check(self.sep is None or len(self.sep) >= 1, "sep: must be non-empty")
-
-
-@dataclass
-class CsvSchema:
-    """Which columns of a delimited text file are label, dense and categorical."""
-
-    label: str
-    dense: list[str] = field(default_factory=list)
-    categorical: list[CategoricalColumn] = field(default_factory=list)
-    delimiter: str = ","
-    header: bool = True  # False: columns are named c0, c1, ...
-    label_threshold: float = 0.5  # label = 1 if value > threshold
-
-    def __post_init__(self) -> None:
-        _check(len(self.delimiter) == 1, "delimiter: must be one character")
-        _check(len(self.categorical) >= 1, "categorical: need at least one column")
-
-
-@dataclass
-class LibfmConfig:
-    """libFM ``label idx:val ...`` rows; ``fields`` names the tokens by position."""
-
-    fields: Optional[list[str]] = None  # None: all tokens form one feature "features"
-
-    def __post_init__(self) -> None:
-        _check(self.fields is None or len(self.fields) >= 1, "fields: must be non-empty")
-
-
-@dataclass
-class DataConfig:
-    kind: DataKind = DataKind.SYNTHETIC
-    path: Optional[list[str]] = None  # files, directories or globs (train)
-    eval_path: Optional[list[str]] = None  # held-out files; else eval_fraction of path
-    eval_fraction: float = 0.0  # rows held out of `path` by a hash of their index
-    batch_size: int = 2048
-    eval_batch_size: int = 8192
-    strict: bool = False  # fail at the first malformed row instead of skipping it
-    log_bad_rows: int = 5  # how many skipped rows to log with file:line
-    chunk_rows: int = 65_536  # rows parsed per chunk when streaming files
-    prefetch_batches: int = 4  # batches prepared ahead by the background thread
-    read_workers: int = 2  # columnar data: threads building batches (0: the producer only)
-    shuffle_buffer: int = 0  # rows; 0 = keep file order
-    dense_transform: DenseTransform = DenseTransform.NONE
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    csv: Optional[CsvSchema] = None
-    libfm: LibfmConfig = field(default_factory=LibfmConfig)
-
-    def __post_init__(self) -> None:
-        _check(self.batch_size >= 1, "batch_size: must be >= 1")
-        _check(self.eval_batch_size >= 1, "eval_batch_size: must be >= 1")
-        _check(0.0 <= self.eval_fraction < 1.0, "eval_fraction: must be in [0, 1)")
-        _check(self.chunk_rows >= 1, "chunk_rows: must be >= 1")
-        _check(self.prefetch_batches >= 0, "prefetch_batches: must be >= 0")
-        _check(self.read_workers >= 0, "read_workers: must be >= 0")
-        _check(self.log_bad_rows >= 0, "log_bad_rows: must be >= 0")
-        _check(self.shuffle_buffer >= 0, "shuffle_buffer: must be >= 0")
-        if self.kind != DataKind.SYNTHETIC:
-            _check(bool(self.path), f"path: required for kind {self.kind.value}")
-        if self.kind == DataKind.CSV:
-            _check(self.csv is not None, "csv: a schema is required for kind csv")
-        if self.kind == DataKind.COLUMNAR:
-            for name, v in (("path", self.path), ("eval_path", self.eval_path)):
-                _check(v is None or len(v) == 1,
-                       f"{name}: kind columnar takes one preprocessed directory, got {v}")
-            _check(self.eval_fraction == 0.0,
-                   "eval_fraction: kind columnar reads the eval split `terarec preprocess` "
-                   "wrote (<out>/eval); set eval_path to it")
 
 
 # ------------------------------------------------------------------ tables / model
