@@ -17,8 +17,9 @@ boundary (offsets relative to the chunk's start)::
     values      int64   [V_0 + ... + V_{F-1}]   feature 0's keys of rows 0..R-1, then 1, ...
 
 so a batch of consecutive rows is a slice of each array (``values`` one slice per
-feature) and reading a chunk is a page-in, not a parse. Keys are the int64 keys the text readers produce (``terarec.data.keys``), so a model
-trained from the preprocessed data sees exactly the keys it would see from the text.
+feature) and reading a chunk is a page-in, not a parse. Keys are the int64 keys the text
+readers produce (``terarec.data.keys``), so a model trained from the preprocessed data
+sees exactly the keys it would see from the text.
 """
 
 from __future__ import annotations

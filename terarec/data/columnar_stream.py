@@ -42,6 +42,7 @@ from terarec.data.errors import DataError, logger
 from terarec.data.rows import ragged_index
 from terarec.data.stream import Counters
 
+
 @dataclass
 class Window:
     """Consecutive chunks of one pass, ready to be cut into batches.
