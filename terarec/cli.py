@@ -85,7 +85,7 @@ def _eval(args: argparse.Namespace) -> int:
             store = open_ssd_store(cfg, scratch)
         parts = build_components(cfg, ssd_store=store)
         step = load_checkpoint(ckpt, parts)
-        src = build_source(cfg.data, "eval", seed=cfg.seed)
+        src = build_source(cfg.data, "eval", seed=cfg.seed, device=parts.device)
         try:
             metrics = evaluate(parts.model, src, parts.device)
             metrics["data"] = src.stats() if hasattr(src, "stats") else {}

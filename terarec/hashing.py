@@ -10,12 +10,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-_M1 = 0xBF58476D1CE4E5B9
-_M2 = 0x94D049BB133111EB
+MIX_M1 = 0xBF58476D1CE4E5B9
+MIX_M2 = 0x94D049BB133111EB
 GOLDEN = 0x9E3779B97F4A7C15
 
 
-def _signed(x: int) -> int:
+def as_int64(x: int) -> int:
+    """The int64 with the same 64 bits as the unsigned ``x`` in ``[0, 2**64)``."""
     return x - (1 << 64) if x >= 1 << 63 else x
 
 
@@ -24,9 +25,9 @@ def mix64_np(x: np.ndarray) -> np.ndarray:
     z = np.asarray(x).astype(np.uint64, copy=True)
     with np.errstate(over="ignore"):
         z ^= z >> np.uint64(30)
-        z *= np.uint64(_M1)
+        z *= np.uint64(MIX_M1)
         z ^= z >> np.uint64(27)
-        z *= np.uint64(_M2)
+        z *= np.uint64(MIX_M2)
         z ^= z >> np.uint64(31)
     return z
 
@@ -43,9 +44,9 @@ def mix64_torch(x: torch.Tensor) -> torch.Tensor:
     """
     z = x.to(torch.int64)
     z = z ^ _srl(z, 30)
-    z = z * _signed(_M1)
+    z = z * as_int64(MIX_M1)
     z = z ^ _srl(z, 27)
-    z = z * _signed(_M2)
+    z = z * as_int64(MIX_M2)
     z = z ^ _srl(z, 31)
     return z
 
@@ -55,4 +56,4 @@ def salt_for(name: str) -> int:
     h = 0xCBF29CE484222325
     for b in name.encode():
         h = ((h ^ b) * 0x100000001B3) & ((1 << 64) - 1)
-    return _signed(int(mix64_np(np.array([h], dtype=np.uint64))[0]))
+    return as_int64(int(mix64_np(np.array([h], dtype=np.uint64))[0]))

@@ -32,6 +32,7 @@ from terarec.config.data import (
     DataKind,
     DenseTransform,
     LibfmConfig,
+    SyntheticBackend,
     SyntheticConfig,
 )
 
@@ -40,8 +41,8 @@ T = TypeVar("T")
 # The data section lives in config/data.py; it is re-exported here with the loader's API.
 __all__ = [
     "CategoricalColumn", "Config", "ConfigError", "CsvSchema", "DataConfig", "DataKind",
-    "DenseTransform", "LibfmConfig", "StrEnum", "SyntheticConfig", "config_from_dict",
-    "config_to_dict", "load_config",
+    "DenseTransform", "LibfmConfig", "StrEnum", "SyntheticBackend", "SyntheticConfig",
+    "config_from_dict", "config_to_dict", "load_config",
 ]
 
 

@@ -24,6 +24,11 @@ class DenseTransform(StrEnum):
 
 
 
+class SyntheticBackend(StrEnum):
+    NUMPY = "numpy"  # on the host, one core (the reference)
+    TORCH = "torch"  # torch ops on the training device: GPU runs make their own batches
+
+
 @dataclass
 class SyntheticConfig:
     """Criteo-shaped synthetic stream with labels from a planted teacher model."""
@@ -38,6 +43,7 @@ class SyntheticConfig:
     teacher_pairwise_scale: Optional[float] = None  # std of its pairwise term (None: = scale)
     teacher_bias: float = -1.0  # teacher logit bias (sets the positive rate)
     eval_samples: int = 65_536  # size of the held-out eval stream
+    generator: SyntheticBackend = SyntheticBackend.NUMPY  # same distribution, other samples
 
     def __post_init__(self) -> None:
         _check(self.num_dense >= 0, "num_dense: must be >= 0")

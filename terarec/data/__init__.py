@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
+
 from terarec.config import DataConfig, DataKind
 from terarec.data.batch import Batch
 from terarec.data.delimited import CRITEO_DENSE, CRITEO_SPARSE
@@ -72,6 +74,7 @@ def build_source(
     rank: int = 0,
     world_size: int = 1,
     epochs: Optional[float] = None,
+    device: Optional[torch.device] = None,
 ) -> BatchSource:
     """Builds the batch source of one split for one rank.
 
@@ -84,6 +87,8 @@ def build_source(
         seed: drives synthetic sampling and shuffling.
         rank, world_size: this process's shard.
         epochs: train passes over file data (ignored by the endless synthetic stream).
+        device: where ``synthetic.generator: torch`` draws its batches (default CPU); the
+            other sources make host batches (pinned when CUDA is available).
 
     Returns:
         A :class:`BatchSource`; the last batch of a finite pass may be short.
@@ -91,4 +96,4 @@ def build_source(
     Raises:
         DataError: missing files, no eval data, bad rank.
     """
-    return make_source(cfg, split, seed, rank, world_size, epochs)
+    return make_source(cfg, split, seed, rank, world_size, epochs, device)

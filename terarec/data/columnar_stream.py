@@ -222,7 +222,7 @@ class ColumnarStream:
         self.workers = workers
         self.pin = pin
         self.counters = counters
-        self.pins_batches = pin
+        self.placed = pin
         units = [(p, c) for p, part in enumerate(ds.parts) for c in range(len(part.chunks))]
         if len(ds.parts) >= world_size:
             self.units = [u for u in units if u[0] % world_size == rank]

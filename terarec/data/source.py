@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import torch
 
-from terarec.config import DataConfig, DataKind
+from terarec.config import DataConfig, DataKind, SyntheticBackend
 from terarec.data.batch import Batch
 from terarec.data.columnar import Dataset, open_dataset
 from terarec.data.columnar_stream import ColumnarStream
@@ -19,6 +19,7 @@ from terarec.data.files import expand_paths
 from terarec.data.libfm import LibfmParser
 from terarec.data.stream import Counters, FileStream, Stream, SyntheticStream
 from terarec.data.synthetic import SyntheticGenerator
+from terarec.data.synthetic_torch import TorchSyntheticGenerator
 
 _END = object()
 
@@ -50,7 +51,7 @@ class BatchSource:
         self.bad = bad
         self.counters = counters
         # Streams that build their batches in pinned memory themselves say so.
-        self.pin = torch.cuda.is_available() and not stream.pins_batches
+        self.pin = torch.cuda.is_available() and not stream.placed
         self._state = stream.initial_state()
         self._handed = 0
         self._thread: Optional[threading.Thread] = None
@@ -220,6 +221,7 @@ def make_source(
     rank: int,
     world_size: int,
     epochs: Optional[float],
+    device: Optional[torch.device] = None,
 ) -> BatchSource:
     """See :func:`terarec.data.build_source`."""
     if split not in ("train", "eval"):
@@ -236,7 +238,11 @@ def make_source(
         stream = columnar_stream(cfg, split, seed, rank, world_size, epochs, bs, counters)
     elif cfg.kind == DataKind.SYNTHETIC:
         gen = SyntheticGenerator(cfg.synthetic, seed, cfg.dense_transform)
-        stream = SyntheticStream(gen, split, seed, rank, world_size, bs, counters)
+        device_gen = None
+        if cfg.synthetic.generator == SyntheticBackend.TORCH:
+            device_gen = TorchSyntheticGenerator(cfg.synthetic, seed, cfg.dense_transform,
+                                                 device or torch.device("cpu"))
+        stream = SyntheticStream(gen, split, seed, rank, world_size, bs, counters, device_gen)
     else:
         parser = text_parser(cfg, bad)
         if split == "eval" and cfg.eval_path:

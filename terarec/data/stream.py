@@ -30,6 +30,7 @@ from terarec.data.errors import DataError, logger
 from terarec.data.files import LineChunk, eval_mask, iter_line_chunks, shard_files
 from terarec.data.rows import Rows
 from terarec.data.synthetic import SyntheticGenerator
+from terarec.data.synthetic_torch import TorchSyntheticGenerator, batch_seed
 
 _SPLIT_ID = {"train": 0, "eval": 1}
 
@@ -53,7 +54,7 @@ class Counters:
 
 class Stream(Protocol):
     keys: list[str]
-    pins_batches: bool  # batches come in pinned memory already (the source skips pinning)
+    placed: bool  # batches come pinned or on the device already (the source does not pin)
 
     def initial_state(self) -> dict[str, Any]: ...
 
@@ -109,7 +110,7 @@ class FileStream:
         counters: the source's counters.
     """
 
-    pins_batches = False
+    placed = False
 
     def __init__(
         self,
@@ -255,9 +256,16 @@ class FileStream:
 
 
 class SyntheticStream:
-    """Endless train batches or the fixed eval set of the synthetic generator."""
+    """Endless train batches or the fixed eval set of the synthetic generator.
 
-    pins_batches = False
+    placed: batches born on a CUDA device are not pinned by the source.
+
+    With a :class:`~terarec.data.synthetic_torch.TorchSyntheticGenerator` (``device``
+    given) batches are drawn with torch ops on that device, batch ``i`` from
+    ``torch.Generator(device).manual_seed(batch_seed(...))``; on CUDA on a stream of the
+    producer's own, waited for before the batch is handed out (so any stream may read it)
+    and recorded on the device's default stream (so its memory outlives the step there).
+    """
 
     def __init__(
         self,
@@ -268,8 +276,10 @@ class SyntheticStream:
         world_size: int,
         batch_size: int,
         counters: Counters,
+        device_gen: Optional[TorchSyntheticGenerator] = None,
     ) -> None:
         self.gen = gen
+        self.device_gen = device_gen
         self.keys = gen.names
         self.split = split
         self.seed = seed
@@ -277,6 +287,8 @@ class SyntheticStream:
         self.world = world_size
         self.bs = batch_size
         self.counters = counters
+        self.placed = device_gen is not None and device_gen.device.type != "cpu"
+        self._cuda_stream: Any = None
 
     def _base(self) -> dict[str, Any]:
         return {"kind": "synthetic", "split": self.split, "rank": self.rank,
@@ -296,18 +308,42 @@ class SyntheticStream:
         i = int(state["batch"])
         total = self.gen.cfg.eval_samples
         while True:
-            if self.split == "train":
-                rng = np.random.default_rng([self.seed, 0, self.rank, i])
-                n = self.bs
-            else:
+            if self.split == "train":  # (seed, split, rank, batch), the numpy RNG's seed too
+                n, seq = self.bs, (self.seed, 0, self.rank, i)
+            else:  # global eval batch b, dealt round-robin; numpy seeds with (seed, 1, b)
                 b = self.rank + i * self.world
                 n = min(self.bs, total - b * self.bs)
                 if n <= 0:
                     return
-                rng = np.random.default_rng([self.seed, 1, b])
-            rows = self.gen.rows(rng, n)
+                seq = (self.seed, 1, 0, b)
             i += 1
             self.counters.rows_read += n
             self.counters.rows_out += n
             self.counters.batches_made += 1
-            yield rows.to_batch(self.keys, {**self._base(), "batch": i})
+            position = {**self._base(), "batch": i}
+            if self.device_gen is None:
+                rng = np.random.default_rng(list(seq) if seq[1] == 0 else [seq[0], 1, seq[3]])
+                yield self.gen.rows(rng, n).to_batch(self.keys, position)
+            else:
+                yield self._device_batch(seq, n, position)
+
+    def _device_batch(self, seq: tuple[int, int, int, int], n: int,
+                      position: dict[str, Any]) -> Batch:
+        import torch
+
+        dg = self.device_gen
+        assert dg is not None
+        g = torch.Generator(device=dg.device).manual_seed(batch_seed(*seq))
+        if dg.device.type != "cuda":
+            return dg.batch(g, n, self.keys, position)
+        if self._cuda_stream is None:
+            self._cuda_stream = torch.cuda.Stream(dg.device)
+        with torch.cuda.stream(self._cuda_stream):
+            b = dg.batch(g, n, self.keys, position)
+        self._cuda_stream.synchronize()
+        main = torch.cuda.default_stream(dg.device)
+        for t in (b.dense, b.labels, b.teacher_prob):
+            if t is not None:
+                t.record_stream(main)
+        b.sparse.record_stream(main)
+        return b

@@ -39,8 +39,8 @@ from terarec.config import DenseTransform, SyntheticConfig
 from terarec.data.rows import Rows
 from terarec.hashing import mix64_np, salt_for
 
-_SALT_A = np.uint64(0x3C6EF372FE94F82B)
-_SALT_U = [np.uint64((0xA54FF53A5F1D36F1 * (j + 1)) & ((1 << 64) - 1)) for j in range(64)]
+SALT_A = np.uint64(0x3C6EF372FE94F82B)
+SALT_U = [np.uint64((0xA54FF53A5F1D36F1 * (j + 1)) & ((1 << 64) - 1)) for j in range(64)]
 _LANE = np.uint64(0xFFFF)
 _TEACHER_SEED = 0x7E4C4E7
 
@@ -145,14 +145,14 @@ class SyntheticGenerator:
         logit = np.full(n, cfg.teacher_bias, dtype=np.float32)
         if cfg.num_dense:
             logit += dense @ self.w
-        ha = mix64_np(keys_u ^ _SALT_A)
+        ha = mix64_np(keys_u ^ SALT_A)
         a = _lanes(ha, 4).sum(-1) * self.a_scale  # [nf, n*k]
         logit += a.reshape(nf, n, k).sum(axis=(0, 2))
         d = cfg.teacher_dim
         if d and self.u_scale:
             parts = []
             for j in range(0, d, 4):
-                hu = mix64_np(keys_u ^ _SALT_U[j // 4])
+                hu = mix64_np(keys_u ^ SALT_U[j // 4])
                 parts.append(_lanes(hu, min(4, d - j)))
             uf = np.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
             uf = uf.reshape(nf, n, k, d).sum(axis=2) * self.u_scale  # [nf, n, d]

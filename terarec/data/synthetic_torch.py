@@ -32,8 +32,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from terarec.config import DenseTransform, SyntheticConfig
 from terarec.data.batch import Batch
-from terarec.data.synthetic import _SALT_A, _SALT_U, SyntheticGenerator
-from terarec.hashing import _M1, _M2, _signed, mix64_np
+from terarec.data.synthetic import SALT_A, SALT_U, SyntheticGenerator
+from terarec.hashing import MIX_M1, MIX_M2, as_int64, mix64_np
 
 _MASK64 = (1 << 64) - 1
 _MAX_VOCAB = 1 << 62  # unsigned mod below needs (V - 1) + (2**64 % V) < 2**63
@@ -42,7 +42,7 @@ _NO_WRAP_VOCAB = 3_037_000_499  # floor(sqrt(2**63 - 1)): (V-1)**2 + (V-1) < 2**
 
 def _i64(x: int) -> int:
     """The int64 with the same bits as the 64-bit unsigned ``x``."""
-    return _signed(x & _MASK64)
+    return as_int64(x & _MASK64)
 
 
 def batch_seed(seed: int, split_id: int, rank: int, index: int) -> int:
@@ -97,8 +97,8 @@ def _mix64_(z: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
     Same bits as ``mix64_torch`` and ``mix64_np``; in place because fresh CPU allocations
     of this size each cost page faults that take longer than the arithmetic.
     """
-    z.bitwise_xor_(_srl_(z, 30, buf)).mul_(_i64(_M1))
-    z.bitwise_xor_(_srl_(z, 27, buf)).mul_(_i64(_M2))
+    z.bitwise_xor_(_srl_(z, 30, buf)).mul_(_i64(MIX_M1))
+    z.bitwise_xor_(_srl_(z, 27, buf)).mul_(_i64(MIX_M2))
     return z.bitwise_xor_(_srl_(z, 31, buf))
 
 
@@ -158,9 +158,9 @@ class TorchSyntheticGenerator:
         self._wrap_fix = (1 << 64) % v  # 2**64 mod V, for the uint64 wraparound
         self.w = torch.from_numpy(ref.w).to(self.device)  # float32 [D]
         self.a_scale, self.u_scale = ref.a_scale, ref.u_scale
-        self._salt_a = _i64(int(_SALT_A))
+        self._salt_a = _i64(int(SALT_A))
         n_groups = (cfg.teacher_dim + 3) // 4
-        self._salt_u = [_i64(int(x)) for x in _SALT_U[:n_groups]]  # int64 per group
+        self._salt_u = [_i64(int(x)) for x in SALT_U[:n_groups]]  # int64 per group
 
     def ranks_to_keys(self, ranks: torch.Tensor) -> torch.Tensor:
         """Keys of ranks, exactly as the numpy generator maps them.

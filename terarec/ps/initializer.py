@@ -12,7 +12,7 @@ import math
 import torch
 
 from terarec.config import InitConfig, InitKind
-from terarec.hashing import GOLDEN, _signed, mix64_torch
+from terarec.hashing import GOLDEN, as_int64, mix64_torch
 
 _U24 = 1.0 / (1 << 24)
 
@@ -20,8 +20,8 @@ _U24 = 1.0 / (1 << 24)
 def _seed_term(seed: int | torch.Tensor) -> int | torch.Tensor:
     """``seed * GOLDEN mod 2^64`` as int64 (torch's int64 product wraps the same way)."""
     if isinstance(seed, torch.Tensor):
-        return seed.to(torch.int64) * _signed(GOLDEN)
-    return _signed(seed * GOLDEN % (1 << 64))
+        return seed.to(torch.int64) * as_int64(GOLDEN)
+    return as_int64(seed * GOLDEN % (1 << 64))
 
 
 def _uniform01(keys: torch.Tensor, n: int, seed: int | torch.Tensor) -> torch.Tensor:
@@ -33,7 +33,7 @@ def _uniform01(keys: torch.Tensor, n: int, seed: int | torch.Tensor) -> torch.Te
     """
     draws = (n + 1) // 2
     state = mix64_torch(keys ^ _seed_term(seed))
-    steps = torch.arange(1, draws + 1, device=keys.device, dtype=torch.int64) * _signed(GOLDEN)
+    steps = torch.arange(1, draws + 1, device=keys.device, dtype=torch.int64) * as_int64(GOLDEN)
     z = mix64_torch(state.unsqueeze(1) + steps)  # [N, draws]
     halves = torch.stack([(z >> 40) & 0xFFFFFF, (z >> 8) & 0xFFFFFF], dim=2)
     u = (halves.view(keys.numel(), 2 * draws)[:, :n].to(torch.float32) + 0.5) * _U24

@@ -461,7 +461,8 @@ def _train(
     rank, world = (d.rank, d.world_size) if d is not None else (0, 1)
     main = is_rank0(d)
     source = build_source(
-        cfg.data, "train", seed=cfg.seed, epochs=cfg.train.epochs, rank=rank, world_size=world
+        cfg.data, "train", seed=cfg.seed, epochs=cfg.train.epochs, rank=rank, world_size=world,
+        device=device,
     )
     reporter = RunReporter(run_dir, write=main)
     ckpt_dir = run_dir / "checkpoint"
@@ -676,7 +677,8 @@ def _train(
 def _run_eval(cfg: Config, parts: Components) -> dict[str, float]:
     d = parts.dist
     rank, world = (d.rank, d.world_size) if d is not None else (0, 1)
-    src = build_source(cfg.data, "eval", seed=cfg.seed, rank=rank, world_size=world)
+    src = build_source(cfg.data, "eval", seed=cfg.seed, rank=rank, world_size=world,
+                       device=parts.device)
     dummy = dummy_batch(sparse_feature_names(cfg.data), len(dense_feature_names(cfg.data)))
     try:
         return evaluate(

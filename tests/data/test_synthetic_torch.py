@@ -19,7 +19,7 @@ import torch
 
 from terarec.config import DenseTransform, SyntheticConfig
 from terarec.data.rows import Rows
-from terarec.data.synthetic import _SALT_A, _SALT_U, SyntheticGenerator, zipf_ranks
+from terarec.data.synthetic import SALT_A, SALT_U, SyntheticGenerator, zipf_ranks
 from terarec.data.synthetic_torch import (
     TorchSyntheticGenerator,
     _mix64_,
@@ -133,7 +133,7 @@ def teacher64(gen: SyntheticGenerator, keys: np.ndarray, dense: np.ndarray):
             [((h >> np.uint64(16 * j)) & np.uint64(0xFFFF)) * (2.0 / 65536.0) - 1.0
              for j in range(m)], -1)
 
-    a = lanes(mix64_np(ku ^ _SALT_A), 4).sum(-1) * gen.a_scale  # [F, n*k]
+    a = lanes(mix64_np(ku ^ SALT_A), 4).sum(-1) * gen.a_scale  # [F, n*k]
     w = gen.w.astype(np.float64)
     dense = dense.astype(np.float64)
     logit = cfg.teacher_bias + dense @ w + a.reshape(nf, n, k).sum((0, 2))
@@ -141,7 +141,7 @@ def teacher64(gen: SyntheticGenerator, keys: np.ndarray, dense: np.ndarray):
     mabs += np.abs(a).reshape(nf, n, k).sum((0, 2))
     if d and gen.u_scale:
         u = np.concatenate(
-            [lanes(mix64_np(ku ^ _SALT_U[g]), min(4, d - 4 * g)) for g in range((d + 3) // 4)], -1
+            [lanes(mix64_np(ku ^ SALT_U[g]), min(4, d - 4 * g)) for g in range((d + 3) // 4)], -1
         ).reshape(nf, n, k, d) * gen.u_scale
         uf, uabs = u.sum(2), np.abs(u).sum(2)  # [F, n, d]
         logit += 0.5 * ((uf.sum(0) ** 2).sum(-1) - (uf**2).sum((0, 2)))
