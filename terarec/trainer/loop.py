@@ -488,7 +488,7 @@ def _train(
 
     tiers = TierCounters(parts.embedding)  # after a resume's load: its rows are not moves
     trained = _TrainedPosition(source)  # the source reads ahead of the batches trained
-    window = CTRMetrics(distributed=multi, device=device if multi else "cpu")
+    window = CTRMetrics(distributed=multi, device=device)  # on the device: updates never sync
     start = time.perf_counter()
     tally = StepTally(samples)
     start_samples = samples
@@ -537,7 +537,7 @@ def _train(
             batch = out.batch
             trained.advance(batch)
             step += 1
-            tally.add(out.loss.item(), batch.batch_size)
+            tally.add(out.loss, batch.batch_size)  # on the device: no host sync per step
             window.update(torch.sigmoid(out.logits), batch.labels)
             bar.update(1)
             if step % cfg.train.log_every == 0:

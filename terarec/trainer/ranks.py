@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Optional, Protocol
+from typing import Any, Optional, Protocol, Union
 
 import torch
 import torch.distributed as dist
@@ -229,10 +229,12 @@ class StepTally:
     def __init__(self, samples: int) -> None:
         self.samples = samples  # global, as of the last :meth:`flush`
         self.pending = 0  # this rank's samples since then
-        self.weighted: list[float] = []  # per step: loss x batch size
+        self.weighted: list[Any] = []  # per step: loss x batch size (float or 0-d tensor)
         self.sizes: list[float] = []
 
-    def add(self, loss: float, batch_size: int) -> None:
+    def add(self, loss: Union[float, torch.Tensor], batch_size: int) -> None:
+        """Adds one step; a tensor ``loss`` stays on its device until :meth:`flush` (no
+        host sync per step)."""
         self.pending += batch_size
         self.weighted.append(loss * batch_size)
         self.sizes.append(float(batch_size))
@@ -240,6 +242,11 @@ class StepTally:
     def flush(self, d: Optional[DistHandles], extra: list[float]) -> tuple[float, list[float]]:
         """Sums the interval and ``extra`` over the ranks; returns (mean loss, extra)."""
         n = len(self.weighted)
+        tensors = [w for w in self.weighted if isinstance(w, torch.Tensor)]
+        if tensors:  # one host sync for the interval
+            values = iter(torch.stack([t.float().reshape(()) for t in tensors]).tolist())
+            self.weighted = [next(values) if isinstance(w, torch.Tensor) else w
+                             for w in self.weighted]
         out = all_sum([*self.weighted, *self.sizes, float(self.pending), *extra], d)
         self.samples += int(out[2 * n])
         losses = [w / s for w, s in zip(out[:n], out[n: 2 * n]) if s > 0]

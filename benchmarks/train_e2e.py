@@ -1,0 +1,230 @@
+"""End to end `terarec train` against the training step alone and plain PyTorch, one GPU.
+
+One DLRM (13 dense + 26 sparse features, one key each, Zipf keys over ``--vocab`` ids per
+feature, dim 128, MLPs 512-256-128 / 1024-1024-512-256, Adam rows + Adam dense, batch
+16384, TF32) measured four ways in one process, each after its own warm-up:
+
+* ``plain``: plain PyTorch, batches already on the GPU: 26 ``nn.EmbeddingBag`` of
+  ``--vocab`` rows (keys taken modulo the table size before timing) + ``SparseAdam``,
+  the same dense model and Adam (the baseline users would write themselves);
+* ``step``: terarec's training step alone on the same batches already on the GPU
+  (``TrainPipeline.progress`` over pre-made device batches, no loss check, no metrics);
+* ``e2e <source>``: ``terarec train`` (``train()`` in this process: data source, loop,
+  metrics window, loss check, logging) on ``synthetic-torch`` (batches drawn on the GPU),
+  ``columnar`` (a preprocessed dataset written from the same generator, read from the
+  page cache by ``read_workers`` threads into pinned memory) and ``synthetic-numpy``
+  (the host generator, one core).
+
+For ``e2e`` the rate is the median of the logged intervals after the first (steady state)
+and the whole run's; ratios are against ``step`` and ``plain`` of the same run.
+
+    python benchmarks/train_e2e.py [--device cuda] [--steps 300] [--batch 16384]
+        [--vocab 1000000] [--sources synthetic-torch,columnar,synthetic-numpy] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from terarec.config import Config, SyntheticBackend, config_from_dict
+from terarec.data import build_source
+from terarec.data.columnar import write_dataset
+from terarec.data.synthetic import SyntheticGenerator, dense_names, sparse_names
+from terarec.models import build_model
+from terarec.trainer.loop import build_components, train
+from terarec.trainer.pipeline import TrainPipeline
+
+
+def config(args: argparse.Namespace, runs: Path, **data: Any) -> Config:
+    return config_from_dict({
+        "name": "e2e", "seed": 0,
+        "data": {"kind": "synthetic", "batch_size": args.batch, "eval_batch_size": args.batch,
+                 "read_workers": args.read_workers,
+                 "synthetic": {"vocab_size": args.vocab, "zipf_alpha": 1.1,
+                               "eval_samples": args.batch}, **data},
+        "tables": [{"name": "sparse", "dim": 128, "features": None}],
+        "model": {"kind": "dlrm", "bottom_mlp": [512, 256, 128],
+                  "top_mlp": [1024, 1024, 512, 256]},
+        "optimizer": {"sparse": {"kind": "adam", "lr": 0.001},
+                      "dense": {"kind": "adam", "lr": 0.001}},
+        "train": {"steps": args.steps, "log_every": args.log_every, "device": args.device,
+                  "threads": args.threads, "progress": False, "save_checkpoint": False,
+                  "eval_batches": 1, "runs_dir": str(runs)},
+    }, "<train_e2e>")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_batches(cfg: Config, n: int, device: torch.device) -> list[Any]:
+    d = copy.deepcopy(cfg.data)
+    d.synthetic.generator = SyntheticBackend.TORCH
+    src = build_source(d, "train", seed=1, device=device)
+    out = list(itertools.islice(iter(src), n))
+    src.close()
+    sync(device)
+    return out
+
+
+def timed(fn: Any, steps: int, warmup: int, device: torch.device) -> float:
+    """Seconds per call of ``fn(i)`` over ``steps`` calls after ``warmup``."""
+    for i in range(warmup):
+        fn(i)
+    sync(device)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        fn(warmup + i)
+    sync(device)
+    return (time.perf_counter() - t0) / steps
+
+
+class PlainEBC(nn.Module):
+    """One ``nn.EmbeddingBag`` (sum, sparse grads) per feature; KJT in, KeyedTensor out."""
+
+    def __init__(self, feats: list[str], rows: int, dim: int, device: torch.device) -> None:
+        super().__init__()
+        self.feats, self.dim = feats, dim
+        self.bags = nn.ModuleList(
+            nn.EmbeddingBag(rows, dim, mode="sum", sparse=True, device=device) for _ in feats)
+
+    def forward(self, kjt: KeyedJaggedTensor) -> KeyedTensor:
+        parts = [bag(kjt[f].values(), kjt[f].offsets()[:-1])
+                 for f, bag in zip(self.feats, self.bags)]
+        return KeyedTensor(keys=self.feats, length_per_key=[self.dim] * len(self.feats),
+                           values=torch.cat(parts, dim=1))
+
+
+def plain_step_s(cfg: Config, batches: list[Any], args: argparse.Namespace,
+                 device: torch.device) -> float:
+    feats = sparse_names(cfg.data.synthetic)
+    ebc = PlainEBC(feats, args.vocab, 128, device)
+    model = build_model(cfg.model, ebc, feats, [128] * len(feats), 13).to(device)
+    mod = [KeyedJaggedTensor(keys=b.sparse.keys(), values=b.sparse.values() % args.vocab,
+                             lengths=b.sparse.lengths()) for b in batches]
+    sparse = [p for p in ebc.parameters()]
+    dense = [p for n, p in model.named_parameters() if not n.startswith("embedding")
+             and all(p is not s for s in sparse)]
+    opts = [torch.optim.SparseAdam(sparse, lr=1e-3), torch.optim.Adam(dense, lr=1e-3)]
+    loss_fn = nn.BCEWithLogitsLoss()
+
+    def step(i: int) -> None:
+        b = batches[i % len(batches)]
+        loss = loss_fn(model(b.dense, mod[i % len(batches)]), b.labels)
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        for o in opts:
+            o.step()
+
+    s = timed(step, args.steps, args.warmup, device)
+    torch.cuda.empty_cache()  # no-op without CUDA
+    return s
+
+
+def terarec_step_s(cfg: Config, batches: list[Any], args: argparse.Namespace,
+                   device: torch.device) -> float:
+    parts = build_components(cfg)
+    pipe = TrainPipeline(parts.train_model, parts.dense_optimizer, parts.embedding, device,
+                         nn.BCEWithLogitsLoss(), overlap=False, check_loss=None,
+                         sync=parts.sync)
+    it = itertools.cycle(batches)
+    s = timed(lambda i: pipe.progress(it), args.steps, args.warmup, device)
+    pipe.close()
+    torch.cuda.empty_cache()  # no-op without CUDA
+    return s
+
+
+def columnar_data(cfg: Config, root: Path, rows: int) -> Path:
+    """A preprocessed dataset of ``rows`` samples from the numpy synthetic generator."""
+    gen = SyntheticGenerator(cfg.data.synthetic, seed=2)
+    chunk = 131_072
+    chunks = (gen.rows(np.random.default_rng([2, i]), chunk) for i in range(rows // chunk))
+    write_dataset(root, [chunks], source_kind="synthetic", dense=dense_names(cfg.data.synthetic),
+                  sparse=sparse_names(cfg.data.synthetic))
+    return root
+
+
+def e2e(cfg: Config) -> dict[str, float]:
+    summary = train(cfg)
+    lines = [json.loads(x) for x in
+             (Path(cfg.train.runs_dir) / cfg.name / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["samples_per_s"] for r in lines if r.get("split") == "train"]
+    steady = statistics.median(rates[1:]) if len(rates) > 1 else summary["samples_per_s"]
+    return {"steady": steady, "whole_run": summary["samples_per_s"]}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--warmup", type=int, default=30)
+    ap.add_argument("--log-every", type=int, default=25)
+    ap.add_argument("--batch", type=int, default=16384)
+    ap.add_argument("--vocab", type=int, default=1_000_000)
+    ap.add_argument("--threads", type=int, default=8)
+    ap.add_argument("--read-workers", type=int, default=4)
+    ap.add_argument("--columnar-rows", type=int, default=2_097_152)
+    ap.add_argument("--sources", default="synthetic-torch,columnar,synthetic-numpy")
+    ap.add_argument("--numpy-steps", type=int, default=60, help="steps of synthetic-numpy")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    root = Path(tempfile.mkdtemp(prefix="train_e2e_"))
+    base = config(args, root / "runs")
+    batches = device_batches(base, 64, device)
+    sps: dict[str, Any] = {}
+    sps["plain"] = args.batch / plain_step_s(base, batches, args, device)
+    sps["step"] = args.batch / terarec_step_s(base, batches, args, device)
+    del batches
+    torch.cuda.empty_cache()  # no-op without CUDA
+    for source in args.sources.split(","):
+        if source == "synthetic-torch":
+            cfg = config(args, root / "runs", synthetic={
+                "vocab_size": args.vocab, "zipf_alpha": 1.1, "eval_samples": args.batch,
+                "generator": "torch"})
+        elif source == "synthetic-numpy":
+            cfg = config(args, root / "runs")
+            cfg.train.steps = args.numpy_steps
+            cfg.train.log_every = max(args.numpy_steps // 4, 1)
+        elif source == "columnar":
+            data = columnar_data(base, root / "columnar", args.columnar_rows)
+            cfg = config(args, root / "runs", kind="columnar", path=[str(data)],
+                         eval_path=[str(data)])
+        else:
+            raise SystemExit(f"--sources: unknown {source!r}")
+        sps[f"e2e {source}"] = e2e(cfg)
+        torch.cuda.empty_cache()  # no-op without CUDA
+    ratios = {}
+    for k, v in sps.items():
+        if k.startswith("e2e"):
+            ratios[k] = {"vs_step": round(v["steady"] / sps["step"], 3),
+                         "vs_plain": round(v["steady"] / sps["plain"], 3),
+                         "whole_run_vs_step": round(v["whole_run"] / sps["step"], 3)}
+    ratios["step vs plain"] = round(sps["step"] / sps["plain"], 3)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    result = {"device": name, "batch": args.batch,
+              "steps": args.steps, "samples_per_s": sps, "ratios": ratios}
+    print(json.dumps(result) if args.json else json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
