@@ -1,13 +1,17 @@
-"""Finding input files, sharding them over ranks, the eval split, and line chunking."""
+"""Finding input files, sharding them over ranks, the eval split, line chunking, and
+reading plain or gzip-compressed (``.gz``) files as bytes."""
 
 from __future__ import annotations
 
+import functools
 import glob
+import gzip
 import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import BinaryIO, Optional
 
 import numpy as np
 
@@ -120,16 +124,115 @@ def _make_chunk(path: str, arr: np.ndarray, nls: np.ndarray, first: int, nxt: in
     return LineChunk(path, arr, bounds, ends, first, nxt)
 
 
+# --------------------------------------------------------------------------- raw bytes
+
+GZIP_SUFFIX = ".gz"
+_MIN_READ = 1 << 20
+_MAX_READ = 64 << 20
+_SKIP_BLOCK = 16 << 20
+_GZIP_ERRORS = (OSError, EOFError, zlib.error)  # gzip.BadGzipFile is an OSError
+
+
+def is_gzip(path: str) -> bool:
+    """Whether ``path`` is read as gzip: its name ends in ``.gz``."""
+    return path.endswith(GZIP_SUFFIX)
+
+
+def open_data(path: str, offset: int = 0) -> BinaryIO:
+    """Opens ``path`` for reading its data bytes, positioned at byte ``offset``.
+
+    A ``.gz`` file is decompressed transparently (one gzip member or several, as from
+    ``cat a.gz b.gz``; each member's CRC is checked). For such a file every offset --
+    this one, ``LineChunk.next_offset``, the resume positions built from it,
+    :func:`header_bytes`, :func:`data_size` -- counts *decompressed* bytes, so a position
+    names the same line whether the file is compressed or not. gzip has no random
+    access: starting at ``offset > 0`` decompresses and discards everything before it
+    (resuming deep into a big ``.gz`` costs reading the file up to there).
+
+    Raises:
+        DataError: naming the file, if it cannot be opened or is not valid gzip.
+    """
+    try:
+        f: BinaryIO = gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")  # noqa: SIM115
+    except OSError as e:
+        raise DataError(f"{path}: cannot open: {e.strerror or e}") from None
+    try:
+        if not is_gzip(path):
+            f.seek(offset)
+        elif offset > 0:
+            buf = bytearray(min(offset, _SKIP_BLOCK))
+            left = offset
+            while left > 0:
+                n = f.readinto(memoryview(buf)[: min(left, len(buf))])
+                if not n:
+                    break  # past the end: reads return nothing, like a plain file
+                left -= n
+    except _GZIP_ERRORS as e:
+        f.close()
+        raise DataError(f"{path}: cannot read: {e}") from None
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def _read(f: BinaryIO, n: int, path: str) -> bytes:
+    try:
+        return f.read(n)
+    except _GZIP_ERRORS as e:
+        raise DataError(f"{path}: cannot read: {e}") from None
+
+
+def _first_line(path: str) -> bytes:
+    with open_data(path) as f:
+        try:
+            return f.readline()
+        except _GZIP_ERRORS as e:
+            raise DataError(f"{path}: cannot read: {e}") from None
+
+
 def read_first_line(path: str) -> bytes:
-    """The first line of a file without its line terminator (b'' for an empty file)."""
-    with open(path, "rb") as f:
-        return f.readline().rstrip(b"\r\n")
+    """The first line of a file without its line terminator (b'' for an empty file);
+    ``.gz`` files are decompressed."""
+    return _first_line(path).rstrip(b"\r\n")
 
 
 def header_bytes(path: str) -> int:
-    """Size in bytes of the first line of ``path`` including its line terminator."""
-    with open(path, "rb") as f:
-        return len(f.readline())
+    """Size in bytes of the first line of ``path`` including its line terminator
+    (decompressed bytes for ``.gz``)."""
+    return len(_first_line(path))
+
+
+def data_size(path: str) -> int:
+    """Bytes of data in ``path``: its size, or for ``.gz`` its decompressed size.
+
+    This is the unit of every offset (see :func:`open_data`). For gzip the size is
+    counted by decompressing the whole file once (the gzip ISIZE trailer holds only the
+    last member's size modulo 2^32: wrong for multi-member files and files of 4 GiB or
+    more), and cached in this process per (path, file size, mtime). That costs one read of
+    the file: call it only where the size is needed.
+    """
+    if not is_gzip(path):
+        return os.path.getsize(path)
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise DataError(f"{path}: cannot open: {e.strerror or e}") from None
+    return _gzip_size(path, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _gzip_size(path: str, size: int, mtime_ns: int) -> int:
+    del size, mtime_ns  # cache key only
+    total = 0
+    buf = bytearray(_SKIP_BLOCK)
+    with open_data(path) as f:
+        try:
+            while n := f.readinto(buf):
+                total += n
+        except _GZIP_ERRORS as e:
+            raise DataError(f"{path}: cannot read: {e}") from None
+    return total
 
 
 def iter_line_chunks(
@@ -142,7 +245,12 @@ def iter_line_chunks(
     """Streams ``path`` from byte ``offset`` in chunks of ``chunk_rows`` lines.
 
     Chunk boundaries depend only on the start position, so re-reading from a saved
-    position reproduces the same chunks (this is what makes resume exact).
+    position reproduces the same chunks (this is what makes resume exact). ``.gz`` files
+    are decompressed and offsets count decompressed bytes (see :func:`open_data`).
+
+    Each byte is scanned for newlines once: the file is read in blocks sized from the
+    mean line length seen so far (about one chunk), and a chunk is a view of a block
+    unless it spans several blocks (then only those are joined).
 
     Args:
         path: the file.
@@ -151,33 +259,42 @@ def iter_line_chunks(
         chunk_rows: lines per chunk (the last may be shorter).
         stop_offset: lines starting at or after this byte offset are not returned.
     """
+    f = open_data(path, offset)
     try:
-        f = open(path, "rb")  # noqa: SIM115 - closed in finally across yields
-    except OSError as e:
-        raise DataError(f"{path}: cannot open: {e.strerror}") from None
-    try:
-        f.seek(offset)
-        pending: list[bytes] = []
-        newlines = 0
-        read_size = 1 << 20
+        blocks: list[np.ndarray] = []  # bytes not yet in a chunk; blocks[0][0] is at `offset`
+        block_nls: list[np.ndarray] = []  # newline positions within each block
+        have = 0  # newlines in `blocks`
+        seen_bytes = seen_lines = reads = 0
         eof = False
         while True:
-            while newlines < chunk_rows and not eof:
-                data = f.read(read_size)
+            while have < chunk_rows and not eof:
+                if seen_lines:
+                    want = int((chunk_rows - have) * seen_bytes / seen_lines * 1.1) + 4096
+                else:
+                    want = _MIN_READ << min(reads, 6)
+                data = _read(f, min(max(want, _MIN_READ), _MAX_READ), path)
+                reads += 1
                 if not data:
                     eof = True
                     break
-                pending.append(data)
-                newlines += data.count(b"\n")
-                read_size = min(read_size * 2, 64 << 20)
-            if not pending:
+                a = np.frombuffer(data, dtype=np.uint8)
+                nl = np.flatnonzero(a == 10)
+                blocks.append(a)
+                block_nls.append(nl)
+                have += len(nl)
+                seen_bytes += len(a)
+                seen_lines += len(nl)
+            if not blocks:
                 return
-            buf = b"".join(pending) if len(pending) > 1 else pending[0]
-            arr = np.frombuffer(buf, dtype=np.uint8)
-            nls = np.flatnonzero(arr == 10)
-            cut = int(nls[chunk_rows - 1]) + 1 if len(nls) >= chunk_rows else len(buf)
-            nls = nls[: min(len(nls), chunk_rows)]
-            chunk = _make_chunk(path, arr[:cut], nls, first_line, offset + cut)
+            if len(blocks) == 1:
+                arr, nls = blocks[0], block_nls[0]
+            else:
+                base = np.cumsum([0] + [len(b) for b in blocks[:-1]])
+                nls = np.concatenate([x + b for x, b in zip(block_nls, base)])
+                arr = np.concatenate(blocks)
+            k = min(len(nls), chunk_rows)
+            cut = int(nls[k - 1]) + 1 if k == chunk_rows else len(arr)
+            chunk = _make_chunk(path, arr[:cut], nls[:k], first_line, offset + cut)
             if stop_offset is not None and offset + int(chunk.bounds[-2]) >= stop_offset:
                 keep = int(np.searchsorted(offset + chunk.bounds[:-1], stop_offset))
                 if keep > 0:
@@ -188,8 +305,10 @@ def iter_line_chunks(
             yield chunk
             offset += cut
             first_line += chunk.n
-            rest = buf[cut:]
-            pending = [rest] if rest else []
-            newlines = rest.count(b"\n")
+            if cut < len(arr):
+                blocks, block_nls = [arr[cut:]], [nls[k:] - cut]
+            else:
+                blocks, block_nls = [], []
+            have = len(nls) - k
     finally:
         f.close()
