@@ -241,11 +241,12 @@ class DelimitedParser:
         for c in self.cats:
             col = t.column(c.column).combine_chunks()
             if c.sep is None:
-                present, keys, ok = string_keys(col, c.feature, _HEX if c.hex_only else None)
                 if c.hex_only:
-                    ok &= _lengths(col) <= 16
+                    present, keys, ok = string_keys(col, c.feature, _HEX, max_len=16)
                     flag(col, ok, "bad_categorical",
                          lambda v, c=c: f"categorical {c.column}={v!r} is not 1-16 hex digits")
+                else:
+                    present, keys, _ = string_keys(col, c.feature)
                 sparse.append((present.astype(np.int32), keys))
             else:
                 sparse.append(_multi_keys(col, c.sep, c.feature))
@@ -273,9 +274,16 @@ def _numbers(col: pa.Array, pattern: str, missing_ok: bool) -> tuple[np.ndarray,
     n = len(col)
     present = col.is_valid().to_numpy(zero_copy_only=False)
     try:
-        target = pa.int64() if pattern == INT_RE else pa.float64()
-        v = pc.fill_null(pc.cast(col, target), 0).to_numpy(zero_copy_only=False)
-        v = v.astype(np.float64, copy=False)
+        if pattern == INT_RE:
+            # the cast's values buffer as is (undefined under nulls, zeroed here): no
+            # fill_null pass, and integers are always finite
+            ints = pc.cast(col, pa.int64())
+            v = np.frombuffer(ints.buffers()[1], dtype=np.int64, count=n,
+                              offset=ints.offset * 8).astype(np.float64)
+            if not present.all():
+                v[~present] = 0.0
+            return v, present | missing_ok
+        v = pc.fill_null(pc.cast(col, pa.float64()), 0).to_numpy(zero_copy_only=False)
         if np.isfinite(v).all():
             return v, present | missing_ok
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):

@@ -74,8 +74,9 @@ class LibfmParser:
         row_of = np.repeat(np.arange(m), ntok - 1)
 
         label_ok = pc.match_substring_regex(label_tok, FLOAT_RE).to_numpy(zero_copy_only=False)
-        parts = pc.extract_regex(feat_tok, TOKEN_RE)
-        tok_ok = parts.is_valid().to_numpy(zero_copy_only=False)
+        # validate with a match (no capture: ~4x cheaper than extract_regex); a valid
+        # token's idx is its text before the first ':' (split below, good rows only)
+        tok_ok = pc.match_substring_regex(feat_tok, TOKEN_RE).to_numpy(zero_copy_only=False)
         row_tok_bad = np.zeros(m, dtype=bool)
         row_tok_bad[row_of[~tok_ok]] = True
         count_bad = (ntok - 1 != nf) if self.fields else np.zeros(m, dtype=bool)
@@ -110,9 +111,8 @@ class LibfmParser:
         labels = pc.cast(label_tok.filter(pa.array(good)) if not good.all() else label_tok,
                          pa.float64()).to_numpy(zero_copy_only=False) > 0
         tok_keep = good[row_of]
-        ids_str = parts.field("idx")
-        if not tok_keep.all():
-            ids_str = ids_str.filter(pa.array(tok_keep))
+        kept_tok = feat_tok if tok_keep.all() else feat_tok.filter(pa.array(tok_keep))
+        ids_str = pc.list_element(pc.split_pattern(kept_tok, ":", max_splits=1), 0)
         ids = pc.cast(ids_str, pa.int64()).to_numpy(zero_copy_only=False)
         n = int(good.sum())
         if self.fields:
