@@ -327,7 +327,7 @@ class ColumnarStream:
                     break
                 last = wi + 1 == len(wins) or (limit is not None and before + n >= limit)
                 fut = submit(self._load, p, wi, wins[wi])
-                self.counters.rows_read += full
+                self.counters.rows_read += n - skip
                 a = skip
                 while a < n:
                     t = min(self.bs - have, n - a)

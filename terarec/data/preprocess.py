@@ -272,7 +272,9 @@ def _run_jobs(
     todo = [k for k, r in enumerate(results) if r is None]
     if len(todo) < len(jobs):
         logger.info("preprocess: %d of %d files already done", len(jobs) - len(todo), len(jobs))
-    total = sum(os.path.getsize(jobs[k][1]) for k in todo)
+    # Progress counts decompressed bytes; a .gz's size is unknown without a pass over it.
+    gz = any(jobs[k][1].endswith(".gz") for k in todo)
+    total = None if gz else sum(os.path.getsize(jobs[k][1]) for k in todo)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="preprocess",
                disable=not show_progress)
     ctx = mp.get_context("spawn")
@@ -292,7 +294,7 @@ def _run_jobs(
                     for k in [k for k in pending if futs[k].done()]:
                         results[k] = futs[k].result()
                         pending.discard(k)
-                    bar.n = min(counter.value, total)
+                    bar.n = counter.value
                     bar.refresh()
                     time.sleep(0.2)
     finally:

@@ -45,13 +45,15 @@ class Rows:
         return int(self.labels.shape[0])
 
     def offsets(self) -> np.ndarray:
-        """int64 ``[n + 1, F]`` cumulative lengths (cached; row-major because numpy's
-        cumsum is several times faster along axis 0 of an ``[n, F]`` array)."""
+        """int64 ``[n + 1, F]`` cumulative lengths (cached). Built feature by feature
+        (contiguous 1-D cumsums, ~10x faster than one strided 2-D cumsum) and returned
+        as the transposed view, so ``off[row, f]`` indexing is unchanged."""
         if self._offsets is None:
             f, n = self.lengths.shape
-            off = np.zeros((n + 1, f), dtype=np.int64)
-            np.cumsum(self.lengths.T, axis=0, dtype=np.int64, out=off[1:])
-            self._offsets = off
+            off = np.zeros((f, n + 1), dtype=np.int64)
+            for j in range(f):
+                np.cumsum(self.lengths[j], dtype=np.int64, out=off[j, 1:])
+            self._offsets = off.T
         return self._offsets
 
     def slice(self, a: int, b: int) -> Rows:

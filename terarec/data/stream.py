@@ -18,7 +18,6 @@ Resuming re-reads that one window and drops ``skip`` rows.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol
@@ -27,7 +26,13 @@ import numpy as np
 
 from terarec.data.batch import Batch
 from terarec.data.errors import DataError, logger
-from terarec.data.files import LineChunk, eval_mask, iter_line_chunks, shard_files
+from terarec.data.files import (
+    LineChunk,
+    data_size,
+    eval_mask,
+    iter_line_chunks,
+    shard_files,
+)
 from terarec.data.rows import Rows
 from terarec.data.synthetic import SyntheticGenerator
 from terarec.data.synthetic_torch import TorchSyntheticGenerator, batch_seed
@@ -137,7 +142,7 @@ class FileStream:
         self.batch_size, self.chunk_rows, self.shuffle = sizes
         self.counters = counters
         self.mine, self.strided = shard_files(len(files), rank, world_size)
-        self.sizes = {i: os.path.getsize(files[i]) for i in self.mine}
+        self._sizes: Optional[dict[int, int]] = None  # data bytes per file, when needed
         if epochs is None:
             self.passes: Optional[int] = None
         else:
@@ -169,11 +174,14 @@ class FileStream:
         """(file position k, byte offset) where a fractional last pass stops."""
         if self.epochs is None or p < math.floor(self.epochs):
             return None
-        target = (self.epochs - math.floor(self.epochs)) * sum(self.sizes.values())
+        if self._sizes is None:  # a .gz is decompressed once to size it: only here
+            self._sizes = {i: data_size(self.files[i]) for i in self.mine}
+        sizes = self._sizes
+        target = (self.epochs - math.floor(self.epochs)) * sum(sizes.values())
         for k, fi in enumerate(order):
-            if target < self.sizes[fi]:
+            if target < sizes[fi]:
                 return k, int(target)
-            target -= self.sizes[fi]
+            target -= sizes[fi]
         return len(order), 0  # pragma: no cover - float rounding at the very end
 
     def _chunks(self, p: int, k0: int, off0: int, line0: int) -> Iterator[tuple[Rows, tuple]]:

@@ -238,3 +238,18 @@ def test_libfm_fields_config_roundtrip(tmp_path: Path) -> None:
     preprocess(cfg, tmp_path / "out", show_progress=False)
     assert sparse_feature_names(columnar_cfg(tmp_path / "out")) == ["u", "i"]
     assert dense_feature_names(columnar_cfg(tmp_path / "out")) == []
+
+
+def test_gzip_source_gives_the_same_dataset(tmp_path: Path, write_criteo) -> None:
+    import gzip
+
+    plain = write_criteo("a.tsv", range(500), extra={7: BAD})
+    gz = tmp_path / "a.tsv.gz"
+    gz.write_bytes(gzip.compress(plain.read_bytes()))
+    for name, src in (("p", plain), ("g", gz)):
+        preprocess(criteo_cfg([src], eval_fraction=0.3), tmp_path / name, chunk_rows=64,
+                   show_progress=False)
+    for split in ("train", "eval"):
+        a = (tmp_path / "p" / split / "part-00000.bin").read_bytes()
+        assert a == (tmp_path / "g" / split / "part-00000.bin").read_bytes()
+        assert len(a) > 0
