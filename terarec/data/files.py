@@ -74,14 +74,17 @@ def eval_mask(path: str, rows: np.ndarray, fraction: float) -> np.ndarray:
     and of the directory the file sits in.
 
     Args:
-        path: the file; only its base name enters the hash.
+        path: the file; only its base name enters the hash, without a ``.gz`` suffix
+            (``x.tsv`` and ``x.tsv.gz`` split alike).
         rows: int64 ``[n]`` 0-based data row indices (header excluded).
         fraction: the eval fraction in [0, 1).
 
     Returns:
         bool ``[n]``.
     """
-    salt = np.uint64(salt_for("split:" + os.path.basename(path)) & ((1 << 64) - 1))
+    name = os.path.basename(path)
+    name = name[: -len(".gz")] if name.endswith(".gz") else name
+    salt = np.uint64(salt_for("split:" + name) & ((1 << 64) - 1))
     h = mix64_np(rows.astype(np.uint64) ^ salt)
     u = (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
     return u < fraction
