@@ -12,8 +12,9 @@ feature, dim 128, MLPs 512-256-128 / 1024-1024-512-256, Adam rows + Adam dense, 
 * ``e2e <source>``: ``terarec train`` (``train()`` in this process: data source, loop,
   metrics window, loss check, logging) on ``synthetic-torch`` (batches drawn on the GPU),
   ``columnar`` (a preprocessed dataset written from the same generator, read from the
-  page cache by ``read_workers`` threads into pinned memory) and ``synthetic-numpy``
-  (the host generator, one core).
+  page cache by ``read_workers`` threads into pinned memory; ``columnar-overlap``: with
+  ``train.prefetch``, the next batch copied to the GPU on a side stream during the step)
+  and ``synthetic-numpy`` (the host generator, one core).
 
 For ``e2e`` the rate is the median of the logged intervals after the first (steady state)
 and the whole run's; ratios are against ``step`` and ``plain`` of the same run.
@@ -180,7 +181,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--read-workers", type=int, default=4)
     ap.add_argument("--columnar-rows", type=int, default=2_097_152)
-    ap.add_argument("--sources", default="synthetic-torch,columnar,synthetic-numpy")
+    ap.add_argument("--sources",
+                    default="synthetic-torch,columnar,columnar-overlap,synthetic-numpy")
     ap.add_argument("--numpy-steps", type=int, default=60, help="steps of synthetic-numpy")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -204,10 +206,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             cfg = config(args, root / "runs")
             cfg.train.steps = args.numpy_steps
             cfg.train.log_every = max(args.numpy_steps // 4, 1)
-        elif source == "columnar":
-            data = columnar_data(base, root / "columnar", args.columnar_rows)
+        elif source in ("columnar", "columnar-overlap"):
+            data = root / "columnar"
+            if not data.exists():
+                columnar_data(base, data, args.columnar_rows)
             cfg = config(args, root / "runs", kind="columnar", path=[str(data)],
                          eval_path=[str(data)])
+            # overlap: the next batch's host->device copy on the pipeline's side stream
+            cfg.train.prefetch = source == "columnar-overlap"
         else:
             raise SystemExit(f"--sources: unknown {source!r}")
         sps[f"e2e {source}"] = e2e(cfg)
