@@ -131,6 +131,7 @@ def sources(data: dict[str, Path], batch: int) -> dict[str, Callable[[], Any]]:
         return lambda: build_source(cfg, "train", seed=0)
 
     def synthetic(backend: SyntheticBackend) -> Callable[[], Any]:
+        # (the torch generator is for GPUs: benchmarks/train_e2e.py measures it there)
         cfg = DataConfig(batch_size=batch)
         cfg.synthetic.generator = backend
         return lambda: build_source(cfg, "train", seed=0)
@@ -143,7 +144,6 @@ def sources(data: dict[str, Path], batch: int) -> dict[str, Callable[[], Any]]:
         "columnar, 2 workers": columnar(2),
         "columnar shuffled, 2 workers": columnar(2, shuffle=4 * batch),
         "synthetic numpy": synthetic(SyntheticBackend.NUMPY),
-        "synthetic torch (cpu)": synthetic(SyntheticBackend.TORCH),
     }
     for comp in ("snappy", "none"):
         out[f"parquet ({comp})"] = (
