@@ -130,6 +130,7 @@ def with_sets(argv: list[str], sets: list[str]) -> list[str]:
     return argv
 
 
+@pytest.mark.numerics
 def test_tiered_train_and_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     runs = tmp_path / "runs"
     argv = with_sets(train_argv(runs, name="tiered"), [*TIERED, "train.progress=true"])
@@ -144,7 +145,8 @@ def test_tiered_train_and_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str
     # eval rebuilds the tiers on a scratch DB of its own, removed afterwards
     code, out, err = run(["eval", "--run", str(run_dir)], capsys)
     assert code == 0, err
-    assert eval_json(out)["auc"] == pytest.approx(summary["final_eval"]["auc"], abs=1e-9)
+    # the same rows (read back from the SSD tier) through the same kernels: the same AUC
+    assert eval_json(out)["auc"] == summary["final_eval"]["auc"]
     assert sorted(p.name for p in (run_dir / "ssd").iterdir()) == ["rank0"]
 
 
@@ -244,6 +246,7 @@ def eval_json(out: str) -> dict[str, Any]:
     return json.loads(out)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("where", ["run", "checkpoint"])
 def test_eval_prints_the_metrics(
     trained_run: Path, capsys: pytest.CaptureFixture[str], where: str
@@ -255,9 +258,10 @@ def test_eval_prints_the_metrics(
     summary = json.loads((trained_run / "summary.json").read_text())
     assert metrics["step"] == 30
     assert {"auc", "ne", "logloss", "calibration", "ctr", "samples", "oracle_auc"} <= set(metrics)
-    # the checkpoint is the model that was evaluated at the end of training
+    # the checkpoint is the model that was evaluated at the end of training: the same
+    # weights, batches and kernels give the same metrics, bit for bit
     for key in ("auc", "logloss", "ne", "oracle_auc"):
-        assert metrics[key] == pytest.approx(summary["final_eval"][key], abs=1e-9), key
+        assert metrics[key] == summary["final_eval"][key], key
 
 
 def test_eval_of_a_corrupted_checkpoint(

@@ -102,6 +102,7 @@ def _one_process(cfg: dict[str, Any]) -> None:
         torch.set_num_threads(threads)
 
 
+@pytest.mark.numerics
 def test_two_hosts_over_veth_train_the_one_process_run(hosts: TwoHosts, tmp_path: Path) -> None:
     ref = equivalence_config(tmp_path, 1, "one")
     _one_process(ref)

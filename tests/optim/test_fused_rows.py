@@ -14,13 +14,31 @@ from terarec.config import SparseOptimConfig, SparseOptimKind, TableConfig
 from terarec.optim import triton_rows
 from terarec.optim.sparse import build_row_optimizer
 from terarec.ps.group import TableGroup
+from tests.numerics import EPS32, assert_close, f32_tol
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-pytestmark = pytest.mark.skipif(
-    not triton_rows.available(DEVICE),
-    reason="needs triton on CUDA, or TRITON_INTERPRET=1 with triton installed",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not triton_rows.available(DEVICE),
+        reason="needs triton on CUDA, or TRITON_INTERPRET=1 with triton installed",
+    ),
+    pytest.mark.numerics,
+]
 KINDS = list(SparseOptimKind)
+# Rounded operations per element in one optimizer step (Adam's: m and v updates, sqrt,
+# + eps, the division, the step size, the add: 12; the others fewer). The fused kernel
+# and the torch path round the same operations, but a GPU contracts pairs of them into
+# fused multiply-adds: each of them may round differently on the two paths.
+STEP_OPS = 12
+
+
+def fused_bound(ref: torch.Tensor, steps: int) -> torch.Tensor:
+    """Per-element bound after ``steps`` steps: ``STEP_OPS`` roundings per step, each
+    relative to the operands' size: the value itself plus O(1) for the updates (random
+    rows in [0, 1), N(0, 1) gradients, lr 0.05, state of the same order). Adam's m/sqrt(v)
+    does not amplify more here: the gradients are the same on both paths, only the
+    moments' rounding differs, by a few eps relative, and v >= (1 - beta2) g^2."""
+    return EPS32 * steps * STEP_OPS * (1.0 + ref.abs())
 
 
 def _cfg(kind: SparseOptimKind) -> SparseOptimConfig:
@@ -41,7 +59,7 @@ def test_update_at_matches_torch_path(kind: SparseOptimKind, dim: int) -> None:
         storage.index_copy_(0, slots, ref_opt.update(storage.index_select(0, slots), grad))
         fused_opt.update_at(fused, slots, grad)
     assert fused_opt.step == ref_opt.step == 3
-    torch.testing.assert_close(fused, storage, rtol=1e-6, atol=1e-6)
+    assert_close(fused, storage, fused_bound(storage, 3), "rows")
 
 
 def test_skipped_slots_and_empty_batch() -> None:
@@ -88,8 +106,8 @@ def test_tiered_group_fused_equals_torch_path(kind: SparseOptimKind) -> None:
     o0, o1 = torch.argsort(k0), torch.argsort(k1)
     assert torch.equal(k0[o0], k1[o1])
     # 12 steps: on a GPU the kernel's fused multiply-adds round differently from torch's
-    # separate passes, and Adam's m / sqrt(v) amplifies that (2e-6 seen on an H100)
-    torch.testing.assert_close(r1[o1], r0[o0], rtol=1e-5, atol=1e-5)
+    # separate passes (2e-6 seen on an H100 with Adam)
+    assert_close(r1[o1], r0[o0], fused_bound(r0[o0], 12), "rows")
 
 
 def test_collection_training_fused_equals_torch_path() -> None:
@@ -111,7 +129,7 @@ def test_collection_training_fused_equals_torch_path() -> None:
     for grp in ebcs[1].groups:
         grp.fused = True
     g = torch.Generator().manual_seed(2)
-    for _ in range(8):
+    for step in range(8):
         ids = torch.randint(0, 50, (2 * 12,), generator=g)
         kjt = KeyedJaggedTensor.from_lengths_sync(
             ["f0", "f1"], ids, torch.full((2 * 6,), 2, dtype=torch.int64)
@@ -122,9 +140,11 @@ def test_collection_training_fused_equals_torch_path() -> None:
             loss = ((ebc(kjt).values() - target) ** 2).mean()
             loss.backward()
             losses.append(loss.item())
-        assert abs(losses[0] - losses[1]) <= 1e-6 * max(1.0, abs(losses[0]))
+        # the forward passes are the same; the rows under them drift by one rounding of
+        # the loss's size per step at most
+        assert_close(losses[1], losses[0], f32_tol(max(1.0, abs(losses[0])), step + 1), "loss")
     for t in range(2):
         (k0, r0), (k1, r1) = (e.tables[t].group.export_table(e.tables[t].index) for e in ebcs)
         o0, o1 = torch.argsort(k0), torch.argsort(k1)
         assert torch.equal(k0[o0], k1[o1])
-        torch.testing.assert_close(r1[o1], r0[o0], rtol=1e-6, atol=1e-6)
+        assert_close(r1[o1], r0[o0], fused_bound(r0[o0], 8), f"table {t} rows")

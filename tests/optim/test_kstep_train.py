@@ -1,9 +1,11 @@
 """`terarec train` with the ``sync:`` config on two nodes of one rank each (loopback gloo).
 
 * ``sync.k: 1`` is fully synchronous training: the same loss curve, rows and dense
-  weights as one process on the global batch, to 1e-5 (dense gradients averaged over the
-  cross group, rows' gradients combined by the exchange), with device and host budgets
-  that make both ranks evict into their host and SSD tiers;
+  weights as one process on the global batch, within bounds derived from float32
+  rounding (``train_helpers.run_bounds``: dense gradients averaged over the cross group,
+  rows' gradients combined by the exchange, in another order than one process adds
+  them), with device and host budgets that make both ranks evict into their host and
+  SSD tiers;
 * ``sync.k: 4`` merges every 4 steps: after the run both replicas hold the same rows
   (each node a full replica), the loss curve is not the synchronous one, and the
   cross-node bytes in ``metrics.jsonl`` / ``summary.json`` are a fraction of k = 1's.
@@ -25,6 +27,7 @@ from train_helpers import (  # noqa: E402
     assert_same_run,
     equivalence_config,
     losses,
+    run_bounds,
     run_dir,
     train_cmd,
     write_config,
@@ -65,6 +68,7 @@ def _summary(cfg: dict[str, Any]) -> dict[str, Any]:
     return json.loads((run_dir(cfg) / "summary.json").read_text())
 
 
+@pytest.mark.numerics
 def test_k1_on_two_nodes_is_the_one_process_run(work: Path, sync_run: dict[str, Any]) -> None:
     ref = equivalence_config(work, 1, "one")
     threads = torch.get_num_threads()
@@ -79,6 +83,7 @@ def test_k1_on_two_nodes_is_the_one_process_run(work: Path, sync_run: dict[str, 
         sync["bytes"] / (_summary(sync_run)["samples"] / 2))
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 def test_k4_merges_and_replicas_agree(work: Path, sync_run: dict[str, Any]) -> None:
     cfg = equivalence_config(work, 2, "k4")
@@ -93,7 +98,10 @@ def test_k4_merges_and_replicas_agree(work: Path, sync_run: dict[str, Any]) -> N
         assert torch.equal(ka[oa], kb[ob])
         dim = 8  # the weights (each replica keeps its own Adam state: sparse: delta)
         assert torch.equal(a[name]["rows"][oa, :dim], b[name]["rows"][ob, :dim])
-    assert losses(cfg) != pytest.approx(losses(sync_run), abs=1e-6)  # not the sync path
+    # not the sync path: the curve leaves the synchronous run's rounding bounds
+    bound = run_bounds(sync_run)["loss"]
+    assert any(abs(a - b) > bound(b, i) for i, (a, b) in enumerate(zip(losses(cfg),
+                                                                       losses(sync_run))))
     sync = _summary(cfg)["sync"]
     assert sync["merges"] == steps // 4
     assert sync["bytes"] < 0.75 * _summary(sync_run)["sync"]["bytes"]  # here: 0.55x
@@ -102,6 +110,7 @@ def test_k4_merges_and_replicas_agree(work: Path, sync_run: dict[str, Any]) -> N
     assert logged == [s // 4 for s in range(1, steps + 1)]  # log_every: 1
 
 
+@pytest.mark.numerics
 @pytest.mark.slow  # three 2-node launches
 def test_a_resumed_k4_run_ends_where_the_straight_run_ends(work: Path) -> None:
     """Replicas' dense optimizer states differ between merges (``dense: params`` merges
@@ -120,4 +129,4 @@ def test_a_resumed_k4_run_ends_where_the_straight_run_ends(work: Path) -> None:
     _nodes(work, cfg, 2)
     cfg["train"]["steps"] = steps
     _nodes(work, cfg, 2, "--resume", str(run_dir(cfg) / "checkpoint"))
-    assert_same_run(cfg, straight, tol=1e-6)
+    assert_same_run(cfg, straight, exact=True)  # the same ranks, kernels and batches

@@ -29,6 +29,7 @@ FEATS = ["a", "b", "c", "d"]
 BATCH = 24
 STEPS = 36
 VOCAB = 3000
+MAX_BAG = 3  # ids per bag: lengths are drawn from [0, 4)
 EMPTY_STEP, NO_GROUP_STEP, NO_KEYS_STEP = 3, 5, 7
 
 
@@ -50,7 +51,7 @@ def global_batches(seed: int, steps: int = STEPS) -> list[tuple[torch.Tensor, to
     g = torch.Generator().manual_seed(seed)
     out = []
     for step in range(steps):
-        lengths = torch.randint(0, 4, (len(FEATS), BATCH), generator=g)
+        lengths = torch.randint(0, MAX_BAG + 1, (len(FEATS), BATCH), generator=g)
         if step == NO_GROUP_STEP:
             lengths[2:, BATCH // 2 :] = 0
         if step == NO_KEYS_STEP:
@@ -109,13 +110,16 @@ def train(
     index: int = 0,
     prefetch: bool = False,
     loss_group: Optional[Any] = None,
+    grads: Optional[list[float]] = None,
 ) -> list[float]:
     """Trains member ``index`` of ``parts`` ranks sharing each global batch.
 
     The rank's loss is its samples' summed loss times ``parts / BATCH`` (the mean over
     the global batch once the ranks' gradients are averaged, as DDP does; equal to the
     local mean when the split is even). Returns the global mean loss per step (summed
-    over ``loss_group`` when given).
+    over ``loss_group`` when given). ``grads``, when given, gets a bound per step on any
+    row's gradient entry: a row sums the pooled gradients of the bags it is in, at most
+    ``MAX_BAG`` times each.
     """
     import torch.distributed as dist
 
@@ -125,7 +129,10 @@ def train(
     for step, ((lengths, ids), y) in enumerate(zip(data, ys)):
         lo, hi = cut(step, parts, index)
         kjt = kjt_slice(lengths, ids, lo, hi)
-        logits = model(ebc(kjt).values()).squeeze(1)
+        pooled = ebc(kjt).values()
+        if grads is not None and pooled.requires_grad:
+            pooled.register_hook(lambda g: grads.append(MAX_BAG * float(g.abs().sum())))
+        logits = model(pooled).squeeze(1)
         total = nn.functional.binary_cross_entropy_with_logits(logits, y[lo:hi], reduction="sum")
         loss = total * (parts / BATCH)
         worker = None

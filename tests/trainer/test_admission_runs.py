@@ -52,6 +52,7 @@ def test_counters_reach_metrics_and_summary(tiny_config: Callable[..., Config]) 
     assert "tiers" not in plain
 
 
+@pytest.mark.numerics
 def test_resume_is_exact_with_admission(tiny_config: Callable[..., Config]) -> None:
     straight = train(tiny_config(name="straight", **ADMITTED))
     half = tiny_config(name="resumed", **ADMITTED)

@@ -252,6 +252,7 @@ def comparable(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if k not in wall} for r in records]
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize(
     "sparse, dense", [("adam", "adam"), ("rowwise_adagrad", "sgd")], ids=["adam", "adagrad-sgd"]
 )

@@ -380,6 +380,7 @@ def without_wall_clock(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if k != "tiers"} for r in comparable(records)]
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize(
     "tiered, device",
     [(True, "cpu"), (False, "cpu"), pytest.param(True, "cuda", marks=CUDA)],

@@ -86,6 +86,7 @@ def test_tiers_are_used_and_reported(straight: tuple[Config, dict[str, Any], Pat
     assert json.loads((run / "summary.json").read_text())["tiers"]["sparse"]["ssd_rows_in"] > 0
 
 
+@pytest.mark.numerics
 def test_tiered_run_equals_the_unbounded_run(
     straight: tuple[Config, dict[str, Any], Path], tiny_config: Callable[..., Config]
 ) -> None:
@@ -97,6 +98,7 @@ def test_tiered_run_equals_the_unbounded_run(
     assert_same_result(run, summary, runs / "plain", plain)
 
 
+@pytest.mark.numerics
 def test_tiered_resume_is_exact(
     straight: tuple[Config, dict[str, Any], Path], tiny_config: Callable[..., Config]
 ) -> None:
