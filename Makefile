@@ -5,7 +5,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.terarec-installed
 CONFIG ?= configs/quickstart.yaml
 
-.PHONY: install train test test-all lint bench clean
+.PHONY: install train test test-all test-numerics lint bench clean
 
 $(STAMP): setup.py requirements-cpu.txt
 	bash scripts/install.sh "$(PY)" "$(VENV)"
@@ -21,6 +21,12 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(VPY) -m pytest -q -m "" tests
+
+# The float comparisons alone; CI also runs them with ATEN_CPU_CAPABILITY=avx2 and
+# =default (docs/testing.md), which picks ATen's kernels at import.
+test-numerics: $(STAMP)
+	$(VPY) -c "import torch; print('ATen CPU capability:', torch.backends.cpu.get_cpu_capability())"
+	$(VPY) -m pytest -q -m "numerics and not slow" tests
 
 lint: $(STAMP)
 	$(VPY) -m ruff check terarec tests benchmarks
