@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
 import numpy as np
+import torch
 
 from terarec.data.batch import Batch
 from terarec.data.errors import DataError, logger
@@ -337,8 +338,6 @@ class SyntheticStream:
 
     def _device_batch(self, seq: tuple[int, int, int, int], n: int,
                       position: dict[str, Any]) -> Batch:
-        import torch
-
         dg = self.device_gen
         assert dg is not None
         g = torch.Generator(device=dg.device).manual_seed(batch_seed(*seq))
