@@ -236,7 +236,8 @@ def preprocess(
     for i, f in enumerate(eval_files):
         jobs.append((i, f, {"eval": dirs["eval"]}, 0.0))
     results = _run_jobs(cfg, jobs, chunk_rows, workers, show_progress)
-    feats = text_parser(cfg, BadRows(False, 0))
+    from terarec.data import dense_feature_names, sparse_feature_names  # the package API
+
     summary: dict[str, Any] = {}
     for split, d in dirs.items():
         parts, bad = [], {}
@@ -245,7 +246,7 @@ def preprocess(
                 parts.append(r["parts"][split])
                 for k, v in r["bad_rows"].items():
                     bad[k] = bad.get(k, 0) + v
-        meta = meta_dict(cfg.kind.value, _dense_names(cfg), feats.features,
+        meta = meta_dict(cfg.kind.value, dense_feature_names(cfg), sparse_feature_names(cfg),
                          cfg.dense_transform.value, chunk_rows, fp)
         meta["parts"], meta["bad_rows"] = parts, bad
         meta["rows"] = sum(p["rows"] for p in parts)
@@ -253,12 +254,6 @@ def preprocess(
         summary[split] = {"path": str(d), "rows": meta["rows"], "parts": len(parts),
                           "bad_rows": bad}
     return summary
-
-
-def _dense_names(cfg: DataConfig) -> list[str]:
-    from terarec.data import dense_feature_names
-
-    return dense_feature_names(cfg)
 
 
 def _run_jobs(
