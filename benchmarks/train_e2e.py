@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             cfg.train.prefetch = source == "columnar-overlap"
         else:
             raise SystemExit(f"--sources: unknown {source!r}")
+        cfg.name = source
         sps[f"e2e {source}"] = e2e(cfg)
         torch.cuda.empty_cache()  # no-op without CUDA
     ratios = {}

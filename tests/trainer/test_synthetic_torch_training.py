@@ -10,6 +10,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
+import torch
+
 from terarec.trainer.loop import train
 
 
@@ -21,14 +24,21 @@ def auc_se(auc: float, n_pos: float, n_neg: float) -> float:
     return math.sqrt(var)
 
 
-def test_torch_generator_reaches_the_oracle_like_numpy(tmp_path: Path, tiny_config) -> None:
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                  reason="no CUDA")),
+])
+def test_torch_generator_reaches_the_oracle_like_numpy(tmp_path: Path, tiny_config,
+                                                       device: str) -> None:
     out = {}
     for gen in ("numpy", "torch"):
         cfg = tiny_config(
             name=gen,
             data={"batch_size": 256, "eval_batch_size": 4096,
                   "synthetic": {"eval_samples": 16384, "generator": gen}},
-            train={"steps": 300, "log_every": 100, "save_checkpoint": False})
+            train={"steps": 300, "log_every": 100, "save_checkpoint": False,
+                   "device": device})
         ev = train(cfg)["final_eval"]
         out[gen] = ev
     gaps = {g: e["oracle_auc"] - e["auc"] for g, e in out.items()}
