@@ -19,13 +19,11 @@ from typing import Any, Literal, Optional
 import torch
 
 from terarec.ps.key_map import KeyMap
-from terarec.ps.tier import FREQ, LAST, Export, Rows, Spare, check_batch
+from terarec.ps.tier import FREQ, LAST, Export, Rows, Spare, TierFullError, check_batch
+
+__all__ = ["CacheTier", "Policy", "TierFullError"]
 
 Policy = Literal["lru", "lfu"]
-
-
-class TierFullError(RuntimeError):
-    """A tier cannot take the rows asked for without evicting locked rows."""
 
 
 class CacheTier:
@@ -291,7 +289,8 @@ class CacheTier:
                 f"{self.name} tier: needs {n} more free rows at step {step} but only "
                 f"{count} of its {self.capacity} rows may be evicted (the others are locked "
                 "for the batch being trained, and the next one when prefetched); raise its "
-                "budget"
+                "budget",
+                tier=self.name,
             )
         big = torch.iinfo(torch.int64).max
         if self.policy == "lru":

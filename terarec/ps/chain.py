@@ -1,6 +1,6 @@
 """Tiers chained top to bottom: the device cache, the host tier, the SSD tier.
 
-Training reads and updates rows only in the *top* tier (a :class:`CacheTier`), by slot,
+Training reads and updates rows only in the *top* tier (a cache), by slot,
 exactly as an unbounded table does. :meth:`TierChain.prepare` makes a batch's unique
 keys resident there first (HugeCTR's "fill what you have, pass the misses down"):
 
@@ -30,22 +30,22 @@ from typing import Any, Optional
 
 import torch
 
-from terarec.ps.cache_tier import CacheTier, TierFullError
 from terarec.ps.scratch import ScratchPad
-from terarec.ps.tier import FREQ, LAST, META_WIDTH, Rows
+from terarec.ps.store import Admit, RowSource, sweep_every
+from terarec.ps.tier import FREQ, LAST, META_WIDTH, Cache, Rows, Tier, TierFullError
 
-
-def sweep_every(ttl_steps: int) -> int:
-    """Steps between two TTL sweeps of every tier: ``max(1, ttl_steps // 4)``."""
-    return max(1, ttl_steps // 4)
+__all__ = ["TierChain", "sweep_every"]
 
 
 class TierChain:
-    """A top :class:`CacheTier` over lower tiers (``find``/``insert``), bottom unbounded.
+    """Caches over one unbounded tier; implements ``SlotStore`` (``ps/store.py``).
+
+    A chain holds the rows of one table (``tables`` arguments are all table 0).
 
     Args:
-        tiers: top first; every tier but the last a :class:`CacheTier`; the last one
-            unbounded (``HostTier`` or ``SSDTier``).
+        tiers: top first; every tier but the last a :class:`~terarec.ps.tier.Cache`
+            (the device tier, a budgeted host tier); the last one an unbounded
+            :class:`~terarec.ps.tier.Tier` (an unbounded host tier, the SSD tier).
         table: table name for errors.
         scratch_pad: rows of a batch that the top tier has no room for are trained from
             a :class:`~terarec.ps.scratch.ScratchPad` (and written back down after the
@@ -60,12 +60,14 @@ class TierChain:
         scratch_pad: bool = False,
         ttl_steps: Optional[int] = None,
     ) -> None:
-        if len(tiers) < 2 or not all(isinstance(t, CacheTier) for t in tiers[:-1]):
+        if len(tiers) < 2 or not all(isinstance(t, Cache) for t in tiers[:-1]):
             raise ValueError("a tier chain is caches over one unbounded bottom tier")
-        if isinstance(tiers[-1], CacheTier):
+        if isinstance(tiers[-1], Cache) or not isinstance(tiers[-1], Tier):
             raise ValueError("the bottom tier must be unbounded (host without budget, or SSD)")
         self.tiers = tiers
-        self.top: CacheTier = tiers[0]
+        self.top: Cache = tiers[0]
+        self.caches: list[Cache] = tiers[:-1]
+        self.bottom: Tier = tiers[-1]
         self.scratch: Optional[ScratchPad] = (
             ScratchPad(self.top.row_width, self.top.capacity, self.top.device)
             if scratch_pad
@@ -144,9 +146,10 @@ class TierChain:
         self,
         keys: torch.Tensor,
         step: int,
-        create: Callable[[torch.Tensor], torch.Tensor],
+        create: RowSource,
+        tables: Optional[torch.Tensor] = None,
+        admit: Optional[Admit] = None,
         lock_until: Optional[int] = None,
-        admit: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     ) -> torch.Tensor:
         """Top-tier slots of unique ``keys`` ``[U]``, making them resident.
 
@@ -155,15 +158,33 @@ class TierChain:
             step: the step being trained: rows locked until ``step`` or later (this
                 batch's, and a prefetched next batch's) are never evicted.
             create: ``create(positions [M]) -> rows [M, row_width]`` for absent keys.
-            lock_until: keep these rows until this step (default ``step``; a prefetch of
-                the next batch passes ``step + 1``).
+            tables: all table 0 (or None).
             admit: ``admit(positions [M]) -> bool [M]``, called (at most once) with the
                 keys absent from every tier: only those it returns True for are created;
                 the others get slot -1 and go into no tier (admission, ``ps/admission.py``).
                 Default: create all.
+            lock_until: keep these rows until this step (default ``step``; a prefetch of
+                the next batch passes ``step + 1``).
         Returns:
             int64 ``[U]`` slots; -1 only where ``admit`` declined.
+        Raises:
+            TierFullError: (with ``table`` set) the batch does not fit the top tier and
+                there is no scratch pad.
         """
+        try:
+            return self._prepare(keys, step, create, admit, lock_until)
+        except TierFullError as e:
+            e.table = e.table or self.table
+            raise
+
+    def _prepare(
+        self,
+        keys: torch.Tensor,
+        step: int,
+        create: RowSource,
+        admit: Optional[Admit],
+        lock_until: Optional[int],
+    ) -> torch.Tensor:
         lock_until = step if lock_until is None else lock_until
         self.step = max(self.step, lock_until)
         slots = self.top.lookup(keys)
@@ -201,8 +222,8 @@ class TierChain:
         step: int,
         lock_until: int,
         stale_top: Optional[torch.Tensor],
-        create: Callable[[torch.Tensor], torch.Tensor],
-        admit: Optional[Callable[[torch.Tensor], torch.Tensor]],
+        create: RowSource,
+        admit: Optional[Admit],
     ) -> Rows:
         """:meth:`prepare` for the positions ``miss`` found in neither the top tier nor
         the pad: fills their ``slots``; returns the rows the top tier evicted."""
@@ -225,10 +246,10 @@ class TierChain:
             got_meta = torch.empty(
                 pending.numel(), META_WIDTH, dtype=torch.int64, device=rows.device
             )
-            if isinstance(tier, CacheTier):
-                missed = tier.take(kmiss[pending], got, got_meta)
-            else:
+            if tier is self.bottom:
                 missed = tier.find(kmiss[pending], got, got_meta)
+            else:  # caches are exclusive: the row moves up
+                missed = tier.take(kmiss[pending], got, got_meta)
             found = torch.ones(pending.numel(), dtype=torch.bool, device=rows.device)
             found[missed] = False
             if fresh_from is not None:
@@ -236,7 +257,7 @@ class TierChain:
                 if bool(stale.any()):
                     old = pending[stale]
                     gone[old] = True
-                    if not isinstance(tier, CacheTier):  # take removed it from a cache
+                    if tier is self.bottom:  # take removed it from a cache
                         tier.evict(kmiss[old])
                     found &= ~stale
                     missed = (~found).nonzero().squeeze(1)
@@ -336,7 +357,7 @@ class TierChain:
 
         def held(keys: torch.Tensor) -> torch.Tensor:
             out = torch.zeros(keys.numel(), dtype=torch.bool, device=keys.device)
-            for t in self.tiers[:level]:
+            for t in self.caches[:level]:
                 out |= t.contains(keys)
             if self.scratch is not None and len(self.scratch):
                 out |= (self.scratch.lookup(keys.to(self.top.device)) >= 0).to(keys.device)
@@ -368,7 +389,7 @@ class TierChain:
                 miss = miss[~inpad]
         return miss, Rows(*pad.release(step)) if release else None
 
-    def prefetch(self, keys: torch.Tensor, step: int) -> bool:
+    def prefetch(self, keys: torch.Tensor, step: int, tables: Optional[torch.Tensor] = None) -> bool:
         """Makes the *next* batch's unique ``keys`` ``[U]`` resident in the top tier,
         locked through ``step + 1``, while step ``step`` trains (e.g. on a background
         thread: it touches the tiers' maps, free slots and unlocked rows, never the rows
@@ -412,7 +433,9 @@ class TierChain:
             f"table {self.table}: this batch has {keys.numel()} unique keys but the "
             f"{self.top.name} tier holds {self.top.capacity} rows; give it at least "
             f"{keys.numel()} rows{extra if prefetch else ''}, or let the rows that do not "
-            "fit train from a scratch pad (scratch_pad: true)"
+            "fit train from a scratch pad (scratch_pad: true)",
+            table=self.table,
+            tier=self.top.name,
         )
 
     def _push_down(
@@ -430,7 +453,7 @@ class TierChain:
         if meta is None:
             meta = torch.tensor([step, 1], device=keys.device).repeat(keys.numel(), 1)
         tier = self.tiers[level]
-        if not isinstance(tier, CacheTier):
+        if tier is self.bottom:
             self.moved[tier.name] += keys.numel()
             tier.insert(keys, rows, meta)
             return
@@ -448,7 +471,10 @@ class TierChain:
             ev = Rows(*(torch.cat(f) for f in zip(skipped, ev)))
         self._push_down(ev.keys, ev.rows, level + 1, step, ev.meta)
 
-    def overwrite(self, keys: torch.Tensor, rows: torch.Tensor, step: int) -> int:
+    def overwrite(
+        self, keys: torch.Tensor, rows: torch.Tensor, step: int,
+        tables: Optional[torch.Tensor] = None,
+    ) -> int:
         """Sets the rows of unique ``keys`` ``[N]`` to ``rows [N, row_width]`` where their
         freshest copy lives (the top tier, the scratch pad, a lower tier: the order reads
         follow), in place: metadata, locks and positions are kept, older copies below
@@ -471,10 +497,10 @@ class TierChain:
                 break
             k = keys[pending]
             mine = rows[pending.to(rows.device)]
-            if isinstance(tier, CacheTier):
-                s = tier.lookup(k.to(tier.device))
+            if tier is not self.bottom:
+                s = tier.lookup(k.to(tier.device))  # type: ignore[attr-defined]
                 h = (s >= 0).to(keys.device)
-                tier.write(s[s >= 0], mine[h.to(mine.device)].to(tier.device))
+                tier.write(s[s >= 0], mine[h.to(mine.device)].to(tier.device))  # type: ignore[attr-defined]
             else:  # the bottom tier: an upsert, with the row's own metadata
                 got = torch.empty(k.numel(), self.row_width)
                 meta = torch.empty(k.numel(), META_WIDTH, dtype=torch.int64)
@@ -491,7 +517,10 @@ class TierChain:
         return pending.numel()
 
     def lookup_rows(
-        self, keys: torch.Tensor, fresh_from: Optional[int] = None
+        self,
+        keys: torch.Tensor,
+        tables: Optional[torch.Tensor] = None,
+        fresh_from: Optional[int] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows of ``keys`` ``[N]`` without promoting or creating them:
         ``(rows [N, row_width], found [N] bool)``. With ``fresh_from`` (TTL), rows not
@@ -552,24 +581,31 @@ class TierChain:
             return list(self.tiers)
         return [self.top, self.scratch, *self.tiers[1:]]
 
+    def export_table(
+        self, table: int, fresh_from: Optional[int] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`export` of the chain's one table (``table`` 0)."""
+        keys, rows = self.export(fresh_from=fresh_from)
+        return keys, rows
+
+    def rows_per_table(self, num_tables: int) -> list[int]:
+        return [len(self)]
+
     def load(
-        self, keys: torch.Tensor, rows: torch.Tensor, meta: Optional[torch.Tensor] = None
+        self, keys: torch.Tensor, rows: torch.Tensor, step: int,
+        tables: Optional[torch.Tensor] = None,
     ) -> None:
-        """Replaces every row (checkpoint restore): all go to the bottom tier, with
-        ``meta`` (default zeros)."""
+        """Replaces every row (checkpoint restore): all go to the bottom tier, as used
+        at ``step`` (metadata ``(step, 0)``)."""
         if self.scratch is not None:
             self.scratch.drop_all()
-        for tier in self.tiers[:-1]:
-            k, _ = tier.export()
-            tier.remove(k)
-        bottom = self.tiers[-1]
-        if hasattr(bottom, "load"):  # HostTier: replace wholesale
-            bottom.load(keys, rows, meta)
-        else:
-            old, _ = bottom.export()
-            if old.numel():
-                bottom.evict(old)
-            bottom.insert(keys, rows, meta)
+        for cache in self.caches:
+            cache.remove(cache.export()[0])
+        old = self.bottom.export()[0]
+        if old.numel():
+            self.bottom.evict(old)
+        meta = torch.tensor([step, 0], device=keys.device).repeat(keys.numel(), 1)
+        self.bottom.insert(keys, rows, meta)
         self.created = keys.numel()
         self.expired = 0
 

@@ -22,10 +22,9 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from terarec.config import Pooling, SparseOptimConfig, TableConfig
-from terarec.optim.sparse import build_row_optimizer
 from terarec.ps.group import TableGroup, group_key
 from terarec.ps.sharded import ShardedLookup
-from terarec.ps.ssd_tier import SSDStore, SSDTier
+from terarec.ps.ssd_tier import SSDStore
 from terarec.ps.table import EmbeddingTable
 
 
@@ -117,13 +116,9 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
         self._group_features: list[list[str]] = []
         self._feature_table: list[torch.Tensor] = []  # per group: table index per feature
         for members in by_key.values():
-            bottom = None
-            if ssd_store is not None and tables[members[0]].host_rows is not None:
-                (i,) = members
-                width = tables[i].dim + build_row_optimizer(optimizer, tables[i].dim).state_width
-                bottom = SSDTier(ssd_store, width, table_id=i)
             group = TableGroup(
-                [tables[i] for i in members], optimizer, self.device, seed, bottom=bottom
+                [tables[i] for i in members], optimizer, self.device, seed,
+                ssd_store=ssd_store, table_id=members[0],
             )
             self.groups.append(group)
             feats: list[str] = []
@@ -209,7 +204,7 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
             return self._prefetch_sharded(parts)
         skipped: list[str] = []
         for g, kjt, ft in zip(self.groups, parts, self._feature_table):
-            if g.chain is not None:
+            if g.tiered:
                 dedup, _ = self._dedup_group(g, kjt, ft)
                 if not g.prefetch(dedup.keys, dedup.tables):
                     skipped += g.names
@@ -260,7 +255,7 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
         """:meth:`prefetch` of a sharded collection: the tiered groups' pairs go to their
         owners over the prefetch group (nothing happens without one)."""
         assert self._sharded is not None
-        which = [i for i, g in enumerate(self.groups) if g.chain is not None]
+        which = [i for i, g in enumerate(self.groups) if g.tiered]
         if self._sharded.prefetcher is None or not which:
             return []
         dedups = [

@@ -1,10 +1,10 @@
-"""The one place that decides which tiers a table gets from its config.
+"""The one place that decides from a table's config which store and tiers hold its rows.
 
-| config | chain (top to bottom) |
+| config | store (tiers top to bottom) |
 |---|---|
-| no ``device_rows`` | none: the table trains in one unbounded :class:`HostTier` |
-| ``device_rows`` | device :class:`CacheTier` over an unbounded host :class:`HostTier` |
-| ``device_rows`` + ``host_rows`` | device cache over a host cache over the SSD tier |
+| no ``device_rows`` | :class:`FlatStore`: one unbounded :class:`HostTier` on the training device |
+| ``device_rows`` | :class:`TierChain`: device :class:`CacheTier` over an unbounded host :class:`HostTier` |
+| ``device_rows`` + ``host_rows`` | :class:`TierChain`: device cache over a host cache over the :class:`SSDTier` |
 
 Everything else (policy, pinned host memory on CUDA machines, scratch pad, TTL) comes
 from the same :class:`~terarec.config.TableConfig`.
@@ -19,48 +19,57 @@ import torch
 from terarec.config import TableConfig
 from terarec.ps.cache_tier import CacheTier
 from terarec.ps.chain import TierChain
+from terarec.ps.flat_store import FlatStore
 from terarec.ps.host_tier import HostTier
-from terarec.ps.tier import Tier
+from terarec.ps.ssd_tier import SSDStore, SSDTier
+from terarec.ps.store import SlotStore
 
 
-def build_chain(
-    cfg: TableConfig,
+def is_tiered(cfg: TableConfig) -> bool:
+    """Whether the table's rows are cached per batch in a tier chain (it has budgets)."""
+    return cfg.device_rows is not None
+
+
+def build_store(
+    cfgs: list[TableConfig],
     row_width: int,
     device: torch.device | str,
-    ssd: Optional[Tier] = None,
-) -> Optional[TierChain]:
-    """The tier chain of table ``cfg``, or None when it has no budgets.
+    ssd_store: Optional[SSDStore] = None,
+    table_id: int = 0,
+) -> SlotStore:
+    """The slot store of a group of tables (one, when tiered).
 
     Args:
-        cfg: the table's config (``device_rows``, ``host_rows``, ``cache_policy``,
-            ``scratch_pad``, ``ttl_steps``).
+        cfgs: the group's tables (``device_rows``, ``host_rows``, ``cache_policy``,
+            ``scratch_pad``, ``ttl_steps``; equal for every table but the name).
         row_width: floats per row (dim + optimizer state).
         device: where the device tier lives (and training computes).
-        ssd: the table's SSD tier (an ``SSDTier`` on the rank's store); required with
-            ``host_rows``, since a bounded host tier evicts into it.
+        ssd_store: the rank's SSD store; required with ``host_rows``, since a bounded
+            host tier evicts into it.
+        table_id: the table's id in the SSD store.
     Raises:
-        ValueError: ``host_rows`` without an SSD tier.
+        ValueError: ``host_rows`` without an SSD store; budgets on a group of tables.
     """
-    if cfg.device_rows is None:
-        return None
+    device = torch.device(device)
+    cfg = cfgs[0]
+    if not is_tiered(cfg):
+        return FlatStore(row_width, device, len(cfgs), cfg.ttl_steps)
+    if len(cfgs) != 1:
+        raise ValueError("tier budgets are per table: a budgeted table is its own group")
     policy = cfg.cache_policy
+    assert cfg.device_rows is not None
     tiers: list[Any] = [
         CacheTier(row_width, cfg.device_rows, device, policy, "device")  # type: ignore[arg-type]
     ]
     if cfg.host_rows is None:
         tiers.append(HostTier(row_width, "cpu"))
     else:
-        if ssd is None:
+        if ssd_store is None:
             raise ValueError(
                 f"table {cfg.name}: host_rows bounds the host tier, so evicted rows need "
                 "the SSD tier below it: configure an SSD path"
             )
         pin = torch.cuda.is_available()  # fast copies to and from the GPU
         host = CacheTier(row_width, cfg.host_rows, "cpu", policy, "host", pin)  # type: ignore[arg-type]
-        tiers += [host, ssd]
-    return TierChain(
-        tiers,
-        cfg.name,
-        scratch_pad=cfg.scratch_pad,
-        ttl_steps=cfg.ttl_steps,
-    )
+        tiers += [host, SSDTier(ssd_store, row_width, table_id=table_id)]
+    return TierChain(tiers, cfg.name, scratch_pad=cfg.scratch_pad, ttl_steps=cfg.ttl_steps)

@@ -66,7 +66,7 @@ class EmbeddingTable:
         comp, order = torch.sort(self.group.composite(keys, tables), stable=True)
         rows = rows.to(torch.float32)[order]
         slots = self.group.slots_for(comp, tables, create=lambda pos: rows[pos])
-        self.group.top.write(slots, rows)
+        self.group.write(slots, rows)
 
     def export(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(keys [R], rows [R, row_width])`` of every row of this table."""

@@ -27,7 +27,7 @@ shapes raise ``ValueError`` naming the tier.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple, Optional, Protocol, Union, runtime_checkable
+from typing import Any, NamedTuple, Optional, Protocol, Union, runtime_checkable
 
 import torch
 
@@ -144,4 +144,103 @@ class Tier(Protocol):
 
     def stats(self) -> dict[str, float]:
         """Counters: at least :data:`STAT_KEYS`."""
+        ...
+
+
+class TierFullError(RuntimeError):
+    """A tier cannot take the rows asked for without evicting locked rows.
+
+    Attributes:
+        table: the table whose batch did not fit (None where the tier does not know it;
+            the chain fills it in).
+        tier: the tier's name (``device``, ``host``).
+    """
+
+    def __init__(self, message: str, table: Optional[str] = None, tier: str = "") -> None:
+        super().__init__(message)
+        self.table = table
+        self.tier = tier
+
+
+@runtime_checkable
+class Cache(Tier, Protocol):
+    """A bounded tier addressed by slot: the device tier and the budgeted host tier.
+
+    Beyond :class:`Tier`, a tier chain (``ps/chain.py``) needs from every tier above its
+    bottom one: ``capacity`` rows in slots ``0 .. capacity - 1``, lookups that return
+    slots, rows read / written / updated in place by slot, per-slot metadata and a lock
+    (the step until which a row may not be evicted), admission with eviction by policy,
+    and exclusive moves (``take``, ``remove``). ``tests/ps/test_tier_contract.py`` checks
+    the :class:`Tier` part, ``tests/ps/test_cache_tier.py`` the rest.
+    """
+
+    capacity: int
+    device: torch.device
+
+    def lookup(self, keys: torch.Tensor) -> torch.Tensor:
+        """Slot of each key, -1 where absent ``[N]``; counts hits and misses."""
+        ...
+
+    def contains(self, keys: torch.Tensor) -> torch.Tensor:
+        """bool ``[N]`` on the keys' device: which keys are held (counts nothing)."""
+        ...
+
+    def touch(self, slots: torch.Tensor, step: int) -> None:
+        """Records a use at ``step`` of the rows at unique ``slots`` (freq counts steps)."""
+        ...
+
+    def lock(self, slots: torch.Tensor, until_step: int) -> None:
+        """Keeps the rows at ``slots`` from eviction while the step is <= ``until_step``."""
+        ...
+
+    def room(self, step: int) -> int:
+        """Rows :meth:`admit` can place at ``step``: free slots plus evictable ones."""
+        ...
+
+    def admit(
+        self,
+        keys: torch.Tensor,
+        rows: torch.Tensor,
+        step: int,
+        lock_until: int = -1,
+        meta: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, Rows]:
+        """Places absent unique ``keys`` ``[M]`` with ``rows``; returns ``(slots [M],
+        evicted rows)``. Raises :class:`TierFullError` when locked rows leave no room."""
+        ...
+
+    def take(
+        self, keys: torch.Tensor, out: torch.Tensor, meta: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """:meth:`Tier.find`, and the rows found leave the tier; ``keys`` unique."""
+        ...
+
+    def remove(self, keys: torch.Tensor) -> Rows:
+        """Takes present unique ``keys`` out; returns their rows and metadata."""
+        ...
+
+    def read(self, slots: torch.Tensor, cols: Optional[int] = None) -> torch.Tensor:
+        """Rows at ``slots`` ``[N, row_width]`` (the first ``cols`` columns if given)."""
+        ...
+
+    def write(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        """Overwrites the rows at unique ``slots``."""
+        ...
+
+    def update_rows(self, slots: torch.Tensor, grad: torch.Tensor, optimizer: Any) -> None:
+        """One fused optimizer step in place on the rows at unique ``slots``."""
+        ...
+
+    def read_meta(self, slots: torch.Tensor) -> torch.Tensor:
+        """Metadata ``(last_step, freq)`` at ``slots``: int64 ``[N, 2]``."""
+        ...
+
+    def insert(  # type: ignore[override]
+        self,
+        keys: torch.Tensor,
+        rows: torch.Tensor,
+        meta: Optional[torch.Tensor] = None,
+        step: int = 0,
+    ) -> Rows:
+        """:meth:`Tier.insert`, evicting unlocked rows at ``step`` for the new ones."""
         ...

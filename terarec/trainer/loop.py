@@ -35,7 +35,7 @@ from terarec.data import build_source, dense_feature_names, sparse_feature_names
 from terarec.data.batch import Batch
 from terarec.models import build_model
 from terarec.optim.dense import build_dense_optimizer
-from terarec.ps.cache_tier import TierFullError
+from terarec.ps.tier import TierFullError
 from terarec.ps.embedding import HierarchicalEmbeddingBagCollection
 from terarec.ps.ssd_tier import SSDStore
 from terarec.trainer.checkpoint import (
@@ -608,16 +608,11 @@ def _train(
         # A budget that one batch does not fit: the config's to fix. Nothing is saved
         # after it (the failed step may have left its rows half moved between tiers);
         # the last checkpoint stays the one to resume from.
-        msg = str(e)
         where = next(
-            (
-                f"tables[{i}].device_rows"
-                for i, t in enumerate(cfg.tables)
-                if msg.startswith(f"table {t.name}:")
-            ),
+            (f"tables[{i}].{e.tier}_rows" for i, t in enumerate(cfg.tables) if t.name == e.table),
             "tables",
         )
-        raise ConfigError(f"{where}: {msg}") from None
+        raise ConfigError(f"{where}: {e}") from None
     finally:
         pipeline.close()
         bar.close()

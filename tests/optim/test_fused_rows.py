@@ -99,7 +99,7 @@ def test_tiered_group_fused_equals_torch_path(kind: SparseOptimKind) -> None:
         grad = torch.randn(keys.numel(), 8, generator=g).to(DEVICE)
         for grp in groups:
             slots = grp.slots_for(keys, tables)
-            padded += int((slots >= grp.chain.top.capacity).sum())  # type: ignore[union-attr]
+            padded += int((slots >= grp.store.top.capacity).sum())  # type: ignore[union-attr]
             grp.apply_gradients(slots, grad, grp.read(slots))
     assert padded > 0  # the scratch pad's part of the step ran too
     (k0, r0), (k1, r1) = (grp.export_table(0) for grp in groups)

@@ -254,7 +254,7 @@ def test_tiered_table_matches_unbounded_and_reference(
     )
     ref = MaskedReference(plain, data, opt, 3)
     group = ebc.groups[0]
-    assert group.chain is not None and group.admission is not None
+    assert group.tiered and group.admission is not None
     for step, kjt in enumerate(data):
         loss = loss_of(ebc(kjt).values())
         worker = None
@@ -284,7 +284,7 @@ def test_tiered_table_matches_unbounded_and_reference(
     assert len(ebc.tables[0]) == keys.numel() == stats["admission_admitted"]
     # no tier holds a row of a key never admitted
     admitted = set(ref.admitted_keys(0).tolist())
-    for tier in group.chain.tiers:
+    for tier in group.store.tiers:
         held, _ = tier.export()
         assert set(held.tolist()) <= admitted, tier.name
     store.close()
@@ -303,7 +303,7 @@ def test_unadmitted_keys_read_zeros_and_leave_no_trace(tmp_path) -> None:
     )
     ebc = HierarchicalEmbeddingBagCollection([table], ["a"], opt, seed=1)
     group = ebc.groups[0]
-    assert group.chain is not None and group.admission is not None
+    assert group.tiered and group.admission is not None
 
     def kjt(*ids: int) -> KeyedJaggedTensor:
         return KeyedJaggedTensor.from_lengths_sync(
@@ -336,9 +336,9 @@ def test_unadmitted_keys_read_zeros_and_leave_no_trace(tmp_path) -> None:
     # 9 once in training: still out (the prefetch and the eval did not count)
     assert torch.equal(train(9), torch.zeros(1, 2))
     assert len(ebc.tables[0]) == 2 and group.stats()["admission_rejected_values"] == 2
-    _, found = group.chain.lookup_rows(torch.tensor([9, 5]))
+    _, found = group.store.lookup_rows(torch.tensor([9, 5]))
     assert found.tolist() == [False, True]
-    assert all(9 not in t.export()[0].tolist() for t in group.chain.tiers)
+    assert all(9 not in t.export()[0].tolist() for t in group.store.tiers)
     assert group.stats()["device_inserts"] == 2  # only the two admitted rows moved in
 
 
@@ -416,7 +416,7 @@ def test_colliding_composites_with_admission(min_count: int) -> None:
     grouped, separate = build(True), build(False)
     data = colliding_batches(grouped)
     losses = [train_group(e, data) for e in (grouped, separate)]
-    assert grouped.groups[0]._side  # the crafted collisions took the side path
+    assert grouped.groups[0].store.collisions  # the crafted collisions took the side path
     if min_count == 1:
         assert losses[0] == losses[1]
         assert per_table(grouped) == per_table(separate)

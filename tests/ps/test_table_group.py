@@ -73,7 +73,7 @@ def test_colliding_composites_train_like_separate_tables() -> None:
     assert train(grouped, batches) == train(ref, batches)
     assert per_table(grouped) == per_table(ref)
     assert grouped.num_rows() == ref.num_rows()
-    assert grouped.groups[0]._side  # the crafted collisions took the side path
+    assert grouped.groups[0].store.collisions  # the crafted collisions took the side path
     grouped.eval(), ref.eval()
     with torch.no_grad():
         for kjt in batches[:5]:
@@ -86,7 +86,7 @@ def test_round_trip_and_growth_keep_side_slots() -> None:
     train(a, batches)
     b = build(True)
     b.load_tables_state_dict(a.tables_state_dict())
-    assert per_table(a) == per_table(b) and b.groups[0]._side
+    assert per_table(a) == per_table(b) and b.groups[0].store.collisions
     # many new ids force index rehashes with side (unindexed) slots present
     many = torch.arange(1000, 9000)
     kjt = KeyedJaggedTensor.from_lengths_sync(

@@ -78,7 +78,7 @@ def test_tiered_training_matches_dense_reference(
     plain_table = TableConfig(name="t", dim=4, init=InitConfig(kind="uniform", scale=0.1))
     plain = HierarchicalEmbeddingBagCollection([plain_table], FEATS, opt, seed=5)
     group = ebc.groups[0]
-    assert group.chain is not None and len(group.chain.tiers) == (3 if host_rows else 2)
+    assert group.tiered and len(group.store.tiers) == (3 if host_rows else 2)
 
     keys = torch.unique(torch.cat([b.values() for b in data]))
     assert keys.numel() > 3000

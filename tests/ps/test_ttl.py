@@ -55,8 +55,8 @@ def step(ebc: HierarchicalEmbeddingBagCollection, keys: list[int]) -> None:
 
 
 def close(ebc: HierarchicalEmbeddingBagCollection) -> None:
-    chain = ebc.groups[0].chain
-    if chain is not None and isinstance(chain.tiers[-1], SSDTier):
+    chain = ebc.groups[0].store
+    if ebc.groups[0].tiered and isinstance(chain.tiers[-1], SSDTier):
         chain.tiers[-1].store.close()
 
 
@@ -64,10 +64,10 @@ def held_anywhere(ebc: HierarchicalEmbeddingBagCollection, key: int) -> list[str
     """Names of the tiers holding ``key`` (row present, expired or not)."""
     group = ebc.groups[0]
     k = torch.tensor([key])
-    if group.chain is None:
-        return ["host"] if int(group.tier.lookup_slots(k)[0]) >= 0 else []
+    if not group.tiered:
+        return ["host"] if int(group.store.tier.lookup_slots(k)[0]) >= 0 else []
     out = []
-    for tier in group.chain.tiers:
+    for tier in group.store.tiers:
         if tier.find(k, torch.zeros(1, group.row_width)).numel() == 0:
             out.append(tier.name)
     return out
@@ -276,9 +276,9 @@ def test_unbounded_group_of_tables_with_ttl_and_compaction(monkeypatch) -> None:
     compactions = 0
     grad = 0.0  # the references' largest |gradient entry| (SGD: the update is lr * g)
     for s, kjt in enumerate(data, start=1):
-        before = ebc.groups[0].tier.num_slots
+        before = ebc.groups[0].store.tier.num_slots
         loss = (torch.tanh(ebc(kjt).values()) @ head).square().sum()
-        compactions += ebc.groups[0].tier.num_slots < before
+        compactions += ebc.groups[0].store.tier.num_slots < before
         loss.backward()
         ref_loss = 0.0
         for i, (f, ref) in enumerate(zip(FEATS, refs)):
