@@ -389,7 +389,9 @@ class TierChain:
                 miss = miss[~inpad]
         return miss, Rows(*pad.release(step)) if release else None
 
-    def prefetch(self, keys: torch.Tensor, step: int, tables: Optional[torch.Tensor] = None) -> bool:
+    def prefetch(
+        self, keys: torch.Tensor, step: int, tables: Optional[torch.Tensor] = None
+    ) -> bool:
         """Makes the *next* batch's unique ``keys`` ``[U]`` resident in the top tier,
         locked through ``step + 1``, while step ``step`` trains (e.g. on a background
         thread: it touches the tiers' maps, free slots and unlocked rows, never the rows

@@ -1,10 +1,10 @@
 """The one place that decides from a table's config which store and tiers hold its rows.
 
-| config | store (tiers top to bottom) |
+| config | store: tiers top to bottom |
 |---|---|
-| no ``device_rows`` | :class:`FlatStore`: one unbounded :class:`HostTier` on the training device |
-| ``device_rows`` | :class:`TierChain`: device :class:`CacheTier` over an unbounded host :class:`HostTier` |
-| ``device_rows`` + ``host_rows`` | :class:`TierChain`: device cache over a host cache over the :class:`SSDTier` |
+| no ``device_rows`` | ``FlatStore``: one unbounded ``HostTier`` on the training device |
+| ``device_rows`` | ``TierChain``: device ``CacheTier`` over an unbounded host ``HostTier`` |
+| ``device_rows`` + ``host_rows`` | ``TierChain``: device cache, host cache, ``SSDTier`` |
 
 Everything else (policy, pinned host memory on CUDA machines, scratch pad, TTL) comes
 from the same :class:`~terarec.config.TableConfig`.

@@ -103,7 +103,9 @@ class FlatStore:
         slots[pos] = self._slots_for(keys[pos], tables[pos], _subset(create, pos))
         return slots
 
-    def prefetch(self, keys: torch.Tensor, step: int, tables: Optional[torch.Tensor] = None) -> bool:
+    def prefetch(
+        self, keys: torch.Tensor, step: int, tables: Optional[torch.Tensor] = None
+    ) -> bool:
         """Every row is resident: nothing to do."""
         return True
 

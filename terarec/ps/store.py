@@ -72,7 +72,9 @@ class SlotStore(Protocol):
         adjacent (sorted)."""
         ...
 
-    def prefetch(self, keys: torch.Tensor, step: int, tables: Optional[torch.Tensor] = None) -> bool:
+    def prefetch(
+        self, keys: torch.Tensor, step: int, tables: Optional[torch.Tensor] = None
+    ) -> bool:
         """Makes the next batch's pairs resident while step ``step`` trains (creates
         nothing); False when it gave up (no room beside the batch being trained)."""
         ...

@@ -35,9 +35,9 @@ from terarec.data import build_source, dense_feature_names, sparse_feature_names
 from terarec.data.batch import Batch
 from terarec.models import build_model
 from terarec.optim.dense import build_dense_optimizer
-from terarec.ps.tier import TierFullError
 from terarec.ps.embedding import HierarchicalEmbeddingBagCollection
 from terarec.ps.ssd_tier import SSDStore
+from terarec.ps.tier import TierFullError
 from terarec.trainer.checkpoint import (
     NonFiniteState,
     load_checkpoint,
