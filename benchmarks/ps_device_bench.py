@@ -20,7 +20,14 @@ move at the least and the time that floor gives at ``--bandwidth`` bytes/s:
   ``--dim``). Floor: ids read, every unique row (weights + Adam state) read and written
   once, every lookup's weights read, the pooled output written and its gradient read.
 
-    python benchmarks/ps_device_bench.py [--device cuda] [--json]
+* **tables**: ``--tables`` tiered tables of one dim (the features split between them,
+  each table's device tier holding its rows): the step of the batched group (one dedup,
+  gather, pooling and optimizer launch; one chain per table) against the same tables
+  each in a group of its own (``group_tables=False``), on the same batches, alternating
+  step by step (``--table-rounds`` rounds, median).
+
+    python benchmarks/ps_device_bench.py [--device cuda] [--parts check,index,step,tables]
+        [--json]
 """
 
 from __future__ import annotations
@@ -314,6 +321,59 @@ def step_bench(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
     return baseline
 
 
+def tables_bench(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Batched group of ``--tables`` tiered tables vs one group per table (see above)."""
+    n_tab, f, b = args.tables, args.features, args.batch
+    feats = [f"f{i}" for i in range(f)]
+    rows = args.rows // n_tab  # ids per table
+    g = torch.Generator().manual_seed(3)
+    batches = []
+    for _ in range(8):
+        ids = torch.randint(0, rows, (b * f,), generator=g)
+        kjt = KeyedJaggedTensor.from_lengths_sync(feats, ids, torch.ones(b * f, dtype=torch.int64))
+        kjt.offsets()
+        batches.append(kjt.to(device))
+    opt = SparseOptimConfig(kind="adam", lr=0.01)
+    tables = [
+        TableConfig(name=f"t{t}", dim=args.dim, features=feats[t::n_tab],
+                    init=InitConfig(kind="uniform", scale=0.01), device_rows=rows + 1024)
+        for t in range(n_tab)
+    ]
+    sides = {}
+    for name, grouped in (("grouped", True), ("per_table", False)):
+        ebc = HierarchicalEmbeddingBagCollection(
+            tables, feats, opt, device=device, seed=0, group_tables=grouped
+        )
+        assert len(ebc.groups) == (1 if grouped else n_tab)
+        sides[name] = ebc
+
+    def step(ebc: HierarchicalEmbeddingBagCollection, kjt: KeyedJaggedTensor) -> None:
+        out = ebc(kjt).values()
+        out.backward(torch.ones_like(out))
+
+    for kjt in batches:  # every row created (untimed)
+        for ebc in sides.values():
+            step(ebc, kjt)
+    times: dict[str, list[float]] = {k: [] for k in sides}
+    for r in range(args.table_rounds):
+        for name, ebc in sides.items():  # alternating: load hits both alike
+            _sync(device)
+            t0 = time.perf_counter()
+            for kjt in batches:
+                step(ebc, kjt)
+            _sync(device)
+            times[name].append((time.perf_counter() - t0) / len(batches))
+    t_grouped = statistics.median(times["grouped"])
+    t_per = statistics.median(times["per_table"])
+    return {
+        "tables": n_tab,
+        "tables_batch": b,
+        "tables_grouped_step_s": t_grouped,
+        "tables_per_table_step_s": t_per,
+        "tables_grouped_speedup": t_per / t_grouped,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -329,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--features", type=int, default=26)
     p.add_argument("--rows", type=int, default=4_000_000)
     p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--tables", type=int, default=4, help="tables part: tiered tables")
+    p.add_argument("--table-rounds", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="torch.profiler tables of 3 steps")
     p.add_argument("--sync-debug", action="store_true",
                    help="CUDA: list the host<->device syncs of one step by source line")
@@ -344,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
         res.update(index_bench(args, device))
     if "step" in parts:
         res.update(step_bench(args, device))
+    if "tables" in parts:
+        res.update(tables_bench(args, device))
     if args.json:
         print(json.dumps(res))
     else:

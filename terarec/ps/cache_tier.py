@@ -36,6 +36,10 @@ class CacheTier:
         policy: ``lru`` or ``lfu``.
         name: tier name in stats and errors (``device`` / ``host``).
         pin: allocate the row array in pinned host memory (fast copies to a GPU).
+        rows: the row array to use, float32 ``[capacity, row_width]`` on ``device``
+            (e.g. this table's part of one array shared by a group of tables, which
+            then gathers and updates every table's rows in one launch); default a new
+            zeroed one.
     """
 
     def __init__(
@@ -46,6 +50,7 @@ class CacheTier:
         policy: Policy = "lru",
         name: str = "device",
         pin: bool = False,
+        rows: Optional[torch.Tensor] = None,
     ) -> None:
         if capacity < 1:
             raise ValueError(f"{name} tier: capacity must be >= 1 row, got {capacity}")
@@ -56,8 +61,15 @@ class CacheTier:
         self.capacity = capacity
         self.device = torch.device(device)
         self.policy = policy
-        rows = torch.zeros(capacity, row_width, device=self.device)
-        self._rows = rows.pin_memory() if pin and self.device.type == "cpu" else rows
+        if rows is None:
+            rows = torch.zeros(capacity, row_width, device=self.device)
+            rows = rows.pin_memory() if pin and self.device.type == "cpu" else rows
+        elif rows.shape != (capacity, row_width) or rows.device.type != self.device.type:
+            raise ValueError(
+                f"{name} tier: rows must be [{capacity}, {row_width}] on {self.device}, got "
+                f"{tuple(rows.shape)} on {rows.device}"
+            )
+        self._rows = rows
         self._keys = torch.zeros(capacity, dtype=torch.int64, device=self.device)
         self._used = torch.zeros(capacity, dtype=torch.bool, device=self.device)
         self._last = torch.zeros(capacity, dtype=torch.int64, device=self.device)

@@ -77,6 +77,8 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
             same order) for :meth:`prefetch`, which runs on a background thread while
             the main thread's collectives use ``process_group``. Without it a sharded
             collection's prefetch does nothing.
+        group_tables: batch the tables that can share a group (default); False puts
+            every table in a group of its own (the unbatched layout, for comparisons).
 
     Example::
 
@@ -97,6 +99,7 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
         replica_group: Optional[Any] = None,
         sync_replicas: bool = True,
         prefetch_group: Optional[Any] = None,
+        group_tables: bool = True,
     ) -> None:
         super().__init__()
         self.process_group = process_group
@@ -110,7 +113,7 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
         # step); groups in order of their first table, tables in config order inside.
         by_key: dict[tuple, list[int]] = {}
         for i, t in enumerate(tables):
-            by_key.setdefault(group_key(t), []).append(i)
+            by_key.setdefault(group_key(t) if group_tables else (i,), []).append(i)
         self.groups: list[TableGroup] = []
         self.tables: list[EmbeddingTable] = [None] * len(tables)  # type: ignore[list-item]
         self._group_features: list[list[str]] = []
@@ -118,7 +121,7 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
         for members in by_key.values():
             group = TableGroup(
                 [tables[i] for i in members], optimizer, self.device, seed,
-                ssd_store=ssd_store, table_id=members[0],
+                ssd_store=ssd_store, table_ids=members,
             )
             self.groups.append(group)
             feats: list[str] = []

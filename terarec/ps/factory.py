@@ -6,6 +6,9 @@
 | ``device_rows`` | ``TierChain``: device ``CacheTier`` over an unbounded host ``HostTier`` |
 | ``device_rows`` + ``host_rows`` | ``TierChain``: device cache, host cache, ``SSDTier`` |
 
+Several tiered tables of a group: a ``TieredStore`` over one chain per table whose
+device tiers share one row array.
+
 Everything else (policy, pinned host memory on CUDA machines, scratch pad, TTL) comes
 from the same :class:`~terarec.config.TableConfig`.
 """
@@ -23,6 +26,7 @@ from terarec.ps.flat_store import FlatStore
 from terarec.ps.host_tier import HostTier
 from terarec.ps.ssd_tier import SSDStore, SSDTier
 from terarec.ps.store import SlotStore
+from terarec.ps.tiered_store import TieredStore
 
 
 def is_tiered(cfg: TableConfig) -> bool:
@@ -35,31 +39,52 @@ def build_store(
     row_width: int,
     device: torch.device | str,
     ssd_store: Optional[SSDStore] = None,
-    table_id: int = 0,
+    table_ids: Optional[list[int]] = None,
+    salts: Optional[list[int]] = None,
 ) -> SlotStore:
-    """The slot store of a group of tables (one, when tiered).
+    """The slot store of a group of tables.
 
     Args:
         cfgs: the group's tables (``device_rows``, ``host_rows``, ``cache_policy``,
-            ``scratch_pad``, ``ttl_steps``; equal for every table but the name).
+            ``scratch_pad``, ``ttl_steps``).
         row_width: floats per row (dim + optimizer state).
         device: where the device tier lives (and training computes).
         ssd_store: the rank's SSD store; required with ``host_rows``, since a bounded
             host tier evicts into it.
-        table_id: the table's id in the SSD store.
+        table_ids: the tables' ids in the SSD store (default ``0 .. len(cfgs) - 1``).
+        salts: the tables' key-namespace salts (several tiered tables; default 0s).
     Raises:
-        ValueError: ``host_rows`` without an SSD store; budgets on a group of tables.
+        ValueError: ``host_rows`` without an SSD store.
     """
     device = torch.device(device)
-    cfg = cfgs[0]
-    if not is_tiered(cfg):
-        return FlatStore(row_width, device, len(cfgs), cfg.ttl_steps)
-    if len(cfgs) != 1:
-        raise ValueError("tier budgets are per table: a budgeted table is its own group")
-    policy = cfg.cache_policy
+    if not is_tiered(cfgs[0]):
+        return FlatStore(row_width, device, len(cfgs), cfgs[0].ttl_steps)
+    ids = list(range(len(cfgs))) if table_ids is None else table_ids
+    if len(cfgs) == 1:
+        return _chain(cfgs[0], row_width, device, ssd_store, ids[0])
+    caps = [c.device_rows or 0 for c in cfgs]
+    storage = torch.zeros(sum(caps), row_width, device=device)
+    parts = torch.split(storage, caps)
+    chains = [
+        _chain(c, row_width, device, ssd_store, i, rows)
+        for c, i, rows in zip(cfgs, ids, parts)
+    ]
+    return TieredStore(storage, chains, salts or [0] * len(cfgs))
+
+
+def _chain(
+    cfg: TableConfig,
+    row_width: int,
+    device: torch.device,
+    ssd_store: Optional[SSDStore],
+    table_id: int,
+    rows: Optional[torch.Tensor] = None,
+) -> TierChain:
+    """The tier chain of one table (its device tier over ``rows`` when given)."""
     assert cfg.device_rows is not None
+    policy = cfg.cache_policy
     tiers: list[Any] = [
-        CacheTier(row_width, cfg.device_rows, device, policy, "device")  # type: ignore[arg-type]
+        CacheTier(row_width, cfg.device_rows, device, policy, "device", rows=rows)  # type: ignore[arg-type]
     ]
     if cfg.host_rows is None:
         tiers.append(HostTier(row_width, "cpu"))

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from terarec.ps.host_tier import HostTier
-from terarec.ps.store import Admit, RowSource, sweep_every
+from terarec.ps.store import Admit, RowSource, subset, sweep_every
 from terarec.ps.tier import LAST, zero_meta
 
 
@@ -100,7 +100,7 @@ class FlatStore:
         # Rows held and rows admitted, through the one path (the tier counts hits and
         # misses there); a sorted subset keeps equal composite values adjacent.
         pos = keep.nonzero().squeeze(1)
-        slots[pos] = self._slots_for(keys[pos], tables[pos], _subset(create, pos))
+        slots[pos] = self._slots_for(keys[pos], tables[pos], subset(create, pos))
         return slots
 
     def prefetch(
@@ -141,7 +141,7 @@ class FlatStore:
         main = (~dup).nonzero().squeeze(1) if has_dup else None
         comp_main = comp if main is None else comp[main]
         tab_main = tables if main is None else tables[main]
-        fill_main = create if main is None else _subset(create, main)
+        fill_main = create if main is None else subset(create, main)
         fresh = torch.zeros(comp_main.numel(), dtype=torch.bool, device=comp.device)
         slots_main = self.tier.slots_for(comp_main, fill_main, fresh_from, fresh)
         self._record_tables(fresh, slots_main, tab_main)
@@ -249,7 +249,7 @@ class FlatStore:
         self.tier.write(slots[hit], rows[hit])
         new = (slots < 0).nonzero().squeeze(1)
         if new.numel():
-            made = self._slots_for(keys[new], tables[new], _subset(_given(rows), new))
+            made = self._slots_for(keys[new], tables[new], subset(_given(rows), new))
             self.tier.write(made, rows[new])  # also where TTL's view found a row after all
         return new.numel()
 
@@ -335,15 +335,6 @@ class FlatStore:
         )
         grown[: self._slot_table.numel()] = self._slot_table
         self._slot_table = grown
-
-
-def _subset(create: RowSource, pos: torch.Tensor) -> RowSource:
-    """``create`` for the sub-batch at ``pos``: its positions map back through ``pos``."""
-
-    def sub(p: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return create(pos[p], out)
-
-    return sub
 
 
 def _given(rows: torch.Tensor) -> RowSource:

@@ -46,13 +46,16 @@ def table_seed(seed: int, name: str) -> int:
 def group_key(cfg: TableConfig) -> tuple:
     """Tables with equal keys can share a group (same row layout and initializer).
 
-    A table with tier budgets is a group of its own (budgets are per table); tables
-    with admission share a group (and its sketch) only with tables of the same settings.
+    Tiered tables (with budgets) group with tiered tables only (each keeps its own
+    chain: budgets, policy, scratch pad); a tiered table with admission is a group of its
+    own (its sketch is its own). Unbounded tables with admission share a group (and its
+    sketch) only with tables of the same settings.
     """
-    if is_tiered(cfg):
+    if is_tiered(cfg) and cfg.admission is not None:
         return ("tiered", cfg.name)
     adm = None if cfg.admission is None else dataclasses.astuple(cfg.admission)
-    return (cfg.dim, cfg.pooling, cfg.init.kind, cfg.init.scale, adm, cfg.ttl_steps)
+    kind = "tiered" if is_tiered(cfg) else "flat"
+    return (kind, cfg.dim, cfg.pooling, cfg.init.kind, cfg.init.scale, adm, cfg.ttl_steps)
 
 
 class TableGroup:
@@ -65,7 +68,7 @@ class TableGroup:
         device: where rows live (the device tier, when the table has budgets).
         seed: run seed.
         ssd_store: the rank's SSD store (tables with ``host_rows`` keep rows there).
-        table_id: the first table's id in the SSD store.
+        table_ids: the tables' ids in the SSD store (default ``0 .. len(cfgs) - 1``).
         fused: the fused (triton) row optimizer updating rows in place by slot: ``None``
             = on CUDA when triton is present; ``True`` demands it; ``False`` never.
     """
@@ -77,7 +80,7 @@ class TableGroup:
         device: torch.device,
         seed: int,
         ssd_store: Optional[SSDStore] = None,
-        table_id: int = 0,
+        table_ids: Optional[list[int]] = None,
         fused: Optional[bool] = None,
     ) -> None:
         if len({group_key(c) for c in cfgs}) != 1:
@@ -95,7 +98,9 @@ class TableGroup:
         self.seeds = [table_seed(seed, n) for n in self.names]
         self._seeds_t = torch.tensor(self.seeds, dtype=torch.int64, device=device)
         self.tiered = is_tiered(cfgs[0])  # rows made resident per batch (prefetch works)
-        self.store: SlotStore = build_store(cfgs, self.row_width, device, ssd_store, table_id)
+        self.store: SlotStore = build_store(
+            cfgs, self.row_width, device, ssd_store, table_ids, salts
+        )
         self.step = 0  # training forwards (eviction recency, TTL)
         self.ttl: Optional[int] = cfgs[0].ttl_steps
         self.version = 0  # bumped by every optimizer step (stale-gather detection)

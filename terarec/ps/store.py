@@ -38,6 +38,16 @@ RowSource = Callable[..., torch.Tensor]
 Admit = Callable[[torch.Tensor], torch.Tensor]
 
 
+def subset(create: RowSource, pos: torch.Tensor) -> RowSource:
+    """``create`` for the sub-batch at int64 ``pos`` ``[M]``: its positions map back
+    through ``pos``."""
+
+    def sub(p: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return create(pos[p], out)
+
+    return sub
+
+
 def sweep_every(ttl_steps: int) -> int:
     """Steps between two TTL sweeps of a store: ``max(1, ttl_steps // 4)``."""
     return max(1, ttl_steps // 4)
