@@ -355,7 +355,7 @@ def tables_bench(args: argparse.Namespace, device: torch.device) -> dict[str, An
         for ebc in sides.values():
             step(ebc, kjt)
     times: dict[str, list[float]] = {k: [] for k in sides}
-    for r in range(args.table_rounds):
+    for _ in range(args.table_rounds):
         for name, ebc in sides.items():  # alternating: load hits both alike
             _sync(device)
             t0 = time.perf_counter()
