@@ -78,8 +78,8 @@ class SlotStore(Protocol):
     ) -> torch.Tensor:
         """Slots of unique (keys, tables) pairs ``[U]`` for training step ``step``,
         creating absent rows with ``create`` (only those ``admit`` accepts; the others
-        get slot -1 and no row). ``admit`` is called at most once. Equal keys must be
-        adjacent (sorted)."""
+        get slot -1 and no row). ``admit`` is called at most once per table (once in all
+        by a store of one table or one tier). Equal keys must be adjacent (sorted)."""
         ...
 
     def prefetch(

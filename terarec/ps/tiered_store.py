@@ -150,15 +150,13 @@ class TieredStore:
         tables: Optional[torch.Tensor] = None,
         admit: Optional[Admit] = None,
     ) -> torch.Tensor:
-        if admit is not None:
-            raise ValueError(
-                "admission counts per table: tiered tables with admission are groups of "
-                "their own"
-            )
+        """Each table's chain makes its pairs resident (``admit``, when given, is asked
+        once per table with that table's absent pairs)."""
         slots = torch.empty_like(keys)
 
         def one(t: int, chain: TierChain, pos: torch.Tensor, raw: torch.Tensor) -> None:
-            local = chain.prepare(raw, step, subset(create, pos))
+            sub_admit = None if admit is None else (lambda p: admit(pos[p]))
+            local = chain.prepare(raw, step, subset(create, pos), admit=sub_admit)
             slots[pos] = self._to_group(local, t)
 
         self._each(keys, tables, one)
