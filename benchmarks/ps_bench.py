@@ -1,6 +1,6 @@
 """Parameter-server tier micro-benchmarks, each against a baseline run in the same process.
 
-``--ssd``: the SSD tier (``terarec.ps.ssd_tier.SSDTier`` on RocksDB via rocksdict) vs a
+``--ssd``: the SSD tier (``terarec.ps.tiers.ssd.SSDTier`` on RocksDB via rocksdict) vs a
 per-key rocksdict loop (``db[key] = value`` / ``db[key]``) on a DB with the *same* tuned
 options, ``--batch`` rows per tier call, every row with its metadata (last step,
 frequency) as the tier chain sends it, in five phases:
@@ -34,7 +34,7 @@ default under /tmp) removed at the end.
     python benchmarks/ps_bench.py --ssd [--rows 200000] [--batch 16384] [--row-width 192]
                                         [--repeats 3] [--threads 2] [--json]
 
-``--host``: the host tier's index, ``terarec.ps.hash_index.HashIndex.find_or_insert``,
+``--host``: the host tier's index, ``terarec.ps.index.hash_index.HashIndex.find_or_insert``,
 on ``--threads`` torch threads, in lockstep with baselines fed the same calls. Each call
 gets ``--host-keys`` unique keys, shuffled: ``--new-frac`` of them never seen (they get
 slots), the rest drawn from the keys already held (one run per value given). The table
@@ -60,7 +60,7 @@ end, and amortized over a table that doubles (~2 re-inserts per new key). Then
 bookkeeping in torch, the insert of the new keys), beside whole calls, and time the
 lookup of present keys on 1 thread and split. The target is 20 M keys/s.
 
-``--cache``: ``terarec.ps.cache_tier.CacheTier`` (LRU, ``--cache-capacity`` rows of
+``--cache``: ``terarec.ps.tiers.cache.CacheTier`` (LRU, ``--cache-capacity`` rows of
 ``--cache-row-width`` floats) making batches resident as the tier chain does (lookup;
 hits touched and locked for the step; misses admitted with their rows, evicting), vs an
 exact LRU in a Python ``OrderedDict`` with the rows moved by numpy. Each call draws
@@ -96,9 +96,10 @@ import numpy as np
 import rocksdict
 import torch
 
-from terarec.ps.cache_tier import CacheTier
-from terarec.ps.hash_index import HashIndex
-from terarec.ps.ssd_tier import (
+from terarec.ps.index.hash_index import HashIndex
+from terarec.ps.tiers.cache import CacheTier
+from terarec.ps.tiers.protocol import META_WIDTH
+from terarec.ps.tiers.ssd import (
     SSDStore,
     SSDTier,
     SSDTierConfig,
@@ -106,7 +107,6 @@ from terarec.ps.ssd_tier import (
     pack_rows,
     rocksdb_options,
 )
-from terarec.ps.tier import META_WIDTH
 
 _PHASES = ("insert_unseen", "insert_missed", "overwrite", "overwrite_cold", "read", "read_warm")
 

@@ -45,10 +45,10 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from terarec.config import InitConfig, SparseOptimConfig, TableConfig
-from terarec.ps import triton_hash
 from terarec.ps.embedding import HierarchicalEmbeddingBagCollection
-from terarec.ps.hash_index import HashIndex
-from terarec.ps.key_map import KeyMap
+from terarec.ps.index import triton_hash
+from terarec.ps.index.hash_index import HashIndex
+from terarec.ps.index.key_map import KeyMap
 
 
 def _sync(device: torch.device) -> None:

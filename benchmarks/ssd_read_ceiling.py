@@ -38,8 +38,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from terarec.ps.ssd_format import encode_keys  # noqa: E402
-from terarec.ps.ssd_tier import SSDStore, SSDTier, SSDTierConfig  # noqa: E402
+from terarec.ps.tiers.ssd import SSDStore, SSDTier, SSDTierConfig  # noqa: E402
+from terarec.ps.tiers.ssd_format import encode_keys  # noqa: E402
 
 
 def _raw_get(db: Any, keys: list[bytes], threads: int, pool: ThreadPoolExecutor) -> int:

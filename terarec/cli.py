@@ -188,7 +188,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except Exception as e:
         from terarec.data import DataError
         from terarec.launch import LaunchError, PeerFailure
-        from terarec.ps.ssd_tier import SSDTierError
+        from terarec.ps.tiers.ssd import SSDTierError
         from terarec.trainer.checkpoint import CheckpointError
         from terarec.trainer.loop import TrainingDiverged
 

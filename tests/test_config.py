@@ -105,7 +105,7 @@ def test_ssd_section(tmp_path: Path) -> None:
 
 
 def test_ssd_tier_config_is_the_ssd_section() -> None:
-    from terarec.ps.ssd_tier import SSDTierConfig
+    from terarec.ps.tiers.ssd import SSDTierConfig
 
     c = SSDTierConfig(path="/x", num_threads=4)
     assert isinstance(c, SSDConfig) and c.num_threads == 4

@@ -23,9 +23,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from terarec.config import Pooling, SparseOptimConfig, TableConfig
 from terarec.ps.group import TableGroup, group_key
-from terarec.ps.sharded import ShardedLookup
-from terarec.ps.ssd_tier import SSDStore
+from terarec.ps.shard.sharded import ShardedLookup
 from terarec.ps.table import EmbeddingTable
+from terarec.ps.tiers.ssd import SSDStore
 
 
 def resolve_table_features(tables: list[TableConfig], feature_names: list[str]) -> list[list[str]]:
@@ -65,7 +65,7 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
         ssd_store: the rank's SSD store; tables with a ``host_rows`` budget keep the rows
             their host tier evicts there (table id = the table's index in ``tables``).
         process_group: the shard group (a fast group): every ``(table, key)`` has one
-            owner rank in it that holds the row (``ps/exchange.py``); None = one rank
+            owner rank in it that holds the row (``ps/shard/exchange.py``); None = one rank
             holds every row (the single-process path, unchanged).
         replica_group: the ranks holding the same shard in other shard groups (a cross
             group); with ``sync_replicas`` the owners' row gradients are summed over it
@@ -228,7 +228,7 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
         )
         return _dedup(group.composite(values, tables), tables), offsets
 
-    # -- sharded tables (ps/sharded.py) ---------------------------------------------
+    # -- sharded tables (ps/shard/sharded.py) ---------------------------------------------
     def _forward_sharded(self, parts: list[KeyedJaggedTensor], train: bool) -> list[torch.Tensor]:
         """Pooled ``[B, F_g * D_g]`` per group; the rows come from their owners."""
         assert self._sharded is not None

@@ -3,15 +3,15 @@
 Tables of the same dim, pooling and initializer are batched, as FBGEMM's TBE batches
 tables: one dedup sort, one index probe, one gather, one pooling kernel, one fused
 optimizer step and one scatter per batch for the whole group, instead of one of each per
-table. The rows live in one slot store (``ps/store.py``: a flat host store for
-unbounded tables, a tier chain for budgeted ones, built by ``ps/factory.py``); the group
+table. The rows live in one slot store (``ps/store/protocol.py``: a flat host store for
+unbounded tables, a tier chain for budgeted ones, built by ``ps/store/factory.py``); the group
 keeps what is not storage: the row optimizer, admission, the rows touched since the last
 k-step merge, the step counter and the tables' key namespaces:
 
 * a row is keyed by the *composite key* ``c = key ^ salt[t]`` (``salt`` of the group's
   first table is 0, so a one-table group keys raw keys). For a fixed table this is a
   bijection, so equal ``(t, c)`` means equal ``(t, key)``; the store keeps pairs whose
-  composite keys collide apart (``ps/flat_store.py``).
+  composite keys collide apart (``ps/store/flat.py``).
 
 With admission (``TableConfig.admission``), a training batch's pairs that have no row
 in any tier are counted in the group's count-min sketch (``ps/admission.py``, per
@@ -31,10 +31,10 @@ from terarec.config import SparseOptimConfig, TableConfig
 from terarec.hashing import salt_for
 from terarec.optim.sparse import RowOptimizer, build_row_optimizer
 from terarec.ps.admission import Admission
-from terarec.ps.factory import build_store, is_tiered
 from terarec.ps.initializer import init_rows
-from terarec.ps.ssd_tier import SSDStore
-from terarec.ps.store import SlotStore
+from terarec.ps.store.factory import build_store, is_tiered
+from terarec.ps.store.protocol import SlotStore
+from terarec.ps.tiers.ssd import SSDStore
 from terarec.ps.touched import TouchedRows
 
 

@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from terarec.ps.key_map import KeyMap
+from terarec.ps.index.key_map import KeyMap
 
 
 class TouchedRows:

@@ -36,8 +36,8 @@ from terarec.data.batch import Batch
 from terarec.models import build_model
 from terarec.optim.dense import build_dense_optimizer
 from terarec.ps.embedding import HierarchicalEmbeddingBagCollection
-from terarec.ps.ssd_tier import SSDStore
-from terarec.ps.tier import TierFullError
+from terarec.ps.tiers.protocol import TierFullError
+from terarec.ps.tiers.ssd import SSDStore
 from terarec.trainer.checkpoint import (
     NonFiniteState,
     load_checkpoint,

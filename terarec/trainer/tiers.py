@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 from terarec.config import Config, ConfigError
 from terarec.ps.embedding import HierarchicalEmbeddingBagCollection
-from terarec.ps.ssd_tier import SSDStore, SSDTierConfig, rank_dir
+from terarec.ps.tiers.ssd import SSDStore, SSDTierConfig, rank_dir
 
 log = logging.getLogger("terarec.trainer")
 

@@ -29,7 +29,7 @@ from terarec.config import (
 from terarec.launch import init_distributed
 from terarec.optim.kstep import KStepMerger
 from terarec.ps.embedding import HierarchicalEmbeddingBagCollection
-from terarec.ps.ssd_tier import SSDStore
+from terarec.ps.tiers.ssd import SSDStore
 
 # keys of each training step, per rank (rows touched by some replicas only)
 SCHEDULE = {

@@ -23,7 +23,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from terarec.config import InitConfig, Pooling, SparseOptimConfig, TableConfig
 from terarec.ps.embedding import HierarchicalEmbeddingBagCollection
-from terarec.ps.ssd_tier import SSDStore, SSDTierConfig
+from terarec.ps.tiers.ssd import SSDStore, SSDTierConfig
 
 FEATS = ["a", "b", "c", "d"]
 BATCH = 24

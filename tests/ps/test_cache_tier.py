@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from terarec.ps.cache_tier import CacheTier, TierFullError
+from terarec.ps.tiers.cache import CacheTier, TierFullError
 
 W = 3
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from terarec.hashing import mix64_torch
-from terarec.ps.exchange import owner_of, pack_blocks, unpack_blocks
-from terarec.ps.sharded import dedup_pairs
+from terarec.ps.shard.exchange import owner_of, pack_blocks, unpack_blocks
+from terarec.ps.shard.sharded import dedup_pairs
 
 
 def load_ratio(owner: torch.Tensor, world: int) -> float:

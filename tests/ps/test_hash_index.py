@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from terarec.hashing import mix64_torch
-from terarec.ps import triton_hash
-from terarec.ps.hash_index import HashIndex, fbgemm_hashmap_available
+from terarec.ps.index import triton_hash
+from terarec.ps.index.hash_index import HashIndex, fbgemm_hashmap_available
 
 BACKENDS = (
     ["torch"]

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from terarec.hashing import mix64_torch
-from terarec.ps import triton_hash
-from terarec.ps.hash_index import fbgemm_hashmap_available
-from terarec.ps.key_map import KeyMap
+from terarec.ps.index import triton_hash
+from terarec.ps.index.hash_index import fbgemm_hashmap_available
+from terarec.ps.index.key_map import KeyMap
 
 BACKENDS = ["torch"] + (["fbgemm"] if fbgemm_hashmap_available() else []) + (
     ["triton"] if triton_hash.available(torch.device("cpu")) else []  # TRITON_INTERPRET=1

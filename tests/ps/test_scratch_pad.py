@@ -16,7 +16,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from terarec.config import InitConfig, SparseOptimConfig, TableConfig
 from terarec.ps.embedding import HierarchicalEmbeddingBagCollection
-from terarec.ps.ssd_tier import SSDStore, SSDTierConfig
+from terarec.ps.tiers.ssd import SSDStore, SSDTierConfig
 from tests.ps.test_tiers_equivalence import FEATS, batches
 
 
@@ -83,9 +83,9 @@ def test_scratch_pad_needs_a_device_tier() -> None:
 def test_rows_leaving_the_pad_do_not_evict_what_the_batch_finds_below() -> None:
     """A batch's rows in the host tier are found there: the rows the pad releases in the
     same step go down only afterwards (pushed first, they evicted exactly those rows)."""
-    from terarec.ps.cache_tier import CacheTier
-    from terarec.ps.chain import TierChain
-    from terarec.ps.host_tier import HostTier
+    from terarec.ps.store.chain import TierChain
+    from terarec.ps.tiers.cache import CacheTier
+    from terarec.ps.tiers.host import HostTier
 
     width = 3
     chain = TierChain(
@@ -111,9 +111,9 @@ def test_after_a_prefetch_the_next_prefetch_writes_the_last_steps_pad_rows_down(
     """The training thread's ``prepare`` of a prefetched batch leaves the rows only the
     last step used in the pad (still read from there); the next prefetch, or without
     one the next ``prepare``, writes them down."""
-    from terarec.ps.cache_tier import CacheTier
-    from terarec.ps.chain import TierChain
-    from terarec.ps.host_tier import HostTier
+    from terarec.ps.store.chain import TierChain
+    from terarec.ps.tiers.cache import CacheTier
+    from terarec.ps.tiers.host import HostTier
 
     width = 3
     chain = TierChain(

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from terarec.ps.ssd_tier import (
+from terarec.ps.tiers.protocol import Tier
+from terarec.ps.tiers.ssd import (
     SSDStore,
     SSDTier,
     SSDTierConfig,
@@ -25,7 +26,6 @@ from terarec.ps.ssd_tier import (
     encode_keys,
     rank_dir,
 )
-from terarec.ps.tier import Tier
 
 W = 6  # row width of most tests: small rows, many keys
 SENTINEL = 7.25
@@ -223,7 +223,7 @@ _WRITER = textwrap.dedent(
     """
     import os, sys
     import numpy as np, torch
-    from terarec.ps.ssd_tier import SSDTier, SSDTierConfig
+    from terarec.ps.tiers.ssd import SSDTier, SSDTierConfig
     path, mode = sys.argv[1], sys.argv[2]
     rng = np.random.default_rng(7)
     keys = torch.from_numpy(rng.integers(-2**63, 2**63 - 1, 30_000, dtype=np.int64))

@@ -3,7 +3,7 @@ chains (device cache over host, over a host cache and the SSD tier, with a scrat
 LFU) and a group of tiered tables with different budgets, built by the factory from
 table configs, each with tiny caches that force every eviction path.
 
-Each test drives the store through the ``SlotStore`` protocol only (``ps/store.py``)
+Each test drives the store through the ``SlotStore`` protocol only (``ps/store/protocol.py``)
 and checks it against a dict reference ``(table, key) -> row``: training steps create,
 read and update rows by slot; nothing is ever lost on eviction; admission leaves
 declined pairs without a row; overwrite, export, load, prefetch and TTL keep the table's
@@ -21,9 +21,9 @@ import torch
 
 from terarec.config import SparseOptimConfig, TableConfig
 from terarec.optim.sparse import build_row_optimizer
-from terarec.ps.factory import build_store
-from terarec.ps.ssd_tier import SSDStore, SSDTierConfig
-from terarec.ps.store import SlotStore
+from terarec.ps.store.factory import build_store
+from terarec.ps.store.protocol import SlotStore
+from terarec.ps.tiers.ssd import SSDStore, SSDTierConfig
 
 DIM = 3
 W = DIM  # SGD keeps no state: row = weights

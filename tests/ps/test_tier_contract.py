@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 import torch
 
-from terarec.ps import host_tier as host_tier_mod
-from terarec.ps.cache_tier import CacheTier
-from terarec.ps.host_tier import HostTier
-from terarec.ps.ssd_tier import SSDStore, SSDTier, SSDTierConfig
-from terarec.ps.tier import STAT_KEYS, Rows, Tier
+from terarec.ps.tiers import host as host_tier_mod
+from terarec.ps.tiers.cache import CacheTier
+from terarec.ps.tiers.host import HostTier
+from terarec.ps.tiers.protocol import STAT_KEYS, Rows, Tier
+from terarec.ps.tiers.ssd import SSDStore, SSDTier, SSDTierConfig
 
 W = 5
 CAP = 64  # bounded tiers hold this many rows: the tests stay within it unless they say so
@@ -340,7 +340,7 @@ def test_cache_tier_expire_never_takes_locked_rows() -> None:
 def test_ssd_tier_reads_values_written_without_metadata(tmp_path: Path) -> None:
     """A table written before rows carried metadata (values of row_width floats, no
     b"m" flag) still reads, with metadata (0, 0), and keeps that layout on writes."""
-    from terarec.ps.ssd_tier import _meta_key
+    from terarec.ps.tiers.ssd import _meta_key
 
     cfg = SSDTierConfig(path=str(tmp_path))
     with SSDStore(tmp_path / "db", cfg) as store:

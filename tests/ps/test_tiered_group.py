@@ -18,9 +18,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from terarec.config import SparseOptimConfig, TableConfig
 from terarec.ps.embedding import HierarchicalEmbeddingBagCollection
-from terarec.ps.ssd_tier import SSDStore, SSDTierConfig
-from terarec.ps.tier import TierFullError
-from terarec.ps.tiered_store import TieredStore
+from terarec.ps.store.tiered import TieredStore
+from terarec.ps.tiers.protocol import TierFullError
+from terarec.ps.tiers.ssd import SSDStore, SSDTierConfig
 
 FEATS = ["f0", "f1", "f2", "f3", "f4"]
 BATCH = 6

@@ -23,7 +23,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from terarec.config import InitConfig, SparseOptimConfig, TableConfig
 from terarec.ps.embedding import HierarchicalEmbeddingBagCollection
-from terarec.ps.ssd_tier import SSDStore, SSDTierConfig
+from terarec.ps.tiers.ssd import SSDStore, SSDTierConfig
 from tests.numerics import assert_close, loss_tol, max_grad, train_tol
 from tests.ps.test_embedding_equivalence import reference_dtype, reference_optimizer
 

@@ -19,10 +19,10 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from terarec.config import ConfigError, InitConfig, SparseOptimConfig, TableConfig, load_config
-from terarec.ps import host_tier as host_tier_mod
-from terarec.ps.chain import sweep_every
 from terarec.ps.embedding import HierarchicalEmbeddingBagCollection
-from terarec.ps.ssd_tier import SSDStore, SSDTier, SSDTierConfig
+from terarec.ps.store.chain import sweep_every
+from terarec.ps.tiers import host as host_tier_mod
+from terarec.ps.tiers.ssd import SSDStore, SSDTier, SSDTierConfig
 from tests.numerics import assert_close, f32_tol, loss_tol, max_grad, train_tol
 from tests.ps.test_tiers_equivalence import BATCH, FEATS, VALUES, batches
 

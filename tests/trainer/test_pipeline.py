@@ -25,7 +25,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from terarec.config import Config, InitConfig, SparseOptimConfig, TableConfig
 from terarec.data.batch import Batch
 from terarec.ps.embedding import HierarchicalEmbeddingBagCollection
-from terarec.ps.ssd_tier import SSDStore, SSDTierConfig
+from terarec.ps.tiers.ssd import SSDStore, SSDTierConfig
 from terarec.trainer import loop
 from terarec.trainer.checkpoint import read_manifest
 from terarec.trainer.loop import train

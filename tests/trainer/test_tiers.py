@@ -16,7 +16,7 @@ import torch
 from test_loop import assert_same, comparable, tables_by_key
 
 from terarec.config import Config, ConfigError
-from terarec.ps.ssd_tier import SSDStore, SSDTierConfig
+from terarec.ps.tiers.ssd import SSDStore, SSDTierConfig
 from terarec.trainer.checkpoint import read_manifest
 from terarec.trainer.loop import train
 from terarec.trainer.report import read_jsonl

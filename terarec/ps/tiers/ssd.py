@@ -54,7 +54,8 @@ import torch
 
 from terarec.config import SSDCompression as SSDCompression  # re-exported
 from terarec.config import SSDConfig
-from terarec.ps.ssd_format import (  # encode/decode_keys, pack_rows: also public here
+from terarec.ps.tiers.protocol import LAST, META_WIDTH, Rows, Spare, check_batch
+from terarec.ps.tiers.ssd_format import (  # encode/decode_keys, pack_rows: also public here
     _MAX_TABLE_ID,
     _NS_ROW,
     _KeyStates,
@@ -67,7 +68,6 @@ from terarec.ps.ssd_format import (  # encode/decode_keys, pack_rows: also publi
     encode_keys,
     pack_rows,
 )
-from terarec.ps.tier import LAST, META_WIDTH, Rows, Spare, check_batch
 
 PathLike = Union[str, Path]
 
@@ -604,7 +604,7 @@ def rocksdb_options(cfg: SSDTierConfig) -> tuple[rocksdict.Options, Optional[roc
 
 
 class SSDTier:
-    """The :class:`~terarec.ps.tier.Tier` of one table on an :class:`SSDStore`.
+    """The :class:`~terarec.ps.tiers.protocol.Tier` of one table on an :class:`SSDStore`.
 
     Several tiers (tables) can share one store; each sees only its ``table_id``.
 

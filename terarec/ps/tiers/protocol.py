@@ -166,7 +166,7 @@ class TierFullError(RuntimeError):
 class Cache(Tier, Protocol):
     """A bounded tier addressed by slot: the device tier and the budgeted host tier.
 
-    Beyond :class:`Tier`, a tier chain (``ps/chain.py``) needs from every tier above its
+    Beyond :class:`Tier`, a tier chain (``ps/store/chain.py``) needs from every tier above its
     bottom one: ``capacity`` rows in slots ``0 .. capacity - 1``, lookups that return
     slots, rows read / written / updated in place by slot, per-slot metadata and a lock
     (the step until which a row may not be evicted), admission with eviction by policy,

@@ -2,7 +2,7 @@
 
 :class:`ShardedLookup` is what ``HierarchicalEmbeddingBagCollection`` runs instead of
 its local lookup when it has a ``process_group``. Each rank holds the rows it *owns*
-(``ps/exchange.py``: ``owner_of``) in its own :class:`~terarec.ps.group.TableGroup`
+(``ps/shard/exchange.py``: ``owner_of``) in its own :class:`~terarec.ps.group.TableGroup`
 (tiers, eviction, admission, TTL as on one rank); one lookup, for all table groups at
 once::
 
@@ -37,7 +37,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from terarec.ps.exchange import (
+from terarec.ps.group import TableGroup
+from terarec.ps.shard.exchange import (
     Awaitable,
     ShardExchange,
     Splits,
@@ -46,7 +47,6 @@ from terarec.ps.exchange import (
     pack_blocks,
     unpack_blocks,
 )
-from terarec.ps.group import TableGroup
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The slot store of a group of tiered tables: one tier chain per table, one slot array.
 
-Every table keeps its own :class:`~terarec.ps.chain.TierChain` (its device and host
+Every table keeps its own :class:`~terarec.ps.store.chain.TierChain` (its device and host
 budgets, cache policy, scratch pad, SSD table, counters: it caches exactly as it would
 alone), keyed by the table's own keys. The chains' device tiers are consecutive parts
 of one row array, so the group gathers, pools and updates every table's rows of a batch
@@ -21,8 +21,8 @@ from typing import Any, Optional
 
 import torch
 
-from terarec.ps.chain import TierChain
-from terarec.ps.store import Admit, RowSource, subset
+from terarec.ps.store.chain import TierChain
+from terarec.ps.store.protocol import Admit, RowSource, subset
 
 
 class TieredStore:

@@ -35,7 +35,7 @@ from typing import Any, Literal, Optional
 import torch
 
 from terarec.hashing import mix64_torch
-from terarec.ps import triton_hash
+from terarec.ps.index import triton_hash
 
 Backend = Literal["auto", "torch", "fbgemm", "triton"]
 

@@ -1,7 +1,8 @@
 """Triton kernels for the device (HBM) hash tables: one thread per key, linear probing.
 
 The tables are the ``[cap, 2]`` int64 (mixed key, value) layout of the ``fbgemm``
-backend of :class:`~terarec.ps.hash_index.HashIndex` and :class:`~terarec.ps.key_map.KeyMap`:
+backend of :class:`~terarec.ps.index.hash_index.HashIndex` and
+:class:`~terarec.ps.index.key_map.KeyMap`:
 a bucket is empty while its key word is -1, keys are ``mix64`` of the user's ids (so the
 home bucket is just the low bits), and the one key whose mix is -1 lives on the side
 (callers handle it; the kernels treat it as absent).

@@ -18,7 +18,7 @@ so one all-to-all per phase serves every group. :class:`ShardExchange` runs thes
 collectives; each call returns an :class:`Awaitable` (``async_op=True``), so a
 pipeline can overlap them with compute; ``.wait()`` at once is the synchronous path.
 
-The phases of one training step (``ps/sharded.py`` drives them)::
+The phases of one training step (``ps/shard/sharded.py`` drives them)::
 
     counts   all_to_all [W, G] pair counts                    (sizes the next messages)
     keys     all_to_all packed (key, table[, occurrences]) rows

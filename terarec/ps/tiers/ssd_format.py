@@ -1,4 +1,4 @@
-"""The SSD tier's on-disk format and what it knows of its keys (``ps/ssd_tier.py``).
+"""The SSD tier's on-disk format and what it knows of its keys (``ps/tiers/ssd.py``).
 
 * DB keys: 13 bytes, ``ns (1) | table id (u32 BE) | key (u64 BE, sign bit flipped)``,
   so a table's rows are one contiguous, key-ordered range; rows are float32 LE bytes.
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from terarec.hashing import mix64_np
-from terarec.ps.hash_index import HashIndex
+from terarec.ps.index.hash_index import HashIndex
 
 _NS_ROW = 0x52  # b"R"
 _NS_META = b"M"

@@ -4,9 +4,9 @@ A :class:`~terarec.ps.group.TableGroup` keeps the optimizer, admission, the rows
 since the last k-step merge and the tables' key namespaces; the rows themselves live in
 one *slot store*. Two implement it:
 
-* :class:`~terarec.ps.flat_store.FlatStore`: every row in one unbounded host tier (the
+* :class:`~terarec.ps.store.flat.FlatStore`: every row in one unbounded host tier (the
   training device's memory); slots are stable until a compaction;
-* :class:`~terarec.ps.chain.TierChain`: a device cache over lower tiers (host cache,
+* :class:`~terarec.ps.store.chain.TierChain`: a device cache over lower tiers (host cache,
   SSD, or an unbounded host tier), rows made resident per batch; slots are valid for
   the step they were prepared for.
 

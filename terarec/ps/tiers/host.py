@@ -19,8 +19,8 @@ from typing import Any, Optional
 
 import torch
 
-from terarec.ps.hash_index import HashIndex
-from terarec.ps.tier import FREQ, LAST, Export, Rows, Spare, check_batch
+from terarec.ps.index.hash_index import HashIndex
+from terarec.ps.tiers.protocol import FREQ, LAST, Export, Rows, Spare, check_batch
 
 _MIN_COMPACT = 1024  # dead slots below this never trigger a compaction
 
@@ -104,7 +104,7 @@ class HostTier:
 
     def expire(self, before_step: int, spare: Optional[Spare] = None) -> torch.Tensor:
         """Removes rows last used before ``before_step`` (unless ``spare(keys)``); returns
-        their keys (see :class:`~terarec.ps.tier.Tier`). Slots become dead (see
+        their keys (see :class:`~terarec.ps.tiers.protocol.Tier`). Slots become dead (see
         :meth:`maybe_compact`)."""
         n = self.num_slots
         stale = (self._last[:n] < before_step) & ~self._dead[:n]

@@ -1,6 +1,6 @@
 """The slot store of unbounded tables: every row of a group in one host tier.
 
-Rows live in a :class:`~terarec.ps.host_tier.HostTier` on the training device (host
+Rows live in a :class:`~terarec.ps.tiers.host.HostTier` on the training device (host
 memory on CPU runs, HBM on GPU runs); a slot is stable until a compaction. Several
 tables share it through composite keys (``ps/group.py``):
 
@@ -22,9 +22,9 @@ from typing import Optional
 
 import torch
 
-from terarec.ps.host_tier import HostTier
-from terarec.ps.store import Admit, RowSource, subset, sweep_every
-from terarec.ps.tier import LAST, zero_meta
+from terarec.ps.store.protocol import Admit, RowSource, subset, sweep_every
+from terarec.ps.tiers.host import HostTier
+from terarec.ps.tiers.protocol import LAST, zero_meta
 
 
 class FlatStore:

@@ -4,7 +4,7 @@ budgeted host tier.
 ``capacity`` rows of ``row_width`` floats live in one slot array; a :class:`KeyMap`
 maps keys to slots and forgets evicted keys, so slots are recycled. Each slot carries
 the row's metadata, which moves with the row to and from the tiers below: the last step
-that used it and how many steps used it (:data:`~terarec.ps.tier.META_WIDTH`), plus a
+that used it and how many steps used it (:data:`~terarec.ps.tiers.protocol.META_WIDTH`), plus a
 lock (the step until which it must stay: rows of the current and the next batch are
 never evicted nor expired). Victims are the unlocked rows with the oldest last use
 (``lru``) or the fewest uses, oldest first among equals (``lfu``). Every evicted row is
@@ -18,8 +18,8 @@ from typing import Any, Literal, Optional
 
 import torch
 
-from terarec.ps.key_map import KeyMap
-from terarec.ps.tier import FREQ, LAST, Export, Rows, Spare, TierFullError, check_batch
+from terarec.ps.index.key_map import KeyMap
+from terarec.ps.tiers.protocol import FREQ, LAST, Export, Rows, Spare, TierFullError, check_batch
 
 __all__ = ["CacheTier", "Policy", "TierFullError"]
 

@@ -1,6 +1,6 @@
 """A vectorised int64 -> int64 hash map with deletes, for fixed-capacity caches.
 
-Unlike :class:`~terarec.ps.hash_index.HashIndex` (which hands out dense, never-reused
+Unlike :class:`~terarec.ps.index.hash_index.HashIndex` (which hands out dense, never-reused
 slot ids), a ``KeyMap`` stores caller-chosen values and forgets keys, so a cache can
 recycle its slots. Layout: open addressing with linear probing over a ``[cap, 2]``
 (mixed key, value) table. Keys are stored as ``mix64(key)`` (a bijection), so ids that
@@ -14,7 +14,7 @@ its live entries (into twice the buckets if the live entries alone need it).
 
 Backends: ``fbgemm`` (CPU; FBGEMM's ``pruned_hashmap_insert`` / ``_lookup`` kernels,
 whose insert overwrites the value of a present key), ``triton`` (CUDA, the default
-there: one launch per find or upsert, :mod:`terarec.ps.triton_hash`) and ``torch`` (any
+there: one launch per find or upsert, :mod:`terarec.ps.index.triton_hash`) and ``torch`` (any
 device; the reference: a few torch ops per probe round, never per key).
 """
 
@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 
 from terarec.hashing import mix64_torch
-from terarec.ps import triton_hash
-from terarec.ps.hash_index import (
+from terarec.ps.index import triton_hash
+from terarec.ps.index.hash_index import (
     Backend,
     _resolve_backend,
     bucket_count,

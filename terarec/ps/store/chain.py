@@ -30,25 +30,25 @@ from typing import Any, Optional
 
 import torch
 
-from terarec.ps.scratch import ScratchPad
-from terarec.ps.store import Admit, RowSource, sweep_every
-from terarec.ps.tier import FREQ, LAST, META_WIDTH, Cache, Rows, Tier, TierFullError
+from terarec.ps.store.protocol import Admit, RowSource, sweep_every
+from terarec.ps.tiers.protocol import FREQ, LAST, META_WIDTH, Cache, Rows, Tier, TierFullError
+from terarec.ps.tiers.scratch import ScratchPad
 
 __all__ = ["TierChain", "sweep_every"]
 
 
 class TierChain:
-    """Caches over one unbounded tier; implements ``SlotStore`` (``ps/store.py``).
+    """Caches over one unbounded tier; implements ``SlotStore`` (``ps/store/protocol.py``).
 
     A chain holds the rows of one table (``tables`` arguments are all table 0).
 
     Args:
-        tiers: top first; every tier but the last a :class:`~terarec.ps.tier.Cache`
+        tiers: top first; every tier but the last a :class:`~terarec.ps.tiers.protocol.Cache`
             (the device tier, a budgeted host tier); the last one an unbounded
-            :class:`~terarec.ps.tier.Tier` (an unbounded host tier, the SSD tier).
+            :class:`~terarec.ps.tiers.protocol.Tier` (an unbounded host tier, the SSD tier).
         table: table name for errors.
         scratch_pad: rows of a batch that the top tier has no room for are trained from
-            a :class:`~terarec.ps.scratch.ScratchPad` (and written back down after the
+            a :class:`~terarec.ps.tiers.scratch.ScratchPad` (and written back down after the
             step) instead of failing with :class:`TierFullError`.
         ttl_steps: delete rows not used for more than this many steps (None: never).
     """

@@ -20,8 +20,8 @@ from typing import Any, Optional
 
 import torch
 
-from terarec.ps.key_map import KeyMap
-from terarec.ps.tier import FREQ, LAST, META_WIDTH
+from terarec.ps.index.key_map import KeyMap
+from terarec.ps.tiers.protocol import FREQ, LAST, META_WIDTH
 
 
 class ScratchPad:

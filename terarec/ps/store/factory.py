@@ -20,13 +20,13 @@ from typing import Any, Optional
 import torch
 
 from terarec.config import TableConfig
-from terarec.ps.cache_tier import CacheTier
-from terarec.ps.chain import TierChain
-from terarec.ps.flat_store import FlatStore
-from terarec.ps.host_tier import HostTier
-from terarec.ps.ssd_tier import SSDStore, SSDTier
-from terarec.ps.store import SlotStore
-from terarec.ps.tiered_store import TieredStore
+from terarec.ps.store.chain import TierChain
+from terarec.ps.store.flat import FlatStore
+from terarec.ps.store.protocol import SlotStore
+from terarec.ps.store.tiered import TieredStore
+from terarec.ps.tiers.cache import CacheTier
+from terarec.ps.tiers.host import HostTier
+from terarec.ps.tiers.ssd import SSDStore, SSDTier
 
 
 def is_tiered(cfg: TableConfig) -> bool:
