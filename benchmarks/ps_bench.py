@@ -105,8 +105,8 @@ from terarec.ps.tiers.ssd import (
     SSDTierConfig,
     encode_keys,
     pack_rows,
-    rocksdb_options,
 )
+from terarec.ps.tiers.ssd_format import rocksdb_options
 
 _PHASES = ("insert_unseen", "insert_missed", "overwrite", "overwrite_cold", "read", "read_warm")
 

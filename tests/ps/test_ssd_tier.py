@@ -21,11 +21,11 @@ from terarec.ps.tiers.ssd import (
     SSDTier,
     SSDTierConfig,
     SSDTierError,
-    _WrittenKeys,
     decode_keys,
     encode_keys,
     rank_dir,
 )
+from terarec.ps.tiers.ssd_format import WrittenKeys
 
 W = 6  # row width of most tests: small rows, many keys
 SENTINEL = 7.25
@@ -389,7 +389,7 @@ def test_chunked_reads_and_held_views(tmp_path: Path) -> None:
 
 
 def test_written_keys_filter_has_no_false_negatives() -> None:
-    f = _WrittenKeys(max_keys=1 << 30, first=1 << 12)
+    f = WrittenKeys(max_keys=1 << 30, first=1 << 12)
     rng = np.random.default_rng(5)
     added = rng.integers(-(2**63), 2**63 - 1, 50_000, dtype=np.int64)
     added[:3] = [-1, -(2**63), 2**63 - 1]
@@ -398,7 +398,7 @@ def test_written_keys_filter_has_no_false_negatives() -> None:
     assert f.may_hold(added).all()
     others = rng.integers(-(2**63), 2**63 - 1, 50_000, dtype=np.int64)
     assert f.may_hold(others).mean() < 0.03
-    assert not _WrittenKeys(max_keys=10).may_hold(added).any()
+    assert not WrittenKeys(max_keys=10).may_hold(added).any()
 
 
 class _CountingGets:

@@ -340,12 +340,12 @@ def test_cache_tier_expire_never_takes_locked_rows() -> None:
 def test_ssd_tier_reads_values_written_without_metadata(tmp_path: Path) -> None:
     """A table written before rows carried metadata (values of row_width floats, no
     b"m" flag) still reads, with metadata (0, 0), and keeps that layout on writes."""
-    from terarec.ps.tiers.ssd import _meta_key
+    from terarec.ps.tiers.ssd_format import meta_key
 
     cfg = SSDTierConfig(path=str(tmp_path))
     with SSDStore(tmp_path / "db", cfg) as store:
         tier = SSDTier(store, W, table_id=3)
-        store._db.delete(_meta_key(3, b"m"))  # what an old DB looks like
+        store._db.delete(meta_key(3, b"m"))  # what an old DB looks like
     with SSDStore(tmp_path / "db", cfg) as store:
         old = SSDTier(store, W, table_id=3)
         assert not old.has_meta and tier.has_meta

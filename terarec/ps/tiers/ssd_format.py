@@ -2,8 +2,9 @@
 
 * DB keys: 13 bytes, ``ns (1) | table id (u32 BE) | key (u64 BE, sign bit flipped)``,
   so a table's rows are one contiguous, key-ordered range; rows are float32 LE bytes.
-* :class:`_KeyStates`: which keys of a table this process knows to be held or not.
-* :class:`_WrittenKeys`: a Bloom filter of the keys written since a table was found empty.
+* :class:`KeyStates`: which keys of a table this process knows to be held or not.
+* :class:`WrittenKeys`: a Bloom filter of the keys written since a table was found empty.
+* :func:`rocksdb_options`: the tuned RocksDB options (block cache, blooms, compression).
 """
 
 from __future__ import annotations
@@ -16,14 +17,16 @@ from operator import is_
 from typing import Any, Optional, Union
 
 import numpy as np
+import rocksdict
 import torch
 
+from terarec.config import SSDConfig
 from terarec.hashing import mix64_np
 from terarec.ps.index.hash_index import HashIndex
 
-_NS_ROW = 0x52  # b"R"
+NS_ROW = 0x52  # b"R"
 _NS_META = b"M"
-_MAX_TABLE_ID = 2**32 - 2  # table_id + 1 must fit the u32 upper bound of a range scan
+MAX_TABLE_ID = 2**32 - 2  # table_id + 1 must fit the u32 upper bound of a range scan
 _KEY_DTYPE = np.dtype([("ns", "u1"), ("table", ">u4"), ("key", ">u8")])  # 13 bytes, packed
 _KEY_VOID = np.dtype((np.void, _KEY_DTYPE.itemsize))
 _SIGN = np.uint64(1 << 63)
@@ -34,7 +37,7 @@ _SIGN = np.uint64(1 << 63)
 def encode_keys(table_id: int, keys: np.ndarray) -> list[bytes]:
     """Fixed-width (13-byte) DB keys of the rows of int64 ``keys [N]`` of a table."""
     rec = np.empty(keys.shape[0], _KEY_DTYPE)
-    rec["ns"] = _NS_ROW
+    rec["ns"] = NS_ROW
     rec["table"] = table_id
     rec["key"] = keys.astype(np.int64, copy=False).view(np.uint64) ^ _SIGN
     return rec.view(_KEY_VOID).tolist()
@@ -58,11 +61,11 @@ def pack_rows(rows: np.ndarray, order: Optional[np.ndarray] = None) -> list[byte
     return (flat if order is None else flat.take(order)).tolist()
 
 
-def _meta_key(table_id: int, field: bytes) -> bytes:
+def meta_key(table_id: int, field: bytes) -> bytes:
     return _NS_META + struct.pack(">I", table_id) + field
 
 
-def _take(items: list[Any], idx: np.ndarray) -> list[Any]:
+def take_items(items: list[Any], idx: np.ndarray) -> list[Any]:
     # list gather in C (map over __getitem__), no bytecode per item
     return list(map(items.__getitem__, idx.tolist()))
 
@@ -70,7 +73,7 @@ def _take(items: list[Any], idx: np.ndarray) -> list[Any]:
 _buffers = threading.local()
 
 
-def _read_buffer() -> io.BytesIO:
+def read_buffer() -> io.BytesIO:
     """The calling thread's read buffer, rewound (a new one if a view of the last read
     is still alive: a buffer with views cannot be written)."""
     buf = getattr(_buffers, "read", None)
@@ -85,13 +88,13 @@ def _read_buffer() -> io.BytesIO:
     return buf
 
 
-def _not_none(vals: list[Any]) -> np.ndarray:
+def not_none(vals: list[Any]) -> np.ndarray:
     """bool ``[N]``: which multi-get results are values (``None``: key absent)."""
     mask = np.fromiter(map(is_, vals, repeat(None)), bool, len(vals))
     return np.logical_not(mask, out=mask)
 
 
-class _KeyStates:
+class KeyStates:
     """What this process knows of one table's keys: held, not held, or unknown.
 
     Exact: it records only what a successful write, a read or a check established (this
@@ -147,7 +150,7 @@ for _bits in np.random.default_rng(0x5EED).integers(0, 64, (7, 1 << 16)).astype(
     _BLOOM_MASKS |= np.left_shift(np.uint64(1), _bits)
 
 
-class _WrittenKeys:
+class WrittenKeys:
     """A Bloom filter of every key written to one table since this process found it
     empty: a key it never saw is certainly not held (exact), one it may have seen needs
     the existence check (~1% of unseen keys). One 64-bit word per key (7 bits from a
@@ -194,3 +197,37 @@ class _WrittenKeys:
         for words in self._layers:
             out |= (words[(h & np.uint64(words.size - 1)).astype(np.intp)] & mask) == mask
         return out
+
+
+def rocksdb_options(cfg: SSDConfig) -> tuple[rocksdict.Options, Optional[rocksdict.Cache]]:
+    """The tuned RocksDB options of ``cfg`` and their block cache (None if disabled)."""
+    opts = rocksdict.Options(raw_mode=True)
+    opts.create_if_missing(True)
+    opts.set_max_background_jobs(cfg.background_jobs)
+    opts.set_write_buffer_size(cfg.write_buffer_mb << 20)
+    opts.set_max_write_buffer_number(cfg.max_write_buffers)
+    opts.set_level_compaction_dynamic_level_bytes(True)
+    opts.set_compression_type(getattr(rocksdict.DBCompressionType, cfg.compression.value)())
+    # A memtable bloom lets lookups of keys that are not in a memtable skip its skip list
+    # (new keys on insert; rows long since flushed on read).
+    opts.set_memtable_prefix_bloom_ratio(0.05)
+    opts.set_memtable_whole_key_filtering(True)
+    opts.set_keep_log_file_num(4)
+    table = rocksdict.BlockBasedOptions()
+    cache = None
+    if cfg.block_cache_mb > 0:
+        # HyperClockCache: lock-free lookups (the LRU cache's mutex showed in profiles)
+        cache = rocksdict.Cache.new_hyper_clock_cache(
+            cfg.block_cache_mb << 20, cfg.block_size_kb << 10
+        )
+        table.set_block_cache(cache)
+    else:
+        table.disable_cache()
+    table.set_block_size(cfg.block_size_kb << 10)
+    if cfg.bloom_bits_per_key > 0:
+        table.set_bloom_filter(cfg.bloom_bits_per_key, False)  # full (not block-based) filters
+    table.set_cache_index_and_filter_blocks(True)
+    table.set_pin_l0_filter_and_index_blocks_in_cache(True)
+    table.set_pin_top_level_index_and_filter(True)
+    opts.set_block_based_table_factory(table)
+    return opts, cache
