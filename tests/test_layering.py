@@ -21,7 +21,8 @@ MAX_LINES = 800
 # (TableConfig, SparseOptimConfig, ModelConfig, ...) and imports only stdlib + yaml;
 # ``hashing`` (splitmix64, shared by data/ and ps/) is not in DESIGN.md's table and
 # imports only numpy + torch; ``__init__`` is the package root (``__version__``).
-BASE = {"__init__", "config", "hashing"}
+# ``runtime`` (the device resolver and the distributed handles) imports only torch.
+BASE = {"__init__", "config", "hashing", "runtime"}
 
 # The "may import" column of DESIGN.md's layout table, restricted to terarec's own
 # layers (third-party packages are not checked here). Keys are the first component under
@@ -30,6 +31,7 @@ ALLOWED: dict[str, set[str]] = {
     "__init__": set(),
     "config": set(),
     "hashing": set(),
+    "runtime": set(),
     "data": set(),
     "optim": set(),
     "topology": set(),

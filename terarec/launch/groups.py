@@ -41,39 +41,22 @@ from terarec.config import DistBackend, DistConfig
 from terarec.launch.env import LaunchEnv, LaunchError, read_launch_env
 from terarec.launch.health import HealthMonitor, PeerFailure, ProcInfo, pid_space
 from terarec.launch.rendezvous import Rendezvous, await_ranks, connect
+from terarec.runtime import DeviceUnavailable, DistHandles, resolve_device
 
 logger = logging.getLogger("terarec.launch")
 
 
 @dataclass
-class DistContext:
-    """This rank's place in the job and its process groups.
+class DistContext(DistHandles):
+    """This rank's place in the job and its process groups (:class:`DistHandles`), and
+    what the launcher keeps.
 
     Attributes:
-        rank, world_size: global rank and number of ranks.
-        local_rank, local_world_size: rank within / size of this rank's fast group.
-        node, num_nodes: index of this rank's node (fast group) and how many there are.
-        device: the device this rank computes on (``cuda:<local rank>`` or cpu).
         backend: ``nccl`` or ``gloo``.
-        world: the default group (all ranks).
-        fast_group: this rank's fast group; ``fast_ranks`` its global ranks.
-        cross_group: this rank's cross group; ``cross_ranks`` its global ranks.
         env: what the launcher said.
     """
 
-    rank: int
-    world_size: int
-    local_rank: int
-    local_world_size: int
-    node: int
-    num_nodes: int
-    device: torch.device
     backend: str
-    world: dist.ProcessGroup
-    fast_group: dist.ProcessGroup
-    cross_group: dist.ProcessGroup
-    fast_ranks: tuple[int, ...]
-    cross_ranks: tuple[int, ...]
     env: LaunchEnv
     _rdzv: Optional[Rendezvous] = field(default=None, repr=False)
     _store: Optional[dist.Store] = field(default=None, repr=False)
@@ -170,33 +153,12 @@ def _wait_done(store: dist.Store, world: int, timeout_s: float) -> None:
 
 
 def pick_device(preference: str, env: LaunchEnv) -> torch.device:
-    """The rank's device for ``train.device`` (auto | cpu | cuda | cuda:N).
-
-    ``auto`` / ``cuda``: ``cuda:<local rank>`` when the node's GPUs are all visible,
-    ``cuda:0`` when the launcher gave each rank one (``CUDA_VISIBLE_DEVICES``), cpu for
-    ``auto`` without CUDA.
-    """
-    if preference == "cpu":
-        return torch.device("cpu")
-    if preference.startswith("cuda:"):
-        if env.local_world_size > 1:
-            raise LaunchError(
-                f"train.device={preference} names one GPU for all {env.local_world_size} "
-                "ranks of a node: use auto or cuda (each rank takes its local rank's GPU)"
-            )
-        return torch.device(preference)
-    if not torch.cuda.is_available():
-        if preference == "cuda":
-            raise LaunchError("train.device=cuda but CUDA is not available here")
-        return torch.device("cpu")
-    n = torch.cuda.device_count()
-    if env.local_rank < n:
-        return torch.device("cuda", env.local_rank)
-    if n == 1:
-        return torch.device("cuda", 0)
-    raise LaunchError(
-        f"{env.describe()}: local rank {env.local_rank} but {n} GPUs are visible"
-    )
+    """The rank's device for ``train.device`` (:func:`terarec.runtime.resolve_device` at
+    the launcher's local rank), a :class:`LaunchError` when it cannot be had."""
+    try:
+        return resolve_device(preference, env.local_rank, env.local_world_size)
+    except DeviceUnavailable as e:
+        raise LaunchError(f"{env.describe()}: {e}") from None
 
 
 def _backend(cfg: DistConfig, device: torch.device) -> str:

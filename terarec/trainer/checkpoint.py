@@ -55,10 +55,11 @@ import torch
 import torch.distributed as dist
 
 from terarec.config import Config, config_to_dict
-from terarec.trainer.ranks import DistHandles, all_fast_groups
+from terarec.runtime import DistHandles
+from terarec.trainer.ranks import all_fast_groups
 
 if TYPE_CHECKING:
-    from terarec.trainer.loop import Components
+    from terarec.trainer.components import Components
 
 FORMAT = 1
 REQUIRED_FILES = ("tables.pt", "dense.pt", "data.json", "rng.pt")

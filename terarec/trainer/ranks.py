@@ -1,8 +1,8 @@
 """The trainer's view of a multi-rank job: group handles and the few collectives it adds.
 
 The launch layer (``terarec.launch.init_distributed``) builds the process groups; the
-trainer never imports it (DESIGN.md's import direction) and takes any object with the
-attributes of :class:`DistHandles` (``terarec.launch.DistContext`` has them).
+trainer never imports it (the import direction of docs/design.md) and takes a
+:class:`terarec.runtime.DistHandles` (``terarec.launch.DistContext`` is one).
 
 Besides the embedding exchange (``ps/``), DDP and the replica sync (``trainer/sync.py``),
 a multi-rank run needs every rank to take the same decisions at the same step, or the
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, Optional, Protocol, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -30,32 +30,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from terarec.data.batch import Batch
-
-
-class DistHandles(Protocol):
-    """This rank's place in the job (``terarec.launch.DistContext`` satisfies it).
-
-    Attributes:
-        rank, world_size: global rank and number of ranks.
-        local_rank, local_world_size: position in / size of this rank's fast group.
-        node, num_nodes: this rank's fast group and the number of fast groups.
-        device: this rank's device.
-        world, fast_group, cross_group: the process groups (world = the default one).
-        fast_ranks, cross_ranks: the global ranks of the fast and cross groups.
-    """
-
-    rank: int
-    world_size: int
-    local_rank: int
-    local_world_size: int
-    node: int
-    num_nodes: int
-    device: torch.device
-    world: dist.ProcessGroup
-    fast_group: dist.ProcessGroup
-    cross_group: dist.ProcessGroup
-    fast_ranks: tuple[int, ...]
-    cross_ranks: tuple[int, ...]
+from terarec.runtime import DistHandles
 
 
 def is_rank0(d: Optional[DistHandles]) -> bool:

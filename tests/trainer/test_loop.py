@@ -17,7 +17,7 @@ import yaml
 from torch import nn
 
 from terarec.config import Config, ConfigError, config_from_dict, config_to_dict
-from terarec.trainer import loop
+from terarec.trainer import components, divergence, loop
 from terarec.trainer.checkpoint import read_manifest
 from terarec.trainer.loop import Components, TrainingDiverged, train
 from terarec.trainer.report import read_jsonl, to_jsonable
@@ -181,13 +181,13 @@ def test_non_finite_loss_stops_with_a_clear_error(
     shown: str,
 ) -> None:
     made: list[PoisonAt] = []
-    real = loop.build_model
+    real = components.build_model
 
     def poisoned(*args: Any, **kwargs: Any) -> nn.Module:
         made.append(PoisonAt(real(*args, **kwargs), at=3, value=value))
         return made[-1]
 
-    monkeypatch.setattr(loop, "build_model", poisoned)
+    monkeypatch.setattr(components, "build_model", poisoned)
     cfg = tiny_config(train={"log_every": 1})
     with pytest.raises(TrainingDiverged) as err:
         train(cfg)
@@ -316,13 +316,13 @@ def test_synthetic_data_needs_a_step_count(tiny_config: Callable[..., Config]) -
 def test_throughput_excludes_periodic_evals(
     tiny_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = loop._run_eval
+    real = loop.run_eval
 
     def slow_eval(*args: Any) -> dict[str, float]:
         time.sleep(0.5)
         return real(*args)
 
-    monkeypatch.setattr(loop, "_run_eval", slow_eval)
+    monkeypatch.setattr(loop, "run_eval", slow_eval)
     cfg = tiny_config(train={"steps": 20, "eval_every": 10, "save_checkpoint": False})
     summary = train(cfg)  # two evals, 1 s of sleep, 20 tiny steps
     assert summary["train_seconds"] < 0.5, summary["train_seconds"]
@@ -363,13 +363,13 @@ class Killed(Exception):
 def saved_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Records the step of every checkpoint the loop saves from now on."""
     steps: list[int] = []
-    real = loop.save_checkpoint
+    real = divergence.save_checkpoint
 
     def save(path: Path, parts: Components, source: Any, step: int, *args: Any, **kw: Any) -> Path:
         steps.append(step)
         return real(path, parts, source, step, *args, **kw)
 
-    monkeypatch.setattr(loop, "save_checkpoint", save)
+    monkeypatch.setattr(divergence, "save_checkpoint", save)
     return steps
 
 
@@ -403,14 +403,14 @@ def test_killed_run_resumes_exactly_from_its_periodic_checkpoint(
     straight = train(tiny_config(name="straight", **over))  # no periodic checkpoints at all
 
     periodic = merge_train(over, checkpoint_every=10)
-    real = loop._check_finite
+    real = loop.check_finite
 
     def dies_in_step_26(loss: torch.Tensor, step: int, *args: Any) -> None:
         if step == 26:
             raise Killed  # 25 steps done, nothing of step 26 applied
         real(loss, step, *args)
 
-    monkeypatch.setattr(loop, "_check_finite", dies_in_step_26)
+    monkeypatch.setattr(loop, "check_finite", dies_in_step_26)
     with pytest.raises(Killed):
         train(tiny_config(name="killed", **periodic))
     monkeypatch.undo()
@@ -440,12 +440,12 @@ def merge_train(over: dict[str, Any], **train_keys: Any) -> dict[str, Any]:
 def test_divergence_names_the_last_periodic_checkpoint(
     tiny_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = loop._check_finite
+    real = loop.check_finite
 
     def nan_at_23(loss: torch.Tensor, step: int, *args: Any) -> None:
         real(torch.tensor(math.nan) if step == 23 else loss, step, *args)
 
-    monkeypatch.setattr(loop, "_check_finite", nan_at_23)
+    monkeypatch.setattr(loop, "check_finite", nan_at_23)
     cfg = tiny_config(train={"checkpoint_every": 10})
     with pytest.raises(TrainingDiverged) as err:
         train(cfg)

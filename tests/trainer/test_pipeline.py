@@ -466,7 +466,7 @@ def test_a_killed_prefetched_run_resumes_exactly(
     one more) and only rows of trained batches (the prefetch creates none)."""
     straight = train(tiny_config(name="straight", **PREFETCHED))
     periodic = {**PREFETCHED, "train": {**PREFETCHED["train"], "checkpoint_every": 10}}
-    real = loop._check_finite
+    real = loop.check_finite
 
     class Killed(Exception):
         pass
@@ -476,7 +476,7 @@ def test_a_killed_prefetched_run_resumes_exactly(
             raise Killed
         real(loss, step, *args)
 
-    monkeypatch.setattr(loop, "_check_finite", dies_in_step_36)
+    monkeypatch.setattr(loop, "check_finite", dies_in_step_36)
     with pytest.raises(Killed):
         train(tiny_config(name="killed", **periodic))
     monkeypatch.undo()

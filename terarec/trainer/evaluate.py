@@ -1,0 +1,91 @@
+"""Evaluation: one pass of a model over an eval source, and the run's periodic eval."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Optional
+
+import torch
+from torch import nn
+
+from terarec.config import Config
+from terarec.data import build_source, dense_feature_names, sparse_feature_names
+from terarec.data.batch import Batch
+from terarec.runtime import DistHandles
+from terarec.trainer.components import Components
+from terarec.trainer.metrics import CTRMetrics
+from terarec.trainer.ranks import any_rank, dummy_batch, eval_batches
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    device: torch.device,
+    max_batches: Optional[int] = None,
+    dist: Optional[DistHandles] = None,
+    dummy: Optional[Batch] = None,
+) -> dict[str, float]:
+    """One pass of ``model`` over ``batches``: AUC, NE, logloss, calibration, CTR.
+
+    When batches carry the synthetic teacher's probabilities, the same metrics of the
+    teacher (the Bayes-optimal scorer) are added as ``oracle_auc`` / ``oracle_logloss``.
+
+    Args:
+        model: the model (not its DDP wrapper).
+        batches: this rank's eval batches.
+        device: where the model runs.
+        max_batches: cap on this rank's batches.
+        dist: several ranks: ``batches`` is this rank's shard, every rank calls this and
+            gets the metrics over all shards (a rank that runs out first keeps taking
+            part in the forwards' exchange with ``dummy``, whose predictions are dropped).
+        dummy: the padding batch for ``dist`` (:func:`terarec.trainer.ranks.dummy_batch`).
+    """
+    multi = dist is not None and dist.world_size > 1
+    was_training = model.training
+    model.eval()
+    metrics = CTRMetrics(distributed=multi, device=device if multi else "cpu")
+    oracle = CTRMetrics(distributed=multi, device=device if multi else "cpu")
+    has_oracle = False
+    for batch, real in eval_batches(batches, dist if multi else None, dummy, max_batches):
+        batch = batch.to(device, non_blocking=True)
+        probs = torch.sigmoid(model(batch.dense, batch.sparse))
+        if not real:
+            continue
+        metrics.update(probs, batch.labels)
+        if batch.teacher_prob is not None:
+            has_oracle = True
+            oracle.update(batch.teacher_prob.to(device), batch.labels)
+    model.train(was_training)
+    out = metrics.compute()
+    if multi:  # every rank must take part in the oracle's compute, or none
+        has_oracle = any_rank(has_oracle, dist)
+    if has_oracle:
+        o = oracle.compute()
+        out["oracle_auc"] = o["auc"]
+        out["oracle_logloss"] = o["logloss"]
+    return out
+
+
+def run_eval(cfg: Config, parts: Components) -> dict[str, float]:
+    """The run's eval: ``train.eval_batches`` of this rank's eval shard, global metrics."""
+    d = parts.dist
+    rank, world = (d.rank, d.world_size) if d is not None else (0, 1)
+    src = build_source(cfg.data, "eval", seed=cfg.seed, rank=rank, world_size=world,
+                       device=parts.device)
+    dummy = dummy_batch(sparse_feature_names(cfg.data), len(dense_feature_names(cfg.data)))
+    try:
+        return evaluate(
+            parts.model, src, parts.device, cfg.train.eval_batches, dist=d, dummy=dummy
+        )
+    finally:
+        if hasattr(src, "close"):
+            src.close()
+
+
+def fmt_eval(step: int, ev: dict[str, float]) -> str:
+    """One line for the progress bar."""
+    s = f"[eval step {step}] auc {ev['auc']:.4f} logloss {ev['logloss']:.4f}"
+    if "oracle_auc" in ev:
+        s += f" (oracle auc {ev['oracle_auc']:.4f})"
+    return s
