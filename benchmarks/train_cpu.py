@@ -16,7 +16,14 @@ other processes hits them alike. Prints samples/s of each side and the ratio per
 and, with both layouts, the headline: terarec's best vs TorchRec's fastest setup;
 ``--json`` prints one JSON object.
 
+``--tiered-tables N`` measures something else, terarec against itself: the features
+split over N tiered tables of one dim (each with a device tier holding ``--device-rows``
+rows over an unbounded host tier), trained as one batched group (one dedup, gather,
+pooling and optimizer launch; one tier chain per table) against the same tables each in
+a group of its own (``group_tables=False``), in lockstep on the same batches.
+
     python benchmarks/train_cpu.py [--steps 60] [--layout both] [--json]
+    python benchmarks/train_cpu.py --tiered-tables 4 [--json]
 """
 
 from __future__ import annotations
@@ -98,10 +105,10 @@ def time_lockstep(
 
 
 def terarec_model(
-    tables: list[TableConfig], feats: list[str], args: argparse.Namespace
+    tables: list[TableConfig], feats: list[str], args: argparse.Namespace, grouped: bool = True
 ) -> nn.Module:
     opt = SparseOptimConfig(kind=args.optimizer, lr=0.01)
-    ebc = HierarchicalEmbeddingBagCollection(tables, feats, opt, seed=0)
+    ebc = HierarchicalEmbeddingBagCollection(tables, feats, opt, seed=0, group_tables=grouped)
     dims = [ebc.feature_dims[f] for f in ebc.out_features]
     return build_model(ModelConfig(bottom_mlp=[64, args.dim]), ebc, ebc.out_features, dims, 13)
 
@@ -158,6 +165,26 @@ def bounded(batches: list[Any], modulus: int) -> list[Any]:
     return out
 
 
+def tiered(args: argparse.Namespace, batches: list[Any], feats: list[str]) -> dict[str, Any]:
+    """Grouped vs per-table groups of ``--tiered-tables`` tiered tables (see above)."""
+    n = args.tiered_tables
+    tables = [
+        TableConfig(name=f"t{i}", dim=args.dim, features=feats[i::n], device_rows=args.device_rows)
+        for i in range(n)
+    ]
+    models = []
+    for grouped in (True, False):
+        torch.manual_seed(0)
+        models.append(terarec_model(tables, feats, args, grouped))
+    grouped_sps, per_table_sps = time_lockstep(models, [batches, batches], args.warmup, 1e-3)
+    return {
+        "tables": n,
+        "grouped_samples_per_s": grouped_sps,
+        "per_table_samples_per_s": per_table_sps,
+        "ratio": grouped_sps / per_table_sps,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=60)
@@ -169,11 +196,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--optimizer", default="rowwise_adagrad", choices=sorted(_BASELINE_OPT))
     p.add_argument("--layout", default="both", choices=["shared", "per-feature", "both"])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tiered-tables", type=int, default=0,
+                   help="N > 0: grouped vs per-table groups of N tiered tables")
+    p.add_argument("--device-rows", type=int, default=1_000_000,
+                   help="--tiered-tables: each table's device tier")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     batches, feats = make_batches(args)
+    if args.tiered_tables:
+        res = {"config": vars(args), "tiered": tiered(args, batches, feats)}
+        t = res["tiered"]
+        print(json.dumps(res) if args.json else
+              f"{t['tables']} tiered tables: one group {t['grouped_samples_per_s']:,.0f} "
+              f"samples/s | a group per table {t['per_table_samples_per_s']:,.0f} samples/s "
+              f"| ratio {t['ratio']:.2f}x")
+        return 0
     layouts = ["shared", "per-feature"] if args.layout == "both" else [args.layout]
     results: dict[str, Any] = {"config": vars(args), "layouts": {}}
     for layout in layouts:

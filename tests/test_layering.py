@@ -1,4 +1,4 @@
-"""Package structure: the import direction of DESIGN.md, file sizes, module docstrings.
+"""Package structure: the import direction of docs/design.md, file sizes, module docstrings.
 
 Everything is read with ``ast`` (nothing is imported), so the test is fast and also sees
 imports inside functions and ``if TYPE_CHECKING:`` blocks: a type-only import still
@@ -19,12 +19,12 @@ MAX_LINES = 800
 
 # Leaf modules every layer may import. ``config`` is plain data that every layer consumes
 # (TableConfig, SparseOptimConfig, ModelConfig, ...) and imports only stdlib + yaml;
-# ``hashing`` (splitmix64, shared by data/ and ps/) is not in DESIGN.md's table and
+# ``hashing`` (splitmix64, shared by data/ and ps/) is a leaf of docs/design.md's table and
 # imports only numpy + torch; ``__init__`` is the package root (``__version__``).
 # ``runtime`` (the device resolver and the distributed handles) imports only torch.
 BASE = {"__init__", "config", "hashing", "runtime"}
 
-# The "may import" column of DESIGN.md's layout table, restricted to terarec's own
+# The "may import" column of docs/design.md's layer table, restricted to terarec's own
 # layers (third-party packages are not checked here). Keys are the first component under
 # ``terarec.``; a layer may always import itself and BASE.
 ALLOWED: dict[str, set[str]] = {
@@ -36,7 +36,7 @@ ALLOWED: dict[str, set[str]] = {
     "optim": set(),
     "topology": set(),
     "models": set(),
-    # DESIGN.md: "optim/ row kernels, topology/plan".
+    # docs/design.md: "optim/ (row optimizers), topology/ (the plan)".
     "ps": {"optim", "topology"},
     "trainer": {"data", "ps", "optim", "topology", "models"},  # "everything above"
     "serve": {"models"},
@@ -117,7 +117,7 @@ def test_every_layer_is_in_the_map() -> None:
     unknown = sorted(layers - set(ALLOWED))
     assert not unknown, (
         f"terarec/ has top-level modules/packages {unknown} that this test's ALLOWED map "
-        "does not know; add them with the imports DESIGN.md allows"
+        "does not know; add them with the imports docs/design.md allows"
     )
 
 
@@ -132,7 +132,7 @@ def test_import_direction_follows_design() -> None:
             if _layer(imported) not in allowed:
                 violations.append(f"{src} -> {imported}")
     assert not violations, (
-        "imports against the direction of DESIGN.md (lower layers must not import higher "
+        "imports against the direction of docs/design.md (lower layers must not import higher "
         "ones):\n  " + "\n  ".join(violations)
     )
 

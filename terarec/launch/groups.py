@@ -9,7 +9,7 @@
             ...                    # ctx.fast_group: this node's ranks; ctx.cross_group:
                                    # the same local rank on every node
 
-Groups (DESIGN.md, "hierarchical synchronisation"):
+Groups (docs/design.md, "hierarchical synchronisation"):
 
 * **world**: every rank (the default group).
 * **fast group**: the ranks that sync every step — the topology plan's NVLink islands
