@@ -134,7 +134,34 @@ def _resolve_backend(backend: Backend, device: torch.device) -> str:
     return backend
 
 
-class HashIndex:
+class BucketTable:
+    """What both hash maps share: device, backend and the ``[cap, 2]`` int64 bucket table
+    (mixed key, value), ``_EMPTY`` where no key is.
+
+    Args:
+        device: where the table lives.
+        max_load: rehash / rebuild bound on the buckets in use.
+        backend: ``auto`` (fbgemm on CPU when available, else torch), ``torch``, ``fbgemm``.
+    """
+
+    def __init__(self, device: torch.device | str, max_load: float, backend: Backend) -> None:
+        self.max_load = check_max_load(max_load)
+        self.device = torch.device(device)
+        self.backend = _resolve_backend(backend, self.device)
+
+    def _alloc_table(self, cap: int) -> None:
+        """A fresh, empty table of ``cap`` buckets (a power of two)."""
+        self._cap = cap
+        self._mask = cap - 1
+        # Key and value side by side: one cache line holds a whole probe window.
+        if self.backend == "fbgemm":  # on huge pages (see host_table)
+            self._table = host_table(cap)
+        else:
+            self._table = torch.full((cap, 2), _EMPTY, dtype=torch.int64, device=self.device)
+        self._table_offsets = torch.tensor([0, cap], dtype=torch.int64)
+
+
+class HashIndex(BucketTable):
     """Maps unbounded int64 keys to dense slot ids ``[0, len(self))``.
 
     Args:
@@ -151,9 +178,7 @@ class HashIndex:
         max_load: float = 0.5,
         backend: Backend = "auto",
     ) -> None:
-        self.max_load = check_max_load(max_load)
-        self.device = torch.device(device)
-        self.backend = _resolve_backend(backend, self.device)
+        super().__init__(device, max_load, backend)
         self._size = 0
         self._special = -1  # fbgemm backend: slot of the key whose mixed value is -1
         self._unindexed: list[int] = []  # slots with a key but no bucket (append_unindexed)
@@ -161,18 +186,10 @@ class HashIndex:
         self._slot_keys = torch.empty(0, dtype=torch.int64, device=self.device)
 
     def _alloc(self, cap: int) -> None:
-        self._cap = cap
-        self._mask = cap - 1
-        # Key and slot id side by side: one cache line holds a whole probe window.
-        if self.backend == "fbgemm":
-            self._table = host_table(cap)
-        else:
-            self._table = torch.full((cap, 2), _EMPTY, dtype=torch.int64, device=self.device)
+        self._alloc_table(cap)
         if self.backend == "torch":
             self._claim = torch.full((cap,), -1, dtype=torch.int64, device=self.device)
             self._window = torch.arange(_TAIL_WINDOW, device=self.device)
-        else:
-            self._table_offsets = torch.tensor([0, cap], dtype=torch.int64)
 
     def __len__(self) -> int:
         return self._size

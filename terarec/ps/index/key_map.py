@@ -24,19 +24,13 @@ import torch
 
 from terarec.hashing import mix64_torch
 from terarec.ps.index import triton_hash
-from terarec.ps.index.hash_index import (
-    Backend,
-    _resolve_backend,
-    bucket_count,
-    check_max_load,
-    host_table,
-)
+from terarec.ps.index.hash_index import Backend, BucketTable, bucket_count
 
 _EMPTY = -1
 _DEAD = -3  # value of a deleted entry (FBGEMM's insert skips only the value -1)
 
 
-class KeyMap:
+class KeyMap(BucketTable):
     """int64 keys -> int64 values >= 0, with insert (upsert), find and delete.
 
     Args:
@@ -53,9 +47,7 @@ class KeyMap:
         max_load: float = 0.5,
         backend: Backend = "auto",
     ) -> None:
-        self.max_load = check_max_load(max_load)
-        self.device = torch.device(device)
-        self.backend = _resolve_backend(backend, self.device)
+        super().__init__(device, max_load, backend)
         self._live = 0
         self._used = 0  # buckets holding a key (live or dead)
         self._side = -1  # value of the key whose mix is -1 (-1: absent)
@@ -68,13 +60,7 @@ class KeyMap:
             # (the training pipeline prefetches on a side stream): the memory must not
             # be reused before this stream's queued reads of it are done.
             old.record_stream(torch.cuda.current_stream(old.device))
-        self._cap = cap
-        self._mask = cap - 1
-        if self.backend == "fbgemm":  # on huge pages (see hash_index.host_table)
-            self._table = host_table(cap)
-        else:
-            self._table = torch.full((cap, 2), _EMPTY, dtype=torch.int64, device=self.device)
-        self._table_offsets = torch.tensor([0, cap], dtype=torch.int64)
+        self._alloc_table(cap)
 
     def __len__(self) -> int:
         return self._live

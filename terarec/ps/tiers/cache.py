@@ -14,19 +14,20 @@ row (only :meth:`CacheTier.evict` and :meth:`CacheTier.expire` remove rows on pu
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
 import torch
 
 from terarec.ps.index.key_map import KeyMap
-from terarec.ps.tiers.protocol import FREQ, LAST, Export, Rows, Spare, TierFullError, check_batch
+from terarec.ps.tiers.protocol import Export, Rows, Spare, TierFullError, check_batch
+from terarec.ps.tiers.slots import SlotRows
 
 __all__ = ["CacheTier", "Policy", "TierFullError"]
 
 Policy = Literal["lru", "lfu"]
 
 
-class CacheTier:
+class CacheTier(SlotRows):
     """Rows keyed by int64 ids in a fixed number of slots, with LRU/LFU eviction.
 
     Args:
@@ -93,43 +94,9 @@ class CacheTier:
         self._stats["misses"] += keys.numel() - hits
         return slots
 
-    def touch(self, slots: torch.Tensor, step: int) -> None:
-        """Records a use at ``step`` of the rows at ``slots`` (unique). ``freq`` counts
-        steps: a row touched twice in one step (prefetched, then trained) counts once."""
-        new_step = self._last.index_select(0, slots) != step
-        self._freq.index_add_(0, slots, new_step.to(torch.int64))
-        self._last.index_fill_(0, slots, step)
-
     def lock(self, slots: torch.Tensor, until_step: int) -> None:
         """Keeps the rows at ``slots`` from eviction while the step is <= ``until_step``."""
         self._lock[slots] = torch.clamp(self._lock[slots], min=until_step)
-
-    def read(self, slots: torch.Tensor, cols: Optional[int] = None) -> torch.Tensor:
-        """Rows at ``slots`` ``[N, row_width]`` (a copy); the first ``cols`` columns
-        only when given."""
-        src = self._rows if cols is None else self._rows[:, :cols]
-        return src.index_select(0, slots)
-
-    def update_rows(self, slots: torch.Tensor, grad: torch.Tensor, optimizer: Any) -> None:
-        """One fused optimizer step on the rows at unique ``slots`` in place
-        (``grad [N, dim]``; ``optimizer`` a ``RowOptimizer``)."""
-        optimizer.update_at(self._rows, slots, grad)
-
-    def write(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
-        """Overwrites the rows at unique ``slots``."""
-        self._rows.index_copy_(0, slots, rows.to(self._rows.dtype))
-
-    def read_meta(self, slots: torch.Tensor) -> torch.Tensor:
-        """Metadata ``(last_step, freq)`` at ``slots``: int64 ``[N, 2]``."""
-        return torch.stack(
-            [self._last.index_select(0, slots), self._freq.index_select(0, slots)], 1
-        )
-
-    def write_meta(self, slots: torch.Tensor, meta: torch.Tensor) -> None:
-        """Sets the metadata at unique ``slots`` (int64 ``[N, 2]``)."""
-        meta = meta.to(self.device)
-        self._last[slots] = meta[:, LAST]
-        self._freq[slots] = meta[:, FREQ]
 
     def admit(
         self,

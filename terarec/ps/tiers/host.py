@@ -15,17 +15,18 @@ the memory is ever dead.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
 from terarec.ps.index.hash_index import HashIndex
 from terarec.ps.tiers.protocol import FREQ, LAST, Export, Rows, Spare, check_batch
+from terarec.ps.tiers.slots import SlotRows
 
 _MIN_COMPACT = 1024  # dead slots below this never trigger a compaction
 
 
-class HostTier:
+class HostTier(SlotRows):
     """Rows of one table in host memory (on CPU-only runs also the training tier).
 
     Args:
@@ -185,27 +186,6 @@ class HostTier:
         self._stats["misses"] += n_new + n_redo
         return slots
 
-    def touch(self, slots: torch.Tensor, step: int) -> None:
-        """Records a use at ``step`` of the rows at unique ``slots``: ``last_step = step``;
-        ``freq`` counts steps, so touching twice in one step (prefetch) counts once."""
-        if slots.numel() == 0:
-            return
-        new_step = self._last.index_select(0, slots) != step
-        self._freq.index_add_(0, slots, new_step.to(torch.int64))
-        self._last.index_fill_(0, slots, step)
-
-    def read_meta(self, slots: torch.Tensor) -> torch.Tensor:
-        """Metadata at ``slots``: int64 ``[N, 2]`` (a copy)."""
-        return torch.stack(
-            [self._last.index_select(0, slots), self._freq.index_select(0, slots)], 1
-        )
-
-    def write_meta(self, slots: torch.Tensor, meta: torch.Tensor) -> None:
-        """Sets the metadata at unique ``slots`` (``meta`` int64 ``[N, 2]``)."""
-        meta = meta.to(self.device)
-        self._last.index_copy_(0, slots, meta[:, LAST].contiguous())
-        self._freq.index_copy_(0, slots, meta[:, FREQ].contiguous())
-
     def append_unindexed(self, keys: torch.Tensor) -> int:
         """Reserves rows for ``keys`` that the index must not map (see ``TableGroup``).
 
@@ -241,21 +221,6 @@ class HostTier:
     def is_dead(self, slots: torch.Tensor) -> torch.Tensor:
         """bool ``[N]``: which ``slots`` were removed (evicted or expired)."""
         return self._dead[slots]
-
-    def read(self, slots: torch.Tensor, cols: Optional[int] = None) -> torch.Tensor:
-        """Rows at ``slots``: ``[N, row_width]`` (a copy); only the first ``cols``
-        columns (e.g. the weights without the optimizer state) when given."""
-        src = self._rows if cols is None else self._rows[:, :cols]
-        return src.index_select(0, slots)
-
-    def update_rows(self, slots: torch.Tensor, grad: torch.Tensor, optimizer: Any) -> None:
-        """One fused optimizer step on the rows at unique ``slots`` in place
-        (``grad [N, dim]``; ``optimizer`` a ``RowOptimizer``)."""
-        optimizer.update_at(self._rows, slots, grad)
-
-    def write(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
-        """Overwrites the rows at unique ``slots`` with ``rows`` ``[N, row_width]``."""
-        self._rows.index_copy_(0, slots, rows)
 
     def load(
         self, keys: torch.Tensor, rows: torch.Tensor, meta: Optional[torch.Tensor] = None
