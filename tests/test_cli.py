@@ -147,7 +147,8 @@ def test_tiered_train_and_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert code == 0, err
     # the same rows (read back from the SSD tier) through the same kernels: the same AUC
     assert eval_json(out)["auc"] == summary["final_eval"]["auc"]
-    assert sorted(p.name for p in (run_dir / "ssd").iterdir()) == ["rank0"]
+    # the run's DB and its checkpoint's snapshot beside it; eval's scratch DB is gone
+    assert sorted(p.name for p in (run_dir / "ssd").iterdir()) == ["rank0", "rank0.checkpoints"]
 
 
 def test_a_batch_over_the_device_budget_exits_2(

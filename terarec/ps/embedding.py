@@ -106,6 +106,7 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
         self.replica_group = replica_group
         self.sync_replicas = sync_replicas
         self.prefetch_group = prefetch_group
+        self.ssd_store = ssd_store
         self.device = torch.device(device or "cpu")
         self.feature_names = list(feature_names)
         table_features = resolve_table_features(tables, self.feature_names)
@@ -314,8 +315,18 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
         for g in self.groups:
             g.flush()
 
-    def tables_state_dict(self) -> dict[str, Any]:
-        return {t.name: t.state_dict() for t in self.tables}
+    def persist(self) -> None:
+        """Every table with an SSD tier: its SSD tier holds the freshest copy of each row
+        (cached copies written through), flushed; a snapshot of the SSD store is then a
+        checkpoint of those tables (see ``SSDStore.checkpoint``)."""
+        for g in self.groups:
+            g.persist()
+
+    def tables_state_dict(self, ssd_rows: bool = True) -> dict[str, Any]:
+        """Every table's state (``EmbeddingTable.state_dict``); without ``ssd_rows`` the
+        tables with an SSD tier leave their rows out (a snapshot of the store holds them,
+        after :meth:`persist`)."""
+        return {t.name: t.state_dict(rows=ssd_rows or not t.in_ssd) for t in self.tables}
 
     def _owned_rows(
         self, table: EmbeddingTable, state: dict[str, Any]
@@ -332,7 +343,9 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
         return k[mine], rows.to(self.device)[mine]
 
     def load_tables_state_dict(self, state: dict[str, Any]) -> None:
-        """Loads every table's rows (see :meth:`_owned_rows` for sharded tables)."""
+        """Loads every table's rows (see :meth:`_owned_rows` for sharded tables); a table
+        saved with ``ssd: True`` takes its rows from its SSD tier as it is now (the
+        caller restored the store's snapshot first)."""
         missing = [t.name for t in self.tables if t.name not in state]
         if missing:
             raise ValueError(f"checkpoint has no rows for tables {missing}")
@@ -340,7 +353,10 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
             t.check_state(state[t.name])
         for g in self.groups:
             mine = [t for t in self.tables if t.group is g]
-            g.load_tables([self._owned_rows(t, state[t.name]) for t in mine])
+            g.load_tables([
+                None if state[t.name].get("ssd") else self._owned_rows(t, state[t.name])
+                for t in mine
+            ])
             g.optimizer.load_state_dict(state[mine[0].name]["optimizer"])
             if g.admission is not None:  # saved without admission: counting starts now
                 g.admission.load_state_dict(state[mine[0].name].get("admission") or {})

@@ -351,11 +351,18 @@ class TableGroup:
         tables = torch.full((comp.numel(),), t, dtype=torch.int64, device=comp.device)
         return self.keys_of(comp, tables), rows
 
-    def load_tables(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def persist(self) -> None:
+        """The SSD tier of every table that has one holds the freshest copy of each of
+        its rows (see ``SlotStore.persist``)."""
+        self.store.persist()
+
+    def load_tables(self, parts: list[Optional[tuple[torch.Tensor, torch.Tensor]]]) -> None:
         """Replaces every row: ``parts[t] = (keys [R_t], rows [R_t, row_width])``, each
-        table's rows in the order given. Raises ValueError on a repeated key."""
-        if not parts:
-            parts = [(torch.empty(0, dtype=torch.int64), torch.empty(0, self.row_width))]
+        table's rows in the order given; ``None``: table ``t``'s rows are what its SSD
+        tier holds now (a restored snapshot). Raises ValueError on a repeated key."""
+        from_bottom = [t for t, p in enumerate(parts) if p is None]
+        empty = (torch.empty(0, dtype=torch.int64), torch.empty(0, self.row_width))
+        parts = [empty if p is None else p for p in parts] or [empty]
         keys = torch.cat([k.to(self.device, torch.int64) for k, _ in parts])
         rows = torch.cat([r.to(self.device, torch.float32) for _, r in parts])
         tables = torch.cat([
@@ -370,4 +377,5 @@ class TableGroup:
             if bool(same.any()):
                 which = self.names[int(sorted_tab[1:][same][0])]
                 raise ValueError(f"table {which}: checkpoint has duplicate keys")
-        self.store.load(comp, rows, self.step, tables=self._tables(tables))
+        self.store.load(comp, rows, self.step, tables=self._tables(tables),
+                        from_bottom=from_bottom)

@@ -72,17 +72,35 @@ class EmbeddingTable:
         """``(keys [R], rows [R, row_width])`` of every row of this table."""
         return self.group.export_table(self.index)
 
-    def state_dict(self) -> dict[str, Any]:
+    @property
+    def in_ssd(self) -> bool:
+        """Whether every row of the table lives in the SSD tier (it has ``host_rows``)."""
+        return self.cfg.host_rows is not None
+
+    def state_dict(self, rows: bool = True) -> dict[str, Any]:
         """``keys``, ``rows``, ``optimizer``; the group's first table also carries the
-        group's admission sketch (``admission``), when it has one."""
-        keys, rows = self.export()
-        state = {"keys": keys, "rows": rows, "optimizer": self.optimizer.state_dict()}
+        group's admission sketch (``admission``), when it has one. Without ``rows`` (a
+        table whose SSD tier is checkpointed as a snapshot): ``ssd: True`` and the row
+        count (``num_rows``) instead of keys and rows."""
+        if rows:
+            keys, rows_t = self.export()
+            state: dict[str, Any] = {"keys": keys, "rows": rows_t}
+        else:
+            state = {"ssd": True, "num_rows": len(self)}
+        state["optimizer"] = self.optimizer.state_dict()
         if self.index == 0 and self.group.admission is not None:
             state["admission"] = self.group.admission.state_dict()
         return state
 
     def check_state(self, state: dict[str, Any]) -> None:
         """Raises ValueError unless ``state`` fits this table's row layout."""
+        if state.get("ssd"):
+            if not self.in_ssd:
+                raise ValueError(
+                    f"table {self.name}: its rows were saved in an SSD tier snapshot, but "
+                    "this run gives it no SSD tier (host_rows)"
+                )
+            return
         rows = state["rows"]
         if rows.dim() != 2 or rows.shape[1] != self.row_width:
             raise ValueError(

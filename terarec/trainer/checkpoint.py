@@ -5,12 +5,15 @@ Layout of ``<dir>/``::
     manifest.json   format version, step, samples, the run's config, and the size +
                     sha256 of every file below
     tables.pt       per table: keys [R], rows [R, dim + state], optimizer step; a tiered
-                    table's rows come from all its tiers (device, host, SSD), the
-                    freshest copy of each, after a flush of every tier; with admission,
+                    table's rows come from all its tiers, the freshest copy of each; a
+                    table with an SSD tier holds ``ssd: True`` and its row count instead
+                    (its rows are in the SSD tier's snapshot); with admission,
                     the first table of each group also holds the group's count-min
                     sketch (counters, decay phase, counts), so a resume admits the same
                     keys at the same steps
     dense.pt        model state_dict (MLPs), dense optimizer state_dict and class name
+    ssd.json        with an SSD tier: the record of its RocksDB snapshot beside the DB
+                    (``trainer/ssd_snapshot.py``)
     data.json       the train source's position (exact resume)
     rng.pt          torch RNG state
 
@@ -55,7 +58,9 @@ import torch
 import torch.distributed as dist
 
 from terarec.config import Config, config_to_dict
+from terarec.ps.tiers.ssd import SSDTierError
 from terarec.runtime import DistHandles
+from terarec.trainer import ssd_snapshot
 from terarec.trainer.ranks import all_fast_groups
 
 if TYPE_CHECKING:
@@ -105,9 +110,11 @@ def _fsync(path: Path) -> None:
 
 
 def _first_non_finite(tables: dict[str, Any], model: dict[str, Any]) -> Optional[str]:
-    """Names the first table or dense tensor holding a NaN or Inf, or None."""
+    """Names the first table or dense tensor holding a NaN or Inf, or None (rows in an
+    SSD tier snapshot are not read back for it: a NaN row there shows as a NaN loss
+    when a batch uses it)."""
     for name, t in tables.items():
-        if not bool(torch.isfinite(t["rows"]).all()):
+        if "rows" in t and not bool(torch.isfinite(t["rows"]).all()):
             return f"table {name!r} has NaN/Inf rows"
     for name, v in model.items():
         if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
@@ -147,8 +154,10 @@ def save_checkpoint(
         return _save_sharded(Path(path), parts, source, step, cfg, samples, d)
     path = Path(path)
     tmp = _fresh_tmp(path)
+    snap: Optional[dict[str, Any]] = None
     try:
-        bad = _write_rank_files(tmp, parts, source) or _write_dense(tmp, parts)
+        bad, snap = _write_rank_files(tmp, parts, source, step)
+        bad = bad or _write_dense(tmp, parts)
         if bad is not None:
             # Saving would replace the last good checkpoint with one nobody can resume from.
             raise NonFiniteState(f"{bad}; {path} was not written")
@@ -157,10 +166,16 @@ def save_checkpoint(
     except BaseException as e:
         # Whatever failed (disk full, an unpicklable object, Ctrl-C), leave no half dir.
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
+        ssd_snapshot.drop(snap)
+        if isinstance(e, (OSError, SSDTierError)):
             raise CheckpointError(f"cannot write checkpoint {path}: {e}") from e
         raise
-    _replace(tmp, path)
+    try:
+        _replace(tmp, path)
+    except BaseException:
+        ssd_snapshot.drop(snap)
+        raise
+    ssd_snapshot.keep_only(snap)
     return path
 
 
@@ -172,19 +187,27 @@ def _fresh_tmp(path: Path) -> Path:
     return tmp
 
 
-def _write_rank_files(out: Path, parts: Components, source: Any) -> Optional[str]:
-    """This rank's rows, data position and RNG into ``out``; what is not finite, if
-    something is (then nothing is written)."""
+def _write_rank_files(
+    out: Path, parts: Components, source: Any, step: int
+) -> tuple[Optional[str], Optional[dict[str, Any]]]:
+    """This rank's rows, data position and RNG into ``out``: ``(what is not finite, if
+    something is (then nothing is written), the SSD tier snapshot's record, if taken)``.
+    Tables with an SSD tier are snapshotted (``trainer/ssd_snapshot.py``), not exported;
+    ``ssd.json`` points at the snapshot."""
     parts.embedding.flush()
-    tables = parts.embedding.tables_state_dict()
+    snap = ssd_snapshot.take(parts.embedding, step)
+    tables = parts.embedding.tables_state_dict(ssd_rows=snap is None)
     bad = _first_non_finite(tables, {})
     if bad is not None:
-        return bad
+        ssd_snapshot.drop(snap)
+        return bad, None
     torch.save(tables, out / "tables.pt")
+    if snap is not None:
+        (out / ssd_snapshot.FILE).write_text(json.dumps(snap, indent=1))
     state = source.state_dict() if hasattr(source, "state_dict") else {}
     (out / "data.json").write_text(json.dumps(state))
     torch.save({"torch": torch.get_rng_state()}, out / "rng.pt")
-    return None
+    return None, snap
 
 
 def _write_dense(out: Path, parts: Components) -> Optional[str]:
@@ -273,10 +296,11 @@ def _save_sharded(
         raise CheckpointError(f"cannot write checkpoint {path}: {errs[0]}")
     mine = f"rank{d.rank}"
     bad: Optional[str] = None
+    snap: Optional[dict[str, Any]] = None
     files: dict[str, Any] = {}
     try:
         (tmp / mine).mkdir(parents=True, exist_ok=True)
-        bad = _write_rank_files(tmp / mine, parts, source)
+        bad, snap = _write_rank_files(tmp / mine, parts, source, step)
         local = parts.sync.local_state_dict()
         if bad is None and local is not None:
             torch.save({"optimizer": parts.dense_optimizer.state_dict(), "sync": local},
@@ -286,9 +310,10 @@ def _save_sharded(
         if bad is None:
             names = [f"{mine}/{n}" for n in RANK_FILES] + (["dense.pt"] if d.rank == 0 else [])
             names += [f"{mine}/{LOCAL_FILE}"] if local is not None else []
+            names += [f"{mine}/{ssd_snapshot.FILE}"] if snap is not None else []
             files = _describe(tmp, names)
             _fsync(tmp / mine)
-    except OSError as e:
+    except (OSError, SSDTierError) as e:
         err = str(e)
     reports = _gather((None if bad is None else f"rank {d.rank}: {bad}",
                        None if err is None else f"rank {d.rank}: {err}", files), d)
@@ -315,13 +340,17 @@ def _save_sharded(
                 result = f"cannot write checkpoint {path}: {e}"
         if bads or errs or result:
             shutil.rmtree(tmp, ignore_errors=True)
+    if bads or errs:
+        ssd_snapshot.drop(snap)
     if bads:
         raise NonFiniteState(f"{bads[0]}; {path} was not written")
     if errs:
         raise CheckpointError(f"cannot write checkpoint {path}: {errs[0]}")
     result = _gather(result, d)[0]
     if result:
+        ssd_snapshot.drop(snap)
         raise CheckpointError(result)
+    ssd_snapshot.keep_only(snap)
     return path
 
 
@@ -411,12 +440,9 @@ def load_checkpoint(path: Path, parts: Components, source: Any = None) -> int:
     local: Optional[str] = None
     try:
         if rank_dir is None:  # one process reads a multi-rank checkpoint's rows
-            shards = [f"rank{r}/tables.pt" for r in manifest["world"]["fast_groups"][0]]
-            _verify(path, manifest, [*shards, "dense.pt"])
-            tables = merge_shards(
-                [torch.load(path / n, map_location=parts.device, weights_only=True)
-                 for n in shards]
-            )
+            ranks = [f"rank{r}/" for r in manifest["world"]["fast_groups"][0]]
+            _verify(path, manifest, [f"{r}tables.pt" for r in ranks] + ["dense.pt"])
+            tables = merge_shards([read_tables(path, r, manifest) for r in ranks])
         else:
             mine = [f"{rank_dir}{n}" for n in RANK_FILES]
             # this replica's own dense optimizer state (k-step merging), when this run
@@ -426,6 +452,10 @@ def load_checkpoint(path: Path, parts: Components, source: Any = None) -> int:
                 local = None
             _verify(path, manifest, [*mine, "dense.pt"] + ([local] if local else []))
             tables = torch.load(path / mine[0], map_location=parts.device, weights_only=True)
+            snap = f"{rank_dir}{ssd_snapshot.FILE}"
+            if snap in manifest["files"]:
+                _verify(path, manifest, [snap])
+                ssd_snapshot.restore(parts.embedding, ssd_snapshot.load_record(path / snap))
         parts.embedding.load_tables_state_dict(tables)
         dense = torch.load(path / "dense.pt", map_location=parts.device, weights_only=True)
         parts.model.load_state_dict(dense["model"])
@@ -447,9 +477,32 @@ def load_checkpoint(path: Path, parts: Components, source: Any = None) -> int:
                 source.load_state_dict(json.loads((path / rank_dir / "data.json").read_text()))
             rng = torch.load(path / rank_dir / "rng.pt", weights_only=True)
             torch.set_rng_state(rng["torch"])
+    except ssd_snapshot.SnapshotError as e:
+        raise CheckpointError(f"{path}: {e}") from e
     except (RuntimeError, ValueError, KeyError, pickle.UnpicklingError, EOFError) as e:
         raise CheckpointError(f"{path}: does not fit this model/config: {e}") from e
     return int(manifest["step"])
+
+
+def read_tables(path: Path, rank_dir: str = "", manifest: Optional[dict[str, Any]] = None
+                ) -> dict[str, Any]:
+    """A checkpoint's table states with every row in memory: ``tables.pt`` of
+    ``rank_dir`` (``""`` or ``"rank<r>/"``), the rows of its SSD tier snapshot filled
+    in (tools, tests, one-process reads of small tables)."""
+    path = Path(path)
+    manifest = manifest or read_manifest(path, verify=False)
+    tables = torch.load(path / f"{rank_dir}tables.pt", map_location="cpu", weights_only=True)
+    snap = f"{rank_dir}{ssd_snapshot.FILE}"
+    if snap in manifest["files"]:
+        _verify(path, manifest, [snap])
+        try:
+            rows = ssd_snapshot.read_rows(ssd_snapshot.load_record(path / snap))
+        except ssd_snapshot.SnapshotError as e:
+            raise CheckpointError(f"{path}: {e}") from e
+        for name, kr in rows.items():
+            state = {k: v for k, v in tables[name].items() if k not in ("ssd", "num_rows")}
+            tables[name] = {**state, **kr}
+    return tables
 
 
 def _rank_dir(path: Path, manifest: dict[str, Any], parts: Components,

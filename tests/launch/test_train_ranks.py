@@ -111,8 +111,12 @@ def test_two_ranks_train_the_one_process_run(two_ranks: dict[str, Any],
         t = tiers["sparse"]
         assert t["device_evictions"] > 0 and t["host_evictions"] > 0, (r, t)
         assert t["ssd_rows"] > 0, (r, t)
-    # rank 0 alone wrote the run's files; each rank its own SSD tier
-    assert sorted(p.name for p in (run_dir(two_ranks) / "ssd").iterdir()) == ["rank0", "rank1"]
+    # rank 0 alone wrote the run's files; each rank its own SSD tier and, beside it,
+    # the snapshot its shard of the checkpoint points at
+    ssd = run_dir(two_ranks) / "ssd"
+    assert sorted(p.name for p in ssd.iterdir()) == [
+        "rank0", "rank0.checkpoints", "rank1", "rank1.checkpoints"]
+    assert all(len(list((ssd / f"rank{r}.checkpoints").iterdir())) == 1 for r in (0, 1))
 
 
 @pytest.mark.numerics

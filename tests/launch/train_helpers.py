@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from terarec.data.criteo_writer import write_criteo
+from terarec.trainer.checkpoint import read_tables
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -101,9 +102,8 @@ def final_rows(cfg: dict[str, Any]) -> dict[str, tuple[torch.Tensor, torch.Tenso
     ckpt = run_dir(cfg) / "checkpoint"
     manifest = json.loads((ckpt / "manifest.json").read_text())
     world = manifest.get("world")
-    files = (["tables.pt"] if world is None
-             else [f"rank{r}/tables.pt" for r in world["fast_groups"][0]])
-    shards = [torch.load(ckpt / f, weights_only=True) for f in files]
+    ranks = [""] if world is None else [f"rank{r}/" for r in world["fast_groups"][0]]
+    shards = [read_tables(ckpt, r, manifest) for r in ranks]  # SSD snapshots' rows too
     out = {}
     for name in shards[0]:
         keys = torch.cat([s[name]["keys"] for s in shards])

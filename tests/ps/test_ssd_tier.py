@@ -491,3 +491,32 @@ def test_config_validation(field: str, value: object, match: str) -> None:
 
 def test_config_parses_compression() -> None:
     assert SSDTierConfig(path="/x", compression="LZ4").compression.value == "lz4"
+
+
+def test_restore_replaces_the_db_and_leaves_the_snapshot_as_it_was(tmp_path: Path) -> None:
+    """``SSDStore.restore``: the DB becomes the checkpoint (SST files hard-linked); writes
+    and compactions after it never reach the checkpoint, which opens read-only."""
+    store = SSDStore(tmp_path / "db", _cfg(tmp_path / "db"))
+    tier = SSDTier(store, W, table_id=2)
+    keys = torch.arange(5000, dtype=torch.int64)
+    tier.insert(keys, torch.ones(5000, W))
+    store.checkpoint(tmp_path / "snap")
+    tier.insert(keys[:10], torch.full((10, W), 2.0))  # after the snapshot: not in it
+    tier.evict(keys[4000:])
+    store.restore(tmp_path / "snap")
+    assert len(tier) == 5000
+    rows, found = tier.read(keys)
+    assert bool(found.all()) and bool((rows == 1).all())
+    linked = [f for f in (tmp_path / "db").iterdir() if f.suffix == ".sst"]
+    assert linked and all(f.stat().st_nlink >= 2 for f in linked)  # hard links
+    tier.insert(keys, torch.full((5000, W), 3.0))
+    store.compact()
+    store.close()
+    snap = SSDStore(tmp_path / "snap", read_only=True)
+    rows, found = SSDTier(snap, W, table_id=2).read(keys)
+    assert bool(found.all()) and bool((rows == 1).all())
+    with pytest.raises(SSDTierError):
+        SSDTier(snap, W, table_id=2).insert(keys[:1], torch.zeros(1, W))
+    snap.close()
+    with pytest.raises(SSDTierError, match="no CURRENT"):
+        SSDStore(tmp_path / "nothing-here", read_only=True)

@@ -18,7 +18,7 @@ from torch import nn
 
 from terarec.config import Config, ConfigError, config_from_dict, config_to_dict
 from terarec.trainer import components, divergence, loop
-from terarec.trainer.checkpoint import read_manifest
+from terarec.trainer.checkpoint import read_manifest, read_tables
 from terarec.trainer.loop import Components, TrainingDiverged, train
 from terarec.trainer.report import read_jsonl, to_jsonable
 
@@ -240,7 +240,7 @@ def assert_same(a: Any, b: Any, where: str = "") -> None:
 def tables_by_key(ckpt: Path) -> dict[str, Any]:
     """The checkpoint's rows per table, sorted by key (slot order is an implementation detail)."""
     out = {}
-    for name, t in torch.load(ckpt / "tables.pt", weights_only=True).items():
+    for name, t in read_tables(ckpt).items():  # rows of SSD tier snapshots too
         order = torch.argsort(t["keys"])
         out[name] = {"keys": t["keys"][order], "rows": t["rows"][order], "opt": t["optimizer"]}
     return out

@@ -8,6 +8,7 @@ tiers below. :class:`~terarec.ps.store.chain.TierChain` (the training path) buil
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
@@ -155,16 +156,34 @@ class ChainAccess:
     def rows_per_table(self, num_tables: int) -> list[int]:
         return [len(self)]
 
+    def persist(self) -> None:
+        """Writes a copy of every row held above the bottom tier (the caches, the scratch
+        pad) into the bottom tier, keeping it where it is, then flushes every tier: the
+        bottom tier alone then holds the freshest copy of every row, so a snapshot of it
+        is a checkpoint of the table. Host memory used: the cached rows (the budgets)."""
+        for tier in reversed(self._read_order()[:-1]):  # the freshest copies last
+            keys, rows, meta = self._export_meta(tier)
+            if keys.numel():
+                self.bottom.insert(keys.cpu(), rows.cpu(), meta.cpu())
+        self.flush()
+
     def load(
         self, keys: torch.Tensor, rows: torch.Tensor, step: int,
-        tables: Optional[torch.Tensor] = None,
+        tables: Optional[torch.Tensor] = None, from_bottom: Sequence[int] = (),
     ) -> None:
         """Replaces every row (checkpoint restore): all go to the bottom tier, as used
-        at ``step`` (metadata ``(step, 0)``)."""
+        at ``step`` (metadata ``(step, 0)``). With ``from_bottom = [0]`` the rows are
+        what the bottom tier holds now (a restored snapshot, metadata as saved) and
+        ``keys`` must be empty: the cached copies are forgotten."""
         if self.scratch is not None:
             self.scratch.drop_all()
         for cache in self.caches:
             cache.remove(cache.export()[0])
+        if from_bottom:
+            if keys.numel():
+                raise ValueError("rows given for a table loaded from its bottom tier")
+            self.created, self.expired = len(self.bottom), 0
+            return
         old = self.bottom.export()[0]
         if old.numel():
             self.bottom.evict(old)

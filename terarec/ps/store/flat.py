@@ -18,6 +18,7 @@ compacted (slot-indexed data remapped).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Optional
 
 import torch
@@ -278,12 +279,17 @@ class FlatStore:
             return [len(self)]
         return torch.bincount(self._owners(), minlength=num_tables).tolist()
 
+    def persist(self) -> None:
+        """Nothing to do: the rows live in memory only (a checkpoint exports them)."""
+
     def load(
         self, keys: torch.Tensor, rows: torch.Tensor, step: int,
-        tables: Optional[torch.Tensor] = None,
+        tables: Optional[torch.Tensor] = None, from_bottom: Sequence[int] = (),
     ) -> None:
         """Inserts in the given order (each table's export order survives a round trip);
         the pairs must be unique."""
+        if from_bottom:
+            raise ValueError("a flat store has no tier below memory to load from")
         self.tier = HostTier(self.row_width, self.device)
         self._slot_table = torch.zeros(1024, dtype=torch.int64, device=self.device)
         self._side = {}

@@ -26,7 +26,7 @@ parametrisation.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Optional, Protocol, runtime_checkable
 
 import torch
@@ -132,12 +132,19 @@ class SlotStore(Protocol):
         """Rows held per table ``[num_tables]``."""
         ...
 
+    def persist(self) -> None:
+        """Makes the store's durable tier (the SSD tier) hold the freshest copy of every
+        row it keeps there, cached copies staying, and flushes: a snapshot of that tier
+        is then a checkpoint of those tables. Nothing to do for memory-only tables."""
+        ...
+
     def load(
         self, keys: torch.Tensor, rows: torch.Tensor, step: int,
-        tables: Optional[torch.Tensor] = None,
+        tables: Optional[torch.Tensor] = None, from_bottom: Sequence[int] = (),
     ) -> None:
         """Replaces every row with unique pairs (a checkpoint restore), as used at
-        ``step``."""
+        ``step``; the tables in ``from_bottom`` (none of ``keys``) take their rows from
+        their durable tier as it is now (a restored snapshot) instead."""
         ...
 
     def expire(self, step: int) -> int:

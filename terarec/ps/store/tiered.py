@@ -16,7 +16,7 @@ through their chain.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 import torch
@@ -199,11 +199,16 @@ class TieredStore:
     def rows_per_table(self, num_tables: int) -> list[int]:
         return [len(c) for c in self.chains]
 
+    def persist(self) -> None:
+        for c in self.chains:
+            c.persist()
+
     def load(
         self, keys: torch.Tensor, rows: torch.Tensor, step: int,
-        tables: Optional[torch.Tensor] = None,
+        tables: Optional[torch.Tensor] = None, from_bottom: Sequence[int] = (),
     ) -> None:
-        self._each(keys, tables, lambda t, c, pos, raw: c.load(raw, rows[pos], step))
+        self._each(keys, tables, lambda t, c, pos, raw: c.load(
+            raw, rows[pos], step, from_bottom=[0] if t in from_bottom else []))
 
     def expire(self, step: int) -> int:
         return sum(c.expire(step) for c in self.chains)

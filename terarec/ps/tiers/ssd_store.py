@@ -39,7 +39,9 @@ stores and counts nothing of its batch. See ``docs/tiers.md``.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import struct
 import threading
 from collections import deque
@@ -57,6 +59,7 @@ import torch
 
 from terarec.config import SSDCompression as SSDCompression  # re-exported
 from terarec.config import SSDConfig
+from terarec.ps.tiers.ssd_errors import SSDTierError, is_storage_error
 from terarec.ps.tiers.ssd_format import (  # rocksdb_options: also public here
     MAX_TABLE_ID,
     NS_ROW,
@@ -76,57 +79,6 @@ PathLike = Union[str, Path]
 
 # Below this many keys per thread, splitting a multi-get costs more than it saves.
 _MIN_CHUNK = 2048
-
-
-class SSDTierError(RuntimeError):
-    """RocksDB or the filesystem refused an SSD tier operation.
-
-    Attributes:
-        path: the DB directory (or the path that could not be created).
-        op: what was being done (``open``, ``insert``, ``flush``, ...).
-    """
-
-    def __init__(self, op: str, path: PathLike, cause: object, hint: str = "") -> None:
-        self.op = op
-        self.path = str(path)
-        hint = hint or _hint(op, str(cause))
-        msg = f"SSD tier {op} failed at {self.path}: {cause}"
-        super().__init__(f"{msg} ({hint})" if hint else msg)
-
-
-_NOT_WRITABLE = ("not a directory", "permission denied", "read-only file", "file exists")
-
-
-def _hint(op: str, msg: str) -> str:
-    m = msg.lower()
-    if "no space" in m or "enospc" in m or "quota" in m:
-        if op == "flush":
-            return (
-                "the filesystem is full: rows written since the last successful flush are "
-                "NOT durable, so do not commit this checkpoint; free space or move ssd.path"
-            )
-        return (
-            "the filesystem is full: nothing of this call was stored and the caller still "
-            "holds its rows; free space or point ssd.path at a larger volume"
-        )
-    if any(s in m for s in _NOT_WRITABLE):
-        return "the SSD tier needs a writable directory: set ssd.path to one on local NVMe"
-    if "lock" in m:
-        return (
-            "another process holds this DB open: two ranks with the same rank id, or a "
-            "leftover process from an earlier run"
-        )
-    if "corrupt" in m:
-        return "the DB files are damaged: restore the SSD tier from the last checkpoint"
-    if "closed" in m:
-        return "the SSD store was closed"
-    return ""
-
-
-def _is_storage_error(e: BaseException) -> bool:
-    # rocksdict raises bare ``Exception`` for RocksDB statuses and ``OSError`` for its own
-    # file handling; anything else (TypeError, ...) is a bug and passes through unwrapped.
-    return type(e) is Exception or isinstance(e, (OSError, rocksdict.DbClosedError))
 
 
 class SSDTierConfig(SSDConfig):
@@ -157,6 +109,24 @@ def as_keys(keys: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(keys)
 
 
+def link_or_copy(src: Path, dest: Path, link: bool = True) -> None:
+    """``dest`` as a hard link to ``src`` (when ``link`` and on one file system), else a
+    copy; either way fsynced."""
+    if link:
+        try:
+            os.link(src, dest)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                raise
+    shutil.copyfile(src, dest)
+    fd = os.open(dest, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 # --------------------------------------------------------------------------- store
 
 
@@ -167,36 +137,52 @@ class SSDStore:
         path: the DB directory (created if missing), e.g. ``rank_dir(config.path, r)``
             or a checkpoint made by :meth:`checkpoint`.
         config: tuning; ``config.path`` is not used here (see :meth:`for_rank`).
+        read_only: open without writing anything (e.g. a checkpoint, to read its rows);
+            every write raises.
 
     Raises:
         SSDTierError: the directory cannot be created or written, or RocksDB refuses to
             open it (locked by another process, corrupted).
     """
 
-    def __init__(self, path: PathLike, config: Optional[SSDTierConfig] = None) -> None:
+    def __init__(
+        self, path: PathLike, config: Optional[SSDTierConfig] = None, read_only: bool = False
+    ) -> None:
         self.path = Path(path)
         self.config = config or SSDTierConfig(path=str(path))
+        self.read_only = read_only
         self._lock = threading.Lock()  # existence check + write + count are one step
         self._generation = 0  # bumped by every write: a read records states only if unchanged
         self._counts: dict[int, int] = {}
         self._key_states: dict[int, KeyStates] = {}
         self._written: dict[int, Optional[WrittenKeys]] = {}
         self._pool: Optional[ThreadPoolExecutor] = None
-        try:
-            os.makedirs(self.path, exist_ok=True)
-            probe = self.path / ".terarec_write_probe"
-            probe.write_bytes(b"")  # rocksdict would say only "Not a directory (os error 20)"
-            probe.unlink()
-        except OSError as e:
-            raise SSDTierError("open", self.path, e) from e
+        self._db: Optional[rocksdict.Rdict] = None
+        self._open()
+
+    def _open(self) -> None:
+        if not self.read_only:
+            try:
+                os.makedirs(self.path, exist_ok=True)
+                probe = self.path / ".terarec_write_probe"
+                probe.write_bytes(b"")  # rocksdict would only say "Not a directory (os error 20)"
+                probe.unlink()
+            except OSError as e:
+                raise SSDTierError("open", self.path, e) from e
+        elif not (self.path / "CURRENT").is_file():
+            raise SSDTierError("open", self.path, "no RocksDB here (no CURRENT file)")
         opts, self._cache = rocksdb_options(self.config)
         self._write_opts = rocksdict.WriteOptions()
         self._write_opts.disable_wal = not self.config.wal
         self._write_opts.sync = False
         # Batches arrive sorted: keep a skip-list insert hint per batch (~5% on writes).
         self._write_opts.memtable_insert_hint_per_batch = True
+        access = rocksdict.AccessType.read_only() if self.read_only else None
         with self._guard("open"):
-            self._db = rocksdict.Rdict(str(self.path), opts)
+            if access is None:
+                self._db = rocksdict.Rdict(str(self.path), opts)
+            else:
+                self._db = rocksdict.Rdict(str(self.path), opts, access_type=access)
             self._db.set_write_options(self._write_opts)
 
     @classmethod
@@ -221,13 +207,40 @@ class SSDStore:
         with self._guard("checkpoint"):
             rocksdict.Checkpoint(self._db).create_checkpoint(str(dest))
 
+    def restore(self, src: PathLike) -> None:
+        """Replaces the whole DB with the checkpoint at ``src`` (made by :meth:`checkpoint`).
+
+        The DB is closed, its directory emptied, the checkpoint's SST files (immutable)
+        hard-linked into it (copied across file systems) and its other files copied;
+        then the DB is reopened there. The checkpoint itself is never opened, so it
+        stays as it was. What the store knew of its keys is forgotten.
+        """
+        src = Path(src)
+        if not (src / "CURRENT").is_file():
+            raise SSDTierError("restore", src, "not a RocksDB checkpoint (no CURRENT file)")
+        self.close()
+        try:
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.path.mkdir(parents=True)
+            for f in sorted(src.iterdir()):
+                if f.is_file():
+                    link_or_copy(f, self.path / f.name, link=f.suffix == ".sst")
+        except OSError as e:
+            raise SSDTierError("restore", self.path, e) from e
+        self._counts.clear()
+        self._key_states.clear()
+        self._written.clear()
+        self._generation += 1
+        self._open()
+
     def close(self) -> None:
         """Flushes and closes the DB (idempotent). A failed flush is raised after closing."""
         if self._db is None:
             return
         flush_error: Optional[SSDTierError] = None
         try:
-            self.flush()
+            if not self.read_only:
+                self.flush()
         except SSDTierError as e:
             flush_error = e
         db, self._db = self._db, None
@@ -237,7 +250,7 @@ class SSDStore:
         try:
             db.close()
         except Exception as e:
-            if not _is_storage_error(e):
+            if not is_storage_error(e):
                 raise
             if flush_error is None:
                 raise SSDTierError("close", self.path, e) from e
@@ -502,14 +515,14 @@ class SSDStore:
 
     @contextmanager
     def _guard(self, op: str) -> Iterator[None]:
-        if getattr(self, "_db", True) is None:
+        if op != "open" and getattr(self, "_db", True) is None:
             raise SSDTierError(op, self.path, "the store is closed")
         try:
             yield
         except SSDTierError:
             raise
         except Exception as e:
-            if _is_storage_error(e):
+            if is_storage_error(e):
                 raise SSDTierError(op, self.path, e) from e
             raise
 

@@ -1,0 +1,141 @@
+"""Checkpoints of the SSD tier as RocksDB snapshots: no row passes through memory.
+
+A checkpoint of a run whose tables keep rows in the SSD tier (tables with ``host_rows``)
+does not export those rows. Each rank writes the rows its caches hold through to its SSD
+tier (``HierarchicalEmbeddingBagCollection.persist``: host memory bounded by the cache
+budgets), flushes, and takes a RocksDB checkpoint of its store: SST files hard-linked
+(copied only across file systems), so a save costs what the caches hold, not what the
+table holds. The snapshot lives beside the rank's DB::
+
+    <ssd root>/rank<r>/                      the live DB
+    <ssd root>/rank<r>.checkpoints/step<N>-<t>/   a snapshot (RocksDB checkpoint)
+
+and the run's checkpoint directory holds ``ssd.json`` (per rank) pointing at it: its
+absolute path, every file's size (and sha256 for the small non-SST files; RocksDB checks
+its SST blocks itself when it reads them), and each table's id, row width and row count.
+A resume copies the snapshot's small files and hard-links its SST files into a fresh DB
+directory (``SSDStore.restore``); the snapshot itself is never opened for writing.
+A rank keeps the snapshot its latest checkpoint points at and deletes older ones once a
+newer checkpoint is in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from terarec.ps.embedding import HierarchicalEmbeddingBagCollection
+from terarec.ps.tiers.ssd import SSDStore, SSDTier
+
+FILE = "ssd.json"
+
+
+class SnapshotError(RuntimeError):
+    """A snapshot is missing or does not match its record (names the file)."""
+
+
+def snapshots_dir(store: SSDStore) -> Path:
+    """Where a rank's snapshots live: ``<db>.checkpoints`` beside its DB."""
+    return store.path.with_name(store.path.name + ".checkpoints")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def take(embedding: HierarchicalEmbeddingBagCollection, step: int) -> Optional[dict[str, Any]]:
+    """Writes the cached rows through, snapshots the rank's SSD store; returns the record
+    for ``ssd.json`` (None when no table keeps rows in the SSD tier)."""
+    store = embedding.ssd_store
+    tables = [t for t in embedding.tables if t.in_ssd]
+    if store is None or not tables:
+        return None
+    embedding.persist()
+    dest = snapshots_dir(store) / f"step{step:012d}-{time.time_ns()}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    store.checkpoint(dest)
+    files = {}
+    for f in sorted(dest.iterdir()):
+        rec: dict[str, Any] = {"bytes": f.stat().st_size}
+        if f.suffix != ".sst":
+            rec["sha256"] = _sha256(f)
+        files[f.name] = rec
+    index = {t.name: i for i, t in enumerate(embedding.tables)}
+    return {
+        "dir": str(dest.resolve()),
+        "files": files,
+        "tables": {t.name: {"table_id": index[t.name], "row_width": t.row_width,
+                            "rows": len(t)} for t in tables},
+    }
+
+
+def drop(record: Optional[dict[str, Any]]) -> None:
+    """Deletes a snapshot (a save that failed after taking it)."""
+    if record is not None:
+        shutil.rmtree(record["dir"], ignore_errors=True)
+
+
+def keep_only(record: Optional[dict[str, Any]]) -> None:
+    """Deletes the rank's snapshots other than ``record``'s (the latest checkpoint's)."""
+    if record is None:
+        return
+    keep = Path(record["dir"])
+    for other in keep.parent.iterdir():
+        if other != keep and other.is_dir():
+            shutil.rmtree(other, ignore_errors=True)
+
+
+def verify(record: dict[str, Any]) -> Path:
+    """The snapshot's directory, after checking that every file is there with its size
+    (and hash, for the small files). Raises :class:`SnapshotError` naming the file."""
+    root = Path(record["dir"])
+    if not root.is_dir():
+        raise SnapshotError(f"the SSD tier snapshot {root} is missing")
+    for name, rec in record["files"].items():
+        f = root / name
+        if not f.is_file():
+            raise SnapshotError(f"{f}: missing from the SSD tier snapshot")
+        if f.stat().st_size != rec["bytes"]:
+            raise SnapshotError(f"{f}: {f.stat().st_size} bytes, the checkpoint says "
+                                f"{rec['bytes']}")
+        if "sha256" in rec and _sha256(f) != rec["sha256"]:
+            raise SnapshotError(f"{f}: content does not match its sha256")
+    return root
+
+
+def restore(embedding: HierarchicalEmbeddingBagCollection, record: dict[str, Any]) -> None:
+    """Replaces the rank's SSD store with the snapshot (the tables then load from it)."""
+    if embedding.ssd_store is None:
+        raise SnapshotError(
+            f"the checkpoint keeps tables {sorted(record['tables'])} in an SSD tier "
+            "snapshot, but this run has no SSD tier (ssd.path, host_rows)"
+        )
+    embedding.ssd_store.restore(verify(record))
+
+
+def read_rows(record: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
+    """Every row of the snapshot's tables, ``{name: {"keys": [R], "rows": [R, W]}}``
+    (in memory: for tools, tests and small tables). Opens the snapshot read-only."""
+    store = SSDStore(verify(record), read_only=True)
+    try:
+        out = {}
+        for name, t in record["tables"].items():
+            keys, rows = SSDTier(store, t["row_width"], table_id=t["table_id"]).export()
+            out[name] = {"keys": keys, "rows": rows}
+        return out
+    finally:
+        store.close()
+
+
+def load_record(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())

@@ -1,0 +1,108 @@
+"""Checkpoints of tables with an SSD tier: a RocksDB snapshot beside the DB, no rows in
+``tables.pt``, exact resume, old snapshots dropped, damage detected, and checkpoints of
+the earlier format (every row in ``tables.pt``) still loading.
+
+The table holds ~7x its cache budgets (a 64-row device tier, a 64-row host tier).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from test_loop import assert_same, tables_by_key
+
+from terarec.config import Config
+from terarec.trainer import ssd_snapshot
+from terarec.trainer.checkpoint import CheckpointError, read_manifest
+from terarec.trainer.loop import train
+
+SNAP: dict[str, Any] = {
+    "data": {"batch_size": 16, "synthetic": {"vocab_size": 4000}},
+    "tables": [{"name": "sparse", "dim": 8, "device_rows": 64, "host_rows": 64}],
+    "ssd": {"path": "ssd", "block_cache_mb": 8, "write_buffer_mb": 4},
+    "train": {"steps": 40, "eval_every": 20, "log_every": 10, "checkpoint_every": 10},
+}
+
+
+def run(tiny_config: Callable[..., Config], name: str, **train_over: Any) -> tuple[Config, dict]:
+    cfg = tiny_config(name=name, **{**SNAP, "train": {**SNAP["train"], **train_over}})
+    return cfg, train(cfg)
+
+
+def ckpt_of(cfg: Config) -> Path:
+    return Path(cfg.train.runs_dir) / cfg.name / "checkpoint"
+
+
+def test_checkpoint_is_a_snapshot_not_an_export(tiny_config: Callable[..., Config]) -> None:
+    cfg, summary = run(tiny_config, "snap")
+    ckpt = ckpt_of(cfg)
+    manifest = read_manifest(ckpt)
+    assert "ssd.json" in manifest["files"]
+    tables = torch.load(ckpt / "tables.pt", weights_only=True)
+    assert tables["sparse"]["ssd"] and "keys" not in tables["sparse"]  # no row exported
+    n = tables["sparse"]["num_rows"]
+    assert n == summary["rows"]["sparse"] > 4 * 128  # far more rows than the caches hold
+    record = json.loads((ckpt / "ssd.json").read_text())
+    snap = Path(record["dir"])
+    db = Path(cfg.train.runs_dir) / cfg.name / "ssd" / "rank0"
+    assert snap.parent == db.with_name("rank0.checkpoints")  # beside the DB
+    assert [p.name for p in snap.parent.iterdir()] == [snap.name]  # older ones dropped
+    assert record["tables"]["sparse"]["rows"] == n
+    assert any(f.endswith(".sst") for f in record["files"])
+    # the snapshot holds every row: the ones the caches held were written through
+    rows = tables_by_key(ckpt)["sparse"]
+    assert rows["keys"].numel() == n and torch.unique(rows["keys"]).numel() == n
+    assert bool(torch.isfinite(rows["rows"]).all())
+
+
+@pytest.mark.numerics
+def test_resume_from_a_periodic_snapshot_is_exact(tiny_config: Callable[..., Config]) -> None:
+    cfg, straight = run(tiny_config, "straight")
+    part, _ = run(tiny_config, "part", steps=20)
+    resumed = train(tiny_config(name="part", **SNAP), resume=ckpt_of(part))
+    for key in ("steps", "samples", "final_eval", "rows"):
+        assert_same(straight[key], resumed[key], key)
+    assert_same(tables_by_key(ckpt_of(cfg)), tables_by_key(ckpt_of(part)), "tables")
+    dense = [torch.load(ckpt_of(c) / "dense.pt", weights_only=True) for c in (cfg, part)]
+    assert_same(dense[0], dense[1], "dense")
+
+
+def test_a_damaged_snapshot_is_named(tiny_config: Callable[..., Config]) -> None:
+    cfg, _ = run(tiny_config, "damaged", steps=10, checkpoint_every=0)
+    ckpt = ckpt_of(cfg)
+    record = json.loads((ckpt / "ssd.json").read_text())
+    small = next(n for n, r in record["files"].items() if "sha256" in r and r["bytes"] > 0
+                 and n.startswith("MANIFEST"))
+    path = Path(record["dir"]) / small
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one byte flipped
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=small):
+        train(tiny_config(name="damaged", **SNAP), resume=ckpt)
+    sst = next(n for n in record["files"] if n.endswith(".sst"))
+    (Path(record["dir"]) / sst).unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        train(tiny_config(name="damaged", **SNAP), resume=ckpt)
+
+
+@pytest.mark.numerics
+def test_an_exported_checkpoint_still_loads(
+    tiny_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint of the earlier format (every row in tables.pt, no snapshot) resumes
+    exactly."""
+    cfg, straight = run(tiny_config, "straight2")
+    monkeypatch.setattr(ssd_snapshot, "take", lambda embedding, step: None)
+    old, _ = run(tiny_config, "old", steps=20)
+    monkeypatch.undo()
+    assert "ssd.json" not in read_manifest(ckpt_of(old))["files"]
+    assert "keys" in torch.load(ckpt_of(old) / "tables.pt", weights_only=True)["sparse"]
+    resumed = train(tiny_config(name="old", **SNAP), resume=ckpt_of(old))
+    for key in ("steps", "samples", "final_eval", "rows"):
+        assert_same(straight[key], resumed[key], key)
+    assert_same(tables_by_key(ckpt_of(cfg)), tables_by_key(ckpt_of(old)), "tables")
