@@ -1,0 +1,181 @@
+"""Checkpoint of a table with an SSD tier: RocksDB snapshot vs exporting every row.
+
+One tiered table (dim ``--dim``, row-wise Adagrad state, a ``--device-rows`` device tier
+over a ``--host-rows`` host tier over the SSD tier) holding ``--rows`` rows, its caches
+filled by ``--steps`` training steps, saved and restored two ways in one process:
+
+* ``export`` (the baseline, every row through memory): flush, ``tables_state_dict()``
+  with every row, ``torch.save`` to ``tables.pt``; restore = ``torch.load`` and write
+  every row back into the SSD tier;
+* ``snapshot``: the cached rows written through to the SSD tier, a RocksDB checkpoint
+  beside the DB (hard links) and a ``tables.pt`` without rows; restore = hard-link the
+  snapshot into a fresh DB and take the rows from there.
+
+For each: the save's wall time (the training pause: saves are synchronous), the restore's,
+the bytes written (new files; hard links to existing SST files do not count) and the
+peak resident memory the save added (``VmHWM`` after resetting it through
+``/proc/self/clear_refs``, minus ``VmRSS`` before). Ratios are snapshot / export.
+
+    python benchmarks/checkpoint_bench.py [--rows 1000000] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from terarec.config import SparseOptimConfig, TableConfig
+from terarec.ps.embedding import HierarchicalEmbeddingBagCollection
+from terarec.ps.tiers.ssd import SSDStore, SSDTierConfig
+from terarec.trainer import ssd_snapshot
+
+
+def _status(field: str) -> int:
+    """A ``/proc/self/status`` field in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def measured(fn: Callable[[], Any]) -> tuple[float, int]:
+    """``fn()``'s wall seconds and the peak resident memory it added (bytes)."""
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    before = _status("VmRSS")
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0, max(_status("VmHWM") - before, 0)
+
+
+def new_bytes(root: Path, before: set[tuple[int, int]]) -> int:
+    """Bytes of the files under ``root`` written since ``before`` (the ``(device,
+    inode)`` pairs that existed then): a file and its hard links count once, links to
+    files that existed not at all."""
+    sizes = {}
+    for f in root.rglob("*"):
+        if f.is_file():
+            st = f.stat()
+            if (st.st_dev, st.st_ino) not in before:
+                sizes[(st.st_dev, st.st_ino)] = st.st_size
+    return sum(sizes.values())
+
+
+def inodes(root: Path) -> set[tuple[int, int]]:
+    return {(f.stat().st_dev, f.stat().st_ino) for f in root.rglob("*") if f.is_file()}
+
+
+def build(
+    args: argparse.Namespace, db: Path
+) -> tuple[HierarchicalEmbeddingBagCollection, SSDStore]:
+    store = SSDStore(db, SSDTierConfig(path=str(db)))
+    table = TableConfig(name="t", dim=args.dim, device_rows=args.device_rows,
+                        host_rows=args.host_rows)
+    ebc = HierarchicalEmbeddingBagCollection(
+        [table], ["f"], SparseOptimConfig(kind="rowwise_adagrad", lr=0.01), seed=0,
+        ssd_store=store)
+    return ebc, store
+
+
+def fill(ebc: HierarchicalEmbeddingBagCollection, args: argparse.Namespace) -> None:
+    """``--rows`` rows into the SSD tier, then ``--steps`` training steps over them."""
+    group = ebc.groups[0]
+    width = group.row_width
+    keys = torch.randperm(args.rows * 4)[: args.rows].to(torch.int64) - args.rows
+    rows = torch.randn(args.rows, width) * 0.01
+    rows[:, args.dim:] = 0.0
+    group.load_tables([(keys, rows)])
+    g = torch.Generator().manual_seed(0)
+    for _ in range(args.steps):
+        batch = keys[torch.randint(0, args.rows, (args.batch,), generator=g)]
+        kjt = KeyedJaggedTensor.from_lengths_sync(["f"], batch, torch.ones(args.batch,
+                                                                          dtype=torch.int64))
+        ebc(kjt).values().sum().backward()
+
+
+def one_way(way: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """Save and restore the filled table the ``export`` or the ``snapshot`` way."""
+    db = root / way / "rank0"
+    ebc, store = build(args, db)
+    fill(ebc, args)
+    ck = root / way / "checkpoint"
+    ck.mkdir(parents=True)
+    before = inodes(db)
+    rec: dict[str, Any] = {}
+
+    def save() -> None:
+        if way == "export":
+            ebc.flush()
+            torch.save(ebc.tables_state_dict(), ck / "tables.pt")
+        else:
+            rec["snap"] = ssd_snapshot.take(ebc, step=1)
+            torch.save(ebc.tables_state_dict(ssd_rows=False), ck / "tables.pt")
+
+    seconds, peak = measured(save)
+    written = new_bytes(root / way, before)  # the checkpoint, the snapshot, new SSTs
+    ebc2, store2 = build(args, root / way / "restored")  # a fresh collection and DB
+
+    def load() -> None:
+        if way == "snapshot":
+            ssd_snapshot.restore(ebc2, rec["snap"])
+        ebc2.load_tables_state_dict(torch.load(ck / "tables.pt", weights_only=True))
+
+    restore_s, restore_peak = measured(load)
+    assert ebc2.num_rows() == ebc.num_rows(), (ebc2.num_rows(), ebc.num_rows())
+    store.close()
+    store2.close()
+    shutil.rmtree(root / way, ignore_errors=True)
+    return {"save_s": seconds, "save_peak_rss_bytes": peak, "bytes_written": written,
+            "restore_s": restore_s, "restore_peak_rss_bytes": restore_peak}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rows", type=int, default=1_000_000)
+    p.add_argument("--dim", type=int, default=16)
+    p.add_argument("--device-rows", type=int, default=65_536)
+    p.add_argument("--host-rows", type=int, default=131_072)
+    p.add_argument("--batch", type=int, default=32_768)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--dir", default=None, help="where the DBs go (default: a temp dir)")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    root = Path(args.dir or tempfile.mkdtemp(prefix="ckpt_bench_"))
+    out: dict[str, Any] = {"rows": args.rows, "dim": args.dim,
+                           "device_rows": args.device_rows, "host_rows": args.host_rows}
+    try:
+        for way in ("export", "snapshot"):
+            out[way] = one_way(way, args, root)
+        e, s = out["export"], out["snapshot"]
+        out["ratios"] = {
+            "save_s": s["save_s"] / e["save_s"],
+            "save_peak_rss": s["save_peak_rss_bytes"] / max(e["save_peak_rss_bytes"], 1),
+            "bytes_written": s["bytes_written"] / max(e["bytes_written"], 1),
+            "restore_s": s["restore_s"] / e["restore_s"],
+        }
+    finally:
+        if args.dir is None:
+            shutil.rmtree(root, ignore_errors=True)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for way in ("export", "snapshot"):
+            r = out[way]
+            print(f"{way:9s} save {r['save_s']:.3f}s (peak +{r['save_peak_rss_bytes'] / 2**20:.0f}"
+                  f" MiB, {r['bytes_written'] / 2**20:.1f} MiB written) | restore "
+                  f"{r['restore_s']:.3f}s (peak +{r['restore_peak_rss_bytes'] / 2**20:.0f} MiB)")
+        print("snapshot / export:", {k: round(v, 4) for k, v in out["ratios"].items()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
