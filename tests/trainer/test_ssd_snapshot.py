@@ -131,3 +131,58 @@ def test_a_save_adds_memory_bounded_by_the_caches_not_the_table() -> None:
     bound = 8 * cache_bytes + 16 * 2**20  # a few copies of the cached rows + flush buffers
     assert res["snapshot"]["save_peak_rss_bytes"] < bound, res["snapshot"]
     assert res["snapshot"]["restore_peak_rss_bytes"] < bound, res["snapshot"]
+
+
+KILL = """
+import os, sys
+sys.path.insert(0, {tests!r})
+from conftest import make_tiny
+from terarec.trainer import checkpoint, ssd_snapshot
+from terarec.trainer.loop import train
+import json
+where = {where!r}
+saves = [0]
+real_take, real_replace = ssd_snapshot.take, checkpoint._replace
+
+def take(embedding, step):
+    rec = real_take(embedding, step)
+    saves[0] += 1
+    if where == "after_snapshot" and saves[0] == 2:
+        os._exit(9)  # killed: the new snapshot exists, the checkpoint is not written
+    return rec
+
+def replace(tmp, path):
+    if where == "before_rename" and saves[0] == 2:
+        os._exit(9)  # killed: every file of the new checkpoint written, not renamed
+    return real_replace(tmp, path)
+
+ssd_snapshot.take, checkpoint._replace = take, replace
+train(make_tiny({runs!r}, name="killed", **json.loads({cfg!r})))
+"""
+
+
+@pytest.mark.parametrize("where", ["after_snapshot", "before_rename"])
+def test_killed_during_a_save_the_previous_checkpoint_loads(
+    tmp_path: Path, tiny_config: Callable[..., Config], where: str
+) -> None:
+    """kill -9 in the middle of the second periodic save: the first checkpoint (step 10)
+    and its snapshot are intact, verify, and resume to the same end as a straight run."""
+    import subprocess
+    import sys
+
+    runs = tmp_path / "runs"
+    over = {**SNAP, "train": {**SNAP["train"], "steps": 30}}
+    code = KILL.format(tests=str(Path(__file__).parent), where=where, runs=str(runs),
+                       cfg=json.dumps(over))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 9, proc.stderr[-2000:]
+    ckpt = runs / "killed" / "checkpoint"
+    assert read_manifest(ckpt, verify=True)["step"] == 10
+    straight = train(tiny_config(name="straight", **over))
+    resumed = train(tiny_config(name="killed", **over), resume=ckpt)
+    for key in ("steps", "samples", "final_eval", "rows"):
+        assert_same(straight[key], resumed[key], key)
+    # the snapshot of the killed save is gone once a later save succeeded
+    snaps = runs / "killed" / "ssd" / "rank0.checkpoints"
+    assert len(list(snaps.iterdir())) == 1
