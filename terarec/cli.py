@@ -39,6 +39,8 @@ def _train(args: argparse.Namespace) -> int:
             raise ConfigError(f"--name {args.name!r}: must be non-empty and contain no '/'")
         cfg.name = args.name
     resume = _checkpoint_dir(args.resume) if args.resume else None
+    if resume is not None and args.name is None and resume.name == "checkpoint":
+        cfg.name = resume.parent.name  # --resume runs/a continues run a, in runs/a
     try:
         if read_launch_env().distributed:  # torchrun / mpirun / srun with several ranks
             with init_distributed(cfg.dist, device=cfg.train.device) as ctx, ctx.guard():

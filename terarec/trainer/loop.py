@@ -44,6 +44,7 @@ from terarec.trainer.metrics import CTRMetrics
 from terarec.trainer.pipeline import PipelineMeter, PipelineStats, TrainPipeline
 from terarec.trainer.ranks import AgreedEnd, StepTally, all_sum, any_rank, is_rank0
 from terarec.trainer.report import RunReporter, atomic_write_text, read_jsonl
+from terarec.trainer.rundir import check_resume, owned
 from terarec.trainer.sync import sync_figures
 from terarec.trainer.tiers import (
     TierCounters,
@@ -108,6 +109,16 @@ def train(
     new_dir = next((p for p in reversed([run_dir, *run_dir.parents]) if not p.exists()), None)
     if rank != 0:
         new_dir = None
+    check_resume(resume, run_dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    with owned(run_dir, hold=rank == 0):  # one run at a time in run_dir
+        return _train_owned(cfg, resume, dist, run_dir, rank, new_dir)
+
+
+def _train_owned(cfg: Config, resume: Optional[Path], dist: Optional[DistHandles],
+                 run_dir: Path, rank: int, new_dir: Optional[Path]) -> dict[str, Any]:
+    """:func:`train` once this process owns ``run_dir``."""
     store: Optional[SSDStore] = None
     try:
         root = ssd_root(cfg, run_dir)
