@@ -113,6 +113,13 @@ def test_resume_continues_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert code == 0, err
     summary = json.loads((runs / "cli_run" / "summary.json").read_text())
     assert summary["steps"] == 40 and summary["samples"] == 40 * 64
+    # without --name, --resume runs/cli_run continues that run (not the config's name)
+    argv = [a for a in train_argv(runs, "--set", "train.steps=50", "--resume",
+                                  str(runs / "cli_run")) if a not in ("--name", "cli_run")]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    summary = json.loads((runs / "cli_run" / "summary.json").read_text())
+    assert summary["steps"] == 50 and sorted(p.name for p in runs.iterdir()) == ["cli_run"]
 
 
 # 64 samples x 4 features: at most 256 unique keys a batch; vocab 4 x 200 = 800 keys.
