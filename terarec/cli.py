@@ -38,9 +38,16 @@ def _train(args: argparse.Namespace) -> int:
         if not args.name or "/" in args.name:
             raise ConfigError(f"--name {args.name!r}: must be non-empty and contain no '/'")
         cfg.name = args.name
-    resume = _checkpoint_dir(args.resume) if args.resume else None
-    if resume is not None and args.name is None and resume.name == "checkpoint":
-        cfg.name = resume.parent.name  # --resume runs/a continues run a, in runs/a
+    resume: Optional[Path] = None
+    if args.resume == "auto":  # the run's newest valid checkpoint, else a fresh start
+        from terarec.trainer.checkpoint import latest_valid
+
+        resume = latest_valid(Path(cfg.train.runs_dir) / cfg.name)
+        print(f"--resume auto: {resume or 'no valid checkpoint, starting fresh'}")
+    elif args.resume:
+        resume = _checkpoint_dir(args.resume)
+        if args.name is None and resume.name == "checkpoint":
+            cfg.name = resume.parent.name  # --resume runs/a continues run a, in runs/a
     try:
         if read_launch_env().distributed:  # torchrun / mpirun / srun with several ranks
             with init_distributed(cfg.dist, device=cfg.train.device) as ctx, ctx.guard():
@@ -142,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--name", help="run name (default: the config's name)")
     t.add_argument(
-        "--resume", help="continue from a checkpoint: runs/<name> or its checkpoint/ directory"
+        "--resume",
+        help="continue from a checkpoint: runs/<name> or its checkpoint/ directory; auto: "
+        "this run's newest checkpoint that verifies, or a fresh start when there is none",
     )
     t.set_defaults(fn=_train)
     e = sub.add_parser("eval", help="evaluate a trained run's checkpoint")

@@ -307,3 +307,24 @@ def test_console_script_help() -> None:
     assert res.returncode == 0 and "--resume" in res.stdout and "--set KEY=VALUE" in res.stdout
     res = subprocess.run([str(script)], capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "required" in res.stderr
+
+
+def test_resume_auto(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--resume auto``: the run's newest checkpoint that verifies, else a fresh start."""
+    runs = tmp_path / "runs"
+    code, out, err = run(train_argv(runs, "--resume", "auto"), capsys)  # nothing yet
+    assert code == 0, err
+    assert "starting fresh" in out
+    code, out, err = run(train_argv(runs, "--set", "train.steps=40", "--resume", "auto"), capsys)
+    assert code == 0, err
+    assert str(runs / "cli_run" / "checkpoint") in out
+    summary = json.loads((runs / "cli_run" / "summary.json").read_text())
+    assert summary["steps"] == 40 and summary["samples"] == 40 * 64  # continued, not redone
+    dense = runs / "cli_run" / "checkpoint" / "dense.pt"
+    data = bytearray(dense.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    dense.write_bytes(bytes(data))  # one byte flipped: skipped
+    code, out, err = run(train_argv(runs, "--set", "train.steps=10", "--resume", "auto"), capsys)
+    assert code == 0, err
+    assert "starting fresh" in out  # the damaged checkpoint was not taken
+    assert json.loads((runs / "cli_run" / "summary.json").read_text())["steps"] == 10

@@ -48,6 +48,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -65,6 +66,8 @@ from terarec.trainer.ranks import all_fast_groups
 
 if TYPE_CHECKING:
     from terarec.trainer.components import Components
+
+log = logging.getLogger("terarec.trainer")
 
 FORMAT = 1
 REQUIRED_FILES = ("tables.pt", "dense.pt", "data.json", "rng.pt")
@@ -482,6 +485,27 @@ def load_checkpoint(path: Path, parts: Components, source: Any = None) -> int:
     except (RuntimeError, ValueError, KeyError, pickle.UnpicklingError, EOFError) as e:
         raise CheckpointError(f"{path}: does not fit this model/config: {e}") from e
     return int(manifest["step"])
+
+
+def latest_valid(run_dir: Path) -> Optional[Path]:
+    """The run's newest checkpoint that verifies (every file's size and sha256, the SSD
+    tier snapshots' files too), for ``--resume auto``: ``checkpoint/``, else the
+    ``checkpoint.old/`` a save killed between its two renames leaves; None when there is
+    none (the run starts fresh). A damaged one is skipped with a warning."""
+    found = []
+    for cand in (run_dir / "checkpoint", run_dir / "checkpoint.old"):
+        if not (cand / "manifest.json").is_file():
+            continue
+        try:
+            manifest = read_manifest(cand, verify=True)
+            for name in manifest["files"]:
+                if name.endswith(ssd_snapshot.FILE):
+                    ssd_snapshot.verify(ssd_snapshot.load_record(cand / name))
+        except (CheckpointError, ssd_snapshot.SnapshotError) as e:
+            log.warning("--resume auto: skipping %s: %s", cand, e)
+            continue
+        found.append((int(manifest["step"]), cand))
+    return max(found)[1] if found else None
 
 
 def read_tables(path: Path, rank_dir: str = "", manifest: Optional[dict[str, Any]] = None
