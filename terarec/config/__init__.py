@@ -315,6 +315,8 @@ class TrainConfig:
     progress: bool = True
     save_checkpoint: bool = True
     checkpoint_every: int = 0  # steps; 0 = only at the end
+    # also save once this many minutes passed since the last save (null: by steps only)
+    checkpoint_every_minutes: Optional[float] = None
     # Prepare the next batch on a background thread while one trains: read it, copy it
     # to the device and bring its rows into tiered tables' device tier (trainer/pipeline.py).
     # null: on when a table has tiers (device_rows), off otherwise.
@@ -340,6 +342,13 @@ class TrainConfig:
         _check(
             self.save_checkpoint or self.checkpoint_every == 0,
             "checkpoint_every: needs save_checkpoint: true (false means no checkpoints)",
+        )
+        minutes = self.checkpoint_every_minutes
+        _check(minutes is None or minutes > 0,
+               f"checkpoint_every_minutes: must be > 0, got {minutes}")
+        _check(
+            self.save_checkpoint or minutes is None,
+            "checkpoint_every_minutes: needs save_checkpoint: true (false means no checkpoints)",
         )
 
 
@@ -371,6 +380,8 @@ class Config:
             "tables: at most one table may take all features (features: null)",
         )
         k, every = self.sync.k, self.train.checkpoint_every
+        if self.train.checkpoint_every_minutes is not None:
+            every = every or k  # timed saves fall on merges (steps divisible by k)
         _check(
             k == 1 or every == 0 or (every % k == 0 and self.sync.warmup_steps % k == 0),
             f"train.checkpoint_every: with sync.k = {k} a checkpoint must fall on a merge "

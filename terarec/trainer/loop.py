@@ -190,6 +190,7 @@ class _Run:
         self.last_eval: Optional[tuple[int, dict[str, float]]] = None
         self.paused = 0.0  # periodic evals and saves, kept out of the throughput numbers
         self.last_log_t, self.last_log_samples = self.start, samples
+        self.last_save_t = self.start
         self.prefetch = uses_prefetch(cfg)
         self.warned: set[str] = set()
         # A run resumed at (or past) its step target must not take, and consume data
@@ -233,7 +234,7 @@ class _Run:
                 self.stop = self._stop_now()
                 if self.stop:
                     break  # the final checkpoint below is this step's
-                if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
+                if self._checkpoint_due():
                     self._periodic_checkpoint()
         except TierFullError as e:
             # A budget that one batch does not fit: the config's to fix. Nothing is saved
@@ -315,12 +316,25 @@ class _Run:
         if self.main:
             bar.write(fmt_eval(self.step, ev))
 
+    def _checkpoint_due(self) -> bool:
+        """Every ``checkpoint_every`` steps, and once ``checkpoint_every_minutes`` passed
+        since the last save (on a merge step with k-step merging; the ranks agree: one
+        tiny all-reduce a step, only with minutes set)."""
+        train = self.cfg.train
+        if train.checkpoint_every and self.step % train.checkpoint_every == 0:
+            return True
+        if train.checkpoint_every_minutes is None or self.step % self.cfg.sync.k:
+            return False
+        due = time.perf_counter() - self.last_save_t >= 60 * train.checkpoint_every_minutes
+        return any_rank(due, self.parts.dist) if self.multi else due
+
     def _periodic_checkpoint(self) -> None:
         """After the eval of this step: a resumed run starts past it."""
         t0 = time.perf_counter()
         self.tally.flush(self.parts.dist, [])  # the checkpoint's sample count is the job's
         self._save()
         self.last_ckpt = (self.ckpt_dir, self.step)
+        self.last_save_t = time.perf_counter()
         self._pause(t0)
         log.info("step %d: checkpoint saved to %s (%.1fs)", self.step, self.ckpt_dir,
                  time.perf_counter() - t0)

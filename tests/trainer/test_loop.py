@@ -373,6 +373,32 @@ def saved_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return steps
 
 
+def test_checkpoint_every_minutes_saves_by_the_clock(
+    tiny_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A save once the minutes passed since the last one (0.1 s here, steps slowed to
+    0.06 s), besides the steps' ones and the final one; none while they have not."""
+    got = saved_steps(monkeypatch)
+    real = loop._stop_reason
+
+    def slow(cfg: Config, step: int, start: float) -> Any:
+        time.sleep(0.06)
+        return real(cfg, step, start)
+
+    monkeypatch.setattr(loop, "_stop_reason", slow)
+    cfg = tiny_config(train={"steps": 12, "checkpoint_every": 5,
+                             "checkpoint_every_minutes": 0.1 / 60})
+    train(cfg)
+    assert 5 in got and 10 in got and got[-1] == 12  # by steps, and the final one
+    assert [s for s in got[:-1] if s % 5], got  # saves between the steps' ones
+    got.clear()
+    train(tiny_config(name="slow-clock", train={"steps": 12, "checkpoint_every": 5,
+                                                "checkpoint_every_minutes": 10}))
+    assert got == [5, 10, 12]  # ten minutes never passed: the steps' saves only
+    with pytest.raises(ConfigError, match="checkpoint_every_minutes: must be > 0"):
+        tiny_config(train={"checkpoint_every_minutes": 0})
+
+
 @pytest.mark.parametrize("steps, saved", [(40, [10, 20, 30, 40]), (25, [10, 20, 25])])
 def test_checkpoint_every_saves_periodically(
     tiny_config: Callable[..., Config],
