@@ -69,7 +69,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("terarec.trainer")
 
-FORMAT = 1
+# 1: every row in tables.pt; 2: tables with an SSD tier in snapshots (``ssd.json``).
+# A checkpoint is written as 1 when it has no snapshot, so older code still reads it.
+FORMAT = 2
+FORMATS = (1, 2)
 REQUIRED_FILES = ("tables.pt", "dense.pt", "data.json", "rng.pt")
 RANK_FILES = ("tables.pt", "data.json", "rng.pt")  # per rank, in rank<r>/ (multi-rank)
 LOCAL_FILE = "dense_local.pt"  # per rank with k-step merging: its dense optimizer state
@@ -243,8 +246,9 @@ def _describe(root: Path, names: list[str]) -> dict[str, dict[str, Any]]:
 def _manifest(
     step: int, samples: int, cfg: Config, files: dict[str, Any], world: Optional[dict] = None
 ) -> dict[str, Any]:
-    out: dict[str, Any] = {"format": FORMAT, "step": step, "samples": samples,
-                           "config": config_to_dict(cfg)}
+    snapshots = any(n.endswith(ssd_snapshot.FILE) for n in files)
+    out: dict[str, Any] = {"format": FORMAT if snapshots else 1, "step": step,
+                           "samples": samples, "config": config_to_dict(cfg)}
     if world is not None:
         out["world"] = world
     out["files"] = dict(sorted(files.items()))
@@ -389,8 +393,9 @@ def read_manifest(path: Path, verify: bool = True) -> dict[str, Any]:
                 raise TypeError("every file needs integer 'bytes' and string 'sha256'")
     except (ValueError, KeyError, TypeError) as e:  # bad JSON/UTF-8, missing or bad keys
         raise CheckpointError(f"{mpath}: corrupted manifest ({type(e).__name__}: {e})") from None
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{mpath}: format {manifest.get('format')}, expected {FORMAT}")
+    if manifest.get("format") not in FORMATS:
+        raise CheckpointError(
+            f"{mpath}: format {manifest.get('format')}, this terarec reads {FORMATS}")
     unlisted = [n for n in required_files(manifest) if n not in files]
     if unlisted:
         raise CheckpointError(f"{mpath}: corrupted manifest (does not list {unlisted})")

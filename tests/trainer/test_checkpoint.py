@@ -279,7 +279,7 @@ DAMAGE: dict[str, tuple[Callable[[Path], None], str, str]] = {
     "manifest-other-format": (
         lambda d: edit_manifest(d, lambda m: m.update(format=99)),
         "manifest.json",
-        "format 99, expected 1",
+        "format 99, this terarec reads (1, 2)",
     ),
 }
 

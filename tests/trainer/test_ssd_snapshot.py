@@ -42,7 +42,7 @@ def test_checkpoint_is_a_snapshot_not_an_export(tiny_config: Callable[..., Confi
     cfg, summary = run(tiny_config, "snap")
     ckpt = ckpt_of(cfg)
     manifest = read_manifest(ckpt)
-    assert "ssd.json" in manifest["files"]
+    assert "ssd.json" in manifest["files"] and manifest["format"] == 2
     tables = torch.load(ckpt / "tables.pt", weights_only=True)
     assert tables["sparse"]["ssd"] and "keys" not in tables["sparse"]  # no row exported
     n = tables["sparse"]["num_rows"]
