@@ -209,12 +209,13 @@ def check_config(args: argparse.Namespace, world: int, work: Path) -> dict[str, 
 def run_rows(run: Path) -> dict[str, Any]:
     import torch
 
+    from terarec.trainer.checkpoint import read_tables
+
     ckpt = run / "checkpoint"
     manifest = json.loads((ckpt / "manifest.json").read_text())
     world = manifest.get("world")
-    files = (["tables.pt"] if world is None
-             else [f"rank{r}/tables.pt" for r in world["fast_groups"][0]])
-    shards = [torch.load(ckpt / f, weights_only=True, map_location="cpu") for f in files]
+    ranks = [""] if world is None else [f"rank{r}/" for r in world["fast_groups"][0]]
+    shards = [read_tables(ckpt, r, manifest) for r in ranks]  # SSD snapshots' rows too
     out = {}
     for name in shards[0]:
         keys = torch.cat([s[name]["keys"] for s in shards])

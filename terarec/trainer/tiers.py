@@ -2,9 +2,10 @@
 
 * :func:`ssd_root` / :func:`open_ssd_store`: where a run keeps its SSD tier and opening
   it empty. The SSD DB is *working state*, like the device and host caches: the rows a
-  run must keep are in its checkpoint (``tables.pt``), so a new run starts from an empty
-  DB and a resumed one refills it from the checkpoint. A DB left by an earlier run is
-  removed first: its rows would otherwise be found as if this run had trained them.
+  run must keep are in its checkpoint (an SSD tier snapshot beside the DB, or
+  ``tables.pt``), so a new run starts from an empty DB and a resumed one refills it from
+  the checkpoint. A DB left by an earlier run is removed first: its rows would otherwise
+  be found as if this run had trained them.
 * :class:`TierCounters`: per log interval and per run, the hit rate of each tier and the
   rows moved into it, and the admission counters of tables with admission, from the
   running totals of ``embedding.table_stats()``.
