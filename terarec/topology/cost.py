@@ -32,9 +32,9 @@ BANDWIDTH: dict[str, tuple[float, str]] = {
     "pcie3": (12.0, "PCIe 3.0 x16: 15.75 GB/s raw, ~12 GB/s measured pinned copies"),
     "pcie4": (25.0, "PCIe 4.0 x16: 31.5 GB/s raw, ~25 GB/s measured pinned copies"),
     "pcie5": (54.5, "PCIe 5.0 x16: 63 GB/s raw; 54.5 GB/s pinned H2D measured on an "
-              "H200 (shared/GPU.md)"),
+              "H200 (measured on a 2x H200 VM)"),
     "nvlink": (25.0, "one NVLink 2/3/4 link: 25 GB/s per direction (V100 6, A100 12, "
-               "H100 18 links); H200 pair measured 378 GB/s over NV18 (shared/GPU.md)"),
+               "H100 18 links); H200 pair measured 378 GB/s over NV18 (measured on a 2x H200 VM)"),
     "nvlink5": (50.0, "one NVLink 5 link (B200/B300): 50 GB/s per direction"),
     "socket": (40.0, "inter-socket link (UPI / xGMI), one direction: 62-83 GB/s raw; "
                "taken as 40 GB/s effective for DMA streams (assumption)"),

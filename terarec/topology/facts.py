@@ -32,7 +32,7 @@ gets its NUMA nodes from the matrix's ``CPU Affinity`` / ``NUMA Affinity`` colum
 the matrix shows but ``[nics]`` does not describe are RDMA devices with unknown details.
 A file with no ``[section]`` lines is read as a raw capture: the matrix, then after a
 ``# --- extra ---`` line optionally ``numactl -H`` / ``lscpu`` output (the format of the
-captures in ``shared/topologies``).
+raw ``nvidia-smi topo -m`` captures).
 """
 
 from __future__ import annotations
