@@ -3,15 +3,17 @@
 Tables of the same dim, pooling and initializer are batched, as FBGEMM's TBE batches
 tables: one dedup sort, one index probe, one gather, one pooling kernel, one fused
 optimizer step and one scatter per batch for the whole group, instead of one of each per
-table. The rows live in one slot store (``ps/store/protocol.py``: a flat host store for
-unbounded tables, a tier chain for budgeted ones, built by ``ps/store/factory.py``); the group
+table. The rows live in one slot store (``ps/store/protocol.py``, built by
+``ps/store/factory.py``): a flat host store for unbounded tables, a tier chain for one
+budgeted table, one chain per table over one device row array for several); the group
 keeps what is not storage: the row optimizer, admission, the rows touched since the last
 k-step merge, the step counter and the tables' key namespaces:
 
 * a row is keyed by the *composite key* ``c = key ^ salt[t]`` (``salt`` of the group's
   first table is 0, so a one-table group keys raw keys). For a fixed table this is a
-  bijection, so equal ``(t, c)`` means equal ``(t, key)``; the store keeps pairs whose
-  composite keys collide apart (``ps/store/flat.py``).
+  bijection, so equal ``(t, c)`` means equal ``(t, key)``; the flat store keeps pairs
+  whose composite keys collide apart (``ps/store/flat.py``), a group of tiered tables
+  keys each table's chain by its own keys (``ps/store/tiered.py``).
 
 With admission (``TableConfig.admission``), a training batch's pairs that have no row
 in any tier are counted in the group's count-min sketch (``ps/admission.py``, per

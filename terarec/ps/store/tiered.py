@@ -45,7 +45,6 @@ class TieredStore:
         self.base = [sum(caps[:t]) for t in range(len(caps))]
         self.total = sum(caps)
         self._caps = torch.tensor(caps, device=storage.device)
-        self._base = torch.tensor(self.base, device=storage.device)
 
     @property
     def device(self) -> torch.device:
