@@ -315,12 +315,12 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
         for g in self.groups:
             g.flush()
 
-    def persist(self) -> None:
+    def persist(self) -> list[str]:
         """Every table with an SSD tier: its SSD tier holds the freshest copy of each row
         (cached copies written through), flushed; a snapshot of the SSD store is then a
-        checkpoint of those tables (see ``SSDStore.checkpoint``)."""
-        for g in self.groups:
-            g.persist()
+        checkpoint of those tables (see ``SSDStore.checkpoint``). Returns the tables
+        whose cached rows (the recently trained ones) hold NaN/Inf."""
+        return [name for g in self.groups for name in g.persist()]
 
     def tables_state_dict(self, ssd_rows: bool = True) -> dict[str, Any]:
         """Every table's state (``EmbeddingTable.state_dict``); without ``ssd_rows`` the

@@ -353,10 +353,11 @@ class TableGroup:
         tables = torch.full((comp.numel(),), t, dtype=torch.int64, device=comp.device)
         return self.keys_of(comp, tables), rows
 
-    def persist(self) -> None:
+    def persist(self) -> list[str]:
         """The SSD tier of every table that has one holds the freshest copy of each of
-        its rows (see ``SlotStore.persist``)."""
-        self.store.persist()
+        its rows (see ``SlotStore.persist``); returns the tables whose cached rows hold
+        NaN/Inf."""
+        return [self.names[t] for t in self.store.persist()]
 
     def load_tables(self, parts: list[Optional[tuple[torch.Tensor, torch.Tensor]]]) -> None:
         """Replaces every row: ``parts[t] = (keys [R_t], rows [R_t, row_width])``, each

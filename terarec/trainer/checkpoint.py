@@ -116,9 +116,8 @@ def _fsync(path: Path) -> None:
 
 
 def _first_non_finite(tables: dict[str, Any], model: dict[str, Any]) -> Optional[str]:
-    """Names the first table or dense tensor holding a NaN or Inf, or None (rows in an
-    SSD tier snapshot are not read back for it: a NaN row there shows as a NaN loss
-    when a batch uses it)."""
+    """Names the first table or dense tensor holding a NaN or Inf, or None (tables in
+    an SSD tier snapshot are checked by ``ssd_snapshot.take``: their cached rows)."""
     for name, t in tables.items():
         if "rows" in t and not bool(torch.isfinite(t["rows"]).all()):
             return f"table {name!r} has NaN/Inf rows"
@@ -201,7 +200,10 @@ def _write_rank_files(
     Tables with an SSD tier are snapshotted (``trainer/ssd_snapshot.py``), not exported;
     ``ssd.json`` points at the snapshot."""
     parts.embedding.flush()
-    snap = ssd_snapshot.take(parts.embedding, step)
+    try:
+        snap = ssd_snapshot.take(parts.embedding, step)
+    except ssd_snapshot.NonFiniteRows as e:
+        return str(e), None
     tables = parts.embedding.tables_state_dict(ssd_rows=snap is None)
     bad = _first_non_finite(tables, {})
     if bad is not None:

@@ -40,6 +40,10 @@ class SnapshotError(RuntimeError):
     """A snapshot is missing or does not match its record (names the file)."""
 
 
+class NonFiniteRows(ValueError):
+    """A table's cached rows hold NaN/Inf: its snapshot would not be one to resume from."""
+
+
 def snapshots_dir(store: SSDStore) -> Path:
     """Where a rank's snapshots live: ``<db>.checkpoints`` beside its DB."""
     return store.path.with_name(store.path.name + ".checkpoints")
@@ -55,12 +59,19 @@ def _sha256(path: Path) -> str:
 
 def take(embedding: HierarchicalEmbeddingBagCollection, step: int) -> Optional[dict[str, Any]]:
     """Writes the cached rows through, snapshots the rank's SSD store; returns the record
-    for ``ssd.json`` (None when no table keeps rows in the SSD tier)."""
+    for ``ssd.json`` (None when no table keeps rows in the SSD tier).
+
+    Raises:
+        NonFiniteRows: a cached row (a recently trained one) holds NaN/Inf; no snapshot
+            was taken.
+    """
     store = embedding.ssd_store
     tables = [t for t in embedding.tables if t.in_ssd]
     if store is None or not tables:
         return None
-    embedding.persist()
+    bad = embedding.persist()
+    if bad:
+        raise NonFiniteRows(f"table {bad[0]!r} has NaN/Inf rows")
     dest = snapshots_dir(store) / f"step{step:012d}-{time.time_ns()}"
     dest.parent.mkdir(parents=True, exist_ok=True)
     store.checkpoint(dest)

@@ -156,16 +156,21 @@ class ChainAccess:
     def rows_per_table(self, num_tables: int) -> list[int]:
         return [len(self)]
 
-    def persist(self) -> None:
+    def persist(self) -> list[int]:
         """Writes a copy of every row held above the bottom tier (the caches, the scratch
         pad) into the bottom tier, keeping it where it is, then flushes every tier: the
         bottom tier alone then holds the freshest copy of every row, so a snapshot of it
-        is a checkpoint of the table. Host memory used: the cached rows (the budgets)."""
+        is a checkpoint of the table. Host memory used: the cached rows (the budgets).
+        Returns ``[0]`` when a cached row (a recently trained one) holds NaN/Inf, else
+        ``[]``."""
+        finite = True
         for tier in reversed(self._read_order()[:-1]):  # the freshest copies last
             keys, rows, meta = self._export_meta(tier)
             if keys.numel():
+                finite = finite and bool(torch.isfinite(rows).all())
                 self.bottom.insert(keys.cpu(), rows.cpu(), meta.cpu())
         self.flush()
+        return [] if finite else [0]
 
     def load(
         self, keys: torch.Tensor, rows: torch.Tensor, step: int,

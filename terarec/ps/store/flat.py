@@ -279,8 +279,10 @@ class FlatStore:
             return [len(self)]
         return torch.bincount(self._owners(), minlength=num_tables).tolist()
 
-    def persist(self) -> None:
-        """Nothing to do: the rows live in memory only (a checkpoint exports them)."""
+    def persist(self) -> list[int]:
+        """Nothing to do: the rows live in memory only (a checkpoint exports them, and
+        checks them there)."""
+        return []
 
     def load(
         self, keys: torch.Tensor, rows: torch.Tensor, step: int,

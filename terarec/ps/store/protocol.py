@@ -132,10 +132,11 @@ class SlotStore(Protocol):
         """Rows held per table ``[num_tables]``."""
         ...
 
-    def persist(self) -> None:
+    def persist(self) -> list[int]:
         """Makes the store's durable tier (the SSD tier) hold the freshest copy of every
         row it keeps there, cached copies staying, and flushes: a snapshot of that tier
-        is then a checkpoint of those tables. Nothing to do for memory-only tables."""
+        is then a checkpoint of those tables. Nothing to do for memory-only tables.
+        Returns the tables whose cached rows (the recently trained ones) hold NaN/Inf."""
         ...
 
     def load(

@@ -198,9 +198,8 @@ class TieredStore:
     def rows_per_table(self, num_tables: int) -> list[int]:
         return [len(c) for c in self.chains]
 
-    def persist(self) -> None:
-        for c in self.chains:
-            c.persist()
+    def persist(self) -> list[int]:
+        return [t for t, c in enumerate(self.chains) if c.persist()]
 
     def load(
         self, keys: torch.Tensor, rows: torch.Tensor, step: int,
