@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from terarec.ps.index.hash_index import HashIndex
-from terarec.ps.tiers.protocol import FREQ, LAST, Export, Rows, Spare, check_batch
+from terarec.ps.tiers.protocol import Export, Rows, Spare, check_batch
 from terarec.ps.tiers.slots import SlotRows
 
 _MIN_COMPACT = 1024  # dead slots below this never trigger a compaction
@@ -221,24 +221,6 @@ class HostTier(SlotRows):
     def is_dead(self, slots: torch.Tensor) -> torch.Tensor:
         """bool ``[N]``: which ``slots`` were removed (evicted or expired)."""
         return self._dead[slots]
-
-    def load(
-        self, keys: torch.Tensor, rows: torch.Tensor, meta: Optional[torch.Tensor] = None
-    ) -> None:
-        """Replaces the whole content (checkpoint restore); ``meta`` default zeros."""
-        check_batch(self.name, self.row_width, keys, rows, meta)
-        self.index.load_keys(keys)
-        cap = max(1024, keys.numel())
-        self._rows = torch.zeros(cap, self.row_width, device=self.device)
-        self._rows[: keys.numel()] = rows.to(self.device, torch.float32)
-        self._last = torch.zeros(cap, dtype=torch.int64, device=self.device)
-        self._freq = torch.zeros(cap, dtype=torch.int64, device=self.device)
-        if meta is not None:
-            self._last[: keys.numel()] = meta[:, LAST].to(self.device)
-            self._freq[: keys.numel()] = meta[:, FREQ].to(self.device)
-        self._dead = torch.zeros(cap, dtype=torch.bool, device=self.device)
-        self._n_dead = 0
-        self._unindexed = []
 
     # -- reclaiming dead slots -------------------------------------------------------
     def maybe_compact(self) -> Optional[torch.Tensor]:
