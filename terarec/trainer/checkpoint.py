@@ -462,10 +462,9 @@ def load_checkpoint(path: Path, parts: Components, source: Any = None) -> int:
                 local = None
             _verify(path, manifest, [*mine, "dense.pt"] + ([local] if local else []))
             tables = torch.load(path / mine[0], map_location=parts.device, weights_only=True)
-            snap = f"{rank_dir}{ssd_snapshot.FILE}"
-            if snap in manifest["files"]:
-                _verify(path, manifest, [snap])
-                ssd_snapshot.restore(parts.embedding, ssd_snapshot.load_record(path / snap))
+            record = _snapshot_record(path, manifest, rank_dir)
+            if record is not None:
+                ssd_snapshot.restore(parts.embedding, record)
         parts.embedding.load_tables_state_dict(tables)
         dense = torch.load(path / "dense.pt", map_location=parts.device, weights_only=True)
         parts.model.load_state_dict(dense["model"])
@@ -492,6 +491,17 @@ def load_checkpoint(path: Path, parts: Components, source: Any = None) -> int:
     except (RuntimeError, ValueError, KeyError, pickle.UnpicklingError, EOFError) as e:
         raise CheckpointError(f"{path}: does not fit this model/config: {e}") from e
     return int(manifest["step"])
+
+
+def _snapshot_record(path: Path, manifest: dict[str, Any], rank_dir: str
+                     ) -> Optional[dict[str, Any]]:
+    """The SSD tier snapshot record (``ssd.json``) of ``rank_dir``, verified against the
+    manifest; None when the checkpoint has none there."""
+    name = f"{rank_dir}{ssd_snapshot.FILE}"
+    if name not in manifest["files"]:
+        return None
+    _verify(path, manifest, [name])
+    return ssd_snapshot.load_record(path / name)
 
 
 def latest_valid(run_dir: Path) -> Optional[Path]:
@@ -523,11 +533,10 @@ def read_tables(path: Path, rank_dir: str = "", manifest: Optional[dict[str, Any
     path = Path(path)
     manifest = manifest or read_manifest(path, verify=False)
     tables = torch.load(path / f"{rank_dir}tables.pt", map_location="cpu", weights_only=True)
-    snap = f"{rank_dir}{ssd_snapshot.FILE}"
-    if snap in manifest["files"]:
-        _verify(path, manifest, [snap])
+    record = _snapshot_record(path, manifest, rank_dir)
+    if record is not None:
         try:
-            rows = ssd_snapshot.read_rows(ssd_snapshot.load_record(path / snap))
+            rows = ssd_snapshot.read_rows(record)
         except ssd_snapshot.SnapshotError as e:
             raise CheckpointError(f"{path}: {e}") from e
         for name, kr in rows.items():
