@@ -37,7 +37,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from terarec.config import SparseOptimConfig, TableConfig
 from terarec.ps.embedding import HierarchicalEmbeddingBagCollection
 from terarec.ps.tiers.ssd import SSDStore, SSDTierConfig
-from terarec.trainer import ssd_snapshot
+from terarec.trainer.checkpoint import ssd_snapshot
 
 
 def _status(field: str) -> int:

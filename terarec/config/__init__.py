@@ -317,6 +317,10 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps; 0 = only at the end
     # also save once this many minutes passed since the last save (null: by steps only)
     checkpoint_every_minutes: Optional[float] = None
+    # between full checkpoints, a delta (the rows changed since the last save) every
+    # this many steps; 0 = none
+    delta_every: int = 0
+    keep_checkpoints: int = 1  # full checkpoints kept (and the deltas that follow them)
     # Prepare the next batch on a background thread while one trains: read it, copy it
     # to the device and bring its rows into tiered tables' device tier (trainer/pipeline.py).
     # null: on when a table has tiers (device_rows), off otherwise.
@@ -343,6 +347,13 @@ class TrainConfig:
             self.save_checkpoint or self.checkpoint_every == 0,
             "checkpoint_every: needs save_checkpoint: true (false means no checkpoints)",
         )
+        _check(self.delta_every >= 0, f"delta_every: must be >= 0, got {self.delta_every}")
+        _check(
+            self.save_checkpoint or self.delta_every == 0,
+            "delta_every: needs save_checkpoint: true (false means no checkpoints)",
+        )
+        _check(self.keep_checkpoints >= 1,
+               f"keep_checkpoints: must be >= 1, got {self.keep_checkpoints}")
         minutes = self.checkpoint_every_minutes
         _check(minutes is None or minutes > 0,
                f"checkpoint_every_minutes: must be > 0, got {minutes}")
@@ -388,6 +399,12 @@ class Config:
             f"(replicas differ between merges): make it a multiple of {k}, and "
             f"sync.warmup_steps too (got checkpoint_every {every}, warmup_steps "
             f"{self.sync.warmup_steps})",
+        )
+        delta = self.train.delta_every
+        _check(
+            k == 1 or delta == 0 or delta % k == 0,
+            f"train.delta_every: with sync.k = {k} a delta must fall on a merge: make it "
+            f"a multiple of {k} (got {delta})",
         )
         if self.ssd.path is None:
             for i, t in enumerate(self.tables):

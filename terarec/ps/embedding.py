@@ -322,6 +322,29 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
         whose cached rows (the recently trained ones) hold NaN/Inf."""
         return [name for g in self.groups for name in g.persist()]
 
+    def track_changes(self, on: bool = True) -> None:
+        """Starts (or stops) recording the pairs changed since the last checkpoint, for
+        delta checkpoints (``TableGroup.track_changes``)."""
+        for g in self.groups:
+            g.track_changes(on)
+
+    def changed_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Per table, what changed since the last :meth:`clear_changes`: ``keys`` int64
+        ``[C]`` ascending and their ``rows`` ``[C, dim + state]``, and ``deleted`` int64
+        ``[D]``, keys without a row now (this rank's pairs when sharded)."""
+        per_group = {g: g.changed_tables() for g in self.groups}
+        out = {}
+        for t in self.tables:
+            keys, rows, deleted = per_group[t.group][t.index]
+            out[t.name] = {"keys": keys, "rows": rows, "deleted": deleted}
+        return out
+
+    def clear_changes(self) -> None:
+        """Forgets the changes recorded: a checkpoint holding them is in place."""
+        for g in self.groups:
+            if g.changes is not None:
+                g.changes.clear()
+
     def tables_state_dict(self, ssd_rows: bool = True) -> dict[str, Any]:
         """Every table's state (``EmbeddingTable.state_dict``); without ``ssd_rows`` the
         tables with an SSD tier leave their rows out (a snapshot of the store holds them,

@@ -33,6 +33,7 @@ from terarec.config import SparseOptimConfig, TableConfig
 from terarec.hashing import salt_for
 from terarec.optim.sparse import RowOptimizer, build_row_optimizer
 from terarec.ps.admission import Admission
+from terarec.ps.changes import ChangedPairs
 from terarec.ps.initializer import init_rows
 from terarec.ps.store.factory import build_store, is_tiered
 from terarec.ps.store.protocol import SlotStore
@@ -109,6 +110,8 @@ class TableGroup:
         # k-step merging (ps/touched.py): pairs trained since the last merge of the
         # replicas, with their rows at first touch; None: not tracked
         self.touched: Optional[TouchedRows] = None
+        # delta checkpoints (ps/changes.py): pairs changed since the last checkpoint
+        self.changes: Optional[ChangedPairs] = None
         adm = cfgs[0].admission
         self.admission: Optional[Admission] = None
         if adm is not None:
@@ -250,6 +253,13 @@ class TableGroup:
         replicas (``TouchedRows``; k-step merging). Starting forgets earlier records."""
         self.touched = TouchedRows(self.row_width, self.device) if on else None
 
+    def track_changes(self, on: bool) -> None:
+        """Starts (or stops) recording the pairs changed since the last checkpoint
+        (``ChangedPairs``; delta checkpoints): trained, overwritten by a merge, or
+        deleted by a TTL sweep. Starting forgets earlier records."""
+        self.changes = ChangedPairs(self.device) if on else None
+        self.store.on_expire = self.changes.record if on else None
+
     def record_touched(
         self,
         comp: torch.Tensor,
@@ -257,14 +267,23 @@ class TableGroup:
         slots: torch.Tensor,
         rows: Optional[torch.Tensor] = None,
     ) -> None:
-        """Records the unique pairs a training forward prepared, before their update,
-        when tracking (k-step merging); pairs without a row (slot -1) are skipped.
+        """Records the unique pairs a training forward prepared: as changed (delta
+        checkpoints), and, before their update, as touched since the last merge when
+        tracking (k-step merging; pairs without a row, slot -1, are skipped there).
 
         Args:
             comp, tables, slots: int64 ``[U]`` the pairs and their slots.
             rows: their rows ``[U, row_width]`` when the forward gathered them; else the
                 rows of the pairs not recorded yet are read at ``slots``.
         """
+        if self.changes is not None:
+            if self.admission is not None and self.ttl is None:
+                # without TTL a pair left out by admission (slot -1) never had a row;
+                # with TTL it may have had one that expired: a deletion to record
+                live = (slots >= 0).nonzero().squeeze(1)
+                self.changes.record(comp[live], tables[live])
+            else:
+                self.changes.record(comp, tables)
         if self.touched is None:
             return
         if self.admission is not None:
@@ -291,6 +310,8 @@ class TableGroup:
         """
         if comp.numel() == 0:
             return
+        if self.changes is not None:
+            self.changes.record(comp, tables)
         self.store.overwrite(comp, rows, self.step, tables=self._tables(tables))
         self.version += 1
 
@@ -352,6 +373,25 @@ class TableGroup:
         comp, rows = self.store.export_table(t, fresh_from=self._fresh_from())
         tables = torch.full((comp.numel(),), t, dtype=torch.int64, device=comp.device)
         return self.keys_of(comp, tables), rows
+
+    def changed_tables(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The pairs changed since the last checkpoint (:meth:`track_changes` must be
+        on), per table ``t``: ``(keys [C_t], rows [C_t, row_width], deleted [D_t])``,
+        keys ascending: the rows of the changed pairs that have one, and the changed
+        keys that have none (deleted by TTL; or never given one, which a reader skips).
+        Reads through the store, never creates or moves rows."""
+        assert self.changes is not None, "track_changes(True) first"
+        comp, tables = self.changes.pairs()
+        rows, found = self.lookup_rows(comp, tables)
+        keys = self.keys_of(comp, tables)
+        keys, order = torch.sort(keys, stable=True)
+        tables, found, rows = tables[order], found[order], rows[order]
+        out = []
+        for t in range(self.num_tables):
+            mine = tables == t
+            live, dead = (mine & found).nonzero().squeeze(1), (mine & ~found).nonzero().squeeze(1)
+            out.append((keys[live], rows[live], keys[dead]))
+        return out
 
     def persist(self) -> list[str]:
         """The SSD tier of every table that has one holds the freshest copy of each of

@@ -6,14 +6,14 @@ rows and weights are checked when a checkpoint is written (:class:`NonFiniteStat
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
 from terarec.config import Config
-from terarec.trainer.checkpoint import NonFiniteState, save_checkpoint
-from terarec.trainer.components import Components
+from terarec.trainer.checkpoint import NonFiniteState
 
 
 class TrainingDiverged(RuntimeError):
@@ -69,17 +69,15 @@ def check_finite(
 
 
 def save_or_diverge(
-    path: Path,
-    parts: Components,
-    source: Any,
+    save: Callable[[], Path],
     step: int,
     cfg: Config,
-    samples: int,
     last_ckpt: Optional[tuple[Path, int]],
 ) -> Path:
-    """:func:`save_checkpoint`, turning NaN/Inf state into :class:`TrainingDiverged`."""
+    """Runs ``save`` (a checkpoint of step ``step``), turning NaN/Inf state into
+    :class:`TrainingDiverged`."""
     try:
-        return save_checkpoint(path, parts, source, step, cfg, samples=samples)
+        return save()
     except NonFiniteState as e:
         # A finite loss does not prove finite rows: an overflowing update to a row that
         # no later batch has read yet shows up only here.

@@ -36,7 +36,7 @@ from terarec.data.batch import Batch
 from terarec.ps.tiers.protocol import TierFullError
 from terarec.ps.tiers.ssd import SSDStore
 from terarec.runtime import DistHandles
-from terarec.trainer.checkpoint import load_checkpoint, read_manifest
+from terarec.trainer.checkpoint import history, load_checkpoint, read_manifest
 from terarec.trainer.components import Components, build_components, uses_prefetch
 from terarec.trainer.divergence import TrainingDiverged, check_finite, save_or_diverge
 from terarec.trainer.evaluate import evaluate, fmt_eval, run_eval
@@ -159,7 +159,9 @@ class _Run:
             world_size=self.world, device=parts.device,
         )
         self.reporter = RunReporter(run_dir, write=self.main)
-        self.ckpt_dir = run_dir / "checkpoint"
+        self.run_dir = run_dir
+        if cfg.train.delta_every:  # deltas hold the pairs changed since the last save
+            parts.embedding.track_changes(True)
         self.step = 0
         samples = 0
         self.last_ckpt: Optional[tuple[Path, int]] = None  # (dir, step) known good
@@ -169,6 +171,7 @@ class _Run:
             self.last_ckpt = (Path(resume), self.step)
             if self.main:
                 _drop_records_after(self.reporter.metrics_path, self.step)
+                history.drop_deltas_after(run_dir, self.step)  # a future rewritten
             # The optimizer's saved param_groups carry the old lr; the config wins, as it
             # does for the sparse optimizer (resuming with a lower lr after a divergence).
             for group in parts.dense_optimizer.param_groups:
@@ -234,8 +237,9 @@ class _Run:
                 self.stop = self._stop_now()
                 if self.stop:
                     break  # the final checkpoint below is this step's
-                if self._checkpoint_due():
-                    self._periodic_checkpoint()
+                due = self._checkpoint_due()
+                if due is not None:
+                    self._periodic_checkpoint(due)
         except TierFullError as e:
             # A budget that one batch does not fit: the config's to fix. Nothing is saved
             # after it (the failed step may have left its rows half moved between tiers);
@@ -316,32 +320,47 @@ class _Run:
         if self.main:
             bar.write(fmt_eval(self.step, ev))
 
-    def _checkpoint_due(self) -> bool:
-        """Every ``checkpoint_every`` steps, and once ``checkpoint_every_minutes`` passed
-        since the last save (on a merge step with k-step merging; the ranks agree: one
-        tiny all-reduce a step, only with minutes set)."""
+    def _checkpoint_due(self) -> Optional[str]:
+        """``"full"`` every ``checkpoint_every`` steps, and once ``checkpoint_every_minutes``
+        passed since the last save (on a merge step with k-step merging; the ranks agree:
+        one tiny all-reduce a step, only with minutes set); else ``"delta"`` every
+        ``delta_every`` steps; else None."""
         train = self.cfg.train
         if train.checkpoint_every and self.step % train.checkpoint_every == 0:
-            return True
-        if train.checkpoint_every_minutes is None or self.step % self.cfg.sync.k:
-            return False
-        due = time.perf_counter() - self.last_save_t >= 60 * train.checkpoint_every_minutes
-        return any_rank(due, self.parts.dist) if self.multi else due
+            return "full"
+        if train.checkpoint_every_minutes is not None and self.step % self.cfg.sync.k == 0:
+            due = time.perf_counter() - self.last_save_t >= 60 * train.checkpoint_every_minutes
+            if any_rank(due, self.parts.dist) if self.multi else due:
+                return "full"
+        if train.delta_every and self.step % train.delta_every == 0:
+            return "delta"
+        return None
 
-    def _periodic_checkpoint(self) -> None:
+    def _periodic_checkpoint(self, kind: str) -> None:
         """After the eval of this step: a resumed run starts past it."""
         t0 = time.perf_counter()
         self.tally.flush(self.parts.dist, [])  # the checkpoint's sample count is the job's
-        self._save()
-        self.last_ckpt = (self.ckpt_dir, self.step)
+        path = self._save(delta=kind == "delta")
         self.last_save_t = time.perf_counter()
         self._pause(t0)
-        log.info("step %d: checkpoint saved to %s (%.1fs)", self.step, self.ckpt_dir,
-                 time.perf_counter() - t0)
+        pause = time.perf_counter() - t0
+        # the training loop's pause (a save is synchronous: the whole save)
+        self.reporter.log(self.step, "checkpoint", {"kind": kind, "pause_s": pause})
+        log.info("step %d: checkpoint saved to %s (%.1fs)", self.step, path, pause)
 
-    def _save(self) -> Path:
-        return save_or_diverge(self.ckpt_dir, self.parts, self.trained, self.step, self.cfg,
-                               self.tally.samples, self.last_ckpt)
+    def _save(self, delta: bool = False) -> Path:
+        """A full checkpoint, or a delta after the last one when it is this run's."""
+        parent = None
+        if delta and self.last_ckpt is not None:
+            prev = self.last_ckpt[0]
+            if history.run_dir_of(prev).resolve() == self.run_dir.resolve():
+                parent = prev  # else (none yet, or another run's): a full one
+        path = save_or_diverge(
+            lambda: history.save(self.run_dir, self.parts, self.trained, self.step, self.cfg,
+                                 self.tally.samples, parent),
+            self.step, self.cfg, self.last_ckpt)
+        self.last_ckpt = (path, self.step)
+        return path
 
     def _finish(self, pipeline: TrainPipeline) -> dict[str, Any]:
         """The end of the run: k-step's last merge, the final eval, checkpoint, summary."""

@@ -19,7 +19,6 @@ from torch import nn
 from terarec.config import Config
 from terarec.data import build_source
 from terarec.data.source import BatchSource
-from terarec.trainer import checkpoint as ckpt_mod
 from terarec.trainer.checkpoint import (
     REQUIRED_FILES,
     CheckpointError,
@@ -28,6 +27,7 @@ from terarec.trainer.checkpoint import (
     read_manifest,
     save_checkpoint,
 )
+from terarec.trainer.checkpoint import files as ckpt_mod
 from terarec.trainer.loop import Components, build_components
 
 
@@ -279,7 +279,7 @@ DAMAGE: dict[str, tuple[Callable[[Path], None], str, str]] = {
     "manifest-other-format": (
         lambda d: edit_manifest(d, lambda m: m.update(format=99)),
         "manifest.json",
-        "format 99, this terarec reads (1, 2)",
+        "format 99, this terarec reads (1, 2, 3)",
     ),
 }
 

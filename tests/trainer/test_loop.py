@@ -17,8 +17,8 @@ import yaml
 from torch import nn
 
 from terarec.config import Config, ConfigError, config_from_dict, config_to_dict
-from terarec.trainer import components, divergence, loop
-from terarec.trainer.checkpoint import read_manifest, read_tables
+from terarec.trainer import components, loop
+from terarec.trainer.checkpoint import history, read_manifest, read_tables
 from terarec.trainer.loop import Components, TrainingDiverged, train
 from terarec.trainer.report import read_jsonl, to_jsonable
 
@@ -247,9 +247,11 @@ def tables_by_key(ckpt: Path) -> dict[str, Any]:
 
 
 def comparable(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """metrics.jsonl records without the wall-clock fields (the pipeline's are seconds)."""
+    """metrics.jsonl records without the wall-clock fields (the pipeline's are seconds)
+    and without the saves' (a run with periodic checkpoints logs them, one without not)."""
     wall = ("time", "samples_per_s", "pipeline")
-    return [{k: v for k, v in r.items() if k not in wall} for r in records]
+    return [{k: v for k, v in r.items() if k not in wall} for r in records
+            if r["split"] != "checkpoint"]
 
 
 @pytest.mark.numerics
@@ -363,13 +365,14 @@ class Killed(Exception):
 def saved_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Records the step of every checkpoint the loop saves from now on."""
     steps: list[int] = []
-    real = divergence.save_checkpoint
+    real = history.save
 
-    def save(path: Path, parts: Components, source: Any, step: int, *args: Any, **kw: Any) -> Path:
+    def save(run_dir: Path, parts: Components, source: Any, step: int, *args: Any,
+             **kw: Any) -> Path:
         steps.append(step)
-        return real(path, parts, source, step, *args, **kw)
+        return real(run_dir, parts, source, step, *args, **kw)
 
-    monkeypatch.setattr(divergence, "save_checkpoint", save)
+    monkeypatch.setattr(history, "save", save)
     return steps
 
 

@@ -17,8 +17,7 @@ import torch
 from test_loop import assert_same, tables_by_key
 
 from terarec.config import Config
-from terarec.trainer import ssd_snapshot
-from terarec.trainer.checkpoint import CheckpointError, read_manifest
+from terarec.trainer.checkpoint import CheckpointError, read_manifest, ssd_snapshot
 from terarec.trainer.loop import train
 
 SNAP: dict[str, Any] = {
@@ -137,12 +136,12 @@ KILL = """
 import os, sys
 sys.path.insert(0, {tests!r})
 from conftest import make_tiny
-from terarec.trainer import checkpoint, ssd_snapshot
+from terarec.trainer.checkpoint import files, ssd_snapshot
 from terarec.trainer.loop import train
 import json
 where = {where!r}
 saves = [0]
-real_take, real_replace = ssd_snapshot.take, checkpoint._replace
+real_take, real_replace = ssd_snapshot.take, files.replace
 
 def take(embedding, step):
     rec = real_take(embedding, step)
@@ -151,12 +150,12 @@ def take(embedding, step):
         os._exit(9)  # killed: the new snapshot exists, the checkpoint is not written
     return rec
 
-def replace(tmp, path):
+def replace(tmp, path, retire_to=None):
     if where == "before_rename" and saves[0] == 2:
         os._exit(9)  # killed: every file of the new checkpoint written, not renamed
-    return real_replace(tmp, path)
+    return real_replace(tmp, path, retire_to)
 
-ssd_snapshot.take, checkpoint._replace = take, replace
+ssd_snapshot.take, files.replace = take, replace
 train(make_tiny({runs!r}, name="killed", **json.loads({cfg!r})))
 """
 

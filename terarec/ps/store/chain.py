@@ -31,7 +31,7 @@ from typing import Any, Optional
 import torch
 
 from terarec.ps.store.chain_access import ChainAccess
-from terarec.ps.store.protocol import Admit, RowSource, sweep_every
+from terarec.ps.store.protocol import Admit, Expired, RowSource, sweep_every
 from terarec.ps.tiers.protocol import FREQ, LAST, META_WIDTH, Cache, Rows, Tier, TierFullError
 from terarec.ps.tiers.scratch import ScratchPad
 
@@ -79,6 +79,7 @@ class TierChain(ChainAccess):
         self.created = 0  # rows ever created
         self.expired = 0  # rows deleted by TTL (len of the table: created - expired)
         self.ttl = ttl_steps
+        self.on_expire: Optional[Expired] = None  # told the keys a TTL sweep deletes
         self.step = 0  # the latest step prepared (metadata of scratch pad rows)
         self.moved = dict.fromkeys((t.name for t in tiers), 0)  # rows written into a tier
         self.moved["scratch"] = 0
@@ -346,6 +347,8 @@ class TierChain(ChainAccess):
             if gone.numel():
                 for lower in self.tiers[i + 1 :]:
                     lower.evict(gone)
+                if self.on_expire is not None:
+                    self.on_expire(gone, torch.zeros_like(gone))
             n += gone.numel()
         self.expired += n
         return n

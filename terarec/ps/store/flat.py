@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from terarec.ps.store.protocol import Admit, RowSource, subset, sweep_every
+from terarec.ps.store.protocol import Admit, Expired, RowSource, subset, sweep_every
 from terarec.ps.tiers.host import HostTier
 from terarec.ps.tiers.protocol import LAST, zero_meta
 
@@ -52,6 +52,7 @@ class FlatStore:
         self.step = 0  # the latest training step prepared (TTL's clock)
         self._slot_table = torch.zeros(1024, dtype=torch.int64, device=device)
         self._side: dict[tuple[int, int], int] = {}  # (table, key) -> slot, collisions only
+        self.on_expire: Optional[Expired] = None
 
     @property
     def device(self) -> torch.device:
@@ -270,9 +271,13 @@ class FlatStore:
 
     def _owners(self) -> torch.Tensor:
         """Table of each row held, in slot order ``[len(self)]``."""
+        return self._owners_of(self.tier.live_slots())
+
+    def _owners_of(self, slots: torch.Tensor) -> torch.Tensor:
+        """Table of the rows at ``slots`` ``[N]``."""
         if self.num_tables == 1:  # not tracked for one table
-            return torch.zeros(len(self), dtype=torch.int64, device=self.device)
-        return self._slot_table[self.tier.live_slots()]
+            return torch.zeros(slots.numel(), dtype=torch.int64, device=self.device)
+        return self._slot_table[slots]
 
     def rows_per_table(self, num_tables: int) -> list[int]:
         if self.num_tables == 1:
@@ -313,7 +318,12 @@ class FlatStore:
         tier is compacted (slot-indexed data remapped)."""
         if self.ttl is None or step % sweep_every(self.ttl):
             return 0
-        gone = self.tier.expire(step - self.ttl).numel()
+        live = self.tier.live_slots() if self.on_expire is not None else None
+        gone_keys = self.tier.expire(step - self.ttl)
+        gone = gone_keys.numel()
+        if live is not None and gone:  # the dead slots' tables, before a compaction
+            dead = live[self.tier.is_dead(live)]
+            self.on_expire(self.tier.index.keys()[dead], self._owners_of(dead))
         if self._side:  # collision side slots (rare): forget the dead ones
             items = list(self._side.items())
             dead = self.tier.is_dead(torch.tensor([v for _, v in items], device=self.device))

@@ -36,6 +36,8 @@ import torch
 RowSource = Callable[..., torch.Tensor]
 # admit(positions [M]) -> bool [M]: which keys absent from every tier get a row.
 Admit = Callable[[torch.Tensor], torch.Tensor]
+# pairs a TTL sweep deleted: ``(comp [D], tables [D]) -> None``
+Expired = Callable[[torch.Tensor, torch.Tensor], None]
 
 
 def subset(create: RowSource, pos: torch.Tensor) -> RowSource:
@@ -58,6 +60,8 @@ class SlotStore(Protocol):
     """Rows of one table group, trained by slot (see the module docstring)."""
 
     row_width: int
+    # ``(comp [D], tables [D]) -> None``: told the pairs each TTL sweep deletes (or None)
+    on_expire: Optional[Expired]
 
     @property
     def device(self) -> torch.device:
@@ -150,7 +154,8 @@ class SlotStore(Protocol):
 
     def expire(self, step: int) -> int:
         """The TTL sweep as step ``step`` starts (work every :func:`sweep_every` steps);
-        returns the rows deleted."""
+        returns the rows deleted. With :attr:`on_expire` set, it is called with the
+        deleted pairs ``(comp [D], tables [D])`` (a delta checkpoint's deletions)."""
         ...
 
     def flush(self) -> None:

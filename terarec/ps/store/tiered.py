@@ -22,7 +22,7 @@ from typing import Any, Optional
 import torch
 
 from terarec.ps.store.chain import TierChain
-from terarec.ps.store.protocol import Admit, RowSource, subset
+from terarec.ps.store.protocol import Admit, Expired, RowSource, subset
 
 
 class TieredStore:
@@ -45,10 +45,28 @@ class TieredStore:
         self.base = [sum(caps[:t]) for t in range(len(caps))]
         self.total = sum(caps)
         self._caps = torch.tensor(caps, device=storage.device)
+        self._on_expire: Optional[Expired] = None
 
     @property
     def device(self) -> torch.device:
         return self.storage.device
+
+    @property
+    def on_expire(self) -> Optional[Expired]:
+        return self._on_expire
+
+    @on_expire.setter
+    def on_expire(self, fn: Optional[Expired]) -> None:
+        """Each chain reports its own keys; they reach ``fn`` as group pairs."""
+        self._on_expire = fn
+        for t, chain in enumerate(self.chains):
+            chain.on_expire = None if fn is None else self._expired_of(t, fn)
+
+    def _expired_of(self, t: int, fn: Expired) -> Expired:
+        def report(keys: torch.Tensor, _tables: torch.Tensor) -> None:
+            fn(self._raw(keys, t), torch.full_like(keys, t))  # xor: raw -> composite too
+
+        return report
 
     def __len__(self) -> int:
         return sum(len(c) for c in self.chains)

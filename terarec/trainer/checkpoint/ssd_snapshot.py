@@ -25,6 +25,7 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -96,13 +97,15 @@ def drop(record: Optional[dict[str, Any]]) -> None:
         shutil.rmtree(record["dir"], ignore_errors=True)
 
 
-def keep_only(record: Optional[dict[str, Any]]) -> None:
-    """Deletes the rank's snapshots other than ``record``'s (the latest checkpoint's)."""
+def keep_only(record: Optional[dict[str, Any]], also: Sequence[dict[str, Any]] = ()) -> None:
+    """Deletes the rank's snapshots other than ``record``'s (the latest checkpoint's)
+    and those of ``also`` (the older checkpoints kept)."""
     if record is None:
         return
-    keep = Path(record["dir"])
-    for other in keep.parent.iterdir():
-        if other != keep and other.is_dir():
+    latest = Path(record["dir"])
+    keep = {latest, *(Path(r["dir"]) for r in also)}
+    for other in latest.parent.iterdir():
+        if other not in keep and other.is_dir():
             shutil.rmtree(other, ignore_errors=True)
 
 

@@ -1,0 +1,298 @@
+"""Full checkpoints: every row of every table, dense weights, optimizer and data state.
+
+Layout of one full checkpoint directory (one process; several ranks write
+``rank<r>/`` for the per-rank files, see the package docstring)::
+
+    manifest.json   format version, step, samples, the run's config, and the size +
+                    sha256 of every file below
+    tables.pt       per table: keys [R], rows [R, dim + state], optimizer step; a tiered
+                    table's rows come from all its tiers, the freshest copy of each; a
+                    table with an SSD tier holds ``ssd: True`` and its row count instead
+                    (its rows are in the SSD tier's snapshot); with admission, the first
+                    table of each group also holds the group's count-min sketch
+    dense.pt        model state_dict (MLPs), dense optimizer state_dict and class name
+    ssd.json        with an SSD tier: the record of its RocksDB snapshot beside the DB
+                    (``ssd_snapshot.py``)
+    data.json       the train source's position (exact resume)
+    rng.pt          torch RNG state
+    dense_local.pt  per rank with k-step merging: its dense optimizer and merger state
+
+A multi-rank checkpoint resumes on the same number of ranks in the same fast groups
+(each rank loads its own shard and position); one process (``terarec eval``) can load
+its rows, the shards of the first fast group together, but not its data positions.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+
+from terarec.config import Config
+from terarec.trainer.checkpoint import delta, ssd_snapshot
+from terarec.trainer.checkpoint.files import (
+    LOCAL_FILE,
+    CheckpointError,
+    commit,
+    fast_groups,
+    first_non_finite,
+    rank_files,
+    read_manifest,
+    verify_files,
+    write_rank_common,
+)
+
+if TYPE_CHECKING:
+    from terarec.trainer.components import Components
+
+
+def save_checkpoint(
+    path: Path, parts: Components, source: Any, step: int, cfg: Config, samples: int = 0
+) -> Path:
+    """Writes a full checkpoint of the run to ``path``, replacing an older one there
+    (and the SSD tier snapshots of older ones) atomically (:func:`write_full`).
+
+    Args:
+        path: the checkpoint directory, e.g. ``runs/<name>/checkpoint``.
+        parts: the run's embedding, model and dense optimizer.
+        source: the train batch source (its ``state_dict()`` is the data position).
+        step: training steps taken so far.
+        cfg: the run's config (stored in the manifest, so ``terarec eval`` can rebuild it).
+        samples: training samples seen so far by the whole job (restored on resume).
+
+    Raises:
+        NonFiniteState: a row or dense weight is NaN/Inf (on any rank); nothing was written.
+        CheckpointError: an OS error (full disk, permissions) while writing, on any rank.
+    """
+    snap = write_full(path, parts, source, step, cfg, samples)
+    ssd_snapshot.keep_only(snap)
+    return Path(path)
+
+
+def write_full(
+    path: Path, parts: Components, source: Any, step: int, cfg: Config, samples: int = 0,
+    retire_to: Optional[Path] = None,
+) -> Optional[dict[str, Any]]:
+    """Writes a full checkpoint to ``path`` (arguments as :func:`save_checkpoint`).
+
+    Everything is written into ``<path>.tmp`` first; if any write fails the temporary
+    directory is removed and an existing checkpoint at ``path`` is left untouched. Every
+    file and the temporary directory are fsynced before the rename and the parent
+    directory after it, so after a power loss ``path`` is the old checkpoint or the
+    complete new one, never a renamed directory of empty files. With several ranks
+    (``parts.dist``) every rank must call this (a collective).
+
+    Args:
+        retire_to: where the checkpoint ``path`` held before goes (kept), instead of
+            being deleted.
+
+    Returns:
+        this rank's SSD tier snapshot record (or None); the caller deletes the snapshots
+        no kept checkpoint points at (``ssd_snapshot.keep_only``).
+    """
+    path = Path(path)
+    snap: list[Optional[dict[str, Any]]] = [None]
+
+    def write_rank(out: Path) -> tuple[Optional[str], list[str]]:
+        bad, snap[0] = _write_tables(out, parts, step)
+        if bad is not None:
+            return bad, []
+        names = ["tables.pt"] + ([ssd_snapshot.FILE] if snap[0] is not None else [])
+        return None, names + write_rank_common(out, source)
+
+    try:
+        commit(path, parts, step, cfg, samples, write_rank, _format(parts),
+               retire_to=retire_to)
+    except BaseException:
+        ssd_snapshot.drop(snap[0])
+        raise
+    return snap[0]
+
+
+def _format(parts: Components) -> dict[str, Any]:
+    """2 with SSD tier snapshots, else 1 (which older terarec reads too)."""
+    snapshots = any(t.in_ssd for t in parts.embedding.tables) and (
+        parts.embedding.ssd_store is not None)
+    return {"format": 2 if snapshots else 1}
+
+
+def _write_tables(
+    out: Path, parts: Components, step: int
+) -> tuple[Optional[str], Optional[dict[str, Any]]]:
+    """This rank's rows into ``out``: ``(what is not finite, if something is (then
+    nothing is written), the SSD tier snapshot's record, if taken)``. Tables with an SSD
+    tier are snapshotted (``ssd_snapshot.py``), not exported; ``ssd.json`` points at
+    the snapshot."""
+    parts.embedding.flush()
+    try:
+        snap = ssd_snapshot.take(parts.embedding, step)
+    except ssd_snapshot.NonFiniteRows as e:
+        return str(e), None
+    tables = parts.embedding.tables_state_dict(ssd_rows=snap is None)
+    bad = first_non_finite(tables, {})
+    if bad is not None:
+        ssd_snapshot.drop(snap)
+        return bad, None
+    torch.save(tables, out / "tables.pt")
+    if snap is not None:
+        (out / ssd_snapshot.FILE).write_text(json.dumps(snap, indent=1))
+    return None, snap
+
+
+def load_checkpoint(path: Path, parts: Components, source: Any = None) -> int:
+    """Restores rows, dense weights, optimizer states (and data position); returns step.
+
+    ``path`` is a full checkpoint or a delta (then its base and the deltas up to it are
+    read, ``delta.py``). The files this rank reads are verified against their manifests
+    (size and sha256) before anything is loaded, so a corrupted checkpoint fails here
+    rather than training on bad rows. A tiered table's rows all go into its bottom tier
+    (the SSD tier, or the unbounded host tier); its caches start empty (the rows and the
+    math are the same wherever a row lives, so training continues bit for bit).
+
+    A multi-rank checkpoint is loaded by every rank of a job with the same ranks and
+    fast groups (each its own shard), or by one process without ``source`` (the rows of
+    the first fast group's shards together; e.g. ``terarec eval``).
+
+    Args:
+        path: the checkpoint directory.
+        parts: the freshly built components of the run to restore into.
+        source: the train batch source to move to the saved position (optional).
+
+    Raises:
+        CheckpointError: a file is missing, truncated or corrupted (named in the
+            message), the checkpoint was saved by a model of another shape, or by
+            another number or layout of ranks.
+    """
+    path = Path(path)
+    manifest = read_manifest(path, verify=False)
+    links = delta.chain(path, manifest)
+    rank_dir = _rank_dir(path, manifest, parts, source)
+    local: Optional[str] = None
+    try:
+        if rank_dir is None:  # one process reads a multi-rank checkpoint's rows
+            ranks = [f"rank{r}/" for r in manifest["world"]["fast_groups"][0]]
+            verify_files(path, manifest, ["dense.pt"])
+            tables = merge_shards([read_tables(path, r, manifest) for r in ranks])
+        else:
+            # this replica's own dense optimizer state (k-step merging), when this run
+            # keeps replicas apart between merges too (a k = 1 resume takes rank 0's)
+            local = f"{rank_dir}{LOCAL_FILE}"
+            if local not in manifest["files"] or parts.sync.local_state_dict() is None:
+                local = None
+            for p, m in links:
+                verify_files(p, m, [f"{rank_dir}{n}" for n in rank_files(m)])
+            verify_files(path, manifest, ["dense.pt"] + ([local] if local else []))
+            base, base_m = links[0]
+            tables = torch.load(base / f"{rank_dir}tables.pt", map_location=parts.device,
+                                weights_only=True)
+            record = _snapshot_record(base, base_m, rank_dir)
+            if record is not None:
+                ssd_snapshot.restore(parts.embedding, record)
+            tables = delta.apply(tables, links[1:], rank_dir, parts.embedding.ssd_store,
+                                 record)
+        parts.embedding.load_tables_state_dict(tables)
+        dense = torch.load(path / "dense.pt", map_location=parts.device, weights_only=True)
+        parts.model.load_state_dict(dense["model"])
+        saved, ours = dense.get("optimizer_class"), type(parts.dense_optimizer).__name__
+        if saved is not None and saved != ours:
+            # torch would load another optimizer's state and fail at the first step
+            raise ValueError(
+                f"the dense optimizer state is {saved}'s, this run uses {ours} "
+                "(optimizer.dense.kind)"
+            )
+        parts.dense_optimizer.load_state_dict(dense["optimizer"])
+        parts.sync.load_state_dict(dense.get("sync") or {})
+        if local is not None:
+            own = torch.load(path / local, map_location=parts.device, weights_only=True)
+            parts.dense_optimizer.load_state_dict(own["optimizer"])
+            parts.sync.load_local_state_dict(own["sync"])
+        if rank_dir is not None:
+            if source is not None and hasattr(source, "load_state_dict"):
+                source.load_state_dict(json.loads((path / rank_dir / "data.json").read_text()))
+            rng = torch.load(path / rank_dir / "rng.pt", weights_only=True)
+            torch.set_rng_state(rng["torch"])
+    except ssd_snapshot.SnapshotError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    except (RuntimeError, ValueError, KeyError, pickle.UnpicklingError, EOFError) as e:
+        raise CheckpointError(f"{path}: does not fit this model/config: {e}") from e
+    return int(manifest["step"])
+
+
+def _snapshot_record(path: Path, manifest: dict[str, Any], rank_dir: str
+                     ) -> Optional[dict[str, Any]]:
+    """The SSD tier snapshot record (``ssd.json``) of ``rank_dir``, verified against the
+    manifest; None when the checkpoint has none there."""
+    name = f"{rank_dir}{ssd_snapshot.FILE}"
+    if name not in manifest["files"]:
+        return None
+    verify_files(path, manifest, [name])
+    return ssd_snapshot.load_record(path / name)
+
+
+def read_tables(path: Path, rank_dir: str = "", manifest: Optional[dict[str, Any]] = None
+                ) -> dict[str, Any]:
+    """A checkpoint's table states with every row in memory: ``tables.pt`` of
+    ``rank_dir`` (``""`` or ``"rank<r>/"``), the rows of its SSD tier snapshot filled
+    in, a delta's chain applied (tools, tests, one-process reads of small tables). The
+    files read are verified against their manifests."""
+    path = Path(path)
+    manifest = manifest or read_manifest(path, verify=False)
+    links = delta.chain(path, manifest)
+    for p, m in links:
+        verify_files(p, m, [f"{rank_dir}{n}" for n in rank_files(m)])
+    base, base_m = links[0]
+    tables = torch.load(base / f"{rank_dir}tables.pt", map_location="cpu", weights_only=True)
+    record = _snapshot_record(base, base_m, rank_dir)
+    if record is not None:
+        try:
+            rows = ssd_snapshot.read_rows(record)
+        except ssd_snapshot.SnapshotError as e:
+            raise CheckpointError(f"{path}: {e}") from e
+        for name, kr in rows.items():
+            state = {k: v for k, v in tables[name].items() if k not in ("ssd", "num_rows")}
+            tables[name] = {**state, **kr}
+    return delta.apply(tables, links[1:], rank_dir, None, None)
+
+
+def _rank_dir(path: Path, manifest: dict[str, Any], parts: Components,
+              source: Any) -> Optional[str]:
+    """Where this rank's files are in the checkpoint (``""`` or ``"rank<r>/"``); None
+    when one process reads a multi-rank checkpoint's rows. Raises on a launch that
+    does not fit the checkpoint."""
+    d = parts.dist
+    ours = 1 if d is None else d.world_size
+    world = manifest.get("world")
+    if world is None:
+        if ours > 1:
+            raise CheckpointError(
+                f"{path}: saved by one process, this run has {ours} ranks: resume it on one "
+                "process (its rows are not sharded)"
+            )
+        return ""
+    saved = [list(g) for g in world["fast_groups"]]
+    if ours == 1 and source is None:
+        return None
+    groups = fast_groups(d) if d is not None and ours > 1 else [[0]]
+    if int(world["size"]) != ours or saved != [list(g) for g in groups]:
+        raise CheckpointError(
+            f"{path}: saved by {world['size']} ranks in fast groups {saved}, this run has "
+            f"{ours} in {groups}: rows are sharded by fast group and data positions are "
+            "per rank, so resume it with the same launch (ranks per node and nodes)"
+        )
+    assert d is not None
+    return f"rank{d.rank}/"
+
+
+def merge_shards(shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """The tables of one fast group's shards as one table state (keys are disjoint
+    between the shards of a fast group; optimizer counters and sketches are the first
+    shard's, which is what an evaluation needs)."""
+    out: dict[str, Any] = {}
+    for name, first in shards[0].items():
+        parts = [s[name] for s in shards]
+        out[name] = {**first, "keys": torch.cat([p["keys"] for p in parts]),
+                     "rows": torch.cat([p["rows"] for p in parts])}
+    return out

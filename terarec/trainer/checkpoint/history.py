@@ -1,0 +1,182 @@
+"""A run's checkpoints over time: where each lives, which to keep, which to resume.
+
+Layout of a run directory's checkpoints::
+
+    checkpoint/              the newest full checkpoint
+    checkpoints/step<N>/     older full checkpoints kept (``train.keep_checkpoints``)
+    deltas/step<N>/          delta checkpoints (``train.delta_every``), each naming its
+                             parent (``delta.py``)
+
+Keeping the last K full checkpoints keeps the deltas that follow them and deletes the
+rest (and, per rank, the SSD tier snapshots no kept full checkpoint points at).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+from terarec.config import Config
+from terarec.trainer.checkpoint import ssd_snapshot
+from terarec.trainer.checkpoint.delta import save_delta
+from terarec.trainer.checkpoint.files import (
+    CheckpointError,
+    manifest_sha256,
+    read_manifest,
+)
+from terarec.trainer.checkpoint.full import write_full
+
+if TYPE_CHECKING:
+    from terarec.trainer.components import Components
+
+log = logging.getLogger("terarec.trainer")
+
+FULL, KEPT, DELTAS = "checkpoint", "checkpoints", "deltas"
+_STEP = re.compile(r"step(\d+)$")
+
+
+def save(run_dir: Path, parts: Components, source: Any, step: int, cfg: Config,
+         samples: int, parent: Optional[Path] = None) -> Path:
+    """Saves the run's checkpoint of ``step`` (a collective with several ranks): a delta
+    after ``parent`` when given, else a full one into ``checkpoint/`` (the one it
+    replaces kept as ``checkpoints/step<N>/`` while ``train.keep_checkpoints`` allows);
+    then prunes what is no longer kept. Returns the checkpoint's directory."""
+    run_dir = Path(run_dir)
+    d = parts.dist
+    rank_dir = f"rank{d.rank}/" if d is not None and d.world_size > 1 else ""
+    main = d is None or d.rank == 0
+    if parent is not None:
+        path = save_delta(delta_path(run_dir, step), parts, source, step, cfg, samples,
+                          parent)
+    else:
+        keep = cfg.train.keep_checkpoints
+        path = run_dir / FULL
+        prev = _step_of(path) if (path / "manifest.json").is_file() else None
+        retire = retired_path(run_dir, prev) if keep > 1 and prev not in (None, step) else None
+        snap = write_full(path, parts, source, step, cfg, samples, retire_to=retire)
+        if main:
+            prune(run_dir, keep)
+        ssd_snapshot.keep_only(snap, kept_snapshots(run_dir, rank_dir))
+    parts.embedding.clear_changes()
+    return path
+
+
+def run_dir_of(path: Path) -> Path:
+    """The run directory a checkpoint directory belongs to."""
+    path = Path(path)
+    return path.parent.parent if path.parent.name in (KEPT, DELTAS) else path.parent
+
+
+def retired_path(run_dir: Path, step: int) -> Path:
+    """Where a full checkpoint of ``step`` goes when a newer one replaces it."""
+    return Path(run_dir) / KEPT / f"step{step}"
+
+
+def delta_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / DELTAS / f"step{step}"
+
+
+def _stepped(root: Path) -> list[tuple[int, Path]]:
+    """``(step, dir)`` of the ``step<N>`` directories under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = _STEP.match(p.name)
+        if m and p.is_dir():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def _step_of(path: Path) -> Optional[int]:
+    try:
+        return int(read_manifest(path, verify=False)["step"])
+    except CheckpointError:
+        return None
+
+
+def fulls(run_dir: Path) -> list[tuple[int, Path]]:
+    """The run's full checkpoints ``(step, dir)``, oldest first (``checkpoint.old/``, a
+    save killed between its two renames, included)."""
+    run_dir = Path(run_dir)
+    out = list(_stepped(run_dir / KEPT))
+    for name in (FULL, FULL + ".old"):
+        step = _step_of(run_dir / name) if (run_dir / name / "manifest.json").is_file() else None
+        if step is not None:
+            out.append((step, run_dir / name))
+    return sorted(out)
+
+
+def deltas(run_dir: Path) -> list[tuple[int, Path]]:
+    """The run's delta checkpoints ``(step, dir)``, oldest first."""
+    return _stepped(Path(run_dir) / DELTAS)
+
+
+def find_full(run_dir: Path, step: int, sha: str) -> Optional[Path]:
+    """The full checkpoint of ``step`` whose manifest has sha256 ``sha``, if kept."""
+    for s, p in fulls(run_dir):
+        if s == step and manifest_sha256(p) == sha:
+            return p
+    return None
+
+
+def prune(run_dir: Path, keep: int) -> None:
+    """Keeps the newest ``keep`` full checkpoints and the deltas that follow them."""
+    run_dir = Path(run_dir)
+    kept = fulls(run_dir)
+    for _, p in kept[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+    bases = {(s, manifest_sha256(p)) for s, p in kept[-keep:]}
+    for _, p in deltas(run_dir):
+        try:
+            base = read_manifest(p, verify=False).get("base") or {}
+        except CheckpointError:
+            base = {}
+        if (base.get("step"), base.get("manifest_sha256")) not in bases:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def drop_deltas_after(run_dir: Path, step: int) -> None:
+    """Deletes the deltas past ``step`` (a run resumed at ``step`` writes them again)."""
+    for s, p in deltas(run_dir):
+        if s > step:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def kept_snapshots(run_dir: Path, rank_dir: str) -> list[dict[str, Any]]:
+    """The SSD tier snapshot records the kept full checkpoints of ``rank_dir`` (``""``
+    or ``"rank<r>/"``) point at."""
+    out = []
+    for _, p in fulls(run_dir):
+        f = p / f"{rank_dir}{ssd_snapshot.FILE}"
+        try:
+            out.append(ssd_snapshot.load_record(f))
+        except (OSError, ValueError):  # none, or being pruned by rank 0 right now
+            continue
+    return out
+
+
+def latest_valid(run_dir: Path) -> Optional[Path]:
+    """The run's newest checkpoint that verifies, for ``--resume auto``: full or delta,
+    every file of it and of the checkpoints a restore reads before it (a delta's chain)
+    checked by size and sha256, the SSD tier snapshots' files too; None when there is
+    none (the run starts fresh). A damaged one is skipped with a warning."""
+    from terarec.trainer.checkpoint.delta import chain
+
+    run_dir = Path(run_dir)
+    cands = sorted(fulls(run_dir) + deltas(run_dir), key=lambda c: c[0], reverse=True)
+    for _, cand in cands:
+        try:
+            for path, manifest in chain(cand, read_manifest(cand, verify=False)):
+                read_manifest(path, verify=True)
+                for name in manifest["files"]:
+                    if name.endswith(ssd_snapshot.FILE):
+                        ssd_snapshot.verify(ssd_snapshot.load_record(path / name))
+        except (CheckpointError, ssd_snapshot.SnapshotError) as e:
+            log.warning("--resume auto: skipping %s: %s", cand, e)
+            continue
+        return cand
+    return None
