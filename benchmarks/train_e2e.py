@@ -5,7 +5,8 @@ feature, dim 128, MLPs 512-256-128 / 1024-1024-512-256, Adam rows + Adam dense, 
 16384, TF32) measured four ways in one process, each after its own warm-up:
 
 * ``plain``: plain PyTorch, batches already on the GPU: 26 ``nn.EmbeddingBag`` of
-  ``--vocab`` rows (keys taken modulo the table size before timing) + ``SparseAdam``,
+  ``--vocab`` rows (keys taken modulo the table size and split by feature before
+  timing) + ``SparseAdam``,
   the same dense model and Adam (the baseline users would write themselves);
 * ``step``: terarec's training step alone on the same batches already on the GPU
   (``TrainPipeline.progress`` over pre-made device batches, no loss check, no metrics);
@@ -104,9 +105,21 @@ class PlainEBC(nn.Module):
         self.bags = nn.ModuleList(
             nn.EmbeddingBag(rows, dim, mode="sum", sparse=True, device=device) for _ in feats)
 
+        self.split: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def prepare(self, kjt: KeyedJaggedTensor) -> None:
+        """Splits a batch by feature before timing (the data a plain model is fed)."""
+        parts = []
+        for f in self.feats:
+            jt = kjt[f]
+            lengths = jt.lengths()  # bag starts by torch ops (the KJT's would call FBGEMM)
+            parts.append((jt.values(), torch.cumsum(lengths, 0) - lengths))
+        self.split[id(kjt)] = parts
+
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedTensor:
-        parts = [bag(kjt[f].values(), kjt[f].offsets()[:-1])
-                 for f, bag in zip(self.feats, self.bags)]
+        if id(kjt) not in self.split:
+            self.prepare(kjt)
+        parts = [bag(v, o) for (v, o), bag in zip(self.split[id(kjt)], self.bags)]
         return KeyedTensor(keys=self.feats, length_per_key=[self.dim] * len(self.feats),
                            values=torch.cat(parts, dim=1))
 
@@ -118,6 +131,8 @@ def plain_step_s(cfg: Config, batches: list[Any], args: argparse.Namespace,
     model = build_model(cfg.model, ebc, feats, [128] * len(feats), 13).to(device)
     mod = [KeyedJaggedTensor(keys=b.sparse.keys(), values=b.sparse.values() % args.vocab,
                              lengths=b.sparse.lengths()) for b in batches]
+    for kjt in mod:
+        ebc.prepare(kjt)
     sparse = [p for p in ebc.parameters()]
     dense = [p for n, p in model.named_parameters() if not n.startswith("embedding")
              and all(p is not s for s in sparse)]

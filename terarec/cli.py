@@ -24,9 +24,14 @@ from terarec.config import ConfigError, DataKind, config_from_dict, load_config
 
 
 def _checkpoint_dir(path: str) -> Path:
-    """``runs/<name>`` or a checkpoint directory -> the checkpoint directory."""
-    inner = Path(path) / "checkpoint"
-    return inner if inner.is_dir() else Path(path)
+    """``runs/<name>`` (its newest checkpoint that verifies, full or delta) or a
+    checkpoint directory -> the checkpoint directory."""
+    from terarec.trainer.checkpoint import latest_valid
+
+    p = Path(path)
+    if (p / "manifest.json").is_file() or not (p / "checkpoint").is_dir():
+        return p
+    return latest_valid(p) or p / "checkpoint"
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -45,9 +50,12 @@ def _train(args: argparse.Namespace) -> int:
         resume = latest_valid(Path(cfg.train.runs_dir) / cfg.name)
         print(f"--resume auto: {resume or 'no valid checkpoint, starting fresh'}")
     elif args.resume:
+        from terarec.trainer.checkpoint.history import FULL, run_dir_of
+
         resume = _checkpoint_dir(args.resume)
-        if args.name is None and resume.name == "checkpoint":
-            cfg.name = resume.parent.name  # --resume runs/a continues run a, in runs/a
+        run = run_dir_of(resume)
+        if args.name is None and (resume.name == FULL or run != resume.parent):
+            cfg.name = run.name  # --resume runs/a continues run a, in runs/a
     try:
         if read_launch_env().distributed:  # torchrun / mpirun / srun with several ranks
             with init_distributed(cfg.dist, device=cfg.train.device) as ctx, ctx.guard():

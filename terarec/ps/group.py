@@ -379,8 +379,11 @@ class TableGroup:
         on), per table ``t``: ``(keys [C_t], rows [C_t, row_width], deleted [D_t])``,
         keys ascending: the rows of the changed pairs that have one, and the changed
         keys that have none (deleted by TTL; or never given one, which a reader skips).
-        Reads through the store, never creates or moves rows."""
+        Reads through the store, never creates or moves rows; with TTL it first sweeps
+        the rows the next step would find expired (so their deletions are recorded)."""
         assert self.changes is not None, "track_changes(True) first"
+        if self.ttl is not None:  # the rows the next step sees expired go now (recorded)
+            self.store.expire(self.step + 1, force=True)
         comp, tables = self.changes.pairs()
         rows, found = self.lookup_rows(comp, tables)
         keys = self.keys_of(comp, tables)

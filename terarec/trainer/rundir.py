@@ -53,7 +53,9 @@ def check_resume(resume: Optional[Path], run_dir: Path) -> None:
     while ``run_dir`` holds a run of its own."""
     if resume is None:
         return
-    source_run = Path(resume).resolve().parent
+    from terarec.trainer.checkpoint.history import run_dir_of
+
+    source_run = run_dir_of(Path(resume).resolve())
     if source_run == Path(run_dir).resolve():
         return  # continuing this run
     if (Path(run_dir) / "metrics.jsonl").exists():

@@ -331,14 +331,14 @@ class TierChain(ChainAccess):
         stale[pos] = True
         return stale
 
-    def expire(self, step: int) -> int:
+    def expire(self, step: int, force: bool = False) -> int:
         """The TTL sweep, run by the owner as ``step`` starts (before :meth:`prepare`);
         does its work every :func:`sweep_every` steps. Deletes, tier by tier from the
         top, the rows not used since before ``step - ttl_steps`` (never rows locked for
         this step or the next), and their stale copies in the tiers below; a bottom-tier
         copy of a row held above is left alone (it is just an older copy). Returns the
         number of rows deleted."""
-        if self.ttl is None or step % sweep_every(self.ttl):
+        if self.ttl is None or (step % sweep_every(self.ttl) and not force):
             return 0
         before = step - self.ttl
         n = 0

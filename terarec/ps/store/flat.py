@@ -313,10 +313,10 @@ class FlatStore:
         self._slots_for(keys, tables, _given(rows), dup=dup)  # no step taken
 
     # -- TTL -------------------------------------------------------------------------
-    def expire(self, step: int) -> int:
+    def expire(self, step: int, force: bool = False) -> int:
         """The TTL sweep: expired slots die, and once dead slots outnumber live ones the
         tier is compacted (slot-indexed data remapped)."""
-        if self.ttl is None or step % sweep_every(self.ttl):
+        if self.ttl is None or (step % sweep_every(self.ttl) and not force):
             return 0
         live = self.tier.live_slots() if self.on_expire is not None else None
         gone_keys = self.tier.expire(step - self.ttl)

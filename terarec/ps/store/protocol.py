@@ -152,9 +152,9 @@ class SlotStore(Protocol):
         their durable tier as it is now (a restored snapshot) instead."""
         ...
 
-    def expire(self, step: int) -> int:
-        """The TTL sweep as step ``step`` starts (work every :func:`sweep_every` steps);
-        returns the rows deleted. With :attr:`on_expire` set, it is called with the
+    def expire(self, step: int, force: bool = False) -> int:
+        """The TTL sweep as step ``step`` starts (work every :func:`sweep_every` steps,
+        or now with ``force``); returns the rows deleted. With :attr:`on_expire` set, it is called with the
         deleted pairs ``(comp [D], tables [D])`` (a delta checkpoint's deletions)."""
         ...
 

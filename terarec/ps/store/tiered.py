@@ -226,8 +226,8 @@ class TieredStore:
         self._each(keys, tables, lambda t, c, pos, raw: c.load(
             raw, rows[pos], step, from_bottom=[0] if t in from_bottom else []))
 
-    def expire(self, step: int) -> int:
-        return sum(c.expire(step) for c in self.chains)
+    def expire(self, step: int, force: bool = False) -> int:
+        return sum(c.expire(step, force) for c in self.chains)
 
     def flush(self) -> None:
         for c in self.chains:

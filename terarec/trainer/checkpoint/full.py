@@ -247,8 +247,10 @@ def read_tables(path: Path, rank_dir: str = "", manifest: Optional[dict[str, Any
     tables = torch.load(base / f"{rank_dir}tables.pt", map_location="cpu", weights_only=True)
     record = _snapshot_record(base, base_m, rank_dir)
     if record is not None:
+        ttl = {t["name"]: t.get("ttl_steps") for t in base_m.get("config", {}).get("tables", [])}
+        fresh = {n: int(base_m["step"]) + 1 - v for n, v in ttl.items() if v is not None}
         try:
-            rows = ssd_snapshot.read_rows(record)
+            rows = ssd_snapshot.read_rows(record, fresh)
         except ssd_snapshot.SnapshotError as e:
             raise CheckpointError(f"{path}: {e}") from e
         for name, kr in rows.items():

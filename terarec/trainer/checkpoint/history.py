@@ -67,7 +67,8 @@ def save(run_dir: Path, parts: Components, source: Any, step: int, cfg: Config,
 def run_dir_of(path: Path) -> Path:
     """The run directory a checkpoint directory belongs to."""
     path = Path(path)
-    return path.parent.parent if path.parent.name in (KEPT, DELTAS) else path.parent
+    stepped = _STEP.match(path.name) and path.parent.name in (KEPT, DELTAS)
+    return path.parent.parent if stepped else path.parent
 
 
 def retired_path(run_dir: Path, step: int) -> Path:

@@ -32,6 +32,7 @@ from typing import Any, Optional
 import torch
 
 from terarec.ps.embedding import HierarchicalEmbeddingBagCollection
+from terarec.ps.tiers.protocol import LAST
 from terarec.ps.tiers.ssd import SSDStore, SSDTier
 
 FILE = "ssd.json"
@@ -137,14 +138,25 @@ def restore(embedding: HierarchicalEmbeddingBagCollection, record: dict[str, Any
     embedding.ssd_store.restore(verify(record))
 
 
-def read_rows(record: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
+def read_rows(record: dict[str, Any], fresh_from: Optional[dict[str, int]] = None
+              ) -> dict[str, dict[str, torch.Tensor]]:
     """Every row of the snapshot's tables, ``{name: {"keys": [R], "rows": [R, W]}}``
-    (in memory: for tools, tests and small tables). Opens the snapshot read-only."""
+    (in memory: for tools, tests and small tables). Opens the snapshot read-only.
+
+    Args:
+        fresh_from: per table with TTL, the step from which a row counts as alive: a
+            snapshot keeps the rows that expired since the last sweep (their metadata
+            says so, and a restore treats them as expired); they are left out here.
+    """
     store = SSDStore(verify(record), read_only=True)
     try:
         out = {}
         for name, t in record["tables"].items():
-            keys, rows = SSDTier(store, t["row_width"], table_id=t["table_id"]).export()
+            tier = SSDTier(store, t["row_width"], table_id=t["table_id"])
+            keys, rows, meta = tier.export(with_meta=True)
+            if fresh_from is not None and name in fresh_from:
+                alive = meta[:, LAST] >= fresh_from[name]
+                keys, rows = keys[alive], rows[alive]
             out[name] = {"keys": keys, "rows": rows}
         return out
     finally:
