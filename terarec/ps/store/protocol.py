@@ -154,8 +154,9 @@ class SlotStore(Protocol):
 
     def expire(self, step: int, force: bool = False) -> int:
         """The TTL sweep as step ``step`` starts (work every :func:`sweep_every` steps,
-        or now with ``force``); returns the rows deleted. With :attr:`on_expire` set, it is called with the
-        deleted pairs ``(comp [D], tables [D])`` (a delta checkpoint's deletions)."""
+        or now with ``force``); returns the rows deleted. With :attr:`on_expire` set,
+        it is called with the deleted pairs ``(comp [D], tables [D])`` (a delta
+        checkpoint's deletions)."""
         ...
 
     def flush(self) -> None:
