@@ -16,6 +16,12 @@ the bytes written (new files; hard links to existing SST files do not count) and
 peak resident memory the save added (``VmHWM`` after resetting it through
 ``/proc/self/clear_refs``, minus ``VmRSS`` before). Ratios are snapshot / export.
 
+Then a **delta** after ``--changed`` (default 1%) of the rows changed, of the same SSD
+table and of the same rows held in memory (an untiered table, whose full checkpoint is
+the export): the changed rows read through the tiers and written to
+``rows.safetensors``, against the bytes of the table's rows (keys + rows) and the time
+of the full save of the same run.
+
     python benchmarks/checkpoint_bench.py [--rows 1000000] [--json]
 """
 
@@ -29,9 +35,10 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
+from safetensors.torch import save_file
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from terarec.config import SparseOptimConfig, TableConfig
@@ -75,15 +82,53 @@ def inodes(root: Path) -> set[tuple[int, int]]:
 
 
 def build(
-    args: argparse.Namespace, db: Path
-) -> tuple[HierarchicalEmbeddingBagCollection, SSDStore]:
-    store = SSDStore(db, SSDTierConfig(path=str(db)))
-    table = TableConfig(name="t", dim=args.dim, device_rows=args.device_rows,
-                        host_rows=args.host_rows)
+    args: argparse.Namespace, db: Optional[Path]
+) -> tuple[HierarchicalEmbeddingBagCollection, Optional[SSDStore]]:
+    """The SSD-tiered table on a DB at ``db``; ``db=None``: the table in memory."""
+    store = None if db is None else SSDStore(db, SSDTierConfig(path=str(db)))
+    tiers = {} if db is None else {"device_rows": args.device_rows, "host_rows": args.host_rows}
+    table = TableConfig(name="t", dim=args.dim, **tiers)
     ebc = HierarchicalEmbeddingBagCollection(
         [table], ["f"], SparseOptimConfig(kind="rowwise_adagrad", lr=0.01), seed=0,
         ssd_store=store)
     return ebc, store
+
+
+def train_on(ebc: HierarchicalEmbeddingBagCollection, keys: torch.Tensor, args: argparse.Namespace,
+             steps: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        batch = keys[torch.randint(0, keys.numel(), (args.batch,), generator=g)]
+        kjt = KeyedJaggedTensor.from_lengths_sync(["f"], batch, torch.ones(args.batch,
+                                                                          dtype=torch.int64))
+        ebc(kjt).values().sum().backward()
+
+
+def delta(ebc: HierarchicalEmbeddingBagCollection, args: argparse.Namespace, out: Path
+          ) -> dict[str, Any]:
+    """Changes ``--changed`` of the rows (a step over exactly those keys, repeated), then
+    writes a delta's rows file; its bytes against the table's row bytes."""
+    keys, _ = ebc.tables[0].export() if ebc.ssd_store is None else (None, None)
+    if keys is None:  # the SSD table: its keys from the store (untimed)
+        keys = ebc.tables[0].group.export_table(0)[0]
+    n = max(1, int(keys.numel() * args.changed))
+    changed = keys[torch.randperm(keys.numel(), generator=torch.Generator().manual_seed(5))[:n]]
+    ebc.track_changes(True)
+    train_on(ebc, changed, args, steps=3, seed=6)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        state = ebc.changed_state()
+        save_file({f"t/{k}": v.contiguous() for k, v in state["t"].items()},
+                  out / "rows.safetensors")
+
+    seconds, peak = measured(save)
+    width = ebc.groups[0].row_width
+    table_bytes = ebc.num_rows()["t"] * (8 + 4 * width)
+    written = (out / "rows.safetensors").stat().st_size
+    return {"changed_rows": n, "save_s": seconds, "save_peak_rss_bytes": peak,
+            "bytes_written": written, "table_row_bytes": table_bytes,
+            "bytes_vs_table": written / table_bytes}
 
 
 def fill(ebc: HierarchicalEmbeddingBagCollection, args: argparse.Namespace) -> None:
@@ -131,11 +176,29 @@ def one_way(way: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
 
     restore_s, restore_peak = measured(load)
     assert ebc2.num_rows() == ebc.num_rows(), (ebc2.num_rows(), ebc.num_rows())
+    result = {"save_s": seconds, "save_peak_rss_bytes": peak, "bytes_written": written,
+              "restore_s": restore_s, "restore_peak_rss_bytes": restore_peak}
+    if way == "snapshot":
+        result["delta"] = delta(ebc, args, root / way / "delta")
     store.close()
     store2.close()
     shutil.rmtree(root / way, ignore_errors=True)
-    return {"save_s": seconds, "save_peak_rss_bytes": peak, "bytes_written": written,
-            "restore_s": restore_s, "restore_peak_rss_bytes": restore_peak}
+    return result
+
+
+def in_memory(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """The same rows in an untiered table: the full save (every row into ``tables.pt``)
+    and a delta after ``--changed`` of them changed."""
+    ebc, _ = build(args, None)
+    fill(ebc, args)
+    out = root / "memory"
+    out.mkdir(parents=True)
+    seconds, peak = measured(lambda: torch.save(ebc.tables_state_dict(), out / "tables.pt"))
+    full = {"save_s": seconds, "save_peak_rss_bytes": peak,
+            "bytes_written": (out / "tables.pt").stat().st_size}
+    result = {"full": full, "delta": delta(ebc, args, out / "delta")}
+    shutil.rmtree(out, ignore_errors=True)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host-rows", type=int, default=131_072)
     p.add_argument("--batch", type=int, default=32_768)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--changed", type=float, default=0.01, help="rows changed before a delta")
     p.add_argument("--dir", default=None, help="where the DBs go (default: a temp dir)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -155,12 +219,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for way in ("export", "snapshot"):
             out[way] = one_way(way, args, root)
-        e, s = out["export"], out["snapshot"]
+        out["memory"] = in_memory(args, root)
+        e, s, m = out["export"], out["snapshot"], out["memory"]
         out["ratios"] = {
             "save_s": s["save_s"] / e["save_s"],
             "save_peak_rss": s["save_peak_rss_bytes"] / max(e["save_peak_rss_bytes"], 1),
             "bytes_written": s["bytes_written"] / max(e["bytes_written"], 1),
             "restore_s": s["restore_s"] / e["restore_s"],
+            "ssd_delta_bytes_vs_table": s["delta"]["bytes_vs_table"],
+            "memory_delta_bytes_vs_table": m["delta"]["bytes_vs_table"],
+            "memory_delta_s_vs_full_save": m["delta"]["save_s"] / m["full"]["save_s"],
         }
     finally:
         if args.dir is None:
@@ -173,7 +241,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{way:9s} save {r['save_s']:.3f}s (peak +{r['save_peak_rss_bytes'] / 2**20:.0f}"
                   f" MiB, {r['bytes_written'] / 2**20:.1f} MiB written) | restore "
                   f"{r['restore_s']:.3f}s (peak +{r['restore_peak_rss_bytes'] / 2**20:.0f} MiB)")
-        print("snapshot / export:", {k: round(v, 4) for k, v in out["ratios"].items()})
+        for name, d in (("ssd", out["snapshot"]["delta"]), ("memory", out["memory"]["delta"])):
+            print(f"{name:6s} delta ({d['changed_rows']} rows changed): save "
+                  f"{d['save_s']:.3f}s, {d['bytes_written'] / 2**20:.1f} MiB = "
+                  f"{d['bytes_vs_table']:.4f} of the table's rows")
+        print(f"memory full save {out['memory']['full']['save_s']:.3f}s")
+        print("ratios:", {k: round(v, 4) for k, v in out["ratios"].items()})
     return 0
 
 

@@ -3,7 +3,7 @@
 :func:`build_components` builds them for a config (on one process, or as one rank of a
 multi-rank job: tables sharded over the fast group, the model in DDP, replicas kept in
 step by a ``ReplicaSync``); the run loop (``trainer/loop.py``), checkpoints
-(``trainer/checkpoint.py``) and tools take them from here.
+(``trainer/checkpoint/``) and tools take them from here.
 """
 
 from __future__ import annotations

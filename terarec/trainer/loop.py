@@ -5,7 +5,7 @@ lands in ``runs/<name>/``: ``metrics.jsonl``, ``summary.json``, ``curves.png``,
 ``config.yaml``, ``checkpoint/`` (saved at the end and, with ``train.checkpoint_every``,
 every N steps) and, for tables with a host budget, the SSD tier (``ssd/`` by default;
 see ``trainer/tiers.py``). What a run is built from is ``trainer/components.py``, its
-eval ``trainer/evaluate.py``, its checkpoints ``trainer/checkpoint.py``.
+eval ``trainer/evaluate.py``, its checkpoints ``trainer/checkpoint/``.
 
 ``train(cfg, dist=ctx)`` is one rank of a multi-rank job (``ctx``: the launch layer's
 ``DistContext``): the tables sharded over the fast group (``ps/``), the dense model in

@@ -166,6 +166,26 @@ def test_a_resumed_two_rank_run_ends_where_the_straight_run_ends(
 
 
 @pytest.mark.numerics
+@pytest.mark.slow  # two 2-rank launches
+def test_a_two_rank_run_resumed_from_a_delta_ends_where_the_straight_run_ends(
+    work: Path, two_ranks: dict[str, Any]
+) -> None:
+    """Each rank writes its delta (``deltas/step<N>/rank<r>/``); a resume reads each
+    rank's chain (full + deltas, SSD tier snapshots included) and ends bit for bit."""
+    steps = two_ranks["train"]["steps"]
+    cfg = equivalence_config(work, 2, "two-delta", steps=steps // 2 + 1)
+    cfg["train"].update(delta_every=2, keep_checkpoints=2)  # full@2 (no parent yet), deltas
+    _ranks(work, cfg, 2, 2)
+    delta = run_dir(cfg) / "deltas" / f"step{steps // 2}"
+    manifest = json.loads((delta / "manifest.json").read_text())
+    assert manifest["kind"] == "delta" and manifest["world"]["size"] == 2
+    assert {"rank0/rows.safetensors", "rank1/rows.safetensors"} <= set(manifest["files"])
+    cfg["train"]["steps"] = steps
+    _ranks(work, cfg, 2, 2, "--resume", str(delta))
+    assert_same_run(cfg, two_ranks, exact=True)
+
+
+@pytest.mark.numerics
 def test_ranks_stop_together_at_an_uneven_end_of_data(work: Path) -> None:
     """A finite pass whose last global batch splits 6 / 5 over two ranks: both stop
     before it (drop_last); the steps before match one process, which trains it too."""

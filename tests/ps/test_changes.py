@@ -13,7 +13,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from terarec.config import SparseOptimConfig, TableConfig
 from terarec.ps.changes import ChangedPairs
-from terarec.ps.embedding import HierarchicalEmbeddingBagCollection, permute_features
+from terarec.ps.embedding import HierarchicalEmbeddingBagCollection
+from terarec.ps.features import permute_features
 
 
 def kjt_of(keys: list[int]) -> KeyedJaggedTensor:
