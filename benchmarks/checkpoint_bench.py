@@ -94,19 +94,9 @@ def build(
     return ebc, store
 
 
-def train_on(ebc: HierarchicalEmbeddingBagCollection, keys: torch.Tensor, args: argparse.Namespace,
-             steps: int, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        batch = keys[torch.randint(0, keys.numel(), (args.batch,), generator=g)]
-        kjt = KeyedJaggedTensor.from_lengths_sync(["f"], batch, torch.ones(args.batch,
-                                                                          dtype=torch.int64))
-        ebc(kjt).values().sum().backward()
-
-
 def delta(ebc: HierarchicalEmbeddingBagCollection, args: argparse.Namespace, out: Path
           ) -> dict[str, Any]:
-    """Changes ``--changed`` of the rows (a step over exactly those keys, repeated), then
+    """Changes ``--changed`` of the rows (steps over exactly those keys, each once), then
     writes a delta's rows file; its bytes against the table's row bytes."""
     keys, _ = ebc.tables[0].export() if ebc.ssd_store is None else (None, None)
     if keys is None:  # the SSD table: its keys from the store (untimed)
@@ -114,7 +104,10 @@ def delta(ebc: HierarchicalEmbeddingBagCollection, args: argparse.Namespace, out
     n = max(1, int(keys.numel() * args.changed))
     changed = keys[torch.randperm(keys.numel(), generator=torch.Generator().manual_seed(5))[:n]]
     ebc.track_changes(True)
-    train_on(ebc, changed, args, steps=3, seed=6)
+    for batch in changed.split(args.batch):  # every changed key trained once
+        kjt = KeyedJaggedTensor.from_lengths_sync(["f"], batch, torch.ones(batch.numel(),
+                                                                          dtype=torch.int64))
+        ebc(kjt).values().sum().backward()
     out.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
