@@ -116,7 +116,8 @@ def test_k4_merges_and_replicas_agree(work: Path, sync_run: dict[str, Any]) -> N
 def test_a_resumed_k4_run_ends_where_the_straight_run_ends(work: Path) -> None:
     """Replicas' dense optimizer states differ between merges (``dense: params`` merges
     the weights only) and so does the bf16 merge's error feedback: each rank saves and
-    restores its own, so a run resumed at a merge ends where the straight run ends."""
+    restores its own, so a run resumed at a merge ends where the straight run ends, from a
+    full checkpoint or from a delta."""
     steps = 16
 
     def config(name: str, n: int) -> dict[str, Any]:
@@ -131,3 +132,12 @@ def test_a_resumed_k4_run_ends_where_the_straight_run_ends(work: Path) -> None:
     cfg["train"]["steps"] = steps
     _nodes(work, cfg, 2, "--resume", str(run_dir(cfg) / "checkpoint"))
     assert_same_run(cfg, straight, exact=True)  # the same ranks, kernels and batches
+    # from a delta (taken at a merge): full@4 (no parent yet), delta@8, resumed at 8
+    cfg = config("k4-delta", steps // 2 + 1)
+    cfg["train"].update(delta_every=4, keep_checkpoints=2)
+    _nodes(work, cfg, 2)
+    delta = run_dir(cfg) / "deltas" / f"step{steps // 2}"
+    assert json.loads((delta / "manifest.json").read_text())["kind"] == "delta"
+    cfg["train"]["steps"] = steps
+    _nodes(work, cfg, 2, "--resume", str(delta))
+    assert_same_run(cfg, straight, exact=True)
