@@ -26,12 +26,12 @@ from terarec.config import ConfigError, DataKind, config_from_dict, load_config
 def _checkpoint_dir(path: str) -> Path:
     """``runs/<name>`` (its newest checkpoint that verifies, full or delta) or a
     checkpoint directory -> the checkpoint directory."""
-    from terarec.trainer.checkpoint import latest_valid
+    from terarec.trainer.checkpoint.history import DELTAS, FULL, KEPT, latest_valid
 
     p = Path(path)
-    if (p / "manifest.json").is_file() or not (p / "checkpoint").is_dir():
+    if (p / "manifest.json").is_file() or not any((p / d).is_dir() for d in (FULL, KEPT, DELTAS)):
         return p
-    return latest_valid(p) or p / "checkpoint"
+    return latest_valid(p) or p / FULL  # (none verifies: the error names checkpoint/)
 
 
 def _train(args: argparse.Namespace) -> int:

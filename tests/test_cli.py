@@ -328,3 +328,23 @@ def test_resume_auto(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert code == 0, err
     assert "starting fresh" in out  # the damaged checkpoint was not taken
     assert json.loads((runs / "cli_run" / "summary.json").read_text())["steps"] == 10
+
+
+def test_resume_auto_takes_a_delta_and_eval_reads_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run whose newest checkpoint is a delta: ``--resume auto`` and ``--resume runs/x``
+    continue from it, ``terarec eval`` reads it (its chain) like any checkpoint."""
+    runs = tmp_path / "runs"
+    deltas = ["--set", "train.delta_every=4", "--set", "train.keep_checkpoints=2"]
+    code, _, err = run(train_argv(runs, "--set", "train.steps=9", *deltas), capsys)
+    assert code == 0, err
+    run_dir = runs / "cli_run"
+    shutil.rmtree(run_dir / "checkpoint")  # as if killed after the delta of step 8
+    code, out, err = run(["eval", "--run", str(run_dir)], capsys)
+    assert code == 0, err
+    code, out, err = run(train_argv(runs, "--set", "train.steps=12", "--resume", "auto",
+                                    *deltas), capsys)
+    assert code == 0, err
+    assert str(run_dir / "deltas" / "step8") in out
+    assert json.loads((run_dir / "summary.json").read_text())["samples"] == 12 * 64
