@@ -171,7 +171,7 @@ class _Run:
             self.last_ckpt = (Path(resume), self.step)
             if self.main:
                 _drop_records_after(self.reporter.metrics_path, self.step)
-                history.drop_deltas_after(run_dir, self.step)  # a future rewritten
+                history.drop_after(run_dir, self.step)  # a future rewritten
             # The optimizer's saved param_groups carry the old lr; the config wins, as it
             # does for the sparse optimizer (resuming with a lower lr after a divergence).
             for group in parts.dense_optimizer.param_groups:

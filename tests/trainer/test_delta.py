@@ -242,3 +242,21 @@ def test_killed_during_a_delta_save_the_previous_checkpoint_loads(
     resumed = train(tiny_config(name="killed", **over), resume=newest)
     assert_same_end(runs / "straight", straight, run, resumed)
     assert not (run / "deltas" / "step30.tmp").exists()
+
+
+def test_resuming_an_older_checkpoint_drops_the_newer_ones(
+    tiny_config: Callable[..., Config],
+) -> None:
+    """Resumed at step 20 (the run had reached 40), the checkpoints past 20 belong to
+    the abandoned future: gone, so ``--resume auto`` never takes them later."""
+    over = {"train": {"checkpoint_every": 10, "delta_every": 5, "keep_checkpoints": 3}}
+    cfg = tiny_config(name="back", **over)
+    train(cfg)
+    run = Path(cfg.train.runs_dir) / "back"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step20", "step30"]
+    again = tiny_config(name="back", **with_train(over, steps=25))
+    train(again, resume=run / "checkpoints" / "step20")
+    assert latest_valid(run) == run / "checkpoint"
+    assert read_manifest(run / "checkpoint")["step"] == 25
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step20"]
+    assert sorted(p.name for p in (run / "deltas").iterdir()) == []  # step 25's base: 20

@@ -140,9 +140,11 @@ def prune(run_dir: Path, keep: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def drop_deltas_after(run_dir: Path, step: int) -> None:
-    """Deletes the deltas past ``step`` (a run resumed at ``step`` writes them again)."""
-    for s, p in deltas(run_dir):
+def drop_after(run_dir: Path, step: int) -> None:
+    """Deletes the checkpoints past ``step``, full or delta: a run resumed at ``step``
+    (from an older checkpoint than its newest) writes that future again, and a newer
+    checkpoint of the abandoned one must not be taken for it (``--resume auto``)."""
+    for s, p in fulls(run_dir) + deltas(run_dir):
         if s > step:
             shutil.rmtree(p, ignore_errors=True)
 
