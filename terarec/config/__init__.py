@@ -402,9 +402,10 @@ class Config:
         )
         delta = self.train.delta_every
         _check(
-            k == 1 or delta == 0 or delta % k == 0,
+            k == 1 or delta == 0 or (delta % k == 0 and self.sync.warmup_steps % k == 0),
             f"train.delta_every: with sync.k = {k} a delta must fall on a merge: make it "
-            f"a multiple of {k} (got {delta})",
+            f"a multiple of {k}, and sync.warmup_steps too (got delta_every {delta}, "
+            f"warmup_steps {self.sync.warmup_steps})",
         )
         if self.ssd.path is None:
             for i, t in enumerate(self.tables):

@@ -331,13 +331,14 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
 
     def changed_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """Per table, what changed since the last :meth:`clear_changes`: ``keys`` int64
-        ``[C]`` ascending and their ``rows`` ``[C, dim + state]``, and ``deleted`` int64
-        ``[D]``, keys without a row now (this rank's pairs when sharded)."""
+        ``[C]`` ascending, their ``rows`` ``[C, dim + state]`` and ``last`` int64 ``[C]``
+        (each row's last training step), and ``deleted`` int64 ``[D]``, keys without a
+        row now (this rank's pairs when sharded)."""
         per_group = {g: g.changed_tables() for g in self.groups}
         out = {}
         for t in self.tables:
-            keys, rows, deleted = per_group[t.group][t.index]
-            out[t.name] = {"keys": keys, "rows": rows, "deleted": deleted}
+            keys, rows, deleted, last = per_group[t.group][t.index]
+            out[t.name] = {"keys": keys, "rows": rows, "deleted": deleted, "last": last}
         return out
 
     def clear_changes(self) -> None:
@@ -377,6 +378,8 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
             t.check_state(state[t.name])
         for g in self.groups:
             mine = [t for t in self.tables if t.group is g]
+            # the saved clock (older checkpoints: none, the count restarts)
+            g.step = int(state[mine[0].name].get("group_step", g.step))
             g.load_tables([
                 None if state[t.name].get("ssd") else self._owned_rows(t, state[t.name])
                 for t in mine

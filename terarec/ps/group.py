@@ -37,6 +37,7 @@ from terarec.ps.changes import ChangedPairs
 from terarec.ps.initializer import init_rows
 from terarec.ps.store.factory import build_store, is_tiered
 from terarec.ps.store.protocol import SlotStore
+from terarec.ps.tiers.protocol import LAST
 from terarec.ps.tiers.ssd import SSDStore
 from terarec.ps.touched import TouchedRows
 
@@ -316,11 +317,13 @@ class TableGroup:
         self.version += 1
 
     def lookup_rows(
-        self, comp: torch.Tensor, tables: torch.Tensor
+        self, comp: torch.Tensor, tables: torch.Tensor, meta_out: Optional[torch.Tensor] = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows of pairs ``[N, row_width]`` (zeros where absent or expired) and
-        ``found [N]``; never creates or moves rows (evaluation)."""
-        return self.store.lookup_rows(comp, self._tables(tables), fresh_from=self._fresh_from())
+        ``found [N]``; never creates or moves rows (evaluation). ``meta_out`` (int64
+        ``[N, 2]``, given): the found rows' ``(last_step, freq)``."""
+        return self.store.lookup_rows(comp, self._tables(tables), fresh_from=self._fresh_from(),
+                                      meta_out=meta_out)
 
     def read(self, slots: torch.Tensor, cols: Optional[int] = None) -> torch.Tensor:
         """Rows at ``slots`` ``[N, row_width]`` (the first ``cols`` columns only when
@@ -374,9 +377,12 @@ class TableGroup:
         tables = torch.full((comp.numel(),), t, dtype=torch.int64, device=comp.device)
         return self.keys_of(comp, tables), rows
 
-    def changed_tables(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def changed_tables(
+        self,
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The pairs changed since the last checkpoint (:meth:`track_changes` must be
-        on), per table ``t``: ``(keys [C_t], rows [C_t, row_width], deleted [D_t])``,
+        on), per table ``t``: ``(keys [C_t], rows [C_t, row_width], deleted [D_t],
+        last [C_t])`` (``last``: each row's last training step, on the CPU),
         keys ascending: the rows of the changed pairs that have one, and the changed
         keys that have none (deleted by TTL; or never given one, which a reader skips).
         Reads through the store, never creates or moves rows; with TTL it first sweeps
@@ -385,15 +391,17 @@ class TableGroup:
         if self.ttl is not None:  # the rows the next step sees expired go now (recorded)
             self.store.expire(self.step + 1, force=True)
         comp, tables = self.changes.pairs()
-        rows, found = self.lookup_rows(comp, tables)
+        meta = torch.zeros(comp.numel(), 2, dtype=torch.int64)
+        rows, found = self.lookup_rows(comp, tables, meta_out=meta)
         keys = self.keys_of(comp, tables)
         keys, order = torch.sort(keys, stable=True)
         tables, found, rows = tables[order], found[order], rows[order]
+        last = meta[order.cpu(), LAST]
         out = []
         for t in range(self.num_tables):
             mine = tables == t
             live, dead = (mine & found).nonzero().squeeze(1), (mine & ~found).nonzero().squeeze(1)
-            out.append((keys[live], rows[live], keys[dead]))
+            out.append((keys[live], rows[live], keys[dead], last[live.cpu()]))
         return out
 
     def persist(self) -> list[str]:

@@ -79,7 +79,8 @@ class EmbeddingTable:
 
     def state_dict(self, rows: bool = True) -> dict[str, Any]:
         """``keys``, ``rows``, ``optimizer``; the group's first table also carries the
-        group's admission sketch (``admission``), when it has one. Without ``rows`` (a
+        group's step counter (``group_step``) and its admission sketch (``admission``),
+        when it has one. Without ``rows`` (a
         table whose SSD tier is checkpointed as a snapshot): ``ssd: True`` and the row
         count (``num_rows``) instead of keys and rows."""
         if rows:
@@ -88,8 +89,11 @@ class EmbeddingTable:
         else:
             state = {"ssd": True, "num_rows": len(self)}
         state["optimizer"] = self.optimizer.state_dict()
-        if self.index == 0 and self.group.admission is not None:
-            state["admission"] = self.group.admission.state_dict()
+        if self.index == 0:
+            # the group's clock: rows' last-use steps (TTL, recency) are read against it
+            state["group_step"] = self.group.step
+            if self.group.admission is not None:
+                state["admission"] = self.group.admission.state_dict()
         return state
 
     def check_state(self, state: dict[str, Any]) -> None:

@@ -169,9 +169,11 @@ class _Run:
             self.step = load_checkpoint(resume, parts, self.source)
             samples = int(read_manifest(resume, verify=False).get("samples", 0))
             self.last_ckpt = (Path(resume), self.step)
-            if self.main:
+            if self.multi:  # every rank has read its checkpoint before any goes
+                torch.distributed.barrier(group=d.world)
+            if self.main:  # the future this run writes again: checkpoints, then metrics
+                history.drop_after(run_dir, self.step)
                 _drop_records_after(self.reporter.metrics_path, self.step)
-                history.drop_after(run_dir, self.step)  # a future rewritten
             # The optimizer's saved param_groups carry the old lr; the config wins, as it
             # does for the sparse optimizer (resuming with a lower lr after a divergence).
             for group in parts.dense_optimizer.param_groups:

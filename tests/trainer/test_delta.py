@@ -260,3 +260,27 @@ def test_resuming_an_older_checkpoint_drops_the_newer_ones(
     assert read_manifest(run / "checkpoint")["step"] == 25
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step20"]
     assert sorted(p.name for p in (run / "deltas").iterdir()) == []  # step 25's base: 20
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("layout", ["memory", "ttl", "ssd", "ttl-ssd"])
+def test_resuming_a_chain_or_the_full_checkpoint_of_its_step_ends_alike(
+    tiny_config: Callable[..., Config], layout: str
+) -> None:
+    """Resumed from full@35 and from the chain full@20 + deltas up to 35, two runs end
+    bit for bit alike (with TTL too: both restore every row as used at step 35, on the
+    saved clock)."""
+    over = with_train(LAYOUTS[layout], eval_every=20, log_every=5)
+    runs = Path(tiny_config().train.runs_dir)
+    ends = {}
+    for name, extra, at in (("a", {"checkpoint_every": 5, "keep_checkpoints": 10},
+                             "checkpoints/step35"),
+                            ("b", {"checkpoint_every": 20, "delta_every": 5,
+                                   "keep_checkpoints": 2}, "deltas/step35")):
+        cfg = tiny_config(name=name, **with_train(over, **extra))
+        train(cfg)
+        ends[name] = train(tiny_config(name=name, **with_train(over, **extra)),
+                           resume=runs / name / at)
+    for key in ("steps", "samples", "final_eval", "rows"):
+        assert_same(ends["a"][key], ends["b"][key], key)
+    assert_same(tables_by_key(runs / "a" / "checkpoint"), tables_by_key(runs / "b" / "checkpoint"))

@@ -86,10 +86,12 @@ class ChainAccess:
         keys: torch.Tensor,
         tables: Optional[torch.Tensor] = None,
         fresh_from: Optional[int] = None,
+        meta_out: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows of ``keys`` ``[N]`` without promoting or creating them:
         ``(rows [N, row_width], found [N] bool)``. With ``fresh_from`` (TTL), rows not
-        used since before that step read as absent."""
+        used since before that step read as absent. ``meta_out`` (int64 ``[N, 2]``,
+        given): the found rows' metadata (a scratch pad row: used at this step)."""
         out = torch.zeros(keys.numel(), self.row_width, device=self.top.device)
         found = torch.zeros(keys.numel(), dtype=torch.bool, device=out.device)
         pending = torch.arange(keys.numel(), device=keys.device)
@@ -98,17 +100,21 @@ class ChainAccess:
                 break
             got = torch.zeros(pending.numel(), self.row_width, device=out.device)
             hit = torch.ones(pending.numel(), dtype=torch.bool, device=out.device)
+            got_meta = torch.zeros(pending.numel(), META_WIDTH, dtype=torch.int64)
             if tier is self.scratch:  # rows of the step being trained: fresh
                 hit[tier.find(keys[pending], got)] = False
                 fresh = hit
+                got_meta[:, LAST] = self.step
             else:
-                got_meta = torch.zeros(pending.numel(), META_WIDTH, dtype=torch.int64)
                 hit[tier.find(keys[pending], got, got_meta)] = False
                 fresh = hit
                 if fresh_from is not None:  # a stale copy: those below are older still
                     fresh = hit & (got_meta[:, LAST] >= fresh_from).to(hit.device)
             out[pending[fresh]] = got[fresh]
             found[pending[fresh]] = True
+            if meta_out is not None:
+                at = fresh.to(got_meta.device)
+                meta_out[pending[fresh].to(meta_out.device)] = got_meta[at].to(meta_out.device)
             pending = pending[~hit]
         return out, found
 

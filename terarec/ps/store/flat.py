@@ -231,12 +231,15 @@ class FlatStore:
         keys: torch.Tensor,
         tables: Optional[torch.Tensor] = None,
         fresh_from: Optional[int] = None,
+        meta_out: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         slots = self._find(keys, self._tables(keys, tables), fresh_from)
         found = slots >= 0
         out = torch.zeros(keys.numel(), self.row_width, device=keys.device)
         hit = found.nonzero().squeeze(1)
         out[hit] = self.tier.read(slots[hit])
+        if meta_out is not None:
+            meta_out[hit.to(meta_out.device)] = self.tier.read_meta(slots[hit]).to(meta_out.device)
         return out, found
 
     def overwrite(

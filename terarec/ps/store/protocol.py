@@ -111,9 +111,11 @@ class SlotStore(Protocol):
         keys: torch.Tensor,
         tables: Optional[torch.Tensor] = None,
         fresh_from: Optional[int] = None,
+        meta_out: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(rows [N, row_width], found [N])`` of pairs (duplicates allowed), zeros
-        where absent or (TTL) last used before ``fresh_from``; moves and creates nothing."""
+        where absent or (TTL) last used before ``fresh_from``; moves and creates nothing.
+        ``meta_out`` (int64 ``[N, 2]``, given): the found rows' ``(last_step, freq)``."""
         ...
 
     def overwrite(

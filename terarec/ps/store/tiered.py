@@ -190,12 +190,16 @@ class TieredStore:
         keys: torch.Tensor,
         tables: Optional[torch.Tensor] = None,
         fresh_from: Optional[int] = None,
+        meta_out: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         out = torch.zeros(keys.numel(), self.row_width, device=self.device)
         found = torch.zeros(keys.numel(), dtype=torch.bool, device=self.device)
 
         def one(t: int, chain: TierChain, pos: torch.Tensor, raw: torch.Tensor) -> None:
-            out[pos], found[pos] = chain.lookup_rows(raw, fresh_from=fresh_from)
+            meta = None if meta_out is None else meta_out.new_zeros(pos.numel(), 2)
+            out[pos], found[pos] = chain.lookup_rows(raw, fresh_from=fresh_from, meta_out=meta)
+            if meta_out is not None:
+                meta_out[pos.to(meta_out.device)] = meta
 
         self._each(keys, tables, one)
         return out, found

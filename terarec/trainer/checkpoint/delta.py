@@ -9,8 +9,9 @@ step and the sha256 of its ``manifest.json``. Instead of every row it holds::
     rows.safetensors   per table <name>: "<name>/keys" int64 [C] ascending, the keys
                        whose row changed since the parent; "<name>/rows" float32
                        [C, dim + state] their rows (weights, then the sparse optimizer's
-                       state); "<name>/deleted" int64 [D] keys that have no row any more
-                       (TTL), or never had one (a reader skips those)
+                       state); "<name>/last" int64 [C] each row's last training step;
+                       "<name>/deleted" int64 [D] keys that have no row any more (TTL),
+                       or never had one (a reader skips those)
     tables.pt          per table: its optimizer state (step counter), row count and,
                        with admission, the group's sketch, as at this step
 
@@ -180,5 +181,6 @@ def _apply_ssd(store: SSDStore, table: dict[str, Any], change: dict[str, torch.T
     keys = change["keys"]
     if keys.numel():
         meta = torch.zeros(keys.numel(), META_WIDTH, dtype=torch.int64)
-        meta[:, LAST] = step  # as used at the delta's step (a full restore's rule)
+        # each row's last use, as the SSD snapshot of a full checkpoint keeps it
+        meta[:, LAST] = change["last"] if "last" in change else step
         tier.insert(keys, change["rows"], meta)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -29,6 +30,8 @@ from terarec.trainer.ranks import all_fast_groups
 
 if TYPE_CHECKING:
     from terarec.trainer.components import Components
+
+log = logging.getLogger("terarec.trainer")
 
 # 1: every row in tables.pt; 2: tables with an SSD tier in snapshots (``ssd.json``);
 # 3: a delta (``kind: delta``: the rows changed since its parent). A full checkpoint is
@@ -167,16 +170,24 @@ def replace(tmp: Path, path: Path, retire_to: Optional[Path] = None) -> None:
             shutil.rmtree(old)
         os.replace(path, old)
     os.replace(tmp, path)
+    # The new checkpoint is in place: from here on nothing fails the save (the caller
+    # would drop what the new checkpoint points at, e.g. its SSD tier snapshot).
     try:
         fsync(path.parent)  # the renames; only then may the old checkpoint go
     except OSError as e:
-        raise CheckpointError(f"cannot make checkpoint {path} durable: {e}") from e
-    if retire_to is not None and old.exists():
-        retire_to.parent.mkdir(parents=True, exist_ok=True)
-        if retire_to.exists():
-            shutil.rmtree(retire_to)
-        os.replace(old, retire_to)
-        fsync(retire_to.parent)
+        log.warning("checkpoint %s: cannot fsync its directory (%s); the previous "
+                    "checkpoint is kept in %s", path, e, old)
+        return
+    try:
+        if retire_to is not None and old.exists():
+            retire_to.parent.mkdir(parents=True, exist_ok=True)
+            if retire_to.exists():
+                shutil.rmtree(retire_to)
+            os.replace(old, retire_to)
+            fsync(retire_to.parent)
+    except OSError as e:
+        log.warning("checkpoint %s: cannot keep the previous one as %s (%s)", path,
+                    retire_to, e)
     shutil.rmtree(old, ignore_errors=True)
 
 

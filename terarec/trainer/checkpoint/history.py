@@ -19,6 +19,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+import torch.distributed as dist
+
 from terarec.config import Config
 from terarec.trainer.checkpoint import ssd_snapshot
 from terarec.trainer.checkpoint.delta import save_delta
@@ -59,6 +61,8 @@ def save(run_dir: Path, parts: Components, source: Any, step: int, cfg: Config,
         snap = write_full(path, parts, source, step, cfg, samples, retire_to=retire)
         if main:
             prune(run_dir, keep)
+        if d is not None and d.world_size > 1:
+            dist.barrier(group=d.world)  # the kept set is final before ranks read it
         ssd_snapshot.keep_only(snap, kept_snapshots(run_dir, rank_dir))
     parts.embedding.clear_changes()
     return path
@@ -144,7 +148,8 @@ def drop_after(run_dir: Path, step: int) -> None:
     """Deletes the checkpoints past ``step``, full or delta: a run resumed at ``step``
     (from an older checkpoint than its newest) writes that future again, and a newer
     checkpoint of the abandoned one must not be taken for it (``--resume auto``)."""
-    for s, p in fulls(run_dir) + deltas(run_dir):
+    # newest first: a kill midway leaves no newer abandoned checkpoint than one deleted
+    for s, p in sorted(fulls(run_dir) + deltas(run_dir), key=lambda c: c[0], reverse=True):
         if s > step:
             shutil.rmtree(p, ignore_errors=True)
 
