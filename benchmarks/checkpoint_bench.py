@@ -20,7 +20,8 @@ Then a **delta** after ``--changed`` (default 1%) of the rows changed, of the sa
 table and of the same rows held in memory (an untiered table, whose full checkpoint is
 the export): the changed rows read through the tiers and written to
 ``rows.safetensors``, against the bytes of the table's rows (keys + rows) and the time
-of the full save of the same run.
+of the full save of the same run; and the in-memory table's restore from the full
+checkpoint alone and from the full checkpoint + the delta (the chain).
 
     python benchmarks/checkpoint_bench.py [--rows 1000000] [--json]
 """
@@ -45,6 +46,7 @@ from terarec.config import SparseOptimConfig, TableConfig
 from terarec.ps.embedding import HierarchicalEmbeddingBagCollection
 from terarec.ps.tiers.ssd import SSDStore, SSDTierConfig
 from terarec.trainer.checkpoint import ssd_snapshot
+from terarec.trainer.checkpoint.delta import merge, read_changes
 
 
 def _status(field: str) -> int:
@@ -190,6 +192,18 @@ def in_memory(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     full = {"save_s": seconds, "save_peak_rss_bytes": peak,
             "bytes_written": (out / "tables.pt").stat().st_size}
     result = {"full": full, "delta": delta(ebc, args, out / "delta")}
+
+    def restore(with_delta: bool) -> None:
+        state = torch.load(out / "tables.pt", weights_only=True)
+        if with_delta:  # the chain: the full checkpoint, then the delta applied
+            change = read_changes(out / "delta")["t"]
+            t = state["t"]
+            t["keys"], t["rows"] = merge(t["keys"], t["rows"], change)
+        fresh, _ = build(args, None)
+        fresh.load_tables_state_dict(state)
+
+    result["full"]["restore_s"] = measured(lambda: restore(False))[0]
+    result["delta"]["chain_restore_s"] = measured(lambda: restore(True))[0]
     shutil.rmtree(out, ignore_errors=True)
     return result
 
@@ -222,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
             "ssd_delta_bytes_vs_table": s["delta"]["bytes_vs_table"],
             "memory_delta_bytes_vs_table": m["delta"]["bytes_vs_table"],
             "memory_delta_s_vs_full_save": m["delta"]["save_s"] / m["full"]["save_s"],
+            "memory_chain_restore_vs_full_restore": (m["delta"]["chain_restore_s"]
+                                                     / m["full"]["restore_s"]),
         }
     finally:
         if args.dir is None:
@@ -238,7 +254,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:6s} delta ({d['changed_rows']} rows changed): save "
                   f"{d['save_s']:.3f}s, {d['bytes_written'] / 2**20:.1f} MiB = "
                   f"{d['bytes_vs_table']:.4f} of the table's rows")
-        print(f"memory full save {out['memory']['full']['save_s']:.3f}s")
+        mem = out["memory"]
+        print(f"memory full save {mem['full']['save_s']:.3f}s, restore "
+              f"{mem['full']['restore_s']:.3f}s; full + delta restore "
+              f"{mem['delta']['chain_restore_s']:.3f}s")
         print("ratios:", {k: round(v, 4) for k, v in out["ratios"].items()})
     return 0
 
