@@ -18,7 +18,10 @@ feature, dim 128, MLPs 512-256-128 / 1024-1024-512-256, Adam rows + Adam dense, 
   and ``synthetic-numpy`` (the host generator, one core).
 
 For ``e2e`` the rate is the median of the logged intervals after the first (steady state)
-and the whole run's; ratios are against ``step`` and ``plain`` of the same run.
+and the whole run's; ratios are against ``step`` and ``plain`` of the same run. With
+``--breakdown`` it also times, each on its own, the step + the loss check's host sync,
+the step + the metrics window's update and the GPU generator alone (ms a step, and each
+against the step alone).
 
     python benchmarks/train_e2e.py [--device cuda] [--steps 300] [--batch 16384]
         [--vocab 1000000] [--sources synthetic-torch,columnar,synthetic-numpy] [--json]
@@ -48,6 +51,7 @@ from terarec.data.columnar import write_dataset
 from terarec.data.synthetic import SyntheticGenerator, dense_names, sparse_names
 from terarec.models import build_model
 from terarec.trainer.loop import build_components, train
+from terarec.trainer.metrics import CTRMetrics
 from terarec.trainer.pipeline import TrainPipeline
 
 
@@ -166,6 +170,42 @@ def terarec_step_s(cfg: Config, batches: list[Any], args: argparse.Namespace,
     return s
 
 
+def breakdown_ms(cfg: Config, batches: list[Any], args: argparse.Namespace,
+                 device: torch.device) -> dict[str, float]:
+    """Milliseconds a step of what ``terarec train`` adds around the training step, each
+    measured on its own in this run: the step alone, the step + the loss check's host
+    sync, the step + the metrics window's update, and the GPU generator alone."""
+    parts = build_components(cfg)
+    out: dict[str, float] = {}
+    window = CTRMetrics(device=device)
+    variants = {
+        "step": (None, False),
+        "step+loss_sync": (lambda loss: bool(torch.isfinite(loss)), False),
+        "step+metrics_window": (None, True),
+    }
+    for name, (check, metrics) in variants.items():
+        pipe = TrainPipeline(parts.train_model, parts.dense_optimizer, parts.embedding, device,
+                             nn.BCEWithLogitsLoss(), overlap=False, check_loss=check,
+                             sync=parts.sync)
+        it = itertools.cycle(batches)
+
+        def one(i: int, pipe: Any = pipe, it: Any = it, metrics: bool = metrics) -> None:
+            o = pipe.progress(it)
+            if metrics:
+                window.update(torch.sigmoid(o.logits), o.batch.labels)
+
+        out[name] = 1000 * timed(one, args.steps, args.warmup, device)
+        pipe.close()
+    d = copy.deepcopy(cfg.data)
+    d.synthetic.generator = SyntheticBackend.TORCH
+    src = build_source(d, "train", seed=1, device=device)
+    gen = iter(src)
+    out["generator_torch"] = 1000 * timed(lambda i: next(gen), args.steps, args.warmup, device)
+    src.close()
+    torch.cuda.empty_cache()  # no-op without CUDA
+    return out
+
+
 def columnar_data(cfg: Config, root: Path, rows: int) -> Path:
     """A preprocessed dataset of ``rows`` samples from the numpy synthetic generator."""
     gen = SyntheticGenerator(cfg.data.synthetic, seed=2)
@@ -199,6 +239,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--sources",
                     default="synthetic-torch,columnar,columnar-overlap,synthetic-numpy")
     ap.add_argument("--numpy-steps", type=int, default=60, help="steps of synthetic-numpy")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time the step + each addition of the training loop alone")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -210,6 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sps: dict[str, Any] = {}
     sps["plain"] = args.batch / plain_step_s(base, batches, args, device)
     sps["step"] = args.batch / terarec_step_s(base, batches, args, device)
+    parts_ms = breakdown_ms(base, batches, args, device) if args.breakdown else None
     del batches
     torch.cuda.empty_cache()  # no-op without CUDA
     for source in args.sources.split(","):
@@ -244,6 +287,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result = {"device": name, "batch": args.batch,
               "steps": args.steps, "samples_per_s": sps, "ratios": ratios}
+    if parts_ms is not None:
+        result["breakdown_ms"] = parts_ms
+        result["breakdown_vs_step"] = {k: round(v / parts_ms["step"], 3)
+                                       for k, v in parts_ms.items()}
     print(json.dumps(result) if args.json else json.dumps(result, indent=1))
     return result
 

@@ -284,3 +284,16 @@ def test_resuming_a_chain_or_the_full_checkpoint_of_its_step_ends_alike(
     for key in ("steps", "samples", "final_eval", "rows"):
         assert_same(ends["a"][key], ends["b"][key], key)
     assert_same(tables_by_key(runs / "a" / "checkpoint"), tables_by_key(runs / "b" / "checkpoint"))
+
+
+def test_a_checkpoint_left_by_a_killed_save_is_kept(tiny_config: Callable[..., Config]) -> None:
+    """A save killed between its two renames leaves the previous full checkpoint in
+    ``checkpoint.old/``: with ``keep_checkpoints`` > 1 the next save keeps it."""
+    over = {"train": {"steps": 20, "checkpoint_every": 10, "keep_checkpoints": 3}}
+    cfg = tiny_config(name="left", **over)
+    train(cfg)
+    run = Path(cfg.train.runs_dir) / "left"
+    (run / "checkpoints" / "step10").rename(run / "checkpoint.old")  # as a kill leaves it
+    train(tiny_config(name="left", **with_train(over, steps=30)), resume=run / "checkpoint")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step10", "step20"]
+    assert not (run / "checkpoint.old").exists()

@@ -56,6 +56,12 @@ def save(run_dir: Path, parts: Components, source: Any, step: int, cfg: Config,
     else:
         keep = cfg.train.keep_checkpoints
         path = run_dir / FULL
+        leftover = run_dir / (FULL + ".old")  # a save killed between its two renames
+        if main and keep > 1 and (leftover / "manifest.json").is_file():
+            at = _step_of(leftover)
+            if at is not None and not retired_path(run_dir, at).exists():
+                retired_path(run_dir, at).parent.mkdir(parents=True, exist_ok=True)
+                leftover.rename(retired_path(run_dir, at))  # kept, not deleted
         prev = _step_of(path) if (path / "manifest.json").is_file() else None
         retire = retired_path(run_dir, prev) if keep > 1 and prev not in (None, step) else None
         snap = write_full(path, parts, source, step, cfg, samples, retire_to=retire)
