@@ -53,7 +53,7 @@ PS_ALLOWED: dict[str, set[str]] = {
     "index": set(),
     "initializer": set(),
     "admission": set(),
-    "touched": {"index"},
+    "touched": {"index", "changes"},
     "changes": {"index"},
     "features": set(),
     "tiers": {"index"},

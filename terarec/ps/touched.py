@@ -27,10 +27,10 @@ from collections.abc import Callable
 
 import torch
 
-from terarec.ps.index.key_map import KeyMap
+from terarec.ps.changes import PairLog
 
 
-class TouchedRows:
+class TouchedRows(PairLog):
     """Pairs trained since the last merge, with their rows at first touch since then.
 
     Args:
@@ -45,20 +45,16 @@ class TouchedRows:
         comp, tables, snap = t.take()     # [5, 9, 2], ..., [3, row_width]; t is empty
     """
 
+    _columns = ("_comp", "_tables", "_rows")
+    _user = "k-step merging"
+
     def __init__(self, row_width: int, device: torch.device | str = "cpu") -> None:
         self.row_width = row_width
-        self.device = torch.device(device)
-        self._reset(1024)
+        super().__init__(device)
 
     def _reset(self, capacity: int) -> None:
-        self._map = KeyMap(self.device, capacity=2 * capacity)
-        self._comp = torch.empty(capacity, dtype=torch.int64, device=self.device)
-        self._tables = torch.empty(capacity, dtype=torch.int64, device=self.device)
+        super()._reset(capacity)
         self._rows = torch.empty(capacity, self.row_width, device=self.device)
-        self._n = 0
-
-    def __len__(self) -> int:
-        return self._n
 
     @property
     def nbytes(self) -> int:
@@ -83,25 +79,11 @@ class TouchedRows:
         """
         if comp.numel() == 0:
             return
-        comp, tables = comp.to(self.device), tables.to(self.device)
-        at_old = self._map.find(comp)
-        seen = (at_old >= 0).nonzero().squeeze(1)
-        if seen.numel() and bool((self._tables[at_old[seen]] != tables[seen]).any()):
-            raise ValueError(
-                "two tables of one group share a composite key: k-step merging cannot "
-                "tell their rows apart (put the tables in separate groups)"
-            )
-        new = (at_old < 0).nonzero().squeeze(1)
-        m = new.numel()
-        if m == 0:
-            return
-        self._reserve(self._n + m)
-        at = torch.arange(self._n, self._n + m, device=self.device)
-        self._comp[self._n : self._n + m] = comp[new]
-        self._tables[self._n : self._n + m] = tables[new]
-        self._rows[self._n : self._n + m] = rows(new).to(self.device, torch.float32)
-        self._map.insert(comp[new], at)
-        self._n += m
+
+        def fill(new: torch.Tensor, span: slice) -> None:
+            self._rows[span] = rows(new).to(self.device, torch.float32)
+
+        self._append(comp, tables, fill)
 
     def take(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The pairs recorded since the last call, and forgets them.
@@ -117,14 +99,3 @@ class TouchedRows:
     def clear(self) -> None:
         """Forgets every record (e.g. when every-step sync takes over)."""
         self._reset(1024)
-
-    def _reserve(self, n: int) -> None:
-        cap = self._comp.numel()
-        if n <= cap:
-            return
-        new_cap = max(n, 2 * cap)
-        for name in ("_comp", "_tables", "_rows"):
-            old = getattr(self, name)
-            grown = torch.empty((new_cap, *old.shape[1:]), dtype=old.dtype, device=self.device)
-            grown[: self._n] = old[: self._n]
-            setattr(self, name, grown)
