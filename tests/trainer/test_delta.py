@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 import torch
+from test_loop import Killed, assert_same, comparable, kill_in_step, tables_by_key
 
 from terarec.config import Config, ConfigError
-from terarec.trainer import loop
 from terarec.trainer.checkpoint import (
     CheckpointError,
     latest_valid,
@@ -31,7 +31,6 @@ from terarec.trainer.checkpoint import (
 from terarec.trainer.checkpoint.delta import read_changes
 from terarec.trainer.loop import build_components, train
 from terarec.trainer.report import read_jsonl
-from tests.trainer.test_loop import Killed, assert_same, comparable, tables_by_key
 
 SSD = {"path": "ssd", "block_cache_mb": 8, "write_buffer_mb": 4}
 WIDE = {"synthetic": {"vocab_size": 2000}}  # thousands of rows: beyond every cache below
@@ -116,14 +115,7 @@ def test_a_run_killed_after_a_delta_resumes_exactly_from_it(
     over = with_train(LAYOUTS[layout], eval_every=20, log_every=5)
     straight = train(tiny_config(name="straight", **over))
     periodic = with_train(over, checkpoint_every=20, delta_every=5)
-    real = loop.check_finite
-
-    def dies_in_step_34(loss: torch.Tensor, step: int, *args: Any) -> None:
-        if step == 34:
-            raise Killed  # 33 steps done; the newest checkpoint is the delta of step 30
-        real(loss, step, *args)
-
-    monkeypatch.setattr(loop, "check_finite", dies_in_step_34)
+    kill_in_step(monkeypatch, 34)  # 33 steps done; the newest checkpoint: the delta of 30
     with pytest.raises(Killed):
         train(tiny_config(name="killed", **periodic))
     monkeypatch.undo()

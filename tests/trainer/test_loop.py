@@ -362,6 +362,39 @@ class Killed(Exception):
     """Stands in for the process dying (power cut, OOM kill) in the middle of a run."""
 
 
+def kill_in_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """The next run raises :class:`Killed` in step ``step`` (at its loss check):
+    ``step - 1`` steps done, nothing of step ``step`` applied."""
+    real = loop.check_finite
+
+    def dies(loss: torch.Tensor, at: int, *args: Any) -> None:
+        if at == step:
+            raise Killed
+        real(loss, at, *args)
+
+    monkeypatch.setattr(loop, "check_finite", dies)
+
+
+def nan_row_after(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """In the next run, after step ``step`` a row of a key the data never produces goes
+    NaN (the first table's): the loss stays finite, only a save can find it."""
+    built: list[Components] = []
+    real_build, real_stop = loop.build_components, loop._stop_reason
+
+    def build(cfg: Config, ssd_store: Any = None, **kw: Any) -> Components:
+        built.append(real_build(cfg, ssd_store=ssd_store, **kw))
+        return built[-1]
+
+    def stop_reason(cfg: Config, at: int, start: float) -> Any:
+        if at == step:
+            table = built[0].embedding.tables[0]
+            table.insert_rows(torch.tensor([2**62 + 7]), torch.full((1, table.row_width), math.nan))
+        return real_stop(cfg, at, start)
+
+    monkeypatch.setattr(loop, "build_components", build)
+    monkeypatch.setattr(loop, "_stop_reason", stop_reason)
+
+
 def saved_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Records the step of every checkpoint the loop saves from now on."""
     steps: list[int] = []
@@ -432,14 +465,7 @@ def test_killed_run_resumes_exactly_from_its_periodic_checkpoint(
     straight = train(tiny_config(name="straight", **over))  # no periodic checkpoints at all
 
     periodic = merge_train(over, checkpoint_every=10)
-    real = loop.check_finite
-
-    def dies_in_step_26(loss: torch.Tensor, step: int, *args: Any) -> None:
-        if step == 26:
-            raise Killed  # 25 steps done, nothing of step 26 applied
-        real(loss, step, *args)
-
-    monkeypatch.setattr(loop, "check_finite", dies_in_step_26)
+    kill_in_step(monkeypatch, 26)  # 25 steps done, nothing of step 26 applied
     with pytest.raises(Killed):
         train(tiny_config(name="killed", **periodic))
     monkeypatch.undo()
@@ -499,21 +525,7 @@ def test_non_finite_rows_are_not_checkpointed(
     tiny_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A NaN row no batch reads again keeps the loss finite; the save must catch it."""
-    built: list[Components] = []
-    real_build, real_stop = loop.build_components, loop._stop_reason
-
-    def build(cfg: Config, ssd_store: Any = None, **kw: Any) -> Components:
-        built.append(real_build(cfg, ssd_store=ssd_store, **kw))
-        return built[-1]
-
-    def stop_reason(cfg: Config, step: int, start: float) -> Any:
-        if step == 15:  # between steps: a row of a key the data never produces goes NaN
-            table = built[0].embedding.tables[0]
-            table.insert_rows(torch.tensor([2**62 + 7]), torch.full((1, table.row_width), math.nan))
-        return real_stop(cfg, step, start)
-
-    monkeypatch.setattr(loop, "build_components", build)
-    monkeypatch.setattr(loop, "_stop_reason", stop_reason)
+    nan_row_after(monkeypatch, 15)
     cfg = tiny_config(train={"checkpoint_every": 10})
     ckpt = Path(cfg.train.runs_dir) / cfg.name / "checkpoint"
     with pytest.raises(TrainingDiverged) as err:

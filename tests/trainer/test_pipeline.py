@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import pytest
 import torch
-from test_loop import assert_same, comparable, tables_by_key
+from test_loop import Killed, assert_same, comparable, kill_in_step, tables_by_key
 from test_tiers import assert_same_result
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -466,17 +466,7 @@ def test_a_killed_prefetched_run_resumes_exactly(
     one more) and only rows of trained batches (the prefetch creates none)."""
     straight = train(tiny_config(name="straight", **PREFETCHED))
     periodic = {**PREFETCHED, "train": {**PREFETCHED["train"], "checkpoint_every": 10}}
-    real = loop.check_finite
-
-    class Killed(Exception):
-        pass
-
-    def dies_in_step_36(loss: torch.Tensor, step: int, *args: Any) -> None:
-        if step == 36:
-            raise Killed
-        real(loss, step, *args)
-
-    monkeypatch.setattr(loop, "check_finite", dies_in_step_36)
+    kill_in_step(monkeypatch, 36)
     with pytest.raises(Killed):
         train(tiny_config(name="killed", **periodic))
     monkeypatch.undo()

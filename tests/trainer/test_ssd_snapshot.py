@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_loop import assert_same, tables_by_key
+from test_loop import assert_same, nan_row_after, tables_by_key
 
 from terarec.config import Config
 from terarec.trainer.checkpoint import CheckpointError, read_manifest, ssd_snapshot
@@ -193,25 +193,9 @@ def test_a_nan_cached_row_refuses_the_save(
     """A NaN row of an SSD table that no batch reads again (it sits in a cache) keeps the
     loss finite; the save finds it while writing the caches through, and the previous
     checkpoint stays."""
-    from terarec.trainer import components, loop
     from terarec.trainer.loop import TrainingDiverged
 
-    built: list[Any] = []
-    real_build, real_stop = components.build_components, loop._stop_reason
-
-    def build(cfg: Config, ssd_store: Any = None, **kw: Any) -> Any:
-        built.append(real_build(cfg, ssd_store=ssd_store, **kw))
-        return built[-1]
-
-    def stop_reason(cfg: Config, step: int, start: float) -> Any:
-        if step == 19:  # still cached (device or host tier) at the save after step 20
-            table = built[0].embedding.tables[0]
-            table.insert_rows(torch.tensor([2**62 + 7]), torch.full((1, table.row_width),
-                                                                      float("nan")))
-        return real_stop(cfg, step, start)
-
-    monkeypatch.setattr(loop, "build_components", build)
-    monkeypatch.setattr(loop, "_stop_reason", stop_reason)
+    nan_row_after(monkeypatch, 19)  # still cached (device or host tier) at the save after 20
     cfg = tiny_config(name="nan", **SNAP)
     with pytest.raises(TrainingDiverged, match="NaN/Inf rows"):
         train(cfg)
