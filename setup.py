@@ -19,6 +19,7 @@ setup(
         "tensordict",
         "pyre-extensions",
         "rocksdict",
+        "safetensors",
     ],
     extras_require={
         "mpi": ["mpi4py"],
