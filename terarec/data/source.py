@@ -17,6 +17,7 @@ from terarec.data.delimited import criteo_parser, csv_parser
 from terarec.data.errors import BadRows, DataError
 from terarec.data.files import expand_paths
 from terarec.data.libfm import LibfmParser
+from terarec.data.reshard import reshard_state
 from terarec.data.stream import Counters, FileStream, Stream, SyntheticStream
 from terarec.data.synthetic import SyntheticGenerator
 from terarec.data.synthetic_torch import TorchSyntheticGenerator
@@ -65,6 +66,11 @@ class BatchSource:
     def state_dict(self) -> dict[str, Any]:
         """Position after the last batch handed to the consumer (plain, JSON-able)."""
         return dict(self._state)
+
+    def reshard_state(self, saved: list[dict[str, Any]]) -> dict[str, Any]:
+        """This rank's position continuing the positions ``saved`` by the ranks of
+        another layout (one per saved rank, in rank order; ``data/reshard.py``)."""
+        return reshard_state(self.stream, saved)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continues after ``state``; stops a running producer first."""

@@ -353,6 +353,16 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
         after :meth:`persist`)."""
         return {t.name: t.state_dict(rows=ssd_rows or not t.in_ssd) for t in self.tables}
 
+    def owned(self, name: str, keys: torch.Tensor) -> torch.Tensor:
+        """bool ``[N]`` on ``keys``' device: which of table ``name``'s int64 ``keys [N]``
+        this rank owns (all of them unsharded; a resharded resume keeps these)."""
+        if self._sharded is None:
+            return torch.ones(keys.shape, dtype=torch.bool, device=keys.device)
+        table = next(t for t in self.tables if t.name == name)
+        k = keys.to(self.device, torch.int64)
+        comp = table.group.composite(k, torch.full_like(k, table.index))
+        return self._sharded.owned(comp).to(keys.device)
+
     def _owned_rows(
         self, table: EmbeddingTable, state: dict[str, Any]
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -362,10 +372,8 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
         keys, rows = state["keys"], state["rows"]
         if self._sharded is None:
             return keys, rows
-        k = keys.to(self.device, torch.int64)
-        tabs = torch.full_like(k, table.index)
-        mine = self._sharded.owned(table.group.composite(k, tabs)).nonzero().squeeze(1)
-        return k[mine], rows.to(self.device)[mine]
+        mine = self.owned(table.name, keys.to(self.device)).nonzero().squeeze(1)
+        return keys.to(self.device, torch.int64)[mine], rows.to(self.device)[mine]
 
     def load_tables_state_dict(self, state: dict[str, Any]) -> None:
         """Loads every table's rows (see :meth:`_owned_rows` for sharded tables); a table

@@ -5,7 +5,8 @@
   rows and dense weights as one process on the same global batch, within bounds derived
   from float32 rounding (``train_helpers.run_bounds``), with device and host budgets
   that make every rank evict into its host and SSD tiers;
-* a 2-rank run resumed from its checkpoint ends where the straight run ends;
+* a 2-rank run resumed from its checkpoint ends where the straight run ends (resumes
+  on other rank layouts: ``test_reshard_ranks.py``);
 * real launchers: two `torchrun --nnodes 2 --nproc-per-node 2` launches on this host,
   and `mpirun -np 4`, train the quickstart config (cut down);
 * a rank killed mid-training makes the others stop fast, naming it.
@@ -28,16 +29,16 @@ from train_helpers import (
     assert_same_eval,
     assert_same_run,
     equivalence_config,
+    launch_ranks,
     losses,
+    one_process,
     quickstart_config,
     run_dir,
     train_cmd,
     write_config,
 )
 
-from terarec.config import config_from_dict
 from terarec.data.criteo_writer import write_criteo
-from terarec.trainer.loop import train
 from tests.numerics import assert_close, f64_tol, loss_tol
 
 # Oversubscribed (4 ranks, 2 cores): ranks waiting in MPI calls (the rendezvous while
@@ -48,34 +49,6 @@ MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--mca", "btl", "s
 needs_mpirun = pytest.mark.skipif(shutil.which("mpirun") is None, reason="no mpirun here")
 
 
-def _one_process(cfg: dict[str, Any]) -> dict[str, Any]:
-    import torch
-
-    threads = torch.get_num_threads()
-    try:
-        train(config_from_dict(cfg, "<test>"))
-    finally:
-        torch.set_num_threads(threads)
-    return cfg
-
-
-def _ranks(tmp: Path, cfg: dict[str, Any], world: int, local_world: int,
-           *extra: str, timeout: float = 150) -> list[str]:
-    """Runs ``terarec train`` on ``world`` ranks (nodes of ``local_world``) from
-    torchrun's variables; returns every rank's output."""
-    config = write_config(tmp, cfg)
-    port = free_port()
-    logs = tmp / f"logs-{cfg['name']}"
-    logs.mkdir(exist_ok=True)
-    with Ranks(logs) as ranks:
-        for r in range(world):
-            ranks.start(train_cmd(config, *extra), torchrun_env(r, world, port, local_world))
-        codes = ranks.wait(timeout)
-        outs = [ranks.output(i) for i in range(world)]
-    assert codes == [0] * world, "\n".join(o[-2500:] for o in outs)
-    return outs
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("ranks")
@@ -84,13 +57,13 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def reference(work: Path) -> dict[str, Any]:
     """The one-process run every multi-rank run must reproduce."""
-    return _one_process(equivalence_config(work, 1, "one"))
+    return one_process(equivalence_config(work, 1, "one"))
 
 
 @pytest.fixture(scope="module")
 def two_ranks(work: Path) -> dict[str, Any]:
     cfg = equivalence_config(work, 2, "two")
-    _ranks(work, cfg, 2, 2)
+    launch_ranks(work, cfg, 2, 2)
     return cfg
 
 
@@ -120,11 +93,10 @@ def test_two_ranks_train_the_one_process_run(two_ranks: dict[str, Any],
 
 
 @pytest.mark.numerics
-def test_one_process_evaluates_a_sharded_checkpoint_but_cannot_resume_it(
+def test_one_process_evaluates_a_sharded_checkpoint(
     two_ranks: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
     from terarec.cli import main
-    from terarec.trainer.checkpoint import CheckpointError
 
     assert main(["eval", "--run", str(run_dir(two_ranks))]) == 0  # the shards together
     got = json.loads(capsys.readouterr().out)
@@ -134,9 +106,6 @@ def test_one_process_evaluates_a_sharded_checkpoint_but_cannot_resume_it(
     assert_close(got["auc"], summary["auc"], f64_tol(terms=summary["final_eval"]["samples"]),
                  "AUC")
     assert got["step"] == two_ranks["train"]["steps"]
-    cfg = dict(two_ranks, name="two-as-one")
-    with pytest.raises(CheckpointError, match=r"saved by 2 ranks in fast groups \[\[0, 1\]\]"):
-        train(config_from_dict(cfg, "<test>"), resume=run_dir(two_ranks) / "checkpoint")
 
 
 @pytest.mark.numerics
@@ -145,7 +114,7 @@ def test_two_nodes_of_two_train_the_one_process_run(
     work: Path, reference: dict[str, Any]
 ) -> None:
     cfg = equivalence_config(work, 4, "four")
-    _ranks(work, cfg, 4, 2)
+    launch_ranks(work, cfg, 4, 2)
     assert_same_run(cfg, reference)
     manifest = json.loads((run_dir(cfg) / "checkpoint" / "manifest.json").read_text())
     assert manifest["world"]["fast_groups"] == [[0, 1], [2, 3]]
@@ -158,10 +127,10 @@ def test_a_resumed_two_rank_run_ends_where_the_straight_run_ends(
 ) -> None:
     steps = two_ranks["train"]["steps"]
     cfg = equivalence_config(work, 2, "two-resumed", steps=steps // 2)
-    _ranks(work, cfg, 2, 2)
+    launch_ranks(work, cfg, 2, 2)
     cfg["train"]["steps"] = steps
     ckpt = run_dir(cfg) / "checkpoint"
-    _ranks(work, cfg, 2, 2, "--resume", str(ckpt))
+    launch_ranks(work, cfg, 2, 2, "--resume", str(ckpt))
     assert_same_run(cfg, two_ranks, exact=True)  # the same ranks, kernels and batches
 
 
@@ -175,13 +144,13 @@ def test_a_two_rank_run_resumed_from_a_delta_ends_where_the_straight_run_ends(
     steps = two_ranks["train"]["steps"]
     cfg = equivalence_config(work, 2, "two-delta", steps=steps // 2 + 1)
     cfg["train"].update(delta_every=2, keep_checkpoints=2)  # full@2 (no parent yet), deltas
-    _ranks(work, cfg, 2, 2)
+    launch_ranks(work, cfg, 2, 2)
     delta = run_dir(cfg) / "deltas" / f"step{steps // 2}"
     manifest = json.loads((delta / "manifest.json").read_text())
     assert manifest["kind"] == "delta" and manifest["world"]["size"] == 2
     assert {"rank0/rows.safetensors", "rank1/rows.safetensors"} <= set(manifest["files"])
     cfg["train"]["steps"] = steps
-    _ranks(work, cfg, 2, 2, "--resume", str(delta))
+    launch_ranks(work, cfg, 2, 2, "--resume", str(delta))
     assert_same_run(cfg, two_ranks, exact=True)
 
 
@@ -196,9 +165,9 @@ def test_ranks_stop_together_at_an_uneven_end_of_data(work: Path) -> None:
         cfg["data"]["path"] = [str(data)]
         cfg["train"].update(steps=None, epochs=1)
         if world == 1:
-            _one_process(cfg)
+            one_process(cfg)
         else:
-            _ranks(work, cfg, 2, 2)
+            launch_ranks(work, cfg, 2, 2)
         runs.append(cfg)
     one, two = (losses(c) for c in runs)
     assert len(one) == 4 and len(two) == 3

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from launch_helpers import Ranks, free_port, torchrun_env
 
 from terarec.data.criteo_writer import write_criteo
 from terarec.trainer.checkpoint import read_tables
@@ -198,3 +199,33 @@ def assert_same_eval(got: dict[str, Any], want: dict[str, Any], cfg: dict[str, A
     # scores, which the runs do not keep.
     pos = round(want["ctr"] * n)
     assert_close(got["auc"], want["auc"], 1 / (pos * (n - pos)), "eval AUC")
+
+
+def one_process(cfg: dict[str, Any], resume: Path | None = None) -> dict[str, Any]:
+    """Trains ``cfg`` in this process (from ``resume``, a checkpoint, if given)."""
+    from terarec.config import config_from_dict
+    from terarec.trainer.loop import train
+
+    threads = torch.get_num_threads()
+    try:
+        train(config_from_dict(cfg, "<test>"), resume=resume)
+    finally:
+        torch.set_num_threads(threads)
+    return cfg
+
+
+def launch_ranks(tmp: Path, cfg: dict[str, Any], world: int, local_world: int,
+           *extra: str, timeout: float = 150) -> list[str]:
+    """Runs ``terarec train`` on ``world`` ranks (nodes of ``local_world``) from
+    torchrun's variables; returns every rank's output."""
+    config = write_config(tmp, cfg)
+    port = free_port()
+    logs = tmp / f"logs-{cfg['name']}"
+    logs.mkdir(exist_ok=True)
+    with Ranks(logs) as ranks:
+        for r in range(world):
+            ranks.start(train_cmd(config, *extra), torchrun_env(r, world, port, local_world))
+        codes = ranks.wait(timeout)
+        outs = [ranks.output(i) for i in range(world)]
+    assert codes == [0] * world, "\n".join(o[-2500:] for o in outs)
+    return outs

@@ -520,3 +520,23 @@ def test_restore_replaces_the_db_and_leaves_the_snapshot_as_it_was(tmp_path: Pat
     snap.close()
     with pytest.raises(SSDTierError, match="no CURRENT"):
         SSDStore(tmp_path / "nothing-here", read_only=True)
+
+
+def test_reset_empties_every_table_and_keeps_them_registered(tmp_path: Path) -> None:
+    """``SSDStore.reset`` (a resharded resume): no rows, exact counts of 0, the tables'
+    widths still checked and their rows' metadata still kept; new rows go in as new."""
+    store = SSDStore(tmp_path / "db", _cfg(tmp_path / "db"))
+    a, b = SSDTier(store, W, table_id=0), SSDTier(store, 2 * W, table_id=5)
+    keys = torch.arange(3000, dtype=torch.int64)
+    a.insert(keys, torch.ones(3000, W))
+    b.insert(keys[:7], torch.ones(7, 2 * W))
+    store.reset()
+    assert len(a) == len(b) == 0 and not bool(a.contains(keys).any())
+    assert a.insert(keys[:4], torch.full((4, W), 2.0)).keys.numel() == 0
+    assert len(a) == 4 and bool((a.read(keys[:4])[0] == 2).all())
+    with pytest.raises(SSDTierError, match="width"):
+        SSDTier(store, W + 1, table_id=5)
+    store.close()
+    again = SSDStore(tmp_path / "db", _cfg(tmp_path / "db"))
+    assert SSDTier(again, W, table_id=0).has_meta and len(SSDTier(again, W, table_id=0)) == 4
+    again.close()

@@ -9,11 +9,15 @@
 
 from __future__ import annotations
 
+import errno
 import io
+import os
+import shutil
 import struct
 import threading
 from itertools import repeat
 from operator import is_
+from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -231,3 +235,21 @@ def rocksdb_options(cfg: SSDConfig) -> tuple[rocksdict.Options, Optional[rocksdi
     table.set_pin_top_level_index_and_filter(True)
     opts.set_block_based_table_factory(table)
     return opts, cache
+
+
+def link_or_copy(src: Path, dest: Path, link: bool = True) -> None:
+    """``dest`` as a hard link to ``src`` (when ``link`` and on one file system), else a
+    copy; either way fsynced."""
+    if link:
+        try:
+            os.link(src, dest)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                raise
+    shutil.copyfile(src, dest)
+    fd = os.open(dest, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -39,7 +39,6 @@ stores and counts nothing of its batch. See ``docs/tiers.md``.
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import struct
@@ -67,6 +66,7 @@ from terarec.ps.tiers.ssd_format import (  # rocksdb_options: also public here
     WrittenKeys,
     decode_keys,
     encode_keys,
+    link_or_copy,
     meta_key,
     not_none,
     pack_rows,
@@ -109,24 +109,6 @@ def as_keys(keys: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(keys)
 
 
-def link_or_copy(src: Path, dest: Path, link: bool = True) -> None:
-    """``dest`` as a hard link to ``src`` (when ``link`` and on one file system), else a
-    copy; either way fsynced."""
-    if link:
-        try:
-            os.link(src, dest)
-            return
-        except OSError as e:
-            if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
-                raise
-    shutil.copyfile(src, dest)
-    fd = os.open(dest, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # --------------------------------------------------------------------------- store
 
 
@@ -156,6 +138,7 @@ class SSDStore:
         self._counts: dict[int, int] = {}
         self._key_states: dict[int, KeyStates] = {}
         self._written: dict[int, Optional[WrittenKeys]] = {}
+        self._tables: dict[int, tuple[int, bool]] = {}  # registered: (row width, has meta)
         self._pool: Optional[ThreadPoolExecutor] = None
         self._db: Optional[rocksdict.Rdict] = None
         self._open()
@@ -227,11 +210,27 @@ class SSDStore:
                     link_or_copy(f, self.path / f.name, link=f.suffix == ".sst")
         except OSError as e:
             raise SSDTierError("restore", self.path, e) from e
+        self._reopen()
+
+    def _reopen(self) -> None:  # the DB was replaced: forget what was known of its keys
         self._counts.clear()
         self._key_states.clear()
         self._written.clear()
         self._generation += 1
         self._open()
+
+    def reset(self) -> None:
+        """Empties the DB (before a resharded resume writes the rows this rank owns now);
+        the tables registered stay registered, with their widths and metadata layout."""
+        self.close()
+        shutil.rmtree(self.path, ignore_errors=True)
+        self._reopen()
+        with self._guard("reset"):
+            for table_id, (width, meta) in self._tables.items():
+                if meta:
+                    self._db.put(meta_key(table_id, b"m"), b"1", self._write_opts)
+                self._db.put(meta_key(table_id, b"w"), struct.pack("<q", width),
+                             self._write_opts)
 
     def close(self) -> None:
         """Flushes and closes the DB (idempotent). A failed flush is raised after closing."""
@@ -280,6 +279,7 @@ class SSDStore:
             if raw is None:
                 self._db.put(meta_key(table_id, b"m"), b"1", self._write_opts)
                 self._db.put(key, struct.pack("<q", row_width), self._write_opts)
+                self._tables[table_id] = (row_width, True)
                 return True
             if struct.unpack("<q", raw)[0] != row_width:
                 stored = struct.unpack("<q", raw)[0]
@@ -290,7 +290,9 @@ class SSDStore:
                     "the DB belongs to another table layout (embedding dim or optimizer state "
                     "changed): point ssd.path elsewhere or restore the matching config",
                 )
-            return self._db.get(meta_key(table_id, b"m")) is not None
+            meta = self._db.get(meta_key(table_id, b"m")) is not None
+            self._tables[table_id] = (row_width, meta)
+            return meta
 
     def count(self, table_id: int) -> int:
         """Exact number of distinct keys of ``table_id``."""
@@ -534,12 +536,7 @@ class SSDStore:
             with self._guard(op):
                 vals = self._db.get(keys)
             return lambda: vals
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(threads, thread_name_prefix="terarec-ssd")
-        step = max(_MIN_CHUNK, -(-len(keys) // threads))
-        futs = [
-            self._pool.submit(self._db.get, keys[i : i + step]) for i in range(0, len(keys), step)
-        ]
+        futs = self._submit_gets(keys, threads)
 
         def values() -> list[Any]:
             with self._guard(op):
@@ -560,12 +557,7 @@ class SSDStore:
                 vals = self._db.get(keys)
             yield vals
             return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(threads, thread_name_prefix="terarec-ssd")
-        step = max(_MIN_CHUNK, -(-len(keys) // (2 * threads)))
-        futs = [
-            self._pool.submit(self._db.get, keys[i : i + step]) for i in range(0, len(keys), step)
-        ]
+        futs = self._submit_gets(keys, 2 * threads)
         try:
             for f in futs:
                 with self._guard(op):
@@ -574,6 +566,15 @@ class SSDStore:
         finally:
             for f in futs:  # the caller stopped early (an error): drop what has not started
                 f.cancel()
+
+    def _submit_gets(self, keys: list[bytes], parts: int) -> list[Any]:
+        """Multi-gets of ``keys`` in about ``parts`` key ranges, started on the pool."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.config.num_threads,
+                                            thread_name_prefix="terarec-ssd")
+        step = max(_MIN_CHUNK, -(-len(keys) // parts))
+        return [self._pool.submit(self._db.get, keys[i : i + step])
+                for i in range(0, len(keys), step)]
 
     def _multi_get(self, keys: list[bytes], op: str) -> list[Any]:
         if len(keys) < 2 * _MIN_CHUNK:  # not worth a thread hand-off

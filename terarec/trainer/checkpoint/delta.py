@@ -25,6 +25,7 @@ deleted (``ps/changes.py``), read through the tiers at save time: O(changed rows
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -132,14 +133,17 @@ def chain(path: Path, manifest: dict[str, Any]) -> list[Link]:
     return links
 
 
+SSDWriter = Callable[[str, dict[str, torch.Tensor], int], None]
+
+
 def apply(tables: dict[str, Any], deltas: list[Link], rank_dir: str,
-          store: Optional[SSDStore], record: Optional[dict[str, Any]]) -> dict[str, Any]:
+          write_ssd: Optional[SSDWriter] = None) -> dict[str, Any]:
     """Applies ``deltas`` (in order) to a base's table states ``tables`` and returns them.
 
     A table held in memory (``keys`` / ``rows``) is merged in memory; a table whose rows
-    are in the base's SSD snapshot (``ssd: True``) gets the deltas written into the
-    restored SSD ``store`` (its id from the snapshot ``record``), as used at the delta's
-    step. The tables' other state (optimizer step, sketch) is the last delta's.
+    are in the base's SSD snapshot (``ssd: True``) gets each delta's changes passed to
+    ``write_ssd(table, changes, delta step)`` (:func:`ssd_writer`: into the restored SSD
+    store). The tables' other state (optimizer step, sketch) is the last delta's.
     """
     for path, manifest in deltas:
         step = int(manifest["step"])
@@ -151,15 +155,28 @@ def apply(tables: dict[str, Any], deltas: list[Link], rank_dir: str,
             t = tables[name]
             if "rows" in t:
                 t["keys"], t["rows"] = merge(t["keys"], t["rows"], change)
+            elif write_ssd is None:
+                raise CheckpointError(f"{path}: table {name!r} is in an SSD tier "
+                                      "snapshot, and this run has no SSD tier")
             else:
-                if store is None or record is None:
-                    raise CheckpointError(f"{path}: table {name!r} is in an SSD tier "
-                                          "snapshot, and this run has no SSD tier")
-                _apply_ssd(store, record["tables"][name], change, step)
+                write_ssd(name, change, step)
         for name, state in states.items():
             if name in tables:
                 tables[name].update(state)
     return tables
+
+
+def ssd_writer(store: Optional[SSDStore], table_ids: dict[str, int],
+               widths: dict[str, int]) -> Optional[SSDWriter]:
+    """Writes a delta's changes of a table into ``store`` (its id in the store
+    ``table_ids[name]``, its row width ``widths[name]``); None without a store."""
+    if store is None:
+        return None
+
+    def write(name: str, change: dict[str, torch.Tensor], step: int) -> None:
+        _apply_ssd(store, {"table_id": table_ids[name], "row_width": widths[name]},
+                   change, step)
+    return write
 
 
 def merge(keys: torch.Tensor, rows: torch.Tensor, change: dict[str, torch.Tensor]

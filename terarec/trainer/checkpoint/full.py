@@ -18,13 +18,15 @@ Layout of one full checkpoint directory (one process; several ranks write
     dense_local.pt  per rank with k-step merging: its dense optimizer and merger state
 
 A multi-rank checkpoint resumes on the same number of ranks in the same fast groups
-(each rank loads its own shard and position); one process (``terarec eval``) can load
-its rows, the shards of the first fast group together, but not its data positions.
+(each rank loads its own shard and position) or on another layout (``reshard.py``);
+one process without a data source (``terarec eval``) loads the shards of the first
+fast group together.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -32,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 
 from terarec.config import Config
-from terarec.trainer.checkpoint import delta, ssd_snapshot
+from terarec.trainer.checkpoint import delta, reshard, ssd_snapshot
 from terarec.trainer.checkpoint.files import (
     LOCAL_FILE,
     CheckpointError,
@@ -47,6 +49,8 @@ from terarec.trainer.checkpoint.files import (
 
 if TYPE_CHECKING:
     from terarec.trainer.components import Components
+
+log = logging.getLogger("terarec.trainer")
 
 
 def save_checkpoint(
@@ -154,7 +158,9 @@ def load_checkpoint(path: Path, parts: Components, source: Any = None) -> int:
 
     A multi-rank checkpoint is loaded by every rank of a job with the same ranks and
     fast groups (each its own shard), or by one process without ``source`` (the rows of
-    the first fast group's shards together; e.g. ``terarec eval``).
+    the first fast group's shards together; e.g. ``terarec eval``). A job of another
+    rank layout (1, 2, 4 ... ranks, other fast groups) reshards it (``reshard.py``):
+    each rank keeps the rows it owns now and derives its data position.
 
     Args:
         path: the checkpoint directory.
@@ -163,8 +169,7 @@ def load_checkpoint(path: Path, parts: Components, source: Any = None) -> int:
 
     Raises:
         CheckpointError: a file is missing, truncated or corrupted (named in the
-            message), the checkpoint was saved by a model of another shape, or by
-            another number or layout of ranks.
+            message), or the checkpoint was saved by a model of another shape.
     """
     path = Path(path)
     manifest = read_manifest(path, verify=False)
@@ -176,6 +181,9 @@ def load_checkpoint(path: Path, parts: Components, source: Any = None) -> int:
             ranks = [f"rank{r}/" for r in manifest["world"]["fast_groups"][0]]
             verify_files(path, manifest, ["dense.pt"])
             tables = merge_shards([read_tables(path, r, manifest) for r in ranks])
+        elif rank_dir == RESHARD:  # saved by another rank layout
+            verify_files(path, manifest, ["dense.pt"])
+            tables = reshard.load_tables(links, parts)
         else:
             # this replica's own dense optimizer state (k-step merging), when this run
             # keeps replicas apart between merges too (a k = 1 resume takes rank 0's)
@@ -188,11 +196,14 @@ def load_checkpoint(path: Path, parts: Components, source: Any = None) -> int:
             base, base_m = links[0]
             tables = torch.load(base / f"{rank_dir}tables.pt", map_location=parts.device,
                                 weights_only=True)
-            record = _snapshot_record(base, base_m, rank_dir)
+            record = ssd_snapshot.record_in(base, base_m, rank_dir)
             if record is not None:
                 ssd_snapshot.restore(parts.embedding, record)
-            tables = delta.apply(tables, links[1:], rank_dir, parts.embedding.ssd_store,
-                                 record)
+            writer = None if record is None else delta.ssd_writer(
+                parts.embedding.ssd_store,
+                {n: t["table_id"] for n, t in record["tables"].items()},
+                {n: t["row_width"] for n, t in record["tables"].items()})
+            tables = delta.apply(tables, links[1:], rank_dir, writer)
         parts.embedding.load_tables_state_dict(tables)
         dense = torch.load(path / "dense.pt", map_location=parts.device, weights_only=True)
         parts.model.load_state_dict(dense["model"])
@@ -204,12 +215,18 @@ def load_checkpoint(path: Path, parts: Components, source: Any = None) -> int:
                 "(optimizer.dense.kind)"
             )
         parts.dense_optimizer.load_state_dict(dense["optimizer"])
-        parts.sync.load_state_dict(dense.get("sync") or {})
+        sync = dense.get("sync") or {}
+        if rank_dir == RESHARD and not sync:  # saved without replicas to keep in step
+            sync = parts.sync.state_dict()  # (its counters from zero)
+            sync.update({"step": int(manifest["step"])} if sync else {})
+        parts.sync.load_state_dict(sync)
         if local is not None:
             own = torch.load(path / local, map_location=parts.device, weights_only=True)
             parts.dense_optimizer.load_state_dict(own["optimizer"])
             parts.sync.load_local_state_dict(own["sync"])
-        if rank_dir is not None:
+        if rank_dir == RESHARD:
+            reshard.load_rest(path, manifest, parts, source)
+        elif rank_dir is not None:
             if source is not None and hasattr(source, "load_state_dict"):
                 source.load_state_dict(json.loads((path / rank_dir / "data.json").read_text()))
             rng = torch.load(path / rank_dir / "rng.pt", weights_only=True)
@@ -219,17 +236,6 @@ def load_checkpoint(path: Path, parts: Components, source: Any = None) -> int:
     except (RuntimeError, ValueError, KeyError, pickle.UnpicklingError, EOFError) as e:
         raise CheckpointError(f"{path}: does not fit this model/config: {e}") from e
     return int(manifest["step"])
-
-
-def _snapshot_record(path: Path, manifest: dict[str, Any], rank_dir: str
-                     ) -> Optional[dict[str, Any]]:
-    """The SSD tier snapshot record (``ssd.json``) of ``rank_dir``, verified against the
-    manifest; None when the checkpoint has none there."""
-    name = f"{rank_dir}{ssd_snapshot.FILE}"
-    if name not in manifest["files"]:
-        return None
-    verify_files(path, manifest, [name])
-    return ssd_snapshot.load_record(path / name)
 
 
 def read_tables(path: Path, rank_dir: str = "", manifest: Optional[dict[str, Any]] = None
@@ -245,7 +251,7 @@ def read_tables(path: Path, rank_dir: str = "", manifest: Optional[dict[str, Any
         verify_files(p, m, [f"{rank_dir}{n}" for n in rank_files(m)])
     base, base_m = links[0]
     tables = torch.load(base / f"{rank_dir}tables.pt", map_location="cpu", weights_only=True)
-    record = _snapshot_record(base, base_m, rank_dir)
+    record = ssd_snapshot.record_in(base, base_m, rank_dir)
     if record is not None:
         ttl = {t["name"]: t.get("ttl_steps") for t in base_m.get("config", {}).get("tables", [])}
         fresh = {n: int(base_m["step"]) + 1 - v for n, v in ttl.items() if v is not None}
@@ -256,34 +262,31 @@ def read_tables(path: Path, rank_dir: str = "", manifest: Optional[dict[str, Any
         for name, kr in rows.items():
             state = {k: v for k, v in tables[name].items() if k not in ("ssd", "num_rows")}
             tables[name] = {**state, **kr}
-    return delta.apply(tables, links[1:], rank_dir, None, None)
+    return delta.apply(tables, links[1:], rank_dir)
+
+
+RESHARD = "*"  # _rank_dir: this run's rank layout is not the checkpoint's
 
 
 def _rank_dir(path: Path, manifest: dict[str, Any], parts: Components,
               source: Any) -> Optional[str]:
-    """Where this rank's files are in the checkpoint (``""`` or ``"rank<r>/"``); None
-    when one process reads a multi-rank checkpoint's rows. Raises on a launch that
-    does not fit the checkpoint."""
+    """Where this rank's files are in the checkpoint (``""`` or ``"rank<r>/"``);
+    :data:`RESHARD` when this run's ranks or fast groups are not the checkpoint's (every
+    rank reads the shards and keeps what it owns, ``reshard.py``); None when one
+    process reads a multi-rank checkpoint's rows without resuming it."""
     d = parts.dist
     ours = 1 if d is None else d.world_size
     world = manifest.get("world")
+    groups = fast_groups(d) if d is not None and ours > 1 else [[0]]
     if world is None:
-        if ours > 1:
-            raise CheckpointError(
-                f"{path}: saved by one process, this run has {ours} ranks: resume it on one "
-                "process (its rows are not sharded)"
-            )
-        return ""
-    saved = [list(g) for g in world["fast_groups"]]
+        return "" if ours == 1 else RESHARD
     if ours == 1 and source is None:
         return None
-    groups = fast_groups(d) if d is not None and ours > 1 else [[0]]
+    saved = [list(g) for g in world["fast_groups"]]
     if int(world["size"]) != ours or saved != [list(g) for g in groups]:
-        raise CheckpointError(
-            f"{path}: saved by {world['size']} ranks in fast groups {saved}, this run has "
-            f"{ours} in {groups}: rows are sharded by fast group and data positions are "
-            "per rank, so resume it with the same launch (ranks per node and nodes)"
-        )
+        log.info("%s: saved by %s ranks in fast groups %s, resumed by %d in %s: "
+                 "resharding", path, world["size"], saved, ours, groups)
+        return RESHARD
     assert d is not None
     return f"rank{d.rank}/"
 

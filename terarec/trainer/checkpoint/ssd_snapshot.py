@@ -34,6 +34,7 @@ import torch
 from terarec.ps.embedding import HierarchicalEmbeddingBagCollection
 from terarec.ps.tiers.protocol import LAST
 from terarec.ps.tiers.ssd import SSDStore, SSDTier
+from terarec.trainer.checkpoint.files import verify_files
 
 FILE = "ssd.json"
 
@@ -165,3 +166,14 @@ def read_rows(record: dict[str, Any], fresh_from: Optional[dict[str, int]] = Non
 
 def load_record(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
+
+
+def record_in(path: Path, manifest: dict[str, Any], rank_dir: str
+              ) -> Optional[dict[str, Any]]:
+    """The snapshot record (``ssd.json``) of ``rank_dir`` in the checkpoint ``path``,
+    verified against its manifest; None when the checkpoint has none there."""
+    name = f"{rank_dir}{FILE}"
+    if name not in manifest["files"]:
+        return None
+    verify_files(path, manifest, [name])
+    return load_record(path / name)
