@@ -223,14 +223,21 @@ class ColumnarStream:
         self.pin = pin
         self.counters = counters
         self.placed = pin
-        units = [(p, c) for p, part in enumerate(ds.parts) for c in range(len(part.chunks))]
-        if len(ds.parts) >= world_size:
-            self.units = [u for u in units if u[0] % world_size == rank]
-        else:
-            self.units = units[rank::world_size]
+        self.units = self.units_of(rank, world_size)
         self.unit_rows = np.array([ds.parts[p].chunks[c].rows for p, c in self.units],
                                   dtype=np.int64)
         self._readers: dict[int, PartReader] = {}
+        # a position carried over from another rank layout (data/reshard.py): in its
+        # pass, the chunks done already are skipped
+        self._plan: Optional[dict[str, Any]] = None
+
+    def units_of(self, rank: int, world_size: int) -> list[tuple[int, int]]:
+        """The ``(part, chunk)`` units ``rank`` of ``world_size`` reads: whole parts
+        when there are as many parts as ranks, else every ``world_size``-th chunk."""
+        units = [(p, c) for p, part in enumerate(self.ds.parts) for c in range(len(part.chunks))]
+        if len(self.ds.parts) >= world_size:
+            return [u for u in units if u[0] % world_size == rank]
+        return units[rank::world_size]
 
     # ------------------------------------------------------------------ state
     def _base(self) -> dict[str, Any]:
@@ -249,15 +256,26 @@ class ColumnarStream:
     # ------------------------------------------------------------------ plan
     def _windows(self, p: int) -> list[list[int]]:
         """Pass ``p``'s windows: lists of indices into ``self.units``."""
-        order = np.arange(len(self.units))
+        idx = list(range(len(self.units)))
+        if self._plan is not None and int(self._plan["pass"]) == p:
+            done = {(int(a), int(b)) for a, b in self._plan["done"]}
+            idx = [i for i in idx if self.units[i] not in done]
+        wins = self.windows_of([self.units[i] for i in idx], p, self.rank)
+        return [[idx[j] for j in win] for win in wins]
+
+    def windows_of(self, units: list[tuple[int, int]], p: int, rank: int) -> list[list[int]]:
+        """The windows in which ``rank`` reads ``units`` in pass ``p``: lists of indices
+        into ``units``, each window at least ``shuffle`` rows (one unit unshuffled)."""
+        rows = [self.ds.parts[a].chunks[c].rows for a, c in units]
+        order = np.arange(len(units))
         if self.shuffle:
-            order = np.random.default_rng([self.seed, p, self.rank, 0xC0]).permutation(order)
+            order = np.random.default_rng([self.seed, p, rank, 0xC0]).permutation(order)
         out: list[list[int]] = []
         cur: list[int] = []
         n = 0
         for u in order.tolist():
             cur.append(u)
-            n += int(self.unit_rows[u])
+            n += int(rows[u])
             if n >= max(self.shuffle, 1):
                 out.append(cur)
                 cur, n = [], 0
@@ -299,6 +317,8 @@ class ColumnarStream:
     def _batches(self, state: dict[str, Any], pool: Optional[ThreadPoolExecutor]
                  ) -> Iterator[Batch]:
         base = self._base()
+        self._plan = state.get("reshard")
+        plan = self._plan
         inflight: deque[Future[Batch]] = deque()
         depth = max(2 * self.workers, 1)
         segs: list[Segment] = []
@@ -338,6 +358,8 @@ class ColumnarStream:
                         pos = ({"pass": p + 1, "window": 0, "skip": 0} if a == n and last
                                else {"pass": p, "window": wi + 1, "skip": 0} if a == n
                                else {"pass": p, "window": wi, "skip": a})
+                        if plan is not None and pos["pass"] == int(plan["pass"]):
+                            pos["reshard"] = plan
                         yield from emit({**base, **pos})
                 before += full
                 skip = 0

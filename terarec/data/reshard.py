@@ -20,11 +20,16 @@ number of ranks, each new rank derives its own position from all the saved ones
     saved rank was in, so the rows the saved ranks had trained of their current
     windows are trained again (at most one window per saved rank).
 
-* **text files split by file**, or a layout change between the two modes, and
-  **preprocessed (columnar) data**: which rows of a half-read file or chunk window a
-  saved rank had trained does not carry over to another assignment of files, so the
-  new ranks restart the pass the earliest saved rank was in (its rows trained so far
-  are trained again; a warning says how many samples that pass had seen).
+* **text files split between ranks** (at least as many files as ranks, on either side
+  of the change, or a change between the two modes): the new ranks read the pass the
+  earliest saved rank was in, without the files that were finished (by every saved
+  rank that read them); a half-read file continues from the start of the window its
+  reader was in, so at most one window (``shuffle_buffer`` rows, or a chunk) per saved
+  rank is trained again. The new position carries this plan (``"reshard"``) while in
+  that pass, so a later resume, or another change of layout, keeps it.
+* **preprocessed (columnar) data**: likewise by chunk: the new ranks read the pass
+  without the chunks of the windows the saved ranks had finished (a half-read window
+  is read again whole).
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ from typing import Any
 import numpy as np
 
 from terarec.data.errors import DataError
-from terarec.data.files import eval_mask
+from terarec.data.files import eval_mask, shard_files
+from terarec.data.stream import pass_order
 
 log = logging.getLogger("terarec.data")
 
@@ -56,16 +62,9 @@ def reshard_state(stream: Any, saved: list[dict[str, Any]]) -> dict[str, Any]:
         return {**want, "batch": max(int(s["batch"]) for s in saved)}
     if want["kind"] == "file" and _all_files(saved[0]) and _reads_all(stream):
         return _file_rows(stream, saved)
-    p = min(int(s["pass"]) for s in saved)
-    log.warning("data: the saved position does not map to %d rank(s) row by row (%s); "
-                "the ranks restart pass %d from its start", stream.world, _why(stream), p)
-    return {**want, "pass": p}
-
-
-def _why(stream: Any) -> str:
-    if getattr(stream, "ds", None) is not None:
-        return "preprocessed data are split by chunk"
-    return "files are split between ranks"
+    if want["kind"] == "file":
+        return _file_plan(stream, saved)
+    return _unit_plan(stream, saved)
 
 
 def _all_files(state: dict[str, Any]) -> bool:
@@ -76,6 +75,83 @@ def _all_files(state: dict[str, Any]) -> bool:
 
 def _reads_all(stream: Any) -> bool:
     return stream.world == 1 or len(stream.files) < stream.world
+
+
+def _saved_order(stream: Any, state: dict[str, Any]) -> list[int]:
+    """The files, in reading order, of the saved rank of ``state`` in its pass."""
+    mine, _ = shard_files(int(state["num_files"]), int(state["rank"]),
+                          int(state["world_size"]))
+    p = int(state["pass"])
+    order = pass_order(mine, stream.seed, p, bool(stream.shuffle) and stream.split == "train")
+    plan = state.get("reshard")
+    if plan is not None and int(plan["pass"]) == p:
+        order = [f for f in order if f not in set(plan["done"])]
+    return order
+
+
+def _file_plan(stream: Any, saved: list[dict[str, Any]]) -> dict[str, Any]:
+    """Files assigned to ranks on either side: the pass the earliest saved rank is in,
+    without the files every saved rank reading them had finished, half-read files
+    from the window their reader was in."""
+    p = min(int(s["pass"]) for s in saved)
+    done: set[int] = set()
+    start: dict[str, list[int]] = {}
+    strided = _all_files(saved[0])
+    at = [s for s in saved if int(s["pass"]) == p]
+    for s in saved:
+        plan = s.get("reshard")
+        if plan is not None and int(plan["pass"]) == p:
+            done |= set(plan["done"])
+            start.update(plan["from"])
+        if int(s["pass"]) > p and not strided:  # its files of pass p are all done
+            done |= set(shard_files(int(s["num_files"]), int(s["rank"]),
+                                    int(s["world_size"]))[0])
+    if strided:  # every rank read every file: done where the slowest rank is
+        first = min(at, key=lambda s: (int(s["file"]), int(s["line"])))
+        order = _saved_order(stream, first)
+        done |= set(order[: int(first["file"])])
+        _note_start(start, order, first)
+    else:
+        for s in at:
+            order = _saved_order(stream, s)
+            done |= set(order[: int(s["file"])])
+            _note_start(start, order, s)
+    log.info("data: resharded to %d rank(s): pass %d continues without %d file(s) the "
+             "saved ranks had finished, %d half-read file(s) from their windows",
+             stream.world, p, len(done), len(start))
+    return {**stream.initial_state(), "pass": p,
+            "reshard": {"pass": p, "done": sorted(done),
+                        "from": {f: v for f, v in start.items() if int(f) not in done}}}
+
+
+def _note_start(start: dict[str, list[int]], order: list[int], s: dict[str, Any]) -> None:
+    """A half-read file continues at the saved rank's window."""
+    k = int(s["file"])
+    if k < len(order) and int(s["offset"]) > 0:
+        start[str(order[k])] = [int(s["offset"]), int(s["line"])]
+
+
+def _unit_plan(stream: Any, saved: list[dict[str, Any]]) -> dict[str, Any]:
+    """Preprocessed data: the pass the earliest saved rank is in, without the chunks of
+    the windows a saved rank had finished (a half-read window is read again)."""
+    p = min(int(s["pass"]) for s in saved)
+    done: set[tuple[int, int]] = set()
+    for s in saved:
+        units = stream.units_of(int(s["rank"]), int(s["world_size"]))
+        plan = s.get("reshard")
+        if plan is not None and int(plan["pass"]) == p:
+            before = {(int(a), int(b)) for a, b in plan["done"]}
+            done |= before
+            units = [u for u in units if u not in before]
+        if int(s["pass"]) > p:
+            done |= set(units)
+        else:
+            wins = stream.windows_of(units, p, int(s["rank"]))
+            done |= {units[i] for win in wins[: int(s["window"])] for i in win}
+    log.info("data: resharded to %d rank(s): pass %d continues without %d chunk(s) the "
+             "saved ranks had finished", stream.world, p, len(done))
+    return {**stream.initial_state(), "pass": p,
+            "reshard": {"pass": p, "done": sorted([list(u) for u in done])}}
 
 
 def _file_rows(stream: Any, saved: list[dict[str, Any]]) -> dict[str, Any]:
@@ -92,14 +168,21 @@ def _file_rows(stream: Any, saved: list[dict[str, Any]]) -> dict[str, Any]:
             s = saved[first]
             rows = _kept(stream, s, _window_row(stream, s), known[first][2], stream.rank,
                          stream.world)
-            return {**want, **{x: int(s[x]) for x in ("pass", "file", "offset", "line")},
-                    "skip": int(rows.size)}
-    s = saved[first]
-    return {**want, **{x: int(s[x]) for x in ("pass", "file", "offset", "line")}, "skip": 0}
+            return {**want, **_at(s), "skip": int(rows.size)}
+    return {**want, **_at(saved[first]), "skip": 0}
+
+
+def _at(s: dict[str, Any]) -> dict[str, Any]:
+    """A saved window's place (and the plan its pass was read by, if any)."""
+    out: dict[str, Any] = {x: int(s[x]) for x in ("pass", "file", "offset", "line")}
+    plan = s.get("reshard")
+    if plan is not None and int(plan["pass"]) == out["pass"]:
+        out["reshard"] = plan
+    return out
 
 
 def _path(stream: Any, state: dict[str, Any]) -> str:
-    return stream.files[stream._order(int(state["pass"]))[int(state["file"])]]
+    return stream.files[_saved_order(stream, state)[int(state["file"])]]
 
 
 def _window_row(stream: Any, state: dict[str, Any]) -> int:

@@ -102,6 +102,14 @@ class Batcher:
         return rows.to_batch(self.keys, dict(position))
 
 
+def pass_order(mine: list[int], seed: int, p: int, shuffle: bool) -> list[int]:
+    """The order in which a rank reads its files ``mine`` in pass ``p``."""
+    if shuffle:
+        perm = np.random.default_rng([seed, p, 0x5EED]).permutation(len(mine))
+        return [mine[i] for i in perm]
+    return list(mine)
+
+
 class FileStream:
     """Batches from line-oriented files for one (split, rank).
 
@@ -144,6 +152,9 @@ class FileStream:
         self.counters = counters
         self.mine, self.strided = shard_files(len(files), rank, world_size)
         self._sizes: Optional[dict[int, int]] = None  # data bytes per file, when needed
+        # a position carried over from another rank layout (data/reshard.py): in its
+        # pass, files done already are skipped and half-read ones start where noted
+        self._plan: Optional[dict[str, Any]] = None
         if epochs is None:
             self.passes: Optional[int] = None
         else:
@@ -166,10 +177,17 @@ class FileStream:
 
     # ------------------------------------------------------------------ reading
     def _order(self, p: int) -> list[int]:
-        if self.shuffle and self.split == "train":
-            perm = np.random.default_rng([self.seed, p, 0x5EED]).permutation(len(self.mine))
-            return [self.mine[i] for i in perm]
-        return list(self.mine)
+        order = pass_order(self.mine, self.seed, p, bool(self.shuffle) and self.split == "train")
+        if self._plan is not None and int(self._plan["pass"]) == p:
+            done = set(self._plan["done"])
+            order = [f for f in order if f not in done]
+        return order
+
+    def _tag(self, pos: dict[str, Any]) -> dict[str, Any]:
+        """A position, with the carried-over plan while in its pass."""
+        if self._plan is not None and int(pos["pass"]) == int(self._plan["pass"]):
+            return {**pos, "reshard": self._plan}
+        return pos
 
     def _limit(self, p: int, order: list[int]) -> Optional[tuple[int, int]]:
         """(file position k, byte offset) where a fractional last pass stops."""
@@ -195,6 +213,10 @@ class FileStream:
             hdr = self.parser.start_file(path)
             hdr_lines = 1 if hdr else 0
             off, line = (off0, line0) if (k == k0 and off0 > 0) else (hdr, hdr_lines)
+            start = self._plan["from"].get(str(order[k])) if (
+                self._plan is not None and int(self._plan["pass"]) == p) else None
+            if start is not None and not (k == k0 and off0 > 0):
+                off, line = int(start[0]), int(start[1])
             stop = limit[1] if limit is not None and k == limit[0] else None
             if stop is not None and stop <= off:
                 return
@@ -212,6 +234,7 @@ class FileStream:
 
     def batches(self, state: dict[str, Any]) -> Iterator[Batch]:
         self.check_state(state)
+        self._plan = state.get("reshard")
         base = {"kind": "file", **self._fingerprint()}
         batcher = Batcher(self.keys, self.batch_size, self.counters)
         p, k, off, line, skip = (int(state[x]) for x in ("pass", "file", "offset", "line", "skip"))
@@ -247,8 +270,8 @@ class FileStream:
 
                     def pos_after(c: int, s: int = skip, n: int = n, nxt=nxt, here=here) -> dict:
                         if s + c == n:
-                            return {**base, **nxt, "skip": 0}
-                        return {**base, **here, "skip": s + c}
+                            return self._tag({**base, **nxt, "skip": 0})
+                        return self._tag({**base, **here, "skip": s + c})
 
                     yield from batcher.feed(window.slice(skip, n), pos_after)
                 skip = 0
@@ -260,8 +283,8 @@ class FileStream:
                     raise DataError(msg)
                 logger.warning(msg)
             p, k, off, line = p + 1, 0, 0, 0
-        yield from batcher.flush(
-            {**base, "pass": p, "file": 0, "offset": 0, "line": 0, "skip": 0})
+        yield from batcher.flush(self._tag(
+            {**base, "pass": p, "file": 0, "offset": 0, "line": 0, "skip": 0}))
 
 
 class SyntheticStream:

@@ -8,7 +8,6 @@ what the new ranks read must be every train row: exactly once where the rule is 
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from pathlib import Path
 
@@ -76,16 +75,65 @@ def test_shuffled_rows_restart_the_earliest_window(tmp_path: Path, write_criteo)
     assert 0 < twice <= 2 * (shuffle + chunk), twice
 
 
-def test_files_split_between_ranks_restart_the_pass(
-    tmp_path: Path, write_criteo, caplog: pytest.LogCaptureFixture
+def _reshard_twice(cfg: DataConfig, worlds: tuple[int, ...], batches: int
+                   ) -> tuple[Counter, int]:
+    """Every row read by layouts ``worlds`` in turn (each rank of each layout but the
+    last takes ``batches`` batches; the last reads to the end of the pass), and the
+    most rows any layout's change may read again: one window per saved rank."""
+    seen: Counter = Counter()
+    states: list[dict] = []
+    for i, world in enumerate(worlds):
+        new_states = []
+        for r in range(world):
+            src = build_source(cfg, "train", seed=4, rank=r, world_size=world, epochs=1)
+            if states:
+                src.load_state_dict(src.reshard_state(states))
+            if i + 1 == len(worlds):
+                seen.update(ids(src))
+            else:
+                it = iter(src)
+                seen.update(ids(next(it) for _ in range(batches)))
+                new_states.append(src.state_dict())
+        states = new_states
+    return seen, sum(worlds[:-1])
+
+
+@pytest.mark.parametrize("shuffle", [0, 48])
+@pytest.mark.parametrize("worlds", [(2, 1), (2, 3), (4, 2), (2, 3, 1), (3, 8)])
+def test_files_split_between_ranks_skip_the_files_done(
+    tmp_path: Path, write_criteo, worlds: tuple[int, ...], shuffle: int
 ) -> None:
-    files = [write_criteo(f"part{i}.tsv", range(i * 100, i * 100 + 60)) for i in range(4)]
-    cfg = cfg_for(files, batch_size=8)
-    with caplog.at_level(logging.WARNING, logger="terarec.data"):
-        trained, rest = _split_run(cfg, 2, 1, batches=3)
-    assert "restart pass 0" in caplog.text
-    assert sorted(rest) == sorted(_train_rows(cfg))  # the pass again, whole
-    assert set(trained) <= set(rest)
+    """Finished files are not read again; a half-read file continues from the window
+    its reader was in (with two layout changes, the first one's plan carries over)."""
+    files = [write_criteo(f"part{i}.tsv", range(i * 1000, i * 1000 + 300)) for i in range(4)]
+    chunk = 16
+    cfg = cfg_for(files, batch_size=8, chunk_rows=chunk, shuffle_buffer=shuffle)
+    seen, windows = _reshard_twice(cfg, worlds, batches=3)
+    assert sorted(seen) == sorted(_train_rows(cfg))  # no row lost
+    twice = sum(c - 1 for c in seen.values())
+    assert twice <= windows * (max(shuffle, 1) + chunk), twice
+    assert twice < len(seen) // 2  # not a pass again
+
+
+@pytest.mark.parametrize("shuffle", [0, 100])
+@pytest.mark.parametrize("parts,worlds", [(4, (2, 1)), (4, (2, 4)), (1, (2, 3)), (3, (2, 3, 1))])
+def test_preprocessed_chunks_done_are_not_read_again(
+    tmp_path: Path, write_criteo, parts: int, worlds: tuple[int, ...], shuffle: int
+) -> None:
+    from terarec.config import DenseTransform
+    from terarec.data.preprocess import preprocess
+
+    files = [write_criteo(f"p{i}.tsv", range(i * 200, i * 200 + 150)) for i in range(parts)]
+    text = DataConfig(kind=DataKind.CRITEO, path=[str(f) for f in files],
+                      dense_transform=DenseTransform.NONE)
+    preprocess(text, tmp_path / "out", chunk_rows=32, show_progress=False)
+    cfg = DataConfig(kind=DataKind.COLUMNAR, path=[str(tmp_path / "out" / "train")],
+                     batch_size=8, prefetch_batches=0, shuffle_buffer=shuffle)
+    seen, windows = _reshard_twice(cfg, worlds, batches=4)
+    assert sorted(seen) == sorted(_train_rows(cfg))  # no row lost
+    twice = sum(c - 1 for c in seen.values())
+    assert twice <= windows * (shuffle + 32), twice
+    assert twice < len(seen) // 2
 
 
 def test_synthetic_streams_continue_at_the_batch_count_reached() -> None:
