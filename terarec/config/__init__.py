@@ -321,6 +321,9 @@ class TrainConfig:
     # this many steps; 0 = none
     delta_every: int = 0
     keep_checkpoints: int = 1  # full checkpoints kept (and the deltas that follow them)
+    # periodic checkpoints written on a background thread while training goes on: the
+    # loop pauses only while the checkpoint is taken (docs/checkpoints.md)
+    async_checkpoint: bool = False
     # Prepare the next batch on a background thread while one trains: read it, copy it
     # to the device and bring its rows into tiered tables' device tier (trainer/pipeline.py).
     # null: on when a table has tiers (device_rows), off otherwise.
@@ -354,6 +357,8 @@ class TrainConfig:
         )
         _check(self.keep_checkpoints >= 1,
                f"keep_checkpoints: must be >= 1, got {self.keep_checkpoints}")
+        _check(self.save_checkpoint or not self.async_checkpoint,
+               "async_checkpoint: needs save_checkpoint: true (false means no checkpoints)")
         minutes = self.checkpoint_every_minutes
         _check(minutes is None or minutes > 0,
                f"checkpoint_every_minutes: must be > 0, got {minutes}")

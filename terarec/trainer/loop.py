@@ -22,7 +22,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -37,6 +37,7 @@ from terarec.ps.tiers.protocol import TierFullError
 from terarec.ps.tiers.ssd import SSDStore
 from terarec.runtime import DistHandles
 from terarec.trainer.checkpoint import history, load_checkpoint, read_manifest
+from terarec.trainer.checkpoint.writer import BackgroundWriter
 from terarec.trainer.components import Components, build_components, uses_prefetch
 from terarec.trainer.divergence import TrainingDiverged, check_finite, save_or_diverge
 from terarec.trainer.evaluate import evaluate, fmt_eval, run_eval
@@ -197,6 +198,11 @@ class _Run:
         self.last_log_t, self.last_log_samples = self.start, samples
         self.last_save_t = self.start
         self.prefetch = uses_prefetch(cfg)
+        # train.async_checkpoint: periodic checkpoints written on a background thread,
+        # whose collectives (several ranks) run over a process group of their own
+        self.writer = BackgroundWriter() if cfg.train.async_checkpoint else None
+        self.write_group = (torch.distributed.new_group(backend="gloo")
+                            if self.writer is not None and self.multi else None)
         self.warned: set[str] = set()
         # A run resumed at (or past) its step target must not take, and consume data
         # for, one more step before the check at the end of the step stops it.
@@ -236,6 +242,8 @@ class _Run:
                     self._log_interval(bar, pipeline, meter)
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
                     self._periodic_eval(bar)
+                if self.writer is not None and self.writer.done:
+                    self._collect_write()  # a failed write stops the run here
                 self.stop = self._stop_now()
                 if self.stop:
                     break  # the final checkpoint below is this step's
@@ -249,6 +257,15 @@ class _Run:
             where = next((f"tables[{i}].{e.tier}_rows" for i, t in enumerate(cfg.tables)
                           if t.name == e.table), "tables")
             raise ConfigError(f"{where}: {e}") from None
+        except BaseException:
+            if self.writer is not None and self.writer.busy and not self.multi:
+                # the checkpoint being written is a good one: let it land (several
+                # ranks: not waited for, its peers may be gone; the write is atomic)
+                try:
+                    self.writer.wait()
+                except Exception as e:
+                    log.warning("the checkpoint being written failed too: %s", e)
+            raise
         finally:
             pipeline.close()
             bar.close()
@@ -342,27 +359,52 @@ class _Run:
         """After the eval of this step: a resumed run starts past it."""
         t0 = time.perf_counter()
         self.tally.flush(self.parts.dist, [])  # the checkpoint's sample count is the job's
-        path = self._save(delta=kind == "delta")
+        self._collect_write()  # the previous one first (one write at a time)
+        if self.writer is None:
+            path, kind = self._save(delta=kind == "delta")
+        else:  # taken now, written while training goes on
+            write, kind = self._prepare(delta=kind == "delta")
+            self.writer.start(write, {"step": self.step, "kind": kind,
+                                      "pause_s": time.perf_counter() - t0})
         self.last_save_t = time.perf_counter()
         self._pause(t0)
         pause = time.perf_counter() - t0
-        # the training loop's pause (a save is synchronous: the whole save)
-        self.reporter.log(self.step, "checkpoint", {"kind": kind, "pause_s": pause})
-        log.info("step %d: checkpoint saved to %s (%.1fs)", self.step, path, pause)
+        if self.writer is None:  # the training loop's pause: the whole save
+            self.reporter.log(self.step, "checkpoint", {"kind": kind, "pause_s": pause})
+            log.info("step %d: checkpoint saved to %s (%.1fs)", self.step, path, pause)
 
-    def _save(self, delta: bool = False) -> Path:
-        """A full checkpoint, or a delta after the last one when it is this run's."""
+    def _collect_write(self) -> None:
+        """Waits for the checkpoint being written in the background, if any; logs it
+        (the pause it cost and the write's own time) or raises what failed it."""
+        if self.writer is None or not self.writer.busy:
+            return
+        info = self.writer.info
+        path = save_or_diverge(self.writer.wait, info["step"], self.cfg, self.last_ckpt)
+        self.last_ckpt = (path, info["step"])
+        self.reporter.log(info["step"], "checkpoint", {
+            "kind": info["kind"], "pause_s": info["pause_s"], "write_s": info["write_s"],
+            "async": True})
+        log.info("step %d: checkpoint saved to %s (training paused %.2fs, written in "
+                 "%.1fs)", info["step"], path, info["pause_s"], info["write_s"])
+
+    def _prepare(self, delta: bool = False) -> tuple[Callable[[], Path], str]:
+        """Takes a full checkpoint, or a delta after the last one when it is this
+        run's; returns the call that writes it (``history.prepare``) and which it is."""
         parent = None
         if delta and self.last_ckpt is not None:
             prev = self.last_ckpt[0]
             if history.run_dir_of(prev).resolve() == self.run_dir.resolve():
                 parent = prev  # else (none yet, or another run's): a full one
-        path = save_or_diverge(
-            lambda: history.save(self.run_dir, self.parts, self.trained, self.step, self.cfg,
-                                 self.tally.samples, parent),
-            self.step, self.cfg, self.last_ckpt)
+        write = history.prepare(self.run_dir, self.parts, self.trained, self.step, self.cfg,
+                                self.tally.samples, parent, group=self.write_group)
+        return write, "full" if parent is None else "delta"
+
+    def _save(self, delta: bool = False) -> tuple[Path, str]:
+        """Takes and writes a checkpoint now (:meth:`_prepare`): where, and which."""
+        write, kind = self._prepare(delta)
+        path = save_or_diverge(write, self.step, self.cfg, self.last_ckpt)
         self.last_ckpt = (path, self.step)
-        return path
+        return path, kind
 
     def _finish(self, pipeline: TrainPipeline) -> dict[str, Any]:
         """The end of the run: k-step's last merge, the final eval, checkpoint, summary."""
@@ -408,7 +450,8 @@ class _Run:
         if traffic is not None:
             summary["sync"] = traffic
         if cfg.train.save_checkpoint:
-            summary["checkpoint"] = str(self._save())
+            self._collect_write()
+            summary["checkpoint"] = str(self._save()[0])
         self.reporter.write_summary(summary)
         if self.main:
             try:

@@ -41,9 +41,11 @@ def reference(work: Path) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def two_half(work: Path) -> dict[str, Any]:
     """Two ranks, the first half of the run and a step: full checkpoints at steps 2 and
-    9, deltas at 4, 6 and 8. Each resume below copies this run."""
+    9, deltas at 4, 6 and 8, the periodic ones written on each rank's background thread
+    (``async_checkpoint``: the ranks agree over a process group of their own while
+    they train on). Each resume below copies this run."""
     cfg = equivalence_config(work, 2, "two-half", steps=STEPS // 2 + 1)
-    cfg["train"].update(delta_every=2, keep_checkpoints=2)
+    cfg["train"].update(delta_every=2, keep_checkpoints=2, async_checkpoint=True)
     launch_ranks(work, cfg, 2, 2)
     return cfg
 

@@ -156,7 +156,7 @@ def test_the_first_delta_of_a_run_is_a_full_checkpoint(tiny_config: Callable[...
     assert [p.name for p in (run / "deltas").iterdir()] == []  # pruned: based on step 5
     saves = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
              if r["split"] == "checkpoint"]
-    assert [(r["step"], r["kind"]) for r in saves] == [(5, "delta"), (10, "delta")]
+    assert [(r["step"], r["kind"]) for r in saves] == [(5, "full"), (10, "delta")]
     assert all(r["pause_s"] >= 0 for r in saves)
 
 

@@ -398,14 +398,14 @@ def nan_row_after(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
 def saved_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Records the step of every checkpoint the loop saves from now on."""
     steps: list[int] = []
-    real = history.save
+    real = history.prepare
 
-    def save(run_dir: Path, parts: Components, source: Any, step: int, *args: Any,
-             **kw: Any) -> Path:
+    def prepare(run_dir: Path, parts: Components, source: Any, step: int, *args: Any,
+                **kw: Any) -> Any:
         steps.append(step)
         return real(run_dir, parts, source, step, *args, **kw)
 
-    monkeypatch.setattr(history, "save", save)
+    monkeypatch.setattr(history, "prepare", prepare)
     return steps
 
 

@@ -25,6 +25,7 @@ deleted (``ps/changes.py``), read through the tiers at save time: O(changed rows
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -36,12 +37,13 @@ from terarec.ps.tiers.protocol import LAST, META_WIDTH
 from terarec.ps.tiers.ssd import SSDStore, SSDTier
 from terarec.trainer.checkpoint.files import (
     DELTA_FORMAT,
+    Capture,
     CheckpointError,
+    capture,
     commit,
     first_non_finite,
     manifest_sha256,
     read_manifest,
-    write_rank_common,
 )
 
 if TYPE_CHECKING:
@@ -62,10 +64,17 @@ def save_delta(path: Path, parts: Components, source: Any, step: int, cfg: Confi
         NonFiniteState: a changed row or dense weight is NaN/Inf; nothing was written.
         CheckpointError: an OS error while writing, on any rank.
     """
+    commit(Path(path), parts, step, cfg, samples, capture_delta(parts, source, step),
+           delta_manifest(parent))
+    return Path(path)
+
+
+def delta_manifest(parent: Path) -> dict[str, Any]:
+    """The manifest fields of a delta written after ``parent`` (a committed checkpoint)."""
     parent_m = read_manifest(parent, verify=False)
     base = parent_m.get("base") or {"step": int(parent_m["step"]),
                                     "manifest_sha256": manifest_sha256(parent)}
-    extra = {
+    return {
         "format": DELTA_FORMAT,
         "kind": "delta",
         "parent": {"kind": parent_m.get("kind", "full"), "step": int(parent_m["step"]),
@@ -73,24 +82,27 @@ def save_delta(path: Path, parts: Components, source: Any, step: int, cfg: Confi
         "base": base,
     }
 
-    def write_rank(out: Path) -> tuple[Optional[str], list[str]]:
+
+def capture_delta(parts: Components, source: Any, step: int) -> Capture:
+    """This rank's part of a delta of ``step``, taken now: the changed rows read
+    through the tiers (copies), the tables' other state, the dense state."""
+    changed = parts.embedding.changed_state()
+    bad = first_non_finite(changed, {})
+    tensors = {f"{name}/{field}": t.detach().to("cpu", copy=True).contiguous()
+               for name, c in changed.items() for field, t in c.items()}
+    states = {}
+    for t in parts.embedding.tables:  # no rows: the optimizer, row count, sketch
+        states[t.name] = copy.deepcopy(
+            {k: v for k, v in t.state_dict(rows=False).items() if k != "ssd"})
+
+    def write_files(out: Path) -> list[str]:
         from safetensors.torch import save_file
 
-        changed = parts.embedding.changed_state()
-        bad = first_non_finite(changed, {})
-        if bad is not None:
-            return bad, []
-        tensors = {f"{name}/{field}": t.detach().to("cpu").contiguous()
-                   for name, c in changed.items() for field, t in c.items()}
         save_file(tensors, out / ROWS, metadata={"step": str(step)})
-        states = {}
-        for t in parts.embedding.tables:  # no rows: the optimizer, row count, sketch
-            states[t.name] = {k: v for k, v in t.state_dict(rows=False).items() if k != "ssd"}
         torch.save(states, out / "tables.pt")
-        return None, [ROWS, "tables.pt", *write_rank_common(out, source)]
+        return [ROWS, "tables.pt"]
 
-    commit(Path(path), parts, step, cfg, samples, write_rank, extra)
-    return Path(path)
+    return capture(parts, source, bad, write_files)
 
 
 def read_changes(path: Path, rank_dir: str = "") -> dict[str, dict[str, torch.Tensor]]:

@@ -10,6 +10,7 @@ every rank sees). :func:`read_manifest` checks a checkpoint before anything load
 
 from __future__ import annotations
 
+import copy
 import errno
 import hashlib
 import json
@@ -17,6 +18,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -42,8 +44,18 @@ DELTA_FORMAT = 3
 REQUIRED_FILES = ("tables.pt", "dense.pt", "data.json", "rng.pt")
 LOCAL_FILE = "dense_local.pt"  # per rank with k-step merging: its dense optimizer state
 
-# RankWriter(out_dir) -> (what is not finite, or None; the names it wrote in out_dir)
-RankWriter = Callable[[Path], tuple[Optional[str], list[str]]]
+
+
+@dataclass
+class Capture:
+    """One rank's part of a checkpoint, taken at its step (the training loop pauses
+    for this only), written later by :func:`commit` (on another thread while training
+    goes on, with ``train.async_checkpoint``): it holds copies, never live state."""
+
+    bad: Optional[str]  # the first NaN/Inf found (then nothing is written)
+    write: Callable[[Path], list[str]]  # this rank's files into a directory -> their names
+    dense: dict[str, Any]  # dense.pt: weights, optimizer, replica sync (rank 0 writes it)
+    local: Optional[dict[str, Any]]  # dense_local.pt (k-step: each replica's own), or None
 
 
 class CheckpointError(RuntimeError):
@@ -102,30 +114,28 @@ def first_non_finite(tables: dict[str, Any], model: dict[str, Any]) -> Optional[
     return None
 
 
-def write_rank_common(out: Path, source: Any) -> list[str]:
-    """The data position and RNG state every checkpoint of a rank holds."""
-    state = source.state_dict() if hasattr(source, "state_dict") else {}
-    (out / "data.json").write_text(json.dumps(state))
-    torch.save({"torch": torch.get_rng_state()}, out / "rng.pt")
-    return ["data.json", "rng.pt"]
+def capture(parts: Components, source: Any, bad: Optional[str],
+            write_files: Callable[[Path], list[str]]) -> Capture:
+    """A :class:`Capture` of this rank: ``write_files`` (its table files, from copies
+    taken already) plus what every checkpoint of a rank holds: the data position, the
+    RNG state, the dense weights and optimizer states (copied now)."""
+    position = source.state_dict() if hasattr(source, "state_dict") else {}
+    rng = torch.get_rng_state()
+    model = {k: v.detach().clone() for k, v in parts.model.state_dict().items()}
+    optimizer = copy.deepcopy(parts.dense_optimizer.state_dict())
+    dense = {"model": model, "optimizer": optimizer,
+             "optimizer_class": type(parts.dense_optimizer).__name__,
+             "sync": copy.deepcopy(parts.sync.state_dict())}
+    own = parts.sync.local_state_dict()
+    local = None if own is None else {"optimizer": optimizer, "sync": copy.deepcopy(own)}
 
+    def write(out: Path) -> list[str]:
+        names = write_files(out)
+        (out / "data.json").write_text(json.dumps(position))
+        torch.save({"torch": rng}, out / "rng.pt")
+        return [*names, "data.json", "rng.pt"]
 
-def write_dense(out: Path, parts: Components) -> Optional[str]:
-    """The dense weights, optimizer and replica-sync state into ``out/dense.pt``."""
-    model = parts.model.state_dict()
-    bad = first_non_finite({}, model)
-    if bad is not None:
-        return bad
-    torch.save(
-        {
-            "model": model,
-            "optimizer": parts.dense_optimizer.state_dict(),
-            "optimizer_class": type(parts.dense_optimizer).__name__,
-            "sync": parts.sync.state_dict(),
-        },
-        out / "dense.pt",
-    )
-    return None
+    return Capture(bad or first_non_finite({}, model), write, dense, local)
 
 
 def describe(root: Path, names: list[str]) -> dict[str, dict[str, Any]]:
@@ -191,9 +201,9 @@ def replace(tmp: Path, path: Path, retire_to: Optional[Path] = None) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _gather(obj: Any, d: DistHandles) -> list[Any]:
+def _gather(obj: Any, d: DistHandles, group: Any = None) -> list[Any]:
     out: list[Any] = [None] * d.world_size
-    dist.all_gather_object(out, obj, group=d.world)
+    dist.all_gather_object(out, obj, group=d.world if group is None else group)
     return out
 
 
@@ -202,14 +212,16 @@ def fast_groups(d: DistHandles) -> list[list[int]]:
 
 
 def commit(path: Path, parts: Components, step: int, cfg: Config, samples: int,
-           write_rank: RankWriter, extra: dict[str, Any],
-           retire_to: Optional[Path] = None) -> None:
+           taken: Capture, extra: dict[str, Any], retire_to: Optional[Path] = None,
+           group: Any = None) -> None:
     """Writes a checkpoint directory ``path`` atomically (see the module docstring).
 
     Args:
-        write_rank: writes this rank's files into a directory (see :data:`RankWriter`).
+        taken: this rank's part, taken at ``step`` (:func:`capture`).
         extra: manifest fields (``format``, ``kind``, ``parent``, ...).
         retire_to: where the directory ``path`` held before goes (see :func:`replace`).
+        group: the process group the ranks agree over (default: the world); a commit on
+            a background thread needs one of its own.
 
     Raises:
         NonFiniteState: a row or dense weight is NaN/Inf (on any rank); nothing written.
@@ -217,15 +229,15 @@ def commit(path: Path, parts: Components, step: int, cfg: Config, samples: int,
     """
     d = parts.dist
     if d is not None and d.world_size > 1:
-        _commit_sharded(path, parts, step, cfg, samples, write_rank, extra, retire_to, d)
+        _commit_sharded(path, step, cfg, samples, taken, extra, retire_to, d, group)
         return
+    if taken.bad is not None:
+        # Saving would replace the last good checkpoint with one nobody can resume from.
+        raise NonFiniteState(f"{taken.bad}; {path} was not written")
     tmp = fresh_tmp(path)
     try:
-        bad, names = write_rank(tmp)
-        bad = bad or write_dense(tmp, parts)
-        if bad is not None:
-            # Saving would replace the last good checkpoint with one nobody can resume from.
-            raise NonFiniteState(f"{bad}; {path} was not written")
+        names = taken.write(tmp)
+        torch.save(taken.dense, tmp / "dense.pt")
         files = describe(tmp, [*names, "dense.pt"])
         _write_manifest(tmp, _manifest(step, samples, cfg, files, extra))
     except BaseException as e:
@@ -237,9 +249,9 @@ def commit(path: Path, parts: Components, step: int, cfg: Config, samples: int,
     replace(tmp, path, retire_to)
 
 
-def _commit_sharded(path: Path, parts: Components, step: int, cfg: Config, samples: int,
-                    write_rank: RankWriter, extra: dict[str, Any],
-                    retire_to: Optional[Path], d: DistHandles) -> None:
+def _commit_sharded(path: Path, step: int, cfg: Config, samples: int, taken: Capture,
+                    extra: dict[str, Any], retire_to: Optional[Path], d: DistHandles,
+                    group: Any) -> None:
     """:func:`commit` of one rank of a multi-rank run (a collective)."""
     tmp = path.with_name(path.name + ".tmp")
     err: Optional[str] = None
@@ -248,31 +260,30 @@ def _commit_sharded(path: Path, parts: Components, step: int, cfg: Config, sampl
             fresh_tmp(path)
         except OSError as e:
             err = f"rank 0: {e}"
-    errs = [e for e in _gather(err, d) if e]  # also: nobody writes before tmp exists
+    errs = [e for e in _gather(err, d, group) if e]  # also: nobody writes before tmp exists
     if errs:
         raise CheckpointError(f"cannot write checkpoint {path}: {errs[0]}")
     mine = f"rank{d.rank}"
-    bad: Optional[str] = None
+    bad = taken.bad
     files: dict[str, Any] = {}
     try:
-        (tmp / mine).mkdir(parents=True, exist_ok=True)
-        bad, names = write_rank(tmp / mine)
-        local = parts.sync.local_state_dict()
-        if bad is None and local is not None:
-            torch.save({"optimizer": parts.dense_optimizer.state_dict(), "sync": local},
-                       tmp / mine / LOCAL_FILE)
-            names.append(LOCAL_FILE)
-        if bad is None and d.rank == 0:
-            bad = write_dense(tmp, parts)
         if bad is None:
+            (tmp / mine).mkdir(parents=True, exist_ok=True)
+            names = taken.write(tmp / mine)
+            if taken.local is not None:
+                torch.save(taken.local, tmp / mine / LOCAL_FILE)
+                names.append(LOCAL_FILE)
+            if d.rank == 0:
+                torch.save(taken.dense, tmp / "dense.pt")
             files = describe(tmp, [f"{mine}/{n}" for n in names]
                              + (["dense.pt"] if d.rank == 0 else []))
             fsync(tmp / mine)
     except (OSError, SSDTierError) as e:
         err = str(e)
     reports = _gather((None if bad is None else f"rank {d.rank}: {bad}",
-                       None if err is None else f"rank {d.rank}: {err}", files), d)
-    groups = fast_groups(d)
+                       None if err is None else f"rank {d.rank}: {err}", files,
+                       tuple(d.fast_ranks)), d, group)
+    groups = [list(g) for g in sorted({r[3] for r in reports})]  # as all_fast_groups
     bads = [r[0] for r in reports if r[0]]
     errs = [r[1] for r in reports if r[1]]
     result: Optional[str] = None
@@ -299,7 +310,7 @@ def _commit_sharded(path: Path, parts: Components, step: int, cfg: Config, sampl
         raise NonFiniteState(f"{bads[0]}; {path} was not written")
     if errs:
         raise CheckpointError(f"cannot write checkpoint {path}: {errs[0]}")
-    result = _gather(result, d)[0]
+    result = _gather(result, d, group)[0]
     if result:
         raise CheckpointError(result)
 

@@ -25,6 +25,7 @@ fast group together.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import pickle
@@ -37,14 +38,15 @@ from terarec.config import Config
 from terarec.trainer.checkpoint import delta, reshard, ssd_snapshot
 from terarec.trainer.checkpoint.files import (
     LOCAL_FILE,
+    Capture,
     CheckpointError,
+    capture,
     commit,
     fast_groups,
     first_non_finite,
     rank_files,
     read_manifest,
     verify_files,
-    write_rank_common,
 )
 
 if TYPE_CHECKING:
@@ -97,23 +99,44 @@ def write_full(
         this rank's SSD tier snapshot record (or None); the caller deletes the snapshots
         no kept checkpoint points at (``ssd_snapshot.keep_only``).
     """
-    path = Path(path)
-    snap: list[Optional[dict[str, Any]]] = [None]
+    taken, snap = capture_full(parts, source, step)
+    commit_full(Path(path), parts, step, cfg, samples, taken, snap, retire_to)
+    return snap
 
-    def write_rank(out: Path) -> tuple[Optional[str], list[str]]:
-        bad, snap[0] = _write_tables(out, parts, step)
-        if bad is not None:
-            return bad, []
-        names = ["tables.pt"] + ([ssd_snapshot.FILE] if snap[0] is not None else [])
-        return None, names + write_rank_common(out, source)
+
+def capture_full(parts: Components, source: Any, step: int
+                 ) -> tuple[Capture, Optional[dict[str, Any]]]:
+    """This rank's part of a full checkpoint of ``step``, taken now (the pause of an
+    asynchronous save): cached rows written through and the SSD tier snapshotted, the
+    in-memory tables exported, the dense state copied. Returns it and the snapshot's
+    record (None without an SSD tier)."""
+    bad, snap, tables = _capture_tables(parts, step)
+
+    def write_files(out: Path) -> list[str]:
+        torch.save(tables, out / "tables.pt")
+        if snap is None:
+            return ["tables.pt"]
+        (out / ssd_snapshot.FILE).write_text(json.dumps(snap, indent=1))
+        return ["tables.pt", ssd_snapshot.FILE]
 
     try:
-        commit(path, parts, step, cfg, samples, write_rank, _format(parts),
-               retire_to=retire_to)
+        return capture(parts, source, bad, write_files), snap
     except BaseException:
-        ssd_snapshot.drop(snap[0])
+        ssd_snapshot.drop(snap)
         raise
-    return snap[0]
+
+
+def commit_full(path: Path, parts: Components, step: int, cfg: Config, samples: int,
+                taken: Capture, snap: Optional[dict[str, Any]],
+                retire_to: Optional[Path] = None, group: Any = None) -> None:
+    """Writes a captured full checkpoint (:func:`capture_full`) to ``path``; its SSD
+    snapshot is dropped when that fails."""
+    try:
+        commit(path, parts, step, cfg, samples, taken, _format(parts),
+               retire_to=retire_to, group=group)
+    except BaseException:
+        ssd_snapshot.drop(snap)
+        raise
 
 
 def _format(parts: Components) -> dict[str, Any]:
@@ -123,27 +146,26 @@ def _format(parts: Components) -> dict[str, Any]:
     return {"format": 2 if snapshots else 1}
 
 
-def _write_tables(
-    out: Path, parts: Components, step: int
-) -> tuple[Optional[str], Optional[dict[str, Any]]]:
-    """This rank's rows into ``out``: ``(what is not finite, if something is (then
-    nothing is written), the SSD tier snapshot's record, if taken)``. Tables with an SSD
-    tier are snapshotted (``ssd_snapshot.py``), not exported; ``ssd.json`` points at
-    the snapshot."""
+def _capture_tables(
+    parts: Components, step: int
+) -> tuple[Optional[str], Optional[dict[str, Any]], dict[str, Any]]:
+    """This rank's rows: ``(what is not finite, if something is; the SSD tier
+    snapshot's record, if taken; the table states)``. Tables with an SSD tier are
+    snapshotted (``ssd_snapshot.py``), not exported; ``ssd.json`` points at the
+    snapshot. The other tables' rows are exported (copies)."""
     parts.embedding.flush()
     try:
         snap = ssd_snapshot.take(parts.embedding, step)
     except ssd_snapshot.NonFiniteRows as e:
-        return str(e), None
+        return str(e), None, {}
     tables = parts.embedding.tables_state_dict(ssd_rows=snap is None)
     bad = first_non_finite(tables, {})
     if bad is not None:
         ssd_snapshot.drop(snap)
-        return bad, None
-    torch.save(tables, out / "tables.pt")
-    if snap is not None:
-        (out / ssd_snapshot.FILE).write_text(json.dumps(snap, indent=1))
-    return None, snap
+        return bad, None, {}
+    # rows and keys are exported copies; the rest (optimizer counters, sketch) copied here
+    return None, snap, {n: {k: v if k in ("keys", "rows") else copy.deepcopy(v)
+                            for k, v in t.items()} for n, t in tables.items()}
 
 
 def load_checkpoint(path: Path, parts: Components, source: Any = None) -> int:

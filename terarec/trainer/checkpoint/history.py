@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -23,13 +24,14 @@ import torch.distributed as dist
 
 from terarec.config import Config
 from terarec.trainer.checkpoint import ssd_snapshot
-from terarec.trainer.checkpoint.delta import save_delta
+from terarec.trainer.checkpoint.delta import capture_delta, delta_manifest
 from terarec.trainer.checkpoint.files import (
     CheckpointError,
+    commit,
     manifest_sha256,
     read_manifest,
 )
-from terarec.trainer.checkpoint.full import write_full
+from terarec.trainer.checkpoint.full import capture_full, commit_full
 
 if TYPE_CHECKING:
     from terarec.trainer.components import Components
@@ -46,14 +48,38 @@ def save(run_dir: Path, parts: Components, source: Any, step: int, cfg: Config,
     after ``parent`` when given, else a full one into ``checkpoint/`` (the one it
     replaces kept as ``checkpoints/step<N>/`` while ``train.keep_checkpoints`` allows);
     then prunes what is no longer kept. Returns the checkpoint's directory."""
+    return prepare(run_dir, parts, source, step, cfg, samples, parent)()
+
+
+def prepare(run_dir: Path, parts: Components, source: Any, step: int, cfg: Config,
+            samples: int, parent: Optional[Path] = None, group: Any = None
+            ) -> Callable[[], Path]:
+    """Takes the checkpoint of ``step`` (:func:`save`) now and returns the call that
+    writes it. Taking it is what pauses training: the caches written through, the SSD
+    tier snapshotted, the in-memory tables' and the changed rows exported, the dense
+    state copied; the changes recorded for the next delta start over. The returned call
+    writes, commits and prunes, on any thread (training may go on meanwhile); with
+    several ranks every rank calls both, and the writing call's collectives run over
+    ``group`` (default: the world; a background thread needs a group of its own).
+    ``parent`` must be committed (written) when this is called."""
     run_dir = Path(run_dir)
     d = parts.dist
-    rank_dir = f"rank{d.rank}/" if d is not None and d.world_size > 1 else ""
-    main = d is None or d.rank == 0
+    multi = d is not None and d.world_size > 1
     if parent is not None:
-        path = save_delta(delta_path(run_dir, step), parts, source, step, cfg, samples,
-                          parent)
-    else:
+        taken = capture_delta(parts, source, step)
+        extra = delta_manifest(parent)
+        parts.embedding.clear_changes()
+        path = delta_path(run_dir, step)
+
+        def finish_delta() -> Path:
+            commit(path, parts, step, cfg, samples, taken, extra, group=group)
+            return path
+        return finish_delta
+    taken, snap = capture_full(parts, source, step)
+    parts.embedding.clear_changes()
+
+    def finish_full() -> Path:
+        main = d is None or d.rank == 0
         keep = cfg.train.keep_checkpoints
         path = run_dir / FULL
         leftover = run_dir / (FULL + ".old")  # a save killed between its two renames
@@ -64,14 +90,16 @@ def save(run_dir: Path, parts: Components, source: Any, step: int, cfg: Config,
                 leftover.rename(retired_path(run_dir, at))  # kept, not deleted
         prev = _step_of(path) if (path / "manifest.json").is_file() else None
         retire = retired_path(run_dir, prev) if keep > 1 and prev not in (None, step) else None
-        snap = write_full(path, parts, source, step, cfg, samples, retire_to=retire)
+        commit_full(path, parts, step, cfg, samples, taken, snap, retire, group)
         if main:
             prune(run_dir, keep)
-        if d is not None and d.world_size > 1:
-            dist.barrier(group=d.world)  # the kept set is final before ranks read it
-        ssd_snapshot.keep_only(snap, kept_snapshots(run_dir, rank_dir))
-    parts.embedding.clear_changes()
-    return path
+        if multi:
+            assert d is not None
+            dist.barrier(group=d.world if group is None else group)  # the kept set is final
+        ssd_snapshot.keep_only(snap, kept_snapshots(run_dir, f"rank{d.rank}/" if multi and d
+                                                    else ""))
+        return path
+    return finish_full
 
 
 def run_dir_of(path: Path) -> Path:
