@@ -45,7 +45,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from terarec.config import SparseOptimConfig, TableConfig
 from terarec.ps.embedding import HierarchicalEmbeddingBagCollection
 from terarec.ps.tiers.ssd import SSDStore, SSDTierConfig
-from terarec.trainer.checkpoint import ssd_snapshot
+from terarec.trainer.checkpoint import rows, ssd_snapshot
 from terarec.trainer.checkpoint.delta import merge, read_changes
 
 
@@ -191,6 +191,15 @@ def in_memory(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     seconds, peak = measured(lambda: torch.save(ebc.tables_state_dict(), out / "tables.pt"))
     full = {"save_s": seconds, "save_peak_rss_bytes": peak,
             "bytes_written": (out / "tables.pt").stat().st_size}
+    # the checkpoint's way: the rows streamed into chunk files as they are read
+    stage = out / "chunks"
+    stage.mkdir()
+    chunk_mb = args.chunk_mb
+    rows.CHUNK_BYTES = chunk_mb << 20
+    seconds, peak = measured(lambda: rows.write_chunks(ebc, stage, ["t"]))
+    full["streamed"] = {"save_s": seconds, "save_peak_rss_bytes": peak, "chunk_mb": chunk_mb,
+                        "bytes_written": sum(f.stat().st_size for f in stage.iterdir())}
+    shutil.rmtree(stage)
     result = {"full": full, "delta": delta(ebc, args, out / "delta")}
 
     def restore(with_delta: bool) -> None:
@@ -217,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=32_768)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--changed", type=float, default=0.01, help="rows changed before a delta")
+    p.add_argument("--chunk-mb", type=int, default=256,
+                   help="chunk size of the in-memory table's streamed save")
     p.add_argument("--dir", default=None, help="where the DBs go (default: a temp dir)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -238,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
             "memory_delta_s_vs_full_save": m["delta"]["save_s"] / m["full"]["save_s"],
             "memory_chain_restore_vs_full_restore": (m["delta"]["chain_restore_s"]
                                                      / m["full"]["restore_s"]),
+            "memory_streamed_save_peak_vs_tables_pt": (
+                m["full"]["streamed"]["save_peak_rss_bytes"]
+                / max(m["full"]["save_peak_rss_bytes"], 1)),
+            "memory_streamed_save_s_vs_tables_pt": (m["full"]["streamed"]["save_s"]
+                                                    / m["full"]["save_s"]),
         }
     finally:
         if args.dir is None:
@@ -255,6 +271,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{d['save_s']:.3f}s, {d['bytes_written'] / 2**20:.1f} MiB = "
                   f"{d['bytes_vs_table']:.4f} of the table's rows")
         mem = out["memory"]
+        st = mem["full"]["streamed"]
+        whole = mem["full"]
+        print(f"memory full save streamed in {st['chunk_mb']} MiB chunks {st['save_s']:.3f}s "
+              f"(peak +{st['save_peak_rss_bytes'] / 2**20:.0f} MiB) vs tables.pt "
+              f"{whole['save_s']:.3f}s (peak +{whole['save_peak_rss_bytes'] / 2**20:.0f} MiB)")
         print(f"memory full save {mem['full']['save_s']:.3f}s, restore "
               f"{mem['full']['restore_s']:.3f}s; full + delta restore "
               f"{mem['delta']['chain_restore_s']:.3f}s")

@@ -24,7 +24,7 @@ they read as zeros and their gradients are dropped.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Optional
 
 import torch
@@ -374,8 +374,17 @@ class TableGroup:
     def export_table(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(keys [R], rows [R, row_width])`` of table ``t``."""
         comp, rows = self.store.export_table(t, fresh_from=self._fresh_from())
+        return self._raw(comp, t), rows
+
+    def export_table_chunks(self, t: int, chunk_rows: int
+                            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`export_table` in consecutive chunks (``Store.export_table_chunks``)."""
+        for comp, rows in self.store.export_table_chunks(t, self._fresh_from(), chunk_rows):
+            yield self._raw(comp, t), rows
+
+    def _raw(self, comp: torch.Tensor, t: int) -> torch.Tensor:
         tables = torch.full((comp.numel(),), t, dtype=torch.int64, device=comp.device)
-        return self.keys_of(comp, tables), rows
+        return self.keys_of(comp, tables)
 
     def changed_tables(
         self,

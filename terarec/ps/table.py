@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -71,6 +72,12 @@ class EmbeddingTable:
     def export(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(keys [R], rows [R, row_width])`` of every row of this table."""
         return self.group.export_table(self.index)
+
+    def export_chunks(self, chunk_rows: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`export` as consecutive ``(keys [C], rows [C, row_width])`` chunks, the
+        same rows in the same order; an untiered table never copies all its rows at
+        once (tiered ones may come as one chunk)."""
+        return self.group.export_table_chunks(self.index, chunk_rows)
 
     @property
     def in_ssd(self) -> bool:

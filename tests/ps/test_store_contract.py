@@ -126,6 +126,11 @@ class Case:
             assert got.keys() == want.keys(), tab
             for k, r in want.items():
                 assert torch.equal(got[k], r), (tab, k)
+            # the same rows in the same order, chunk after chunk (a streamed checkpoint)
+            chunks = list(self.store.export_table_chunks(tab, chunk_rows=3))
+            assert all(c[0].numel() <= 3 for c in chunks) or len(chunks) == 1
+            assert torch.equal(torch.cat([c[0] for c in chunks]), keys)
+            assert torch.equal(torch.cat([c[1] for c in chunks]), rows)
         assert len(self.store) == len(self.ref)
         assert self.store.rows_per_table(self.n) == [
             sum(1 for t, _ in self.ref if t == tab) for tab in range(self.n)

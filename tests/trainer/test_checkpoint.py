@@ -100,8 +100,8 @@ def ckpt_copy(pristine: tuple[Config, Path], tmp_path: Path) -> tuple[Config, Pa
 def test_round_trip(trained: tuple[Config, Components, BatchSource, Path]) -> None:
     cfg, parts, source, path = trained
     manifest = read_manifest(path)
-    assert manifest["step"] == 5 and manifest["samples"] == 320 and manifest["format"] == 1
-    assert set(manifest["files"]) == set(REQUIRED_FILES)
+    assert manifest["step"] == 5 and manifest["samples"] == 320 and manifest["format"] == 4
+    assert set(manifest["files"]) == {*REQUIRED_FILES, "rows.0.safetensors"}
     assert manifest["config"]["name"] == cfg.name
 
     rng_at_save = torch.get_rng_state()
@@ -222,9 +222,12 @@ def truncate(f: Path) -> None:
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
 
 
+ROWS0 = "rows.0.safetensors"  # the table's rows (one chunk)
 DAMAGE: dict[str, tuple[Callable[[Path], None], str, str]] = {
     # id: (damage to the checkpoint dir, file named, what the message says)
     "tables-bitflip": (lambda d: flip_byte(d / "tables.pt"), "tables.pt", "sha256 does not match"),
+    "rows-bitflip": (lambda d: flip_byte(d / ROWS0), ROWS0, "sha256 does not match"),
+    "rows-missing": (lambda d: (d / ROWS0).unlink(), ROWS0, "missing from the checkpoint"),
     "dense-bitflip": (lambda d: flip_byte(d / "dense.pt"), "dense.pt", "sha256 does not match"),
     "data-edited": (
         lambda d: (d / "data.json").write_text((d / "data.json").read_text().replace("5", "6")),
@@ -279,7 +282,7 @@ DAMAGE: dict[str, tuple[Callable[[Path], None], str, str]] = {
     "manifest-other-format": (
         lambda d: edit_manifest(d, lambda m: m.update(format=99)),
         "manifest.json",
-        "format 99, this terarec reads (1, 2, 3)",
+        "format 99, this terarec reads (1, 2, 3, 4)",
     ),
 }
 
@@ -319,6 +322,27 @@ def test_size_check_without_hashing_still_catches_truncation(
     truncate(path / "tables.pt")
     with pytest.raises(CheckpointError, match=r"tables\.pt: size \d+ != \d+ in the manifest"):
         read_manifest(path, verify=False)
+
+
+def test_a_checkpoint_with_rows_in_tables_pt_still_loads(
+    ckpt_copy: tuple[Config, Path]
+) -> None:
+    """Format 1 (every row in ``tables.pt``, as terarec wrote before the rows were
+    streamed into chunk files) loads to the same state."""
+    from terarec.trainer.checkpoint import files, rows
+
+    cfg, path = ckpt_copy
+    manifest = read_manifest(path)
+    want = build_components(cfg)
+    load_checkpoint(path, want)
+    torch.save(rows.load_states(path, "", manifest), path / "tables.pt")
+    (path / ROWS0).unlink()
+    names = [n for n in manifest["files"] if n != ROWS0]
+    manifest.update(format=1, files=files.describe(path, names))
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    got = build_components(cfg)
+    assert load_checkpoint(path, got) == manifest["step"]
+    assert_same_tables(want.embedding.tables_state_dict(), got.embedding.tables_state_dict())
 
 
 def test_checkpoint_of_another_model_is_refused(
@@ -375,7 +399,7 @@ def test_files_and_dirs_are_fsynced_around_the_rename(
     final, tmp = path.resolve(), path.resolve().with_name("ckpt.tmp")
     swap = events.index(("replace", f"{tmp} -> {final}"))
     synced_before = [p for kind, p in events[:swap] if kind == "fsync"]
-    names = {*REQUIRED_FILES, "manifest.json"}
+    names = {*REQUIRED_FILES, "rows.0.safetensors", "manifest.json"}
     assert {Path(p).name for p in synced_before[:-1]} == names
     assert all(Path(p).parent == tmp for p in synced_before[:-1])
     assert synced_before[-1] == str(tmp)  # the directory, after every file in it

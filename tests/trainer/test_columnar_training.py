@@ -15,6 +15,7 @@ import torch
 from terarec.config import DataConfig, DataKind, DenseTransform, config_from_dict
 from terarec.data.criteo_writer import write_criteo
 from terarec.data.preprocess import preprocess
+from terarec.trainer.checkpoint import read_tables
 from terarec.trainer.loop import train
 
 
@@ -36,7 +37,7 @@ def run(tmp: Path, name: str, data: dict[str, Any]) -> dict[str, Any]:
     return {
         "summary": summary,
         "losses": [r["loss"] for r in lines if r.get("split") == "train"],
-        "tables": torch.load(run_dir / "checkpoint" / "tables.pt", weights_only=True),
+        "tables": read_tables(run_dir / "checkpoint"),
         "dense": torch.load(run_dir / "checkpoint" / "dense.pt", weights_only=True)["model"],
     }
 

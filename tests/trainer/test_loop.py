@@ -68,6 +68,7 @@ def test_run_dir_layout(finished: tuple[Config, dict[str, Any], Path]) -> None:
     assert {p.name for p in (run / "checkpoint").iterdir()} == {
         "manifest.json",
         "tables.pt",
+        "rows.0.safetensors",  # the table's rows (one chunk)
         "dense.pt",
         "data.json",
         "rng.pt",

@@ -8,7 +8,7 @@ tiers below. :class:`~terarec.ps.store.chain.TierChain` (the training path) buil
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
 import torch
@@ -158,6 +158,12 @@ class ChainAccess:
         """:meth:`export` of the chain's one table (``table`` 0)."""
         keys, rows = self.export(fresh_from=fresh_from)
         return keys, rows
+
+    def export_table_chunks(
+        self, table: int, fresh_from: Optional[int] = None, chunk_rows: int = 1 << 18
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One chunk: the export dedups the copies of a row across the tiers."""
+        yield self.export_table(table, fresh_from)
 
     def rows_per_table(self, num_tables: int) -> list[int]:
         return [len(self)]

@@ -18,7 +18,7 @@ compacted (slot-indexed data remapped).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Optional
 
 import torch
@@ -262,8 +262,20 @@ class FlatStore:
         self, table: int, fresh_from: Optional[int] = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows of one table in slot order."""
-        comp, rows, meta = self.tier.export(with_meta=True)
-        owner = self._owners()
+        return self._export_slots(self.tier.live_slots(), table, fresh_from)
+
+    def export_table_chunks(
+        self, table: int, fresh_from: Optional[int] = None, chunk_rows: int = 1 << 18
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`export_table` in chunks of at most ``chunk_rows`` rows, same order:
+        a table's rows never all copied at once."""
+        for slots in self.tier.live_slot_chunks(chunk_rows):
+            yield self._export_slots(slots, table, fresh_from)
+
+    def _export_slots(self, slots: torch.Tensor, table: int, fresh_from: Optional[int]
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        comp, rows, meta = self.tier.export_slots(slots, with_meta=True)
+        owner = self._owners_of(slots)
         if fresh_from is not None:  # expired rows the last sweep has not deleted yet
             keep = (meta[:, LAST] >= fresh_from).nonzero().squeeze(1)
             comp, rows, owner = comp[keep], rows[keep], owner[keep]

@@ -26,7 +26,7 @@ parametrisation.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Optional, Protocol, runtime_checkable
 
 import torch
@@ -132,6 +132,14 @@ class SlotStore(Protocol):
         """``(keys [R], rows [R, row_width])`` of one table (composite keys), every row
         once (its freshest copy); with ``fresh_from`` (TTL) rows last used before it are
         left out."""
+        ...
+
+    def export_table_chunks(
+        self, table: int, fresh_from: Optional[int] = None, chunk_rows: int = 1 << 18
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`export_table` as consecutive chunks (the same rows in the same order);
+        a store that can yields chunks of at most ``chunk_rows`` rows without copying the
+        whole table first (the flat store), others may yield one chunk."""
         ...
 
     def rows_per_table(self, num_tables: int) -> list[int]:

@@ -16,7 +16,7 @@ through their chain.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Optional
 
 import torch
@@ -216,6 +216,11 @@ class TieredStore:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         keys, rows = self.chains[table].export(fresh_from=fresh_from)
         return self._raw(keys, table), rows  # xor is its own inverse: composite keys
+
+    def export_table_chunks(
+        self, table: int, fresh_from: Optional[int] = None, chunk_rows: int = 1 << 18
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        yield self.export_table(table, fresh_from)  # (a chain dedups across its tiers)
 
     def rows_per_table(self, num_tables: int) -> list[int]:
         return [len(c) for c in self.chains]

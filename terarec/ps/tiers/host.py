@@ -14,7 +14,7 @@ the memory is ever dead.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Optional
 
 import torch
@@ -118,9 +118,12 @@ class HostTier(SlotRows):
         return keys.clone()
 
     def export(self, with_meta: bool = False) -> Export:
-        live = self.live_slots()
-        keys, rows = self.index.keys()[live], self._rows[live]
-        return (keys, rows, self.read_meta(live)) if with_meta else (keys, rows)
+        return self.export_slots(self.live_slots(), with_meta)
+
+    def export_slots(self, slots: torch.Tensor, with_meta: bool = False) -> Export:
+        """:meth:`export` of the live ``slots`` only (a chunk of ``live_slots()``)."""
+        keys, rows = self.index.keys()[slots], self._rows[slots]
+        return (keys, rows, self.read_meta(slots)) if with_meta else (keys, rows)
 
     def flush(self) -> None:
         return None
@@ -217,6 +220,16 @@ class HostTier(SlotRows):
         if not self._n_dead:
             return torch.arange(n, device=self.device)
         return (~self._dead[:n]).nonzero().squeeze(1)
+
+    def live_slot_chunks(self, chunk: int) -> Iterator[torch.Tensor]:
+        """:meth:`live_slots` in pieces of ``chunk`` slots or fewer (never all at once)."""
+        n = self.num_slots
+        for start in range(0, n, chunk):
+            end = min(n, start + chunk)
+            if not self._n_dead:
+                yield torch.arange(start, end, device=self.device)
+            else:
+                yield (~self._dead[start:end]).nonzero().squeeze(1) + start
 
     def is_dead(self, slots: torch.Tensor) -> torch.Tensor:
         """bool ``[N]``: which ``slots`` were removed (evicted or expired)."""

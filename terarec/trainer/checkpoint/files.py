@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,10 +37,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("terarec.trainer")
 
 # 1: every row in tables.pt; 2: tables with an SSD tier in snapshots (``ssd.json``);
-# 3: a delta (``kind: delta``: the rows changed since its parent). A full checkpoint is
-# written as 1 when it has no snapshot, so older code still reads it.
-FORMATS = (1, 2, 3)
+# 3: a delta (``kind: delta``: the rows changed since its parent); 4: a full checkpoint
+# whose in-memory tables' rows are in ``rows.<i>.safetensors`` chunks (streamed), the
+# others as in 2. A full checkpoint of SSD tables only is written as 2.
+FORMATS = (1, 2, 3, 4)
 DELTA_FORMAT = 3
+CHUNK_FILE = re.compile(r"rows\.(\d+)\.safetensors")
 # what a one-process full checkpoint holds besides manifest.json (ssd.json: if snapshotted)
 REQUIRED_FILES = ("tables.pt", "dense.pt", "data.json", "rng.pt")
 LOCAL_FILE = "dense_local.pt"  # per rank with k-step merging: its dense optimizer state
@@ -56,6 +59,7 @@ class Capture:
     write: Callable[[Path], list[str]]  # this rank's files into a directory -> their names
     dense: dict[str, Any]  # dense.pt: weights, optimizer, replica sync (rank 0 writes it)
     local: Optional[dict[str, Any]]  # dense_local.pt (k-step: each replica's own), or None
+    stage: Optional[Path] = None  # where files were staged while taking it (rows.py)
 
 
 class CheckpointError(RuntimeError):
@@ -66,11 +70,24 @@ class NonFiniteState(CheckpointError):
     """The rows or dense weights to save hold NaN/Inf; no checkpoint was written."""
 
 
-def rank_files(manifest: dict[str, Any]) -> tuple[str, ...]:
-    """The files each rank (or the one process) of a checkpoint writes."""
+def rank_files(manifest: dict[str, Any], rank_dir: Optional[str] = None) -> list[str]:
+    """The files each rank (or the one process) of a checkpoint writes; with
+    ``rank_dir`` (``""`` or ``"rank<r>/"``) also that rank's row chunks, in order."""
     if manifest.get("kind") == "delta":
-        return ("rows.safetensors", "tables.pt", "data.json", "rng.pt")
-    return ("tables.pt", "data.json", "rng.pt")
+        return ["rows.safetensors", "tables.pt", "data.json", "rng.pt"]
+    return ["tables.pt", "data.json", "rng.pt"] + (
+        [] if rank_dir is None else row_chunks(manifest, rank_dir))
+
+
+def row_chunks(manifest: dict[str, Any], rank_dir: str) -> list[str]:
+    """The ``rows.<i>.safetensors`` files of ``rank_dir`` a full checkpoint lists, by
+    ``i`` (names relative to the rank's directory)."""
+    found = []
+    for name in manifest["files"]:
+        m = CHUNK_FILE.fullmatch(name[len(rank_dir):]) if name.startswith(rank_dir) else None
+        if m is not None:
+            found.append((int(m.group(1)), name[len(rank_dir):]))
+    return [n for _, n in sorted(found)]
 
 
 def required_files(manifest: dict[str, Any]) -> list[str]:

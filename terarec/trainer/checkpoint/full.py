@@ -5,11 +5,14 @@ Layout of one full checkpoint directory (one process; several ranks write
 
     manifest.json   format version, step, samples, the run's config, and the size +
                     sha256 of every file below
-    tables.pt       per table: keys [R], rows [R, dim + state], optimizer step; a tiered
-                    table's rows come from all its tiers, the freshest copy of each; a
-                    table with an SSD tier holds ``ssd: True`` and its row count instead
-                    (its rows are in the SSD tier's snapshot); with admission, the first
-                    table of each group also holds the group's count-min sketch
+    tables.pt       per table: its row count and optimizer state; a table with an SSD
+                    tier ``ssd: True`` (its rows are in the SSD tier's snapshot); with
+                    admission, the first table of each group also holds the group's
+                    count-min sketch (format 1 checkpoints: every table's keys [R] and
+                    rows [R, dim + state] too)
+    rows.<i>.safetensors  the other tables' keys and rows (dim + state), streamed in
+                    chunks (``rows.py``); a tiered table's rows come from all its tiers,
+                    the freshest copy of each
     dense.pt        model state_dict (MLPs), dense optimizer state_dict and class name
     ssd.json        with an SSD tier: the record of its RocksDB snapshot beside the DB
                     (``ssd_snapshot.py``)
@@ -35,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 
 from terarec.config import Config
-from terarec.trainer.checkpoint import delta, reshard, ssd_snapshot
+from terarec.trainer.checkpoint import delta, reshard, rows, ssd_snapshot
 from terarec.trainer.checkpoint.files import (
     LOCAL_FILE,
     Capture,
@@ -43,7 +46,6 @@ from terarec.trainer.checkpoint.files import (
     capture,
     commit,
     fast_groups,
-    first_non_finite,
     rank_files,
     read_manifest,
     verify_files,
@@ -99,73 +101,84 @@ def write_full(
         this rank's SSD tier snapshot record (or None); the caller deletes the snapshots
         no kept checkpoint points at (``ssd_snapshot.keep_only``).
     """
-    taken, snap = capture_full(parts, source, step)
-    commit_full(Path(path), parts, step, cfg, samples, taken, snap, retire_to)
+    taken, snap, fmt = capture_full(parts, source, step, Path(path))
+    commit_full(Path(path), parts, step, cfg, samples, taken, snap, fmt, retire_to)
     return snap
 
 
-def capture_full(parts: Components, source: Any, step: int
-                 ) -> tuple[Capture, Optional[dict[str, Any]]]:
-    """This rank's part of a full checkpoint of ``step``, taken now (the pause of an
-    asynchronous save): cached rows written through and the SSD tier snapshotted, the
-    in-memory tables exported, the dense state copied. Returns it and the snapshot's
-    record (None without an SSD tier)."""
-    bad, snap, tables = _capture_tables(parts, step)
+def capture_full(parts: Components, source: Any, step: int, path: Path
+                 ) -> tuple[Capture, Optional[dict[str, Any]], dict[str, Any]]:
+    """This rank's part of a full checkpoint of ``step`` at ``path``, taken now (the
+    pause of an asynchronous save): cached rows written through and the SSD tier
+    snapshotted, the in-memory tables' rows streamed into staged chunk files
+    (``rows.py``), the dense state copied. Returns it, the snapshot's record (None
+    without an SSD tier) and the manifest's format field."""
+    d = parts.dist
+    stage = rows.stage_dir(path, f"rank{d.rank}" if d is not None and d.world_size > 1
+                           else "")
+    bad, snap, tables, chunks = _capture_tables(parts, step, stage)
 
     def write_files(out: Path) -> list[str]:
+        names = rows.move_chunks(stage, chunks, out) + ["tables.pt"]
         torch.save(tables, out / "tables.pt")
-        if snap is None:
-            return ["tables.pt"]
-        (out / ssd_snapshot.FILE).write_text(json.dumps(snap, indent=1))
-        return ["tables.pt", ssd_snapshot.FILE]
+        if snap is not None:
+            (out / ssd_snapshot.FILE).write_text(json.dumps(snap, indent=1))
+            names.append(ssd_snapshot.FILE)
+        return names
 
     try:
-        return capture(parts, source, bad, write_files), snap
+        taken = capture(parts, source, bad, write_files)
     except BaseException:
         ssd_snapshot.drop(snap)
+        rows.drop_stage(stage)
         raise
+    if taken.bad is not None:  # nothing will be written
+        rows.drop_stage(stage)
+    taken.stage = stage
+    return taken, snap, {"format": 4 if chunks else 2}
 
 
 def commit_full(path: Path, parts: Components, step: int, cfg: Config, samples: int,
-                taken: Capture, snap: Optional[dict[str, Any]],
+                taken: Capture, snap: Optional[dict[str, Any]], fmt: dict[str, Any],
                 retire_to: Optional[Path] = None, group: Any = None) -> None:
     """Writes a captured full checkpoint (:func:`capture_full`) to ``path``; its SSD
     snapshot is dropped when that fails."""
     try:
-        commit(path, parts, step, cfg, samples, taken, _format(parts),
-               retire_to=retire_to, group=group)
+        commit(path, parts, step, cfg, samples, taken, fmt, retire_to=retire_to,
+               group=group)
     except BaseException:
         ssd_snapshot.drop(snap)
+        if taken.stage is not None:
+            rows.drop_stage(taken.stage)
         raise
 
 
-def _format(parts: Components) -> dict[str, Any]:
-    """2 with SSD tier snapshots, else 1 (which older terarec reads too)."""
-    snapshots = any(t.in_ssd for t in parts.embedding.tables) and (
-        parts.embedding.ssd_store is not None)
-    return {"format": 2 if snapshots else 1}
-
-
 def _capture_tables(
-    parts: Components, step: int
-) -> tuple[Optional[str], Optional[dict[str, Any]], dict[str, Any]]:
+    parts: Components, step: int, stage: Path
+) -> tuple[Optional[str], Optional[dict[str, Any]], dict[str, Any], list[str]]:
     """This rank's rows: ``(what is not finite, if something is; the SSD tier
-    snapshot's record, if taken; the table states)``. Tables with an SSD tier are
-    snapshotted (``ssd_snapshot.py``), not exported; ``ssd.json`` points at the
-    snapshot. The other tables' rows are exported (copies)."""
-    parts.embedding.flush()
+    snapshot's record, if taken; the table states without rows; the staged chunk
+    files)``. Tables with an SSD tier are snapshotted (``ssd_snapshot.py``), not
+    exported; ``ssd.json`` points at the snapshot. The other tables' rows are streamed
+    into chunk files in ``stage``."""
+    emb = parts.embedding
+    emb.flush()
     try:
-        snap = ssd_snapshot.take(parts.embedding, step)
+        snap = ssd_snapshot.take(emb, step)
     except ssd_snapshot.NonFiniteRows as e:
-        return str(e), None, {}
-    tables = parts.embedding.tables_state_dict(ssd_rows=snap is None)
-    bad = first_non_finite(tables, {})
+        return str(e), None, {}, []
+    streamed = [t.name for t in emb.tables if not (t.in_ssd and snap is not None)]
+    bad, chunks = rows.write_chunks(emb, stage, streamed)
     if bad is not None:
         ssd_snapshot.drop(snap)
-        return bad, None, {}
-    # rows and keys are exported copies; the rest (optimizer counters, sketch) copied here
-    return None, snap, {n: {k: v if k in ("keys", "rows") else copy.deepcopy(v)
-                            for k, v in t.items()} for n, t in tables.items()}
+        return bad, None, {}, []
+    tables = {}
+    for t in emb.tables:  # no rows: optimizer counters, row count, clock, sketch (copies)
+        state = copy.deepcopy(t.state_dict(rows=False))
+        if t.name in streamed:
+            del state["ssd"]
+        tables[t.name] = state
+    return None, snap, tables, chunks
 
 
 def load_checkpoint(path: Path, parts: Components, source: Any = None) -> int:
@@ -213,11 +226,10 @@ def load_checkpoint(path: Path, parts: Components, source: Any = None) -> int:
             if local not in manifest["files"] or parts.sync.local_state_dict() is None:
                 local = None
             for p, m in links:
-                verify_files(p, m, [f"{rank_dir}{n}" for n in rank_files(m)])
+                verify_files(p, m, [f"{rank_dir}{n}" for n in rank_files(m, rank_dir)])
             verify_files(path, manifest, ["dense.pt"] + ([local] if local else []))
             base, base_m = links[0]
-            tables = torch.load(base / f"{rank_dir}tables.pt", map_location=parts.device,
-                                weights_only=True)
+            tables = rows.load_states(base, rank_dir, base_m, parts.device)
             record = ssd_snapshot.record_in(base, base_m, rank_dir)
             if record is not None:
                 ssd_snapshot.restore(parts.embedding, record)
@@ -270,18 +282,18 @@ def read_tables(path: Path, rank_dir: str = "", manifest: Optional[dict[str, Any
     manifest = manifest or read_manifest(path, verify=False)
     links = delta.chain(path, manifest)
     for p, m in links:
-        verify_files(p, m, [f"{rank_dir}{n}" for n in rank_files(m)])
+        verify_files(p, m, [f"{rank_dir}{n}" for n in rank_files(m, rank_dir)])
     base, base_m = links[0]
-    tables = torch.load(base / f"{rank_dir}tables.pt", map_location="cpu", weights_only=True)
+    tables = rows.load_states(base, rank_dir, base_m)
     record = ssd_snapshot.record_in(base, base_m, rank_dir)
     if record is not None:
         ttl = {t["name"]: t.get("ttl_steps") for t in base_m.get("config", {}).get("tables", [])}
         fresh = {n: int(base_m["step"]) + 1 - v for n, v in ttl.items() if v is not None}
         try:
-            rows = ssd_snapshot.read_rows(record, fresh)
+            snapshot_rows = ssd_snapshot.read_rows(record, fresh)
         except ssd_snapshot.SnapshotError as e:
             raise CheckpointError(f"{path}: {e}") from e
-        for name, kr in rows.items():
+        for name, kr in snapshot_rows.items():
             state = {k: v for k, v in tables[name].items() if k not in ("ssd", "num_rows")}
             tables[name] = {**state, **kr}
     return delta.apply(tables, links[1:], rank_dir)

@@ -75,7 +75,7 @@ def prepare(run_dir: Path, parts: Components, source: Any, step: int, cfg: Confi
             commit(path, parts, step, cfg, samples, taken, extra, group=group)
             return path
         return finish_delta
-    taken, snap = capture_full(parts, source, step)
+    taken, snap, fmt = capture_full(parts, source, step, run_dir / FULL)
     parts.embedding.clear_changes()
 
     def finish_full() -> Path:
@@ -90,7 +90,7 @@ def prepare(run_dir: Path, parts: Components, source: Any, step: int, cfg: Confi
                 leftover.rename(retired_path(run_dir, at))  # kept, not deleted
         prev = _step_of(path) if (path / "manifest.json").is_file() else None
         retire = retired_path(run_dir, prev) if keep > 1 and prev not in (None, step) else None
-        commit_full(path, parts, step, cfg, samples, taken, snap, retire, group)
+        commit_full(path, parts, step, cfg, samples, taken, snap, fmt, retire, group)
         if main:
             prune(run_dir, keep)
         if multi:

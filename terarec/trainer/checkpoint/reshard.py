@@ -33,7 +33,7 @@ import torch
 
 from terarec.ps.tiers.protocol import META_WIDTH
 from terarec.ps.tiers.ssd import SSDStore, SSDTier
-from terarec.trainer.checkpoint import delta, ssd_snapshot
+from terarec.trainer.checkpoint import delta, rows, ssd_snapshot
 from terarec.trainer.checkpoint.delta import Link
 from terarec.trainer.checkpoint.files import CheckpointError, rank_files, verify_files
 
@@ -65,9 +65,8 @@ def load_tables(links: list[Link], parts: Components) -> dict[str, Any]:
     states: list[dict[str, Any]] = []
     for shard in shards:
         for p, m in links:
-            verify_files(p, m, [f"{shard}{n}" for n in rank_files(m)])
-        tables = torch.load(base / f"{shard}tables.pt", map_location="cpu",
-                            weights_only=True)
+            verify_files(p, m, [f"{shard}{n}" for n in rank_files(m, shard)])
+        tables = rows.load_states(base, shard, base_m)
         record = ssd_snapshot.record_in(base, base_m, shard)
         if record is not None:
             _copy_owned(record, emb, ids)
