@@ -120,13 +120,19 @@ def fsync(path: Path) -> None:
         os.close(fd)
 
 
+def all_finite(t: torch.Tensor, block: int = 1 << 20) -> bool:
+    """Whether ``t`` holds no NaN/Inf, checked ``block`` values at a time (``isfinite``
+    of a whole table would allocate several copies of it)."""
+    return all(bool(torch.isfinite(b).all()) for b in t.reshape(-1).split(block))
+
+
 def first_non_finite(tables: dict[str, Any], model: dict[str, Any]) -> Optional[str]:
     """Names the first table or dense tensor holding a NaN or Inf, or None."""
     for name, t in tables.items():
-        if "rows" in t and not bool(torch.isfinite(t["rows"]).all()):
+        if "rows" in t and not all_finite(t["rows"]):
             return f"table {name!r} has NaN/Inf rows"
     for name, v in model.items():
-        if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+        if torch.is_tensor(v) and v.is_floating_point() and not all_finite(v):
             return f"dense weight {name!r} has NaN/Inf values"
     return None
 

@@ -5,7 +5,7 @@ snapshot as ``rows.<i>.safetensors`` files beside ``tables.pt`` (which then hold
 tables' other state only)::
 
     rows.<i>.safetensors   "<table>/keys" int64 [C], "<table>/rows" float32 [C, W]:
-                           one chunk of one table's rows (at most ~256 MiB), in the
+                           one chunk of one table's rows (at most ~64 MiB), in the
                            table's export order; a table's chunks are consecutive in i
 
 They are written while the rows are read, chunk by chunk (an untiered table never has
@@ -17,19 +17,21 @@ the background thread). safetensors: reading them runs no code from the file.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
-from terarec.trainer.checkpoint.files import row_chunks
+from terarec.trainer.checkpoint.files import all_finite, row_chunks
 
 if TYPE_CHECKING:
     from terarec.ps.embedding import HierarchicalEmbeddingBagCollection
 
-CHUNK_BYTES = 256 << 20
+CHUNK_BYTES = 64 << 20
 
 
 def stage_dir(path: Path, rank_dir: str) -> Path:
@@ -45,8 +47,6 @@ def write_chunks(emb: HierarchicalEmbeddingBagCollection, stage: Path, names: li
     """Streams the rows of tables ``names`` into ``stage/rows.<i>.safetensors`` (each
     table at least one file, so an empty table keeps its row width). Returns (the first
     table holding NaN/Inf rows, if one does (writing stops there); the files written)."""
-    from safetensors.torch import save_file
-
     files: list[str] = []
     for t in emb.tables:
         if t.name not in names:
@@ -54,24 +54,49 @@ def write_chunks(emb: HierarchicalEmbeddingBagCollection, stage: Path, names: li
         chunk = max(1, CHUNK_BYTES // (4 * t.row_width + 8))
         wrote = False
         for got_keys, got_rows in t.export_chunks(chunk):
-            if not bool(torch.isfinite(got_rows).all()):
+            if not all_finite(got_rows):
                 return f"table {t.name!r} has NaN/Inf rows", files
             # (a tiered table's export comes whole: written in chunks all the same)
             for keys, rows in zip(got_keys.split(chunk), got_rows.split(chunk)):
                 if keys.numel() == 0:
                     continue
                 name = f"rows.{len(files)}.safetensors"
-                save_file({f"{t.name}/keys": keys.to("cpu", torch.int64).contiguous(),
-                           f"{t.name}/rows": rows.to("cpu", torch.float32).contiguous()},
-                          str(stage / name))
+                write_safetensors(stage / name, {f"{t.name}/keys": keys, f"{t.name}/rows": rows})
                 files.append(name)
                 wrote = True
         if not wrote:  # no chunk at all: an empty one
             name = f"rows.{len(files)}.safetensors"
-            save_file({f"{t.name}/keys": torch.empty(0, dtype=torch.int64),
-                       f"{t.name}/rows": torch.empty(0, t.row_width)}, str(stage / name))
+            write_safetensors(stage / name, {f"{t.name}/keys": torch.empty(0, dtype=torch.int64),
+                                             f"{t.name}/rows": torch.empty(0, t.row_width)})
             files.append(name)
     return None, files
+
+
+_DTYPES = {torch.int64: "I64", torch.float32: "F32"}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A safetensors file written straight from the tensors' memory: the header (its
+    length as u64 LE, then JSON naming each tensor's dtype, shape and byte range), then
+    the tensors' bytes (little-endian, as on x86-64). ``safetensors.torch.save_file``
+    would first copy every tensor into a ``bytes`` object; the files read back with
+    ``safetensors`` all the same."""
+    cpu = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
+    header: dict[str, Any] = {}
+    offset = 0
+    for k, t in cpu.items():
+        n = t.numel() * t.element_size()
+        header[k] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape),
+                     "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for t in cpu.values():
+            if t.numel():
+                f.write(memoryview(t.numpy()).cast("B"))
 
 
 def move_chunks(stage: Path, files: list[str], out: Path) -> list[str]:
