@@ -134,13 +134,16 @@ def delta(ebc: HierarchicalEmbeddingBagCollection, args: argparse.Namespace, out
 
 
 def fill(ebc: HierarchicalEmbeddingBagCollection, args: argparse.Namespace) -> None:
-    """``--rows`` rows into the SSD tier, then ``--steps`` training steps over them."""
+    """``--rows`` rows into the SSD tier (flushed to its SST files, as the rows of a run
+    that has trained a while are), then ``--steps`` training steps over them."""
     group = ebc.groups[0]
     width = group.row_width
     keys = torch.randperm(args.rows * 4)[: args.rows].to(torch.int64) - args.rows
     rows = torch.randn(args.rows, width) * 0.01
     rows[:, args.dim:] = 0.0
     group.load_tables([(keys, rows)])
+    if ebc.ssd_store is not None:  # as in a long run: older writes are in SST files
+        ebc.ssd_store.flush()
     g = torch.Generator().manual_seed(0)
     for _ in range(args.steps):
         batch = keys[torch.randint(0, args.rows, (args.batch,), generator=g)]
