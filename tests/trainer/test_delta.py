@@ -213,15 +213,17 @@ train(make_tiny({runs!r}, name="killed", **json.loads({cfg!r})))
 """
 
 
-@pytest.mark.parametrize("layout", ["memory", "ssd"])
+@pytest.mark.parametrize("layout", ["memory", "ssd", "ssd-async"])
 def test_killed_during_a_delta_save_the_previous_checkpoint_loads(
     tmp_path: Path, tiny_config: Callable[..., Config], layout: str
 ) -> None:
-    """kill -9 in the middle of the delta of step 30: the delta of step 25 (and its
-    chain) verifies, ``--resume auto`` picks it, and the run ends like a straight one."""
+    """kill -9 in the middle of the delta of step 30 (``-async``: written on the
+    background thread while training goes on): the delta of step 25 (and its chain)
+    verifies, ``--resume auto`` picks it, and the run ends like a straight one."""
     runs = tmp_path / "runs"
     # log_every 5: the train metrics window restarts at the resumed step, a log boundary
-    over = with_train(LAYOUTS[layout], checkpoint_every=20, delta_every=5, log_every=5)
+    over = with_train(LAYOUTS[layout.removesuffix("-async")], checkpoint_every=20,
+                      delta_every=5, log_every=5, async_checkpoint=layout.endswith("-async"))
     code = KILL.format(tests=str(Path(__file__).parent), runs=str(runs), cfg=json.dumps(over))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300)
