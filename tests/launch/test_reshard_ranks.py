@@ -28,17 +28,6 @@ from train_helpers import (
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("reshard")
-
-
-@pytest.fixture(scope="module")
-def reference(work: Path) -> dict[str, Any]:
-    """The one-process run every resharded run must reproduce."""
-    return one_process(equivalence_config(work, 1, "one"))
-
-
-@pytest.fixture(scope="module")
 def two_half(work: Path) -> dict[str, Any]:
     """Two ranks, the first half of the run and a step: full checkpoints at steps 2 and
     9, deltas at 4, 6 and 8, the periodic ones written on each rank's background thread

@@ -50,17 +50,6 @@ needs_mpirun = pytest.mark.skipif(shutil.which("mpirun") is None, reason="no mpi
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("ranks")
-
-
-@pytest.fixture(scope="module")
-def reference(work: Path) -> dict[str, Any]:
-    """The one-process run every multi-rank run must reproduce."""
-    return one_process(equivalence_config(work, 1, "one"))
-
-
-@pytest.fixture(scope="module")
 def two_ranks(work: Path) -> dict[str, Any]:
     cfg = equivalence_config(work, 2, "two")
     launch_ranks(work, cfg, 2, 2)

@@ -22,15 +22,13 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
-from launch_helpers import Ranks, free_port, torchrun_env  # noqa: E402
 from train_helpers import (  # noqa: E402
     assert_same_run,
     equivalence_config,
+    launch_ranks,
     losses,
     run_bounds,
     run_dir,
-    train_cmd,
-    write_config,
 )
 
 from terarec.config import config_from_dict  # noqa: E402
@@ -40,16 +38,7 @@ from terarec.trainer.loop import train  # noqa: E402
 
 def _nodes(tmp: Path, cfg: dict[str, Any], nodes: int, *extra: str) -> None:
     """``terarec train`` on ``nodes`` nodes of one rank each (torchrun's variables)."""
-    config = write_config(tmp, cfg)
-    port = free_port()
-    logs = tmp / f"logs-{cfg['name']}"
-    logs.mkdir(exist_ok=True)
-    with Ranks(logs) as ranks:
-        for r in range(nodes):
-            ranks.start(train_cmd(config, *extra), torchrun_env(r, nodes, port, local_world=1))
-        codes = ranks.wait(150)
-        outs = [ranks.output(i) for i in range(nodes)]
-    assert codes == [0] * nodes, "\n".join(o[-2500:] for o in outs)
+    launch_ranks(tmp, cfg, nodes, 1, *extra)
 
 
 @pytest.fixture(scope="module")

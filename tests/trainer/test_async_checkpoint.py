@@ -4,8 +4,8 @@ The loop takes each periodic checkpoint (caches written through, SSD tier snapsh
 rows and dense state copied) and trains on while a thread writes it. What lands on disk
 must be what a synchronous save of the same step writes, bit for bit, although the
 state it was taken from has moved on meanwhile; a run resumed from it ends like a
-straight run; a failed write stops the run; a run that dies leaves the checkpoint being
-written to land (or the previous one in place).
+straight run (``test_delta.py``: killed after a delta, and kill -9 during one); a
+failed write stops the run.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from safetensors.torch import load_file
 from test_delta import LAYOUTS, assert_same_end, dense_of, with_train
-from test_loop import Killed, assert_same, comparable, kill_in_step, tables_by_key
+from test_loop import assert_same, comparable, tables_by_key
 
 from terarec.config import Config, ConfigError
 from terarec.trainer.checkpoint import CheckpointError, files, latest_valid
@@ -62,26 +62,6 @@ def test_async_checkpoints_are_the_synchronous_ones(
     assert all(r["async"] and r["write_s"] >= 0 and r["pause_s"] >= 0 for r in saves)
     assert [r["kind"] for r in saves] == ["full", "delta", "delta", "full", "delta", "delta",
                                           "delta"]
-
-
-@pytest.mark.numerics
-def test_a_run_killed_after_an_async_delta_resumes_exactly_from_it(
-    tiny_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Killed in step 31, one step after the delta of step 30 was taken: the write in
-    flight lands before the error leaves the run, and the run resumes from it."""
-    over = with_train(LAYOUTS["ssd"], eval_every=20, log_every=5)
-    straight = train(tiny_config(name="straight", **over))
-    periodic = with_train(over, async_checkpoint=True, **PERIODIC)
-    kill_in_step(monkeypatch, 31)
-    with pytest.raises(Killed):
-        train(tiny_config(name="killed", **periodic))
-    monkeypatch.undo()
-    runs = Path(tiny_config().train.runs_dir)
-    newest = latest_valid(runs / "killed")
-    assert newest == runs / "killed" / "deltas" / "step30"
-    resumed = train(tiny_config(name="killed", **periodic), resume=newest)
-    assert_same_end(runs / "straight", straight, runs / "killed", resumed)
 
 
 def test_a_failed_background_write_stops_the_run(

@@ -108,13 +108,16 @@ def test_a_delta_chain_restores_what_a_full_checkpoint_of_its_step_holds(
 
 
 @pytest.mark.numerics
-@pytest.mark.parametrize("layout", ["memory", "tiered", "ssd", "admission"])
+@pytest.mark.parametrize("layout", ["memory", "tiered", "ssd", "admission", "ssd-async"])
 def test_a_run_killed_after_a_delta_resumes_exactly_from_it(
     tiny_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch, layout: str
 ) -> None:
-    over = with_train(LAYOUTS[layout], eval_every=20, log_every=5)
+    """``-async``: the deltas written on the background thread; the run dies while
+    one may still be in flight, which lands before the error leaves the run."""
+    over = with_train(LAYOUTS[layout.removesuffix("-async")], eval_every=20, log_every=5)
     straight = train(tiny_config(name="straight", **over))
-    periodic = with_train(over, checkpoint_every=20, delta_every=5)
+    periodic = with_train(over, checkpoint_every=20, delta_every=5,
+                          async_checkpoint=layout.endswith("-async"))
     kill_in_step(monkeypatch, 34)  # 33 steps done; the newest checkpoint: the delta of 30
     with pytest.raises(Killed):
         train(tiny_config(name="killed", **periodic))
