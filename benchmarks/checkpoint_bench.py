@@ -7,9 +7,10 @@ filled by ``--steps`` training steps, saved and restored two ways in one process
 * ``export`` (the baseline, every row through memory): flush, ``tables_state_dict()``
   with every row, ``torch.save`` to ``tables.pt``; restore = ``torch.load`` and write
   every row back into the SSD tier;
-* ``snapshot``: the cached rows written through to the SSD tier, a RocksDB checkpoint
-  beside the DB (hard links) and a ``tables.pt`` without rows; restore = hard-link the
-  snapshot into a fresh DB and take the rows from there.
+* ``snapshot``: a RocksDB checkpoint beside the DB (hard links), the rows the caches
+  hold copied into ``ssd_cached.safetensors`` and a ``tables.pt`` without rows;
+  restore = hard-link the snapshot into a fresh DB, write the cached copies into it and
+  take the rows from there.
 
 For each: the save's wall time (the training pause: saves are synchronous), the restore's,
 the bytes written (new files; hard links to existing SST files do not count) and the
@@ -167,7 +168,8 @@ def one_way(way: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
             ebc.flush()
             torch.save(ebc.tables_state_dict(), ck / "tables.pt")
         else:
-            rec["snap"] = ssd_snapshot.take(ebc, step=1)
+            rec["snap"], cached = ssd_snapshot.take(ebc, step=1)
+            ssd_snapshot.write_cached(ck, cached)  # the caches' copies beside it
             torch.save(ebc.tables_state_dict(ssd_rows=False), ck / "tables.pt")
 
     seconds, peak = measured(save)
@@ -177,6 +179,9 @@ def one_way(way: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     def load() -> None:
         if way == "snapshot":
             ssd_snapshot.restore(ebc2, rec["snap"])
+            assert store2 is not None
+            ssd_snapshot.apply_cached(store2, rec["snap"],
+                                      ssd_snapshot.read_cached(ck / ssd_snapshot.CACHED))
         ebc2.load_tables_state_dict(torch.load(ck / "tables.pt", weights_only=True))
 
     restore_s, restore_peak = measured(load)

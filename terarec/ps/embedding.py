@@ -323,6 +323,18 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
         whose cached rows (the recently trained ones) hold NaN/Inf."""
         return [name for g in self.groups for name in g.persist()]
 
+    def ssd_cached_rows(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per table with an SSD tier, the copies its caches hold above it (what
+        :meth:`persist` would write through): ``(keys [C], rows [C, row_width], meta
+        [C, 2])`` on the CPU, where a key may repeat and its last copy is the freshest."""
+        out = {}
+        for g in self.groups:
+            for name, parts in g.cached_rows().items():
+                parts = parts or [(torch.empty(0, dtype=torch.int64), torch.empty(
+                    0, g.row_width), torch.empty(0, 2, dtype=torch.int64))]
+                out[name] = tuple(torch.cat([p[i].cpu() for p in parts]) for i in range(3))
+        return {t.name: out[t.name] for t in self.tables if t.in_ssd}  # type: ignore[misc]
+
     def track_changes(self, on: bool = True) -> None:
         """Starts (or stops) recording the pairs changed since the last checkpoint, for
         delta checkpoints (``TableGroup.track_changes``)."""

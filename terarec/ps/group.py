@@ -419,6 +419,11 @@ class TableGroup:
         NaN/Inf."""
         return [self.names[t] for t in self.store.persist()]
 
+    def cached_rows(self) -> dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+        """Per table name, the copies its caches hold above its SSD tier, the freshest
+        last (``SlotStore.cached_rows``; keys as the SSD tier keeps them)."""
+        return dict(zip(self.names, self.store.cached_rows()))
+
     def load_tables(self, parts: list[Optional[tuple[torch.Tensor, torch.Tensor]]]) -> None:
         """Replaces every row: ``parts[t] = (keys [R_t], rows [R_t, row_width])``, each
         table's rows in the order given; ``None``: table ``t``'s rows are what its SSD

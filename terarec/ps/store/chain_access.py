@@ -176,13 +176,21 @@ class ChainAccess:
         Returns ``[0]`` when a cached row (a recently trained one) holds NaN/Inf, else
         ``[]``."""
         finite = True
+        for keys, rows, meta in self.cached_rows()[0]:
+            finite = finite and bool(torch.isfinite(rows).all())
+            self.bottom.insert(keys.cpu(), rows.cpu(), meta.cpu())
+        self.flush()
+        return [] if finite else [0]
+
+    def cached_rows(self) -> list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+        """``[parts]``: the chain's one table's copies above the bottom tier, the
+        freshest last (``SlotStore.cached_rows``)."""
+        parts = []
         for tier in reversed(self._read_order()[:-1]):  # the freshest copies last
             keys, rows, meta = self._export_meta(tier)
             if keys.numel():
-                finite = finite and bool(torch.isfinite(rows).all())
-                self.bottom.insert(keys.cpu(), rows.cpu(), meta.cpu())
-        self.flush()
-        return [] if finite else [0]
+                parts.append((keys, rows, meta))
+        return [parts]
 
     def load(
         self, keys: torch.Tensor, rows: torch.Tensor, step: int,

@@ -304,6 +304,9 @@ class FlatStore:
         checks them there)."""
         return []
 
+    def cached_rows(self) -> list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+        return [[] for _ in range(self.num_tables)]  # no tier below memory
+
     def load(
         self, keys: torch.Tensor, rows: torch.Tensor, step: int,
         tables: Optional[torch.Tensor] = None, from_bottom: Sequence[int] = (),

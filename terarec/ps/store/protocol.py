@@ -153,6 +153,14 @@ class SlotStore(Protocol):
         Returns the tables whose cached rows (the recently trained ones) hold NaN/Inf."""
         ...
 
+    def cached_rows(self) -> list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+        """Per table, the copies held above the durable tier (the caches, the scratch
+        pad) as ``(keys [C], rows [C, row_width], meta [C, 2])`` parts, the freshest
+        last: what :meth:`persist` writes through, in that order (copies; an SSD tier
+        snapshot plus these is a checkpoint of the table). Empty lists for memory-only
+        tables."""
+        ...
+
     def load(
         self, keys: torch.Tensor, rows: torch.Tensor, step: int,
         tables: Optional[torch.Tensor] = None, from_bottom: Sequence[int] = (),

@@ -228,6 +228,9 @@ class TieredStore:
     def persist(self) -> list[int]:
         return [t for t, c in enumerate(self.chains) if c.persist()]
 
+    def cached_rows(self) -> list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+        return [c.cached_rows()[0] for c in self.chains]
+
     def load(
         self, keys: torch.Tensor, rows: torch.Tensor, step: int,
         tables: Optional[torch.Tensor] = None, from_bottom: Sequence[int] = (),

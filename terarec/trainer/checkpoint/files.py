@@ -38,8 +38,9 @@ log = logging.getLogger("terarec.trainer")
 
 # 1: every row in tables.pt; 2: tables with an SSD tier in snapshots (``ssd.json``);
 # 3: a delta (``kind: delta``: the rows changed since its parent); 4: a full checkpoint
-# whose in-memory tables' rows are in ``rows.<i>.safetensors`` chunks (streamed), the
-# others as in 2. A full checkpoint of SSD tables only is written as 2.
+# whose in-memory tables' rows are in ``rows.<i>.safetensors`` chunks (streamed) and
+# whose SSD tier snapshots come with the caches' copies (``ssd_cached.safetensors``)
+# instead of the caches written through before the snapshot.
 FORMATS = (1, 2, 3, 4)
 DELTA_FORMAT = 3
 CHUNK_FILE = re.compile(r"rows\.(\d+)\.safetensors")
@@ -75,8 +76,10 @@ def rank_files(manifest: dict[str, Any], rank_dir: Optional[str] = None) -> list
     ``rank_dir`` (``""`` or ``"rank<r>/"``) also that rank's row chunks, in order."""
     if manifest.get("kind") == "delta":
         return ["rows.safetensors", "tables.pt", "data.json", "rng.pt"]
-    return ["tables.pt", "data.json", "rng.pt"] + (
-        [] if rank_dir is None else row_chunks(manifest, rank_dir))
+    if rank_dir is None:
+        return ["tables.pt", "data.json", "rng.pt"]
+    cached = [n for n in ("ssd_cached.safetensors",) if f"{rank_dir}{n}" in manifest["files"]]
+    return ["tables.pt", "data.json", "rng.pt", *row_chunks(manifest, rank_dir), *cached]
 
 
 def row_chunks(manifest: dict[str, Any], rank_dir: str) -> list[str]:

@@ -135,7 +135,7 @@ def capture_full(parts: Components, source: Any, step: int, path: Path
     if taken.bad is not None:  # nothing will be written
         rows.drop_stage(stage)
     taken.stage = stage
-    return taken, snap, {"format": 4 if chunks else 2}
+    return taken, snap, {"format": 4}
 
 
 def commit_full(path: Path, parts: Components, step: int, cfg: Config, samples: int,
@@ -164,14 +164,18 @@ def _capture_tables(
     emb = parts.embedding
     emb.flush()
     try:
-        snap = ssd_snapshot.take(emb, step)
+        snap, cached = ssd_snapshot.take(emb, step)
     except ssd_snapshot.NonFiniteRows as e:
         return str(e), None, {}, []
+    if snap is not None:
+        ssd_snapshot.write_cached(stage, cached)  # (moved into the checkpoint with the rows)
     streamed = [t.name for t in emb.tables if not (t.in_ssd and snap is not None)]
     bad, chunks = rows.write_chunks(emb, stage, streamed)
     if bad is not None:
         ssd_snapshot.drop(snap)
         return bad, None, {}, []
+    if snap is not None:
+        chunks.append(ssd_snapshot.CACHED)
     tables = {}
     for t in emb.tables:  # no rows: optimizer counters, row count, clock, sketch (copies)
         state = copy.deepcopy(t.state_dict(rows=False))
@@ -233,6 +237,10 @@ def load_checkpoint(path: Path, parts: Components, source: Any = None) -> int:
             record = ssd_snapshot.record_in(base, base_m, rank_dir)
             if record is not None:
                 ssd_snapshot.restore(parts.embedding, record)
+                cached = ssd_snapshot.cached_in(base, base_m, rank_dir, record)
+                if cached is not None:
+                    assert parts.embedding.ssd_store is not None
+                    ssd_snapshot.apply_cached(parts.embedding.ssd_store, record, cached)
             writer = None if record is None else delta.ssd_writer(
                 parts.embedding.ssd_store,
                 {n: t["table_id"] for n, t in record["tables"].items()},
@@ -290,7 +298,8 @@ def read_tables(path: Path, rank_dir: str = "", manifest: Optional[dict[str, Any
         ttl = {t["name"]: t.get("ttl_steps") for t in base_m.get("config", {}).get("tables", [])}
         fresh = {n: int(base_m["step"]) + 1 - v for n, v in ttl.items() if v is not None}
         try:
-            snapshot_rows = ssd_snapshot.read_rows(record, fresh)
+            snapshot_rows = ssd_snapshot.read_rows(
+                record, fresh, ssd_snapshot.cached_in(base, base_m, rank_dir, record))
         except ssd_snapshot.SnapshotError as e:
             raise CheckpointError(f"{path}: {e}") from e
         for name, kr in snapshot_rows.items():

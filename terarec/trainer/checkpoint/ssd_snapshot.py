@@ -34,9 +34,10 @@ import torch
 from terarec.ps.embedding import HierarchicalEmbeddingBagCollection
 from terarec.ps.tiers.protocol import LAST
 from terarec.ps.tiers.ssd import SSDStore, SSDTier
-from terarec.trainer.checkpoint.files import verify_files
+from terarec.trainer.checkpoint.files import all_finite, verify_files
 
 FILE = "ssd.json"
+CACHED = "ssd_cached.safetensors"  # the caches' copies at the save (beside ssd.json)
 
 
 class SnapshotError(RuntimeError):
@@ -60,9 +61,16 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def take(embedding: HierarchicalEmbeddingBagCollection, step: int) -> Optional[dict[str, Any]]:
-    """Writes the cached rows through, snapshots the rank's SSD store; returns the record
-    for ``ssd.json`` (None when no table keeps rows in the SSD tier).
+Cached = dict[str, dict[str, torch.Tensor]]  # per table: keys [C], rows [C, W], meta [C, 2]
+
+
+def take(embedding: HierarchicalEmbeddingBagCollection, step: int
+         ) -> tuple[Optional[dict[str, Any]], Cached]:
+    """Snapshots the rank's SSD store and copies what its caches hold above it; returns
+    the record for ``ssd.json`` (None when no table keeps rows in the SSD tier) and the
+    cached rows, which the checkpoint keeps beside it (:data:`CACHED`): the snapshot
+    plus these, written into it in order, is the tables' state. Nothing is written
+    through the tiers, so the pause is the memtables' flush and a copy of the caches.
 
     Raises:
         NonFiniteRows: a cached row (a recently trained one) holds NaN/Inf; no snapshot
@@ -71,8 +79,10 @@ def take(embedding: HierarchicalEmbeddingBagCollection, step: int) -> Optional[d
     store = embedding.ssd_store
     tables = [t for t in embedding.tables if t.in_ssd]
     if store is None or not tables:
-        return None
-    bad = embedding.persist()
+        return None, {}
+    cached = {name: dict(zip(("keys", "rows", "meta"), parts))
+              for name, parts in embedding.ssd_cached_rows().items()}
+    bad = [name for name, c in cached.items() if not all_finite(c["rows"])]
     if bad:
         raise NonFiniteRows(f"table {bad[0]!r} has NaN/Inf rows")
     dest = snapshots_dir(store) / f"step{step:012d}-{time.time_ns()}"
@@ -85,12 +95,52 @@ def take(embedding: HierarchicalEmbeddingBagCollection, step: int) -> Optional[d
             rec["sha256"] = _sha256(f)
         files[f.name] = rec
     index = {t.name: i for i, t in enumerate(embedding.tables)}
-    return {
+    record = {
         "dir": str(dest.resolve()),
         "files": files,
         "tables": {t.name: {"table_id": index[t.name], "row_width": t.row_width,
                             "rows": len(t)} for t in tables},
+        "cached": CACHED,
     }
+    return record, cached
+
+
+def write_cached(out: Path, cached: Cached) -> str:
+    """The cached rows of :func:`take` into ``out/ssd_cached.safetensors``:
+    ``<table>/keys``, ``/rows``, ``/meta`` (``(last_step, freq)`` int64)."""
+    from terarec.trainer.checkpoint.rows import write_safetensors
+
+    write_safetensors(out / CACHED, {f"{name}/{field}": t for name, c in cached.items()
+                                     for field, t in c.items()})
+    return CACHED
+
+
+def read_cached(path: Path) -> Cached:
+    from safetensors.torch import load_file
+
+    out: Cached = {}
+    for key, t in load_file(str(path)).items():
+        name, _, field = key.rpartition("/")
+        out.setdefault(name, {})[field] = t
+    return out
+
+
+def apply_cached(store: SSDStore, record: dict[str, Any], cached: Cached,
+                 keep: Optional[Any] = None) -> None:
+    """Writes the cached rows of a checkpoint into ``store`` (its tables' ids and widths
+    from ``record``), in order: after restoring the snapshot, the store then holds what
+    it would have held had the caches been written through at the save. ``keep(name,
+    keys)`` (bool ``[C]``) picks the rows to write (a resharded resume: the owned
+    ones)."""
+    for name, c in cached.items():
+        t = record["tables"][name]
+        tier = SSDTier(store, t["row_width"], table_id=t["table_id"])
+        keys, rows, meta = c["keys"], c["rows"], c["meta"]
+        if keep is not None:
+            mine = keep(name, keys)
+            keys, rows, meta = keys[mine], rows[mine], meta[mine]
+        if keys.numel():
+            tier.insert(keys, rows, meta)
 
 
 def drop(record: Optional[dict[str, Any]]) -> None:
@@ -139,10 +189,11 @@ def restore(embedding: HierarchicalEmbeddingBagCollection, record: dict[str, Any
     embedding.ssd_store.restore(verify(record))
 
 
-def read_rows(record: dict[str, Any], fresh_from: Optional[dict[str, int]] = None
-              ) -> dict[str, dict[str, torch.Tensor]]:
+def read_rows(record: dict[str, Any], fresh_from: Optional[dict[str, int]] = None,
+              cached: Optional[Cached] = None) -> dict[str, dict[str, torch.Tensor]]:
     """Every row of the snapshot's tables, ``{name: {"keys": [R], "rows": [R, W]}}``
-    (in memory: for tools, tests and small tables). Opens the snapshot read-only.
+    (in memory: for tools, tests and small tables), with the checkpoint's ``cached``
+    rows over them. Opens the snapshot read-only.
 
     Args:
         fresh_from: per table with TTL, the step from which a row counts as alive: a
@@ -155,6 +206,11 @@ def read_rows(record: dict[str, Any], fresh_from: Optional[dict[str, int]] = Non
         for name, t in record["tables"].items():
             tier = SSDTier(store, t["row_width"], table_id=t["table_id"])
             keys, rows, meta = tier.export(with_meta=True)
+            if cached and name in cached:  # the caches' copies win: the last copy
+                c = cached[name]
+                keys, rows, meta = _last_copies(torch.cat([keys, c["keys"]]),
+                                                torch.cat([rows, c["rows"]]),
+                                                torch.cat([meta, c["meta"]]))
             if fresh_from is not None and name in fresh_from:
                 alive = meta[:, LAST] >= fresh_from[name]
                 keys, rows = keys[alive], rows[alive]
@@ -162,6 +218,27 @@ def read_rows(record: dict[str, Any], fresh_from: Optional[dict[str, int]] = Non
         return out
     finally:
         store.close()
+
+
+def _last_copies(keys: torch.Tensor, rows: torch.Tensor, meta: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each key once, its last copy (keys ascending)."""
+    uniq, inv = torch.unique(keys, return_inverse=True)
+    last = torch.full((uniq.numel(),), -1, dtype=torch.int64).scatter_reduce(
+        0, inv, torch.arange(keys.numel()), "amax")
+    return keys[last], rows[last], meta[last]
+
+
+def cached_in(path: Path, manifest: dict[str, Any], rank_dir: str,
+              record: Optional[dict[str, Any]]) -> Optional[Cached]:
+    """The cached rows a checkpoint keeps beside its snapshot record (verified against
+    the manifest); None for a record without them (a checkpoint of an older terarec,
+    whose save wrote the caches through)."""
+    if record is None or not record.get("cached"):
+        return None
+    name = f"{rank_dir}{record['cached']}"
+    verify_files(path, manifest, [name])
+    return read_cached(path / name)
 
 
 def load_record(path: Path) -> dict[str, Any]:
