@@ -109,8 +109,8 @@ def write_full(
 def capture_full(parts: Components, source: Any, step: int, path: Path
                  ) -> tuple[Capture, Optional[dict[str, Any]], dict[str, Any]]:
     """This rank's part of a full checkpoint of ``step`` at ``path``, taken now (the
-    pause of an asynchronous save): cached rows written through and the SSD tier
-    snapshotted, the in-memory tables' rows streamed into staged chunk files
+    pause of an asynchronous save): the cached rows of SSD tables copied and the SSD
+    tier snapshotted, the in-memory tables' rows streamed into staged chunk files
     (``rows.py``), the dense state copied. Returns it, the snapshot's record (None
     without an SSD tier) and the manifest's format field."""
     d = parts.dist

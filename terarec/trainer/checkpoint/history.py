@@ -55,8 +55,8 @@ def prepare(run_dir: Path, parts: Components, source: Any, step: int, cfg: Confi
             samples: int, parent: Optional[Path] = None, group: Any = None
             ) -> Callable[[], Path]:
     """Takes the checkpoint of ``step`` (:func:`save`) now and returns the call that
-    writes it. Taking it is what pauses training: the caches written through, the SSD
-    tier snapshotted, the in-memory tables' and the changed rows exported, the dense
+    writes it. Taking it is what pauses training: the caches' rows of SSD tables copied,
+    the SSD tier snapshotted, the in-memory tables' and the changed rows exported, the dense
     state copied; the changes recorded for the next delta start over. The returned call
     writes, commits and prunes, on any thread (training may go on meanwhile); with
     several ranks every rank calls both, and the writing call's collectives run over

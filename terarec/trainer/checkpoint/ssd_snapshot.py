@@ -1,11 +1,14 @@
 """Checkpoints of the SSD tier as RocksDB snapshots: no row passes through memory.
 
 A checkpoint of a run whose tables keep rows in the SSD tier (tables with ``host_rows``)
-does not export those rows. Each rank writes the rows its caches hold through to its SSD
-tier (``HierarchicalEmbeddingBagCollection.persist``: host memory bounded by the cache
-budgets), flushes, and takes a RocksDB checkpoint of its store: SST files hard-linked
-(copied only across file systems), so a save costs what the caches hold, not what the
-table holds. The snapshot lives beside the rank's DB::
+does not export those rows. Each rank copies the rows its caches hold above the SSD tier
+(``HierarchicalEmbeddingBagCollection.ssd_cached_rows``: host memory bounded by the
+cache budgets; the checkpoint keeps them as ``ssd_cached.safetensors``) and takes a
+RocksDB checkpoint of its store (the memtables flushed, SST files hard-linked, copied
+only across file systems), so a save costs what the caches hold, not what the table
+holds, and writes nothing through the tiers. A restore writes the cached copies into the
+restored DB, in order: the state the caches written through would have left. The
+snapshot lives beside the rank's DB::
 
     <ssd root>/rank<r>/                      the live DB
     <ssd root>/rank<r>.checkpoints/step<N>-<t>/   a snapshot (RocksDB checkpoint)
