@@ -49,7 +49,6 @@ REQUIRED_FILES = ("tables.pt", "dense.pt", "data.json", "rng.pt")
 LOCAL_FILE = "dense_local.pt"  # per rank with k-step merging: its dense optimizer state
 
 
-
 @dataclass
 class Capture:
     """One rank's part of a checkpoint, taken at its step (the training loop pauses
