@@ -11,6 +11,9 @@ filled by ``--steps`` training steps, saved and restored two ways in one process
   hold copied into ``ssd_cached.safetensors`` and a ``tables.pt`` without rows;
   restore = hard-link the snapshot into a fresh DB, write the cached copies into it and
   take the rows from there.
+* ``snapshot-ahead``: the same, on a table whose SSD store was asked to flush its
+  memtables (in RocksDB's background) before the last training step, as the training
+  loop does one step before a full checkpoint.
 
 For each: the save's wall time (the training pause: saves are synchronous), the restore's,
 the bytes written (new files; hard links to existing SST files do not count) and the
@@ -134,9 +137,12 @@ def delta(ebc: HierarchicalEmbeddingBagCollection, args: argparse.Namespace, out
             "bytes_vs_table": written / table_bytes}
 
 
-def fill(ebc: HierarchicalEmbeddingBagCollection, args: argparse.Namespace) -> None:
+def fill(ebc: HierarchicalEmbeddingBagCollection, args: argparse.Namespace,
+         ahead: bool = False) -> None:
     """``--rows`` rows into the SSD tier (flushed to its SST files, as the rows of a run
-    that has trained a while are), then ``--steps`` training steps over them."""
+    that has trained a while are), then ``--steps`` training steps over them; with
+    ``ahead`` the SSD store starts flushing its memtables before the last step, as the
+    training loop does one step before a full checkpoint."""
     group = ebc.groups[0]
     width = group.row_width
     keys = torch.randperm(args.rows * 4)[: args.rows].to(torch.int64) - args.rows
@@ -146,7 +152,9 @@ def fill(ebc: HierarchicalEmbeddingBagCollection, args: argparse.Namespace) -> N
     if ebc.ssd_store is not None:  # as in a long run: older writes are in SST files
         ebc.ssd_store.flush()
     g = torch.Generator().manual_seed(0)
-    for _ in range(args.steps):
+    for i in range(args.steps):
+        if ahead and i == args.steps - 1 and ebc.ssd_store is not None:
+            ebc.ssd_store.flush_soon()
         batch = keys[torch.randint(0, args.rows, (args.batch,), generator=g)]
         kjt = KeyedJaggedTensor.from_lengths_sync(["f"], batch, torch.ones(args.batch,
                                                                           dtype=torch.int64))
@@ -154,10 +162,11 @@ def fill(ebc: HierarchicalEmbeddingBagCollection, args: argparse.Namespace) -> N
 
 
 def one_way(way: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
-    """Save and restore the filled table the ``export`` or the ``snapshot`` way."""
+    """Save and restore the filled table the ``export`` or the ``snapshot`` way
+    (``snapshot-ahead``: the memtables' flush started a step before the save)."""
     db = root / way / "rank0"
     ebc, store = build(args, db)
-    fill(ebc, args)
+    fill(ebc, args, ahead=way == "snapshot-ahead")
     ck = root / way / "checkpoint"
     ck.mkdir(parents=True)
     before = inodes(db)
@@ -177,7 +186,7 @@ def one_way(way: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     ebc2, store2 = build(args, root / way / "restored")  # a fresh collection and DB
 
     def load() -> None:
-        if way == "snapshot":
+        if way != "export":
             ssd_snapshot.restore(ebc2, rec["snap"])
             assert store2 is not None
             ssd_snapshot.apply_cached(store2, rec["snap"],
@@ -250,12 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     out: dict[str, Any] = {"rows": args.rows, "dim": args.dim,
                            "device_rows": args.device_rows, "host_rows": args.host_rows}
     try:
-        for way in ("export", "snapshot"):
+        for way in ("export", "snapshot", "snapshot-ahead"):
             out[way] = one_way(way, args, root)
         out["memory"] = in_memory(args, root)
         e, s, m = out["export"], out["snapshot"], out["memory"]
         out["ratios"] = {
             "save_s": s["save_s"] / e["save_s"],
+            "save_s_flushed_ahead": out["snapshot-ahead"]["save_s"] / e["save_s"],
             "save_peak_rss": s["save_peak_rss_bytes"] / max(e["save_peak_rss_bytes"], 1),
             "bytes_written": s["bytes_written"] / max(e["bytes_written"], 1),
             "restore_s": s["restore_s"] / e["restore_s"],
@@ -276,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(out))
     else:
-        for way in ("export", "snapshot"):
+        for way in ("export", "snapshot", "snapshot-ahead"):
             r = out[way]
             print(f"{way:9s} save {r['save_s']:.3f}s (peak +{r['save_peak_rss_bytes'] / 2**20:.0f}"
                   f" MiB, {r['bytes_written'] / 2**20:.1f} MiB written) | restore "

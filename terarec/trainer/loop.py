@@ -250,6 +250,7 @@ class _Run:
                 due = self._checkpoint_due()
                 if due is not None:
                     self._periodic_checkpoint(due)
+                self._flush_ahead()
         except TierFullError as e:
             # A budget that one batch does not fit: the config's to fix. Nothing is saved
             # after it (the failed step may have left its rows half moved between tiers);
@@ -372,6 +373,17 @@ class _Run:
         if self.writer is None:  # the training loop's pause: the whole save
             self.reporter.log(self.step, "checkpoint", {"kind": kind, "pause_s": pause})
             log.info("step %d: checkpoint saved to %s (%.1fs)", self.step, path, pause)
+
+    def _flush_ahead(self) -> None:
+        """One step before a full checkpoint by steps (or the run's last step), the SSD
+        store starts flushing its memtables in the background: the save's own flush (its
+        pause) then has one step's writes left."""
+        store, train = self.parts.embedding.ssd_store, self.cfg.train
+        if store is None or not train.save_checkpoint:
+            return
+        nxt = self.step + 1
+        if (train.checkpoint_every and nxt % train.checkpoint_every == 0) or nxt == train.steps:
+            store.flush_soon()
 
     def _collect_write(self) -> None:
         """Waits for the checkpoint being written in the background, if any; logs it

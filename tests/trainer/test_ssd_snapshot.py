@@ -206,3 +206,34 @@ def test_a_nan_cached_row_refuses_the_save(
     assert read_manifest(ckpt)["step"] == 10  # the last good one, with its snapshot
     record = json.loads((ckpt / "ssd.json").read_text())
     assert [p.name for p in Path(record["dir"]).parent.iterdir()] == [Path(record["dir"]).name]
+
+
+def test_memtables_start_flushing_one_step_before_a_full_save(
+    tiny_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After steps 9, 19, 29 and 39 (a full checkpoint every 10 steps, the final one at
+    40) the SSD store is asked to flush in the background, and only then; the run ends
+    as one without it (the flush changes when rows reach SST files, not what they hold)."""
+    from terarec.ps.tiers.ssd_store import SSDStore
+    from terarec.trainer import loop
+
+    trained: list[int] = []  # the step being trained, from its loss check
+    asked: list[int] = []
+    real_check, real_flush = loop.check_finite, SSDStore.flush_soon
+
+    def check(loss: Any, at: int, *args: Any) -> None:
+        trained.append(at)
+        real_check(loss, at, *args)
+
+    def flush_soon(store: SSDStore) -> None:
+        asked.append(trained[-1])
+        real_flush(store)
+
+    monkeypatch.setattr(loop, "check_finite", check)
+    monkeypatch.setattr(SSDStore, "flush_soon", flush_soon)
+    _, ahead = run(tiny_config, "ahead")
+    assert asked == [9, 19, 29, 39]
+    monkeypatch.setattr(SSDStore, "flush_soon", lambda store: None)
+    _, plain = run(tiny_config, "plain")
+    for key in ("steps", "samples", "final_eval", "rows"):
+        assert_same(ahead[key], plain[key], key)

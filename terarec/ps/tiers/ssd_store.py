@@ -181,6 +181,13 @@ class SSDStore:
                 self._db.flush_wal(True)
             self._db.flush(True)
 
+    def flush_soon(self) -> None:
+        """Starts flushing the memtables to SST files in RocksDB's background, without
+        waiting (ahead of a :meth:`checkpoint`, whose own flush then has less to do)."""
+        if not self.read_only:
+            with self._guard("flush"):
+                self._db.flush(False)
+
     def checkpoint(self, dest: PathLike) -> None:
         """Flushes, then writes a RocksDB checkpoint (hard links where possible) at ``dest``.
 
