@@ -107,14 +107,9 @@ def capture_delta(parts: Components, source: Any, step: int) -> Capture:
 
 def read_changes(path: Path, rank_dir: str = "") -> dict[str, dict[str, torch.Tensor]]:
     """A delta's changes of one rank: ``{table: {"keys", "rows", "deleted"}}``."""
-    from safetensors.torch import load_file
+    from terarec.trainer.checkpoint.rows import read_by_table
 
-    flat = load_file(str(Path(path) / f"{rank_dir}{ROWS}"))
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for name, t in flat.items():
-        table, _, field = name.rpartition("/")
-        out.setdefault(table, {})[field] = t
-    return out
+    return read_by_table(Path(path) / f"{rank_dir}{ROWS}")
 
 
 def chain(path: Path, manifest: dict[str, Any]) -> list[Link]:

@@ -237,7 +237,7 @@ def load_checkpoint(path: Path, parts: Components, source: Any = None) -> int:
             record = ssd_snapshot.record_in(base, base_m, rank_dir)
             if record is not None:
                 ssd_snapshot.restore(parts.embedding, record)
-                cached = ssd_snapshot.cached_in(base, base_m, rank_dir, record)
+                cached = ssd_snapshot.cached_in(base, rank_dir, record)
                 if cached is not None:
                     assert parts.embedding.ssd_store is not None
                     ssd_snapshot.apply_cached(parts.embedding.ssd_store, record, cached)
@@ -299,7 +299,7 @@ def read_tables(path: Path, rank_dir: str = "", manifest: Optional[dict[str, Any
         fresh = {n: int(base_m["step"]) + 1 - v for n, v in ttl.items() if v is not None}
         try:
             snapshot_rows = ssd_snapshot.read_rows(
-                record, fresh, ssd_snapshot.cached_in(base, base_m, rank_dir, record))
+                record, fresh, ssd_snapshot.cached_in(base, rank_dir, record))
         except ssd_snapshot.SnapshotError as e:
             raise CheckpointError(f"{path}: {e}") from e
         for name, kr in snapshot_rows.items():

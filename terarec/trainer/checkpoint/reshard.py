@@ -70,7 +70,7 @@ def load_tables(links: list[Link], parts: Components) -> dict[str, Any]:
         record = ssd_snapshot.record_in(base, base_m, shard)
         if record is not None:
             _copy_owned(record, emb, ids)
-            cached = ssd_snapshot.cached_in(base, base_m, shard, record)
+            cached = ssd_snapshot.cached_in(base, shard, record)
             if cached is not None and emb.ssd_store is not None:  # its caches' copies
                 ours = {"tables": {n: {"table_id": ids[n], "row_width": widths[n]}
                                    for n in cached}}

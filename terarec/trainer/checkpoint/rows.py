@@ -118,20 +118,29 @@ def drop_stage(stage: Path) -> None:
         pass
 
 
+def read_by_table(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """A safetensors file of ``<table>/<field>`` tensors as ``{table: {field: t}}``."""
+    from safetensors.torch import load_file
+
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in load_file(str(path)).items():
+        table, _, field = key.rpartition("/")
+        out.setdefault(table, {})[field] = t
+    return out
+
+
 def load_states(base: Path, rank_dir: str, manifest: dict[str, Any],
                 device: torch.device | str = "cpu") -> dict[str, Any]:
     """A full checkpoint's table states of ``rank_dir``: ``tables.pt``, with the rows of
     its chunk files (format 4) filled in as ``keys`` / ``rows``. The files are not
     verified here."""
-    from safetensors.torch import load_file
-
     states = torch.load(Path(base) / f"{rank_dir}tables.pt", map_location=device,
                         weights_only=True)
     parts: dict[str, dict[str, list[torch.Tensor]]] = {}
     for name in row_chunks(manifest, rank_dir):
-        for key, tensor in load_file(str(Path(base) / rank_dir / name)).items():
-            table, _, field = key.rpartition("/")
-            parts.setdefault(table, {}).setdefault(field, []).append(tensor)
+        for table, fields in read_by_table(Path(base) / rank_dir / name).items():
+            for field, tensor in fields.items():
+                parts.setdefault(table, {}).setdefault(field, []).append(tensor)
     for table, fields in parts.items():
         states[table]["keys"] = torch.cat(fields["keys"]).to(device)
         states[table]["rows"] = torch.cat(fields["rows"]).to(device)

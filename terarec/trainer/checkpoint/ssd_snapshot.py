@@ -119,13 +119,9 @@ def write_cached(out: Path, cached: Cached) -> str:
 
 
 def read_cached(path: Path) -> Cached:
-    from safetensors.torch import load_file
+    from terarec.trainer.checkpoint.rows import read_by_table
 
-    out: Cached = {}
-    for key, t in load_file(str(path)).items():
-        name, _, field = key.rpartition("/")
-        out.setdefault(name, {})[field] = t
-    return out
+    return read_by_table(path)
 
 
 def apply_cached(store: SSDStore, record: dict[str, Any], cached: Cached,
@@ -232,16 +228,14 @@ def _last_copies(keys: torch.Tensor, rows: torch.Tensor, meta: torch.Tensor
     return keys[last], rows[last], meta[last]
 
 
-def cached_in(path: Path, manifest: dict[str, Any], rank_dir: str,
-              record: Optional[dict[str, Any]]) -> Optional[Cached]:
-    """The cached rows a checkpoint keeps beside its snapshot record (verified against
-    the manifest); None for a record without them (a checkpoint of an older terarec,
-    whose save wrote the caches through)."""
+def cached_in(path: Path, rank_dir: str, record: Optional[dict[str, Any]]
+              ) -> Optional[Cached]:
+    """The cached rows a checkpoint keeps beside its snapshot record (verified with
+    the rank's files: ``files.rank_files``); None for a record without them (a
+    checkpoint of an older terarec, whose save wrote the caches through)."""
     if record is None or not record.get("cached"):
         return None
-    name = f"{rank_dir}{record['cached']}"
-    verify_files(path, manifest, [name])
-    return read_cached(path / name)
+    return read_cached(path / f"{rank_dir}{record['cached']}")
 
 
 def load_record(path: Path) -> dict[str, Any]:
