@@ -39,7 +39,9 @@ ALLOWED: dict[str, set[str]] = {
     # docs/design.md: "optim/ (row optimizers), topology/ (the plan)".
     "ps": {"optim", "topology"},
     "trainer": {"data", "ps", "optim", "topology", "models"},  # "everything above"
-    "serve": {"models"},
+    # docs/design.md: models, ps (read-only tiers), the checkpoint reader; data/ for
+    # hashing raw values to keys exactly as training does.
+    "serve": {"models", "ps", "data", "trainer"},
     "launch": {"topology"},
     "cli": {"data", "ps", "optim", "topology", "models", "trainer", "serve", "launch"},
 }
@@ -198,3 +200,16 @@ def _is_public(path: Path) -> bool:
 def test_public_module_has_docstring(path: Path) -> None:
     doc = ast.get_docstring(ast.parse(path.read_text()))
     assert doc and doc.strip(), f"{path.relative_to(ROOT.parent)}: no module docstring"
+
+
+def test_serve_uses_the_checkpoint_reader_not_the_training_loop() -> None:
+    bad = []
+    for path in FILES:
+        src = _module_name(path)
+        if _layer(src) != "serve":
+            continue
+        for imported in terarec_imports(path.read_text(), src, path.name == "__init__.py"):
+            if _layer(imported) == "trainer" and not imported.startswith(
+                    "terarec.trainer.checkpoint"):
+                bad.append(f"{src} -> {imported}")
+    assert not bad, "serve/ may read checkpoints, never run the trainer:\n  " + "\n  ".join(bad)

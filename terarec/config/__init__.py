@@ -188,8 +188,16 @@ class ModelConfig:
     top_mlp: list[int] = field(default_factory=lambda: [64, 32])  # a 1-wide logit layer follows
     dcn_layers: int = 3
     dcn_low_rank: int = 16  # 0 = full-rank DCN-v2 cross layers
+    # Serving split: the sparse features of the user/context side (looked up and
+    # computed once per request); every other feature is candidate-side (per ad).
+    user_features: list[str] = field(default_factory=list)
+    user_dense: bool = False  # the dense features are user/context-side too
 
     def __post_init__(self) -> None:
+        _check(
+            len(set(self.user_features)) == len(self.user_features),
+            f"user_features: duplicate names in {self.user_features}",
+        )
         _check(len(self.bottom_mlp) >= 1 and min(self.bottom_mlp) >= 1, "bottom_mlp: sizes >= 1")
         _check(min(self.top_mlp, default=1) >= 1, "top_mlp: sizes must be >= 1")
         _check(self.dcn_layers >= 1, "dcn_layers: must be >= 1")

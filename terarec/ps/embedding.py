@@ -23,35 +23,10 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from terarec.config import Pooling, SparseOptimConfig, TableConfig
 from terarec.ps.features import permute_features
-from terarec.ps.group import TableGroup, group_key
+from terarec.ps.group import TableGroup
 from terarec.ps.shard.sharded import ShardedLookup
-from terarec.ps.table import EmbeddingTable
+from terarec.ps.table import EmbeddingTable, resolve_table_features, table_groups
 from terarec.ps.tiers.ssd import SSDStore
-
-
-def resolve_table_features(tables: list[TableConfig], feature_names: list[str]) -> list[list[str]]:
-    """Features of each table; the table with ``features: None`` takes the rest."""
-    known = set(feature_names)
-    taken: set[str] = set()
-    for t in tables:
-        for f in t.features or []:
-            if f not in known:
-                raise ValueError(
-                    f"table {t.name!r}: feature {f!r} is not in the data "
-                    f"(data features: {', '.join(feature_names)})"
-                )
-            taken.add(f)
-    rest = [f for f in feature_names if f not in taken]
-    out = [list(t.features) if t.features is not None else rest for t in tables]
-    if any(not fs for fs in out):
-        raise ValueError("a table with features: null has no features left to take")
-    unused = [f for f in feature_names if f not in {x for fs in out for x in fs}]
-    if unused:
-        raise ValueError(
-            f"features {unused} are in the data but in no table; add them to a table "
-            "or give one table `features: null`"
-        )
-    return out
 
 
 class HierarchicalEmbeddingBagCollection(nn.Module):
@@ -113,14 +88,11 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
         table_features = resolve_table_features(tables, self.feature_names)
         # Tables of one dim, pooling and initializer train as one group (one batched
         # step); groups in order of their first table, tables in config order inside.
-        by_key: dict[tuple, list[int]] = {}
-        for i, t in enumerate(tables):
-            by_key.setdefault(group_key(t) if group_tables else (i,), []).append(i)
         self.groups: list[TableGroup] = []
         self.tables: list[EmbeddingTable] = [None] * len(tables)  # type: ignore[list-item]
         self._group_features: list[list[str]] = []
         self._feature_table: list[torch.Tensor] = []  # per group: table index per feature
-        for members in by_key.values():
+        for members in table_groups(tables, group_tables):
             group = TableGroup(
                 [tables[i] for i in members], optimizer, self.device, seed,
                 ssd_store=ssd_store, table_ids=members,

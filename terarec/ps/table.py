@@ -9,10 +9,10 @@ import torch
 
 from terarec.config import TableConfig
 from terarec.optim.sparse import RowOptimizer
-from terarec.ps.group import TableGroup, table_seed
+from terarec.ps.group import TableGroup, group_key, table_seed
 from terarec.ps.initializer import init_rows
 
-__all__ = ["EmbeddingTable", "table_seed"]
+__all__ = ["EmbeddingTable", "feature_order", "resolve_table_features", "table_seed"]
 
 
 class EmbeddingTable:
@@ -121,3 +121,48 @@ class EmbeddingTable:
             )
         if state["keys"].numel() != rows.shape[0]:
             raise ValueError(f"table {self.name}: checkpoint has a key count != row count")
+
+
+def resolve_table_features(tables: list[TableConfig], feature_names: list[str]) -> list[list[str]]:
+    """Features of each table; the table with ``features: None`` takes the rest."""
+    known = set(feature_names)
+    taken: set[str] = set()
+    for t in tables:
+        for f in t.features or []:
+            if f not in known:
+                raise ValueError(
+                    f"table {t.name!r}: feature {f!r} is not in the data "
+                    f"(data features: {', '.join(feature_names)})"
+                )
+            taken.add(f)
+    rest = [f for f in feature_names if f not in taken]
+    out = [list(t.features) if t.features is not None else rest for t in tables]
+    if any(not fs for fs in out):
+        raise ValueError("a table with features: null has no features left to take")
+    unused = [f for f in feature_names if f not in {x for fs in out for x in fs}]
+    if unused:
+        raise ValueError(
+            f"features {unused} are in the data but in no table; add them to a table "
+            "or give one table `features: null`"
+        )
+    return out
+
+
+def table_groups(tables: list[TableConfig], group_tables: bool = True) -> list[list[int]]:
+    """Indices of the tables that train as one group (one dim, pooling and initializer:
+    ``group_key``), groups in order of their first table, tables in config order."""
+    by_key: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tables):
+        by_key.setdefault(group_key(t) if group_tables else (i,), []).append(i)
+    return list(by_key.values())
+
+
+def feature_order(tables: list[TableConfig], feature_names: list[str]
+                  ) -> tuple[list[str], dict[str, int]]:
+    """The pooled output order of the embedding module (features grouped by table
+    group, as ``HierarchicalEmbeddingBagCollection.out_features``) and each feature's
+    table index."""
+    per_table = resolve_table_features(tables, feature_names)
+    order = [f for members in table_groups(tables) for i in members for f in per_table[i]]
+    return order, {f: i for i, fs in enumerate(per_table) for f in fs}
+

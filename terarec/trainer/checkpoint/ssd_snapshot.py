@@ -207,7 +207,7 @@ def read_rows(record: dict[str, Any], fresh_from: Optional[dict[str, int]] = Non
             keys, rows, meta = tier.export(with_meta=True)
             if cached and name in cached:  # the caches' copies win: the last copy
                 c = cached[name]
-                keys, rows, meta = _last_copies(torch.cat([keys, c["keys"]]),
+                keys, rows, meta = last_copies(torch.cat([keys, c["keys"]]),
                                                 torch.cat([rows, c["rows"]]),
                                                 torch.cat([meta, c["meta"]]))
             if fresh_from is not None and name in fresh_from:
@@ -219,7 +219,7 @@ def read_rows(record: dict[str, Any], fresh_from: Optional[dict[str, int]] = Non
         store.close()
 
 
-def _last_copies(keys: torch.Tensor, rows: torch.Tensor, meta: torch.Tensor
+def last_copies(keys: torch.Tensor, rows: torch.Tensor, meta: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each key once, its last copy (keys ascending)."""
     uniq, inv = torch.unique(keys, return_inverse=True)

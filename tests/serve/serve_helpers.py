@@ -1,0 +1,102 @@
+"""Trained tiny runs and their reference scores for the serving tests."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from terarec.config import Config, config_from_dict
+from terarec.data import build_source
+from terarec.serve.scorer import Scorer
+from terarec.trainer.checkpoint import load_checkpoint
+from terarec.trainer.loop import build_components, train
+from terarec.trainer.tiers import open_ssd_store
+
+TINY: dict[str, Any] = {
+    "name": "tiny",
+    "seed": 0,
+    "data": {
+        "kind": "synthetic", "batch_size": 64, "eval_batch_size": 1024,
+        "synthetic": {"num_dense": 4, "num_sparse": 4, "vocab_size": 200,
+                      "zipf_alpha": 1.2, "teacher_scale": 1.5,
+                      "teacher_pairwise_scale": 0.3, "eval_samples": 2048},
+    },
+    "tables": [{"name": "sparse", "dim": 8}],
+    "model": {"kind": "dlrm", "bottom_mlp": [16, 8], "top_mlp": [16]},
+    "optimizer": {"sparse": {"kind": "adam", "lr": 0.05}, "dense": {"kind": "adam", "lr": 0.01}},
+    "train": {"steps": 40, "log_every": 10, "device": "cpu", "threads": 1,
+              "progress": False},
+}
+SPLIT = {"user_features": ["C1", "C3"], "user_dense": True}
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) \
+            else copy.deepcopy(v)
+    return out
+
+
+def make_tiny(runs: Path, **over: Any) -> Config:
+    """The tiny config writing runs under ``runs``, sections ``over`` merged in."""
+    return config_from_dict(_merge(TINY, {**over, "train": {
+        **over.get("train", {}), "runs_dir": str(runs)}}), "<tiny>")
+
+
+def trained(root: Path, **over: Any) -> tuple[Config, Path]:
+    """Trains the tiny config (sections ``over`` merged in) under ``root``; returns the
+    config and the run directory."""
+    cfg = make_tiny(root / "runs", **over)
+    train(cfg)
+    return cfg, root / "runs" / cfg.name
+
+
+def reference(cfg: Any, checkpoint: Path, tmp: Path) -> list[tuple[Any, torch.Tensor]]:
+    """``(batch, probabilities)`` of the eval set under the trained model restored from
+    ``checkpoint`` (the training code's own forward)."""
+    store = open_ssd_store(cfg, tmp / "ref_ssd") if cfg.ssd.path is not None else None
+    try:
+        parts = build_components(cfg, ssd_store=store)
+        load_checkpoint(checkpoint, parts)
+        parts.model.eval()
+        out = []
+        with torch.no_grad():
+            for batch in build_source(cfg.data, "eval", seed=cfg.seed):
+                out.append((batch, torch.sigmoid(parts.model(batch.dense, batch.sparse))))
+        return out
+    finally:
+        if store is not None:
+            store.close()
+
+
+def bundle_probs(scorer: Scorer, batch: Any) -> torch.Tensor:
+    """The bundle's probabilities of a batch: each sample its own user, one candidate."""
+    kjt = batch.sparse
+    cols = {f: (kjt[f].values(), kjt[f].lengths().to(torch.int64)) for f in kjt.keys()}
+    n = batch.dense.shape[0]
+    user = {f: cols[f] for f in scorer.order if f not in scorer.candidate_features}
+    cand = {f: cols[f] for f in scorer.candidate_features}
+    du = batch.dense if scorer.user_dense else batch.dense[:, :0]
+    dc = batch.dense[:, :0] if scorer.user_dense else batch.dense
+    with torch.no_grad():
+        return torch.sigmoid(scorer.score_keys(user, cand, torch.arange(n), du, dc))
+
+
+def head(batch: Any, k: int) -> Any:
+    """The first ``k`` samples of ``batch``."""
+    kjt = batch.sparse
+    vals, lens = [], []
+    for f in kjt.keys():
+        jt = kjt[f]
+        n = int(jt.lengths()[:k].sum())
+        vals.append(jt.values()[:n])
+        lens.append(jt.lengths()[:k])
+    sparse = KeyedJaggedTensor.from_lengths_sync(kjt.keys(), torch.cat(vals), torch.cat(lens))
+    return dataclasses.replace(batch, dense=batch.dense[:k], sparse=sparse,
+                               labels=batch.labels[:k], teacher_prob=None)
