@@ -3,6 +3,8 @@ PY ?= python3
 VENV ?= .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.terarec-installed
+RUN ?= runs/quickstart
+REQUEST ?= examples/quickstart_request.json
 CONFIG ?= configs/quickstart.yaml
 
 .PHONY: install train test test-all test-numerics lint bench clean
@@ -15,6 +17,8 @@ install: $(STAMP)
 
 train: $(STAMP)
 	$(VENV)/bin/terarec train --config $(CONFIG)
+	$(VENV)/bin/terarec export --run $(RUN) --out $(RUN)/bundle --overwrite
+	$(VENV)/bin/terarec score --bundle $(RUN)/bundle --request $(REQUEST)
 
 test: $(STAMP)
 	$(VPY) -m pytest -q tests

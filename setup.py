@@ -20,6 +20,9 @@ setup(
         "pyre-extensions",
         "rocksdict",
         "safetensors",
+        "fastapi",
+        "uvicorn",
+        "httpx",
     ],
     extras_require={
         "mpi": ["mpi4py"],

@@ -1,8 +1,12 @@
-"""The ``terarec`` command: ``train``, ``eval``, ``preprocess`` and ``topo``.
+"""The ``terarec`` command: ``train``, ``eval``, ``preprocess``, ``export``, ``score``,
+``serve`` and ``topo``.
 
 terarec train --config configs/quickstart.yaml [--set train.steps=500 ...]
 terarec preprocess --config configs/criteo.yaml --out data/criteo_prep [--workers 4]
 terarec eval --run runs/quickstart [--data my_eval.tsv]
+terarec export --run runs/quickstart --out bundles/quickstart [--row-dtype int8]
+terarec score --bundle bundles/quickstart --request examples/quickstart_request.json
+terarec serve --bundle bundles/quickstart [--host 127.0.0.1 --port 8080]
 terarec topo [--check | --json | --from FILE ...]   (terarec-topo; --applied: this rank)
 
 Under torchrun (``terarec-launch``), mpirun or srun every rank runs ``terarec train``
@@ -135,6 +139,56 @@ def _preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from terarec.serve.export import export_bundle
+
+    if (args.run is None) == (args.checkpoint is None):
+        raise ConfigError("export: give one of --run and --checkpoint")
+    ckpt = Path(args.checkpoint) if args.checkpoint else _checkpoint_dir(args.run)
+    m = export_bundle(ckpt, Path(args.out), args.row_dtype, overwrite=args.overwrite)
+    rows = sum(t["rows"] for t in m["tables"].values())
+    print(f"exported {ckpt} (step {m['step']}) -> {args.out}: {m['model']['mode']} "
+          f"model ({', '.join(m['model']['programs'].values())}), {rows} rows "
+          f"{m['row_dtype']}, {m['bytes'] / 2**20:.1f} MiB")
+    print(f"computed once per request: {m['model']['shared']}")
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    from terarec.serve.scorer import Request, Scorer
+
+    scorer = Scorer.from_bundle(args.bundle, device=args.device)
+    try:
+        data = json.loads(Path(args.request).read_text())
+        res = scorer.score(Request(**data))
+    finally:
+        scorer.close()
+    ids = res.ids or res.order.tolist()
+    print(f"scored {len(ids)} candidates with the model of step {res.step}; top {args.top}:")
+    for rank, (i, pos) in enumerate(zip(ids[: args.top], res.order.tolist()), 1):
+        print(f"  {rank:>2}. {i}  p(click) = {float(res.scores[pos]):.4f}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import torch
+    import uvicorn
+
+    from terarec.serve.scorer import Scorer
+    from terarec.serve.service import Service, build_app
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    scorer = Scorer.from_bundle(args.bundle, device=args.device,
+                                cache_bytes=int(args.cache_mb * 2**20))
+    service = Service(scorer, max_candidates=args.max_candidates,
+                      max_body_bytes=int(args.max_body_mb * 2**20))
+    print(f"serving {args.bundle} (step {scorer.step}) on http://{args.host}:{args.port}",
+          flush=True)
+    uvicorn.run(build_app(service), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def _topo(args: argparse.Namespace) -> int:
     from terarec.launch.bind import applied
 
@@ -181,6 +235,29 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--workers", type=int, default=1, help="files converted in parallel")
     pp.add_argument("--no-progress", action="store_true", help="no progress bar")
     pp.set_defaults(fn=_preprocess)
+    x = sub.add_parser("export", help="a checkpoint -> a serving bundle (docs/serving.md)")
+    x.add_argument("--run", help="runs/<name>: its newest valid checkpoint")
+    x.add_argument("--checkpoint", help="a checkpoint directory (full or delta)")
+    x.add_argument("--out", required=True, help="the bundle directory to write")
+    x.add_argument("--row-dtype", default="fp32", choices=["fp32", "fp16", "int8"])
+    x.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    x.set_defaults(fn=_export)
+    sc = sub.add_parser("score", help="score one JSON request with a bundle (no server)")
+    sc.add_argument("--bundle", required=True)
+    sc.add_argument("--request", required=True, help="JSON file: a POST /score body")
+    sc.add_argument("--top", type=int, default=5, help="candidates printed")
+    sc.add_argument("--device", default="cpu")
+    sc.set_defaults(fn=_score)
+    sv = sub.add_parser("serve", help="the HTTP scoring service over a bundle")
+    sv.add_argument("--bundle", required=True)
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    sv.add_argument("--port", type=int, default=8080)
+    sv.add_argument("--device", default="cpu")
+    sv.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's)")
+    sv.add_argument("--cache-mb", type=float, default=256, help="row cache budget")
+    sv.add_argument("--max-candidates", type=int, default=10_000)
+    sv.add_argument("--max-body-mb", type=float, default=8)
+    sv.set_defaults(fn=_serve)
     o = sub.add_parser("topo", help="this machine's topology and placement plan: "
                        "terarec-topo's options (`terarec topo --help`), or --applied: what "
                        "the launcher applied to this process (JSON)")
@@ -207,12 +284,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     except Exception as e:
         from terarec.data import DataError
         from terarec.launch import LaunchError, PeerFailure
+        from terarec.models.split import SplitError
         from terarec.ps.tiers.ssd import SSDTierError
+        from terarec.serve.bundle import BundleError
+        from terarec.serve.scorer import RequestError
         from terarec.trainer.checkpoint import CheckpointError
         from terarec.trainer.loop import TrainingDiverged
 
         known = (DataError, CheckpointError, TrainingDiverged, SSDTierError, FileNotFoundError,
-                 LaunchError, PeerFailure)
+                 LaunchError, PeerFailure, BundleError, FileExistsError, SplitError,
+                 RequestError)
         if isinstance(e, known):
             print(f"terarec: {type(e).__name__}: {e}", file=sys.stderr)
             return 1

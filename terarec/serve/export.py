@@ -13,7 +13,7 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,7 +29,6 @@ from terarec.serve import bundle as b
 from terarec.serve.quant import check_dtype, row_bytes
 from terarec.serve.rowstore import RowStoreWriter
 from terarec.trainer.checkpoint.files import manifest_sha256, read_manifest, verify_files
-from terarec.trainer.checkpoint.history import latest_valid
 from terarec.trainer.checkpoint.reader import stream_rows
 
 
@@ -58,19 +57,6 @@ def load_model(checkpoint: Path) -> tuple[Config, nn.Module, dict[str, Any]]:
 def _feature_dims(cfg: Config, order: list[str]) -> dict[str, int]:
     _, table_of = feature_order(cfg.tables, sparse_feature_names(cfg.data))
     return {f: cfg.tables[table_of[f]].dim for f in order}
-
-
-def resolve_checkpoint(run: Optional[Path], checkpoint: Optional[Path]) -> Path:
-    """``checkpoint`` if given, else the newest valid checkpoint (full or delta) of
-    ``run``."""
-    if checkpoint is not None:
-        return Path(checkpoint)
-    if run is None:
-        raise ValueError("export: give --run or --checkpoint")
-    found = latest_valid(Path(run))
-    if found is None:
-        raise FileNotFoundError(f"{run}: no valid checkpoint to export")
-    return found
 
 
 def _programs(split: ModelSplit, num_dense: int, dims: dict[str, int], out: Path
