@@ -267,3 +267,9 @@ async def _read_limited(request: Request, limit: int) -> bytes:
             raise _BadRequest(413, f"body: over {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def openapi_spec() -> dict[str, Any]:
+    """The service's OpenAPI description (what ``GET /openapi.json`` serves; saved as
+    ``docs/serving-openapi.json``)."""
+    return build_app(None).openapi()  # type: ignore[arg-type]  # handlers unused here

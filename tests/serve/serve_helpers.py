@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -100,3 +107,43 @@ def head(batch: Any, k: int) -> Any:
     sparse = KeyedJaggedTensor.from_lengths_sync(kjt.keys(), torch.cat(vals), torch.cat(lens))
     return dataclasses.replace(batch, dense=batch.dense[:k], sparse=sparse,
                                labels=batch.labels[:k], teacher_prob=None)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def server(bundle: Path, *extra: str, timeout: float = 90.0) -> Iterator[str]:
+    """``terarec serve`` on the bundle as a real process on 127.0.0.1; yields its URL
+    once ``/healthz`` answers, stops it afterwards."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "terarec.cli", "serve", "--bundle", str(bundle),
+           "--port", str(port), "--threads", "1", *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"terarec serve exited {proc.returncode}:\n"
+                                   f"{proc.stdout.read() if proc.stdout else ''}")
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("terarec serve did not answer /healthz in time")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
