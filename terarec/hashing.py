@@ -7,6 +7,8 @@ int64 values are read as their two's-complement uint64 bits.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -51,6 +53,7 @@ def mix64_torch(x: torch.Tensor) -> torch.Tensor:
     return z
 
 
+@functools.lru_cache(maxsize=4096)
 def salt_for(name: str) -> int:
     """Deterministic 64-bit salt (as int64) for a feature or table name (not Python's hash)."""
     h = 0xCBF29CE484222325

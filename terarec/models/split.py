@@ -6,9 +6,9 @@ that ``torch.export`` can trace (the embedding lookup stays outside them: they t
 pooled embeddings):
 
 * **split** (DLRM with at least one user-side feature): ``user(dense, pooled) ->
-  (slots, partial)`` runs once per user; ``candidate(slots, partial, owner, dense,
-  pooled) -> logits`` runs on the ``N`` candidates, ``owner [N]`` naming each
-  candidate's user (several requests can share one call).
+  (state, partial)`` runs once per user (several users in one call);
+  ``candidate(state, partial, dense, pooled) -> logits`` runs on the ``N`` candidates
+  of one user.
 * **single** (DCN-v2, whose cross layers mix every feature with every other from the
   first layer on; or a model with no user-side feature): ``model(dense, pooled) ->
   logits`` on ``[N, ...]``; the caller still looks the user side up once and repeats
@@ -27,6 +27,12 @@ so per user: the bottom MLP (user-side dense), the user pooled embeddings, their
 ``|S|(|S|-1)/2`` dots and their share of the first layer; per candidate: ``|T|`` pooled
 embeddings, ``|T||S| + |T|(|T|-1)/2`` dots, a first layer over those columns only and
 the rest of the top MLP. The sums are the model's own up to float rounding.
+
+The cross term is linear in the candidate's embeddings, so it can also be *folded*
+into the user part: ``W_ST dots(S, T) = G e_T`` with ``G = sum_s W_(s,t) u_s`` (``[|T| D,
+H1]``, once per user), which costs ``|T| D H1`` per candidate instead of
+``|T||S| D + |T||S| H1``. :func:`split_model` folds when that is cheaper (small ``D``
+against ``|S|``); ``state`` is then ``G``, else the user slots.
 """
 
 from __future__ import annotations
@@ -58,11 +64,13 @@ class ModelSplit:
         candidate_features: candidate-side features, in the order ``candidate`` takes
             them (``"single"``: every feature, in model order).
         user_dense: dense features are an input of ``user`` (else of ``candidate``).
-        user: ``(dense [U, Du], pooled [U, Fu, D]) -> (slots [U, |S|, D],
-            partial [U, H1])``.
-        candidate: split: ``(slots [U, |S|, D], partial [U, H1], owner [N] int64,
-            dense [N, Dc], pooled [N, Fc, D]) -> logits [N]``; single: ``(dense
-            [N, num_dense], pooled [N, sum dims]) -> logits [N]``.
+        user: ``(dense [U, Du], pooled [U, Fu, D]) -> (state, partial [U, H1])``
+            with ``state`` the user slots ``[U, |S|, D]`` or, folded, ``G [U, |T| D,
+            H1]``.
+        candidate: split: ``(state [1, ...], partial [1, H1], dense [N, Dc], pooled
+            [N, Fc, D]) -> logits [N]`` for one user's ``N`` candidates; single:
+            ``(dense [N, num_dense], pooled [N, sum dims]) -> logits [N]``.
+        folded: the cross term is folded into the user part.
         shared: what is computed once per request, in words.
     """
 
@@ -73,10 +81,12 @@ class ModelSplit:
     user: Optional[nn.Module]
     candidate: nn.Module
     shared: str
+    folded: bool = False
 
 
 def split_model(
-    model: nn.Module, user_features: Sequence[str], user_dense: bool
+    model: nn.Module, user_features: Sequence[str], user_dense: bool,
+    fold: Optional[bool] = None,
 ) -> ModelSplit:
     """Cuts ``model`` (a trained DLRM or DCN-v2) for request-centric scoring.
 
@@ -84,6 +94,7 @@ def split_model(
         model: the trained model (its embedding module is not used).
         user_features: the user/context-side sparse features (``model.user_features``).
         user_dense: the dense features are user-side (``model.user_dense``).
+        fold: fold the cross term into the user part; None: when it costs less.
 
     Raises:
         SplitError: a user feature the model does not have, or no candidate-side input
@@ -101,11 +112,15 @@ def split_model(
         raise SplitError("model.user_features: every input is user-side, so every "
                          "candidate would get the same score; leave the ad features out")
     if isinstance(model, DLRM) and user:
+        d, h1 = model.embedding_dim, _first_layer(model)[0].out_features
+        s = len(user) + int(_dense_user(model, user_dense))
+        fold = d * h1 < s * d + s * h1 if fold is None else fold
         return ModelSplit(
-            "split", user, cand, user_dense, _DLRMUser(model, user, user_dense),
-            _DLRMCandidate(model, user, cand, user_dense),
+            "split", user, cand, user_dense, _DLRMUser(model, user, cand, user_dense, fold),
+            _DLRMCandidate(model, user, cand, user_dense, fold),
             "bottom MLP (user-side dense features), user pooled embeddings, their "
-            "pairwise dots and their share of the top MLP's first layer")
+            "pairwise dots and their share of the top MLP's first layer"
+            + (" (the user-candidate dots folded into it)" if fold else ""), fold)
     if not isinstance(model, (DLRM, DCNv2)):
         raise SplitError(f"model: cannot export a {type(model).__name__}")
     why = ("DCN-v2's cross layers mix every feature from the first layer on"
@@ -142,31 +157,62 @@ def _dense_user(model: DLRM, user_dense: bool) -> bool:
     return user_dense or model.dense_arch is None
 
 
+class _Sides:
+    """The slots and first-layer columns of a DLRM split (see the module docstring)."""
+
+    def __init__(self, model: DLRM, user: list[str], cand: list[str], user_dense: bool
+                 ) -> None:
+        names, d = model.feature_names, model.embedding_dim
+        self.dense_user = _dense_user(model, user_dense)
+        self.s = ([0] if self.dense_user else []) + _slots(names, user)
+        self.t = ([] if self.dense_user else [0]) + _slots(names, cand)
+        n, s, t = len(names) + 1, self.s, self.t
+        first, self.rest = _first_layer(model)
+        w = first.weight.detach()
+        self.bias = first.bias.detach()
+        # dots(S, S) as the full [|S|, |S|] product (no gather): weight 0 off the
+        # upper triangle
+        self.w_user = torch.zeros(w.shape[0], (d if self.dense_user else 0) + len(s) ** 2,
+                                  dtype=w.dtype)
+        if self.dense_user:
+            self.w_user[:, :d] = w[:, :d]
+        at = d if self.dense_user else 0
+        for i in range(len(s)):
+            for j in range(i + 1, len(s)):
+                self.w_user[:, at + i * len(s) + j] = w[:, _pair_columns(n, [(s[i], s[j])],
+                                                                        d)[0]]
+        self.w_cross = w[:, _pair_columns(n, [(a, b) for a in t for b in s], d)]
+        # dots(T, T) as the full [|T|, |T|] product (no gather): weight 0 off the
+        # upper triangle
+        nt = len(t)
+        self.w_inner = torch.zeros(w.shape[0], nt * nt, dtype=w.dtype)
+        for i in range(nt):
+            for j in range(i + 1, nt):
+                self.w_inner[:, i * nt + j] = w[:, _pair_columns(n, [(t[i], t[j])], d)[0]]
+        self.w_z = w[:, [] if self.dense_user else list(range(d))]
+
+
 class _DLRMUser(nn.Module):
     """User part of a DLRM (see the module docstring)."""
 
-    def __init__(self, model: DLRM, user: list[str], user_dense: bool) -> None:
+    def __init__(self, model: DLRM, user: list[str], cand: list[str], user_dense: bool,
+                 fold: bool) -> None:
         super().__init__()
-        names, d = model.feature_names, model.embedding_dim
-        self.dense_slot = _dense_user(model, user_dense)
+        sides = _Sides(model, user, cand, user_dense)
+        self.dense_slot = sides.dense_user
         self.dense_arch = copy.deepcopy(model.dense_arch) if user_dense else None
         const = model.dense_const
         self.dense_const = None if const is None else nn.Parameter(const.detach().clone())
-        slots = ([0] if self.dense_slot else []) + _slots(names, user)
-        n = len(names) + 1
-        pairs = [(slots[i], slots[j]) for i in range(len(slots))
-                 for j in range(i + 1, len(slots))]
-        cols = (list(range(d)) if self.dense_slot else []) + _pair_columns(n, pairs, d)
-        first, _ = _first_layer(model)
-        self.weight = nn.Parameter(first.weight.detach()[:, cols].clone())
-        self.bias = nn.Parameter(first.bias.detach().clone())
-        self.register_buffer("tri", torch.triu_indices(len(slots), len(slots), offset=1),
-                             persistent=False)
+        self.weight = nn.Parameter(sides.w_user.clone())
+        self.bias = nn.Parameter(sides.bias.clone())
+        n_s, n_t = len(sides.s), len(sides.t)
+        # folded: G[u] = sum_s W_(t,s) u_s, as [|T| D, H1]; the weight as [H1 |T|, |S|]
+        self.fold = (nn.Parameter(sides.w_cross.reshape(-1, n_s).clone()) if fold else None)
+        self.n_t = n_t
 
     def forward(self, dense: torch.Tensor, pooled: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """dense ``[U, Du]``, pooled ``[U, Fu, D]`` → slots ``[U, |S|, D]``, partial
-        ``[U, H1]``."""
+        """dense ``[U, Du]``, pooled ``[U, Fu, D]`` → state, partial ``[U, H1]``."""
         parts = [pooled]
         if self.dense_arch is not None:
             parts.insert(0, self.dense_arch(dense).unsqueeze(1))
@@ -174,44 +220,47 @@ class _DLRMUser(nn.Module):
             u, d = pooled.shape[0], pooled.shape[2]
             parts.insert(0, self.dense_const.view(1, 1, d).expand(u, 1, d))
         slots = torch.cat(parts, 1) if len(parts) > 1 else pooled
-        dots = torch.bmm(slots, slots.transpose(1, 2))[:, self.tri[0], self.tri[1]]
+        u, s, d = slots.shape
+        dots = torch.bmm(slots, slots.transpose(1, 2)).reshape(u, s * s)
         x = torch.cat([slots[:, 0], dots], 1) if self.dense_slot else dots
-        return slots, nn.functional.linear(x, self.weight, self.bias)
+        partial = nn.functional.linear(x, self.weight, self.bias)
+        if self.fold is None:
+            return slots, partial
+        g = torch.matmul(self.fold, slots)  # [U, H1 |T|, D]
+        g = g.reshape(u, -1, self.n_t, d).permute(0, 2, 3, 1)
+        return g.reshape(u, self.n_t * d, -1), partial
 
 
 class _DLRMCandidate(nn.Module):
-    """Candidate part of a DLRM (see the module docstring)."""
+    """Candidate part of a DLRM for one user's candidates (see the module docstring)."""
 
-    def __init__(self, model: DLRM, user: list[str], cand: list[str],
-                 user_dense: bool) -> None:
+    def __init__(self, model: DLRM, user: list[str], cand: list[str], user_dense: bool,
+                 fold: bool) -> None:
         super().__init__()
-        names, d = model.feature_names, model.embedding_dim
-        dense_user = _dense_user(model, user_dense)
-        self.dense_arch = None if dense_user else copy.deepcopy(model.dense_arch)
-        s = ([0] if dense_user else []) + _slots(names, user)
-        t = ([] if dense_user else [0]) + _slots(names, cand)
-        n = len(names) + 1
-        cross = [(a, b) for a in t for b in s]  # row-major [|T|, |S|], as bmm gives it
-        inner = [(t[i], t[j]) for i in range(len(t)) for j in range(i + 1, len(t))]
-        cols = ([] if dense_user else list(range(d))) + _pair_columns(n, cross + inner, d)
-        first, rest = _first_layer(model)
-        self.weight = nn.Parameter(first.weight.detach()[:, cols].clone())
-        self.rest = rest
-        self.register_buffer("tri", torch.triu_indices(len(t), len(t), offset=1),
-                             persistent=False)
+        sides = _Sides(model, user, cand, user_dense)
+        self.dense_arch = None if sides.dense_user else copy.deepcopy(model.dense_arch)
+        self.folded = fold
+        self.w_cross = nn.Parameter(sides.w_cross.clone())
+        self.w_inner = nn.Parameter(sides.w_inner.clone())
+        self.w_z = nn.Parameter(sides.w_z.clone())
+        self.rest = copy.deepcopy(sides.rest)
 
-    def forward(self, slots: torch.Tensor, partial: torch.Tensor, owner: torch.Tensor,
-                dense: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    def forward(self, state: torch.Tensor, partial: torch.Tensor, dense: torch.Tensor,
+                pooled: torch.Tensor) -> torch.Tensor:
         """See :class:`ModelSplit`; returns logits ``[N]``."""
         mine = pooled
         if self.dense_arch is not None:
             mine = torch.cat([self.dense_arch(dense).unsqueeze(1), pooled], 1)
-        cross = torch.bmm(mine, slots[owner].transpose(1, 2)).flatten(1)
-        inner = torch.bmm(mine, mine.transpose(1, 2))[:, self.tri[0], self.tri[1]]
-        parts = [cross, inner]
+        n, t, d = mine.shape
+        if self.folded:  # state: G [1, |T| D, H1]
+            h = mine.reshape(n, t * d) @ state[0]
+        else:  # state: the user slots [1, |S|, D]
+            cross = (mine.reshape(n * t, d) @ state[0].t()).reshape(n, -1)
+            h = nn.functional.linear(cross, self.w_cross)
+        inner = torch.bmm(mine, mine.transpose(1, 2)).reshape(n, t * t)
+        h = h + partial + nn.functional.linear(inner, self.w_inner)
         if self.dense_arch is not None:
-            parts.insert(0, mine[:, 0])
-        h = partial[owner] + nn.functional.linear(torch.cat(parts, 1), self.weight)
+            h = h + nn.functional.linear(mine[:, 0], self.w_z)
         return self.rest(h).squeeze(-1)
 
 

@@ -77,11 +77,11 @@ def _programs(split: ModelSplit, num_dense: int, dims: dict[str, int], out: Path
         uargs = (torch.randn(2, du), torch.randn(2, fu, dim))
         ep = export(split.user, uargs, dynamic_shapes=({0: users}, {0: users}))
         torch.export.save(ep, out / "user.pt2")
-        slots, partial = split.user(*uargs)
-        cargs = (slots, partial, torch.tensor([0, 1, 1]), torch.randn(3, num_dense - du),
+        state, partial = split.user(*uargs)
+        cargs = (state[:1], partial[:1], torch.randn(3, num_dense - du),
                  torch.randn(3, fc, dim))
-        ep = export(split.candidate, cargs, dynamic_shapes=(
-            {0: users}, {0: users}, {0: cands}, {0: cands}, {0: cands}))
+        ep = export(split.candidate, cargs, dynamic_shapes=(None, None, {0: cands},
+                                                            {0: cands}))
         torch.export.save(ep, out / "candidate.pt2")
     return {"user": "user.pt2", "candidate": "candidate.pt2"}
 
@@ -122,7 +122,8 @@ def export_bundle(checkpoint: Path, out: Path, row_dtype: str = "fp32",
         "checkpoint": {"path": str(checkpoint.resolve()), "kind": ck.get("kind", "full"),
                        "manifest_sha256": manifest_sha256(checkpoint)},
         "model": {"kind": getattr(cfg.model.kind, "value", cfg.model.kind),
-                  "mode": split.mode, "programs": programs, "shared": split.shared},
+                  "mode": split.mode, "programs": programs, "shared": split.shared,
+                  "folded": split.folded},
         "features": {
             "order": order,
             "user": split.user_features if split.mode == "split" else

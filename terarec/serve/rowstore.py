@@ -173,25 +173,31 @@ class CachedRows:
         self.reads = 0
 
     def lookup(self, keys: torch.Tensor) -> torch.Tensor:
-        """float32 ``[N, dim]`` rows of unique int64 ``keys [N]`` (zeros: absent)."""
+        """float32 ``[N, dim]`` rows of int64 ``keys [N]`` (duplicates allowed; zeros:
+        absent from the store). Only the missed keys are made unique, read from the
+        store and admitted."""
         self.clock += 1
         if self.cache is None:
-            self.reads += keys.numel()
-            return self.store.read(self.table_id, self.dim, keys)[0].to(self.device)
+            uniq, inv = torch.unique(keys, return_inverse=True)
+            self.reads += uniq.numel()
+            return self.store.read(self.table_id, self.dim, uniq)[0].to(self.device)[inv]
         keys = keys.to(self.device)
-        out = torch.empty(keys.numel(), self.dim, device=self.device)
         slots = self.cache.lookup(keys)
         hit = slots >= 0
+        if bool(hit.all()):
+            self.cache.touch(slots, self.clock)
+            return self.cache.read(slots)
+        out = torch.empty(keys.numel(), self.dim, device=self.device)
         held = slots[hit]
         out[hit] = self.cache.read(held)
         self.cache.touch(held, self.clock)
         missed = (~hit).nonzero().squeeze(1)
-        if missed.numel():
-            rows = self.store.read(self.table_id, self.dim, keys[missed])[0].to(self.device)
-            out[missed] = rows
-            self.reads += missed.numel()
-            room = min(missed.numel(), self.cache.capacity)  # a request above the budget
-            self.cache.admit(keys[missed[:room]], rows[:room], self.clock)
+        uniq, inv = torch.unique(keys[missed], return_inverse=True)
+        rows = self.store.read(self.table_id, self.dim, uniq)[0].to(self.device)
+        out[missed] = rows[inv]
+        self.reads += uniq.numel()
+        room = min(uniq.numel(), self.cache.capacity)  # a request above the budget
+        self.cache.admit(uniq[:room], rows[:room], self.clock)
         return out
 
     def invalidate(self, keys: torch.Tensor) -> None:

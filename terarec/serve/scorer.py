@@ -28,12 +28,13 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from terarec.data.keys import int_keys, string_keys
+from terarec.data.keys import string_keys
+from terarec.hashing import mix64_np, salt_for
 from terarec.serve import bundle as b
 from terarec.serve.rowstore import CachedRows, RowStore
 
 Column = tuple[torch.Tensor, torch.Tensor]  # (keys int64 [M], lengths int64 [B])
-MAX_INT = np.iinfo(np.uint64).max
+MASK64 = (1 << 64) - 1
 
 
 class RequestError(ValueError):
@@ -71,8 +72,11 @@ class Ranking:
     step: int
 
 
-def hash_column(feature: str, values: Sequence[Any], n: int, where: str) -> Column:
-    """Keys and lengths of ``n`` entries of one feature (see the module docstring)."""
+def raw_column(feature: str, values: Sequence[Any], n: int, where: str
+               ) -> tuple[np.ndarray, bool, np.ndarray]:
+    """``(payload, hashed, lengths [n])`` of ``n`` entries of one feature: integer ids
+    (``hashed`` False: :func:`hash_columns` salts and mixes them, all features at once)
+    or the keys of string values (``hashed`` True)."""
     if len(values) != n:
         raise RequestError(f"{where}.{feature}: {len(values)} entries for {n} "
                            f"{'candidates' if n != 1 else 'user'}")
@@ -83,12 +87,8 @@ def hash_column(feature: str, values: Sequence[Any], n: int, where: str) -> Colu
         flat: list[Any] = list(chain.from_iterable(values))
     else:
         lengths, flat = np.ones(n, np.int64), list(values)
-    return torch.from_numpy(_keys(feature, flat, where)), torch.from_numpy(lengths)
-
-
-def _keys(feature: str, flat: list[Any], where: str) -> np.ndarray:
     if not flat:
-        return np.empty(0, np.int64)
+        return np.empty(0, np.int64), True, lengths
     kind = type(flat[0])
     if kind is str:
         try:
@@ -98,18 +98,41 @@ def _keys(feature: str, flat: list[Any], where: str) -> np.ndarray:
         present, keys, _ = string_keys(arr, feature)
         if not present.all():
             raise RequestError(f"{where}.{feature}: empty string value (send [] for missing)")
-        return keys
-    if kind is int:
-        try:
-            ids = np.asarray(flat)
-        except (OverflowError, ValueError):
-            raise RequestError(f"{where}.{feature}: ids must be int64/uint64 integers") from None
-        if ids.dtype.kind not in "iu" or ids.ndim != 1:
-            raise RequestError(f"{where}.{feature}: values must be all integers or all "
-                               "strings")
-        return int_keys(ids.astype(np.uint64) if ids.dtype.kind == "u" else ids, feature)
-    raise RequestError(f"{where}.{feature}: values must be integer ids or strings, got "
-                       f"{kind.__name__}")
+        return keys, True, lengths
+    if kind is not int:
+        raise RequestError(f"{where}.{feature}: values must be integer ids or strings, "
+                           f"got {kind.__name__}")
+    try:
+        ids = np.asarray(flat)
+    except (OverflowError, ValueError):
+        raise RequestError(f"{where}.{feature}: ids must be int64/uint64 integers") from None
+    if ids.dtype.kind not in "iu" or ids.ndim != 1:
+        raise RequestError(f"{where}.{feature}: values must be all integers or all strings")
+    return ids.view(np.int64) if ids.dtype.kind == "u" else ids.astype(np.int64), False, lengths
+
+
+def hash_columns(cols: list[tuple[str, tuple[np.ndarray, bool, np.ndarray]]]
+                 ) -> list[Column]:
+    """Keys and lengths of raw columns ``(feature, raw)``: every integer column salted
+    and mixed in one pass (``data/keys.py``'s ``int_keys``, element-wise salts)."""
+    out: list[Column] = []
+    ints = [i for i, (_, (p, hashed, _)) in enumerate(cols) if not hashed and p.size]
+    mixed: list[np.ndarray] = []
+    if ints:
+        counts = [cols[i][1][0].size for i in ints]
+        salts = np.array([salt_for(cols[i][0]) & MASK64 for i in ints], np.uint64)
+        every = np.concatenate([cols[i][1][0] for i in ints]).view(np.uint64)
+        mixed = np.split(mix64_np(every ^ np.repeat(salts, counts)).view(np.int64),
+                         np.cumsum(counts)[:-1])
+    by_col = dict(zip(ints, mixed))
+    for i, (_, (payload, _, lengths)) in enumerate(cols):
+        out.append((torch.from_numpy(by_col.get(i, payload)), torch.from_numpy(lengths)))
+    return out
+
+
+def hash_column(feature: str, values: Sequence[Any], n: int, where: str) -> Column:
+    """Keys and lengths of ``n`` entries of one feature (see the module docstring)."""
+    return hash_columns([(feature, raw_column(feature, values, n, where))])[0]
 
 
 class Scorer:
@@ -129,6 +152,7 @@ class Scorer:
         self.step = int(manifest["step"])
         feats = manifest["features"]
         self.mode = manifest["model"]["mode"]
+        self.folded = bool(manifest["model"].get("folded", False))
         self.order: list[str] = feats["order"]
         self.user_features: list[str] = feats["user"]
         self.candidate_features: list[str] = feats["candidate"]
@@ -136,6 +160,7 @@ class Scorer:
         self.num_dense = len(feats["dense"])
         self.table_of: dict[str, str] = feats["table"]
         self.tables = manifest["tables"]
+        self.dim = max(t["dim"] for t in self.tables.values())
         self.store = RowStore(self.root / b.ROWS, manifest["row_dtype"])
         total = max(1, sum(t["rows"] for t in self.tables.values()))
         self.rows: dict[str, CachedRows] = {}
@@ -171,12 +196,13 @@ class Scorer:
                     if f not in known:
                         raise RequestError(f"request {i}: {side}.{f}: not a feature of "
                                            f"the model (it has {self.order})")
-        for f in self._user_side():
-            user_cols[f] = _cat([hash_column(f, [r.user.get(f, [])], 1, "user")
-                                 for r in requests])
-        for f in self._candidate_side():
-            cand_cols[f] = _cat([hash_column(f, r.candidates.get(f, [[]] * n), n, "candidates")
-                                 for r, n in zip(requests, sizes)])
+        raw_u = self._user_raw(requests)
+        raw_c = {f: _cat_raw([raw_column(f, r.candidates.get(f, [[]] * n), n, "candidates")
+                              for r, n in zip(requests, sizes)])
+                 for f in self._candidate_side()}
+        hashed = hash_columns([*raw_u.items(), *raw_c.items()])
+        user_cols = dict(zip(raw_u, hashed[: len(raw_u)]))
+        cand_cols = dict(zip(raw_c, hashed[len(raw_u):]))
         du, dc = self._dense(requests, sizes)
         owner = torch.repeat_interleave(torch.arange(len(requests)), torch.tensor(sizes))
         with torch.no_grad():
@@ -189,9 +215,27 @@ class Scorer:
             s = scores[at: at + n]
             at += n
             order = torch.argsort(s, descending=True, stable=True)
-            ids = None if r.ids is None else [r.ids[j] for j in order.tolist()]
+            ids = None if r.ids is None else list(map(r.ids.__getitem__, order.tolist()))
             out.append(Ranking(s, order, ids, self.step))
         return out
+
+    def _user_raw(self, requests: Sequence[Request]
+                  ) -> dict[str, tuple[np.ndarray, bool, np.ndarray]]:
+        """Raw user-side columns over the requests; the common case (one integer id per
+        feature) in one array conversion per request."""
+        feats = self._user_side()
+        if len(requests) == 1:
+            vals = [requests[0].user.get(f, []) for f in feats]
+            if all(type(v) is int for v in vals):
+                try:
+                    ids = np.asarray(vals, np.int64)
+                except OverflowError:  # a uint64 id: the general path reports it
+                    ids = None
+                if ids is not None:
+                    one = np.ones(1, np.int64)
+                    return {f: (ids[i: i + 1], False, one) for i, f in enumerate(feats)}
+        return {f: _cat_raw([raw_column(f, [r.user.get(f, [])], 1, "user")
+                             for r in requests]) for f in feats}
 
     def _num_candidates(self, r: Request, i: int) -> int:
         lens = {len(v) for v in r.candidates.values()}
@@ -249,44 +293,59 @@ class Scorer:
                    owner: torch.Tensor, dense_user: torch.Tensor, dense_cand: torch.Tensor
                    ) -> torch.Tensor:
         """Logits ``[N]`` of hashed inputs: per feature ``(keys, lengths)`` over ``U``
-        users / ``N`` candidates, ``owner [N]`` each candidate's user, dense
-        ``[U, Du]`` / ``[N, Dc]`` (the side that has none: width 0)."""
+        users / ``N`` candidates, ``owner [N]`` each candidate's user (non-decreasing:
+        a user's candidates are consecutive), dense ``[U, Du]`` / ``[N, Dc]`` (the side
+        that has none: width 0). Each table's keys of both sides are looked up at once."""
         dev = self.device
-        owner, dense_user, dense_cand = owner.to(dev), dense_user.to(dev), dense_cand.to(dev)
-        u = dense_user.shape[0]
-        if self.mode == "split":
-            pu = self._pool(user, self.user_features, u)
-            pc = self._pool(cand, self.candidate_features, owner.numel())
-            slots, partial = self.programs["user"](dense_user, torch.stack(pu, 1))
-            return self.programs["candidate"](slots, partial, owner, dense_cand,
-                                              _stack(pc, owner.numel(), slots.shape[2], dev))
+        dense_user, dense_cand = dense_user.to(dev), dense_cand.to(dev)
+        u, n = dense_user.shape[0], owner.numel()
         ufeat = self._user_side()
-        pooled = dict(zip(ufeat, (p[owner] for p in self._pool(user, ufeat, u))))
-        pooled.update(zip(self.candidate_features,
-                          self._pool(cand, self.candidate_features, owner.numel())))
-        dense = dense_user[owner] if self.user_dense else dense_cand
-        return self.programs["model"](dense, torch.cat([pooled[f] for f in self.order], 1))
+        pu, pc = self._pool([(user, ufeat, u), (cand, self.candidate_features, n)])
+        if self.mode == "single":
+            pooled = dict(zip(ufeat, (p[owner.to(dev)] for p in pu)))
+            pooled.update(zip(self.candidate_features, pc))
+            dense = dense_user[owner.to(dev)] if self.user_dense else dense_cand
+            return self.programs["model"](dense, torch.cat([pooled[f] for f in self.order], 1))
+        state, partial = self.programs["user"](dense_user, torch.stack(pu, 1))
+        cands = _stack(pc, n, self.dim, dev)
+        counts = torch.bincount(owner, minlength=u).tolist()
+        out, at = [], 0
+        for i, k in enumerate(counts):  # one program call per user, over its candidates
+            if k:
+                out.append(self.programs["candidate"](
+                    state[i: i + 1], partial[i: i + 1], dense_cand[at: at + k],
+                    cands[at: at + k]))
+            at += k
+        return torch.cat(out) if len(out) > 1 else out[0]
 
-    def _pool(self, cols: dict[str, Column], feats: list[str], n: int
-              ) -> list[torch.Tensor]:
-        """Pooled ``[n, dim]`` per feature of ``feats`` (one lookup per table)."""
-        out: dict[str, torch.Tensor] = {}
-        by_table: dict[str, list[str]] = {}
-        for f in feats:
-            by_table.setdefault(self.table_of[f], []).append(f)
-        for table, fs in by_table.items():
-            keys = torch.cat([cols[f][0] for f in fs])
-            lengths = torch.cat([cols[f][1] for f in fs])
-            uniq, inv = torch.unique(keys, return_inverse=True)
-            rows = self.rows[table].lookup(uniq)
-            offsets = torch.zeros(lengths.numel(), dtype=torch.int64)
-            torch.cumsum(lengths[:-1], 0, out=offsets[1:])
-            mode = "mean" if self.tables[table]["pooling"] == "mean" else "sum"
-            bags = nn.functional.embedding_bag(inv.to(self.device), rows,
-                                               offsets.to(self.device), mode=mode)
-            for j, f in enumerate(fs):
-                out[f] = bags[j * n: (j + 1) * n]
-        return [out[f] for f in feats]
+    def _pool(self, sides: list[tuple[dict[str, Column], list[str], int]]
+              ) -> list[list[torch.Tensor]]:
+        """Pooled ``[n, dim]`` per feature of each side ``(cols, feats, n)``: the keys of
+        one table over every side are made unique and looked up once."""
+        out: dict[tuple[int, str], torch.Tensor] = {}
+        by_table: dict[str, list[tuple[int, str]]] = {}
+        for i, (_, feats, _) in enumerate(sides):
+            for f in feats:
+                by_table.setdefault(self.table_of[f], []).append((i, f))
+        for table, members in by_table.items():
+            keys = torch.cat([sides[i][0][f][0] for i, f in members])
+            lengths = torch.cat([sides[i][0][f][1] for i, f in members])
+            rows = self.rows[table].lookup(keys)  # [M, dim], duplicates looked up as is
+            if bool((lengths == 1).all()):  # one value per bag: the rows are the bags
+                bags = rows
+            else:
+                offsets = torch.zeros(lengths.numel(), dtype=torch.int64)
+                torch.cumsum(lengths[:-1], 0, out=offsets[1:])
+                mode = "mean" if self.tables[table]["pooling"] == "mean" else "sum"
+                bags = nn.functional.embedding_bag(
+                    torch.arange(keys.numel(), device=self.device), rows,
+                    offsets.to(self.device), mode=mode)
+            at = 0
+            for i, f in members:
+                n = sides[i][2]
+                out[(i, f)] = bags[at: at + n]
+                at += n
+        return [[out[(i, f)] for f in feats] for i, (_, feats, _) in enumerate(sides)]
 
     def stats(self) -> dict[str, Any]:
         """Requests, candidates and per-table cache statistics (hit rate included)."""
@@ -308,5 +367,14 @@ def _stack(pooled: list[torch.Tensor], n: int, dim: int, device: torch.device
     return torch.stack(pooled, 1) if pooled else torch.zeros(n, 0, dim, device=device)
 
 
-def _cat(cols: list[Column]) -> Column:
-    return torch.cat([k for k, _ in cols]), torch.cat([n for _, n in cols])
+def _cat_raw(cols: list[tuple[np.ndarray, bool, np.ndarray]]
+             ) -> tuple[np.ndarray, bool, np.ndarray]:
+    """One raw column of several requests' (a feature sends ids or strings, not both)."""
+    if len(cols) == 1:
+        return cols[0]
+    kinds = {h for p, h, _ in cols if p.size}
+    if len(kinds) > 1:
+        raise RequestError("a feature has integer ids in one request and strings in "
+                           "another: score them apart")
+    return (np.concatenate([p for p, _, _ in cols]), kinds.pop() if kinds else True,
+            np.concatenate([n for _, _, n in cols]))
