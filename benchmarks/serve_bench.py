@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -156,6 +155,7 @@ def bench_model(name: str, args: argparse.Namespace, root: Path) -> dict[str, An
                        "ratio_p50": v["p50_ms"] / c["p50_ms"],
                        "ratio_p99": v["p99_ms"] / c["p99_ms"]}
     if args.http:
+        import httpx
         from serve_helpers import server
 
         extra = ["--device", args.device]

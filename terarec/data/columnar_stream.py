@@ -187,8 +187,17 @@ def assemble(segments: list[tuple[Window, int, int]], keys: list[str], pin: bool
                 x = per_feature[f]
                 vn[j : j + len(x)] = x
                 j += len(x)
-    kjt = KeyedJaggedTensor(keys=list(keys), values=values, lengths=lengths.view(-1), stride=n)
+    per_key = lgn.sum(axis=1, dtype=np.int64).tolist()  # on the host: no device sync later
+    kjt = KeyedJaggedTensor(keys=list(keys), values=values, lengths=lengths.view(-1), stride=n,
+                            length_per_key=per_key, offset_per_key=_offsets(per_key))
     return Batch(dense=dense, sparse=kjt, labels=labels, position=position)
+
+
+def _offsets(per_key: list[int]) -> list[int]:
+    out = [0]
+    for v in per_key:
+        out.append(out[-1] + v)
+    return out
 
 
 class ColumnarStream:

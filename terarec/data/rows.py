@@ -101,11 +101,16 @@ class Rows:
     def to_batch(self, keys: list[str], position: Optional[dict] = None) -> Batch:
         """Builds a :class:`Batch` whose KJT is feature-major over ``keys``."""
         values = np.concatenate(self.values) if self.values else np.zeros(0, np.int64)
+        # per-key sizes known on the host: a device copy never syncs to compute them
+        per_key = self.lengths.sum(axis=1, dtype=np.int64).tolist() if self.lengths.size \
+            else [0] * len(keys)
         kjt = KeyedJaggedTensor(
             keys=list(keys),
             values=torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64)),
             lengths=torch.from_numpy(np.ascontiguousarray(self.lengths.reshape(-1))),
             stride=self.n,
+            length_per_key=per_key,
+            offset_per_key=[0, *np.cumsum(per_key, dtype=np.int64).tolist()],
         )
         return Batch(
             dense=torch.from_numpy(np.ascontiguousarray(self.dense, dtype=np.float32)),

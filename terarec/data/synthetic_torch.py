@@ -258,8 +258,10 @@ class TorchSyntheticGenerator:
         lengths = torch.full(
             (nf * n,), self.cfg.values_per_feature, dtype=torch.int32, device=t.keys.device
         )
+        per_key = [n * self.cfg.values_per_feature] * nf  # known: no device sync later
         kjt = KeyedJaggedTensor(
-            keys=list(keys), values=t.keys.reshape(-1), lengths=lengths, stride=n
+            keys=list(keys), values=t.keys.reshape(-1), lengths=lengths, stride=n,
+            length_per_key=per_key, offset_per_key=[i * per_key[0] for i in range(nf + 1)],
         )
         return Batch(
             dense=t.dense, sparse=kjt, labels=t.labels, position=position, teacher_prob=t.teacher
