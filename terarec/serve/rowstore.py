@@ -27,6 +27,7 @@ import torch
 
 from terarec.ps.tiers.cache import CacheTier
 from terarec.ps.tiers.ssd_format import encode_keys, not_none, read_buffer
+from terarec.serve.overlay import Overlay
 from terarec.serve.quant import dequantize, quantize, row_bytes
 
 SST_ROWS = 1 << 20  # rows per SST file the writer sorts and writes at once
@@ -160,11 +161,14 @@ class CachedRows:
         table_id, dim: the table.
         capacity: rows the cache holds (0: no cache).
         device: where cached rows live and where :meth:`lookup` returns them.
+        overlay: rows changed since the bundle (live deltas), read before the store.
     """
 
     def __init__(self, store: RowStore, table_id: int, dim: int, capacity: int,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", overlay: Optional[Overlay] = None
+                 ) -> None:
         self.store, self.table_id, self.dim = store, table_id, dim
+        self.overlay = overlay
         self.device = torch.device(device)
         self.cache: Optional[CacheTier] = (
             CacheTier(dim, capacity, device=self.device, name="serving cache")
@@ -179,8 +183,7 @@ class CachedRows:
         self.clock += 1
         if self.cache is None:
             uniq, inv = torch.unique(keys, return_inverse=True)
-            self.reads += uniq.numel()
-            return self.store.read(self.table_id, self.dim, uniq)[0].to(self.device)[inv]
+            return self._read(uniq).to(self.device)[inv]
         keys = keys.to(self.device)
         slots = self.cache.lookup(keys)
         hit = slots >= 0
@@ -193,11 +196,24 @@ class CachedRows:
         self.cache.touch(held, self.clock)
         missed = (~hit).nonzero().squeeze(1)
         uniq, inv = torch.unique(keys[missed], return_inverse=True)
-        rows = self.store.read(self.table_id, self.dim, uniq)[0].to(self.device)
+        rows = self._read(uniq).to(self.device)
         out[missed] = rows[inv]
-        self.reads += uniq.numel()
         room = min(uniq.numel(), self.cache.capacity)  # a request above the budget
         self.cache.admit(uniq[:room], rows[:room], self.clock)
+        return out
+
+    def _read(self, keys: torch.Tensor) -> torch.Tensor:
+        """Rows of unique ``keys`` below the cache: the overlay's, else the store's."""
+        keys = keys.cpu()
+        if self.overlay is None or self.overlay.size[self.table_id] == 0:
+            self.reads += keys.numel()
+            return self.store.read(self.table_id, self.dim, keys)[0]
+        held, rows = self.overlay.read(self.table_id, keys)
+        out = torch.empty(keys.numel(), self.dim)
+        out[held] = rows
+        rest = ~held
+        self.reads += int(rest.sum())
+        out[rest] = self.store.read(self.table_id, self.dim, keys[rest])[0]
         return out
 
     def invalidate(self, keys: torch.Tensor) -> None:

@@ -31,6 +31,8 @@ from torch import nn
 from terarec.data.keys import string_keys
 from terarec.hashing import mix64_np, salt_for
 from terarec.serve import bundle as b
+from terarec.serve.delta import read_delta
+from terarec.serve.overlay import Overlay, OverlayFull, PendingDelta
 from terarec.serve.rowstore import CachedRows, RowStore
 
 Column = tuple[torch.Tensor, torch.Tensor]  # (keys int64 [M], lengths int64 [B])
@@ -143,10 +145,11 @@ class Scorer:
         manifest: its manifest (read and checked).
         device: where pooled embeddings, cached rows and the programs live.
         cache_bytes: budget of the row caches (all tables; split by their row counts).
+        overlay_rows: most rows live deltas may change before a new export is needed.
     """
 
     def __init__(self, root: Path, manifest: dict[str, Any], device: str | torch.device,
-                 cache_bytes: int) -> None:
+                 cache_bytes: int, overlay_rows: int = 1 << 22) -> None:
         self.root, self.manifest = Path(root), manifest
         self.device = torch.device(device)
         self.step = int(manifest["step"])
@@ -162,12 +165,17 @@ class Scorer:
         self.tables = manifest["tables"]
         self.dim = max(t["dim"] for t in self.tables.values())
         self.store = RowStore(self.root / b.ROWS, manifest["row_dtype"])
+        self.overlay = Overlay({t["id"]: t["dim"] for t in self.tables.values()},
+                               manifest["row_dtype"], overlay_rows)
+        self.last_sha = manifest["checkpoint"]["manifest_sha256"]
+        self.deltas = 0
         total = max(1, sum(t["rows"] for t in self.tables.values()))
         self.rows: dict[str, CachedRows] = {}
         for name, t in self.tables.items():
             share = cache_bytes * max(t["rows"], 1) // total
             cap = min(int(share // (4 * t["dim"] + 16)), t["rows"] + (1 << 16))
-            self.rows[name] = CachedRows(self.store, t["id"], t["dim"], cap, self.device)
+            self.rows[name] = CachedRows(self.store, t["id"], t["dim"], cap, self.device,
+                                         self.overlay)
         progs = manifest["model"]["programs"]
         self.programs: dict[str, nn.Module] = {
             part: b.load_program(self.root / f).to(self.device) for part, f in progs.items()}
@@ -175,10 +183,43 @@ class Scorer:
 
     @classmethod
     def from_bundle(cls, path: str | Path, device: str | torch.device = "cpu",
-                    cache_bytes: int = 256 << 20, verify: str = "programs") -> Scorer:
+                    cache_bytes: int = 256 << 20, verify: str = "programs",
+                    overlay_rows: int = 1 << 22) -> Scorer:
         """Opens bundle ``path`` (checked: :func:`~terarec.serve.bundle.read_manifest`
         with ``verify``)."""
-        return cls(Path(path), b.read_manifest(Path(path), verify), device, cache_bytes)
+        return cls(Path(path), b.read_manifest(Path(path), verify), device, cache_bytes,
+                   overlay_rows)
+
+    # -- live deltas (serve/overlay.py) --------------------------------------------
+    def prepare_delta(self, path: str | Path, parent_sha: Optional[str] = None
+                      ) -> PendingDelta:
+        """Reads and checks delta checkpoint ``path`` (files verified; its parent must be
+        ``parent_sha``, default the last model applied) without touching what is served."""
+        return read_delta(Path(path), self, parent_sha or self.last_sha)
+
+    def commit_delta(self, pending: PendingDelta) -> None:
+        """Applies a prepared delta: rows into the overlay, caches invalidated, dense
+        weights loaded. Raises :class:`OverlayFull` (nothing applied) when the overlay
+        would pass its bound, ``ValueError`` when it is not the next delta."""
+        if pending.parent != self.last_sha:
+            raise ValueError(f"{pending.path}: follows another checkpoint than the model "
+                             "served (apply the deltas in order)")
+        new = sum(self.overlay.new_keys(t, k) for t, (k, _) in pending.rows.items())
+        if self.overlay.rows + new > self.overlay.max_rows:
+            raise OverlayFull(f"{pending.path}: {new} more rows would pass the overlay's "
+                              f"bound of {self.overlay.max_rows}; export a new bundle")
+        for name, sd in pending.dense.items():
+            self.programs[name].load_state_dict(sd, strict=True)
+        names = {t["id"]: n for n, t in self.tables.items()}
+        for table_id, (keys, weights) in pending.rows.items():
+            self.overlay.put(table_id, keys, weights)
+            self.rows[names[table_id]].invalidate(keys)
+        self.step, self.last_sha = pending.step, pending.sha256
+        self.deltas += 1
+
+    def apply_delta(self, path: str | Path) -> None:
+        """:meth:`prepare_delta` then :meth:`commit_delta`."""
+        self.commit_delta(self.prepare_delta(path))
 
     # -- requests ----------------------------------------------------------------
     def score(self, request: Request) -> Ranking:
@@ -355,7 +396,9 @@ class Scorer:
             looked = s["hits"] + s["misses"]
             s["hit_rate"] = s["hits"] / looked if looked else 0.0
             tables[name] = s
-        return {**self.counts, "step": self.step, "tables": tables}
+        return {**self.counts, "step": self.step, "tables": tables,
+                "overlay_rows": self.overlay.rows, "overlay_max_rows": self.overlay.max_rows,
+                "deltas": self.deltas}
 
     def close(self) -> None:
         self.store.close()

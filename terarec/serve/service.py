@@ -18,16 +18,23 @@ Concurrent requests are scored together (micro-batching): one scoring thread tak
 every request that queued while it was busy and scores them in one pass
 (:meth:`Scorer.score_many`), so a lone request waits for nothing and a burst shares the
 row lookups and program calls.
+
+Live deltas (``--follow RUN_DIR``): a thread watches the training run's ``deltas/`` and
+applies each new delta that follows the model served (``serve/overlay.py``): read and
+checked beside the serving, committed between two scoring passes. ``/healthz`` and
+``/metrics`` report the step served, the deltas applied and refused, the overlay's rows.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future
+from pathlib import Path
 from queue import Empty, SimpleQueue
 from typing import Any, Optional, Union
 
@@ -41,6 +48,7 @@ from terarec.serve.scorer import Request as ScoreInput
 BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 
 Value = Union[int, str]
+log = logging.getLogger(__name__)
 
 
 class ScoreRequest(BaseModel):
@@ -157,6 +165,48 @@ class Service:
         self.metrics = _Metrics()
         self.swap_lock = threading.Lock()  # the scorer changes between batches only
         self.batcher = _Batcher(self, max_batch)
+        self.delta_errors = 0
+        self.last_error = ""
+
+    def apply_delta(self, path: Path) -> None:
+        """Reads ``path`` beside the serving, then commits it between two passes."""
+        pending = self.scorer.prepare_delta(path)
+        with self.swap_lock:
+            self.scorer.commit_delta(pending)
+        log.info("serving step %d (delta %s, %d overlay rows)", self.scorer.step, path,
+                 self.scorer.overlay.rows)
+
+    def follow(self, run_dir: Path, every_s: float = 5.0) -> threading.Thread:
+        """Starts the thread applying ``run_dir``'s new deltas in order."""
+        def run() -> None:
+            while True:
+                self.follow_once(run_dir)
+                time.sleep(every_s)
+        t = threading.Thread(target=run, name="terarec-follow", daemon=True)
+        t.start()
+        return t
+
+    def follow_once(self, run_dir: Path) -> int:
+        """Applies the deltas of ``run_dir`` newer than the model served whose chain
+        starts at it; returns how many. A failure is counted and logged (the model
+        served stays as it was)."""
+        applied = 0
+        found = []
+        for p in (Path(run_dir) / "deltas").glob("step*"):
+            if p.name[4:].isdigit() and (p / "manifest.json").is_file():
+                found.append((int(p.name[4:]), p))
+        for step, path in sorted(found):
+            if step <= self.scorer.step:
+                continue
+            try:
+                self.apply_delta(path)
+                applied += 1
+            except Exception as e:  # noqa: BLE001 - counted, logged, served model kept
+                self.delta_errors += 1
+                self.last_error = f"{path}: {e}"
+                log.warning("not applied: %s", self.last_error)
+                break
+        return applied
 
     def score_batch(self, batch: Sequence[tuple[ScoreInput, Future[Ranking]]]) -> None:
         with self.swap_lock:
@@ -247,11 +297,15 @@ def build_app(service: Service) -> FastAPI:
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "step": service.scorer.step}
+        return {"status": "ok", "step": service.scorer.step,
+                "deltas": service.scorer.deltas, "delta_errors": service.delta_errors}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> str:
-        return service.metrics.text(service.scorer, {})
+        sc = service.scorer
+        return service.metrics.text(sc, {
+            "deltas_applied": sc.deltas, "delta_errors": service.delta_errors,
+            "overlay_rows": sc.overlay.rows, "overlay_max_rows": sc.overlay.max_rows})
 
     return app
 
