@@ -130,3 +130,23 @@ def test_bundle_files_are_checked(split_run, tmp_path: Path) -> None:
     prog.write_bytes(bytes(data))
     with pytest.raises(BundleError, match="candidate.pt2: sha256"):
         Scorer.from_bundle(tmp_path / "b")
+
+
+def test_cli_exports_and_scores(split_run, tmp_path: Path, capsys) -> None:
+    import json
+
+    from terarec.cli import main
+
+    _, run = split_run
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "b"),
+                 "--row-dtype", "int8"]) == 0
+    assert "split model" in capsys.readouterr().out
+    req = {"user": {"C1": 3, "C3": [4, 5]}, "dense": [0.1, 0.2, 0.3, 0.4],
+           "candidates": {"C2": [1, 2, 3], "C4": [7, 8, 9]}, "ids": ["a", "b", "c"]}
+    (tmp_path / "r.json").write_text(json.dumps(req))
+    assert main(["score", "--bundle", str(tmp_path / "b"), "--request",
+                 str(tmp_path / "r.json"), "--top", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "scored 3 candidates with the model of step 40" in out
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "b")]) == 1
+    assert "exists" in capsys.readouterr().err
