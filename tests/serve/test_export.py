@@ -29,6 +29,7 @@ def _auc(scorer: Scorer, ref: list[tuple[Any, torch.Tensor]]) -> float:
     return float(binary_auroc(probs, labels))
 
 
+@pytest.mark.numerics
 def test_fp32_bundle_scores_equal_the_trained_model(split_run, tmp_path: Path) -> None:
     cfg, run = split_run
     ref = reference(cfg, run / "checkpoint", tmp_path)
@@ -44,6 +45,7 @@ def test_fp32_bundle_scores_equal_the_trained_model(split_run, tmp_path: Path) -
         scorer.close()
 
 
+@pytest.mark.numerics
 def test_quantised_bundles_keep_auc(split_run, tmp_path: Path) -> None:
     cfg, run = split_run
     ref = reference(cfg, run / "checkpoint", tmp_path)
@@ -80,6 +82,7 @@ def test_tiny_cache_budget_scores_like_no_cache(split_run, tmp_path: Path) -> No
         tiny.close()
 
 
+@pytest.mark.numerics
 def test_dcn_exports_one_program(tmp_path: Path) -> None:
     cfg, run = trained(tmp_path, model={"kind": "dcn", "top_mlp": [16], "dcn_layers": 2,
                                         "dcn_low_rank": 4, "user_features": ["C1"],
@@ -95,6 +98,7 @@ def test_dcn_exports_one_program(tmp_path: Path) -> None:
         s.close()
 
 
+@pytest.mark.numerics
 def test_delta_and_ssd_tier_checkpoints_export(tmp_path: Path) -> None:
     # rows in an SSD tier snapshot (host budget far below the table), a delta on top
     cfg, run = trained(tmp_path, model={"user_features": ["C2"]},

@@ -23,6 +23,7 @@ def delta_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
         "steps": 40, "checkpoint_every": 20, "delta_every": 10, "keep_checkpoints": 2})
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("dtype", ["fp32", "int8"])
 def test_applied_delta_scores_as_the_delta_checkpoint(delta_run, tmp_path: Path,
                                                       dtype: str) -> None:
