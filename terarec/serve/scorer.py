@@ -3,12 +3,13 @@
 A request is one user (user/context features, maybe dense features) and ``N``
 candidates. The scorer hashes raw values to keys exactly as training did
 (``data/keys.py``: integer ids and strings, salted by feature), looks each table's
-distinct keys up once through its row cache (``serve/rowstore.py``; absent keys read as
-zero rows), pools them per feature (the table's sum/mean), runs the user program once
-and the candidate program once over all ``N`` candidates (``models/split.py`` says
-what each computes), and ranks by score. Several requests can be scored in one call
-(:meth:`Scorer.score_many`): their users and candidates are stacked and every
-candidate carries the index of its user.
+keys of both sides up in one call through its row cache (``serve/rowstore.py``; absent
+keys read as zero rows), pools them per feature (the table's sum/mean), runs the user
+program once and the candidate program once over all ``N`` candidates
+(``models/split.py`` says what each computes), and ranks by score. Several requests can
+be scored in one call (:meth:`Scorer.score_many`): their rows are looked up together,
+the user program runs once over their users and the candidate program once per
+request. Live deltas: :meth:`Scorer.apply_delta` (``serve/overlay.py``).
 
 Feature values, per feature: one value (``int`` id or ``str``) or a list of values
 (multi-valued; ``[]`` = missing). For candidates, a list of ``N`` such entries. A
@@ -362,7 +363,8 @@ class Scorer:
     def _pool(self, sides: list[tuple[dict[str, Column], list[str], int]]
               ) -> list[list[torch.Tensor]]:
         """Pooled ``[n, dim]`` per feature of each side ``(cols, feats, n)``: the keys of
-        one table over every side are made unique and looked up once."""
+        one table over every side are looked up in one call (duplicates as they are;
+        only the cache's misses are made unique)."""
         out: dict[tuple[int, str], torch.Tensor] = {}
         by_table: dict[str, list[tuple[int, str]]] = {}
         for i, (_, feats, _) in enumerate(sides):
