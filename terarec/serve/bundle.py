@@ -23,7 +23,6 @@ is pickled and its sample inputs load with ``torch.load(weights_only=True)``
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import zipfile
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from terarec.trainer.checkpoint.files import sha256
 
 FORMAT = 1
 KIND = "terarec-bundle"
@@ -41,14 +42,6 @@ _UNLISTED = ("LOG", "LOCK")  # RocksDB's info log and lock: change when a store 
 
 class BundleError(RuntimeError):
     """A bundle that cannot be loaded (names the file and what is wrong)."""
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def listed_files(root: Path) -> list[str]:

@@ -45,8 +45,7 @@ def load_model(checkpoint: Path) -> tuple[Config, nn.Module, dict[str, Any]]:
     manifest = read_manifest(checkpoint, verify=False)
     cfg = config_from_dict(manifest["config"], f"{checkpoint}/manifest.json")
     verify_files(checkpoint, manifest, ["dense.pt"])
-    order, _ = feature_order(cfg.tables, sparse_feature_names(cfg.data))
-    dims = _feature_dims(cfg, order)
+    order, dims, _ = _features(cfg)
     model = build_model(cfg.model, _NoEmbedding(), order, [dims[f] for f in order],
                         len(dense_feature_names(cfg.data)))
     state = torch.load(checkpoint / "dense.pt", map_location="cpu", weights_only=True)
@@ -54,9 +53,10 @@ def load_model(checkpoint: Path) -> tuple[Config, nn.Module, dict[str, Any]]:
     return cfg, model.eval(), manifest
 
 
-def _feature_dims(cfg: Config, order: list[str]) -> dict[str, int]:
-    _, table_of = feature_order(cfg.tables, sparse_feature_names(cfg.data))
-    return {f: cfg.tables[table_of[f]].dim for f in order}
+def _features(cfg: Config) -> tuple[list[str], dict[str, int], dict[str, int]]:
+    """The model's feature order, each feature's dim and its table's index."""
+    order, table_of = feature_order(cfg.tables, sparse_feature_names(cfg.data))
+    return order, {f: cfg.tables[table_of[f]].dim for f in order}, table_of
 
 
 def _programs(split: ModelSplit, num_dense: int, dims: dict[str, int], out: Path
@@ -102,8 +102,7 @@ def export_bundle(checkpoint: Path, out: Path, row_dtype: str = "fp32",
         raise FileExistsError(f"{out}: exists (pass --overwrite to replace it)")
     t0 = time.perf_counter()
     cfg, model, ck = load_model(checkpoint)
-    order = list(model.feature_names)  # type: ignore[arg-type]
-    dims = _feature_dims(cfg, order)
+    order, dims, table_of = _features(cfg)
     dense_names = dense_feature_names(cfg.data)
     split = split_model(model, cfg.model.user_features, cfg.model.user_dense)
     tmp = out.with_name(out.name + ".tmp")
@@ -115,7 +114,6 @@ def export_bundle(checkpoint: Path, out: Path, row_dtype: str = "fp32",
     for table, keys, weights in stream_rows(checkpoint):
         writer.add(ids[table], keys, weights)
     counts = writer.finish()
-    _, table_of = feature_order(cfg.tables, sparse_feature_names(cfg.data))
     manifest = {
         "format": b.FORMAT, "kind": b.KIND, "terarec": terarec.__version__,
         "step": int(ck["step"]), "samples": int(ck.get("samples", 0)),

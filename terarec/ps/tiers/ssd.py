@@ -66,8 +66,9 @@ class SSDTier:
         self.store = store
         self.row_width = row_width
         self.table_id = table_id
-        # floats per stored value: the row, then (last_step, freq) as 2 int64 = 4 float32
-        self._width = row_width + (2 * META_WIDTH if self.has_meta else 0)
+        # float32 words per stored value: the row, then (last_step, freq) as 2 int64 = 4
+        # float32 (read by code that scans a store directly)
+        self.stored_width = row_width + (2 * META_WIDTH if self.has_meta else 0)
         self._owns_store = False
         self._hits = self._misses = self._inserts = self._writes = self._deletes = 0
         self._expired = 0
@@ -107,7 +108,7 @@ class SSDTier:
         self, keys: torch.Tensor, out: torch.Tensor, meta: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         check_batch(self.name, self.row_width, keys, out, meta, what="out")
-        hit_pos, vals, miss_pos = self.store.read(self.table_id, as_keys(keys), self._width)
+        hit_pos, vals, miss_pos = self.store.read(self.table_id, as_keys(keys), self.stored_width)
         if hit_pos.size:
             idx = torch.from_numpy(hit_pos).to(out.device)
             out[idx] = torch.from_numpy(vals[:, : self.row_width]).to(out.device, out.dtype)
@@ -141,7 +142,7 @@ class SSDTier:
         one chunked scan of the table; returns their keys. Rows of a table written
         without metadata count as last used at step 0."""
         gone = [torch.empty(0, dtype=torch.int64)]
-        for k, vals in self.store.scan(self.table_id, self._width):
+        for k, vals in self.store.scan(self.table_id, self.stored_width):
             stale = np.flatnonzero(self._meta_of(vals)[:, LAST] < before_step)
             if stale.size == 0:
                 continue
@@ -154,8 +155,8 @@ class SSDTier:
         return torch.cat(gone)
 
     def export(self, with_meta: bool = False) -> tuple[torch.Tensor, ...]:
-        ks, vs = [np.empty(0, np.int64)], [np.empty((0, self._width), np.float32)]
-        for k, v in self.store.scan(self.table_id, self._width):
+        ks, vs = [np.empty(0, np.int64)], [np.empty((0, self.stored_width), np.float32)]
+        for k, v in self.store.scan(self.table_id, self.stored_width):
             ks.append(k)
             vs.append(v)
         vals = np.concatenate(vs)
@@ -176,7 +177,7 @@ class SSDTier:
         n = len(self)
         return {
             "rows": float(n),
-            "bytes": float(n * self._width * 4),
+            "bytes": float(n * self.stored_width * 4),
             "hits": float(self._hits),
             "misses": float(self._misses),
             "inserts": float(self._inserts),
@@ -208,5 +209,5 @@ class SSDTier:
 
     def export_chunks(self, chunk_rows: int = 65536) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Streams ``(keys [C], rows [C, row_width])`` in key order (tables beyond RAM)."""
-        for k, r in self.store.scan(self.table_id, self._width, chunk_rows):
+        for k, r in self.store.scan(self.table_id, self.stored_width, chunk_rows):
             yield torch.from_numpy(k), torch.from_numpy(r[:, : self.row_width])

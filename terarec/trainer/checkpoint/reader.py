@@ -23,11 +23,10 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from terarec.ps.tiers.protocol import LAST, META_WIDTH
-from terarec.ps.tiers.ssd import SSDStore, SSDTier
+from terarec.ps.tiers.protocol import LAST
+from terarec.ps.tiers.ssd import SSDTier
 from terarec.trainer.checkpoint import delta, rows, ssd_snapshot
 from terarec.trainer.checkpoint.files import (
-    CheckpointError,
     rank_files,
     read_manifest,
     row_chunks,
@@ -123,16 +122,12 @@ def _snapshot_rows(record: dict[str, Any], cached: dict[str, dict[str, torch.Ten
                    ) -> Iterator[Chunk]:
     """One rank's SSD snapshot, streamed read-only in key order, then its caches'
     copies (which replace the snapshot's rows of the same keys)."""
-    try:
-        saved = SSDStore(ssd_snapshot.verify(record), read_only=True)
-    except ssd_snapshot.SnapshotError as e:
-        raise CheckpointError(str(e)) from e
+    saved = ssd_snapshot.open_read_only(record)
     try:
         for name, t in record["tables"].items():
             tier = SSDTier(saved, t["row_width"], table_id=t["table_id"])
-            width = t["row_width"] + (2 * META_WIDTH if tier.has_meta else 0)
             over = cached.get(name)
-            for keys_np, vals_np in saved.scan(tier.table_id, width, chunk_rows):
+            for keys_np, vals_np in saved.scan(tier.table_id, tier.stored_width, chunk_rows):
                 keys = torch.from_numpy(keys_np.copy())
                 vals = torch.from_numpy(np.ascontiguousarray(vals_np))
                 alive = torch.ones(keys.numel(), dtype=torch.bool)

@@ -31,8 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from terarec.ps.tiers.protocol import META_WIDTH
-from terarec.ps.tiers.ssd import SSDStore, SSDTier
+from terarec.ps.tiers.ssd import SSDTier
 from terarec.trainer.checkpoint import delta, rows, ssd_snapshot
 from terarec.trainer.checkpoint.delta import Link
 from terarec.trainer.checkpoint.files import CheckpointError, rank_files, verify_files
@@ -114,15 +113,12 @@ def _copy_owned(record: dict[str, Any], emb: HierarchicalEmbeddingBagCollection,
     if store is None:
         raise CheckpointError(f"the checkpoint keeps tables {sorted(record['tables'])} in "
                               "an SSD tier snapshot, but this run has no SSD tier")
-    try:
-        saved = SSDStore(ssd_snapshot.verify(record), read_only=True)
-    except ssd_snapshot.SnapshotError as e:
-        raise CheckpointError(str(e)) from e
+    saved = ssd_snapshot.open_read_only(record)
     try:
         for name, t in record["tables"].items():
             src = SSDTier(saved, t["row_width"], table_id=t["table_id"])
             dst = SSDTier(store, t["row_width"], table_id=ids[name])
-            width, pad = _stored(src), _stored(dst) - _stored(src)
+            width, pad = src.stored_width, dst.stored_width - src.stored_width
             for keys, vals in saved.scan(src.table_id, width, CHUNK_ROWS):
                 mine = emb.owned(name, torch.from_numpy(keys)).numpy()
                 if mine.any():
@@ -132,11 +128,6 @@ def _copy_owned(record: dict[str, Any], emb: HierarchicalEmbeddingBagCollection,
                     store.write(dst.table_id, keys[mine], vals)
     finally:
         saved.close()
-
-
-def _stored(tier: SSDTier) -> int:
-    """float32 words per stored value: the row, then its metadata (when kept)."""
-    return tier.row_width + (2 * META_WIDTH if tier.has_meta else 0)
 
 
 def _summed(states: list[dict[str, Any]]) -> dict[str, Any]:

@@ -24,7 +24,6 @@ newer checkpoint is in place.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -37,7 +36,7 @@ import torch
 from terarec.ps.embedding import HierarchicalEmbeddingBagCollection
 from terarec.ps.tiers.protocol import LAST
 from terarec.ps.tiers.ssd import SSDStore, SSDTier
-from terarec.trainer.checkpoint.files import all_finite, verify_files
+from terarec.trainer.checkpoint.files import CheckpointError, all_finite, sha256, verify_files
 
 FILE = "ssd.json"
 CACHED = "ssd_cached.safetensors"  # the caches' copies at the save (beside ssd.json)
@@ -54,14 +53,6 @@ class NonFiniteRows(ValueError):
 def snapshots_dir(store: SSDStore) -> Path:
     """Where a rank's snapshots live: ``<db>.checkpoints`` beside its DB."""
     return store.path.with_name(store.path.name + ".checkpoints")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 Cached = dict[str, dict[str, torch.Tensor]]  # per table: keys [C], rows [C, W], meta [C, 2]
@@ -95,7 +86,7 @@ def take(embedding: HierarchicalEmbeddingBagCollection, step: int
     for f in sorted(dest.iterdir()):
         rec: dict[str, Any] = {"bytes": f.stat().st_size}
         if f.suffix != ".sst":
-            rec["sha256"] = _sha256(f)
+            rec["sha256"] = sha256(f)
         files[f.name] = rec
     index = {t.name: i for i, t in enumerate(embedding.tables)}
     record = {
@@ -173,9 +164,18 @@ def verify(record: dict[str, Any]) -> Path:
         if f.stat().st_size != rec["bytes"]:
             raise SnapshotError(f"{f}: {f.stat().st_size} bytes, the checkpoint says "
                                 f"{rec['bytes']}")
-        if "sha256" in rec and _sha256(f) != rec["sha256"]:
+        if "sha256" in rec and sha256(f) != rec["sha256"]:
             raise SnapshotError(f"{f}: content does not match its sha256")
     return root
+
+
+def open_read_only(record: dict[str, Any]) -> SSDStore:
+    """The snapshot opened read-only after :func:`verify`; a missing or damaged file
+    raises :class:`~terarec.trainer.checkpoint.files.CheckpointError` naming it."""
+    try:
+        return SSDStore(verify(record), read_only=True)
+    except SnapshotError as e:
+        raise CheckpointError(str(e)) from e
 
 
 def restore(embedding: HierarchicalEmbeddingBagCollection, record: dict[str, Any]) -> None:
