@@ -225,6 +225,64 @@ def e2e(cfg: Config) -> dict[str, float]:
     return {"steady": steady, "whole_run": summary["samples_per_s"]}
 
 
+def stream_batches(cfg: Config, n: int, device: torch.device) -> list[Any]:
+    """The first ``n`` train batches ``terarec train`` reads with ``cfg``, on the device."""
+    src = build_source(cfg.data, "train", seed=cfg.seed, device=device)
+    out = [b.to(device) for b in itertools.islice(iter(src), n)]
+    src.close()
+    sync(device)
+    return out
+
+
+def step_on_batches(cfg: Config, batches: list[Any], device: torch.device) -> dict[str, float]:
+    """The training step alone over ``batches`` in order, from a fresh model built as
+    ``terarec train`` builds it: the same rows are created and updated as in the run.
+    Rates per ``log_every`` steps (a sync at each boundary), as the run logs them."""
+    parts = build_components(cfg)
+    pipe = TrainPipeline(parts.train_model, parts.dense_optimizer, parts.embedding, device,
+                         nn.BCEWithLogitsLoss(), overlap=False, check_loss=None,
+                         sync=parts.sync)
+    it = iter(batches)
+    every, rates = cfg.train.log_every, []
+    t_start = time.perf_counter()
+    for _ in range(len(batches) // every):
+        t0 = time.perf_counter()
+        for _ in range(every):
+            pipe.progress(it)
+        sync(device)
+        rates.append(every * cfg.data.batch_size / (time.perf_counter() - t0))
+    whole = len(rates) * every * cfg.data.batch_size / (time.perf_counter() - t_start)
+    pipe.close()
+    del parts, pipe
+    torch.cuda.empty_cache()  # no-op without CUDA
+    return {"steady": statistics.median(rates[1:]) if len(rates) > 1 else rates[0],
+            "whole_run": whole}
+
+
+def source_config(args: argparse.Namespace, root: Path, base: Config, source: str) -> Config:
+    """The ``terarec train`` config of one ``--sources`` entry."""
+    if source == "synthetic-torch":
+        cfg = config(args, root / "runs", synthetic={
+            "vocab_size": args.vocab, "zipf_alpha": 1.1, "eval_samples": args.batch,
+            "generator": "torch"})
+    elif source == "synthetic-numpy":
+        cfg = config(args, root / "runs")
+        cfg.train.steps = args.numpy_steps
+        cfg.train.log_every = max(args.numpy_steps // 4, 1)
+    elif source in ("columnar", "columnar-overlap"):
+        data = root / "columnar"
+        if not data.exists():
+            columnar_data(base, data, args.columnar_rows)
+        cfg = config(args, root / "runs", kind="columnar", path=[str(data)],
+                     eval_path=[str(data)])
+        # overlap: the next batch's host->device copy on the pipeline's side stream
+        cfg.train.prefetch = source == "columnar-overlap"
+    else:
+        raise SystemExit(f"--sources: unknown {source!r}")
+    cfg.name = source
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda")
@@ -239,6 +297,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--sources",
                     default="synthetic-torch,columnar,columnar-overlap,synthetic-numpy")
     ap.add_argument("--numpy-steps", type=int, default=60, help="steps of synthetic-numpy")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="times each source's end-to-end run and its step alone alternate")
     ap.add_argument("--breakdown", action="store_true",
                     help="also time the step + each addition of the training loop alone")
     ap.add_argument("--json", action="store_true")
@@ -255,34 +315,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parts_ms = breakdown_ms(base, batches, args, device) if args.breakdown else None
     del batches
     torch.cuda.empty_cache()  # no-op without CUDA
+    ratios: dict[str, Any] = {}
     for source in args.sources.split(","):
-        if source == "synthetic-torch":
-            cfg = config(args, root / "runs", synthetic={
-                "vocab_size": args.vocab, "zipf_alpha": 1.1, "eval_samples": args.batch,
-                "generator": "torch"})
-        elif source == "synthetic-numpy":
-            cfg = config(args, root / "runs")
-            cfg.train.steps = args.numpy_steps
-            cfg.train.log_every = max(args.numpy_steps // 4, 1)
-        elif source in ("columnar", "columnar-overlap"):
-            data = root / "columnar"
-            if not data.exists():
-                columnar_data(base, data, args.columnar_rows)
-            cfg = config(args, root / "runs", kind="columnar", path=[str(data)],
-                         eval_path=[str(data)])
-            # overlap: the next batch's host->device copy on the pipeline's side stream
-            cfg.train.prefetch = source == "columnar-overlap"
-        else:
-            raise SystemExit(f"--sources: unknown {source!r}")
-        cfg.name = source
-        sps[f"e2e {source}"] = e2e(cfg)
-        torch.cuda.empty_cache()  # no-op without CUDA
-    ratios = {}
-    for k, v in sps.items():
-        if k.startswith("e2e"):
-            ratios[k] = {"vs_step": round(v["steady"] / sps["step"], 3),
-                         "vs_plain": round(v["steady"] / sps["plain"], 3),
-                         "whole_run_vs_step": round(v["whole_run"] / sps["step"], 3)}
+        cfg = source_config(args, root, base, source)
+        runs: dict[str, list[dict[str, float]]] = {"e2e": [], "alone": []}
+        for _ in range(args.rounds):
+            runs["e2e"].append(e2e(cfg))
+            torch.cuda.empty_cache()  # no-op without CUDA
+            if source != "synthetic-numpy":  # (its own step is the step of the others)
+                same = stream_batches(cfg, cfg.train.steps or 0, device)
+                runs["alone"].append(step_on_batches(cfg, same, device))
+                del same
+                torch.cuda.empty_cache()  # no-op without CUDA
+        med = {k: {f: statistics.median(r[f] for r in v) for f in ("steady", "whole_run")}
+               for k, v in runs.items() if v}
+        sps[f"e2e {source}"] = med["e2e"]
+        r: dict[str, Any] = {"vs_step": round(med["e2e"]["steady"] / sps["step"], 3),
+                             "vs_plain": round(med["e2e"]["steady"] / sps["plain"], 3),
+                             "whole_run_vs_step": round(med["e2e"]["whole_run"] / sps["step"], 3)}
+        if "alone" in med:
+            sps[f"step alone, {source} batches"] = med["alone"]
+            r["vs_step_same_batches"] = round(med["e2e"]["steady"] / med["alone"]["steady"], 3)
+            r["rounds"] = [round(e["steady"] / a["steady"], 3)
+                           for e, a in zip(runs["e2e"], runs["alone"])]
+        ratios[f"e2e {source}"] = r
     ratios["step vs plain"] = round(sps["step"] / sps["plain"], 3)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result = {"device": name, "batch": args.batch,

@@ -85,6 +85,14 @@ class ModelKind(StrEnum):
     DCN = "dcn"
 
 
+class LossCheck(StrEnum):
+    """When ``terarec train`` checks that a step's loss is finite."""
+
+    AUTO = "auto"  # deferred on CUDA, before_update elsewhere
+    BEFORE_UPDATE = "before_update"  # before the step's updates: one host sync a step
+    DEFERRED = "deferred"  # one step later, without a host sync
+
+
 class SSDCompression(StrEnum):
     """Block compression of SST files (float32 rows barely compress: ``none`` by default)."""
 
@@ -336,6 +344,10 @@ class TrainConfig:
     # to the device and bring its rows into tiered tables' device tier (trainer/pipeline.py).
     # null: on when a table has tiers (device_rows), off otherwise.
     prefetch: Optional[bool] = None
+    # NaN/Inf loss check: before_update stops before the step's updates (a host sync
+    # every step); deferred checks a step late with no sync (the GPU never waits for
+    # the host); auto: deferred on CUDA, before_update on CPU (docs/training.md)
+    loss_check: LossCheck = LossCheck.AUTO
 
     def __post_init__(self) -> None:
         _check(self.steps is None or self.steps >= 1, "steps: must be >= 1")

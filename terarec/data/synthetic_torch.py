@@ -23,6 +23,7 @@ inputs give the same batch on the same device type (CPU and CUDA streams differ)
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import NamedTuple, Optional
 
@@ -34,6 +35,8 @@ from terarec.config import DenseTransform, SyntheticConfig
 from terarec.data.batch import Batch
 from terarec.data.synthetic import SALT_A, SALT_U, SyntheticGenerator
 from terarec.hashing import MIX_M1, MIX_M2, as_int64, mix64_np
+
+log = logging.getLogger("terarec.data")
 
 _MASK64 = (1 << 64) - 1
 _MAX_VOCAB = 1 << 62  # unsigned mod below needs (V - 1) + (2**64 % V) < 2**63
@@ -134,6 +137,7 @@ class TorchSyntheticGenerator:
         seed: run seed (kept for the caller; the teacher does not depend on it).
         transform: dense transform applied after the teacher saw the raw values.
         device: where every tensor lives and every op runs.
+        graphs: on CUDA, replay each batch size's sample ops as one CUDA graph.
     """
 
     def __init__(
@@ -142,6 +146,7 @@ class TorchSyntheticGenerator:
         seed: int,
         transform: DenseTransform = DenseTransform.NONE,
         device: torch.device | str = "cpu",
+        graphs: bool = True,
     ) -> None:
         if not 1 <= cfg.vocab_size <= _MAX_VOCAB:
             raise ValueError(f"vocab_size: must be in [1, 2**62], got {cfg.vocab_size}")
@@ -161,6 +166,8 @@ class TorchSyntheticGenerator:
         self._salt_a = _i64(int(SALT_A))
         n_groups = (cfg.teacher_dim + 3) // 4
         self._salt_u = [_i64(int(x)) for x in SALT_U[:n_groups]]  # int64 per group
+        self.graphs = graphs
+        self._graphs: dict[int, _SampleGraph] = {}  # per batch size
 
     def ranks_to_keys(self, ranks: torch.Tensor) -> torch.Tensor:
         """Keys of ranks, exactly as the numpy generator maps them.
@@ -216,21 +223,64 @@ class TorchSyntheticGenerator:
             logit += 0.5 * (tot.square_().sum(0) - uf.square_().sum(dim=(0, 1)))
         return logit
 
-    def sample(self, gen: torch.Generator, n: int) -> SyntheticTensors:
-        """``n`` samples drawn with ``gen`` (a generator on ``self.device``).
-
-        Draw order: key uniforms float64 ``[F, n * k]``, dense ``[n, D]``, label uniforms.
-        """
+    def draw(self, gen: torch.Generator, n: int,
+             out: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The random draws of ``n`` samples, in draw order: key uniforms float64
+        ``[F, n * k]``, raw dense N(0, 1) float32 ``[n, D]``, label uniforms float32 ``[n]``
+        (into ``out`` when given)."""
         cfg, dev = self.cfg, self.device
-        nf, k = cfg.num_sparse, cfg.values_per_feature
-        u = torch.rand((nf, n * k), generator=gen, dtype=torch.float64, device=dev)
+        shapes = ((cfg.num_sparse, n * cfg.values_per_feature), (n, cfg.num_dense), (n,))
+        if out is None:
+            out = (torch.empty(shapes[0], dtype=torch.float64, device=dev),
+                   torch.empty(shapes[1], dtype=torch.float32, device=dev),
+                   torch.empty(shapes[2], dtype=torch.float32, device=dev))
+        u, dense, lab = out
+        torch.rand(shapes[0], generator=gen, dtype=torch.float64, device=dev, out=u)
+        torch.randn(shapes[1], generator=gen, dtype=torch.float32, device=dev, out=dense)
+        torch.rand(shapes[2], generator=gen, dtype=torch.float32, device=dev, out=lab)
+        return u, dense, lab
+
+    def from_draws(self, u: torch.Tensor, dense: torch.Tensor, lab: torch.Tensor
+                   ) -> SyntheticTensors:
+        """The samples of the draws of :meth:`draw` (pure tensor ops, no host sync: what
+        a CUDA graph replays)."""
+        cfg = self.cfg
         keys = self.ranks_to_keys(zipf_ranks_torch(u, cfg.zipf_alpha, cfg.vocab_size))
-        dense = torch.randn((n, cfg.num_dense), generator=gen, dtype=torch.float32, device=dev)
         prob = torch.sigmoid(self.teacher_logit(keys, dense))
-        labels = (torch.rand(n, generator=gen, dtype=torch.float32, device=dev) < prob).float()
+        labels = (lab < prob).float()
         if self.transform == DenseTransform.LOG1P:
             dense = torch.log1p(dense.clamp_min(0.0))
         return SyntheticTensors(dense=dense, keys=keys, labels=labels, teacher=prob)
+
+    def sample(self, gen: torch.Generator, n: int) -> SyntheticTensors:
+        """``n`` samples drawn with ``gen`` (a generator on ``self.device``).
+
+        On CUDA (unless ``graphs`` was turned off) the ~120 small kernels of
+        :meth:`from_draws` run as one CUDA graph per batch size, captured at the first
+        batch of that size: the same kernels on the same inputs, so the same samples,
+        at a fraction of the host time (the host feeds the training step meanwhile).
+        """
+        graph = self._graph(n)
+        if graph is None:
+            return self.from_draws(*self.draw(gen, n))
+        self.draw(gen, n, out=graph.inputs)
+        graph.graph.replay()
+        # the graph's outputs are overwritten by the next replay: the batch gets copies
+        return SyntheticTensors(*(t.clone() for t in graph.outputs))
+
+    def _graph(self, n: int) -> Optional[_SampleGraph]:
+        if not self.graphs or self.device.type != "cuda":
+            return None
+        if n not in self._graphs:
+            try:
+                self._graphs[n] = _SampleGraph.capture(self, n)
+            except Exception as e:  # noqa: BLE001 - the eager ops give the same samples
+                log.warning("synthetic generator: CUDA graph capture failed (%s); drawing "
+                            "batches with eager ops", e)
+                self.graphs = False
+                return None
+        return self._graphs[n]
 
     def batch(
         self, gen: torch.Generator, n: int, keys: list[str], position: Optional[dict] = None
@@ -266,3 +316,27 @@ class TorchSyntheticGenerator:
         return Batch(
             dense=t.dense, sparse=kjt, labels=t.labels, position=position, teacher_prob=t.teacher
         )
+
+
+class _SampleGraph(NamedTuple):
+    """:meth:`TorchSyntheticGenerator.from_draws` for one batch size as a CUDA graph:
+    ``draw`` writes into ``inputs``, ``replay`` refreshes ``outputs``."""
+
+    graph: torch.cuda.CUDAGraph
+    inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    outputs: SyntheticTensors
+
+    @staticmethod
+    def capture(gen: TorchSyntheticGenerator, n: int) -> _SampleGraph:
+        g = torch.Generator(device=gen.device).manual_seed(0)
+        inputs = gen.draw(g, n)
+        side = torch.cuda.Stream(gen.device)
+        side.wait_stream(torch.cuda.current_stream(gen.device))
+        with torch.cuda.stream(side):  # warm-up (library handles) off the capture
+            gen.from_draws(*inputs)
+        torch.cuda.current_stream(gen.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: other threads (the training step) may use CUDA meanwhile
+        with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+            outputs = gen.from_draws(*inputs)
+        return _SampleGraph(graph, inputs, outputs)

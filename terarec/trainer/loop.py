@@ -39,7 +39,7 @@ from terarec.runtime import DistHandles
 from terarec.trainer.checkpoint import history, load_checkpoint, read_manifest
 from terarec.trainer.checkpoint.writer import BackgroundWriter
 from terarec.trainer.components import Components, build_components, uses_prefetch
-from terarec.trainer.divergence import TrainingDiverged, check_finite, save_or_diverge
+from terarec.trainer.divergence import LossGuard, TrainingDiverged, save_or_diverge
 from terarec.trainer.evaluate import evaluate, fmt_eval, run_eval
 from terarec.trainer.metrics import CTRMetrics
 from terarec.trainer.pipeline import PipelineMeter, PipelineStats, TrainPipeline
@@ -208,6 +208,7 @@ class _Run:
         # for, one more step before the check at the end of the step stops it.
         steps = cfg.train.steps
         self.stop = "steps" if steps is not None and self.step >= steps else None
+        self.guard = LossGuard(cfg, parts.device, lambda: self.last_ckpt)
 
     def run(self) -> dict[str, Any]:
         cfg, parts = self.cfg, self.parts
@@ -221,7 +222,8 @@ class _Run:
             parts.device,
             nn.BCEWithLogitsLoss(),
             overlap=self.prefetch,
-            check_loss=lambda loss: check_finite(loss, self.step + 1, cfg, self.last_ckpt),
+            check_loss=None if self.guard.deferred else (
+                lambda loss: self.guard.before_update(loss, self.step + 1)),
             sync=parts.sync,
             start_step=self.step,
         )
@@ -235,6 +237,7 @@ class _Run:
                     break
                 self.trained.advance(out.batch)
                 self.step += 1
+                self.guard.after_step(out.loss, self.step)  # deferred: reads the last one
                 self.tally.add(out.loss, out.batch.batch_size)  # on the device: no sync
                 self.window.update(torch.sigmoid(out.logits), out.batch.labels)
                 bar.update(1)
@@ -272,6 +275,7 @@ class _Run:
             bar.close()
             if hasattr(self.source, "close"):
                 self.source.close()
+        self.guard.flush()
         return self._finish(pipeline)
 
     def _batches(self) -> Iterator[Batch]:
@@ -295,6 +299,7 @@ class _Run:
 
     def _log_interval(self, bar: Any, pipeline: TrainPipeline, meter: PipelineMeter) -> None:
         """The metrics line of the interval that ends at this step."""
+        self.guard.flush()
         d = self.parts.dist
         now = time.perf_counter()
         seconds = max(now - self.last_log_t, 1e-9)
@@ -331,6 +336,7 @@ class _Run:
         self.last_log_t += dt
 
     def _periodic_eval(self, bar: Any) -> None:
+        self.guard.flush()
         t0 = time.perf_counter()
         with self.tiers.excluding():
             ev = run_eval(self.cfg, self.parts)
@@ -358,6 +364,7 @@ class _Run:
 
     def _periodic_checkpoint(self, kind: str) -> None:
         """After the eval of this step: a resumed run starts past it."""
+        self.guard.flush()
         t0 = time.perf_counter()
         self.tally.flush(self.parts.dist, [])  # the checkpoint's sample count is the job's
         self._collect_write()  # the previous one first (one write at a time)

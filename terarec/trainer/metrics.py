@@ -53,6 +53,10 @@ ArrayLike = Union[torch.Tensor, np.ndarray, Sequence[float]]
 _TASK = "ctr"
 # "Lifetime" for the AUC state, which torchrec only keeps as a window.
 _UNBOUNDED = 2**62
+# Batches an accumulating (window_size=None) CTRMetrics stages before handing them to
+# torchrec as one update: torchrec's per-update Python costs more host time than a GPU
+# training step leaves free.
+_STAGE_BATCHES = 64
 METRIC_KEYS = ("auc", "ne", "logloss", "calibration", "ctr", "samples")
 
 
@@ -187,6 +191,9 @@ class CTRMetrics:
         for m in (self._auc, *self._others):
             m.to(self.device)
         self._seen = 0
+        # window_size=None: batches kept as given until compute() or _STAGE_BATCHES of
+        # them, then fed to torchrec concatenated (sums over all samples: same metrics)
+        self._staged: list[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = []
 
     @property
     def samples_seen(self) -> int:
@@ -224,6 +231,29 @@ class CTRMetrics:
             probs, labels = probs[-local_window:], labels[-local_window:]
             weights = None if weights is None else weights[-local_window:]
         self._seen += int(probs.numel())
+        if self.window_size is None:  # copies: the caller may reuse its buffers
+            self._staged.append((probs.clone(), labels.clone(),
+                                 None if weights is None else weights.clone()))
+            if len(self._staged) >= _STAGE_BATCHES:
+                self._drain()
+            return
+        self._feed(probs, labels, weights)
+
+    def _drain(self) -> None:
+        """Feeds the staged batches to torchrec as one update."""
+        staged, self._staged = self._staged, []
+        if not staged:
+            return
+        probs = torch.cat([p for p, _, _ in staged])
+        labels = torch.cat([y for _, y, _ in staged])
+        weights = None
+        if any(w is not None for _, _, w in staged):
+            weights = torch.cat([torch.ones_like(p) if w is None else w for p, _, w in staged])
+        self._feed(probs, labels, weights)
+
+    def _feed(
+        self, probs: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor]
+    ) -> None:
         kwargs: dict[str, Any] = dict(
             predictions={_TASK: probs},
             labels={_TASK: labels},
@@ -241,6 +271,7 @@ class CTRMetrics:
         (weighted); ``samples`` counts the samples the AUC covers (for a window:
         ``min(window_size, seen)``). With no samples every metric is ``nan``.
         """
+        self._drain()
         seen = self._seen
         if self.distributed:
             t = torch.tensor([seen], dtype=torch.int64, device=self.device)
@@ -275,3 +306,4 @@ class CTRMetrics:
         for m in (self._auc, *self._others):
             m.reset()
         self._seen = 0
+        self._staged.clear()

@@ -17,7 +17,7 @@ import yaml
 from torch import nn
 
 from terarec.config import Config, ConfigError, config_from_dict, config_to_dict
-from terarec.trainer import components, loop
+from terarec.trainer import components, divergence, loop
 from terarec.trainer.checkpoint import history, read_manifest, read_tables
 from terarec.trainer.loop import Components, TrainingDiverged, train
 from terarec.trainer.report import read_jsonl, to_jsonable
@@ -212,6 +212,29 @@ def test_non_finite_loss_stops_with_a_clear_error(
     assert not (run / "summary.json").exists() and not (run / "checkpoint").exists()
 
 
+@pytest.mark.parametrize("at, steps", [(5, 20), (6, 6)])
+def test_deferred_loss_check_stops_a_step_late_and_saves_nothing_after(
+    tiny_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch, at: int, steps: int
+) -> None:
+    """``train.loss_check: deferred`` (the default on CUDA) reads step t's check after
+    step t+1 trained, and before every log line, eval and checkpoint: a NaN at step 5
+    stops the run at step 6 naming step 5; one at the last step stops before the final
+    checkpoint. The checkpoint of step 3 stays the last one, and it is named."""
+    real = components.build_model
+    monkeypatch.setattr(components, "build_model",
+                        lambda *a, **k: PoisonAt(real(*a, **k), at=at, value=math.nan))
+    cfg = tiny_config(train={"steps": steps, "log_every": 100, "checkpoint_every": 3,
+                             "loss_check": "deferred"})
+    with pytest.raises(TrainingDiverged) as err:
+        train(cfg)
+    msg = str(err.value)
+    assert f"loss is nan at step {at}" in msg and "train.loss_check: deferred" in msg
+    run = Path(cfg.train.runs_dir) / cfg.name
+    assert "(step 3)" in msg and str(run / "checkpoint") in msg
+    assert read_manifest(run / "checkpoint")["step"] == 3
+    assert not (run / "summary.json").exists()
+
+
 def test_huge_learning_rate_diverges(tiny_config: Callable[..., Config]) -> None:
     cfg = tiny_config(optimizer={"dense": {"kind": "sgd", "lr": 1e30}})
     with pytest.raises(TrainingDiverged, match=r"loss is (nan|inf) at step \d+; training stopped"):
@@ -366,14 +389,14 @@ class Killed(Exception):
 def kill_in_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
     """The next run raises :class:`Killed` in step ``step`` (at its loss check):
     ``step - 1`` steps done, nothing of step ``step`` applied."""
-    real = loop.check_finite
+    real = divergence.check_finite
 
     def dies(loss: torch.Tensor, at: int, *args: Any) -> None:
         if at == step:
             raise Killed
         real(loss, at, *args)
 
-    monkeypatch.setattr(loop, "check_finite", dies)
+    monkeypatch.setattr(divergence, "check_finite", dies)
 
 
 def nan_row_after(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
@@ -496,12 +519,12 @@ def merge_train(over: dict[str, Any], **train_keys: Any) -> dict[str, Any]:
 def test_divergence_names_the_last_periodic_checkpoint(
     tiny_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = loop.check_finite
+    real = divergence.check_finite
 
     def nan_at_23(loss: torch.Tensor, step: int, *args: Any) -> None:
         real(torch.tensor(math.nan) if step == 23 else loss, step, *args)
 
-    monkeypatch.setattr(loop, "check_finite", nan_at_23)
+    monkeypatch.setattr(divergence, "check_finite", nan_at_23)
     cfg = tiny_config(train={"checkpoint_every": 10})
     with pytest.raises(TrainingDiverged) as err:
         train(cfg)

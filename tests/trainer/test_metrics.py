@@ -127,7 +127,8 @@ def test_eval_pass_matches_reference_with_ties_and_ragged_batches(levels: int) -
     m = CTRMetrics()
     feed(m, p, y, [1, 7, 250, 3, 500, 239])
     got = m.compute()
-    assert_metrics(got, reference(p, y), batch=500)
+    # an eval pass hands torchrec its staged batches as one: the sums run over all 1000
+    assert_metrics(got, reference(p, y), batch=1000)
     assert got["auc"] == rank_auc(p, y)  # unit weights: exact sums, one division
 
 
@@ -136,7 +137,29 @@ def test_weighted_matches_pairwise_reference() -> None:
     w = np.random.default_rng(1).uniform(0.1, 3.0, len(p)).astype(np.float32)
     m = CTRMetrics()
     feed(m, p, y, [100, 200, 300], w=w)
-    assert_metrics(m.compute(), reference(p, y, w.astype(np.float64)), batch=300, weighted=True)
+    assert_metrics(m.compute(), reference(p, y, w.astype(np.float64)), batch=600, weighted=True)
+
+
+def test_staged_batches_match_reference_and_own_their_inputs() -> None:
+    """An eval pass stages batches and hands torchrec 64 at a time: 150 batches (three
+    hand-overs, the last partial) give the reference's metrics, and refilling the
+    caller's buffers after each update changes nothing (they are copied)."""
+    p, y = make_data(150 * 40, seed=5, levels=30)
+    w = np.random.default_rng(2).uniform(0.5, 2.0, len(p)).astype(np.float32)
+    m = CTRMetrics()
+    bp, by, bw = torch.empty(40), torch.empty(40, dtype=torch.float64), torch.empty(40)
+    for i in range(150):
+        sl = slice(40 * i, 40 * (i + 1))
+        bp.copy_(torch.from_numpy(p[sl]))
+        by.copy_(torch.from_numpy(y[sl]))
+        bw.copy_(torch.from_numpy(w[sl]))
+        m.update(bp, by, bw)
+        for buf in (bp, by, bw):
+            buf.fill_(0.5)  # a loader reusing its buffers
+    assert m.samples_seen == len(p)
+    # torchrec gets at most 64 batches at once: its float32 sums run over 64 * 40 terms
+    assert_metrics(m.compute(), reference(p, y, w.astype(np.float64)), batch=64 * 40,
+                   weighted=True)
 
 
 def test_constant_predictor_is_half_not_sort_order_dependent() -> None:

@@ -215,11 +215,11 @@ def test_memtables_start_flushing_one_step_before_a_full_save(
     40) the SSD store is asked to flush in the background, and only then; the run ends
     as one without it (the flush changes when rows reach SST files, not what they hold)."""
     from terarec.ps.tiers.ssd_store import SSDStore
-    from terarec.trainer import loop
+    from terarec.trainer import divergence
 
     trained: list[int] = []  # the step being trained, from its loss check
     asked: list[int] = []
-    real_check, real_flush = loop.check_finite, SSDStore.flush_soon
+    real_check, real_flush = divergence.check_finite, SSDStore.flush_soon
 
     def check(loss: Any, at: int, *args: Any) -> None:
         trained.append(at)
@@ -229,7 +229,7 @@ def test_memtables_start_flushing_one_step_before_a_full_save(
         asked.append(trained[-1])
         real_flush(store)
 
-    monkeypatch.setattr(loop, "check_finite", check)
+    monkeypatch.setattr(divergence, "check_finite", check)
     monkeypatch.setattr(SSDStore, "flush_soon", flush_soon)
     _, ahead = run(tiny_config, "ahead")
     assert asked == [9, 19, 29, 39]
