@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import itertools
 import json
 import statistics
@@ -216,8 +217,15 @@ def columnar_data(cfg: Config, root: Path, rows: int) -> Path:
     return root
 
 
+def free_memory() -> None:
+    """Frees the last run's tables (reference cycles too) before the next one grows its own."""
+    gc.collect()
+    torch.cuda.empty_cache()  # no-op without CUDA
+
+
 def e2e(cfg: Config) -> dict[str, float]:
     summary = train(cfg)
+    free_memory()
     lines = [json.loads(x) for x in
              (Path(cfg.train.runs_dir) / cfg.name / "metrics.jsonl").read_text().splitlines()]
     rates = [r["samples_per_s"] for r in lines if r.get("split") == "train"]
@@ -254,7 +262,7 @@ def step_on_batches(cfg: Config, batches: list[Any], device: torch.device) -> di
     whole = len(rates) * every * cfg.data.batch_size / (time.perf_counter() - t_start)
     pipe.close()
     del parts, pipe
-    torch.cuda.empty_cache()  # no-op without CUDA
+    free_memory()
     return {"steady": statistics.median(rates[1:]) if len(rates) > 1 else rates[0],
             "whole_run": whole}
 
@@ -321,12 +329,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         runs: dict[str, list[dict[str, float]]] = {"e2e": [], "alone": []}
         for _ in range(args.rounds):
             runs["e2e"].append(e2e(cfg))
-            torch.cuda.empty_cache()  # no-op without CUDA
             if source != "synthetic-numpy":  # (its own step is the step of the others)
                 same = stream_batches(cfg, cfg.train.steps or 0, device)
                 runs["alone"].append(step_on_batches(cfg, same, device))
                 del same
-                torch.cuda.empty_cache()  # no-op without CUDA
+                free_memory()
         med = {k: {f: statistics.median(r[f] for r in v) for f in ("steady", "whole_run")}
                for k, v in runs.items() if v}
         sps[f"e2e {source}"] = med["e2e"]

@@ -88,7 +88,9 @@ def build_source(
         rank, world_size: this process's shard.
         epochs: train passes over file data (ignored by the endless synthetic stream).
         device: where ``synthetic.generator: torch`` draws its batches (default CPU); the
-            other sources make host batches (pinned when CUDA is available).
+            other sources make host batches (pinned when CUDA is available), which a
+            CUDA ``device`` gets copied to it by the source's background thread
+            (``prefetch_batches > 0``; with 0 they stay on the host).
 
     Returns:
         A :class:`BatchSource`; the last batch of a finite pass may be short.

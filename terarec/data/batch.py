@@ -43,6 +43,16 @@ class Batch:
             teacher_prob=self.teacher_prob,
         )
 
+    def record_stream(self, stream: Any) -> None:
+        """Marks the batch's CUDA tensors as used on ``stream``, so that memory
+        allocated on another stream (a producer's side stream) is not reused before
+        ``stream``'s work on it is done."""
+        for t in (self.dense, self.labels, self.teacher_prob):
+            if t is not None and t.is_cuda:
+                t.record_stream(stream)
+        if self.sparse.values().is_cuda:
+            self.sparse.record_stream(stream)
+
     def pin_memory(self) -> Batch:
         return Batch(
             dense=self.dense.pin_memory(),

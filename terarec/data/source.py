@@ -36,16 +36,21 @@ class BatchSource:
     Iterating starts (or restarts) a producer from the position after the last batch
     handed out; with ``prefetch > 0`` the producer runs in a background thread up to
     ``prefetch`` batches ahead, and an exception there is re-raised by the iterator.
+    With a CUDA ``device`` that thread also copies each host batch to the device on a
+    stream of its own and waits for the copy there, so the training thread gets batches
+    already on the GPU and spends no host time on them.
 
     Args:
         stream: the deterministic batch stream.
         prefetch: batches prepared ahead (0 = produce in the caller's thread).
         bad: the malformed-row counters of the stream's parser.
         counters: the stream's producer counters.
+        device: where training runs (None or CPU: batches stay on the host).
     """
 
     def __init__(
-        self, stream: Stream, prefetch: int, bad: BadRows, counters: Counters
+        self, stream: Stream, prefetch: int, bad: BadRows, counters: Counters,
+        device: Optional[torch.device] = None,
     ) -> None:
         self.stream = stream
         self.prefetch = prefetch
@@ -53,6 +58,8 @@ class BatchSource:
         self.counters = counters
         # Streams that build their batches in pinned memory themselves say so.
         self.pin = torch.cuda.is_available() and not stream.placed
+        cuda = device is not None and torch.device(device).type == "cuda"
+        self.device: Optional[torch.device] = torch.device(device) if cuda else None
         self._state = stream.initial_state()
         self._handed = 0
         self._thread: Optional[threading.Thread] = None
@@ -132,8 +139,10 @@ class BatchSource:
             return False
 
         try:
+            copy = _DeviceCopy(self.device) if self.device is not None else None
             for b in self.stream.batches(state):
-                if not put(b.pin_memory() if self.pin else b):
+                b = b.pin_memory() if self.pin else b
+                if not put(b if copy is None else copy(b)):
                     return
             put(_END)
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
@@ -172,6 +181,24 @@ class BatchSource:
             "batches": self._handed,
             "batches_produced": self.counters.batches_made,
         }
+
+
+class _DeviceCopy:
+    """Host batches to a CUDA device on a side stream, from the producer thread."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.side = torch.cuda.Stream(device)
+        self.main = torch.cuda.default_stream(device)
+
+    def __call__(self, b: Batch) -> Batch:
+        if b.labels.is_cuda:  # born on the device
+            return b
+        with torch.cuda.stream(self.side):
+            b = b.to(self.device, non_blocking=True)
+        self.side.synchronize()  # this thread waits (GIL released), not training
+        b.record_stream(self.main)
+        return b
 
 
 def open_columnar(cfg: DataConfig, split: str) -> Dataset:
@@ -265,5 +292,5 @@ def make_source(
             epochs if split == "train" else 1.0,
             (bs, cfg.chunk_rows, shuffle), counters,
         )
-    return BatchSource(stream, cfg.prefetch_batches, bad, counters)
+    return BatchSource(stream, cfg.prefetch_batches, bad, counters, device)
 

@@ -371,9 +371,5 @@ class SyntheticStream:
         with torch.cuda.stream(self._cuda_stream):
             b = dg.batch(g, n, self.keys, position)
         self._cuda_stream.synchronize()
-        main = torch.cuda.default_stream(dg.device)
-        for t in (b.dense, b.labels, b.teacher_prob):
-            if t is not None:
-                t.record_stream(main)
-        b.sparse.record_stream(main)
+        b.record_stream(torch.cuda.default_stream(dg.device))
         return b

@@ -53,7 +53,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -380,7 +380,7 @@ class TrainPipeline:
         assert batch is not None
         if self._cuda:
             self._main_waits_for(job)
-            _record_stream(batch, torch.cuda.current_stream(self.device))
+            batch.record_stream(torch.cuda.current_stream(self.device))
         return batch
 
     def _wait_done(self, job: _Job) -> None:
@@ -451,13 +451,3 @@ class TrainPipeline:
         if self._side is not None:
             job.ready = torch.cuda.Event()
             job.ready.record(self._side)
-
-
-def _record_stream(batch: Batch, stream: Any) -> None:
-    """Marks ``batch``'s device tensors (allocated on the side stream) as used on
-    ``stream``, so their memory is not reused before the main stream is done."""
-    for t in (batch.dense, batch.labels, batch.teacher_prob):
-        if t is not None and t.is_cuda:
-            t.record_stream(stream)
-    if batch.sparse.values().is_cuda:
-        batch.sparse.record_stream(stream)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from terarec.config import (
     CategoricalColumn,
@@ -64,6 +65,23 @@ def test_criteo_batches_equal_the_text_reader(tmp_path: Path, write_criteo, as_t
     assert got == want  # 2 passes of 1000 rows in batches of 96 across 8 chunks of <= 128
     assert sparse_feature_names(col) == sparse_feature_names(text)
     assert dense_feature_names(col) == dense_feature_names(text)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+@pytest.mark.parametrize("prefetch", [0, 3])
+def test_cuda_device_gets_batches_on_the_gpu(tmp_path: Path, write_criteo, as_tuple,
+                                             prefetch: int) -> None:
+    """With a CUDA device the source's background thread copies each batch there (on
+    its own stream); the values are the host batches'. Without that thread
+    (prefetch_batches 0) batches stay on the host."""
+    files = [write_criteo("a.tsv", range(0, 500))]
+    preprocess(criteo_cfg(files), tmp_path / "out", chunk_rows=128, show_progress=False)
+    col = columnar_cfg(tmp_path / "out", batch_size=96, read_workers=2, prefetch_batches=prefetch)
+    host = batches(col)
+    dev = batches(col, device=torch.device("cuda"))
+    assert all(b.labels.is_cuda == bool(prefetch) and b.dense.is_cuda == bool(prefetch)
+               and b.sparse.values().is_cuda == bool(prefetch) for b in dev)
+    assert [as_tuple(b.to(torch.device("cpu"))) for b in dev] == [as_tuple(b) for b in host]
 
 
 def test_csv_multivalued_and_libfm_equal_the_text_reader(tmp_path: Path, as_tuple) -> None:
