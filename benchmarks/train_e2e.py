@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--batch", type=int, default=16384)
     ap.add_argument("--vocab", type=int, default=1_000_000)
     ap.add_argument("--threads", type=int, default=8)
-    ap.add_argument("--read-workers", type=int, default=4)
+    ap.add_argument("--read-workers", type=int, default=2)
     ap.add_argument("--columnar-rows", type=int, default=2_097_152)
     ap.add_argument("--sources",
                     default="synthetic-torch,columnar,columnar-overlap,synthetic-numpy")

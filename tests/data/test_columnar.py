@@ -77,8 +77,8 @@ def test_cuda_device_gets_batches_on_the_gpu(tmp_path: Path, write_criteo, as_tu
     files = [write_criteo("a.tsv", range(0, 500))]
     preprocess(criteo_cfg(files), tmp_path / "out", chunk_rows=128, show_progress=False)
     col = columnar_cfg(tmp_path / "out", batch_size=96, read_workers=2, prefetch_batches=prefetch)
-    host = batches(col)
-    dev = batches(col, device=torch.device("cuda"))
+    host = batches(col, epochs=1)
+    dev = batches(col, epochs=1, device=torch.device("cuda"))
     assert all(b.labels.is_cuda == bool(prefetch) and b.dense.is_cuda == bool(prefetch)
                and b.sparse.values().is_cuda == bool(prefetch) for b in dev)
     assert [as_tuple(b.to(torch.device("cpu"))) for b in dev] == [as_tuple(b) for b in host]
