@@ -34,6 +34,19 @@ def mix64_np(x: np.ndarray) -> np.ndarray:
     return z
 
 
+_LANE = np.uint64(0xFFFF)
+
+
+def hash_lanes(h: np.ndarray, k: int) -> np.ndarray:
+    """``k <= 4`` uniforms in [-1, 1) from the 16-bit lanes of uint64 ``h``: float32
+    ``[..., k]`` (lane ``j`` is bits ``16j .. 16j+15``)."""
+    out = np.empty(h.shape + (k,), dtype=np.float32)
+    for j in range(k):
+        lane = ((h >> np.uint64(16 * j)) & _LANE).astype(np.float32)
+        out[..., j] = lane * (2.0 / 65536.0) - 1.0
+    return out
+
+
 def _srl(x: torch.Tensor, s: int) -> torch.Tensor:
     """Logical right shift of int64 bits (torch's >> is arithmetic)."""
     return (x >> s) & ((1 << (64 - s)) - 1)

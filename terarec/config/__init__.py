@@ -26,6 +26,7 @@ import yaml
 from terarec.config.base import ConfigError, StrEnum
 from terarec.config.base import check as _check
 from terarec.config.data import (
+    AdsConfig,
     CategoricalColumn,
     CsvSchema,
     DataConfig,
@@ -49,8 +50,8 @@ T = TypeVar("T")
 # The data section lives in config/data.py, dist and sync in config/parallel.py; they are
 # re-exported here with the loader's API.
 __all__ = [
-    "CategoricalColumn", "Config", "ConfigError", "CsvSchema", "DataConfig", "DataKind",
-    "DenseMerge", "DenseTransform", "DistBackend", "DistConfig", "LibfmConfig",
+    "AdsConfig", "CategoricalColumn", "Config", "ConfigError", "CsvSchema", "DataConfig",
+    "DataKind", "DenseMerge", "DenseTransform", "DistBackend", "DistConfig", "LibfmConfig",
     "SparseMerge", "StrEnum", "SyncConfig", "SyntheticBackend", "SyntheticConfig",
     "WireDtype", "config_from_dict", "config_to_dict", "load_config",
 ]

@@ -30,6 +30,32 @@ class SyntheticBackend(StrEnum):
 
 
 @dataclass
+class AdsConfig:
+    """Opt-in synthetic ads: every sample shows one ad (feature ``AD``, its id) with a
+    planted semantic id, a path of ``levels`` tokens through codebooks of
+    ``codebook_size`` tokens (feature ``SID``: one key per prefix). The ad's effect on
+    the teacher logit is mostly its path's (each prefix adds one) and partly its own."""
+
+    num_ads: int = 20_000
+    levels: int = 3  # semantic-id tokens per ad
+    codebook_size: int = 8  # tokens per level
+    zipf_alpha: float = 0.8  # ad popularity: P(rank r) ~ r^-alpha
+    scale: float = 1.5  # std of the ad's effect on the teacher logit
+    own_share: float = 0.1  # share of that variance carried by the ad itself, not its path
+    held_out: float = 0.2  # share of the ads never shown in train; eval shows only them
+    semantic_ids: bool = True  # emit the SID feature (false: the same data without it)
+
+    def __post_init__(self) -> None:
+        _check(self.num_ads >= 2, "num_ads: must be >= 2")
+        _check(1 <= self.levels <= 16, "levels: must be in [1, 16]")
+        _check(self.codebook_size >= 2, "codebook_size: must be >= 2")
+        _check(self.zipf_alpha > 0, "zipf_alpha: must be > 0")
+        _check(self.scale >= 0, "scale: must be >= 0")
+        _check(0.0 <= self.own_share <= 1.0, "own_share: must be in [0, 1]")
+        _check(0.0 <= self.held_out < 1.0, "held_out: must be in [0, 1)")
+
+
+@dataclass
 class SyntheticConfig:
     """Criteo-shaped synthetic stream with labels from a planted teacher model."""
 
@@ -44,6 +70,7 @@ class SyntheticConfig:
     teacher_bias: float = -1.0  # teacher logit bias (sets the positive rate)
     eval_samples: int = 65_536  # size of the held-out eval stream
     generator: SyntheticBackend = SyntheticBackend.NUMPY  # same distribution, other samples
+    ads: Optional[AdsConfig] = None  # opt-in: an ad per sample with a planted semantic id
 
     def __post_init__(self) -> None:
         _check(self.num_dense >= 0, "num_dense: must be >= 0")
@@ -58,6 +85,8 @@ class SyntheticConfig:
             "teacher_pairwise_scale: must be >= 0",
         )
         _check(self.eval_samples >= 1, "eval_samples: must be >= 1")
+        _check(self.ads is None or self.generator == SyntheticBackend.NUMPY,
+               "ads: drawn by the numpy generator only (set generator: numpy)")
 
 
 @dataclass

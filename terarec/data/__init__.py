@@ -27,6 +27,7 @@ from terarec.data.errors import DataError
 from terarec.data.libfm import ALL_TOKENS
 from terarec.data.source import BatchSource, make_source, open_columnar
 from terarec.data.synthetic import dense_names, sparse_names
+from terarec.data.synthetic_ads import SID
 
 __all__ = [
     "Batch",
@@ -34,6 +35,7 @@ __all__ = [
     "DataError",
     "build_source",
     "dense_feature_names",
+    "semantic_id_features",
     "sparse_feature_names",
 ]
 
@@ -50,6 +52,14 @@ def sparse_feature_names(cfg: DataConfig) -> list[str]:
         return list(open_columnar(cfg, "train").sparse)
     assert cfg.csv is not None
     return [c.name or c.column for c in cfg.csv.categorical]
+
+
+def semantic_id_features(cfg: DataConfig) -> dict[str, int]:
+    """Features whose values are semantic-id token sequences, with their levels: their
+    keys are the prefixes' (``keys.semantic_id_keys``), which serving must recompute from
+    the tokens a request sends."""
+    ads = cfg.synthetic.ads if cfg.kind == DataKind.SYNTHETIC else None
+    return {SID: ads.levels} if ads is not None and ads.semantic_ids else {}
 
 
 def dense_feature_names(cfg: DataConfig) -> list[str]:

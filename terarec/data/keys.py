@@ -213,3 +213,37 @@ def int_keys(ids: np.ndarray, feature: str) -> np.ndarray:
 def str_key(value: str, feature: str) -> int:
     """Key of one string (slow path for tests, tools and serving lookups)."""
     return int(salted(np.array([fnv1a64_ref(value.encode())], dtype=np.uint64), feature)[0])
+
+
+def semantic_id_keys(tokens: np.ndarray, lengths: np.ndarray, feature: str) -> np.ndarray:
+    """Keys of semantic ids: one key per prefix of each token sequence.
+
+    A semantic id is a path of codebook tokens (level 1 first). Its ``l``-th key hashes
+    the prefix ``t_1 .. t_l``: ``h_0 = salt(feature)``, ``h_l = mix64(h_{l-1} ^ t_l)``,
+    key ``l`` = ``int64(h_l)``. Two ids that share their first ``m`` tokens share their
+    first ``m`` keys, so an id never seen in training still finds the rows of the
+    prefixes it shares with seen ones. Training (the synthetic ads, a CSV column with
+    ``semantic_id: true``) and serving both go through here.
+
+    Args:
+        tokens: int64/uint64 ``[M]``: the sequences back to back (tokens >= 0).
+        lengths: int ``[n]`` tokens per sequence (``sum == M``; 0 = missing).
+        feature: the feature name (salts the chain).
+
+    Returns:
+        int64 ``[M]``: each token's prefix key, in place of the token.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    tokens = np.asarray(tokens).astype(np.int64, copy=False).view(np.uint64)
+    if tokens.size != int(lengths.sum()):
+        raise ValueError(f"{feature}: {tokens.size} tokens for lengths summing to "
+                         f"{int(lengths.sum())}")
+    starts = np.cumsum(lengths) - lengths
+    h = np.full(len(lengths), salt_for(feature) & ((1 << 64) - 1), dtype=np.uint64)
+    out = np.empty(tokens.size, dtype=np.uint64)
+    for lv in range(int(lengths.max(initial=0))):  # over levels, not sequences
+        seqs = np.flatnonzero(lengths > lv)
+        at = starts[seqs] + lv
+        h[seqs] = mix64_np(h[seqs] ^ tokens[at])
+        out[at] = h[seqs]
+    return out.view(np.int64)

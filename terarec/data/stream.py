@@ -355,7 +355,7 @@ class SyntheticStream:
             position = {**self._base(), "batch": i}
             if self.device_gen is None:
                 rng = np.random.default_rng(list(seq) if seq[1] == 0 else [seq[0], 1, seq[3]])
-                yield self.gen.rows(rng, n).to_batch(self.keys, position)
+                yield self.gen.rows(rng, n, self.split).to_batch(self.keys, position)
             else:
                 yield self._device_batch(seq, n, position)
 

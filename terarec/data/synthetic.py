@@ -37,16 +37,20 @@ import numpy as np
 
 from terarec.config import DenseTransform, SyntheticConfig
 from terarec.data.rows import Rows
-from terarec.hashing import mix64_np, salt_for
+from terarec.data.synthetic_ads import AD, SID, PlantedAds
+from terarec.hashing import hash_lanes, mix64_np, salt_for
 
 SALT_A = np.uint64(0x3C6EF372FE94F82B)
 SALT_U = [np.uint64((0xA54FF53A5F1D36F1 * (j + 1)) & ((1 << 64) - 1)) for j in range(64)]
-_LANE = np.uint64(0xFFFF)
 _TEACHER_SEED = 0x7E4C4E7
 
 
 def sparse_names(cfg: SyntheticConfig) -> list[str]:
-    return [f"C{i}" for i in range(1, cfg.num_sparse + 1)]
+    """``C1..Cn``, then ``AD`` and ``SID`` with ``ads`` (``SID`` with semantic ids)."""
+    names = [f"C{i}" for i in range(1, cfg.num_sparse + 1)]
+    if cfg.ads is not None:
+        names += [AD, SID] if cfg.ads.semantic_ids else [AD]
+    return names
 
 
 def dense_names(cfg: SyntheticConfig) -> list[str]:
@@ -72,15 +76,6 @@ def zipf_ranks(u: np.ndarray, alpha: float, vocab: int) -> np.ndarray:
     return np.clip(x.astype(np.int64), 1, vocab)
 
 
-def _lanes(h: np.ndarray, k: int) -> np.ndarray:
-    """``k <= 4`` uniforms in [-1, 1) from the 16-bit lanes of uint64 ``h``: ``[..., k]``."""
-    out = np.empty(h.shape + (k,), dtype=np.float32)
-    for j in range(k):
-        lane = ((h >> np.uint64(16 * j)) & _LANE).astype(np.float32)
-        out[..., j] = lane * (2.0 / 65536.0) - 1.0
-    return out
-
-
 class SyntheticGenerator:
     """Generates :class:`Rows` for one (seed, split, rank) stream.
 
@@ -99,9 +94,10 @@ class SyntheticGenerator:
         self.seed = seed
         self.transform = transform
         self.names = sparse_names(cfg)
+        self.ads = PlantedAds(cfg.ads) if cfg.ads is not None else None
         v = cfg.vocab_size
         mult, add = [], []
-        for name in self.names:
+        for name in self.names[: cfg.num_sparse]:
             h = int(mix64_np(np.array([salt_for("synthetic-id:" + name)], dtype=np.int64))[0])
             a = (h % v) | 1 if v > 1 else 1
             while math.gcd(a, v) != 1:
@@ -111,7 +107,8 @@ class SyntheticGenerator:
         self.mult = np.array(mult, dtype=np.uint64)[:, None]
         self.add = np.array(add, dtype=np.uint64)[:, None]
         self.salts = np.array(
-            [salt_for(n) & ((1 << 64) - 1) for n in self.names], dtype=np.uint64
+            [salt_for(n) & ((1 << 64) - 1) for n in self.names[: cfg.num_sparse]],
+            dtype=np.uint64,
         )[:, None]
         trng = np.random.default_rng(_TEACHER_SEED)
         w = trng.standard_normal(cfg.num_dense)
@@ -132,8 +129,16 @@ class SyntheticGenerator:
         else:
             self.u_scale = 0.0
 
-    def rows(self, rng: np.random.Generator, n: int) -> Rows:
-        """``n`` samples drawn with ``rng``."""
+    def rows(self, rng: np.random.Generator, n: int, split: str = "train") -> Rows:
+        """``n`` samples of ``split``'s stream drawn with ``rng`` (the split matters only
+        with ``ads``: eval shows the held-out ads)."""
+        return self.rows_and_raw(rng, n, split)[0]
+
+    def rows_and_raw(self, rng: np.random.Generator, n: int, split: str = "train"
+                     ) -> tuple[Rows, dict[str, np.ndarray]]:
+        """:meth:`rows` and the raw values the keys were made from, as a file (or a
+        serving request) would hold them: per feature int64 ids ``[n, k]`` (``C*``,
+        ``AD``: ``[n, 1]``) or semantic-id tokens ``[n, levels]`` (``SID``)."""
         cfg = self.cfg
         nf, k = cfg.num_sparse, cfg.values_per_feature
         u = rng.random((nf, n * k))
@@ -146,28 +151,40 @@ class SyntheticGenerator:
         if cfg.num_dense:
             logit += dense @ self.w
         ha = mix64_np(keys_u ^ SALT_A)
-        a = _lanes(ha, 4).sum(-1) * self.a_scale  # [nf, n*k]
+        a = hash_lanes(ha, 4).sum(-1) * self.a_scale  # [nf, n*k]
         logit += a.reshape(nf, n, k).sum(axis=(0, 2))
         d = cfg.teacher_dim
         if d and self.u_scale:
             parts = []
             for j in range(0, d, 4):
                 hu = mix64_np(keys_u ^ SALT_U[j // 4])
-                parts.append(_lanes(hu, min(4, d - j)))
+                parts.append(hash_lanes(hu, min(4, d - j)))
             uf = np.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
             uf = uf.reshape(nf, n, k, d).sum(axis=2) * self.u_scale  # [nf, n, d]
             tot = uf.sum(axis=0)
             logit += 0.5 * ((tot * tot).sum(-1) - (uf * uf).sum(axis=(0, 2)))
+        lengths = np.full((nf, n), k, dtype=np.int32)
+        values = list(keys_u.view(np.int64))
+        raw = {name: ids[f].view(np.int64).reshape(n, k) for f, name in
+               enumerate(self.names[:nf])}
+        if self.ads is not None:  # drawn after the rest: the other features stay the same
+            pool = self.ads.pool(split)
+            ad = pool[zipf_ranks(rng.random(n), self.ads.cfg.zipf_alpha, len(pool)) - 1]
+            logit += self.ads.effect[ad]
+            values.append(self.ads.ad_keys[ad])
+            raw[AD] = ad.astype(np.int64).reshape(n, 1)
+            per_ad = [1]
+            if self.ads.cfg.semantic_ids:
+                values.append(self.ads.sid_keys[ad].ravel())
+                raw[SID] = self.ads.tokens[ad]
+                per_ad.append(self.ads.cfg.levels)
+            lengths = np.concatenate(
+                [lengths, np.repeat(np.array(per_ad, np.int32)[:, None], n, axis=1)])
         prob = 1.0 / (1.0 + np.exp(-logit))
         labels = (rng.random(n, dtype=np.float32) < prob).astype(np.float32)
-        keys = keys_u.view(np.int64)
         if self.transform == DenseTransform.LOG1P:
             dense = np.log1p(np.maximum(dense, 0.0))
-        return Rows(
-            labels=labels,
-            dense=dense,
-            lengths=np.full((nf, n), k, dtype=np.int32),
-            values=list(keys),
-            teacher=prob.astype(np.float32),
-        )
+        rows = Rows(labels=labels, dense=dense, lengths=lengths, values=values,
+                    teacher=prob.astype(np.float32))
+        return rows, raw
 

@@ -21,7 +21,7 @@ from torch.export import Dim, export
 
 import terarec
 from terarec.config import Config, config_from_dict, config_to_dict
-from terarec.data import dense_feature_names, sparse_feature_names
+from terarec.data import dense_feature_names, semantic_id_features, sparse_feature_names
 from terarec.models import build_model
 from terarec.models.split import ModelSplit, split_model
 from terarec.ps.table import feature_order
@@ -130,6 +130,9 @@ def export_bundle(checkpoint: Path, out: Path, row_dtype: str = "fp32",
             [f for f in order if f not in cfg.model.user_features],
             "table": {f: cfg.tables[table_of[f]].name for f in order},
             "dense": dense_names, "user_dense": bool(cfg.model.user_dense),
+            # feature -> levels: requests send tokens, the scorer hashes their prefixes
+            "semantic_ids": {f: n for f, n in semantic_id_features(cfg.data).items()
+                             if f in order},
         },
         "tables": {t.name: {"id": i, "dim": t.dim, "pooling": t.pooling.value,
                             "rows": counts.get(i, 0), "row_bytes": row_bytes(row_dtype, t.dim)}

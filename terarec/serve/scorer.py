@@ -14,6 +14,9 @@ request. Live deltas: :meth:`Scorer.apply_delta` (``serve/overlay.py``).
 Feature values, per feature: one value (``int`` id or ``str``) or a list of values
 (multi-valued; ``[]`` = missing). For candidates, a list of ``N`` such entries. A
 feature left out of a request is missing (pools to zeros, as an empty bag in training).
+A semantic-id feature (the manifest's ``features.semantic_ids``) takes each entry's
+token sequence (a list of ints, level 1 first); it is keyed by prefix as in training
+(``data/keys.py``), so an ad never trained on scores from the prefixes it shares.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from terarec.data.keys import string_keys
+from terarec.data.keys import semantic_id_keys, string_keys
 from terarec.hashing import mix64_np, salt_for
 from terarec.serve import bundle as b
 from terarec.serve.delta import read_delta
@@ -163,6 +166,8 @@ class Scorer:
         self.user_dense: bool = feats["user_dense"]
         self.num_dense = len(feats["dense"])
         self.table_of: dict[str, str] = feats["table"]
+        # feature -> levels: values are token sequences, keyed by prefix
+        self.semantic: dict[str, int] = dict(feats.get("semantic_ids", {}))
         self.tables = manifest["tables"]
         self.dim = max(t["dim"] for t in self.tables.values())
         self.store = RowStore(self.root / b.ROWS, manifest["row_dtype"])
@@ -242,6 +247,9 @@ class Scorer:
         raw_c = {f: _cat_raw([raw_column(f, r.candidates.get(f, [[]] * n), n, "candidates")
                               for r, n in zip(requests, sizes)])
                  for f in self._candidate_side()}
+        for raw, side in ((raw_u, "user"), (raw_c, "candidates")):
+            for f in self.semantic.keys() & raw.keys():
+                raw[f] = _semantic(raw[f], f, side)
         hashed = hash_columns([*raw_u.items(), *raw_c.items()])
         user_cols = dict(zip(raw_u, hashed[: len(raw_u)]))
         cand_cols = dict(zip(raw_c, hashed[len(raw_u):]))
@@ -410,6 +418,15 @@ def _stack(pooled: list[torch.Tensor], n: int, dim: int, device: torch.device
            ) -> torch.Tensor:
     """``[n, F, dim]`` of ``F`` pooled ``[n, dim]`` (``F`` may be 0)."""
     return torch.stack(pooled, 1) if pooled else torch.zeros(n, 0, dim, device=device)
+
+
+def _semantic(raw: tuple[np.ndarray, bool, np.ndarray], feature: str, where: str
+              ) -> tuple[np.ndarray, bool, np.ndarray]:
+    """A semantic-id column: its integer tokens replaced by their prefix keys."""
+    payload, hashed, lengths = raw
+    if hashed and payload.size:
+        raise RequestError(f"{where}.{feature}: semantic-id tokens must be integers")
+    return semantic_id_keys(payload, lengths, feature), True, lengths
 
 
 def _cat_raw(cols: list[tuple[np.ndarray, bool, np.ndarray]]

@@ -59,7 +59,8 @@ class ScoreRequest(BaseModel):
         "or a list of them (multi-valued; [] = missing)")
     candidates: dict[str, list[Union[Value, list[Value]]]] = Field(
         default_factory=dict, description="candidate-side feature -> one entry per "
-        "candidate (an id, a string, or a list of them)")
+        "candidate (an id, a string, or a list of them; for a semantic-id feature, the "
+        "candidate's token sequence, level 1 first)")
     dense: Optional[list[float]] = Field(
         None, description="the dense features, when they are user-side")
     candidate_dense: Optional[list[list[float]]] = Field(
