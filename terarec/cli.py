@@ -179,13 +179,17 @@ def _serve(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    scorer = Scorer.from_bundle(args.bundle, device=args.device,
-                                cache_bytes=int(args.cache_mb * 2**20),
-                                overlay_rows=args.overlay_rows)
+    def open_bundle(path: Path) -> Scorer:
+        return Scorer.from_bundle(path, device=args.device,
+                                  cache_bytes=int(args.cache_mb * 2**20),
+                                  overlay_rows=args.overlay_rows)
+
+    scorer = open_bundle(Path(args.bundle).resolve())
     service = Service(scorer, max_candidates=args.max_candidates,
-                      max_body_bytes=int(args.max_body_mb * 2**20))
-    if args.follow:
-        service.follow(Path(args.follow), args.follow_every)
+                      max_body_bytes=int(args.max_body_mb * 2**20),
+                      bundle=Path(args.bundle), opener=open_bundle)
+    if args.follow or args.watch_bundle:
+        service.follow(Path(args.follow) if args.follow else None, args.follow_every)
     print(f"serving {args.bundle} (step {scorer.step}) on http://{args.host}:{args.port}",
           flush=True)
     uvicorn.run(build_app(service), host=args.host, port=args.port, log_level="warning")
@@ -261,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-candidates", type=int, default=10_000)
     sv.add_argument("--max-body-mb", type=float, default=8)
     sv.add_argument("--follow", help="runs/<name>: apply its new delta checkpoints live")
+    sv.add_argument("--watch-bundle", action="store_true",
+                    help="serve each new export the --bundle path comes to name (e.g. a "
+                    "symlink switched to it); on with --follow")
     sv.add_argument("--follow-every", type=float, default=5.0, help="seconds between looks")
     sv.add_argument("--overlay-rows", type=int, default=1 << 22,
                     help="most rows live deltas may change before a new export")

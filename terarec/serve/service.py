@@ -23,16 +23,23 @@ Live deltas (``--follow RUN_DIR``): a thread watches the training run's ``deltas
 applies each new delta that follows the model served (``serve/overlay.py``): read and
 checked beside the serving, committed between two scoring passes. ``/healthz`` and
 ``/metrics`` report the step served, the deltas applied and refused, the overlay's rows.
+
+New exports (``--watch-bundle``, or with ``--follow``): the same thread watches the
+``--bundle`` path; when it names another export (a symlink switched to it, or a
+directory replaced by rename), that bundle is opened and checked beside the serving and
+swapped in between two passes, replacing store, overlay and caches; deltas then follow
+from it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from queue import Empty, SimpleQueue
@@ -159,8 +166,17 @@ class Service:
     """
 
     def __init__(self, scorer: Scorer, max_candidates: int = 10_000,
-                 max_body_bytes: int = 8 << 20, max_batch: int = 64) -> None:
+                 max_body_bytes: int = 8 << 20, max_batch: int = 64,
+                 bundle: Optional[Path] = None,
+                 opener: Optional[Callable[[Path], Scorer]] = None) -> None:
         self.scorer = scorer
+        # bundle: the path served (e.g. a symlink a deployment switches to each new
+        # export); watched by reload_once, which opens a changed one with opener
+        self.bundle = Path(bundle) if bundle is not None else None
+        self.opener = opener
+        self.served = _bundle_id(scorer.root) if self.bundle is not None else None
+        self.bundles = 1  # bundles served so far
+        self.bundle_errors = 0
         self.max_candidates = max_candidates
         self.max_body_bytes = max_body_bytes
         self.metrics = _Metrics()
@@ -177,15 +193,47 @@ class Service:
         log.info("serving step %d (delta %s, %d overlay rows)", self.scorer.step, path,
                  self.scorer.overlay.rows)
 
-    def follow(self, run_dir: Path, every_s: float = 5.0) -> threading.Thread:
-        """Starts the thread applying ``run_dir``'s new deltas in order."""
+    def follow(self, run_dir: Optional[Path], every_s: float = 5.0) -> threading.Thread:
+        """Starts the thread that, every ``every_s`` seconds, replaces the bundle when
+        its path points at a new export (:meth:`reload_once`) and applies ``run_dir``'s
+        new deltas in order (:meth:`follow_once`; None: bundles only)."""
         def run() -> None:
             while True:
-                self.follow_once(run_dir)
+                self.reload_once()
+                if run_dir is not None:
+                    self.follow_once(run_dir)
                 time.sleep(every_s)
         t = threading.Thread(target=run, name="terarec-follow", daemon=True)
         t.start()
         return t
+
+    def reload_once(self) -> bool:
+        """Serves the bundle now at the watched path if it is another export than the
+        one served (its manifest differs): opened and checked beside the serving, then
+        swapped in between two scoring passes; store, overlay and caches are the new
+        bundle's. A bundle that fails to open is counted and logged, the served one
+        kept. Returns whether it swapped."""
+        if self.bundle is None or self.opener is None:
+            return False
+        target = self.bundle.resolve()
+        ident = _bundle_id(target)
+        if ident is None or ident == self.served:
+            return False
+        try:
+            new = self.opener(target)
+        except Exception as e:  # noqa: BLE001 - counted, logged, served bundle kept
+            self.bundle_errors += 1
+            self.last_error = f"{target}: {e}"
+            log.warning("bundle not loaded: %s", self.last_error)
+            self.served = ident  # not retried until it changes again
+            return False
+        with self.swap_lock:
+            old, self.scorer = self.scorer, new
+            self.served = ident
+            self.bundles += 1
+        old.close()  # no pass uses it: passes hold the lock
+        log.info("serving %s (step %d)", target, new.step)
+        return True
 
     def follow_once(self, run_dir: Path) -> int:
         """Applies the deltas of ``run_dir`` newer than the model served whose chain
@@ -299,16 +347,26 @@ def build_app(service: Service) -> FastAPI:
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "step": service.scorer.step,
-                "deltas": service.scorer.deltas, "delta_errors": service.delta_errors}
+                "deltas": service.scorer.deltas, "delta_errors": service.delta_errors,
+                "bundles": service.bundles, "bundle_errors": service.bundle_errors}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> str:
         sc = service.scorer
         return service.metrics.text(sc, {
             "deltas_applied": sc.deltas, "delta_errors": service.delta_errors,
+            "bundles_loaded": service.bundles, "bundle_errors": service.bundle_errors,
             "overlay_rows": sc.overlay.rows, "overlay_max_rows": sc.overlay.max_rows})
 
     return app
+
+
+def _bundle_id(path: Path) -> Optional[str]:
+    """The sha256 of a bundle's manifest (None while there is none: mid-replacement)."""
+    try:
+        return hashlib.sha256((Path(path) / "manifest.json").read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 async def _read_limited(request: Request, limit: int) -> bytes:
