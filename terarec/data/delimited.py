@@ -30,6 +30,7 @@ from terarec.data.rows import Rows, empty_rows
 
 INT_RE = r"^-?[0-9]+$"
 FLOAT_RE = r"^[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$"
+_F32_MAX = float(np.finfo(np.float32).max)
 _HEX = np.zeros(256, dtype=bool)
 _HEX[np.frombuffer(b"0123456789abcdefABCDEF", np.uint8)] = True
 
@@ -230,12 +231,16 @@ class DelimitedParser:
                 bad_detail.append(lambda i=i, col=col: what(col[int(i)].as_py()))
 
         lab = t.column(self.label).combine_chunks()
-        lab_v, lab_ok = _numbers(lab, FLOAT_RE, missing_ok=False)
+        lab_v, lab_ok, _ = _numbers(lab, FLOAT_RE, missing_ok=False)
         flag(lab, lab_ok, "bad_label", lambda v: f"{self.label}={v!r} is not a number")
+        flag(lab, (lab_v >= 0.0) & (lab_v <= 1.0), "bad_label",
+             lambda v: f"{self.label}={v!r} is outside [0, 1]")
         dense = np.zeros((n, len(self.dense)), dtype=np.float32)
         for j, name in enumerate(self.dense):
             col = t.column(name).combine_chunks()
-            dense[:, j], ok = _numbers(col, self.dense_pattern, missing_ok=True)
+            dense[:, j], ok, big = _numbers(col, self.dense_pattern, missing_ok=True)
+            flag(col, ~big, "bad_dense", lambda v, name=name:
+                 f"dense {name}={v!r} is beyond float32 (|x| > 3.4e38)")
             flag(col, ok, "bad_dense", lambda v, name=name: f"dense {name}={v!r} is not numeric")
         sparse = []
         for c in self.cats:
@@ -264,38 +269,49 @@ class DelimitedParser:
         return rows, bad_idx, bad_reason, bad_detail
 
 
-def _numbers(col: pa.Array, pattern: str, missing_ok: bool) -> tuple[np.ndarray, np.ndarray]:
-    """float64 values (missing = 0) and bool validity of a string column ``[n]``.
+def _numbers(col: pa.Array, pattern: str, missing_ok: bool
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """float64 values (missing and invalid = 0), bool validity and bool "out of range"
+    of a string column ``[n]``.
 
-    Fast path: one arrow cast of the whole column (to int64 for integer columns, so
-    "1.5" is not an integer), which only succeeds if every value is valid; otherwise the
-    regex decides row by row.
+    A value is valid when it matches ``pattern`` (decimal only: no hex, no inf/nan) and
+    is finite in float32 (the dtype it trains in); ``big`` marks the values that match
+    but are beyond float32 or not finite. Fast path: one arrow cast of the whole column
+    (to int64 for integer columns, so "1.5" is not an integer), used when every value
+    casts and none has an ``x`` (arrow reads ``0x10`` as 16; the pattern does not);
+    otherwise the regex decides row by row, so a value's fate never depends on the
+    other values of its chunk.
     """
     n = len(col)
     present = col.is_valid().to_numpy(zero_copy_only=False)
+    v: Optional[np.ndarray] = None
     try:
-        if pattern == INT_RE:
-            # the cast's values buffer as is (undefined under nulls, zeroed here): no
-            # fill_null pass, and integers are always finite
-            ints = pc.cast(col, pa.int64())
-            v = np.frombuffer(ints.buffers()[1], dtype=np.int64, count=n,
-                              offset=ints.offset * 8).astype(np.float64)
-            if not present.all():
-                v[~present] = 0.0
-            return v, present | missing_ok
-        v = pc.fill_null(pc.cast(col, pa.float64()), 0).to_numpy(zero_copy_only=False)
-        if np.isfinite(v).all():
-            return v, present | missing_ok
+        if not pc.any(pc.match_substring(col, "x", ignore_case=True)).as_py():
+            if pattern == INT_RE:
+                # the cast's values buffer as is (undefined under nulls, zeroed here)
+                ints = pc.cast(col, pa.int64())
+                v = np.frombuffer(ints.buffers()[1], dtype=np.int64, count=n,
+                                  offset=ints.offset * 8).astype(np.float64)
+                if not present.all():
+                    v[~present] = 0.0
+            else:
+                v = pc.fill_null(pc.cast(col, pa.float64()), 0).to_numpy(zero_copy_only=False)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        pass
+        v = None
+    if v is not None:
+        big = ~(np.abs(v) <= _F32_MAX)  # NaN too
+        if not big.any():
+            return v, present | missing_ok, big
     ok = pc.fill_null(pc.match_substring_regex(col, pattern), False)
     ok = ok.to_numpy(zero_copy_only=False)
     good = pa.array(ok)
     vals = pc.fill_null(pc.cast(pc.if_else(good, col, pa.scalar(None, pa.string())),
                                 pa.float64()), 0.0).to_numpy(zero_copy_only=False)
+    big = ok & ~(np.abs(vals) <= _F32_MAX)
+    ok &= ~big
     if missing_ok:
         ok = ok | ~present
-    return np.where(ok, vals, 0.0) if n else vals, ok
+    return (np.where(ok, vals, 0.0) if n else vals), ok, big
 
 
 def _lengths(col: pa.Array) -> np.ndarray:

@@ -92,6 +92,34 @@ def test_criteo_malformed_rows(write_criteo, caplog: pytest.LogCaptureFixture) -
     assert len(msgs) == 3 and "further malformed rows" in msgs[2]
 
 
+def _criteo_row(label: str = "0", i1: str = "1") -> str:
+    return "\t".join([label, i1, *["1"] * 12, *["0a"] * 26])
+
+
+@pytest.mark.parametrize("others_valid", [True, False])
+def test_criteo_dense_beyond_float32_and_hex_are_counted_skips(
+        write_criteo, others_valid: bool) -> None:
+    """A 40-digit dense value (beyond float32), a hex one (0x10) and a label of 2 are
+    counted skips, whatever the other rows of their chunk hold (a chunk where every other
+    value casts once took a different path that accepted 0x10), with no numpy warning."""
+    extra = {1: _criteo_row(i1="1" * 40), 3: _criteo_row(i1="0x10"), 4: _criteo_row("2")}
+    if not others_valid:
+        extra[6] = _criteo_row(i1="x1")
+    p = write_criteo("big.tsv", range(8), extra)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        batches, stats = one_pass(criteo_cfg(p, dense_transform=DenseTransform.LOG1P))
+    assert sum(b.batch_size for b in batches) == 8
+    assert all(bool(np.isfinite(b.dense.numpy()).all()) for b in batches)
+    assert stats["rows_skipped"] == {"bad_dense": 3 if not others_valid else 2,
+                                     "bad_label": 1}
+    with pytest.raises(DataError, match=rf"{p}:2: bad_dense: dense I1='1{{40}}' is "
+                                        r"beyond float32"):
+        one_pass(criteo_cfg(p, strict=True))
+
+
 def test_criteo_strict_names_file_and_line(write_criteo) -> None:
     p = write_criteo("s.tsv", range(6), {4: "\t".join(["0", *["1"] * 13, "g", *["0a"] * 25])})
     with pytest.raises(DataError, match=rf"{p}:5: bad_categorical: categorical C1='g'"):
@@ -149,6 +177,16 @@ def test_csv_header_multivalue_and_threshold(tmp_path: Path) -> None:
     assert b.sparse["tags"].values().tolist() == [str_key(t, "tags") for t in "abcb"]
     assert b.sparse["town"].values().tolist() == [str_key("paris", "town"),
                                                   str_key("rome", "town")]
+    # labels outside [0, 1] and dense values that are not finite float32 are skips
+    # (soft labels in [0, 1] stay valid)
+    q = tmp_path / "e.csv"
+    q.write_text("id,click,price,tags,city\n1,2,1,a,x\n2,-0.5,1,a,x\n3,0.3,1e400,a,x\n"
+                 "4,0.3,inf,a,x\n5,0.3,nan,a,x\n6,0.3,-1e39,a,x\n7,0.6,3e38,a,x\n")
+    cfg = DataConfig(kind=DataKind.CSV, path=[str(q)], csv=schema, batch_size=10,
+                     prefetch_batches=0)
+    (b,), stats = one_pass(cfg)
+    assert stats["rows_skipped"] == {"bad_label": 2, "bad_dense": 4}
+    assert b.labels.tolist() == [1.0] and b.dense[:, 0].tolist() == [np.float32(3e38)]
 
 
 def test_csv_without_header_and_missing_column(tmp_path: Path) -> None:

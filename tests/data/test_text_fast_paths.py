@@ -136,14 +136,19 @@ def test_int_dense_path_same_as_fill_null() -> None:
     vals = ["1", None, "-3", "0", "9223372036854775807", None, "42"]
     col = pa.array(vals, pa.string())
     for arr in (col, col.slice(1), col.slice(2, 3), pa.array([None, None], pa.string())):
-        v, ok = _numbers(arr, INT_RE, missing_ok=True)
+        v, ok, big = _numbers(arr, INT_RE, missing_ok=True)
+        assert not big.any()
         want = pc.fill_null(pc.cast(arr, pa.int64()), 0).to_numpy(zero_copy_only=False)
         np.testing.assert_array_equal(v, want.astype(np.float64))
         assert v.dtype == np.float64 and ok.all()
-        _, ok = _numbers(arr, INT_RE, missing_ok=False)
+        _, ok, _ = _numbers(arr, INT_RE, missing_ok=False)
         np.testing.assert_array_equal(ok, arr.is_valid().to_numpy(zero_copy_only=False))
-    v, ok = _numbers(pa.array(["1", "1.5", None], pa.string()), INT_RE, missing_ok=True)
+    v, ok, _ = _numbers(pa.array(["1", "1.5", None], pa.string()), INT_RE, missing_ok=True)
     assert v.tolist() == [1.0, 0.0, 0.0] and ok.tolist() == [True, False, True]
+    # hex and values beyond float32: invalid whatever the rest of the column holds
+    for vals in (["0x10", "5"], ["0x10", "a"], ["1" * 40, "5"]):
+        v, ok, big = _numbers(pa.array(vals, pa.string()), INT_RE, missing_ok=True)
+        assert not ok[0] and v[0] == 0.0 and big[0] == (vals[0] == "1" * 40)
 
 
 @pytest.mark.parametrize("fields", [None, ["a", "b"]])
