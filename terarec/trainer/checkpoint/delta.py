@@ -44,6 +44,7 @@ from terarec.trainer.checkpoint.files import (
     first_non_finite,
     manifest_sha256,
     read_manifest,
+    save_torch,
 )
 
 if TYPE_CHECKING:
@@ -99,7 +100,7 @@ def capture_delta(parts: Components, source: Any, step: int) -> Capture:
         from safetensors.torch import save_file
 
         save_file(tensors, out / ROWS, metadata={"step": str(step)})
-        torch.save(states, out / "tables.pt")
+        save_torch(states, out / "tables.pt")
         return [ROWS, "tables.pt"]
 
     return capture(parts, source, bad, write_files)

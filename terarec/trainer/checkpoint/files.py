@@ -70,6 +70,37 @@ class NonFiniteState(CheckpointError):
     """The rows or dense weights to save hold NaN/Inf; no checkpoint was written."""
 
 
+class _KeepsWriteErrors:
+    """A binary file for ``torch.save`` that remembers the ``OSError`` of a failed write:
+    torch's zip writer reports one as ``RuntimeError: unexpected pos ...``."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def save_torch(obj: Any, path: Path) -> None:
+    """``torch.save(obj, path)``; a failed write (a full disk) raises its ``OSError``
+    (naming ``path``), not torch's ``RuntimeError``."""
+    with open(path, "wb") as f:
+        w = _KeepsWriteErrors(f)
+        try:
+            torch.save(obj, w)  # type: ignore[arg-type]
+        except RuntimeError as e:
+            if w.error is None:
+                raise
+            raise OSError(w.error.errno, f"{w.error.strerror}: {path}") from e
+
+
 def rank_files(manifest: dict[str, Any], rank_dir: Optional[str] = None) -> list[str]:
     """The files each rank (or the one process) of a checkpoint writes; with
     ``rank_dir`` (``""`` or ``"rank<r>/"``) also that rank's row chunks, in order."""
@@ -157,7 +188,7 @@ def capture(parts: Components, source: Any, bad: Optional[str],
     def write(out: Path) -> list[str]:
         names = write_files(out)
         (out / "data.json").write_text(json.dumps(position))
-        torch.save({"torch": rng}, out / "rng.pt")
+        save_torch({"torch": rng}, out / "rng.pt")
         return [*names, "data.json", "rng.pt"]
 
     return Capture(bad or first_non_finite({}, model), write, dense, local)
@@ -262,7 +293,7 @@ def commit(path: Path, parts: Components, step: int, cfg: Config, samples: int,
     tmp = fresh_tmp(path)
     try:
         names = taken.write(tmp)
-        torch.save(taken.dense, tmp / "dense.pt")
+        save_torch(taken.dense, tmp / "dense.pt")
         files = describe(tmp, [*names, "dense.pt"])
         _write_manifest(tmp, _manifest(step, samples, cfg, files, extra))
     except BaseException as e:
@@ -296,10 +327,10 @@ def _commit_sharded(path: Path, step: int, cfg: Config, samples: int, taken: Cap
             (tmp / mine).mkdir(parents=True, exist_ok=True)
             names = taken.write(tmp / mine)
             if taken.local is not None:
-                torch.save(taken.local, tmp / mine / LOCAL_FILE)
+                save_torch(taken.local, tmp / mine / LOCAL_FILE)
                 names.append(LOCAL_FILE)
             if d.rank == 0:
-                torch.save(taken.dense, tmp / "dense.pt")
+                save_torch(taken.dense, tmp / "dense.pt")
             files = describe(tmp, [f"{mine}/{n}" for n in names]
                              + (["dense.pt"] if d.rank == 0 else []))
             fsync(tmp / mine)

@@ -48,6 +48,7 @@ from terarec.trainer.checkpoint.files import (
     fast_groups,
     rank_files,
     read_manifest,
+    save_torch,
     verify_files,
 )
 
@@ -116,11 +117,15 @@ def capture_full(parts: Components, source: Any, step: int, path: Path
     d = parts.dist
     stage = rows.stage_dir(path, f"rank{d.rank}" if d is not None and d.world_size > 1
                            else "")
-    bad, snap, tables, chunks = _capture_tables(parts, step, stage)
+    try:
+        bad, snap, tables, chunks = _capture_tables(parts, step, stage)
+    except OSError as e:  # staging the row chunks: a full disk names the file
+        rows.drop_stage(stage)
+        raise CheckpointError(f"cannot write checkpoint {path}: {e}") from e
 
     def write_files(out: Path) -> list[str]:
         names = rows.move_chunks(stage, chunks, out) + ["tables.pt"]
-        torch.save(tables, out / "tables.pt")
+        save_torch(tables, out / "tables.pt")
         if snap is not None:
             (out / ssd_snapshot.FILE).write_text(json.dumps(snap, indent=1))
             names.append(ssd_snapshot.FILE)
