@@ -145,9 +145,10 @@ def fail_on(monkeypatch: pytest.MonkeyPatch, file_name: str, exc: BaseException)
     real = torch.save
 
     def save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
-        if Path(f).name == file_name:
-            Path(f).write_bytes(b"half a file")  # the partial write a crash leaves
-            raise exc
+        path = Path(getattr(f, "name", f))  # a path or the file object it writes
+        if path.name == file_name:
+            f.write(b"half a file") if hasattr(f, "write") else path.write_bytes(b"half")
+            raise exc  # after the partial write a crash leaves
         real(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(ckpt_mod.torch, "save", save)

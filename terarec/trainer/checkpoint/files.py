@@ -76,6 +76,7 @@ class _KeepsWriteErrors:
 
     def __init__(self, f: Any) -> None:
         self.f, self.error = f, None
+        self.name = f.name  # the path, as a file object has it
 
     def write(self, data: Any) -> int:
         try:
