@@ -116,3 +116,16 @@ def test_ssd_tier_config_is_the_ssd_section() -> None:
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
 def test_shipped_configs_load(name: str) -> None:
     load_config(REPO / "configs" / name)
+
+
+def test_yaml_exponent_numbers_without_a_dot(tmp_path) -> None:
+    """``1e-3`` is a number (YAML 1.2; PyYAML's YAML 1.1 reads it as a string, which was
+    refused as "expected a number"); in --set too. Hex-looking ids stay strings."""
+    p = tmp_path / "c.yaml"
+    p.write_text("name: e\ntables: [{name: t, dim: 4}]\noptimizer:\n  dense: {lr: 1e-3}\n"
+                 "  sparse: {lr: 5E-2}\ntrain: {steps: 1e3}\n")
+    cfg = load_config(p, ["optimizer.dense.weight_decay=1e-5"])
+    assert cfg.optimizer.dense.lr == 0.001 and cfg.optimizer.sparse.lr == 0.05
+    assert cfg.train.steps == 1000 and cfg.optimizer.dense.weight_decay == 1e-5
+    cfg = load_config(p, ["name=0a1e5"])
+    assert cfg.name == "0a1e5"

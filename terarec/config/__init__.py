@@ -12,14 +12,9 @@ Enums are spelled as lower-case strings in YAML (``kind: adam``) and parsed with
 
 from __future__ import annotations
 
-import dataclasses
-import enum
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, TypeVar, Union
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -36,6 +31,7 @@ from terarec.config.data import (
     SyntheticBackend,
     SyntheticConfig,
 )
+from terarec.config.load import Loader, config_to_dict, from_dict, set_dotted
 from terarec.config.parallel import (
     DenseMerge,
     DistBackend,
@@ -44,8 +40,6 @@ from terarec.config.parallel import (
     SyncConfig,
     WireDtype,
 )
-
-T = TypeVar("T")
 
 # The data section lives in config/data.py, dist and sync in config/parallel.py; they are
 # re-exported here with the loader's API.
@@ -446,124 +440,12 @@ class Config:
 # ------------------------------------------------------------------------- loading
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """Converts a YAML value to ``tp``; raises ConfigError naming ``key``."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ConfigError(f"{key}: must not be null")
-        inner = [a for a in args if a is not type(None)]
-        return _convert(value, inner[0], key)
-    if value is None:
-        raise ConfigError(f"{key}: must not be null (expected {_type_name(tp)})")
-    if origin is list:
-        (inner,) = typing.get_args(tp)
-        if isinstance(value, (str, dict)) or not isinstance(value, (list, tuple)):
-            if inner is str and isinstance(value, str):
-                value = [value]  # a single path or feature name is a one-element list
-            else:
-                raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
-        return [_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        return _from_dict(tp, value, key)
-    if isinstance(tp, type) and issubclass(tp, StrEnum):
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {type(value).__name__}")
-        try:
-            return tp.from_str(value)
-        except ValueError as e:
-            raise ConfigError(f"{key}: {e}") from None
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)  # 1e6 in YAML
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported config type {tp}")  # pragma: no cover
-
-
-def _from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
-    where = prefix or "top level"
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"{prefix + '.' if prefix else ''}{unknown[0]}: unknown key "
-            f"(allowed: {', '.join(sorted(fields))})"
-        )
-    kwargs = {}
-    for name, f in fields.items():
-        key = f"{prefix}.{name}" if prefix else name
-        if name in data:
-            kwargs[name] = _convert(data[name], hints[name], key)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{key}: required key is missing")
-    try:
-        return cls(**kwargs)
-    except ValueError as e:
-        msg = str(e)
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(f"{prefix + '.' if prefix else ''}{msg}") from None
-
-
 def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
     """Builds a validated :class:`Config`; errors are prefixed with ``source``."""
     try:
-        return _from_dict(Config, data)
+        return from_dict(Config, data)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
-
-
-_INDEXED = re.compile(r"^([^\[\]]+)\[(\d+)\]$")  # tables[0]
-
-
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    """Sets ``dotted`` (``train.steps``, ``tables[0].device_rows``) in YAML data."""
-    node: Any = data
-    parts = dotted.split(".")
-    for i, p in enumerate(parts):
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {dotted}: {parts[i - 1]} is not a mapping")
-        last = i == len(parts) - 1
-        m = _INDEXED.match(p)
-        if m is None:
-            if last:
-                node[p] = value
-            else:
-                node = node.setdefault(p, {})
-            continue
-        name, idx = m.group(1), int(m.group(2))
-        items = node.get(name)
-        if not isinstance(items, list) or idx >= len(items):
-            n = len(items) if isinstance(items, list) else 0
-            raise ConfigError(f"--set {dotted}: {name} has no item {idx} (it has {n})")
-        if last:
-            items[idx] = value
-        else:
-            node = items[idx]
 
 
 def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -> Config:
@@ -578,7 +460,7 @@ def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=Loader) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -587,16 +469,7 @@ def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value")
         k, v = item.split("=", 1)
-        _set_dotted(data, k.strip(), yaml.safe_load(v))
+        set_dotted(data, k.strip(), yaml.load(v, Loader=Loader))
     return config_from_dict(data, str(path))
 
 
-def config_to_dict(cfg: Any) -> Any:
-    """Plain-data (YAML/JSON-able) view of a config, enums as strings."""
-    if dataclasses.is_dataclass(cfg):
-        return {f.name: config_to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-    if isinstance(cfg, list):
-        return [config_to_dict(v) for v in cfg]
-    if isinstance(cfg, enum.Enum):
-        return cfg.value
-    return cfg
