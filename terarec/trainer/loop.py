@@ -31,7 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from terarec.config import Config, ConfigError, DataKind, config_to_dict
-from terarec.data import build_source
+from terarec.data import DataError, build_source
 from terarec.data.batch import Batch
 from terarec.ps.tiers.protocol import TierFullError
 from terarec.ps.tiers.ssd import SSDStore
@@ -181,10 +181,10 @@ class _Run:
                 group["lr"] = cfg.optimizer.dense.lr
                 group["weight_decay"] = cfg.optimizer.dense.weight_decay
             log.info("resumed from %s at step %d", resume, self.step)
-        elif self.main and self.reporter.metrics_path.exists():
-            # A new run under an old name replaces that run; one log must not mix the two.
-            log.warning("%s: replacing the metrics of an earlier run", run_dir)
-            self.reporter.metrics_path.unlink()
+        # A new run under an old name replaces that run (one log must not mix the two),
+        # once it has something to log: a run that trains nothing replaces nothing.
+        self.replace_metrics = (resume is None and self.main
+                                and self.reporter.metrics_path.exists())
         self.reporter.save_config(config_to_dict(cfg))
         self.tiers = TierCounters(parts.embedding)  # after a resume's load: not moves
         self.trained = _TrainedPosition(self.source)  # the source reads ahead
@@ -209,6 +209,7 @@ class _Run:
         steps = cfg.train.steps
         self.stop = "steps" if steps is not None and self.step >= steps else None
         self.guard = LossGuard(cfg, parts.device, lambda: self.last_ckpt)
+        self.resumed = resume is not None
 
     def run(self) -> dict[str, Any]:
         cfg, parts = self.cfg, self.parts
@@ -276,7 +277,26 @@ class _Run:
             if hasattr(self.source, "close"):
                 self.source.close()
         self.guard.flush()
+        if self.step == 0 and not self.resumed:
+            raise self._no_data()
         return self._finish(pipeline)
+
+    def _no_data(self) -> DataError:
+        """The error of a run whose train stream ended before its first batch."""
+        st = self.source.stats() if hasattr(self.source, "stats") else {}
+        skipped = st.get("rows_skipped_total", 0)
+        what = (f"all {skipped} rows read were malformed ({st.get('rows_skipped')})"
+                if skipped else "the input holds no rows")
+        return DataError(f"no training data: the train stream ended before its first batch: "
+                         f"{what}; nothing of run {self.cfg.name!r} was written or replaced")
+
+    def _record(self, step: int, split: str, rec: dict[str, Any]) -> None:
+        """A ``metrics.jsonl`` line; the first of a new run replaces an earlier run's."""
+        if self.replace_metrics:
+            log.warning("%s: replacing the metrics of an earlier run", self.run_dir)
+            self.reporter.metrics_path.unlink(missing_ok=True)
+            self.replace_metrics = False
+        self.reporter.log(step, split, rec)
 
     def _batches(self) -> Iterator[Batch]:
         """The train stream: never past the step target (the pipeline reads ahead)."""
@@ -326,7 +346,7 @@ class _Run:
         traffic = sync_figures(self.parts.sync, samples // self.world)  # k-step: cross-node
         if traffic is not None:
             rec["sync"] = traffic
-        self.reporter.log(self.step, "train", rec)
+        self._record(self.step, "train", rec)
         bar.set_postfix(postfix)
 
     def _pause(self, t0: float) -> None:
@@ -341,7 +361,7 @@ class _Run:
         with self.tiers.excluding():
             ev = run_eval(self.cfg, self.parts)
         self._pause(t0)
-        self.reporter.log(self.step, "eval", ev)
+        self._record(self.step, "eval", ev)
         self.last_eval = (self.step, ev)
         if self.main:
             bar.write(fmt_eval(self.step, ev))
@@ -378,7 +398,7 @@ class _Run:
         self._pause(t0)
         pause = time.perf_counter() - t0
         if self.writer is None:  # the training loop's pause: the whole save
-            self.reporter.log(self.step, "checkpoint", {"kind": kind, "pause_s": pause})
+            self._record(self.step, "checkpoint", {"kind": kind, "pause_s": pause})
             log.info("step %d: checkpoint saved to %s (%.1fs)", self.step, path, pause)
 
     def _flush_ahead(self) -> None:
@@ -400,7 +420,7 @@ class _Run:
         info = self.writer.info
         path = save_or_diverge(self.writer.wait, info["step"], self.cfg, self.last_ckpt)
         self.last_ckpt = (path, info["step"])
-        self.reporter.log(info["step"], "checkpoint", {
+        self._record(info["step"], "checkpoint", {
             "kind": info["kind"], "pause_s": info["pause_s"], "write_s": info["write_s"],
             "async": True})
         log.info("step %d: checkpoint saved to %s (training paused %.2fs, written in "
@@ -439,7 +459,7 @@ class _Run:
         else:
             with self.tiers.excluding():
                 final = run_eval(cfg, parts)
-            self.reporter.log(step, "eval", final)
+            self._record(step, "eval", final)
         summary: dict[str, Any] = {
             "name": cfg.name,
             "steps": step,

@@ -17,6 +17,7 @@ import yaml
 from torch import nn
 
 from terarec.config import Config, ConfigError, config_from_dict, config_to_dict
+from terarec.data import DataError
 from terarec.trainer import components, divergence, loop
 from terarec.trainer.checkpoint import history, read_manifest, read_tables
 from terarec.trainer.loop import Components, TrainingDiverged, train
@@ -582,3 +583,30 @@ def test_checkpoint_every_is_validated(
     with pytest.raises(ConfigError, match=re.escape(f"<tiny>: {says}")):
         tiny_config(train=train_over)
     assert tiny_config().train.checkpoint_every == 0  # default: only at the end
+
+
+@pytest.mark.parametrize("content, epochs, said", [
+    ("garbage\n1\t2\n" * 3, 1.0, "no training data: .*all 6 rows read were malformed"),
+    ("", 1.0, "no training data: .*the input holds no rows"),
+    ("garbage\n", None, "a whole pass over 1 file.s. gave no rows"),
+])
+def test_a_run_without_a_single_batch_fails_and_replaces_nothing(
+    tiny_config: Callable[..., Config], tmp_path: Path, content: str,
+    epochs: float | None, said: str
+) -> None:
+    """Input that is all malformed (or empty) used to train 0 steps, exit 0 and replace
+    the earlier run of that name (or, cycling forever, fail after replacing its
+    metrics): now a DataError, and the earlier run stays whole."""
+    cfg = tiny_config(train={"steps": 10, "log_every": 5})
+    train(cfg)
+    run = Path(cfg.train.runs_dir) / cfg.name
+    before = (run / "metrics.jsonl").read_text()
+    bad = tmp_path / "bad.tsv"
+    bad.write_text(content)
+    again = tiny_config(data={"kind": "criteo", "path": [str(bad)],
+                              "dense_transform": "log1p"},
+                        train={"steps": None, "epochs": epochs} if epochs else {})
+    with pytest.raises(DataError, match=said):
+        train(again)
+    assert read_manifest(run / "checkpoint")["step"] == 10
+    assert (run / "metrics.jsonl").read_text() == before
