@@ -70,6 +70,13 @@ def _train(args: argparse.Namespace) -> int:
             summary = train(cfg, resume=resume)
     except ConfigError as e:  # sections that only clash once built (tables vs model)
         raise ConfigError(f"{args.config}: {e}") from None
+    if summary.get("signal"):  # SIGTERM / SIGINT: saved on the way out (trainer/signals.py)
+        import signal
+
+        where = summary.get("checkpoint", "no checkpoint (train.save_checkpoint: false)")
+        print(f"run {cfg.name}: stopped by {summary['signal']} at step {summary['steps']}; "
+              f"saved {where}; continue with --resume auto")
+        return 128 + int(signal.Signals[summary["signal"]])
     print(describe_final(summary, cfg))
     written = "summary.json,metrics.jsonl,curves.png,config.yaml"
     if "checkpoint" in summary:
@@ -292,6 +299,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.getLogger("terarec").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.fn(args)
+    except KeyboardInterrupt:  # a second Ctrl-C during training, or one elsewhere
+        print("terarec: interrupted", file=sys.stderr)
+        return 130
     except ConfigError as e:
         print(f"terarec: config error: {e}", file=sys.stderr)
         return 2

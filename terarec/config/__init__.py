@@ -343,6 +343,9 @@ class TrainConfig:
     # every step); deferred checks a step late with no sync (the GPU never waits for
     # the host); auto: deferred on CUDA, before_update on CPU (docs/training.md)
     loss_check: LossCheck = LossCheck.AUTO
+    # SIGTERM / SIGINT: the checkpoint written on the way out gets this long; past it the
+    # save is abandoned and the previous checkpoint stays (docs/reliability.md)
+    grace_seconds: float = 60.0
 
     def __post_init__(self) -> None:
         _check(self.steps is None or self.steps >= 1, "steps: must be >= 1")
@@ -357,6 +360,7 @@ class TrainConfig:
             f"device: must be auto, cpu, cuda or cuda:N, got {self.device!r}",
         )
         _check(self.threads is None or self.threads >= 1, "threads: must be >= 1")
+        _check(self.grace_seconds > 0, f"grace_seconds: must be > 0, got {self.grace_seconds}")
         _check(
             self.checkpoint_every >= 0,
             f"checkpoint_every: must be >= 0, got {self.checkpoint_every}",

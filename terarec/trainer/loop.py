@@ -17,7 +17,6 @@ alone writes the logs and summary, every rank its shard of the checkpoint.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 import shutil
@@ -44,8 +43,9 @@ from terarec.trainer.evaluate import evaluate, fmt_eval, run_eval
 from terarec.trainer.metrics import CTRMetrics
 from terarec.trainer.pipeline import PipelineMeter, PipelineStats, TrainPipeline
 from terarec.trainer.ranks import AgreedEnd, StepTally, all_sum, any_rank, is_rank0
-from terarec.trainer.report import RunReporter, atomic_write_text, read_jsonl
+from terarec.trainer.report import RunReporter, drop_records_after
 from terarec.trainer.rundir import check_resume, owned
+from terarec.trainer.signals import StopSignals
 from terarec.trainer.sync import sync_figures
 from terarec.trainer.tiers import (
     TierCounters,
@@ -174,7 +174,7 @@ class _Run:
                 torch.distributed.barrier(group=d.world)
             if self.main:  # the future this run writes again: checkpoints, then metrics
                 history.drop_after(run_dir, self.step)
-                _drop_records_after(self.reporter.metrics_path, self.step)
+                drop_records_after(self.reporter.metrics_path, self.step)
             # The optimizer's saved param_groups carry the old lr; the config wins, as it
             # does for the sparse optimizer (resuming with a lower lr after a divergence).
             for group in parts.dense_optimizer.param_groups:
@@ -208,6 +208,7 @@ class _Run:
         # for, one more step before the check at the end of the step stops it.
         steps = cfg.train.steps
         self.stop = "steps" if steps is not None and self.step >= steps else None
+        self.signals = StopSignals()  # SIGTERM / SIGINT: stop, save, exit 128 + signal
         self.guard = LossGuard(cfg, parts.device, lambda: self.last_ckpt)
         self.resumed = resume is not None
 
@@ -231,6 +232,7 @@ class _Run:
         meter = PipelineMeter(pipeline.stats)
         try:
             batches = self._batches()
+            self.signals.__enter__()
             while not self.stop:
                 try:
                     out = pipeline.progress(batches)
@@ -272,6 +274,7 @@ class _Run:
                     log.warning("the checkpoint being written failed too: %s", e)
             raise
         finally:
+            self.signals.__exit__()
             pipeline.close()
             bar.close()
             if hasattr(self.source, "close"):
@@ -315,7 +318,13 @@ class _Run:
         if self.multi and self.cfg.train.max_minutes is not None and stop != "steps":
             # Clocks differ: the ranks stop together, at the first one's limit.
             stop = "max_minutes" if any_rank(stop is not None, self.parts.dist) else None
-        return stop
+        signalled = self.signals.signum is not None
+        if self.multi and self.step % self.cfg.train.log_every == 0:
+            # the ranks agree at log steps (no collective on the others)
+            signalled = any_rank(signalled, self.parts.dist)
+        elif self.multi:
+            signalled = False
+        return stop or ("signal" if signalled else None)
 
     def _log_interval(self, bar: Any, pipeline: TrainPipeline, meter: PipelineMeter) -> None:
         """The metrics line of the interval that ends at this step."""
@@ -454,7 +463,9 @@ class _Run:
         elapsed = time.perf_counter() - self.start - self.paused
         self.tally.flush(d, [])
         samples = self.tally.samples
-        if self.last_eval is not None and self.last_eval[0] == step:
+        if self.stop == "signal":  # preempted: no time for an eval, only the save
+            final: dict[str, Any] = {}
+        elif self.last_eval is not None and self.last_eval[0] == step:
             final = self.last_eval[1]  # eval_every just evaluated this very model
         else:
             with self.tiers.excluding():
@@ -468,7 +479,7 @@ class _Run:
             "samples_per_s": (samples - self.start_samples) / max(elapsed, 1e-9),
             "stopped_by": self.stop or "end_of_data",
             "final_eval": final,
-            "auc": final["auc"],
+            "auc": final.get("auc"),
             "oracle_auc": final.get("oracle_auc"),
             "rows": _global_rows(parts),
             "data": self.source.stats() if hasattr(self.source, "stats") else {},
@@ -490,7 +501,10 @@ class _Run:
             summary["sync"] = traffic
         if cfg.train.save_checkpoint:
             self._collect_write()
-            summary["checkpoint"] = str(self._save()[0])
+            with self.signals.deadline(cfg.train.grace_seconds):
+                summary["checkpoint"] = str(self._save()[0])
+        if self.stop == "signal":
+            summary["signal"] = self.signals.name
         self.reporter.write_summary(summary)
         if self.main:
             try:
@@ -546,22 +560,6 @@ def _warn_skipped(cfg: Config, skipped: dict[str, int], warned: set[str]) -> Non
                 "tier room for two batches' unique keys to hide those reads",
                 i, t.name, t.device_rows, skipped[t.name],
             )
-
-
-def _drop_records_after(path: Path, step: int) -> None:
-    """Cuts ``metrics.jsonl`` back to ``step``, the step a resumed run starts from.
-
-    A run that died after its last checkpoint logged lines that the resumed run logs
-    again (and maybe a torn last line); kept, they would be in the log twice.
-    """
-    if not path.exists():
-        return
-    records = read_jsonl(path)
-    keep = [r for r in records if r.get("step", 0) <= step]
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    if len(keep) < len(lines):
-        log.info("%s: dropping %d lines logged after step %d", path, len(lines) - len(keep), step)
-        atomic_write_text(path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in keep))
 
 
 def _finite_source(cfg: Config) -> bool:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import enum
 import json
+import logging
 import math
 import os
 import tempfile
@@ -35,6 +36,8 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 import yaml
+
+log = logging.getLogger("terarec.trainer")
 
 LOSS_KEY = "loss"
 AUC_KEY = "auc"
@@ -287,3 +290,19 @@ def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float
             steps.append(int(r["step"]))
             values.append(v)
     return steps, values
+
+
+def drop_records_after(path: Path, step: int) -> None:
+    """Cuts ``metrics.jsonl`` back to ``step``, the step a resumed run starts from.
+
+    A run that died after its last checkpoint logged lines that the resumed run logs
+    again (and maybe a torn last line); kept, they would be in the log twice.
+    """
+    if not path.exists():
+        return
+    records = read_jsonl(path)
+    keep = [r for r in records if r.get("step", 0) <= step]
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if len(keep) < len(lines):
+        log.info("%s: dropping %d lines logged after step %d", path, len(lines) - len(keep), step)
+        atomic_write_text(path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in keep))
