@@ -60,6 +60,13 @@ def _train(args: argparse.Namespace) -> int:
         run = run_dir_of(resume)
         if args.name is None and (resume.name == FULL or run != resume.parent):
             cfg.name = run.name  # --resume runs/a continues run a, in runs/a
+    restart = read_launch_env().restart_count
+    if restart:  # terarec-launch --max-restarts: a restarted group continues the run
+        from terarec.trainer.checkpoint import latest_valid
+
+        resume = latest_valid(Path(cfg.train.runs_dir) / cfg.name)
+        print(f"restart {restart}: resuming from "
+              f"{resume or 'no valid checkpoint of the run yet: starting fresh'}", flush=True)
     try:
         if read_launch_env().distributed:  # torchrun / mpirun / srun with several ranks
             with init_distributed(cfg.dist, device=cfg.train.device) as ctx, ctx.guard():
