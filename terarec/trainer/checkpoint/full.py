@@ -280,6 +280,8 @@ def load_checkpoint(path: Path, parts: Components, source: Any = None) -> int:
             torch.set_rng_state(rng["torch"])
     except ssd_snapshot.SnapshotError as e:
         raise CheckpointError(f"{path}: {e}") from e
+    except CheckpointError:  # a missing or damaged file, named as it is (a RuntimeError)
+        raise
     except (RuntimeError, ValueError, KeyError, pickle.UnpicklingError, EOFError) as e:
         raise CheckpointError(f"{path}: does not fit this model/config: {e}") from e
     return int(manifest["step"])
