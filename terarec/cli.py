@@ -33,7 +33,8 @@ def _checkpoint_dir(path: str) -> Path:
     from terarec.trainer.checkpoint.history import DELTAS, FULL, KEPT, latest_valid
 
     p = Path(path)
-    if (p / "manifest.json").is_file() or not any((p / d).is_dir() for d in (FULL, KEPT, DELTAS)):
+    kinds = (FULL, f"{FULL}.old", KEPT, DELTAS)  # .old: a save interrupted mid-swap
+    if (p / "manifest.json").is_file() or not any((p / d).is_dir() for d in kinds):
         return p
     return latest_valid(p) or p / FULL  # (none verifies: the error names checkpoint/)
 

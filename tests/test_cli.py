@@ -120,6 +120,13 @@ def test_resume_continues_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert code == 0, err
     summary = json.loads((runs / "cli_run" / "summary.json").read_text())
     assert summary["steps"] == 50 and sorted(p.name for p in runs.iterdir()) == ["cli_run"]
+    # a save interrupted mid-swap leaves only checkpoint.old: --resume runs/<name> finds it
+    (runs / "cli_run" / "checkpoint").rename(runs / "cli_run" / "checkpoint.old")
+    code, out, err = run(train_argv(runs, "--set", "train.steps=60", "--resume",
+                                    str(runs / "cli_run")), capsys)
+    assert code == 0, err
+    summary = json.loads((runs / "cli_run" / "summary.json").read_text())
+    assert summary["steps"] == 60 and summary["samples"] == 60 * 64
 
 
 # 64 samples x 4 features: at most 256 unique keys a batch; vocab 4 x 200 = 800 keys.
