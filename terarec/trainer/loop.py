@@ -44,7 +44,7 @@ from terarec.trainer.metrics import CTRMetrics
 from terarec.trainer.pipeline import PipelineMeter, PipelineStats, TrainPipeline
 from terarec.trainer.ranks import AgreedEnd, StepTally, all_sum, any_rank, is_rank0
 from terarec.trainer.report import RunReporter, drop_records_after
-from terarec.trainer.rundir import check_resume, owned
+from terarec.trainer.rundir import changed_on_resume, check_resume, owned
 from terarec.trainer.signals import StopSignals
 from terarec.trainer.sync import sync_figures
 from terarec.trainer.tiers import (
@@ -168,7 +168,10 @@ class _Run:
         self.last_ckpt: Optional[tuple[Path, int]] = None  # (dir, step) known good
         if resume is not None:
             self.step = load_checkpoint(resume, parts, self.source)
-            samples = int(read_manifest(resume, verify=False).get("samples", 0))
+            saved = read_manifest(resume, verify=False)
+            samples = int(saved.get("samples", 0))
+            for change in changed_on_resume(saved.get("config", {}), config_to_dict(cfg)):
+                log.warning("resuming with other settings than %s's: %s", resume, change)
             self.last_ckpt = (Path(resume), self.step)
             if self.multi:  # every rank has read its checkpoint before any goes
                 torch.distributed.barrier(group=d.world)
@@ -287,9 +290,9 @@ class _Run:
     def _no_data(self) -> DataError:
         """The error of a run whose train stream ended before its first batch."""
         st = self.source.stats() if hasattr(self.source, "stats") else {}
-        skipped = st.get("rows_skipped_total", 0)
-        what = (f"all {skipped} rows read were malformed ({st.get('rows_skipped')})"
-                if skipped else "the input holds no rows")
+        n = st.get("rows_skipped_total", 0)
+        what = f"all {n} rows read were malformed ({st.get('rows_skipped')})" if n else \
+            "the input holds no rows"
         return DataError(f"no training data: the train stream ended before its first batch: "
                          f"{what}; nothing of run {self.cfg.name!r} was written or replaced")
 

@@ -8,6 +8,8 @@
 * :func:`check_resume`: resuming from another run's checkpoint into a directory that
   holds a run already is refused (its ``metrics.jsonl`` would mix two runs); into a new
   directory it starts that run from the checkpoint.
+* :func:`changed_on_resume`: the settings a resume changes that change the run's data
+  or its sampling (seed, batch size, vocabulary...), which the run warns about.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from terarec.config import ConfigError
 
@@ -64,3 +66,25 @@ def check_resume(resume: Optional[Path], run_dir: Path) -> None:
             f"{run_dir} holds a run already; continue {source_run.name} with --name "
             f"{source_run.name}, or start a new run from the checkpoint under a new --name"
         )
+
+
+# Settings whose change on resume changes the data a run sees or how it is drawn: legal
+# (e.g. a larger batch after a warm-up), but a continuation only in name.
+WATCHED = ("seed", "data.kind", "data.path", "data.batch_size", "data.shuffle_buffer",
+           "data.dense_transform", "data.synthetic.vocab_size", "data.synthetic.num_sparse",
+           "data.synthetic.num_dense", "data.synthetic.zipf_alpha",
+           "data.synthetic.values_per_feature")
+
+
+def changed_on_resume(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``key: saved -> now`` for each :data:`WATCHED` setting that differs between the
+    checkpoint's config (``saved``, as in its manifest) and the run's (``now``)."""
+    out = []
+    for key in WATCHED:
+        a, b = saved, now
+        for part in key.split("."):
+            a = a.get(part) if isinstance(a, dict) else None
+            b = b.get(part) if isinstance(b, dict) else None
+        if a is not None and a != b:
+            out.append(f"{key}: {a!r} -> {b!r}")
+    return out

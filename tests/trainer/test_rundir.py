@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from collections.abc import Callable
@@ -67,3 +68,24 @@ def test_resume_from_another_runs_checkpoint_into_an_existing_run_is_refused(
     assert forked["steps"] == 20
     # and continuing a itself is a resume as before
     assert train(tiny_config(name="a", train={"steps": 20}), resume=ckpt_a)["steps"] == 20
+
+
+def test_resuming_with_other_data_settings_warns(
+    tiny_config: Callable[..., Config], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another seed, batch size or vocabulary on resume is allowed but said, each with
+    the value trained with and the new one; an unchanged resume says nothing."""
+    cfg = tiny_config(train={"steps": 10})
+    train(cfg)
+    ckpt = Path(cfg.train.runs_dir) / cfg.name / "checkpoint"
+    with caplog.at_level(logging.WARNING, logger="terarec.trainer"):
+        train(tiny_config(train={"steps": 12}), resume=ckpt)
+    assert not [r for r in caplog.records if "other settings" in r.getMessage()]
+    changed = tiny_config(seed=7, data={"batch_size": 32, "synthetic": {"vocab_size": 300}},
+                          train={"steps": 14})
+    with caplog.at_level(logging.WARNING, logger="terarec.trainer"):
+        train(changed, resume=ckpt)
+    said = [r.getMessage() for r in caplog.records if "other settings" in r.getMessage()]
+    assert any("seed: 0 -> 7" in m for m in said), said
+    assert any("data.batch_size: 64 -> 32" in m for m in said), said
+    assert any("data.synthetic.vocab_size: 200 -> 300" in m for m in said), said
