@@ -26,8 +26,8 @@ setup(
     ],
     extras_require={
         "mpi": ["mpi4py"],
-        "dev": ["pytest", "ruff"],
-        "test": ["pytest"],
+        "dev": ["pytest", "hypothesis", "ruff"],
+        "test": ["pytest", "hypothesis"],
     },
     entry_points={
         "console_scripts": [
