@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Union
 
@@ -43,13 +44,13 @@ def _hint(op: str, msg: str) -> str:
         )
     if any(s in m for s in _NOT_WRITABLE):
         return "the SSD tier needs a writable directory: set ssd.path to one on local NVMe"
-    if "lock" in m:
+    if "corrupt" in m:  # (before "lock": "block checksum mismatch")
+        return "the DB files are damaged: restore the SSD tier from the last checkpoint"
+    if re.search(r"\block\b", m):
         return (
             "another process holds this DB open: two ranks with the same rank id, or a "
             "leftover process from an earlier run"
         )
-    if "corrupt" in m:
-        return "the DB files are damaged: restore the SSD tier from the last checkpoint"
     if "closed" in m:
         return "the SSD store was closed"
     return ""
