@@ -28,11 +28,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Iterator, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Optional
+from typing import Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -43,6 +44,7 @@ from terarec.launch.health import HealthMonitor, PeerFailure, ProcInfo, pid_spac
 from terarec.launch.rendezvous import Rendezvous, await_ranks, connect
 from terarec.runtime import DeviceUnavailable, DistHandles, resolve_device
 
+T = TypeVar("T")
 logger = logging.getLogger("terarec.launch")
 
 
@@ -83,20 +85,27 @@ class DistContext(DistHandles):
         except PeerFailure:
             raise
         except Exception as e:
-            if self._monitor is None:
+            monitor, store = self._monitor, self._store
+            if monitor is None:
                 raise
-            cause = self._monitor.diagnose(2.0 * self._monitor.interval_s)
+            # The store may be cut off too: each of these is bounded (a cut-off store
+            # blocks its calls for minutes), the rank stops either way.
+            bound = self._timeout_s + 4.0 * monitor.interval_s
+            cause = _bounded(lambda: monitor.diagnose(2.0 * monitor.interval_s), bound,
+                             "diagnose")
+            if cause is None:
+                cause = monitor.failure  # what the watchdog found meanwhile, if anything
             if cause is not None and not cause.startswith(f"rank {self.rank} failed:"):
                 raise PeerFailure(f"rank {self.rank} stops: {cause}") from e
-            assert self._store is not None
+            assert store is not None
             if _is_comm_error(e):  # a peer's doing, but none could be named
                 msg = (f"rank {self.rank}: a collective failed and no rank was found dead "
                        f"or silent: {type(e).__name__}: {e}")
-                self._monitor.report(self._store, msg)
+                _bounded(lambda: monitor.report(store, msg), 2.0 * monitor.interval_s,
+                         "report")
                 raise PeerFailure(msg) from e
-            self._monitor.report(
-                self._store, f"rank {self.rank} failed: {type(e).__name__}: {e}"
-            )
+            msg = f"rank {self.rank} failed: {type(e).__name__}: {e}"
+            _bounded(lambda: monitor.report(store, msg), 2.0 * monitor.interval_s, "report")
             raise
 
     def close(self) -> None:
@@ -110,19 +119,17 @@ class DistContext(DistHandles):
             self._monitor.stop()
             self._monitor = None
         store, rdzv = self._store, self._rdzv
+        # after a failure the store or a peer may be cut off: leaving is bounded
+        bound = self._timeout_s if not failed else 5.0
         if store is not None and rdzv is not None and self.world_size > 1:
-            try:
+            def say_done() -> None:
                 store.set(f"done/{self.rank}", "1")
                 if rdzv.hosting and not failed:
                     _wait_done(store, self.world_size, self._timeout_s)
-            except Exception as e:  # noqa: BLE001 - leaving anyway
-                logger.debug("rank %d: leaving without a clean done: %s", self.rank, e)
+            _bounded(say_done, bound + 5.0, "done")
         self._store, self._rdzv = None, None
         if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception as e:  # noqa: BLE001 - a dead peer can make this fail
-                logger.debug("rank %d: destroy_process_group: %s", self.rank, e)
+            _bounded(dist.destroy_process_group, bound, "destroy_process_group")
 
     def __enter__(self) -> DistContext:
         return self
@@ -138,6 +145,26 @@ _COMM_ERRORS = ("Connection closed by peer", "Connection reset by peer", "Broken
 def _is_comm_error(e: BaseException) -> bool:
     """An error of the communication layer (a peer gone or too slow), not of our code."""
     return isinstance(e, dist.DistError) or any(s in str(e) for s in _COMM_ERRORS)
+
+
+def _bounded(fn: Callable[[], T], seconds: float, what: str) -> Optional[T]:
+    """``fn()`` on a daemon thread for at most ``seconds``: its result, or None when it
+    raised or is still blocked (a call to a store or a peer that is cut off), which the
+    caller then goes on without."""
+    out: list[T] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except Exception as e:  # noqa: BLE001 - leaving anyway
+            logger.debug("%s: %s", what, e)
+
+    t = threading.Thread(target=run, name=f"terarec-{what}", daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        logger.debug("%s did not finish in %.0f s; going on without it", what, seconds)
+    return out[0] if out else None
 
 
 def _wait_done(store: dist.Store, world: int, timeout_s: float) -> None:

@@ -123,3 +123,40 @@ def test_two_hosts_over_veth_train_the_one_process_run(hosts: TwoHosts, tmp_path
     assert_same_run(cfg, ref)
     summary = (run_dir(cfg) / "summary.json").read_text()
     assert '"world_size": 2' in summary and '"fast_groups": 2' in summary  # two hosts
+
+
+def test_a_link_that_goes_down_fails_the_job_within_its_timeout(hosts: TwoHosts,
+                                                                 tmp_path: Path) -> None:
+    """Two hosts training over the veth pair; the link goes down mid-run (``ip link set
+    ... down``): both nodes stop with an error naming the unreachable peer within the
+    configured timeout (``dist.timeout_s``: 20 s) and a margin, never hanging."""
+    import time
+
+    cfg = equivalence_config(tmp_path, 2, "link-down", steps=2000, tiers=False)
+    cfg["dist"] = {"timeout_s": 20}
+    config = write_config(tmp_path, cfg)
+    metrics = run_dir(cfg) / "metrics.jsonl"
+    port = free_port()
+    with Ranks(tmp_path) as ranks:
+        for node in range(2):
+            env = base_env()
+            env["GLOO_SOCKET_IFNAME"] = hosts.dev[node]
+            ranks.start([*hosts.exec(node), PY, "-m", "torch.distributed.run",
+                         "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),
+                         "--master-addr", hosts.addr[0], "--master-port", str(port),
+                         "-m", "terarec.cli", "train", "--config", str(config)], env)
+        deadline = time.monotonic() + 150
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+            assert time.monotonic() < deadline, ranks.output(0)[-3000:]
+            assert all(p.poll() is None for p in ranks.procs), ranks.output(0)[-3000:]
+            time.sleep(0.2)
+        _ip("-n", hosts.ns[1], "link", "set", hosts.dev[1], "down")
+        t0 = time.monotonic()
+        codes = ranks.wait(20 + 60)  # the timeout, and a margin for the exits
+        took = time.monotonic() - t0
+        outs = [ranks.output(i) for i in range(2)]
+    assert all(c != 0 for c in codes), codes
+    assert took < 80, took
+    assert any("PeerFailure" in o or "timed out" in o.lower() or "timeout" in o.lower()
+               for o in outs), "\n".join(o[-2000:] for o in outs)
+    assert not (run_dir(cfg) / "summary.json").exists()
