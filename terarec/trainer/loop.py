@@ -283,7 +283,7 @@ class _Run:
             if hasattr(self.source, "close"):
                 self.source.close()
         self.guard.flush()
-        if self.step == 0 and not self.resumed:
+        if self.step == 0 and not self.resumed and self.stop is None:  # the data ended
             raise self._no_data()
         return self._finish(pipeline)
 
