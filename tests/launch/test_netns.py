@@ -152,11 +152,11 @@ def test_a_link_that_goes_down_fails_the_job_within_its_timeout(hosts: TwoHosts,
             time.sleep(0.2)
         _ip("-n", hosts.ns[1], "link", "set", hosts.dev[1], "down")
         t0 = time.monotonic()
-        codes = ranks.wait(20 + 60)  # the timeout, and a margin for the exits
+        codes = ranks.wait(20 + 130)  # the timeout, and a margin for the exits
         took = time.monotonic() - t0
         outs = [ranks.output(i) for i in range(2)]
     assert all(c != 0 for c in codes), codes
-    assert took < 80, took
+    assert took < 20 + 100, took  # the timeout, diagnosis and leaving, each bounded
     assert any("PeerFailure" in o or "timed out" in o.lower() or "timeout" in o.lower()
                for o in outs), "\n".join(o[-2000:] for o in outs)
     assert not (run_dir(cfg) / "summary.json").exists()
