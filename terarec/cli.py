@@ -22,7 +22,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from terarec.config import ConfigError, DataKind, config_from_dict, load_config
 
@@ -37,6 +37,14 @@ def _checkpoint_dir(path: str) -> Path:
     if (p / "manifest.json").is_file() or not any((p / d).is_dir() for d in kinds):
         return p
     return latest_valid(p) or p / FULL  # (none verifies: the error names checkpoint/)
+
+
+def _signal_exit(summary: dict[str, Any]) -> Optional[int]:
+    """``128 + signal`` for a run stopped by a signal (``summary["signal"]``), else None."""
+    import signal
+
+    name = summary.get("signal")
+    return 128 + int(signal.Signals[name]) if name else None
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -72,19 +80,18 @@ def _train(args: argparse.Namespace) -> int:
         if read_launch_env().distributed:  # torchrun / mpirun / srun with several ranks
             with init_distributed(cfg.dist, device=cfg.train.device) as ctx, ctx.guard():
                 summary = train(cfg, resume=resume, dist=ctx)
-            if ctx.rank != 0:
-                return 0  # rank 0 prints the run's closing lines
+            if ctx.rank != 0:  # rank 0 prints the run's closing lines
+                return _signal_exit(summary) or 0
         else:
             summary = train(cfg, resume=resume)
     except ConfigError as e:  # sections that only clash once built (tables vs model)
         raise ConfigError(f"{args.config}: {e}") from None
-    if summary.get("signal"):  # SIGTERM / SIGINT: saved on the way out (trainer/signals.py)
-        import signal
-
+    code = _signal_exit(summary)
+    if code:  # SIGTERM / SIGINT: saved on the way out (trainer/signals.py)
         where = summary.get("checkpoint", "no checkpoint (train.save_checkpoint: false)")
         print(f"run {cfg.name}: stopped by {summary['signal']} at step {summary['steps']}; "
               f"saved {where}; continue with --resume auto")
-        return 128 + int(signal.Signals[summary["signal"]])
+        return code
     print(describe_final(summary, cfg))
     written = "summary.json,metrics.jsonl,curves.png,config.yaml"
     if "checkpoint" in summary:

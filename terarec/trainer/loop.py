@@ -184,8 +184,7 @@ class _Run:
                 group["lr"] = cfg.optimizer.dense.lr
                 group["weight_decay"] = cfg.optimizer.dense.weight_decay
             log.info("resumed from %s at step %d", resume, self.step)
-        # A new run under an old name replaces that run (one log must not mix the two),
-        # once it has something to log: a run that trains nothing replaces nothing.
+        # a new run under an old name replaces its log at its first line (never if no step)
         self.replace_metrics = (resume is None and self.main
                                 and self.reporter.metrics_path.exists())
         self.reporter.save_config(config_to_dict(cfg))
@@ -207,8 +206,7 @@ class _Run:
         self.write_group = (torch.distributed.new_group(backend="gloo")
                             if self.writer is not None and self.multi else None)
         self.warned: set[str] = set()
-        # A run resumed at (or past) its step target must not take, and consume data
-        # for, one more step before the check at the end of the step stops it.
+        # a run resumed at (or past) its step target takes no step (and reads no data)
         steps = cfg.train.steps
         self.stop = "steps" if steps is not None and self.step >= steps else None
         self.signals = StopSignals()  # SIGTERM / SIGINT: stop, save, exit 128 + signal
@@ -216,6 +214,10 @@ class _Run:
         self.resumed = resume is not None
 
     def run(self) -> dict[str, Any]:
+        with self.signals:  # through the final save: a late signal is recorded too
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         cfg, parts = self.cfg, self.parts
         bar = tqdm(total=cfg.train.steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (cfg.train.progress and self.main))
@@ -235,7 +237,6 @@ class _Run:
         meter = PipelineMeter(pipeline.stats)
         try:
             batches = self._batches()
-            self.signals.__enter__()
             while not self.stop:
                 try:
                     out = pipeline.progress(batches)
@@ -277,7 +278,6 @@ class _Run:
                     log.warning("the checkpoint being written failed too: %s", e)
             raise
         finally:
-            self.signals.__exit__()
             pipeline.close()
             bar.close()
             if hasattr(self.source, "close"):
@@ -506,8 +506,8 @@ class _Run:
             self._collect_write()
             with self.signals.deadline(cfg.train.grace_seconds):
                 summary["checkpoint"] = str(self._save()[0])
-        if self.stop == "signal":
-            summary["signal"] = self.signals.name
+        if self.stop == "signal" or self.signals.signum is not None:  # (another rank's:
+            summary["signal"] = self.signals.name or "SIGTERM"  # stopped as by SIGTERM)
         self.reporter.write_summary(summary)
         if self.main:
             try:
