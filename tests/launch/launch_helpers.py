@@ -82,6 +82,15 @@ class Ranks:
                                      + self.output(i)[-3000:])
             time.sleep(0.1)
 
+    def wait_for_lines(self, path: Path, lines: int, timeout: float) -> None:
+        """Waits until ``path`` (a run's ``metrics.jsonl``) holds ``lines`` lines, every
+        process still running (fails with process 0's output otherwise)."""
+        deadline = time.monotonic() + timeout
+        while not (path.exists() and path.read_text().count("\n") >= lines):
+            assert time.monotonic() < deadline, self.output(0)[-3000:]
+            assert all(p.poll() is None for p in self.procs), self.output(0)[-3000:]
+            time.sleep(0.1)
+
     def wait(self, timeout: float) -> list[int]:
         """Exit codes of every process (all must end within ``timeout``)."""
         deadline = time.monotonic() + timeout

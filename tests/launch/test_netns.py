@@ -92,6 +92,17 @@ def hosts() -> Iterator[TwoHosts]:
     assert not any(ns in left for ns in h.ns), left
 
 
+def start_nodes(ranks: Ranks, hosts: TwoHosts, config: Path, port: int) -> None:
+    """One torchrun node in each namespace, gloo over its veth end only."""
+    for node in range(2):
+        env = base_env()
+        env["GLOO_SOCKET_IFNAME"] = hosts.dev[node]
+        ranks.start([*hosts.exec(node), PY, "-m", "torch.distributed.run",
+                     "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),
+                     "--master-addr", hosts.addr[0], "--master-port", str(port),
+                     "-m", "terarec.cli", "train", "--config", str(config)], env)
+
+
 def _one_process(cfg: dict[str, Any]) -> None:
     import torch
 
@@ -110,13 +121,7 @@ def test_two_hosts_over_veth_train_the_one_process_run(hosts: TwoHosts, tmp_path
     config = write_config(tmp_path, cfg)
     port = free_port()  # free here; the namespaces have no listeners at all
     with Ranks(tmp_path) as ranks:
-        for node in range(2):
-            env = base_env()
-            env["GLOO_SOCKET_IFNAME"] = hosts.dev[node]
-            ranks.start([*hosts.exec(node), PY, "-m", "torch.distributed.run",
-                         "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),
-                         "--master-addr", hosts.addr[0], "--master-port", str(port),
-                         "-m", "terarec.cli", "train", "--config", str(config)], env)
+        start_nodes(ranks, hosts, config, port)
         codes = ranks.wait(150)
         outs = [ranks.output(i) for i in range(2)]
     assert codes == [0, 0], "\n".join(o[-3000:] for o in outs)
@@ -138,18 +143,8 @@ def test_a_link_that_goes_down_fails_the_job_within_its_timeout(hosts: TwoHosts,
     metrics = run_dir(cfg) / "metrics.jsonl"
     port = free_port()
     with Ranks(tmp_path) as ranks:
-        for node in range(2):
-            env = base_env()
-            env["GLOO_SOCKET_IFNAME"] = hosts.dev[node]
-            ranks.start([*hosts.exec(node), PY, "-m", "torch.distributed.run",
-                         "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),
-                         "--master-addr", hosts.addr[0], "--master-port", str(port),
-                         "-m", "terarec.cli", "train", "--config", str(config)], env)
-        deadline = time.monotonic() + 150
-        while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
-            assert time.monotonic() < deadline, ranks.output(0)[-3000:]
-            assert all(p.poll() is None for p in ranks.procs), ranks.output(0)[-3000:]
-            time.sleep(0.2)
+        start_nodes(ranks, hosts, config, port)
+        ranks.wait_for_lines(metrics, 3, timeout=150)
         _ip("-n", hosts.ns[1], "link", "set", hosts.dev[1], "down")
         t0 = time.monotonic()
         codes = ranks.wait(20 + 130)  # the timeout, and a margin for the exits

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from pathlib import Path
 
 from launch_helpers import Ranks, free_port, torchrun_env
@@ -21,11 +20,7 @@ def test_sigterm_stops_every_rank_at_one_step_with_one_checkpoint(tmp_path: Path
     with Ranks(tmp_path) as ranks:
         for r in range(2):
             ranks.start(train_cmd(config), torchrun_env(r, 2, port))
-        deadline = time.monotonic() + 120
-        while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-            assert time.monotonic() < deadline, ranks.output(0)[-3000:]
-            assert all(p.poll() is None for p in ranks.procs), ranks.output(0)[-3000:]
-            time.sleep(0.1)
+        ranks.wait_for_lines(metrics, 2, timeout=120)
         ranks.kill(0, signal.SIGTERM)
         codes = ranks.wait(120)
         out = ranks.output(0)

@@ -215,11 +215,7 @@ def test_a_rank_killed_mid_training_stops_the_others_naming_it(tmp_path: Path) -
     with Ranks(tmp_path) as ranks:
         for r in range(2):
             ranks.start(train_cmd(config), torchrun_env(r, 2, port))
-        deadline = time.monotonic() + 90
-        while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-            assert time.monotonic() < deadline, ranks.output(0)[-3000:]
-            assert ranks.procs[0].poll() is None, ranks.output(0)[-3000:]
-            time.sleep(0.2)
+        ranks.wait_for_lines(metrics, 2, timeout=90)
         ranks.kill(1, signal.SIGKILL)
         t0 = time.monotonic()
         code = ranks.procs[0].wait(timeout=40)
