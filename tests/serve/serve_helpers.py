@@ -8,8 +8,10 @@ import dataclasses
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -147,3 +149,47 @@ def server(bundle: Path, *extra: str, timeout: float = 90.0) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@dataclass
+class Load:
+    """What :func:`under_load`'s clients did: posts per client, non-200 answers."""
+
+    counts: list[int]
+    errors: list[str] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def under_load(url: str, bodies: list[dict[str, Any]], max_each: int = 1 << 30
+               ) -> Iterator[Load]:
+    """One client thread per body, each posting it to ``/score`` again and again (at
+    most ``max_each`` times) while the block runs; joined when it ends."""
+    load = Load([0] * len(bodies))
+    done = threading.Event()
+
+    def client(i: int) -> None:
+        with httpx.Client(base_url=url, timeout=30) as c:
+            while not done.is_set() and load.counts[i] < max_each:
+                r = c.post("/score", json=bodies[i])
+                load.counts[i] += 1
+                if r.status_code != 200:
+                    load.errors.append(r.text)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    try:
+        yield load
+    finally:
+        done.set()
+        for t in threads:
+            t.join()
+
+
+def wait_health(url: str, key: str, value: Any, what: str, timeout: float = 60.0) -> None:
+    """Waits until ``/healthz`` reports ``key == value``; fails saying ``what`` did not
+    happen."""
+    deadline = time.monotonic() + timeout
+    while httpx.get(f"{url}/healthz").json()[key] != value:
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)

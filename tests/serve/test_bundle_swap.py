@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
-from serve_helpers import SPLIT, server, trained
+from serve_helpers import SPLIT, server, trained, under_load, wait_health
 from test_service import request
 
 from terarec.serve.export import export_bundle
@@ -46,45 +45,23 @@ def test_new_export_replaces_the_bundle_under_load(tmp_path: Path) -> None:
     link = tmp_path / "current"
     link.symlink_to(tmp_path / "b20")
     bodies = [request(np.random.default_rng(i), 50) for i in range(8)]
-    errors: list[str] = []
-    done = threading.Event()
-    counts = [0] * 8
 
     with server(link, "--watch-bundle", "--follow-every", "0.2") as url:
         assert httpx.get(f"{url}/healthz").json()["step"] == 20
         first = httpx.post(f"{url}/score", json=bodies[0]).json()
-
-        def load(i: int) -> None:
-            with httpx.Client(base_url=url, timeout=30) as c:
-                while not done.is_set() and counts[i] < 400:
-                    r = c.post("/score", json=bodies[i])
-                    counts[i] += 1
-                    if r.status_code != 200:
-                        errors.append(r.text)
-        threads = [threading.Thread(target=load, args=(i,)) for i in range(8)]
-        for t in threads:
-            t.start()
-        time.sleep(0.5)
-        switch(link, tmp_path / "b40")
-        deadline = time.monotonic() + 60
-        while httpx.get(f"{url}/healthz").json()["step"] != 40:
-            assert time.monotonic() < deadline, "the new export was not served"
-            time.sleep(0.1)
-        time.sleep(0.5)
-        done.set()
-        for t in threads:
-            t.join()
+        with under_load(url, bodies, max_each=400) as load:
+            time.sleep(0.5)
+            switch(link, tmp_path / "b40")
+            wait_health(url, "step", 40, "the new export was not served")
+            time.sleep(0.5)
         after = httpx.post(f"{url}/score", json=bodies[0]).json()
         switch(link, tmp_path / "broken")
-        deadline = time.monotonic() + 60
-        while httpx.get(f"{url}/healthz").json()["bundle_errors"] != 1:
-            assert time.monotonic() < deadline, "the broken export was not noticed"
-            time.sleep(0.1)
+        wait_health(url, "bundle_errors", 1, "the broken export was not noticed")
         health = httpx.get(f"{url}/healthz").json()
         still = httpx.post(f"{url}/score", json=bodies[0]).json()
         metrics = httpx.get(f"{url}/metrics").text
-    assert not errors, errors[:3]
-    assert sum(counts) > 16
+    assert not load.errors, load.errors[:3]
+    assert sum(load.counts) > 16
     assert health["step"] == 40 and health["bundles"] == 2
     assert "terarec_bundles_loaded 2" in metrics and "terarec_bundle_errors 1" in metrics
     assert first["step"] == 20 and after["step"] == still["step"] == 40

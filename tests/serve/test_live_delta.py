@@ -81,12 +81,11 @@ def test_a_full_checkpoint_is_not_a_delta(delta_run, tmp_path: Path) -> None:
 def test_service_applies_a_delta_during_load_without_a_failed_request(
         delta_run, tmp_path: Path) -> None:
     import shutil
-    import threading
     import time
 
     import httpx
     import numpy as np
-    from serve_helpers import server
+    from serve_helpers import server, under_load, wait_health
     from test_service import request
 
     _, run = delta_run
@@ -95,37 +94,19 @@ def test_service_applies_a_delta_during_load_without_a_failed_request(
     (follow / "deltas").mkdir()
     export_bundle(follow / "checkpoints" / "step20", tmp_path / "b")
     bodies = [request(np.random.default_rng(i), 50) for i in range(8)]
-    errors: list[str] = []
-    done = threading.Event()
-    counts = {"requests": 0}
 
     with server(tmp_path / "b", "--follow", str(follow), "--follow-every", "0.2") as url:
-        def load(i: int) -> None:
-            with httpx.Client(base_url=url, timeout=30) as c:
-                while not done.is_set():
-                    r = c.post("/score", json=bodies[i])
-                    counts["requests"] += 1
-                    if r.status_code != 200:
-                        errors.append(r.text)
-        threads = [threading.Thread(target=load, args=(i,)) for i in range(8)]
-        for t in threads:
-            t.start()
-        time.sleep(1.0)
-        shutil.copytree(run / "deltas" / "step30", follow / "deltas" / ".incoming")
-        (follow / "deltas" / ".incoming").rename(follow / "deltas" / "step30")
-        deadline = time.monotonic() + 60
-        while httpx.get(f"{url}/healthz").json()["step"] != 30:
-            assert time.monotonic() < deadline, "the delta was not applied"
-            time.sleep(0.1)
-        time.sleep(1.0)
-        done.set()
-        for t in threads:
-            t.join()
+        with under_load(url, bodies) as load:
+            time.sleep(1.0)
+            shutil.copytree(run / "deltas" / "step30", follow / "deltas" / ".incoming")
+            (follow / "deltas" / ".incoming").rename(follow / "deltas" / "step30")
+            wait_health(url, "step", 30, "the delta was not applied")
+            time.sleep(1.0)
         health = httpx.get(f"{url}/healthz").json()
         served = httpx.post(f"{url}/score", json=bodies[0]).json()
         metrics = httpx.get(f"{url}/metrics").text
-    assert not errors, errors[:3]
-    assert counts["requests"] > 16
+    assert not load.errors, load.errors[:3]
+    assert sum(load.counts) > 16
     assert health["deltas"] == 1 and health["delta_errors"] == 0
     assert "terarec_overlay_rows" in metrics
     scorer = Scorer.from_bundle(tmp_path / "b")
