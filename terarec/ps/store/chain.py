@@ -136,8 +136,8 @@ class TierChain(ChainAccess):
         self.scratch.update_rows(slots[padded], grad[padded], optimizer)  # type: ignore[union-attr]
 
     def _pad_mask(self, slots: torch.Tensor) -> Optional[torch.Tensor]:
-        if self.scratch is None:
-            return None
+        if self.scratch is None or len(self.scratch) == 0:
+            return None  # no row in the pad: no pad slot (host state, no sync)
         pad = slots >= self.top.capacity
         return pad if bool(pad.any()) else None
 
@@ -170,8 +170,28 @@ class TierChain(ChainAccess):
             TierFullError: (with ``table`` set) the batch does not fit the top tier and
                 there is no scratch pad.
         """
+        return self.prepare_found(keys, self.top.lookup(keys), step, create, admit, lock_until)
+
+    def needs_walk(self) -> bool:
+        """Whether :meth:`prepare_found` has work beyond the top tier's hits even when
+        every key is a hit (TTL checks, rows in the scratch pad): host state, no sync."""
+        return self.ttl is not None or (self.scratch is not None and len(self.scratch) > 0)
+
+    def prepare_found(
+        self,
+        keys: torch.Tensor,
+        found: torch.Tensor,
+        step: int,
+        create: RowSource,
+        admit: Optional[Admit] = None,
+        lock_until: Optional[int] = None,
+        misses: Optional[int] = None,
+    ) -> torch.Tensor:
+        """:meth:`prepare` after the top tier's lookup: ``found = top.lookup(keys)``
+        ``[U]`` (used as the result, in place), ``misses`` its count of -1 when known
+        (a group of chains counts them all with one host sync)."""
         try:
-            return self._prepare(keys, step, create, admit, lock_until)
+            return self._prepare(keys, found, step, create, admit, lock_until, misses)
         except TierFullError as e:
             e.table = e.table or self.table
             raise
@@ -179,14 +199,22 @@ class TierChain(ChainAccess):
     def _prepare(
         self,
         keys: torch.Tensor,
+        slots: torch.Tensor,
         step: int,
         create: RowSource,
         admit: Optional[Admit],
         lock_until: Optional[int],
+        misses: Optional[int],
     ) -> torch.Tensor:
         lock_until = step if lock_until is None else lock_until
         self.step = max(self.step, lock_until)
-        slots = self.top.lookup(keys)
+        if not self.needs_walk():
+            if misses is None:
+                misses = int((slots < 0).sum())
+            if misses == 0:  # every row resident: one host sync, no index lists
+                self.top.touch(slots, lock_until)
+                self.top.lock(slots, lock_until)
+                return slots
         stale_top = self._stale_top(keys, slots, lock_until)
         hit = (slots >= 0).nonzero().squeeze(1)
         self.top.touch(slots[hit], lock_until)

@@ -45,6 +45,7 @@ class TieredStore:
         self.base = [sum(caps[:t]) for t in range(len(caps))]
         self.total = sum(caps)
         self._caps = torch.tensor(caps, device=storage.device)
+        self._salts = torch.tensor(salts, dtype=torch.int64, device=storage.device)
         self._on_expire: Optional[Expired] = None
 
     @property
@@ -98,6 +99,8 @@ class TieredStore:
     def _pad_parts(self, slots: torch.Tensor) -> Optional[list[tuple[int, Any, Any]]]:
         """None when every slot is a device slot; else ``(table, positions, local
         slots)`` of the scratch pad rows, per table that has some."""
+        if not self._has_pad():
+            return None
         pad = slots >= self.total
         if not bool(pad.any()):
             return None
@@ -168,16 +171,38 @@ class TieredStore:
         admit: Optional[Admit] = None,
     ) -> torch.Tensor:
         """Each table's chain makes its pairs resident (``admit``, when given, is asked
-        once per table with that table's absent pairs)."""
+        once per table with that table's absent pairs). The top tiers' lookups run
+        first, and their misses are counted for all tables with one host sync: when
+        every pair is resident, no chain walks its tiers."""
+        pos, raw = self._parts(keys, tables)
+        found = [c.top.lookup(r) for c, r in zip(self.chains, raw)]
+        misses = torch.stack([(f < 0).sum() for f in found]).tolist()
+        local = []
+        for t, chain in enumerate(self.chains):
+            sub_admit = None if admit is None else (lambda p, q=pos[t]: admit(q[p]))
+            local.append(chain.prepare_found(
+                raw[t], found[t], step, subset(create, pos[t]), sub_admit, misses=misses[t]))
         slots = torch.empty_like(keys)
-
-        def one(t: int, chain: TierChain, pos: torch.Tensor, raw: torch.Tensor) -> None:
-            sub_admit = None if admit is None else (lambda p: admit(pos[p]))
-            local = chain.prepare(raw, step, subset(create, pos), admit=sub_admit)
-            slots[pos] = self._to_group(local, t)
-
-        self._each(keys, tables, one)
+        plain = not self._has_pad() and not any(misses)  # device slots only, none -1
+        slots[torch.cat(pos)] = torch.cat([
+            loc + self.base[t] if plain else self._to_group(loc, t) for t, loc in enumerate(local)
+        ])
         return slots
+
+    def _parts(
+        self, keys: torch.Tensor, tables: Optional[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each table's positions ``[n_t]`` and raw keys ``[n_t]``, in table order."""
+        pos = self._split(tables, keys.numel())
+        if tables is None:
+            return pos, [self._raw(keys, 0)] + [keys[p] for p in pos[1:]]
+        order = torch.cat(pos)
+        raw = (keys ^ self._salts[tables])[order]  # one gather for every table
+        return pos, list(torch.split(raw, [p.numel() for p in pos]))
+
+    def _has_pad(self) -> bool:
+        """Whether some chain holds rows in its scratch pad (host state, no sync)."""
+        return any(c.scratch is not None and len(c.scratch) > 0 for c in self.chains)
 
     def prefetch(
         self, keys: torch.Tensor, step: int, tables: Optional[torch.Tensor] = None

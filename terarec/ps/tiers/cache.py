@@ -81,6 +81,9 @@ class CacheTier(SlotRows):
         self._stats = dict.fromkeys(
             ("hits", "misses", "inserts", "evictions", "deletes", "expired"), 0
         )
+        # hits counted on the device: a lookup on the training path never waits for it
+        self._hits = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._looked = 0  # keys looked up
 
     def __len__(self) -> int:
         return self._size
@@ -89,9 +92,8 @@ class CacheTier(SlotRows):
     def lookup(self, keys: torch.Tensor) -> torch.Tensor:
         """Slot of each key, -1 where absent ``[N]``; counts hits and misses."""
         slots = self._map.find(keys)
-        hits = int((slots >= 0).sum())
-        self._stats["hits"] += hits
-        self._stats["misses"] += keys.numel() - hits
+        self._hits += (slots >= 0).sum()
+        self._looked += keys.numel()
         return slots
 
     def lock(self, slots: torch.Tensor, until_step: int) -> None:
@@ -252,6 +254,8 @@ class CacheTier(SlotRows):
 
     def stats(self) -> dict[str, float]:
         out = {k: float(v) for k, v in self._stats.items()}
+        hits = int(self._hits)
+        out["hits"], out["misses"] = float(hits), float(self._looked - hits)
         out["rows"] = float(self._size)
         out["bytes"] = float(self._size * (self.row_width * self._rows.element_size() + 16))
         return out
