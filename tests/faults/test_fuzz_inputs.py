@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 from hypothesis import HealthCheck, given, settings
@@ -18,6 +18,7 @@ from terarec.config import (
     DataConfig,
     DataKind,
     DenseTransform,
+    LibfmConfig,
     config_from_dict,
 )
 from terarec.data import DataError, build_source
@@ -92,6 +93,58 @@ def test_csv_reader_accounts_for_every_row(tmp_path: Path, rows: list[tuple[str,
     n, stats, dense = one_pass(cfg)
     assert n + stats["rows_skipped_total"] == len(rows), stats
     assert all(np.isfinite(d).all() for d in dense)
+
+
+GOOD_TOKEN = st.tuples(st.integers(0, 10**18 - 1), st.integers(-9, 9)).map(
+    lambda t: f"{t[0]}:{t[1]}")
+BAD_TOKEN = st.one_of(
+    st.tuples(st.integers(0, 10**18 - 1), NUMBERS).map(lambda t: f"{t[0]}:{t[1]}"),
+    st.sampled_from(["1:", ":1", "1:2:3", "9" * 19 + ":1", "-1:1", "x:1", "1:nan", "1:1e400",
+                     "1:0x10", "１:1"]),
+    st.text(max_size=5).filter(lambda t: "\n" not in t and "\r" not in t),
+)
+
+
+@st.composite
+def libfm_lines(draw: Any, width: int) -> list[str]:
+    """Rows of ``width`` tokens mostly (some another count), with hostile labels/tokens."""
+    lines = []
+    for _ in range(draw(st.integers(0, 30))):
+        n = width if draw(st.integers(0, 3)) else draw(st.integers(0, width + 2))
+        label = draw(st.sampled_from(["0", "1", "-1"])) if draw(st.booleans()) else draw(LABELS)
+        toks = [draw(GOOD_TOKEN) if draw(st.integers(0, 5)) else draw(BAD_TOKEN)
+                for _ in range(n)]
+        lines.append(" ".join([label] + toks))
+    return lines
+
+
+@FUZZ
+@given(lines=libfm_lines(3), named=st.booleans(), strict=st.booleans())
+def test_libfm_reader_accounts_for_every_line(tmp_path: Path, lines: list[str], named: bool,
+                                              strict: bool) -> None:
+    p = tmp_path / "f.libfm"
+    p.write_text("".join(x + "\n" for x in lines))
+    cfg = DataConfig(kind=DataKind.LIBFM, path=[str(p)], batch_size=4, chunk_rows=3,
+                     prefetch_batches=0, strict=strict,
+                     libfm=LibfmConfig(fields=["a", "b", "c"] if named else None))
+    try:
+        n, stats, _ = one_pass(cfg)
+    except DataError as e:
+        assert strict and f"{p}:" in str(e), str(e)
+        return
+    assert n + stats["rows_skipped_total"] == len(lines), stats
+    assert n >= sum(_good_libfm(x, 3 if named else None) for x in lines)
+
+
+def _good_libfm(line: str, width: Optional[int]) -> bool:
+    """A line every libFM reader must accept: a decimal label, ``width`` (any count when
+    None, at least one) tokens of decimal ``idx:int``."""
+    label, *toks = line.split(" ")
+    ok_label = label.lstrip("-").isdecimal() and label.isascii()
+    ok_toks = all(t.count(":") == 1 and all(p.lstrip("-").isdecimal() and p.isascii()
+                                            for p in t.split(":")) and not t.startswith("-")
+                  and len(t.split(":")[0]) <= 18 for t in toks)
+    return ok_label and ok_toks and len(toks) >= 1 and (width is None or len(toks) == width)
 
 
 YAMLISH = st.recursive(

@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from terarec.trainer.checkpoint import read_manifest, read_tables
+from terarec.trainer.checkpoint.history import latest_valid
 
 CONFIG: dict[str, Any] = {
     "name": "sig", "seed": 0,
@@ -90,3 +91,29 @@ def test_the_resumed_run_ends_as_a_straight_run(tmp_path: Path) -> None:
     da = torch.load(a / "dense.pt", weights_only=True)["model"]
     db = torch.load(b / "dense.pt", weights_only=True)["model"]
     assert all(torch.equal(da[k], db[k]) for k in db)
+
+
+def test_a_save_that_outlives_the_grace_period_is_abandoned(tmp_path: Path) -> None:
+    """``train.grace_seconds`` far below any save's time: the save on the way out is
+    abandoned (exit 143, an error naming the setting), the periodic checkpoint written
+    before the signal stays valid, and ``--resume auto`` continues from it."""
+    cfg = tmp_path / "c.yaml"
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    cfg.write_text(yaml.safe_dump({**CONFIG, "train": {
+        **CONFIG["train"], "runs_dir": str(tmp_path / "runs"), "checkpoint_every": 5,
+        "grace_seconds": 1e-6}}))
+    done, _ = interrupted(tmp_path, signal.SIGTERM)
+    assert done.returncode == 143, done.stderr[-2000:]
+    assert "outlived train.grace_seconds" in done.stderr
+    assert "Traceback" not in done.stderr
+    run = tmp_path / "runs" / "sig"
+    saved = latest_valid(run)
+    assert saved is not None
+    step = int(read_manifest(saved)["step"])
+    assert step >= 5 and step % 5 == 0  # a periodic checkpoint, not the abandoned one
+    resumed = subprocess.run(cli(tmp_path, "--resume", "auto", "--set",
+                                 f"train.steps={step + 5}", "--set", "train.grace_seconds=60"),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"--resume auto: {saved}" in resumed.stdout
+    assert read_manifest(run / "checkpoint")["step"] == step + 5
