@@ -19,6 +19,7 @@ setup(
         "tensordict",
         "pyre-extensions",
         "rocksdict",
+        "xxhash",
         "safetensors",
         "fastapi",
         "uvicorn",

@@ -275,6 +275,11 @@ class SSDConfig:
         compression: ``none`` | ``lz4`` | ``zstd``.
         wal: also write the WAL on the hot path (never synced there; ``flush`` syncs it).
             Off by default: checkpoints flush memtables, and recovery is from a checkpoint.
+        verify_filters: on opening an existing DB, verify the checksums of every live
+            SST file's meta blocks (bloom filter, index, properties): RocksDB checks a
+            data or index block whenever it reads one, but reads past a filter it cannot
+            load, so a damaged filter would go unreported. Reads the filters (~1.3 bytes
+            per row).
     """
 
     path: Optional[str] = None
@@ -288,6 +293,7 @@ class SSDConfig:
     known_keys: int = 1 << 22
     compression: SSDCompression = SSDCompression.NONE
     wal: bool = False
+    verify_filters: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.compression, SSDCompression):  # built in code from a string

@@ -74,6 +74,7 @@ from terarec.ps.tiers.ssd_format import (  # rocksdb_options: also public here
     rocksdb_options,
     take_items,
 )
+from terarec.ps.tiers.sst_check import check_db
 
 PathLike = Union[str, Path]
 
@@ -167,6 +168,10 @@ class SSDStore:
             else:
                 self._db = rocksdict.Rdict(str(self.path), opts, access_type=access)
             self._db.set_write_options(self._write_opts)
+            damaged = check_db(self._db, self.path) if self.config.verify_filters else None
+        if damaged is not None:
+            self.close()
+            raise SSDTierError("open", self.path, f"Corruption: {damaged}")
 
     @classmethod
     def for_rank(cls, config: SSDTierConfig, rank: int) -> SSDStore:
