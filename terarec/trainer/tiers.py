@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any, Optional
 
 from terarec.config import Config, ConfigError
 from terarec.ps.embedding import HierarchicalEmbeddingBagCollection
-from terarec.ps.tiers.ssd import SSDStore, SSDTierConfig, rank_dir
+from terarec.ps.tiers.ssd import SSDStore, SSDTierConfig, SSDTierError, rank_dir
 
 log = logging.getLogger("terarec.trainer")
 
@@ -96,15 +97,21 @@ def _fields(obj: Any) -> dict[str, Any]:
 
 def close_store(store: Optional[SSDStore], quiet: bool = False) -> None:
     """Closes ``store`` (flushing it); ``quiet``: log a failure instead of raising it
-    (when another error is already on its way out)."""
+    (when another error is already on its way out). A failure that repeats the error in
+    flight (the same store's, e.g. its disk is full) is logged at debug level only: the
+    error on its way out already says it."""
     if store is None:
         return
+    pending = sys.exc_info()[1]  # the caller's error being handled, if any
     try:
         store.close()
     except Exception as e:
         if not quiet:
             raise
-        log.warning("could not close the SSD tier at %s: %s", store.path, e)
+        same = isinstance(pending, SSDTierError) and isinstance(e, SSDTierError) and (
+            pending.path == e.path)
+        (log.debug if same else log.warning)(
+            "could not close the SSD tier at %s: %s", store.path, e)
 
 
 class TierCounters:
