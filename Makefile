@@ -7,7 +7,7 @@ RUN ?= runs/quickstart
 REQUEST ?= examples/quickstart_request.json
 CONFIG ?= configs/quickstart.yaml
 
-.PHONY: install train test test-all test-numerics lint bench clean
+.PHONY: install train test test-all test-numerics test-faults lint bench clean
 
 $(STAMP): setup.py requirements-cpu.txt
 	bash scripts/install.sh "$(PY)" "$(VENV)"
@@ -31,6 +31,10 @@ test-all: $(STAMP)
 test-numerics: $(STAMP)
 	$(VPY) -c "import torch; print('ATen CPU capability:', torch.backends.cpu.get_cpu_capability())"
 	$(VPY) -m pytest -q -m "numerics and not slow" tests
+
+# The slow fault-injection tests (a 4-rank restart with SSD tiers); CI runs them too.
+test-faults: $(STAMP)
+	$(VPY) -m pytest -q -m "faults" tests
 
 lint: $(STAMP)
 	$(VPY) -m ruff check terarec tests benchmarks

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import time
 from pathlib import Path
 
+import pytest
 from launch_helpers import PY, Ranks, base_env
 from train_helpers import final_rows, quickstart_config, run_dir, write_config
 
@@ -29,9 +31,25 @@ def rank_pid(marker: str, rank: int) -> int | None:
     return None
 
 
-def launch(tmp: Path, config: Path, *extra: str) -> list[str]:
-    return [PY, "-m", "terarec.launch.cli", "--nproc-per-node", "2", "--no-topology",
+def launch(tmp: Path, config: Path, *extra: str, nproc: int = 2) -> list[str]:
+    return [PY, "-m", "terarec.launch.cli", "--nproc-per-node", str(nproc), "--no-topology",
             "--monitor-interval", "0.5", *extra, "train", "--config", str(config)]
+
+
+def wait_for_checkpoint(ranks: Ranks, ckpt: Path, step: int, timeout: float = 240) -> None:
+    """Until the run's checkpoint holds ``step`` (the launcher alive all along)."""
+    deadline = time.monotonic() + timeout
+    while not ((ckpt / "manifest.json").exists()
+               and json.loads((ckpt / "manifest.json").read_text())["step"] == step):
+        assert time.monotonic() < deadline, ranks.output(0)[-3000:]
+        assert ranks.procs[0].poll() is None, ranks.output(0)[-3000:]
+        time.sleep(0.05)
+
+
+def train_steps(cfg: dict) -> list[int]:
+    """The train steps logged in the run's metrics, in order."""
+    return [json.loads(x)["step"] for x in (run_dir(cfg) / "metrics.jsonl").read_text()
+            .splitlines() if json.loads(x).get("split") == "train"]
 
 
 def test_a_restarted_group_resumes_the_newest_checkpoint(tmp_path: Path) -> None:
@@ -46,12 +64,7 @@ def test_a_restarted_group_resumes_the_newest_checkpoint(tmp_path: Path) -> None
     env = {**base_env(), "OMP_NUM_THREADS": "1"}
     with Ranks(tmp_path) as ranks:
         ranks.start(launch(tmp_path, config, "--max-restarts", "1"), env)
-        deadline = time.monotonic() + 180
-        while not ((ckpt / "manifest.json").exists()
-                   and json.loads((ckpt / "manifest.json").read_text())["step"] == 20):
-            assert time.monotonic() < deadline, ranks.output(0)[-3000:]
-            assert ranks.procs[0].poll() is None, ranks.output(0)[-3000:]
-            time.sleep(0.05)
+        wait_for_checkpoint(ranks, ckpt, 20)
         pid = rank_pid(str(config), 1)
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
@@ -62,8 +75,7 @@ def test_a_restarted_group_resumes_the_newest_checkpoint(tmp_path: Path) -> None
     assert "restart 1: resuming from" in out and str(ckpt) in out, out[-3000:]
     summary = json.loads((run_dir(cfg) / "summary.json").read_text())
     assert summary["steps"] == 60
-    steps = [json.loads(x)["step"] for x in (run_dir(cfg) / "metrics.jsonl").read_text()
-             .splitlines() if json.loads(x).get("split") == "train"]
+    steps = train_steps(cfg)
     assert steps == sorted(set(steps)) and steps[-1] == 60  # continued, logged once each
     restarted = final_rows(cfg)
     # the same checkpoint resumed by a launch without a failure
@@ -79,3 +91,53 @@ def test_a_restarted_group_resumes_the_newest_checkpoint(tmp_path: Path) -> None
     assert restarted.keys() == want.keys()
     for name in want:
         assert all(a.equal(b) for a, b in zip(restarted[name], want[name])), name
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_four_ranks_with_ssd_tiers_restart_and_lose_no_row(tmp_path: Path) -> None:
+    """Four ranks whose table has device, host and SSD tiers (most rows on the SSD),
+    under --max-restarts 2; rank 2 is killed (-9) after the step-16 checkpoint: the group
+    restarts, resumes it and finishes at step 40. Its rows (read back through every
+    rank's SSD snapshot) equal those of a launch without a failure that stopped at step
+    16 and was resumed from its checkpoint: nothing lost from any tier."""
+    def config(tmp: Path, steps: int) -> dict:
+        cfg = quickstart_config(tmp, "ssd4", steps=steps)
+        cfg["train"].update(checkpoint_every=8, log_every=4)
+        cfg["data"]["synthetic"]["vocab_size"] = 20_000
+        cfg["tables"][0].update(device_rows=2000, host_rows=1000)
+        cfg["ssd"] = {"path": "ssd", "write_buffer_mb": 1, "block_cache_mb": 4}
+        return cfg
+
+    cfg = config(tmp_path, 40)
+    ckpt = run_dir(cfg) / "checkpoint"
+    env = {**base_env(), "OMP_NUM_THREADS": "1"}
+    with Ranks(tmp_path) as ranks:
+        ranks.start(launch(tmp_path, write_config(tmp_path, cfg), "--max-restarts", "2",
+                           nproc=4), env)
+        wait_for_checkpoint(ranks, ckpt, 16)
+        pid = rank_pid(str(tmp_path / "ssd4.yaml"), 2)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        (code,) = ranks.wait(timeout=400)
+        out = ranks.output(0)
+    assert code == 0, out[-3000:]
+    assert "restart 1: resuming from" in out, out[-3000:]
+    assert re.search(r"resumed from \S+ at step 16\b", out), out[-3000:]
+    steps = train_steps(cfg)
+    assert steps == sorted(set(steps)) and steps[-1] == 40
+    got = final_rows(cfg)
+    assert sum(k.numel() for k, _ in got.values()) > 4 * (2000 + 1000)  # most on the SSDs
+    # the reference: the same run stopped at its step-16 checkpoint, resumed to 40
+    ref_tmp = tmp_path / "ref"
+    ref_tmp.mkdir()
+    for steps_to, extra in ((16, ()), (40, ("--resume", "auto"))):
+        ref = config(ref_tmp, steps_to)
+        with Ranks(ref_tmp) as ranks:
+            ranks.start(launch(ref_tmp, write_config(ref_tmp, ref), nproc=4) + list(extra), env)
+            (code,) = ranks.wait(timeout=400)
+            assert code == 0, ranks.output(0)[-3000:]
+    want = final_rows(ref)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert all(a.equal(b) for a, b in zip(got[name], want[name])), name
