@@ -22,6 +22,7 @@ setup(
         "xxhash",
         "safetensors",
         "fastapi",
+        "orjson",
         "uvicorn",
         "httpx",
     ],

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import threading
 import time
@@ -45,8 +44,9 @@ from pathlib import Path
 from queue import Empty, SimpleQueue
 from typing import Any, Optional, Union
 
+import orjson
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel, Field
 
 from terarec.serve.scorer import Ranking, RequestError, Scorer
@@ -286,7 +286,7 @@ class Service:
         except UnicodeDecodeError as e:
             raise _BadRequest(400, f"body: not UTF-8 ({e.reason} at byte {e.start})") from None
         try:
-            data = json.loads(text)
+            data = orjson.loads(text)
         except (ValueError, RecursionError) as e:
             raise _BadRequest(400, f"body: not JSON ({e})") from None
         if not isinstance(data, dict):
@@ -335,14 +335,15 @@ def build_app(service: Service) -> FastAPI:
             body = await _read_limited(request, service.max_body_bytes)
             fut = service.batcher.submit(service.parse(body))
             res = await asyncio.wrap_future(fut)
-            payload = {"scores": res.scores.tolist(), "ranking": res.order.tolist(),
-                       "ids": res.ids, "step": res.step}
+            payload = {"scores": res.scores.numpy(), "ranking": res.order.numpy(), "ids": res.ids,
+                       "step": res.step}
         except _BadRequest as e:
             status, payload = e.status, {"detail": str(e)}
         except RequestError as e:
             status, payload = 422, {"detail": str(e)}
         service.metrics.observe(status, time.perf_counter() - t0)
-        return JSONResponse(payload, status_code=status)
+        return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY),
+                        status_code=status, media_type="application/json")
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
