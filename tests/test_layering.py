@@ -58,12 +58,13 @@ PS_ALLOWED: dict[str, set[str]] = {
     "touched": {"index", "changes"},
     "changes": {"index"},
     "features": set(),
+    "pooling": set(),
     "tiers": {"index"},
     "store": {"index", "tiers"},
     "group": {"index", "tiers", "store", "admission", "touched", "changes", "initializer"},
     "table": {"group", "initializer"},
     "shard": {"group", "index", "tiers", "store"},
-    "embedding": {"group", "table", "shard", "tiers", "store", "features"},
+    "embedding": {"group", "table", "shard", "tiers", "store", "features", "pooling"},
 }
 # Files in these layers stay under this many lines (the others under MAX_LINES).
 SMALL = {"ps": 600, "trainer": 600}

@@ -13,17 +13,16 @@ group (``ps/group.py``) that trains as one batch. One forward, per group::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from terarec.config import Pooling, SparseOptimConfig, TableConfig
-from terarec.ps.features import permute_features
+from terarec.ps.features import expand_variable_batch, permute_features
 from terarec.ps.group import TableGroup
+from terarec.ps.pooling import Dedup, Pool, dedup, kjt_offsets
 from terarec.ps.shard.sharded import ShardedLookup
 from terarec.ps.table import EmbeddingTable, resolve_table_features, table_groups
 from terarec.ps.tiers.ssd import SSDStore
@@ -107,10 +106,17 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
             self._group_features.append(feats)
             self._feature_table.append(torch.tensor(owner, dtype=torch.int64))
         self.table_features = table_features
-        self.out_features = [f for fs in self._group_features for f in fs]
         self.feature_dims = {
             f: t.dim for t, fs in zip(self.tables, table_features) for f in fs
         }
+        # What the groups pool, in order, and what the KeyedTensor shows: TorchRec's order
+        # (tables in config order, each table's features in order); the columns are
+        # moved table by table only when the groups interleave the tables.
+        self.group_features = [f for fs in self._group_features for f in fs]
+        self.out_features = [f for fs in table_features for f in fs]
+        self._table_columns = _table_columns(
+            self.group_features, table_features, self.feature_dims
+        ) if self.out_features != self.group_features else None
         self._perm_cache: dict[tuple[str, ...], list[int]] = {}
         self._sharded: Optional[ShardedLookup] = None
         if process_group is not None:
@@ -127,24 +133,29 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
         key = tuple(keys)
         if key not in self._perm_cache:
             pos = {k: i for i, k in enumerate(keys)}
-            missing = [f for f in self.out_features if f not in pos]
+            missing = [f for f in self.group_features if f not in pos]
             extra = [k for k in keys if k not in self.feature_dims]
             if missing or extra:
                 raise ValueError(
                     f"KJT features do not match the tables: missing {missing}, unknown {extra}"
                 )
-            self._perm_cache[key] = [pos[f] for f in self.out_features]
+            self._perm_cache[key] = [pos[f] for f in self.group_features]
         return self._perm_cache[key]
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pools each feature's keys.
 
         Args:
-            features: KJT of int64 keys, ``B = features.stride()``.
+            features: KJT of int32 or int64 keys, ``B = features.stride()``; weighted
+                (per-value weights scale the rows in sum pooling) or not; a variable
+                batch per key (VBE) is expanded by its inverse indices, as TorchRec's
+                ``EmbeddingBagCollection`` does.
         Returns:
-            KeyedTensor with keys ``out_features`` (grouped by table), values
-            ``[B, sum of dims]``.
+            KeyedTensor with keys ``out_features`` (TorchRec's order: tables in config
+            order, each table's features in order), values ``[B, sum of dims]``.
         """
+        if features.variable_stride_per_key():  # VBE: as TorchRec, expanded per sample
+            features = expand_variable_batch(features)
         keys = features.keys()
         perm = self._permutation(keys)
         if perm != list(range(len(keys))):
@@ -172,6 +183,8 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
             beside the current one: nothing of theirs moved, the next forward makes
             their rows resident itself.
         """
+        if features.variable_stride_per_key():
+            features = expand_variable_batch(features)
         keys = features.keys()
         perm = self._permutation(keys)
         if perm != list(range(len(keys))):
@@ -189,18 +202,18 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
 
     def _dedup_group(
         self, group: TableGroup, kjt: KeyedJaggedTensor, feature_table: torch.Tensor
-    ) -> tuple[_Dedup, torch.Tensor]:
+    ) -> tuple[Dedup, torch.Tensor]:
         """The group's unique (table, key) pairs and the bag offsets ``[F*B + 1]``."""
         batch = kjt.stride()
         values = kjt.values().to(self.device, torch.int64)
-        offsets = _kjt_offsets(kjt).to(self.device)
+        offsets = kjt_offsets(kjt).to(self.device)
         if group.num_tables == 1 or values.numel() == 0:
-            return _dedup(values), offsets
+            return dedup(values), offsets
         bounds = offsets[::batch]  # value offset of each feature: [F + 1]
         tables = torch.repeat_interleave(
             feature_table.to(self.device), bounds[1:] - bounds[:-1], output_size=values.numel()
         )
-        return _dedup(group.composite(values, tables), tables), offsets
+        return dedup(group.composite(values, tables), tables), offsets
 
     # -- sharded tables (ps/shard/sharded.py) ---------------------------------------------
     def _forward_sharded(self, parts: list[KeyedJaggedTensor], train: bool) -> list[torch.Tensor]:
@@ -225,7 +238,8 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
         for g, kjt, w, (d, offsets) in zip(self.groups, parts, weights, dedups):
             batch, n_feat = kjt.stride(), len(kjt.keys())
             mean = g.cfgs[0].pooling == Pooling.MEAN
-            out.append(_Pool.apply(w, d, offsets, mean, n_feat, batch))  # [B, F*D]
+            vw = self._value_weights(g, kjt, mean)
+            out.append(Pool.apply(w, d, offsets, mean, n_feat, batch, vw))  # [B, F*D]
         return out
 
     def _prefetch_sharded(self, parts: list[KeyedJaggedTensor]) -> list[str]:
@@ -247,6 +261,8 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
     def _keyed(self, pooled: list[torch.Tensor]) -> KeyedTensor:
         lengths = [self.feature_dims[f] for f in self.out_features]
         values = pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1)
+        if self._table_columns is not None:  # groups interleave the tables: one copy
+            values = torch.cat([values[:, a:b] for a, b in self._table_columns], dim=1)
         return KeyedTensor(keys=self.out_features, length_per_key=lengths, values=values)
 
     def _pool_group(
@@ -272,7 +288,23 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
             rows, _ = group.lookup_rows(dedup.keys, dedup.tables)
             weights = rows[:, : group.dim].contiguous()
         mean = group.cfgs[0].pooling == Pooling.MEAN
-        return _Pool.apply(weights, dedup, offsets, mean, n_feat, batch)  # [B, F*D]
+        vw = self._value_weights(group, kjt, mean)
+        return Pool.apply(weights, dedup, offsets, mean, n_feat, batch, vw)  # [B, F*D]
+
+    def _value_weights(
+        self, group: TableGroup, kjt: KeyedJaggedTensor, mean: bool
+    ) -> Optional[torch.Tensor]:
+        """A weighted KJT's per-value weights ``[N]`` (float32 on the device), or None.
+        Weights scale each value's row in sum pooling, as in TorchRec's weighted
+        ``EmbeddingBagCollection``; mean pooling has no weighted form (an error)."""
+        w = kjt.weights_or_none()
+        if w is None:
+            return None
+        if mean:
+            raise ValueError(
+                f"tables {group.names}: a weighted KJT (per-value weights) needs sum "
+                "pooling; these tables pool by mean")
+        return w.to(self.device, torch.float32)
 
     # -- state ---------------------------------------------------------------------
     def num_rows(self) -> dict[str, int]:
@@ -381,173 +413,16 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
                 g.admission.load_state_dict(state[mine[0].name].get("admission") or {})
 
 
-@dataclass
-class _Dedup:
-    """Unique keys of a flat value list and the maps between the two.
-
-    For ``values = [7, 3, 7]``: ``keys = [3, 7]``, ``inverse = [1, 0, 1]`` (value ->
-    unique key), ``order = [1, 0, 2]`` (values grouped by key), ``key_offsets = [0, 1, 3]``.
-    With several tables, a unique entry is a ``(table, key)`` pair and ``tables`` holds
-    each pair's table.
-    """
-
-    keys: torch.Tensor  # [U] sorted
-    tables: torch.Tensor  # [U]
-    inverse: torch.Tensor  # [N]
-    order: torch.Tensor  # [N]
-    key_offsets: torch.Tensor  # [U + 1]
-
-
-def _dedup(values: torch.Tensor, tables: Optional[torch.Tensor] = None) -> _Dedup:
-    """Dedup of ``values`` ``[N]``, or of ``(tables, values)`` pairs when ``tables`` is
-    given. Pairs need one stable sort: ``tables`` must be non-decreasing along the input
-    (values laid out table by table), so equal values stay ordered by table. The sort is
-    stable either way: a key's occurrences keep their order, so its gradient sums them in
-    the same order whether its table trains alone or in a group (bitwise equal results;
-    a stable sort costs what an unstable one does here, CPU and CUDA)."""
-    n = values.numel()
-    if tables is None:
-        sorted_vals, order = torch.sort(values, stable=True)
-        keys, counts = torch.unique_consecutive(sorted_vals, return_counts=True)
-        key_tables = torch.zeros(keys.numel(), dtype=torch.int64, device=values.device)
-        key_offsets = torch.zeros(keys.numel() + 1, dtype=torch.int64, device=values.device)
-        torch.cumsum(counts, 0, out=key_offsets[1:])
-    else:
-        sorted_vals, order = torch.sort(values, stable=True)
-        sorted_tab = tables[order]
-        starts = torch.ones(n, dtype=torch.bool, device=values.device)
-        if n > 1:
-            starts[1:] = (sorted_vals[1:] != sorted_vals[:-1]) | (
-                sorted_tab[1:] != sorted_tab[:-1]
-            )
-        first = starts.nonzero().squeeze(1)
-        keys, key_tables = sorted_vals[first], sorted_tab[first]
-        key_offsets = torch.cat([first, torch.tensor([n], device=values.device)])
-        counts = key_offsets[1:] - key_offsets[:-1]
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.repeat_interleave(
-        torch.arange(keys.numel(), device=values.device), counts, output_size=n
-    )
-    return _Dedup(keys, key_tables, inverse, order, key_offsets)
-
-
-def _kjt_offsets(kjt: KeyedJaggedTensor) -> torch.Tensor:
-    """The KJT's value offsets ``[F*B + 1]``; computed with torch when it only has
-    lengths (torchrec would call FBGEMM's CUDA cumsum, which GPU runs need not have)."""
-    offsets = kjt.offsets_or_none()
-    if offsets is not None:
-        return offsets
-    lengths = kjt.lengths()
-    out = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=lengths.device)
-    torch.cumsum(lengths, 0, out=out[1:])
-    return out
-
-
-class _Pool(torch.autograd.Function):
-    """Bag pooling over the gathered unique rows, with a sort-free backward, straight
-    into the batch-major layout ``[B, F*D]`` the model consumes.
-
-    The KJT's bags are feature-major (bag ``f*B + b``); pooling them in that order and
-    transposing ``[F, B, D] -> [B, F, D]`` costs two full copies of the pooled output
-    (forward and backward). Instead the values are visited bag by bag in batch-major
-    order (``b*F + f``: a gather of the ``[N]`` int64 value indices), so
-    ``embedding_bag`` writes ``[B*F, D] = [B, F*D]`` directly; each bag sums the same
-    values in the same order, so the result is bitwise the transposed one. (On CUDA;
-    see :func:`_batch_major_pays`.)
-
-    The gradient of unique row ``u`` is the sum of the bag gradients of every value that
-    maps to ``u``. With the values already grouped by key (``_Dedup.order``), that is
-    itself an ``embedding_bag`` over the bag gradients: one bag per unique key. It gives
-    the fused row optimizer exactly what it needs (one summed gradient per key) without
-    ``embedding_bag``'s dense backward, which sorts again and scatters.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        weights: torch.Tensor,
-        dedup: _Dedup,
-        offsets: torch.Tensor,
-        mean: bool,
-        n_feat: int,
-        batch: int,
-    ) -> torch.Tensor:
-        """weights ``[U, D]``, offsets ``[F*B + 1]`` into the feature-major values ->
-        pooled ``[B, F*D]``."""
-        mode = "mean" if mean else "sum"
-        dim = weights.shape[1]
-        reorder = n_feat > 1 and batch > 1 and _batch_major_pays(weights)
-        ctx.dedup = dedup
-        ctx.save_for_backward(offsets)
-        ctx.mean = mean
-        ctx.shape = (n_feat, batch, reorder)
-        index, bag_offsets = dedup.inverse, offsets
-        if reorder:
-            index, bag_offsets = _batch_major_values(dedup.inverse, offsets, n_feat, batch)
-        out = F.embedding_bag(index, weights, bag_offsets, mode=mode, include_last_offset=True)
-        if reorder:
-            return out.view(batch, n_feat * dim)
-        return out.view(n_feat, batch, dim).transpose(0, 1).reshape(batch, n_feat * dim)
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        (offsets,) = ctx.saved_tensors
-        d: _Dedup = ctx.dedup
-        n_feat, batch, reorder = ctx.shape
-        lengths = offsets[1:] - offsets[:-1]
-        bag_of_value = torch.repeat_interleave(
-            torch.arange(lengths.numel(), device=lengths.device),
-            lengths,
-            output_size=d.inverse.numel(),
-        )
-        bag_sorted = bag_of_value[d.order]  # feature-major bag of each key-sorted value
-        psw = None
-        if ctx.mean:
-            psw = (1.0 / lengths.clamp(min=1).to(grad_out.dtype))[bag_sorted]
-        dim = grad_out.shape[1] // max(n_feat, 1)
-        if reorder:  # the bag's row in the batch-major gradient: f*B + b -> b*F + f
-            bag_sorted = (bag_sorted % batch) * n_feat + bag_sorted // batch
-            grad_bags = grad_out.contiguous().view(-1, dim)
-        else:  # [B, F*D] -> feature-major bags [F*B, D]
-            grad_bags = grad_out.view(batch, n_feat, dim).transpose(0, 1).reshape(-1, dim)
-        grad_w = F.embedding_bag(
-            bag_sorted,
-            grad_bags,
-            d.key_offsets,
-            mode="sum",
-            per_sample_weights=psw,
-            include_last_offset=True,
-        )
-        return grad_w, None, None, None, None, None
-
-
-def _batch_major_pays(weights: torch.Tensor) -> bool:
-    """Pool in batch-major order on CUDA, where the two transposes it saves are ~1 ms of
-    a ~4 ms step (H100, 16384 x 26 ids, dim 128); on CPU the reorder of the value
-    indices costs about what the transposes do (A/B within noise), so the CPU path keeps
-    the transpose. Both give bitwise the same result (tests force each path)."""
-    return weights.is_cuda
-
-
-def _batch_major_values(
-    index: torch.Tensor, offsets: torch.Tensor, n_feat: int, batch: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Feature-major bags -> batch-major bags.
-
-    Args:
-        index: ``[N]`` the values (unique-row indices) in feature-major bag order.
-        offsets: ``[F*B + 1]`` bag offsets into ``index``.
-    Returns:
-        ``index`` reordered bag by bag into batch-major order ``[N]`` and the new bag
-        offsets ``[B*F + 1]``.
-    """
-    lengths = (offsets[1:] - offsets[:-1]).view(n_feat, batch).t().reshape(-1)
-    starts = offsets[:-1].view(n_feat, batch).t().reshape(-1)
-    new_offsets = torch.zeros_like(offsets)
-    torch.cumsum(lengths, 0, out=new_offsets[1:])
-    n = index.numel()
-    shift = torch.repeat_interleave(starts - new_offsets[:-1], lengths, output_size=n)
-    return index[torch.arange(n, device=index.device) + shift], new_offsets
+def _table_columns(group_features: list[str], table_features: list[list[str]],
+                   dims: dict[str, int]) -> list[tuple[int, int]]:
+    """Each table's columns ``[a, b)`` in the groups' pooled output (its features are
+    adjacent there), tables in config order."""
+    start, at = {}, 0
+    for f in group_features:
+        start[f] = at
+        at += dims[f]
+    return [(start[fs[0]], start[fs[0]] + sum(dims[f] for f in fs))
+            for fs in table_features if fs]
 
 
 class _RowUpdate:

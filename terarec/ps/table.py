@@ -160,7 +160,7 @@ def table_groups(tables: list[TableConfig], group_tables: bool = True) -> list[l
 def feature_order(tables: list[TableConfig], feature_names: list[str]
                   ) -> tuple[list[str], dict[str, int]]:
     """The pooled output order of the embedding module (features grouped by table
-    group, as ``HierarchicalEmbeddingBagCollection.out_features``) and each feature's
+    group, as ``HierarchicalEmbeddingBagCollection.group_features``) and each feature's
     table index."""
     per_table = resolve_table_features(tables, feature_names)
     order = [f for members in table_groups(tables) for i in members for f in per_table[i]]

@@ -104,10 +104,13 @@ def build_components(
         )
     except ValueError as e:
         raise ConfigError(f"tables: {e}") from None
-    dims = [embedding.feature_dims[f] for f in embedding.out_features]
+    # the model's feature order is the pooled order of the table groups (as it always
+    # was: a trained model's interaction slots keep their meaning)
+    dims = [embedding.feature_dims[f] for f in embedding.group_features]
     try:
         model = build_model(
-            cfg.model, embedding, embedding.out_features, dims, len(dense_feature_names(cfg.data))
+            cfg.model, embedding, embedding.group_features, dims,
+            len(dense_feature_names(cfg.data))
         ).to(device)
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None

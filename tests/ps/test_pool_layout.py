@@ -9,6 +9,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from terarec.config import Pooling, SparseOptimConfig, TableConfig
 from terarec.ps import embedding as emb
+from terarec.ps import pooling
 
 
 def _kjt(batch: int, feats: list[str], seed: int) -> KeyedJaggedTensor:
@@ -18,24 +19,24 @@ def _kjt(batch: int, feats: list[str], seed: int) -> KeyedJaggedTensor:
     return KeyedJaggedTensor.from_lengths_sync(feats, ids, lengths)
 
 
-@pytest.mark.parametrize("pooling", [Pooling.SUM, Pooling.MEAN])
-def test_batch_major_values_matches_transpose(pooling: Pooling) -> None:
+@pytest.mark.parametrize("mode", ["sum", "mean", "weighted"])
+def test_batch_major_values_matches_transpose(mode: str) -> None:
     feats = ["a", "b", "c"]
     kjt = _kjt(5, feats, 0)
-    dedup = emb._dedup(kjt.values())
-    offsets = emb._kjt_offsets(kjt)
-    mean = pooling == Pooling.MEAN
+    dedup = pooling.dedup(kjt.values())
+    offsets = pooling.kjt_offsets(kjt)
+    vw = torch.rand(kjt.values().numel()) if mode == "weighted" else None
     weights = torch.randn(dedup.keys.numel(), 4)
     out, grads = {}, {}
     for reorder in (False, True):
         w = weights.clone().requires_grad_(True)
-        orig = emb._batch_major_pays
-        emb._batch_major_pays = lambda _w, r=reorder: r  # type: ignore[assignment]
+        orig = pooling.batch_major_pays
+        pooling.batch_major_pays = lambda _w, r=reorder: r  # type: ignore[assignment]
         try:
-            pooled = emb._Pool.apply(w, dedup, offsets, mean, len(feats), 5)
+            pooled = pooling.Pool.apply(w, dedup, offsets, mode == "mean", len(feats), 5, vw)
             pooled.backward(torch.arange(pooled.numel(), dtype=torch.float32).view_as(pooled))
         finally:
-            emb._batch_major_pays = orig  # type: ignore[assignment]
+            pooling.batch_major_pays = orig  # type: ignore[assignment]
         out[reorder], grads[reorder] = pooled.detach(), w.grad
     assert out[True].shape == (5, 3 * 4)
     assert torch.equal(out[True], out[False])
@@ -50,7 +51,7 @@ def test_training_is_bitwise_the_same_in_both_layouts(monkeypatch: pytest.Monkey
     ]
     rows = {}
     for reorder in (False, True):
-        monkeypatch.setattr(emb, "_batch_major_pays", lambda _w, r=reorder: r)
+        monkeypatch.setattr(pooling, "batch_major_pays", lambda _w, r=reorder: r)
         ebc = emb.HierarchicalEmbeddingBagCollection(tables, feats, SparseOptimConfig(), seed=1)
         losses = []
         for step in range(6):
