@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", nargs="+", help="eval files (default: the run's eval split)")
     e.set_defaults(fn=_eval)
     pp = sub.add_parser(
-        "preprocess", help="text data (Criteo TSV, CSV, libFM; plain or .gz) -> the columnar "
+        "preprocess", help="text data (Criteo TSV, CSV, libFM; plain, .gz or .zst) -> the columnar "
         "format training reads without parsing (docs/data.md)")
     pp.add_argument("--config", required=True, help="YAML config whose data: section "
                     "describes the text data (kind criteo/csv/libfm, path, eval_path or "

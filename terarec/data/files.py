@@ -1,19 +1,21 @@
 """Finding input files, sharding them over ranks, the eval split, line chunking, and
-reading plain or gzip-compressed (``.gz``) files as bytes."""
+reading plain or compressed (gzip, zstd) files as bytes."""
 
 from __future__ import annotations
 
 import functools
 import glob
 import gzip
+import io
 import os
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Optional
+from typing import Any, BinaryIO, Optional
 
 import numpy as np
+import pyarrow as pa
 
 from terarec.data.errors import DataError
 from terarec.hashing import mix64_np, salt_for
@@ -74,8 +76,8 @@ def eval_mask(path: str, rows: np.ndarray, fraction: float) -> np.ndarray:
     and of the directory the file sits in.
 
     Args:
-        path: the file; only its base name enters the hash, without a ``.gz`` suffix
-            (``x.tsv`` and ``x.tsv.gz`` split alike).
+        path: the file; only its base name enters the hash, without a ``.gz`` or
+            ``.zst`` suffix (``x.tsv``, ``x.tsv.gz`` and ``x.tsv.zst`` split alike).
         rows: int64 ``[n]`` 0-based data row indices (header excluded).
         fraction: the eval fraction in [0, 1).
 
@@ -83,7 +85,8 @@ def eval_mask(path: str, rows: np.ndarray, fraction: float) -> np.ndarray:
         bool ``[n]``.
     """
     name = os.path.basename(path)
-    name = name[: -len(".gz")] if name.endswith(".gz") else name
+    for suffix in (GZIP_SUFFIX, ZSTD_SUFFIX):
+        name = name[: -len(suffix)] if name.endswith(suffix) else name
     salt = np.uint64(salt_for("split:" + name) & ((1 << 64) - 1))
     h = mix64_np(rows.astype(np.uint64) ^ salt)
     u = (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
@@ -130,22 +133,69 @@ def _make_chunk(path: str, arr: np.ndarray, nls: np.ndarray, first: int, nxt: in
 # --------------------------------------------------------------------------- raw bytes
 
 GZIP_SUFFIX = ".gz"
+ZSTD_SUFFIX = ".zst"
+_MAGIC = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd"}
 _MIN_READ = 1 << 20
 _MAX_READ = 64 << 20
 _SKIP_BLOCK = 16 << 20
-_GZIP_ERRORS = (OSError, EOFError, zlib.error)  # gzip.BadGzipFile is an OSError
+_GZIP_ERRORS = (OSError, EOFError, zlib.error)  # gzip.BadGzipFile, pyarrow's errors: OSError
 
 
-def is_gzip(path: str) -> bool:
-    """Whether ``path`` is read as gzip: its name ends in ``.gz``."""
-    return path.endswith(GZIP_SUFFIX)
+def compression(path: str) -> Optional[str]:
+    """How ``path`` is compressed: ``"gzip"`` or ``"zstd"`` by its name (``.gz``,
+    ``.zst``) or, whatever its name, by its first bytes (the formats' magic numbers);
+    None for a plain file (or one that cannot be read: opening it says why)."""
+    if path.endswith(GZIP_SUFFIX):
+        return "gzip"
+    if path.endswith(ZSTD_SUFFIX):
+        return "zstd"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return None
+    return next((kind for magic, kind in _MAGIC.items() if head.startswith(magic)), None)
+
+
+def is_compressed(path: str) -> bool:
+    """Whether ``path`` is read decompressed (gzip or zstd: :func:`compression`)."""
+    return compression(path) is not None
+
+
+class _ArrowRaw(io.RawIOBase):
+    """A pyarrow input stream as a raw binary file (for ``io.BufferedReader``)."""
+
+    def __init__(self, stream: pa.NativeFile) -> None:
+        self._stream = stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        return self._stream.readinto(b)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._stream.close()
+        super().close()
+
+
+def _open_raw(path: str) -> BinaryIO:
+    kind = compression(path)
+    if kind == "gzip":
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    if kind == "zstd":  # pyarrow's codec: no extra dependency
+        stream = pa.CompressedInputStream(pa.OSFile(path), "zstd")
+        return io.BufferedReader(_ArrowRaw(stream), _MIN_READ)  # type: ignore[return-value]
+    return open(path, "rb")  # noqa: SIM115
 
 
 def open_data(path: str, offset: int = 0) -> BinaryIO:
     """Opens ``path`` for reading its data bytes, positioned at byte ``offset``.
 
-    A ``.gz`` file is decompressed transparently (one gzip member or several, as from
-    ``cat a.gz b.gz``; each member's CRC is checked). For such a file every offset --
+    A compressed file (gzip or zstd, by its name or its first bytes: :func:`compression`)
+    is decompressed transparently (gzip: one member or several, as from ``cat a.gz
+    b.gz``; each member's CRC is checked). For such a file every offset --
     this one, ``LineChunk.next_offset``, the resume positions built from it,
     :func:`header_bytes`, :func:`data_size` -- counts *decompressed* bytes, so a position
     names the same line whether the file is compressed or not. gzip has no random
@@ -156,11 +206,11 @@ def open_data(path: str, offset: int = 0) -> BinaryIO:
         DataError: naming the file, if it cannot be opened or is not valid gzip.
     """
     try:
-        f: BinaryIO = gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")  # noqa: SIM115
+        f = _open_raw(path)
     except OSError as e:
         raise DataError(f"{path}: cannot open: {e.strerror or e}") from None
     try:
-        if not is_gzip(path):
+        if not is_compressed(path):
             f.seek(offset)
         elif offset > 0:
             buf = bytearray(min(offset, _SKIP_BLOCK))
@@ -196,18 +246,18 @@ def _first_line(path: str) -> bytes:
 
 def read_first_line(path: str) -> bytes:
     """The first line of a file without its line terminator (b'' for an empty file);
-    ``.gz`` files are decompressed."""
+    compressed files are decompressed."""
     return _first_line(path).rstrip(b"\r\n")
 
 
 def header_bytes(path: str) -> int:
     """Size in bytes of the first line of ``path`` including its line terminator
-    (decompressed bytes for ``.gz``)."""
+    (decompressed bytes for a compressed file)."""
     return len(_first_line(path))
 
 
 def data_size(path: str) -> int:
-    """Bytes of data in ``path``: its size, or for ``.gz`` its decompressed size.
+    """Bytes of data in ``path``: its size, or for a compressed file its decompressed size.
 
     This is the unit of every offset (see :func:`open_data`). For gzip the size is
     counted by decompressing the whole file once (the gzip ISIZE trailer holds only the
@@ -215,7 +265,7 @@ def data_size(path: str) -> int:
     more), and cached in this process per (path, file size, mtime). That costs one read of
     the file: call it only where the size is needed.
     """
-    if not is_gzip(path):
+    if not is_compressed(path):
         return os.path.getsize(path)
     try:
         st = os.stat(path)

@@ -1,4 +1,4 @@
-"""``terarec preprocess``: text data (Criteo TSV, CSV, libFM; plain or ``.gz``) → the
+"""``terarec preprocess``: text data (Criteo TSV, CSV, libFM; plain, gzip or zstd) → the
 columnar format of ``columnar.py``, so training reads arrays instead of parsing text.
 
 For each source file the rows are parsed and hashed by the same parser training would
@@ -41,7 +41,7 @@ from terarec.data.columnar import (
     write_json,
 )
 from terarec.data.errors import BadRows, DataError, logger
-from terarec.data.files import eval_mask, expand_paths, iter_line_chunks
+from terarec.data.files import eval_mask, expand_paths, is_compressed, iter_line_chunks
 from terarec.data.source import text_parser
 
 PROGRESS = ".progress"
@@ -267,8 +267,9 @@ def _run_jobs(
     todo = [k for k, r in enumerate(results) if r is None]
     if len(todo) < len(jobs):
         logger.info("preprocess: %d of %d files already done", len(jobs) - len(todo), len(jobs))
-    # Progress counts decompressed bytes; a .gz's size is unknown without a pass over it.
-    gz = any(jobs[k][1].endswith(".gz") for k in todo)
+    # Progress counts decompressed bytes; a compressed file's size is unknown without a
+    # pass over it.
+    gz = any(is_compressed(jobs[k][1]) for k in todo)
     total = None if gz else sum(os.path.getsize(jobs[k][1]) for k in todo)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="preprocess",
                disable=not show_progress)

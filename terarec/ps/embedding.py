@@ -154,13 +154,7 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
             KeyedTensor with keys ``out_features`` (TorchRec's order: tables in config
             order, each table's features in order), values ``[B, sum of dims]``.
         """
-        if features.variable_stride_per_key():  # VBE: as TorchRec, expanded per sample
-            features = expand_variable_batch(features)
-        keys = features.keys()
-        perm = self._permutation(keys)
-        if perm != list(range(len(keys))):
-            features = permute_features(features, perm)
-        parts = features.split([len(fs) for fs in self._group_features])
+        parts = self._group_parts(features)
         train = self.training and torch.is_grad_enabled()
         if self._sharded is not None:
             return self._keyed(self._forward_sharded(parts, train))
@@ -183,13 +177,7 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
             beside the current one: nothing of theirs moved, the next forward makes
             their rows resident itself.
         """
-        if features.variable_stride_per_key():
-            features = expand_variable_batch(features)
-        keys = features.keys()
-        perm = self._permutation(keys)
-        if perm != list(range(len(keys))):
-            features = permute_features(features, perm)
-        parts = features.split([len(fs) for fs in self._group_features])
+        parts = self._group_parts(features)
         if self._sharded is not None:
             return self._prefetch_sharded(parts)
         skipped: list[str] = []
@@ -199,6 +187,17 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
                 if not g.prefetch(dedup.keys, dedup.tables):
                     skipped += g.names
         return skipped
+
+    def _group_parts(self, features: KeyedJaggedTensor) -> list[KeyedJaggedTensor]:
+        """One KJT per table group (its features, in the group's order); a VBE KJT is
+        first expanded to one bag per sample and key, as TorchRec pools it."""
+        if features.variable_stride_per_key():
+            features = expand_variable_batch(features)
+        keys = features.keys()
+        perm = self._permutation(keys)
+        if perm != list(range(len(keys))):
+            features = permute_features(features, perm)
+        return features.split([len(fs) for fs in self._group_features])
 
     def _dedup_group(
         self, group: TableGroup, kjt: KeyedJaggedTensor, feature_table: torch.Tensor

@@ -21,7 +21,7 @@ from terarec.data import files as F
 from terarec.data.files import (
     data_size,
     header_bytes,
-    is_gzip,
+    is_compressed,
     iter_line_chunks,
     open_data,
     read_first_line,
@@ -37,6 +37,15 @@ def gz(src: Path, dst: Path | None = None, members: int = 1) -> Path:
     dst = dst or src.with_name(src.name + ".gz")
     cuts = [len(data) * i // members for i in range(members + 1)]
     dst.write_bytes(b"".join(gzip.compress(data[a:b]) for a, b in zip(cuts, cuts[1:])))
+    return dst
+
+
+def zst(src: Path, dst: Path | None = None) -> Path:
+    """``src`` zstd-compressed into ``dst`` (default ``src.zst``; pyarrow's codec)."""
+    import pyarrow as pa
+
+    dst = dst or src.with_name(src.name + ".zst")
+    dst.write_bytes(pa.Codec("zstd").compress(src.read_bytes(), asbytes=True))
     return dst
 
 
@@ -104,13 +113,16 @@ def test_chunks_match_reference_plain_and_gzip(
     plain.write_bytes(data)
     one = gz(plain)
     multi = gz(plain, tmp_path / "m.txt.gz", members=3)
+    unnamed = gz(plain, tmp_path / "gz_without_suffix.txt")  # found by its magic number
+    zstd = zst(plain)
+    zstd_unnamed = zst(plain, tmp_path / "zst_without_suffix.txt")
     starts = [0] + [i + 1 for i in range(len(data)) if data[i] == 10][:-1]
     for rows in (1, 4, 37, 1000):
         for start_line in (0, 1, 50):
             offset = starts[start_line]
             for stop in (None, offset + 1, len(data) // 2, len(data) + 5):
                 want = ref_chunks(data, offset, start_line, rows, stop)
-                for path in (plain, one, multi):
+                for path in (plain, one, multi, unnamed, zstd, zstd_unnamed):
                     assert got_chunks(path, offset, start_line, rows, stop) == want, (
                         path.name, rows, start_line, stop)
 
@@ -139,7 +151,7 @@ def test_first_line_header_bytes_and_size(tmp_path: Path, tiny_reads: None) -> N
             assert f.read() == data[7:]
         with open_data(path, 1000) as f:  # past the end: nothing, like a plain file
             assert f.read() == b""
-    assert is_gzip(str(g)) and not is_gzip(str(p))
+    assert is_compressed(str(g)) and not is_compressed(str(p))
 
 
 def test_data_size_counts_all_members_not_isize(tmp_path: Path) -> None:
@@ -172,6 +184,10 @@ def test_bad_gzip_is_a_data_error(tmp_path: Path) -> None:
         list(iter_line_chunks(str(cut), 150_000, 0, 10))  # while skipping to the offset
     with pytest.raises(DataError, match="missing.tsv.gz"):
         list(iter_line_chunks(str(tmp_path / "missing.tsv.gz"), 0, 0, 10))
+    bad_zst = tmp_path / "bad.tsv.zst"
+    bad_zst.write_bytes(b"this is not zstd\n")
+    with pytest.raises(DataError, match="bad.tsv.zst"):
+        list(iter_line_chunks(str(bad_zst), 0, 0, 10))
     flipped = bytearray(gzip.compress(b"abc\n" * 100))
     flipped[-8] ^= 0xFF  # CRC of the member
     (tmp_path / "crc.gz").write_bytes(bytes(flipped))
@@ -204,13 +220,19 @@ def cfg_for(kind: DataKind, path: Path, **kw) -> DataConfig:
 
 
 @pytest.mark.parametrize("shuffle", [0, 40])
-@pytest.mark.parametrize("members", [1, 3])
+@pytest.mark.parametrize("packed", ["gzip", "gzip-3-members", "gzip-unnamed", "zstd",
+                                    "zstd-unnamed"])
 def test_criteo_gzip_same_batches_and_resume(
-    tmp_path: Path, write_criteo, as_tuple, shuffle: int, members: int
+    tmp_path: Path, write_criteo, as_tuple, shuffle: int, packed: str
 ) -> None:
+    """A compressed day (gzip, several gzip members, zstd; named so or not: found by its
+    first bytes) reads as the plain one: the same batches and resume positions."""
     plain = write_criteo("c.tsv", range(200), {37: "0\t1\t2", 90: ""})  # bad + empty rows
     plain.write_bytes(plain.read_bytes().rstrip(b"\n"))  # no trailing newline
-    g = gz(plain, members=members)
+    unnamed = tmp_path / "day_0"
+    g = {"gzip": lambda: gz(plain), "gzip-3-members": lambda: gz(plain, members=3),
+         "gzip-unnamed": lambda: gz(plain, unnamed), "zstd": lambda: zst(plain),
+         "zstd-unnamed": lambda: zst(plain, unnamed)}[packed]()
     kw = dict(shuffle_buffer=shuffle, dense_transform=DenseTransform.LOG1P)
     want = batches_and_positions(cfg_for(DataKind.CRITEO, plain, **kw))
     got = batches_and_positions(cfg_for(DataKind.CRITEO, g, **kw))
