@@ -16,6 +16,7 @@ See docs/data.md for formats, hashing, sharding, splits and the malformed-row po
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -24,6 +25,7 @@ from terarec.config import DataConfig, DataKind
 from terarec.data.batch import Batch
 from terarec.data.delimited import CRITEO_DENSE, CRITEO_SPARSE
 from terarec.data.errors import DataError
+from terarec.data.files import expand_paths
 from terarec.data.libfm import ALL_TOKENS
 from terarec.data.source import BatchSource, make_source, open_columnar
 from terarec.data.synthetic import dense_names, sparse_names
@@ -34,6 +36,7 @@ __all__ = [
     "BatchSource",
     "DataError",
     "build_source",
+    "check_eval_data",
     "dense_feature_names",
     "semantic_id_features",
     "sparse_feature_names",
@@ -109,3 +112,35 @@ def build_source(
         DataError: missing files, no eval data, bad rank.
     """
     return make_source(cfg, split, seed, rank, world_size, epochs, device)
+
+
+def check_eval_data(cfg: DataConfig, seed: int) -> None:
+    """Before training: each eval file (``eval_path``) yields a first batch through the
+    parser training uses, so a missing, empty or wrong eval file fails before step 1
+    instead of after the run (whose eval would have no row). Preprocessed data: the eval
+    directory as a whole. Synthetic data and an ``eval_fraction`` held out of the train
+    files are not checked here (the train stream reads those files).
+
+    Raises:
+        DataError: naming the file, and why its rows were skipped.
+    """
+    if cfg.kind == DataKind.SYNTHETIC or not cfg.eval_path:
+        return
+    small = {"eval_batch_size": min(cfg.eval_batch_size, 256), "prefetch_batches": 0,
+             "read_workers": 0}
+    each = ([cfg.eval_path] if cfg.kind == DataKind.COLUMNAR
+            else [[f] for f in expand_paths(cfg.eval_path)])
+    for paths in each:
+        src = make_source(dataclasses.replace(cfg, eval_path=paths, **small), "eval",
+                          seed, 0, 1, None)
+        try:
+            first = next(iter(src), None)
+            stats = src.stats()
+        finally:
+            src.close()
+        if first is None:
+            skipped = stats.get("rows_skipped") or {}
+            why = f" (skipped: {skipped})" if skipped else " (no rows)"
+            raise DataError(f"{', '.join(paths)}: eval data without one valid row{why}; "
+                            f"check data.eval_path and the file's format "
+                            f"(data.kind: {cfg.kind.value})")

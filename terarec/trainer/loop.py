@@ -2,10 +2,9 @@
 
 ``train(cfg)`` runs a whole job and returns its summary. Everything a person looks at
 lands in ``runs/<name>/``: ``metrics.jsonl``, ``summary.json``, ``curves.png``,
-``config.yaml``, ``checkpoint/`` (saved at the end and, with ``train.checkpoint_every``,
-every N steps) and, for tables with a host budget, the SSD tier (``ssd/`` by default;
-see ``trainer/tiers.py``). What a run is built from is ``trainer/components.py``, its
-eval ``trainer/evaluate.py``, its checkpoints ``trainer/checkpoint/``.
+``config.yaml``, ``checkpoint/`` (at the end and every ``train.checkpoint_every`` steps)
+and the SSD tier of tables with a host budget (``ssd/`` by default, ``trainer/tiers.py``).
+Built by ``trainer/components.py``; eval ``evaluate.py``; checkpoints ``checkpoint/``.
 
 ``train(cfg, dist=ctx)`` is one rank of a multi-rank job (``ctx``: the launch layer's
 ``DistContext``): the tables sharded over the fast group (``ps/``), the dense model in
@@ -30,7 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from terarec.config import Config, ConfigError, DataKind, config_to_dict
-from terarec.data import DataError, build_source
+from terarec.data import DataError, build_source, check_eval_data
 from terarec.data.batch import Batch
 from terarec.ps.tiers.protocol import TierFullError
 from terarec.ps.tiers.ssd import SSDStore
@@ -122,6 +121,7 @@ def _train_owned(cfg: Config, resume: Optional[Path], dist: Optional[DistHandles
     """:func:`train` once this process owns ``run_dir``."""
     store: Optional[SSDStore] = None
     try:
+        check_eval_data(cfg.data, cfg.seed)  # a wrong eval file fails now, not at the end
         root = ssd_root(cfg, run_dir)
         if uses_ssd(cfg):
             assert root is not None
