@@ -24,6 +24,13 @@ from terarec.ps.features import expand_variable_batch, permute_features
 from terarec.ps.group import TableGroup
 from terarec.ps.pooling import Dedup, Pool, dedup, kjt_offsets
 from terarec.ps.shard.sharded import ShardedLookup
+from terarec.ps.state import (
+    PREFIX,
+    RowsNotInStateDict,
+    check_tables,
+    table_entries,
+    tables_state,
+)
 from terarec.ps.table import EmbeddingTable, resolve_table_features, table_groups
 from terarec.ps.tiers.ssd import SSDStore
 
@@ -118,6 +125,9 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
             self.group_features, table_features, self.feature_dims
         ) if self.out_features != self.group_features else None
         self._perm_cache: dict[tuple[str, ...], list[int]] = {}
+        # model.state_dict() holds the rows of in-memory tables (ps/state.py); terarec's
+        # checkpoints turn this off (state.dense_state_only) and save the rows their way
+        self.rows_in_state_dict = True
         self._sharded: Optional[ShardedLookup] = None
         if process_group is not None:
             self._sharded = ShardedLookup(
@@ -361,6 +371,33 @@ class HierarchicalEmbeddingBagCollection(nn.Module):
         for g in self.groups:
             if g.changes is not None:
                 g.changes.clear()
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str,
+                            keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.rows_in_state_dict:
+            for k, v in table_entries(self.tables).items():
+                destination[prefix + k] = v
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
+                              local_metadata: dict[str, Any], strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str],
+                              error_msgs: list[str]) -> None:
+        mine = prefix + PREFIX
+        rest = {k: v for k, v in state_dict.items() if not k.startswith(mine)}
+        if self.rows_in_state_dict:
+            entries = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(mine)}
+            try:
+                check_tables(self.tables)
+                state = tables_state(entries, self.tables, missing_keys, prefix)
+                if len(state) == len(self.tables):
+                    self.load_tables_state_dict(state)
+            except (ValueError, RowsNotInStateDict) as e:
+                error_msgs.append(str(e))
+        else:
+            unexpected_keys += [k for k in state_dict if k.startswith(mine)]
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def tables_state_dict(self, ssd_rows: bool = True) -> dict[str, Any]:
         """Every table's state (``EmbeddingTable.state_dict``); without ``ssd_rows`` the

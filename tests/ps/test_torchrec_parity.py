@@ -1,9 +1,12 @@
 """terarec's collection against ``torchrec.EmbeddingBagCollection`` with the same rows:
 the same pooled values and key order for the KJTs TorchRec users send (shared and
 per-feature tables, interleaved dims, empty bags, int32 and int64 ids, weighted KJTs,
-variable batch per feature)."""
+variable batch per feature); state dicts that hold the rows, and converters to and from
+TorchRec's state dict."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from terarec.config import InitConfig, Pooling, SparseOptimConfig, TableConfig
 from terarec.ps.embedding import HierarchicalEmbeddingBagCollection
+from terarec.ps.state import RowsNotInStateDict, dense_state_only, from_torchrec, to_torchrec
 
 V = 50  # ids per table: 0 .. V-1
 FEATURES = ["a", "b", "c", "d", "e"]
@@ -122,3 +126,78 @@ def test_missing_feature_is_an_error_naming_it() -> None:
         ref(features)
     with pytest.raises(ValueError, match=r"missing \['e'\]"):
         ours(features)
+
+
+# -- state dicts -------------------------------------------------------------------------
+def test_state_dict_holds_the_rows_and_loads_them_back(tmp_path: Path) -> None:
+    """``torch.save(model.state_dict())`` keeps every row of in-memory tables (it used
+    to keep none); a fresh collection loaded from it pools exactly alike."""
+    ours, _ = collections(weighted=False)
+    features = kjt(1, torch.int64, weighted=False)
+    ours(features).values().sum().backward()  # one step: rows and optimizer state move
+    sd = ours.state_dict()
+    assert {f"tables.{n}.{k}" for n, *_ in LAYOUT for k in ("keys", "rows", "optimizer_step")
+            } <= sd.keys()
+    torch.save(sd, tmp_path / "sd.pt")
+    fresh, _ = collections(weighted=False)
+    fresh.load_state_dict(torch.load(tmp_path / "sd.pt", weights_only=True))
+    ours.eval(), fresh.eval()
+    assert torch.equal(fresh(features).values(), ours(features).values())
+    for a, b in zip(ours.tables, fresh.tables):
+        ka, ra = a.export()
+        kb, rb = b.export()
+        oa, ob = torch.argsort(ka), torch.argsort(kb)
+        assert torch.equal(ka[oa], kb[ob]) and torch.equal(ra[oa], rb[ob])
+    with pytest.raises(RuntimeError, match="Missing key"):
+        fresh.load_state_dict({k: v for k, v in sd.items() if not k.startswith("tables.t1")})
+
+
+def test_tiered_tables_are_not_put_in_a_state_dict_and_say_what_to_use() -> None:
+    ebc = HierarchicalEmbeddingBagCollection(
+        [TableConfig(name="big", dim=4, device_rows=64)], ["a"], SparseOptimConfig())
+    with pytest.raises(RowsNotInStateDict, match=r"table big is tiered.*checkpoint"):
+        ebc.state_dict()
+    with dense_state_only(ebc):
+        assert ebc.state_dict() == {}
+
+
+def test_terarec_checkpoints_keep_rows_out_of_the_dense_state(tmp_path: Path) -> None:
+    from terarec.config import config_from_dict
+    from terarec.trainer.loop import train
+
+    cfg = config_from_dict({
+        "name": "sd", "data": {"kind": "synthetic", "batch_size": 16,
+                               "synthetic": {"num_dense": 2, "num_sparse": 2,
+                                             "vocab_size": 20, "eval_samples": 64}},
+        "tables": [{"name": "sparse", "dim": 4}],
+        "model": {"kind": "dlrm", "bottom_mlp": [4], "top_mlp": [4]},
+        "train": {"steps": 3, "device": "cpu", "threads": 1, "progress": False,
+                  "runs_dir": str(tmp_path)}}, "<sd>")
+    train(cfg)
+    dense = torch.load(tmp_path / "sd" / "checkpoint" / "dense.pt", weights_only=True)
+    assert dense["model"] and not any("tables." in k for k in dense["model"])
+
+
+def test_torchrec_state_dict_converters_round_trip() -> None:
+    """terarec -> TorchRec (weights + the key vocabulary) -> a TorchRec collection pools
+    the remapped ids exactly as terarec pools the keys; and back into a fresh terarec
+    collection."""
+    layout = [("t0", 4, ["a", "b"], "sum"), ("t1", 8, ["c"], "sum")]
+    ours, _ = collections(weighted=False, layout=layout)
+    keys = torch.arange(V) * 7919 - 2**40  # arbitrary int64 keys
+    for t in ours.tables:
+        t.insert_rows(keys, torch.randn(V, t.row_width))
+    state, vocab = to_torchrec(ours)
+    ref = EmbeddingBagCollection([
+        EmbeddingBagConfig(name=n, embedding_dim=d, num_embeddings=vocab[n].numel(),
+                           feature_names=fs) for n, d, fs, _ in layout])
+    ref.load_state_dict(state)
+    feats = ["a", "b", "c"]
+    ids = kjt(2, torch.int64, False, keys=feats)
+    as_keys = KeyedJaggedTensor.from_lengths_sync(feats, keys[ids.values()], ids.lengths())
+    ours.eval()
+    assert torch.equal(ours(as_keys).values(), ref(ids).values().detach())
+    back, _ = collections(weighted=False, layout=layout)
+    from_torchrec(back, state, vocab)
+    back.eval()
+    assert torch.equal(back(as_keys).values(), ours(as_keys).values())

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from terarec.config import Config, config_to_dict
+from terarec.ps.state import dense_state_only
 from terarec.ps.tiers.ssd import SSDTierError
 from terarec.runtime import DistHandles
 from terarec.trainer.ranks import all_fast_groups
@@ -178,7 +179,8 @@ def capture(parts: Components, source: Any, bad: Optional[str],
     RNG state, the dense weights and optimizer states (copied now)."""
     position = source.state_dict() if hasattr(source, "state_dict") else {}
     rng = torch.get_rng_state()
-    model = {k: v.detach().clone() for k, v in parts.model.state_dict().items()}
+    with dense_state_only(parts.model):  # the rows are the table files' (written apart)
+        model = {k: v.detach().clone() for k, v in parts.model.state_dict().items()}
     optimizer = copy.deepcopy(parts.dense_optimizer.state_dict())
     dense = {"model": model, "optimizer": optimizer,
              "optimizer_class": type(parts.dense_optimizer).__name__,

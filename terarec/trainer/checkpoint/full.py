@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 
 from terarec.config import Config
+from terarec.ps.state import dense_state_only
 from terarec.trainer.checkpoint import delta, reshard, rows, ssd_snapshot
 from terarec.trainer.checkpoint.files import (
     LOCAL_FILE,
@@ -253,7 +254,8 @@ def load_checkpoint(path: Path, parts: Components, source: Any = None) -> int:
             tables = delta.apply(tables, links[1:], rank_dir, writer)
         parts.embedding.load_tables_state_dict(tables)
         dense = torch.load(path / "dense.pt", map_location=parts.device, weights_only=True)
-        parts.model.load_state_dict(dense["model"])
+        with dense_state_only(parts.model):
+            parts.model.load_state_dict(dense["model"])
         saved, ours = dense.get("optimizer_class"), type(parts.dense_optimizer).__name__
         if saved is not None and saved != ours:
             # torch would load another optimizer's state and fail at the first step
