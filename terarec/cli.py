@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from terarec import __version__
 from terarec.config import ConfigError, DataKind, config_from_dict, load_config
 
 
@@ -228,6 +229,7 @@ def _topo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="terarec", description=__doc__.split("\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"terarec {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train a model from a YAML config")
     t.add_argument("--config", required=True, help="YAML config (see configs/)")

@@ -355,3 +355,14 @@ def test_resume_auto_takes_a_delta_and_eval_reads_it(
     assert code == 0, err
     assert str(run_dir / "deltas" / "step8") in out
     assert json.loads((run_dir / "summary.json").read_text())["samples"] == 12 * 64
+
+
+@pytest.mark.parametrize("module, prog", [("terarec.cli", "terarec"),
+                                          ("terarec.launch.cli", "terarec-launch"),
+                                          ("terarec.topology.cli", "terarec-topo")])
+def test_version(module: str, prog: str) -> None:
+    import terarec
+
+    out = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == f"{prog} {terarec.__version__}"

@@ -30,6 +30,8 @@ import shlex
 import sys
 from typing import Optional
 
+from terarec import __version__
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -38,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Everything after the options is the terarec command, e.g. "
         "`train --config configs/quickstart.yaml`.",
     )
+    p.add_argument("--version", action="version", version=f"terarec-launch {__version__}")
     p.add_argument("--nnodes", default="1",
                    help="nodes: N, or MIN:MAX for an elastic job (default 1)")
     p.add_argument("--nproc-per-node", default=None,

@@ -20,6 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
+from terarec import __version__
 from terarec.topology.cost import BANDWIDTH, StepLoad, estimate
 from terarec.topology.facts import load_fixture, machine_to_fixture
 from terarec.topology.model import Machine, TopologyError, load_machine, machine_to_dict
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="terarec-topo", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.split("\n")[1:]))
+    p.add_argument("--version", action="version", version=f"terarec-topo {__version__}")
     p.add_argument("--from", dest="source", metavar="FILE",
                    help="plan for a saved machine (JSON from --json, or a fixture text)")
     p.add_argument("--nproc", type=int, default=None,
