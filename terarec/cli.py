@@ -314,6 +314,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     # Our own loggers at INFO; third-party INFO chatter (fbgemm's .so loading) stays quiet.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("terarec").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    # torchrec's KJT asks torch.fx whether it is tracing, and torch answers every process
+    # with a deprecation note for torchrec's developers (not ours to act on)
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     try:
         return args.fn(args)
     except KeyboardInterrupt:  # a second Ctrl-C during training, or one elsewhere

@@ -366,3 +366,14 @@ def test_version(module: str, prog: str) -> None:
     out = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == f"{prog} {terarec.__version__}"
+
+
+def test_no_third_party_warning_noise(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "terarec.cli", "train", "--config",
+                          "configs/quickstart.yaml", "--set", "train.steps=2",
+                          "--set", f"train.runs_dir={tmp_path}", "--set", "train.progress=false",
+                          "--set", "data.synthetic.eval_samples=512"],
+                         capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "is_fx_tracing" not in out.stderr and "Warning" not in out.stderr, out.stderr
