@@ -325,6 +325,7 @@ class TrainConfig:
     max_minutes: Optional[float] = None  # wall-clock guard
     eval_every: int = 0  # steps; 0 = only at the end
     eval_batches: Optional[int] = None  # cap on eval batches; None = whole eval set
+    gauc_feature: Optional[str] = None  # sparse feature whose first id groups GAUC (user)
     log_every: int = 50
     runs_dir: str = "runs"
     device: str = "auto"  # auto | cpu | cuda | cuda:N

@@ -81,6 +81,9 @@ def build_components(
         raise ConfigError(str(e)) from None
     torch.manual_seed(cfg.seed)
     features = sparse_feature_names(cfg.data)
+    if cfg.train.gauc_feature is not None and cfg.train.gauc_feature not in features:
+        raise ConfigError(f"train.gauc_feature: {cfg.train.gauc_feature!r} is not a sparse "
+                          f"feature of the data (it has {features})")
     groups: dict[str, Any] = {}
     if multi:
         assert dist is not None

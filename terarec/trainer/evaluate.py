@@ -13,6 +13,7 @@ from terarec.data import build_source, dense_feature_names, sparse_feature_names
 from terarec.data.batch import Batch
 from terarec.runtime import DistHandles
 from terarec.trainer.components import Components
+from terarec.trainer.gauc import GAUCMeter
 from terarec.trainer.metrics import CTRMetrics
 from terarec.trainer.ranks import any_rank, dummy_batch, eval_batches
 
@@ -25,6 +26,7 @@ def evaluate(
     max_batches: Optional[int] = None,
     dist: Optional[DistHandles] = None,
     dummy: Optional[Batch] = None,
+    gauc_feature: Optional[str] = None,
 ) -> dict[str, float]:
     """One pass of ``model`` over ``batches``: AUC, NE, logloss, calibration, CTR.
 
@@ -40,12 +42,15 @@ def evaluate(
             gets the metrics over all shards (a rank that runs out first keeps taking
             part in the forwards' exchange with ``dummy``, whose predictions are dropped).
         dummy: the padding batch for ``dist`` (:func:`terarec.trainer.ranks.dummy_batch`).
+        gauc_feature: also ``gauc``, the AUC within the groups this sparse feature's
+            first id makes (``trainer/gauc.py``).
     """
     multi = dist is not None and dist.world_size > 1
     was_training = model.training
     model.eval()
     metrics = CTRMetrics(distributed=multi, device=device if multi else "cpu")
     oracle = CTRMetrics(distributed=multi, device=device if multi else "cpu")
+    gauc = None if gauc_feature is None else GAUCMeter(gauc_feature, distributed=multi)
     has_oracle = False
     for batch, real in eval_batches(batches, dist if multi else None, dummy, max_batches):
         batch = batch.to(device, non_blocking=True)
@@ -53,11 +58,15 @@ def evaluate(
         if not real:
             continue
         metrics.update(probs, batch.labels)
+        if gauc is not None:
+            gauc.update(probs, batch.labels, batch.sparse)
         if batch.teacher_prob is not None:
             has_oracle = True
             oracle.update(batch.teacher_prob.to(device), batch.labels)
     model.train(was_training)
     out = metrics.compute()
+    if gauc is not None:
+        out["gauc"] = gauc.compute()
     if multi:  # every rank must take part in the oracle's compute, or none
         has_oracle = any_rank(has_oracle, dist)
     if has_oracle:
@@ -76,7 +85,8 @@ def run_eval(cfg: Config, parts: Components) -> dict[str, float]:
     dummy = dummy_batch(sparse_feature_names(cfg.data), len(dense_feature_names(cfg.data)))
     try:
         return evaluate(
-            parts.model, src, parts.device, cfg.train.eval_batches, dist=d, dummy=dummy
+            parts.model, src, parts.device, cfg.train.eval_batches, dist=d, dummy=dummy,
+            gauc_feature=cfg.train.gauc_feature,
         )
     finally:
         if hasattr(src, "close"):
