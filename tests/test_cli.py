@@ -91,7 +91,9 @@ def test_train_writes_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "lr: 0.05" in saved and "vocab_size: 200" in saved  # --set values were used
 
 
-def test_progress_bar_fields(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_progress_bar_fields_on_a_terminal(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     argv = train_argv(
         tmp_path / "runs", "--set", "train.progress=true", "--set", "train.save_checkpoint=false"
     )
@@ -101,6 +103,21 @@ def test_progress_bar_fields(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     for field in ("loss=", "auc=", "sps=", "rows="):
         assert field in err, err
     assert "checkpoint/" not in out
+
+
+@pytest.mark.parametrize("progress", ["true", "false"])
+def test_plain_progress_lines_off_a_terminal(tmp_path: Path, progress: str,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """In a log file (stderr not a TTY), or with progress off, one line per log interval
+    and no carriage-return redraws."""
+    argv = train_argv(tmp_path / "runs", "--set", f"train.progress={progress}",
+                      "--set", "train.save_checkpoint=false")
+    code, out, err = run(argv, capsys)
+    assert code == 0
+    lines = [x for x in out.splitlines() if x.startswith("step ")]
+    assert lines and lines[-1].startswith("step 30/30 (100%): loss "), out
+    assert all(f in lines[-1] for f in ("auc ", "sps ", "rows ")), lines[-1]
+    assert "\r" not in out + err
 
 
 def test_resume_continues_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -26,7 +26,6 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from terarec.config import Config, ConfigError, DataKind, config_to_dict
 from terarec.data import DataError, build_source, check_eval_data
@@ -41,6 +40,7 @@ from terarec.trainer.divergence import LossGuard, TrainingDiverged, save_or_dive
 from terarec.trainer.evaluate import evaluate, fmt_eval, run_eval
 from terarec.trainer.metrics import CTRMetrics
 from terarec.trainer.pipeline import PipelineMeter, PipelineStats, TrainPipeline
+from terarec.trainer.progress import make_progress
 from terarec.trainer.ranks import AgreedEnd, StepTally, all_sum, any_rank, is_rank0
 from terarec.trainer.report import RunReporter, drop_records_after
 from terarec.trainer.rundir import changed_on_resume, check_resume, owned
@@ -219,8 +219,7 @@ class _Run:
 
     def _run(self) -> dict[str, Any]:
         cfg, parts = self.cfg, self.parts
-        bar = tqdm(total=cfg.train.steps, initial=self.step, unit="step", dynamic_ncols=True,
-                   disable=not (cfg.train.progress and self.main))
+        bar = make_progress(cfg.train.progress, self.main, cfg.train.steps, self.step)
         parts.model.train()
         pipeline = TrainPipeline(
             parts.train_model,  # type: ignore[arg-type]
