@@ -27,7 +27,7 @@ import json
 import logging
 import math
 import os
-import tempfile
+import secrets
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -80,9 +80,12 @@ def to_jsonable(value: Any) -> Any:
 def atomic_write_text(path: Path, text: str) -> None:
     """Writes ``text`` to ``path`` so readers see the old file or the new one, never half.
 
-    Writes a temp file in the same directory, fsyncs it, then ``os.replace``s it.
+    Writes a temp file in the same directory, fsyncs it, then ``os.replace``s it. The
+    file gets the permissions of any other file the run writes (``0o666`` less the
+    umask; ``mkstemp`` would make it private).
     """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)

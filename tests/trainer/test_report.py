@@ -148,3 +148,18 @@ def test_plot_writes_a_real_png(tmp_path: Path, oracle_in: str) -> None:
 def test_plot_with_no_data(tmp_path: Path) -> None:
     rep = RunReporter(tmp_path / "empty")
     assert _png_size(rep.plot(oracle_auc=0.8))[0] >= 800
+
+
+def test_files_the_run_writes_are_readable_like_any_other(tmp_path: Path) -> None:
+    """``summary.json`` and ``config.yaml`` are written atomically, but not private: the
+    same mode as a file written plainly (0o666 less the umask)."""
+    import stat
+
+    from terarec.trainer.report import atomic_write_text
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    atomic_write_text(tmp_path / "summary.json", "{}")
+    mode = stat.S_IMODE(os.stat(tmp_path / "summary.json").st_mode)
+    assert mode == stat.S_IMODE(os.stat(plain).st_mode)
+    assert not list(tmp_path.glob(".*.tmp"))
