@@ -129,3 +129,21 @@ def test_yaml_exponent_numbers_without_a_dot(tmp_path) -> None:
     assert cfg.train.steps == 1000 and cfg.optimizer.dense.weight_decay == 1e-5
     cfg = load_config(p, ["name=0a1e5"])
     assert cfg.name == "0a1e5"
+
+
+def test_data_paths_in_a_file_are_relative_to_it(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A config's relative data paths resolve against its directory (it works from any
+    working directory); --set paths stay the user's; absolute ones and URLs are kept."""
+    d = tmp_path / "configs"
+    d.mkdir()
+    cfg = d / "c.yaml"
+    cfg.write_text(
+        "name: c\ndata: {kind: criteo, path: [../data/a.tsv, /abs/b.tsv, 'file:///c.tsv'], "
+        "eval_path: ../data/e.tsv}\ntables: [{name: t, dim: 4}]\n")
+    monkeypatch.chdir(tmp_path / "configs")
+    c = load_config("c.yaml")
+    assert c.data.path == [str(tmp_path / "data" / "a.tsv"), "/abs/b.tsv", "file:///c.tsv"]
+    assert c.data.eval_path == [str(tmp_path / "data" / "e.tsv")]
+    c = load_config(cfg, ["data.path=x.tsv"])
+    assert c.data.path == ["x.tsv"]

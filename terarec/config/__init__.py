@@ -12,6 +12,7 @@ Enums are spelled as lower-case strings in YAML (``kind: adam``) and parsed with
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -459,11 +460,28 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
         raise ConfigError(f"{source}: {e}") from None
 
 
+def _data_paths_from(data: dict[str, Any], base: Path) -> None:
+    """``data.path`` / ``data.eval_path`` entries of a config file, relative to ``base``."""
+    section = data.get("data")
+    if not isinstance(section, dict):
+        return
+    for key in ("path", "eval_path"):
+        value = section.get(key)
+        entries = [value] if isinstance(value, str) else value
+        if not isinstance(entries, list):
+            continue
+        out = [os.path.abspath(base / e) if isinstance(e, str) and e and not (
+            os.path.isabs(e) or e.startswith("~") or "://" in e) else e for e in entries]
+        section[key] = out[0] if isinstance(value, str) else out
+
+
 def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -> Config:
     """Loads a YAML config; ``overrides`` are ``dotted.key=yaml_value`` strings.
 
-    Relative data paths are resolved against the current directory (as the user typed
-    them), not the config file.
+    Relative data paths in the file (``data.path``, ``data.eval_path``) are resolved
+    against the config file's directory, so a config works from any working directory;
+    paths given with ``overrides`` (``--set``) are the user's, relative to the current
+    directory. Absolute paths, ``~`` and URLs (``scheme://``) are left as they are.
     """
     path = Path(path)
     try:
@@ -476,6 +494,7 @@ def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
+    _data_paths_from(data, path.parent)
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value")
