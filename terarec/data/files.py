@@ -6,23 +6,24 @@ from __future__ import annotations
 import functools
 import glob
 import gzip
-import io
 import os
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Optional
+from typing import BinaryIO, Optional
 
 import numpy as np
 import pyarrow as pa
 
 from terarec.data.errors import DataError
+from terarec.data.remote import buffered, is_url, list_url, open_url, url_head, url_size
 from terarec.hashing import mix64_np, salt_for
 
 
 def expand_paths(entries: list[str]) -> list[str]:
-    """Files named by ``entries``: files, directories (their files, sorted) or globs.
+    """Files named by ``entries``: files, directories (their files, sorted) or globs;
+    local paths or URLs (``scheme://``, read through ``pyarrow.fs``: ``data/remote.py``).
 
     Hidden files (``.name``) inside directories are ignored. Duplicates are dropped,
     first occurrence kept.
@@ -33,7 +34,9 @@ def expand_paths(entries: list[str]) -> list[str]:
     out: list[str] = []
     for e in entries:
         p = Path(e)
-        if p.is_dir():
+        if is_url(e):
+            found = list_url(e)
+        elif p.is_dir():
             found = sorted(
                 str(x) for x in p.iterdir() if x.is_file() and not x.name.startswith(".")
             )
@@ -149,11 +152,14 @@ def compression(path: str) -> Optional[str]:
         return "gzip"
     if path.endswith(ZSTD_SUFFIX):
         return "zstd"
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except OSError:
-        return None
+    if is_url(path):
+        head = url_head(path, 4)
+    else:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(4)
+        except OSError:
+            return None
     return next((kind for magic, kind in _MAGIC.items() if head.startswith(magic)), None)
 
 
@@ -162,31 +168,16 @@ def is_compressed(path: str) -> bool:
     return compression(path) is not None
 
 
-class _ArrowRaw(io.RawIOBase):
-    """A pyarrow input stream as a raw binary file (for ``io.BufferedReader``)."""
-
-    def __init__(self, stream: pa.NativeFile) -> None:
-        self._stream = stream
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        return self._stream.readinto(b)
-
-    def close(self) -> None:
-        if not self.closed:
-            self._stream.close()
-        super().close()
-
-
 def _open_raw(path: str) -> BinaryIO:
     kind = compression(path)
+    if is_url(path):  # gzip through Python's reader: several members, CRCs checked
+        if kind == "gzip":
+            return gzip.GzipFile(fileobj=open_url(path), mode="rb")  # type: ignore[return-value]
+        return open_url(path, kind)  # type: ignore[return-value]
     if kind == "gzip":
         return gzip.open(path, "rb")  # type: ignore[return-value]
     if kind == "zstd":  # pyarrow's codec: no extra dependency
-        stream = pa.CompressedInputStream(pa.OSFile(path), "zstd")
-        return io.BufferedReader(_ArrowRaw(stream), _MIN_READ)  # type: ignore[return-value]
+        return buffered(pa.CompressedInputStream(pa.OSFile(path), "zstd"))  # type: ignore[return-value]
     return open(path, "rb")  # noqa: SIM115
 
 
@@ -265,6 +256,9 @@ def data_size(path: str) -> int:
     more), and cached in this process per (path, file size, mtime). That costs one read of
     the file: call it only where the size is needed.
     """
+    if is_url(path):
+        size = url_size(path)
+        return _gzip_size(path, size, 0) if is_compressed(path) else size
     if not is_compressed(path):
         return os.path.getsize(path)
     try:

@@ -41,7 +41,8 @@ from terarec.data.columnar import (
     write_json,
 )
 from terarec.data.errors import BadRows, DataError, logger
-from terarec.data.files import eval_mask, expand_paths, is_compressed, iter_line_chunks
+from terarec.data.files import data_size, eval_mask, expand_paths, is_compressed, iter_line_chunks
+from terarec.data.remote import is_url, url_size
 from terarec.data.source import text_parser
 
 PROGRESS = ".progress"
@@ -60,6 +61,8 @@ def fingerprint(cfg: DataConfig, chunk_rows: int) -> dict[str, Any]:
 
 
 def _source_id(path: str) -> dict[str, Any]:
+    if is_url(path):  # (a remote file's mtime is not always known: its size names it)
+        return {"path": path, "size": url_size(path), "mtime_ns": 0}
     st = os.stat(path)
     return {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
@@ -270,7 +273,7 @@ def _run_jobs(
     # Progress counts decompressed bytes; a compressed file's size is unknown without a
     # pass over it.
     gz = any(is_compressed(jobs[k][1]) for k in todo)
-    total = None if gz else sum(os.path.getsize(jobs[k][1]) for k in todo)
+    total = None if gz else sum(data_size(jobs[k][1]) for k in todo)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="preprocess",
                disable=not show_progress)
     ctx = mp.get_context("spawn")

@@ -221,18 +221,21 @@ def cfg_for(kind: DataKind, path: Path, **kw) -> DataConfig:
 
 @pytest.mark.parametrize("shuffle", [0, 40])
 @pytest.mark.parametrize("packed", ["gzip", "gzip-3-members", "gzip-unnamed", "zstd",
-                                    "zstd-unnamed"])
+                                    "zstd-unnamed", "url", "url-gzip", "url-zstd"])
 def test_criteo_gzip_same_batches_and_resume(
     tmp_path: Path, write_criteo, as_tuple, shuffle: int, packed: str
 ) -> None:
     """A compressed day (gzip, several gzip members, zstd; named so or not: found by its
-    first bytes) reads as the plain one: the same batches and resume positions."""
+    first bytes), or one named by a ``file://`` URL (read through pyarrow.fs, as any
+    remote store is), reads as the plain one: the same batches and resume positions."""
     plain = write_criteo("c.tsv", range(200), {37: "0\t1\t2", 90: ""})  # bad + empty rows
     plain.write_bytes(plain.read_bytes().rstrip(b"\n"))  # no trailing newline
     unnamed = tmp_path / "day_0"
     g = {"gzip": lambda: gz(plain), "gzip-3-members": lambda: gz(plain, members=3),
          "gzip-unnamed": lambda: gz(plain, unnamed), "zstd": lambda: zst(plain),
-         "zstd-unnamed": lambda: zst(plain, unnamed)}[packed]()
+         "zstd-unnamed": lambda: zst(plain, unnamed),
+         "url": lambda: f"file://{plain}", "url-gzip": lambda: f"file://{gz(plain)}",
+         "url-zstd": lambda: f"file://{zst(plain, unnamed)}"}[packed]()
     kw = dict(shuffle_buffer=shuffle, dense_transform=DenseTransform.LOG1P)
     want = batches_and_positions(cfg_for(DataKind.CRITEO, plain, **kw))
     got = batches_and_positions(cfg_for(DataKind.CRITEO, g, **kw))
