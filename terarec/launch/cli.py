@@ -11,8 +11,10 @@ terarec-launch [options] COMMAND [ARGS...]   runs ``terarec COMMAND ARGS...`` pe
     terarec-launch --nproc-per-node 2 --probe          # check the launch, no training
     terarec-launch --nproc-per-node 8 --no-topology train ...   # no per-rank pinning
 
-Underneath it is ``python -m torch.distributed.run <torchrun options> -m terarec.cli
-COMMAND ARGS...`` (``--dry-run`` prints it), so every torchrun behaviour holds: each rank
+Underneath it is ``python -m terarec.launch.torchrun <torchrun options> -m terarec.cli
+COMMAND ARGS...`` (``--dry-run`` prints it): torch's ``torch.distributed.run``, ending a
+failed job with one line and the failed rank's exit code instead of a traceback
+(``launch/torchrun.py``), so every torchrun behaviour holds: each rank
 gets ``RANK``/``LOCAL_RANK``/``WORLD_SIZE``/``MASTER_ADDR``..., a failed rank stops the
 others, ``--max-restarts`` restarts the whole group. ``mpirun -np N terarec train ...``
 and Slurm's ``srun terarec train ...`` need no front end (docs/distributed.md).
@@ -81,7 +83,7 @@ def _default_nproc() -> str:
 
 
 def torchrun_command(args: argparse.Namespace, plan_file: Optional[str] = None) -> list[str]:
-    """The ``python -m torch.distributed.run ...`` argv for parsed ``args``; with a
+    """The ``python -m terarec.launch.torchrun ...`` argv for parsed ``args``; with a
     ``plan_file`` each rank starts through ``terarec.launch.bind``, which applies it.
 
     Raises:
@@ -106,7 +108,7 @@ def torchrun_command(args: argparse.Namespace, plan_file: Optional[str] = None) 
     if args.node_rank is not None and not static:
         raise ValueError("--node-rank is for a static launch (--master-addr); the c10d "
                          "rendezvous numbers the nodes itself")
-    cmd = [sys.executable, "-m", "torch.distributed.run",
+    cmd = [sys.executable, "-m", "terarec.launch.torchrun",
            "--nnodes", args.nnodes,
            "--nproc-per-node", args.nproc_per_node or _default_nproc(),
            "--max-restarts", str(args.max_restarts)]

@@ -145,7 +145,7 @@ def _cmd(*argv: str) -> list[str]:
 
 def test_terarec_launch_builds_the_torchrun_command() -> None:
     cmd = _cmd("--nproc-per-node", "4", "train", "--config", "c.yaml", "--set", "a=1")
-    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert cmd[:3] == [sys.executable, "-m", "terarec.launch.torchrun"]
     assert "--standalone" in cmd and cmd[cmd.index("--nproc-per-node") + 1] == "4"
     assert cmd[-7:] == ["-m", "terarec.cli", "train", "--config", "c.yaml", "--set", "a=1"]
     cmd = _cmd("--nnodes", "2:4", "--nproc-per-node", "8", "--rdzv-endpoint", "n0:29400",
@@ -173,5 +173,25 @@ def test_terarec_launch_dry_run_prints_the_command() -> None:
                           "--config", "x.yaml"], capture_output=True, text=True, timeout=60,
                          env=base_env())
     assert res.returncode == 0, res.stderr
-    assert "-m torch.distributed.run --nnodes 1 --nproc-per-node 2 --max-restarts 0 " \
+    assert "-m terarec.launch.torchrun --nnodes 1 --nproc-per-node 2 --max-restarts 0 " \
         "--standalone -m terarec.cli train --config x.yaml" in res.stdout
+
+
+def test_a_failed_job_ends_with_one_line_and_the_ranks_exit_code(tmp_path: Path) -> None:
+    """A rank that fails (here: a config error) stops the job with its own message and
+    one line of the launcher naming it, exiting with the rank's code: no torch
+    traceback, no per-rank report, no OMP banner."""
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("name: bad\ndata: {kind: synthetic, batch_size: 8}\n"
+                   "tables: [{name: t, dim: 4}]\n"
+                   f"train: {{steps: 2, device: cuda, runs_dir: {tmp_path}}}\n")
+    res = subprocess.run([sys.executable, "-m", "terarec.launch.cli", "--nproc-per-node", "2",
+                          "--no-topology", "train", "--config", str(cfg)],
+                         capture_output=True, text=True, timeout=240)
+    if "CUDA is not available" not in res.stderr:
+        pytest.skip("this machine has CUDA: the config is not an error here")
+    assert res.returncode == 1, res.stderr
+    lines = [x for x in res.stderr.splitlines() if x.startswith("terarec-launch: rank ")]
+    assert len(lines) == 1 and "exited with code 1" in lines[0], res.stderr
+    assert "Traceback" not in res.stderr and "ChildFailedError" not in res.stderr
+    assert "OMP_NUM_THREADS" not in res.stdout + res.stderr
