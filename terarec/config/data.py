@@ -15,6 +15,7 @@ class DataKind(StrEnum):
     LIBFM = "libfm"
     CSV = "csv"
     COLUMNAR = "columnar"  # a directory written by `terarec preprocess`
+    PARQUET = "parquet"  # Parquet files; columns named by the `csv` schema
 
 
 class DenseTransform(StrEnum):
@@ -159,8 +160,9 @@ class DataConfig:
         _check(self.shuffle_buffer >= 0, "shuffle_buffer: must be >= 0")
         if self.kind != DataKind.SYNTHETIC:
             _check(bool(self.path), f"path: required for kind {self.kind.value}")
-        if self.kind == DataKind.CSV:
-            _check(self.csv is not None, "csv: a schema is required for kind csv")
+        if self.kind in (DataKind.CSV, DataKind.PARQUET):
+            _check(self.csv is not None,
+                   f"csv: a column schema is required for kind {self.kind.value}")
         if self.kind == DataKind.COLUMNAR:  # one directory each; eval split made by preprocess
             for name, v in (("path", self.path), ("eval_path", self.eval_path)):
                 _check(v is None or len(v) == 1, f"{name}: one preprocessed directory, got {v}")

@@ -127,7 +127,7 @@ class DelimitedParser:
         if table is None:
             good = self._check_columns(chunk, keep, lines, reasons, details)
             if len(good) == 0:
-                self._report(lines, reasons, details)
+                self.report(lines, reasons, details)
                 return empty_rows(len(self.dense), len(self.cats))
             if len(good) == chunk.n:
                 data = chunk.buf
@@ -145,12 +145,12 @@ class DelimitedParser:
                     f"{len(good)} lines (a stray carriage return inside a line?)"
                 )
         line_no = chunk.first_line + good + 1
-        rows, bad_idx, bad_reason, bad_detail = self._convert(table)
+        rows, bad_idx, bad_reason, bad_detail = self.convert(table)
         for i, r, det in zip(bad_idx, bad_reason, bad_detail):
             lines.append(int(line_no[i]))
             reasons.append(r)
             details.append(det)
-        self._report(lines, reasons, details)
+        self.report(lines, reasons, details)
         return rows
 
     def _check_columns(
@@ -171,7 +171,7 @@ class DelimitedParser:
             details.append(f"expected {ncols} columns, got {int(c)}")
         return cand[~wrong]
 
-    def _report(self, lines: list[int], reasons: list[str], details: list[Any]) -> None:
+    def report(self, lines: list[int], reasons: list[str], details: list[Any]) -> None:
         if not lines:
             return
         order = np.argsort(np.asarray(lines), kind="stable")
@@ -215,7 +215,7 @@ class DelimitedParser:
             raise DataError(f"{self.path}: unexpected invalid row {invalid[0].text[:80]!r}")
         return table
 
-    def _convert(self, t: pa.Table) -> tuple[Rows, list[int], list[str], list[Any]]:
+    def convert(self, t: pa.Table) -> tuple[Rows, list[int], list[str], list[Any]]:
         n = t.num_rows
         bad = np.zeros(n, dtype=bool)
         bad_idx: list[int] = []

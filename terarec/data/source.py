@@ -17,6 +17,7 @@ from terarec.data.delimited import criteo_parser, csv_parser
 from terarec.data.errors import BadRows, DataError
 from terarec.data.files import expand_paths
 from terarec.data.libfm import LibfmParser
+from terarec.data.parquet import ParquetParser
 from terarec.data.reshard import reshard_state
 from terarec.data.stream import Counters, FileStream, Stream, SyntheticStream
 from terarec.data.synthetic import SyntheticGenerator
@@ -236,7 +237,7 @@ def columnar_stream(cfg: DataConfig, split: str, seed: int, rank: int, world_siz
 
 
 def text_parser(cfg: DataConfig, bad: BadRows) -> Any:
-    """The line parser of a text data kind (criteo, csv, libfm)."""
+    """The parser of a file data kind (criteo, csv, libfm: lines; parquet: rows)."""
     if cfg.kind == DataKind.CRITEO:
         return criteo_parser(cfg.dense_transform, bad)
     if cfg.kind == DataKind.CSV:
@@ -244,6 +245,9 @@ def text_parser(cfg: DataConfig, bad: BadRows) -> Any:
         return csv_parser(cfg.csv, cfg.dense_transform, bad)
     if cfg.kind == DataKind.LIBFM:
         return LibfmParser(cfg.libfm.fields, bad)
+    if cfg.kind == DataKind.PARQUET:
+        assert cfg.csv is not None  # validated by DataConfig
+        return ParquetParser(csv_parser(cfg.csv, cfg.dense_transform, bad))
     raise DataError(f"kind {cfg.kind.value}: not a file format")  # pragma: no cover
 
 

@@ -194,7 +194,8 @@ class FileStream:
         if self.epochs is None or p < math.floor(self.epochs):
             return None
         if self._sizes is None:  # a .gz is decompressed once to size it: only here
-            self._sizes = {i: data_size(self.files[i]) for i in self.mine}
+            size = getattr(self.parser, "size", data_size)  # Parquet: rows, text: bytes
+            self._sizes = {i: size(self.files[i]) for i in self.mine}
         sizes = self._sizes
         target = (self.epochs - math.floor(self.epochs)) * sum(sizes.values())
         for k, fi in enumerate(order):
@@ -220,7 +221,8 @@ class FileStream:
             stop = limit[1] if limit is not None and k == limit[0] else None
             if stop is not None and stop <= off:
                 return
-            for chunk in iter_line_chunks(path, off, line, self.chunk_rows, stop):
+            chunks = getattr(self.parser, "chunks", iter_line_chunks)  # Parquet: by rows
+            for chunk in chunks(path, off, line, self.chunk_rows, stop):
                 data_idx = chunk.first_line - hdr_lines + np.arange(chunk.n, dtype=np.int64)
                 keep = np.ones(chunk.n, dtype=bool)
                 if self.strided:
