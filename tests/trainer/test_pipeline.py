@@ -444,13 +444,20 @@ def test_the_pipeline_is_on_by_default_for_tiered_tables_only(
 
 def test_progress_bar_fields(tiny_config: Callable[..., Config], monkeypatch) -> None:
     shown: list[dict[str, str]] = []
-    real = loop.tqdm
+    real = loop.make_progress
 
-    class Bar(real):  # type: ignore[misc, valid-type]
-        def set_postfix(self, postfix: dict[str, str]) -> None:  # type: ignore[override]
+    def make(*args: Any) -> Any:
+        bar = real(*args)
+        keep = bar.set_postfix
+
+        def set_postfix(postfix: dict[str, str]) -> None:
             shown.append(dict(postfix))
+            keep(postfix)
 
-    monkeypatch.setattr(loop, "tqdm", Bar)
+        bar.set_postfix = set_postfix
+        return bar
+
+    monkeypatch.setattr(loop, "make_progress", make)
     train(tiny_config(name="bar", **PREFETCHED))
     assert len(shown) == 6
     last = shown[-1]
