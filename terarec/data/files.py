@@ -168,8 +168,7 @@ def is_compressed(path: str) -> bool:
     return compression(path) is not None
 
 
-def _open_raw(path: str) -> BinaryIO:
-    kind = compression(path)
+def _open_raw(path: str, kind: Optional[str]) -> BinaryIO:
     if is_url(path):  # gzip through Python's reader: several members, CRCs checked
         if kind == "gzip":
             return gzip.GzipFile(fileobj=open_url(path), mode="rb")  # type: ignore[return-value]
@@ -196,12 +195,13 @@ def open_data(path: str, offset: int = 0) -> BinaryIO:
     Raises:
         DataError: naming the file, if it cannot be opened or is not valid gzip.
     """
+    kind = compression(path)  # (looks at the first bytes: once per open)
     try:
-        f = _open_raw(path)
+        f = _open_raw(path, kind)
     except OSError as e:
         raise DataError(f"{path}: cannot open: {e.strerror or e}") from None
     try:
-        if not is_compressed(path):
+        if kind is None:
             f.seek(offset)
         elif offset > 0:
             buf = bytearray(min(offset, _SKIP_BLOCK))
@@ -258,18 +258,18 @@ def data_size(path: str) -> int:
     """
     if is_url(path):
         size = url_size(path)
-        return _gzip_size(path, size, 0) if is_compressed(path) else size
+        return _decompressed_size(path, size, 0) if is_compressed(path) else size
     if not is_compressed(path):
         return os.path.getsize(path)
     try:
         st = os.stat(path)
     except OSError as e:
         raise DataError(f"{path}: cannot open: {e.strerror or e}") from None
-    return _gzip_size(path, st.st_size, st.st_mtime_ns)
+    return _decompressed_size(path, st.st_size, st.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=4096)
-def _gzip_size(path: str, size: int, mtime_ns: int) -> int:
+def _decompressed_size(path: str, size: int, mtime_ns: int) -> int:
     del size, mtime_ns  # cache key only
     total = 0
     buf = bytearray(_SKIP_BLOCK)

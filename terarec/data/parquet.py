@@ -54,6 +54,11 @@ class ParquetParser:
     def __init__(self, inner: DelimitedParser) -> None:
         self.inner = inner
         self.path = ""
+        self._file: Optional[pq.ParquetFile] = None  # start_file's, read by chunks
+
+    def _open(self, path: str) -> pq.ParquetFile:
+        """The file start_file opened (its footer read once), else a new one."""
+        return self._file if self._file is not None and path == self.path else _open(path)
 
     @property
     def features(self) -> list[str]:
@@ -67,23 +72,23 @@ class ParquetParser:
     def start_file(self, path: str) -> int:
         """Checks that ``path`` has the schema's columns; no header: returns 0."""
         self.path = self.inner.path = path
-        names = _open(path).schema_arrow.names
+        self._file = _open(path)
+        names = self._file.schema_arrow.names
         missing = [c for c in self.columns if c not in names]
         if missing:
             raise DataError(f"{path}: column(s) {missing} not in the file's columns "
                             f"{names[:50]}")
-        self.inner.names = names
         return 0
 
     def size(self, path: str) -> int:
         """Rows in ``path`` (the unit of its positions)."""
-        return int(_open(path).metadata.num_rows)
+        return int(self._open(path).metadata.num_rows)
 
     def chunks(self, path: str, offset: int, first_line: int, rows: int,
                stop: Optional[int] = None) -> Iterator[RowChunk]:
         """Rows ``offset`` (a row index) up to ``stop`` (exclusive; None: the end), in
         chunks of at most ``rows``, starting at the row group that holds ``offset``."""
-        f = _open(path)
+        f = self._open(path)
         meta = f.metadata
         end = meta.num_rows if stop is None else min(stop, meta.num_rows)
         group_start = 0

@@ -40,24 +40,11 @@ class LineProgress:
         return None
 
 
-class Silent(LineProgress):
-    """Ranks other than 0 print nothing."""
-
-    def __init__(self) -> None:
-        super().__init__(None, 0, sys.stdout)
-
-    def set_postfix(self, postfix: dict[str, Any]) -> None:
-        return None
-
-    def write(self, line: str) -> None:
-        return None
-
-
 def make_progress(show_bar: bool, main: bool, total: Optional[int], initial: int) -> Any:
     """A tqdm bar on a terminal when ``show_bar`` (``train.progress``), else plain lines
     on stdout (:class:`LineProgress`); nothing on ranks other than 0 (``main``)."""
     if not main:
-        return Silent()
+        return tqdm(disable=True)
     if show_bar and sys.stderr.isatty():
         return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
     return LineProgress(total, initial, sys.stdout)

@@ -78,9 +78,7 @@ class CacheTier(SlotRows):
         self._lock = torch.full((capacity,), -1, dtype=torch.int64, device=self.device)
         self._map = KeyMap(self.device, capacity=2 * capacity)
         self._size = 0
-        self._stats = dict.fromkeys(
-            ("hits", "misses", "inserts", "evictions", "deletes", "expired"), 0
-        )
+        self._stats = dict.fromkeys(("inserts", "evictions", "deletes", "expired"), 0)
         # hits counted on the device: a lookup on the training path never waits for it
         self._hits = torch.zeros((), dtype=torch.int64, device=self.device)
         self._looked = 0  # keys looked up
