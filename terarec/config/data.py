@@ -92,16 +92,27 @@ class SyntheticConfig:
 
 @dataclass
 class CategoricalColumn:
-    """One categorical column of a CSV schema; ``sep`` splits multi-valued cells."""
+    """One categorical column of a CSV schema; ``sep`` splits multi-valued cells.
+
+    ``semantic_id: true``: the cell is a semantic id, integer codebook tokens coarse to
+    fine split by ``sep`` (e.g. ``3/1/4``), keyed by prefix; at most ``levels`` tokens."""
 
     column: str
     name: Optional[str] = None  # feature name (default: the column name)
     sep: Optional[str] = None
+    semantic_id: bool = False
+    levels: Optional[int] = None  # semantic ids: most tokens per id (required)
 
     def __post_init__(self) -> None:
         if self.name is None:
             self.name = self.column
         _check(self.sep is None or len(self.sep) >= 1, "sep: must be non-empty")
+        if self.semantic_id:
+            _check(self.sep is not None, "sep: a semantic_id column needs its token separator")
+            _check(self.levels is not None and 1 <= self.levels <= 16,
+                   "levels: a semantic_id column needs levels in [1, 16]")
+        else:
+            _check(self.levels is None, "levels: only for semantic_id columns")
 
 
 @dataclass

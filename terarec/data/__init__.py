@@ -61,6 +61,11 @@ def semantic_id_features(cfg: DataConfig) -> dict[str, int]:
     """Features whose values are semantic-id token sequences, with their levels: their
     keys are the prefixes' (``keys.semantic_id_keys``), which serving must recompute from
     the tokens a request sends."""
+    if cfg.kind == DataKind.COLUMNAR:
+        return dict(open_columnar(cfg, "train").semantic_ids)
+    if cfg.kind in (DataKind.CSV, DataKind.PARQUET) and cfg.csv is not None:
+        return {c.name or c.column: int(c.levels or 0) for c in cfg.csv.categorical
+                if c.semantic_id}
     ads = cfg.synthetic.ads if cfg.kind == DataKind.SYNTHETIC else None
     return {SID: ads.levels} if ads is not None and ads.semantic_ids else {}
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -174,6 +174,7 @@ class Dataset:
         chunk_rows: the chunk size it was written with.
         parts: one per source file, in source order.
         bad_rows: malformed source rows skipped while preprocessing, by reason.
+        semantic_ids: semantic-id features (keyed by prefix) and their levels.
     """
 
     root: Path
@@ -184,6 +185,7 @@ class Dataset:
     chunk_rows: int
     parts: list[PartInfo]
     bad_rows: dict[str, int]
+    semantic_ids: dict[str, int] = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
@@ -250,7 +252,8 @@ def open_dataset(root: str | Path) -> Dataset:
         parts = [part_from_dict(p, str(path)) for p in d["parts"]]
         return Dataset(root, str(d["source_kind"]), list(d["dense"]), list(d["sparse"]),
                        str(d["dense_transform"]), int(d["chunk_rows"]), parts,
-                       {str(k): int(v) for k, v in d.get("bad_rows", {}).items()})
+                       {str(k): int(v) for k, v in d.get("bad_rows", {}).items()},
+                       {str(k): int(v) for k, v in d.get("semantic_ids", {}).items()})
     except (KeyError, TypeError, ValueError) as e:
         raise DataError(f"{path}: missing or malformed field ({type(e).__name__}: {e})") from None
 

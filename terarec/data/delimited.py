@@ -25,7 +25,7 @@ import pyarrow.csv as pacsv
 from terarec.config import CsvSchema, DenseTransform
 from terarec.data.errors import BadRows, DataError
 from terarec.data.files import LineChunk, header_bytes, read_first_line
-from terarec.data.keys import string_keys
+from terarec.data.keys import semantic_id_keys, string_keys
 from terarec.data.rows import Rows, empty_rows
 
 INT_RE = r"^-?[0-9]+$"
@@ -44,6 +44,7 @@ class CatColumn:
     feature: str  # KJT key
     sep: Optional[str] = None  # multi-valued cell separator
     hex_only: bool = False  # values must be 1-16 hex digits (Criteo)
+    levels: int = 0  # > 0: a semantic id of at most ``levels`` integer tokens
 
 
 class DelimitedParser:
@@ -253,6 +254,14 @@ class DelimitedParser:
                 else:
                     present, keys, _ = string_keys(col, c.feature)
                 sparse.append((present.astype(np.int32), keys))
+            elif c.levels:
+                lengths, keys, ok, many = _semantic_keys(col, c.sep or "", c.feature, c.levels)
+                flag(col, ~many, "bad_categorical", lambda v, c=c:
+                     f"semantic id {c.column}={v!r} has more than {c.levels} tokens")
+                flag(col, ok, "bad_categorical", lambda v, c=c:
+                     f"semantic id {c.column}={v!r} is not non-negative integer tokens "
+                     f"split by {c.sep!r}")
+                sparse.append((lengths, keys))
             else:
                 sparse.append(_multi_keys(col, c.sep, c.feature))
 
@@ -332,6 +341,31 @@ def _multi_keys(col: pa.Array, sep: str, feature: str) -> tuple[np.ndarray, np.n
     return lengths, keys
 
 
+def _semantic_keys(col: pa.Array, sep: str, feature: str, levels: int
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A semantic-id column: cells of integer tokens split by ``sep`` (empty cell =
+    missing), keyed by prefix (``keys.semantic_id_keys``).
+
+    Returns int32 lengths ``[n]``, int64 keys ``[sum(lengths)]``, bool ``[n]`` "every
+    token is an integer in [0, 2^63)" and bool ``[n]`` "more than ``levels`` tokens"
+    (a bad row's tokens read as 0, so its keys are there to be dropped)."""
+    n = len(col)
+    empty = pc.fill_null(pc.equal(col, ""), True).to_numpy(zero_copy_only=False)
+    lists = pc.split_pattern(pc.if_else(pa.array(empty), pa.scalar(None, pa.string()), col),
+                             sep)
+    lengths = _lengths(lists)
+    tokens = lists.flatten()
+    good = pc.fill_null(pc.match_substring_regex(tokens, r"^[0-9]{1,19}$"), False)
+    good = good.to_numpy(zero_copy_only=False)
+    vals = pc.cast(pc.if_else(pa.array(good), tokens, "0"), pa.uint64()).to_numpy()
+    good &= vals < (1 << 63)
+    row = np.repeat(np.arange(n), lengths)
+    ok = np.bincount(row[~good], minlength=n) == 0
+    vals = np.where(good, vals, 0).astype(np.int64)
+    keys = semantic_id_keys(vals, lengths, feature)
+    return lengths.astype(np.int32), keys, ok, lengths > levels
+
+
 def criteo_parser(transform: DenseTransform, bad: BadRows) -> DelimitedParser:
     """Criteo TSV: label, I1..I13 (integers), C1..C26 (hex), no header, empty = missing."""
     return DelimitedParser(
@@ -358,7 +392,9 @@ def csv_parser(schema: CsvSchema, transform: DenseTransform, bad: BadRows) -> De
         label_threshold=schema.label_threshold,
         dense=list(schema.dense),
         dense_pattern=FLOAT_RE,
-        categorical=[CatColumn(c.column, c.name or c.column, c.sep) for c in schema.categorical],
+        categorical=[CatColumn(c.column, c.name or c.column, c.sep,
+                               levels=(c.levels or 0) if c.semantic_id else 0)
+                     for c in schema.categorical],
         transform=transform,
         bad=bad,
     )

@@ -239,7 +239,11 @@ def preprocess(
     for i, f in enumerate(eval_files):
         jobs.append((i, f, {"eval": dirs["eval"]}, 0.0))
     results = _run_jobs(cfg, jobs, chunk_rows, workers, show_progress)
-    from terarec.data import dense_feature_names, sparse_feature_names  # the package API
+    from terarec.data import (  # the package API
+        dense_feature_names,
+        semantic_id_features,
+        sparse_feature_names,
+    )
 
     summary: dict[str, Any] = {}
     for split, d in dirs.items():
@@ -252,6 +256,7 @@ def preprocess(
         meta = meta_dict(cfg.kind.value, dense_feature_names(cfg), sparse_feature_names(cfg),
                          cfg.dense_transform.value, chunk_rows, fp)
         meta["parts"], meta["bad_rows"] = parts, bad
+        meta["semantic_ids"] = semantic_id_features(cfg)
         meta["rows"] = sum(p["rows"] for p in parts)
         write_json(d / META, meta)
         summary[split] = {"path": str(d), "rows": meta["rows"], "parts": len(parts),
