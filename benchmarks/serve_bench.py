@@ -12,6 +12,10 @@ and ``N`` candidates (100 and 1,000) with ids drawn from the training distributi
   from the same checkpoint) on ``N`` rows with the user features repeated per candidate,
   from the same request (its ids hashed and its batch built on the clock, as a server
   scoring pairs would);
+* ``centric_int8`` (CPU): the same with ``dense_dtype="int8"``: the per-candidate
+  MLP on FBGEMM's int8 GEMM; ``int8_max_dp`` is the largest difference of its
+  probabilities from the float32 scorer's over the requests, ``auc_fp32`` /
+  ``auc_int8`` the two scorers' AUC on the run's eval stream;
 * ``http``: ``terarec serve`` started as a process on 127.0.0.1, one client posting the
   JSON requests one after another (``--http``; end to end: JSON in and out).
 
@@ -38,6 +42,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from terarec.config import config_from_dict, load_config
+from terarec.data import build_source
 from terarec.data.keys import int_keys
 from terarec.data.synthetic import SyntheticGenerator, zipf_ranks
 from terarec.serve.export import export_bundle
@@ -135,6 +140,8 @@ def bench_model(name: str, args: argparse.Namespace, root: Path) -> dict[str, An
     names = list(parts.embedding.feature_names)
     scorer = Scorer.from_bundle(bundle, device=args.device)
     dev = torch.device(args.device)
+    int8 = (Scorer.from_bundle(bundle, device=args.device, dense_dtype="int8")
+            if dev.type == "cpu" else None)
     sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
     out: dict[str, Any] = {"bundle_mib": sum(f["size"] for f in json.loads(
         (bundle / "manifest.json").read_text())["files"].values()) / 2**20}
@@ -144,21 +151,32 @@ def bench_model(name: str, args: argparse.Namespace, root: Path) -> dict[str, An
             dense, kjt = naive_batch(r, names, len(r["ids"]))
             return torch.sigmoid(model(dense.to(dev), kjt.to(dev)))
 
-        cent, naive = [], []
+        cent, naive, cent8 = [], [], []
         with torch.no_grad():
             for _ in range(args.runs):
                 cent.append(percentiles(timed(lambda r: scorer.score(Request(**r)),
                                               reqs, sync)))
                 naive.append(percentiles(timed(pairs, reqs, sync)))
+                if int8 is not None:
+                    cent8.append(percentiles(timed(lambda r: int8.score(Request(**r)),
+                                                   reqs, sync)))
         c, v = median_runs(cent), median_runs(naive)
         out[str(n)] = {"centric": c, "naive": v,
                        "ratio_p50": v["p50_ms"] / c["p50_ms"],
                        "ratio_p99": v["p99_ms"] / c["p99_ms"]}
+        if int8 is not None:
+            c8 = median_runs(cent8)
+            out[str(n)].update({
+                "centric_int8": c8, "ratio_int8_p50": v["p50_ms"] / c8["p50_ms"],
+                "ratio_int8_p99": v["p99_ms"] / c8["p99_ms"],
+                "int8_max_dp": max(float((int8.score(Request(**r)).scores
+                                          - scorer.score(Request(**r)).scores).abs().max())
+                                   for r in reqs)})
     if args.http:
         import httpx
         from serve_helpers import server
 
-        extra = ["--device", args.device]
+        extra = ["--device", args.device, "--dense-dtype", args.http_dense_dtype]
         with server(bundle, *extra) as url, httpx.Client(base_url=url, timeout=60) as client:
             for n in (100, 1000):
                 bodies = [json.dumps(r).encode() for r in requests(cfg, n, args.requests, 7)]
@@ -170,8 +188,23 @@ def bench_model(name: str, args: argparse.Namespace, root: Path) -> dict[str, An
                 runs = [percentiles(timed(post, bodies, lambda: None))
                         for _ in range(args.runs)]
                 out[str(n)]["http"] = median_runs(runs)
+    if int8 is not None:
+        out["auc_fp32"], out["auc_int8"] = eval_auc(cfg, scorer), eval_auc(cfg, int8)
+        int8.close()
     scorer.close()
     return out
+
+
+def eval_auc(cfg: Any, scorer: Scorer) -> float:
+    """AUC of ``scorer`` on the eval stream (each sample its own user)."""
+    from serve_helpers import bundle_probs
+    from torchmetrics.functional.classification import binary_auroc
+
+    probs, labels = [], []
+    for batch in build_source(cfg.data, "eval", seed=cfg.seed):
+        probs.append(bundle_probs(scorer, batch))
+        labels.append(batch.labels.to(torch.int64))
+    return float(binary_auroc(torch.cat(probs), torch.cat(labels)))
 
 
 def main() -> None:
@@ -183,9 +216,12 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--train-steps", type=int, default=300)
     p.add_argument("--http", action="store_true", help="also through terarec serve")
+    p.add_argument("--http-dense-dtype", default="fp32", choices=["fp32", "int8"],
+                   help="the service's --dense-dtype")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     result: dict[str, Any] = {"device": args.device, "threads": args.threads,
+                              "http_dense_dtype": args.http_dense_dtype,
                               "requests": args.requests, "runs": args.runs}
     if args.device == "cuda":
         result["gpu"] = torch.cuda.get_device_name()
@@ -196,12 +232,20 @@ def main() -> None:
         print(json.dumps(result))
         return
     for name in args.models.split(","):
+        if "auc_int8" in result[name]:
+            print(f"{name:>10} eval AUC: fp32 {result[name]['auc_fp32']:.5f}, int8 dense "
+                  f"{result[name]['auc_int8']:.5f}")
         for n in ("100", "1000"):
             r = result[name][n]
             line = (f"{name:>10} N={n:>4}: centric p50 {r['centric']['p50_ms']:.2f} / p99 "
                     f"{r['centric']['p99_ms']:.2f} ms, naive p50 {r['naive']['p50_ms']:.2f} / "
                     f"p99 {r['naive']['p99_ms']:.2f} ms -> {r['ratio_p50']:.1f}x / "
                     f"{r['ratio_p99']:.1f}x")
+            if "centric_int8" in r:
+                c8 = r["centric_int8"]
+                line += (f"; int8 dense p50 {c8['p50_ms']:.2f} / p99 {c8['p99_ms']:.2f} ms "
+                         f"-> {r['ratio_int8_p50']:.1f}x / {r['ratio_int8_p99']:.1f}x "
+                         f"(max |dp| {r['int8_max_dp']:.1e})")
             if "http" in r:
                 line += (f"; http p50 {r['http']['p50_ms']:.2f} / p99 "
                          f"{r['http']['p99_ms']:.2f} ms")

@@ -180,7 +180,8 @@ def _export(args: argparse.Namespace) -> int:
 def _score(args: argparse.Namespace) -> int:
     from terarec.serve.scorer import Request, Scorer
 
-    scorer = Scorer.from_bundle(args.bundle, device=args.device)
+    scorer = Scorer.from_bundle(args.bundle, device=args.device,
+                                dense_dtype=args.dense_dtype)
     try:
         data = json.loads(Path(args.request).read_text())
         res = scorer.score(Request(**data))
@@ -205,7 +206,8 @@ def _serve(args: argparse.Namespace) -> int:
     def open_bundle(path: Path) -> Scorer:
         return Scorer.from_bundle(path, device=args.device,
                                   cache_bytes=int(args.cache_mb * 2**20),
-                                  overlay_rows=args.overlay_rows)
+                                  overlay_rows=args.overlay_rows,
+                                  dense_dtype=args.dense_dtype)
 
     scorer = open_bundle(Path(args.bundle).resolve())
     service = Service(scorer, max_candidates=args.max_candidates,
@@ -278,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--request", required=True, help="JSON file: a POST /score body")
     sc.add_argument("--top", type=int, default=5, help="candidates printed")
     sc.add_argument("--device", default="cpu")
+    sc.add_argument("--dense-dtype", default="fp32", choices=["fp32", "int8"],
+                    help="int8: the per-candidate MLP on FBGEMM's int8 GEMM (CPU)")
     sc.set_defaults(fn=_score)
     sv = sub.add_parser("serve", help="the HTTP scoring service over a bundle")
     sv.add_argument("--bundle", required=True)
@@ -286,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--device", default="cpu")
     sv.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's)")
     sv.add_argument("--cache-mb", type=float, default=256, help="row cache budget")
+    sv.add_argument("--dense-dtype", default="fp32", choices=["fp32", "int8"],
+                    help="int8: the per-candidate MLP on FBGEMM's int8 GEMM (CPU)")
     sv.add_argument("--max-candidates", type=int, default=10_000)
     sv.add_argument("--max-body-mb", type=float, default=8)
     sv.add_argument("--follow", help="runs/<name>: apply its new delta checkpoints live")

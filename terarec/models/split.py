@@ -232,7 +232,10 @@ class _DLRMUser(nn.Module):
 
 
 class _DLRMCandidate(nn.Module):
-    """Candidate part of a DLRM for one user's candidates (see the module docstring)."""
+    """Candidate part of a DLRM for one user's candidates (see the module docstring).
+
+    The first layer's candidate columns are one matrix ``w_cand`` over ``[dots(S, T)
+    (unfolded), dots(T, T), z (candidate-side dense)]``: one GEMM per request."""
 
     def __init__(self, model: DLRM, user: list[str], cand: list[str], user_dense: bool,
                  fold: bool) -> None:
@@ -240,9 +243,8 @@ class _DLRMCandidate(nn.Module):
         sides = _Sides(model, user, cand, user_dense)
         self.dense_arch = None if sides.dense_user else copy.deepcopy(model.dense_arch)
         self.folded = fold
-        self.w_cross = nn.Parameter(sides.w_cross.clone())
-        self.w_inner = nn.Parameter(sides.w_inner.clone())
-        self.w_z = nn.Parameter(sides.w_z.clone())
+        cols = ([] if fold else [sides.w_cross]) + [sides.w_inner, sides.w_z]
+        self.w_cand = nn.Parameter(torch.cat(cols, 1).clone())
         self.rest = copy.deepcopy(sides.rest)
 
     def forward(self, state: torch.Tensor, partial: torch.Tensor, dense: torch.Tensor,
@@ -252,15 +254,14 @@ class _DLRMCandidate(nn.Module):
         if self.dense_arch is not None:
             mine = torch.cat([self.dense_arch(dense).unsqueeze(1), pooled], 1)
         n, t, d = mine.shape
-        if self.folded:  # state: G [1, |T| D, H1]
-            h = mine.reshape(n, t * d) @ state[0]
-        else:  # state: the user slots [1, |S|, D]
-            cross = (mine.reshape(n * t, d) @ state[0].t()).reshape(n, -1)
-            h = nn.functional.linear(cross, self.w_cross)
-        inner = torch.bmm(mine, mine.transpose(1, 2)).reshape(n, t * t)
-        h = h + partial + nn.functional.linear(inner, self.w_inner)
+        cols = [torch.bmm(mine, mine.transpose(1, 2)).reshape(n, t * t)]  # dots(T, T)
+        if not self.folded:  # state: the user slots [1, |S|, D]
+            cols.insert(0, (mine.reshape(n * t, d) @ state[0].t()).reshape(n, -1))
         if self.dense_arch is not None:
-            h = h + nn.functional.linear(mine[:, 0], self.w_z)
+            cols.append(mine[:, 0])
+        h = nn.functional.linear(torch.cat(cols, 1), self.w_cand) + partial
+        if self.folded:  # state: G [1, |T| D, H1]
+            h = h + mine.reshape(n, t * d) @ state[0]
         return self.rest(h).squeeze(-1)
 
 

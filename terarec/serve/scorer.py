@@ -36,6 +36,7 @@ from terarec.data.keys import semantic_id_keys, string_keys
 from terarec.hashing import mix64_np, salt_for
 from terarec.serve import bundle as b
 from terarec.serve.delta import read_delta
+from terarec.serve.dense_int8 import quantize_linears, repack_linears
 from terarec.serve.overlay import Overlay, OverlayFull, PendingDelta
 from terarec.serve.rowstore import CachedRows, RowStore
 
@@ -150,12 +151,21 @@ class Scorer:
         device: where pooled embeddings, cached rows and the programs live.
         cache_bytes: budget of the row caches (all tables; split by their row counts).
         overlay_rows: most rows live deltas may change before a new export is needed.
+        dense_dtype: ``"fp32"``, or ``"int8"``: the per-candidate program's linear
+            layers on FBGEMM's int8 GEMM (CPU only; ``serve/dense_int8.py``).
     """
 
     def __init__(self, root: Path, manifest: dict[str, Any], device: str | torch.device,
-                 cache_bytes: int, overlay_rows: int = 1 << 22) -> None:
+                 cache_bytes: int, overlay_rows: int = 1 << 22,
+                 dense_dtype: str = "fp32") -> None:
         self.root, self.manifest = Path(root), manifest
         self.device = torch.device(device)
+        if dense_dtype not in ("fp32", "int8"):
+            raise ValueError(f"dense_dtype: {dense_dtype!r} is not fp32 or int8")
+        if dense_dtype == "int8" and self.device.type != "cpu":
+            raise ValueError("dense_dtype: int8 runs on the CPU (FBGEMM's int8 GEMM); "
+                             f"on {self.device} serve fp32")
+        self.dense_dtype = dense_dtype
         self.step = int(manifest["step"])
         feats = manifest["features"]
         self.mode = manifest["model"]["mode"]
@@ -185,16 +195,20 @@ class Scorer:
         progs = manifest["model"]["programs"]
         self.programs: dict[str, nn.Module] = {
             part: b.load_program(self.root / f).to(self.device) for part, f in progs.items()}
+        if dense_dtype == "int8":  # the per-candidate work; the user side runs once
+            for part in ("candidate", "model"):
+                if part in self.programs:
+                    quantize_linears(self.programs[part])  # type: ignore[arg-type]
         self.counts = {"requests": 0, "candidates": 0}
 
     @classmethod
     def from_bundle(cls, path: str | Path, device: str | torch.device = "cpu",
                     cache_bytes: int = 256 << 20, verify: str = "programs",
-                    overlay_rows: int = 1 << 22) -> Scorer:
+                    overlay_rows: int = 1 << 22, dense_dtype: str = "fp32") -> Scorer:
         """Opens bundle ``path`` (checked: :func:`~terarec.serve.bundle.read_manifest`
         with ``verify``)."""
         return cls(Path(path), b.read_manifest(Path(path), verify), device, cache_bytes,
-                   overlay_rows)
+                   overlay_rows, dense_dtype)
 
     # -- live deltas (serve/overlay.py) --------------------------------------------
     def prepare_delta(self, path: str | Path, parent_sha: Optional[str] = None
@@ -216,6 +230,7 @@ class Scorer:
                               f"bound of {self.overlay.max_rows}; export a new bundle")
         for name, sd in pending.dense.items():
             self.programs[name].load_state_dict(sd, strict=True)
+            repack_linears(self.programs[name])  # type: ignore[arg-type]
         names = {t["id"]: n for n, t in self.tables.items()}
         for table_id, (keys, weights) in pending.rows.items():
             self.overlay.put(table_id, keys, weights)
@@ -406,7 +421,8 @@ class Scorer:
             looked = s["hits"] + s["misses"]
             s["hit_rate"] = s["hits"] / looked if looked else 0.0
             tables[name] = s
-        return {**self.counts, "step": self.step, "tables": tables,
+        return {**self.counts, "step": self.step, "dense_dtype": self.dense_dtype,
+                "tables": tables,
                 "overlay_rows": self.overlay.rows, "overlay_max_rows": self.overlay.max_rows,
                 "deltas": self.deltas}
 
