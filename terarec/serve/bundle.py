@@ -136,4 +136,11 @@ def load_program(path: Path, check_inputs: bool = False) -> torch.nn.Module:
         for key in [k for k, h in hooks.items()
                     if getattr(h, "__name__", "") == "_check_input_constraints_pre_hook"]:
             del hooks[key]
+        graph = getattr(module, "graph", None)  # newer torch: a guard call in the graph
+        guards = [n for n in graph.nodes if n.op == "call_module"
+                  and n.target == "_guards_fn" and not n.users] if graph is not None else []
+        for node in guards:
+            graph.erase_node(node)
+        if guards:
+            module.recompile()
     return module
