@@ -15,6 +15,7 @@ setup(
         "pyyaml",
         "tqdm",
         "matplotlib",
+        "tensorboard",
         "torchmetrics==1.0.3",
         "tensordict",
         "pyre-extensions",

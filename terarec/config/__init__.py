@@ -332,6 +332,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: Optional[int] = None  # torch intra-op threads
     progress: bool = True
+    tensorboard: bool = True  # runs/<name>/tensorboard/: event files beside metrics.jsonl
     save_checkpoint: bool = True
     checkpoint_every: int = 0  # steps; 0 = only at the end
     # also save once this many minutes passed since the last save (null: by steps only)

@@ -55,14 +55,9 @@ from terarec.trainer.tiers import (
     uses_ssd,
 )
 
-__all__ = [  # what callers import from here (built elsewhere: components, evaluate)
-    "Components",
-    "TrainingDiverged",
-    "build_components",
-    "describe_final",
-    "evaluate",
-    "train",
-]
+# what callers import from here (built elsewhere: components, evaluate)
+__all__ = ["Components", "TrainingDiverged", "build_components", "describe_final",
+           "evaluate", "train"]
 
 log = logging.getLogger("terarec.trainer")
 
@@ -159,7 +154,8 @@ class _Run:
             cfg.data, "train", seed=cfg.seed, epochs=cfg.train.epochs, rank=self.rank,
             world_size=self.world, device=parts.device,
         )
-        self.reporter = RunReporter(run_dir, write=self.main)
+        self.reporter = RunReporter(run_dir, write=self.main,
+                                    tensorboard=cfg.train.tensorboard)
         self.run_dir = run_dir
         if cfg.train.delta_every:  # deltas hold the pairs changed since the last save
             parts.embedding.track_changes(True)
@@ -178,6 +174,7 @@ class _Run:
             if self.main:  # the future this run writes again: checkpoints, then metrics
                 history.drop_after(run_dir, self.step)
                 drop_records_after(self.reporter.metrics_path, self.step)
+                self.reporter.resume_at(self.step)  # and the TensorBoard events
             # The optimizer's saved param_groups carry the old lr; the config wins, as it
             # does for the sparse optimizer (resuming with a lower lr after a divergence).
             for group in parts.dense_optimizer.param_groups:
@@ -299,7 +296,7 @@ class _Run:
         """A ``metrics.jsonl`` line; the first of a new run replaces an earlier run's."""
         if self.replace_metrics:
             log.warning("%s: replacing the metrics of an earlier run", self.run_dir)
-            self.reporter.metrics_path.unlink(missing_ok=True)
+            self.reporter.reset()
             self.replace_metrics = False
         self.reporter.log(step, split, rec)
 

@@ -12,9 +12,14 @@
   ``nan``/``inf`` become ``null`` (strict JSON has no NaN).
 * ``summary.json`` and ``config.yaml``: written atomically (temp file + ``os.replace``),
   so a reader never sees half a file.
-* ``curves.png``: train loss, eval AUC (with the oracle AUC as a dashed line when
-  known), eval logloss and throughput against the step; drawn with the Agg canvas
-  directly (no pyplot, no display, no global matplotlib state).
+* ``curves.png``: train loss, train and eval AUC (with the oracle AUC as a dashed line
+  when known), eval logloss, throughput, tier hit rates and rows held against the
+  step; drawn with the Agg canvas directly (no pyplot, no display, no global
+  matplotlib state).
+* ``tensorboard/`` (``tensorboard=True``): the same numbers as TensorBoard scalars,
+  ``<split>/<name>`` (nested records flattened: ``train/tiers/sparse/device_hit_rate``),
+  through ``torch.utils.tensorboard``; a resumed run (:meth:`RunReporter.resume_at`)
+  purges the events logged after its checkpoint, as ``metrics.jsonl`` drops its lines.
 
 Metric names the plot looks for: ``loss`` (train), ``auc`` and ``logloss`` (eval),
 ``samples_per_s`` (train), ``oracle_auc`` (summary or eval lines).
@@ -28,6 +33,7 @@ import logging
 import math
 import os
 import secrets
+import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -43,6 +49,7 @@ LOSS_KEY = "loss"
 AUC_KEY = "auc"
 LOGLOSS_KEY = "logloss"
 THROUGHPUT_KEY = "samples_per_s"
+ROWS_KEY = "rows"
 ORACLE_AUC_KEY = "oracle_auc"
 _RESERVED = ("step", "split", "time")
 
@@ -124,6 +131,7 @@ class RunReporter:
             a resumed run keeps one log.
         write: False for the ranks of a multi-rank job other than rank 0: nothing is
             written (``log`` still returns the record); one writer per run directory.
+        tensorboard: also write TensorBoard event files under ``run_dir/tensorboard``.
 
     Example:
         >>> rep = RunReporter(Path("runs/quickstart"))
@@ -133,11 +141,37 @@ class RunReporter:
         >>> rep.plot()
     """
 
-    def __init__(self, run_dir: Union[str, Path], write: bool = True) -> None:
+    def __init__(self, run_dir: Union[str, Path], write: bool = True,
+                 tensorboard: bool = False) -> None:
         self.run_dir = Path(run_dir)
         self.write = write
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.name = self.run_dir.resolve().name
+        self.tensorboard = tensorboard and write
+        self._events: Any = None  # the SummaryWriter, opened at the first record
+        self._purge: Optional[int] = None
+
+    @property
+    def events_dir(self) -> Path:
+        return self.run_dir / "tensorboard"
+
+    def resume_at(self, step: int) -> None:
+        """A resumed run goes on from ``step``: TensorBoard events logged after it (by
+        the run that died) are purged when the first new one is written."""
+        self._purge = step + 1
+
+    def reset(self) -> None:
+        """Removes an earlier run's ``metrics.jsonl`` and TensorBoard events (a new run
+        under its name)."""
+        self.close()
+        self.metrics_path.unlink(missing_ok=True)
+        shutil.rmtree(self.events_dir, ignore_errors=True)
+
+    def close(self) -> None:
+        """Flushes and closes the event file (a later :meth:`log` opens a new one)."""
+        if self._events is not None:
+            self._events.close()
+            self._events = None
 
     @property
     def metrics_path(self) -> Path:
@@ -178,7 +212,21 @@ class RunReporter:
             return record
         with self.metrics_path.open("a", encoding="utf-8") as f:
             f.write(line + "\n")
+        if self.tensorboard:
+            self._scalars(int(step), split, record)
         return record
+
+    def _scalars(self, step: int, split: str, record: Mapping[str, Any]) -> None:
+        """The record's finite numbers as TensorBoard scalars ``split/name``."""
+        if self._events is None:
+            from torch.utils.tensorboard import SummaryWriter  # imports tensorboard
+
+            self._events = SummaryWriter(str(self.events_dir), purge_step=self._purge)
+            self._purge = None
+        for name, v in _flat(record):
+            if name not in _RESERVED:
+                self._events.add_scalar(f"{split}/{name}", v, step)
+        self._events.flush()  # a crashed run keeps what it logged, as metrics.jsonl
 
     def records(self, split: Optional[str] = None) -> list[dict[str, Any]]:
         """The logged records, optionally only those of ``split``."""
@@ -191,6 +239,7 @@ class RunReporter:
         if not self.write:
             return self.summary_path
         atomic_write_text(self.summary_path, text + "\n")
+        self.close()
         return self.summary_path
 
     def read_summary(self) -> dict[str, Any]:
@@ -208,7 +257,8 @@ class RunReporter:
         return self.config_path
 
     def plot(self, oracle_auc: Optional[float] = None) -> Path:
-        """Draws ``curves.png`` from ``metrics.jsonl`` (2x2: loss, AUC, logloss, samples/s).
+        """Draws ``curves.png`` from ``metrics.jsonl`` (2x3: train loss, train and eval AUC,
+        eval logloss, samples/s, tier hit rates, rows held).
 
         Args:
             oracle_auc: dashed reference line on the AUC panel; default: ``oracle_auc``
@@ -230,15 +280,16 @@ class RunReporter:
                 None,
             )
 
-        fig = Figure(figsize=(11, 7.5), dpi=100, layout="constrained")
+        fig = Figure(figsize=(15, 7.5), dpi=100, layout="constrained")
         FigureCanvasAgg(fig)
-        axes = fig.subplots(2, 2)
+        axes = fig.subplots(2, 3)
         fig.suptitle(f"terarec run: {self.name}", fontsize=14, fontweight="bold")
         panels = [
             (axes[0, 0], train, LOSS_KEY, "Train loss", "tab:blue"),
-            (axes[0, 1], evals, AUC_KEY, "Eval AUC", "tab:green"),
-            (axes[1, 0], evals, LOGLOSS_KEY, "Eval logloss (nats)", "tab:red"),
-            (axes[1, 1], train, THROUGHPUT_KEY, "Train throughput (samples/s)", "tab:purple"),
+            (axes[0, 1], evals, AUC_KEY, "AUC (eval; train: its window)", "tab:green"),
+            (axes[0, 2], evals, LOGLOSS_KEY, "Eval logloss (nats)", "tab:red"),
+            (axes[1, 0], train, THROUGHPUT_KEY, "Train throughput (samples/s)", "tab:purple"),
+            (axes[1, 2], train, ROWS_KEY, "Rows held (all tables)", "tab:brown"),
         ]
         for ax, rows, key, title, color in panels:
             steps, values = _series(rows, key)
@@ -248,33 +299,66 @@ class RunReporter:
             ax.grid(True, alpha=0.3)
             if steps:
                 marker = "o" if len(steps) <= 30 else None
-                ax.plot(steps, values, color=color, marker=marker, markersize=4, label=key)
+                ax.plot(steps, values, color=color, marker=marker, markersize=4,
+                        label=f"eval {key}" if ax is axes[0, 1] else key)
             else:
-                ax.text(
-                    0.5,
-                    0.3,
-                    f"no '{key}' logged",
-                    ha="center",
-                    va="center",
-                    transform=ax.transAxes,
-                    color="gray",
-                )
+                _empty(ax, f"no '{key}' logged")
+        steps, values = _series(train, AUC_KEY)
+        if steps:
+            axes[0, 1].plot(steps, values, color="tab:blue", alpha=0.6, label="train auc")
+            axes[0, 1].legend(loc="lower right")
+        _hit_rates(axes[1, 1], train)
         if oracle_auc is not None:
             ax = axes[0, 1]
-            ax.axhline(
-                oracle_auc,
-                color="black",
-                linestyle="--",
-                linewidth=1.2,
-                label=f"oracle AUC {oracle_auc:.4f}",
-            )
+            ax.axhline(oracle_auc, color="black", linestyle="--", linewidth=1.2,
+                       label=f"oracle AUC {oracle_auc:.4f}")
             ax.legend(loc="lower right")
-            _, aucs = _series(evals, AUC_KEY)
+            _, aucs = _series(evals + train, AUC_KEY)
             lo = min([oracle_auc, *aucs])
             ax.set_ylim(max(0.0, lo - 0.02), min(1.0, max([oracle_auc, *aucs]) + 0.02))
-        axes[1, 1].yaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
+        axes[1, 0].yaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
+        axes[1, 2].yaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
         fig.savefig(self.curves_path, format="png")
         return self.curves_path
+
+
+def _empty(ax: Any, text: str) -> None:
+    ax.text(0.5, 0.3, text, ha="center", va="center", transform=ax.transAxes, color="gray")
+
+
+def _hit_rates(ax: Any, train: list[dict[str, Any]]) -> None:
+    """Each table's tier hit rates (``tiers.<table>.<tier>_hit_rate`` of the train
+    lines) against the step."""
+    ax.set_title("Tier hit rates")
+    ax.set_xlabel("step")
+    ax.grid(True, alpha=0.3)
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for r in train:
+        for table, figs in (r.get("tiers") or {}).items():
+            for key, v in (figs or {}).items():
+                if key.endswith("_hit_rate") and (f := _finite(v)) is not None:
+                    s = series.setdefault(f"{table} {key[:-len('_hit_rate')]}", ([], []))
+                    s[0].append(int(r["step"]))
+                    s[1].append(f)
+    if not series:
+        _empty(ax, "no tiers (in-memory tables)")
+        return
+    for label, (steps, values) in sorted(series.items()):
+        ax.plot(steps, values, label=label)
+    ax.set_ylim(0.0, 1.02)
+    ax.legend(loc="lower right", fontsize=8)
+
+
+def _flat(record: Mapping[str, Any], prefix: str = "") -> list[tuple[str, float]]:
+    """``(name, value)`` of every finite number in ``record``, nested dicts joined by
+    ``/`` (``tiers/sparse/device_hit_rate``)."""
+    out: list[tuple[str, float]] = []
+    for k, v in record.items():
+        if isinstance(v, Mapping):
+            out += _flat(v, f"{prefix}{k}/")
+        elif (f := _finite(v)) is not None:
+            out.append((f"{prefix}{k}", f))
+    return out
 
 
 def _finite(value: Any) -> Optional[float]:
