@@ -462,11 +462,12 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
 
 
 def _data_paths_from(data: dict[str, Any], base: Path) -> None:
-    """``data.path`` / ``data.eval_path`` entries of a config file, relative to ``base``."""
+    """``data.path`` / ``eval_path`` / ``valid_path`` entries of a config file, relative
+    to ``base``."""
     section = data.get("data")
     if not isinstance(section, dict):
         return
-    for key in ("path", "eval_path"):
+    for key in ("path", "eval_path", "valid_path"):
         value = section.get(key)
         entries = [value] if isinstance(value, str) else value
         if not isinstance(entries, list):

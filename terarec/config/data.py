@@ -70,6 +70,7 @@ class SyntheticConfig:
     teacher_pairwise_scale: Optional[float] = None  # std of its pairwise term (None: = scale)
     teacher_bias: float = -1.0  # teacher logit bias (sets the positive rate)
     eval_samples: int = 65_536  # size of the held-out eval stream
+    valid_samples: int = 0  # size of a validation stream of its own (0: none)
     generator: SyntheticBackend = SyntheticBackend.NUMPY  # same distribution, other samples
     ads: Optional[AdsConfig] = None  # opt-in: an ad per sample with a planted semantic id
 
@@ -86,6 +87,7 @@ class SyntheticConfig:
             "teacher_pairwise_scale: must be >= 0",
         )
         _check(self.eval_samples >= 1, "eval_samples: must be >= 1")
+        _check(self.valid_samples >= 0, "valid_samples: must be >= 0")
         _check(self.ads is None or self.generator == SyntheticBackend.NUMPY,
                "ads: drawn by the numpy generator only (set generator: numpy)")
 
@@ -147,6 +149,8 @@ class DataConfig:
     path: Optional[list[str]] = None  # files, directories or globs (train)
     eval_path: Optional[list[str]] = None  # held-out files; else eval_fraction of path
     eval_fraction: float = 0.0  # rows held out of `path` by a hash of their index
+    valid_path: Optional[list[str]] = None  # validation files (model selection)
+    valid_fraction: float = 0.0  # rows held out of `path` for validation, by the same hash
     batch_size: int = 2048
     eval_batch_size: int = 8192
     strict: bool = False  # fail at the first malformed row instead of skipping it
@@ -164,6 +168,13 @@ class DataConfig:
         _check(self.batch_size >= 1, "batch_size: must be >= 1")
         _check(self.eval_batch_size >= 1, "eval_batch_size: must be >= 1")
         _check(0.0 <= self.eval_fraction < 1.0, "eval_fraction: must be in [0, 1)")
+        _check(0.0 <= self.valid_fraction < 1.0, "valid_fraction: must be in [0, 1)")
+        _check(self.eval_fraction + self.valid_fraction < 1.0,
+               "valid_fraction: eval_fraction + valid_fraction must be < 1 (rows left to train)")
+        _check(not (self.valid_path and self.valid_fraction > 0),
+               "valid_fraction: set valid_path or valid_fraction, not both")
+        _check(self.kind != DataKind.SYNTHETIC or self.valid_fraction == 0.0,
+               "valid_fraction: synthetic data: set synthetic.valid_samples")
         _check(self.chunk_rows >= 1, "chunk_rows: must be >= 1")
         _check(self.prefetch_batches >= 0, "prefetch_batches: must be >= 0")
         _check(self.read_workers >= 0, "read_workers: must be >= 0")
@@ -175,7 +186,10 @@ class DataConfig:
             _check(self.csv is not None,
                    f"csv: a column schema is required for kind {self.kind.value}")
         if self.kind == DataKind.COLUMNAR:  # one directory each; eval split made by preprocess
-            for name, v in (("path", self.path), ("eval_path", self.eval_path)):
+            _check(self.valid_fraction == 0.0, "valid_fraction: columnar data: set "
+                   "valid_path to a directory `terarec preprocess` wrote")
+            for name, v in (("path", self.path), ("eval_path", self.eval_path),
+                            ("valid_path", self.valid_path)):
                 _check(v is None or len(v) == 1, f"{name}: one preprocessed directory, got {v}")
             _check(self.eval_fraction == 0.0, "eval_fraction: columnar data: set eval_path to "
                    "the eval directory `terarec preprocess` wrote (<out>/eval)")

@@ -99,9 +99,11 @@ def build_source(
     Args:
         cfg: the data config.
         split: "train" (``batch_size`` rows per batch; endless when ``epochs`` is None,
-            else stops after that many passes, fractions allowed) or "eval" (one pass of
+            else stops after that many passes, fractions allowed), "eval" (one pass of
             ``eval_batch_size`` batches; ``eval_path``, else the ``eval_fraction`` of
-            ``path`` held out by row hash; synthetic: ``synthetic.eval_samples`` rows).
+            ``path`` held out by row hash; synthetic: ``synthetic.eval_samples`` rows) or
+            "valid" (the same for ``valid_path`` / ``valid_fraction`` /
+            ``synthetic.valid_samples``: rows for model selection, apart from both).
         seed: drives synthetic sampling and shuffling.
         rank, world_size: this process's shard.
         epochs: train passes over file data (ignored by the endless synthetic stream).
@@ -120,32 +122,35 @@ def build_source(
 
 
 def check_eval_data(cfg: DataConfig, seed: int) -> None:
-    """Before training: each eval file (``eval_path``) yields a first batch through the
-    parser training uses, so a missing, empty or wrong eval file fails before step 1
-    instead of after the run (whose eval would have no row). Preprocessed data: the eval
-    directory as a whole. Synthetic data and an ``eval_fraction`` held out of the train
-    files are not checked here (the train stream reads those files).
+    """Before training: each eval and validation file (``eval_path``, ``valid_path``)
+    yields a first batch through the parser training uses, so a missing, empty or wrong
+    file fails before step 1 instead of after the run (whose eval would have no row).
+    Preprocessed data: each directory as a whole. Synthetic data and fractions held out
+    of the train files are not checked here (the train stream reads those files).
 
     Raises:
         DataError: naming the file, and why its rows were skipped.
     """
-    if cfg.kind == DataKind.SYNTHETIC or not cfg.eval_path:
+    if cfg.kind == DataKind.SYNTHETIC:
         return
     small = {"eval_batch_size": min(cfg.eval_batch_size, 256), "prefetch_batches": 0,
              "read_workers": 0}
-    each = ([cfg.eval_path] if cfg.kind == DataKind.COLUMNAR
-            else [[f] for f in expand_paths(cfg.eval_path)])
-    for paths in each:
-        src = make_source(dataclasses.replace(cfg, eval_path=paths, **small), "eval",
-                          seed, 0, 1, None)
-        try:
-            first = next(iter(src), None)
-            stats = src.stats()
-        finally:
-            src.close()
-        if first is None:
-            skipped = stats.get("rows_skipped") or {}
-            why = f" (skipped: {skipped})" if skipped else " (no rows)"
-            raise DataError(f"{', '.join(paths)}: eval data without one valid row{why}; "
-                            f"check data.eval_path and the file's format "
-                            f"(data.kind: {cfg.kind.value})")
+    for split, key in (("eval", "eval_path"), ("valid", "valid_path")):
+        given = getattr(cfg, key)
+        if not given:
+            continue
+        each = [given] if cfg.kind == DataKind.COLUMNAR else [[f] for f in expand_paths(given)]
+        for paths in each:
+            src = make_source(dataclasses.replace(cfg, **{key: paths}, **small), split,
+                              seed, 0, 1, None)
+            try:
+                first = next(iter(src), None)
+                stats = src.stats()
+            finally:
+                src.close()
+            if first is None:
+                skipped = stats.get("rows_skipped") or {}
+                why = f" (skipped: {skipped})" if skipped else " (no rows)"
+                raise DataError(f"{', '.join(paths)}: {split} data without one valid row"
+                                f"{why}; check data.{key} and the file's format "
+                                f"(data.kind: {cfg.kind.value})")

@@ -71,29 +71,32 @@ def shard_files(n_files: int, rank: int, world_size: int) -> tuple[list[int], bo
     return list(range(n_files)), world_size > 1
 
 
-def eval_mask(path: str, rows: np.ndarray, fraction: float) -> np.ndarray:
-    """True for the data rows of ``path`` held out for eval.
-
-    A row is held out iff ``mix64(salt(file name) ^ row) / 2^64 < fraction``: a
-    deterministic coin per (file name, data row index), independent of chunking, rank
-    and of the directory the file sits in.
+def row_coin(path: str, rows: np.ndarray) -> np.ndarray:
+    """A deterministic coin in ``[0, 1)`` per data row of ``path``: ``mix64(salt(file
+    name) ^ row) / 2^64``, independent of chunking, rank and of the directory the file
+    sits in. Rows with a coin below ``eval_fraction`` are eval rows, the next
+    ``valid_fraction`` validation rows, the rest train rows.
 
     Args:
         path: the file; only its base name enters the hash, without a ``.gz`` or
             ``.zst`` suffix (``x.tsv``, ``x.tsv.gz`` and ``x.tsv.zst`` split alike).
         rows: int64 ``[n]`` 0-based data row indices (header excluded).
-        fraction: the eval fraction in [0, 1).
 
     Returns:
-        bool ``[n]``.
+        float64 ``[n]``.
     """
     name = os.path.basename(path)
     for suffix in (GZIP_SUFFIX, ZSTD_SUFFIX):
         name = name[: -len(suffix)] if name.endswith(suffix) else name
     salt = np.uint64(salt_for("split:" + name) & ((1 << 64) - 1))
     h = mix64_np(rows.astype(np.uint64) ^ salt)
-    u = (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
-    return u < fraction
+    return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def eval_mask(path: str, rows: np.ndarray, fraction: float) -> np.ndarray:
+    """True (bool ``[n]``) for the data rows of ``path`` whose :func:`row_coin` is below
+    ``fraction`` (the eval rows of ``eval_fraction``)."""
+    return row_coin(path, rows) < fraction
 
 
 @dataclass

@@ -212,8 +212,11 @@ def open_columnar(cfg: DataConfig, split: str) -> Dataset:
     if split == "eval" and not cfg.eval_path:
         raise DataError("no eval data: set data.eval_path to the eval directory "
                         "`terarec preprocess` wrote (<out>/eval)")
+    if split == "valid" and not cfg.valid_path:
+        raise DataError("no validation data: set data.valid_path to the valid directory "
+                        "`terarec preprocess` wrote (<out>/valid)")
     assert cfg.path is not None  # validated by DataConfig
-    ds = open_dataset((cfg.eval_path if split == "eval" else cfg.path)[0])
+    ds = open_dataset({"eval": cfg.eval_path, "valid": cfg.valid_path}.get(split, cfg.path)[0])
     if cfg.dense_transform.value not in ("none", ds.dense_transform):
         raise DataError(f"{ds.root}: preprocessed with dense_transform {ds.dense_transform}, "
                         f"the config asks for {cfg.dense_transform.value} (the transform is "
@@ -225,7 +228,7 @@ def columnar_stream(cfg: DataConfig, split: str, seed: int, rank: int, world_siz
                     epochs: Optional[float], batch_size: int, counters: Counters
                     ) -> ColumnarStream:
     ds = open_columnar(cfg, split)
-    if split == "eval":
+    if split != "train":
         train = open_columnar(cfg, "train")
         if (train.dense, train.sparse) != (ds.dense, ds.sparse):
             raise DataError(f"{ds.root}: features {ds.dense + ds.sparse} differ from the train "
@@ -251,6 +254,24 @@ def text_parser(cfg: DataConfig, bad: BadRows) -> Any:
     raise DataError(f"kind {cfg.kind.value}: not a file format")  # pragma: no cover
 
 
+def split_files(cfg: DataConfig, split: str) -> tuple[list[str], tuple[float, float]]:
+    """The files of a file-data split and the band of ``row_coin`` held out of them
+    (``FileStream``): eval ``[0, eval_fraction)``, validation the next
+    ``valid_fraction``, train the rest (a split with files of its own holds none)."""
+    e = 0.0 if cfg.eval_path else cfg.eval_fraction
+    v = 0.0 if cfg.valid_path else cfg.valid_fraction
+    own = {"eval": cfg.eval_path, "valid": cfg.valid_path}.get(split)
+    if own:
+        return expand_paths(own), (0.0, 0.0)
+    assert cfg.path is not None  # validated by DataConfig
+    if split == "eval" and e <= 0:
+        raise DataError("no eval data: set data.eval_path or data.eval_fraction > 0")
+    if split == "valid" and v <= 0:
+        raise DataError("no validation data: set data.valid_path or data.valid_fraction > 0")
+    band = {"eval": (0.0, e), "valid": (e, e + v)}.get(split, (0.0, e + v))
+    return expand_paths(cfg.path), band
+
+
 def make_source(
     cfg: DataConfig,
     split: str,
@@ -261,8 +282,8 @@ def make_source(
     device: Optional[torch.device] = None,
 ) -> BatchSource:
     """See :func:`terarec.data.build_source`."""
-    if split not in ("train", "eval"):
-        raise DataError(f"split must be 'train' or 'eval', got {split!r}")
+    if split not in ("train", "eval", "valid"):
+        raise DataError(f"split must be 'train', 'eval' or 'valid', got {split!r}")
     if world_size < 1 or not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is not in [0, {world_size})")
     if epochs is not None and epochs <= 0:
@@ -274,6 +295,8 @@ def make_source(
     if cfg.kind == DataKind.COLUMNAR:
         stream = columnar_stream(cfg, split, seed, rank, world_size, epochs, bs, counters)
     elif cfg.kind == DataKind.SYNTHETIC:
+        if split == "valid" and cfg.synthetic.valid_samples == 0:
+            raise DataError("no validation data: set data.synthetic.valid_samples > 0")
         gen = SyntheticGenerator(cfg.synthetic, seed, cfg.dense_transform)
         device_gen = None
         if cfg.synthetic.generator == SyntheticBackend.TORCH:
@@ -282,17 +305,10 @@ def make_source(
         stream = SyntheticStream(gen, split, seed, rank, world_size, bs, counters, device_gen)
     else:
         parser = text_parser(cfg, bad)
-        if split == "eval" and cfg.eval_path:
-            files, hold_out = expand_paths(cfg.eval_path), 0.0
-        elif split == "eval" and cfg.eval_fraction <= 0:
-            raise DataError("no eval data: set data.eval_path or data.eval_fraction > 0")
-        else:
-            assert cfg.path is not None  # validated by DataConfig
-            files = expand_paths(cfg.path)
-            hold_out = cfg.eval_fraction if not cfg.eval_path else 0.0
+        files, hold = split_files(cfg, split)
         shuffle = cfg.shuffle_buffer if split == "train" else 0
         stream = FileStream(
-            files, parser, split, hold_out, seed, rank, world_size,
+            files, parser, split, hold, seed, rank, world_size,
             epochs if split == "train" else 1.0,
             (bs, cfg.chunk_rows, shuffle), counters,
         )

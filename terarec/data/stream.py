@@ -30,15 +30,15 @@ from terarec.data.errors import DataError, logger
 from terarec.data.files import (
     LineChunk,
     data_size,
-    eval_mask,
     iter_line_chunks,
+    row_coin,
     shard_files,
 )
 from terarec.data.rows import Rows
 from terarec.data.synthetic import SyntheticGenerator
 from terarec.data.synthetic_torch import TorchSyntheticGenerator, batch_seed
 
-_SPLIT_ID = {"train": 0, "eval": 1}
+_SPLIT_ID = {"train": 0, "eval": 1, "valid": 2}
 
 
 class LineParser(Protocol):
@@ -116,8 +116,10 @@ class FileStream:
     Args:
         files: all files of the split (already expanded, in order).
         parser: turns line chunks into rows (Criteo, CSV or libFM).
-        split: "train" or "eval".
-        hold_out: eval fraction of each file held out by row hash (0: use every row).
+        split: "train", "eval" or "valid".
+        hold: the band ``[lo, hi)`` of :func:`~terarec.data.files.row_coin` held out of
+            each file: a train stream drops those rows (the eval and validation rows),
+            an eval or validation stream keeps only them; ``(0, 0)``: every row.
         seed, rank, world_size: as in ``build_source``.
         epochs: passes before stopping; None = endless.
         sizes: (batch_size, chunk_rows, shuffle_buffer) from ``DataConfig``.
@@ -131,7 +133,7 @@ class FileStream:
         files: list[str],
         parser: LineParser,
         split: str,
-        hold_out: float,
+        hold: tuple[float, float],
         seed: int,
         rank: int,
         world_size: int,
@@ -143,7 +145,7 @@ class FileStream:
         self.parser = parser
         self.keys = parser.features
         self.split = split
-        self.hold_out = hold_out
+        self.hold = hold
         self.seed = seed
         self.rank = rank
         self.world = world_size
@@ -159,6 +161,11 @@ class FileStream:
             self.passes: Optional[int] = None
         else:
             self.passes = math.ceil(epochs)
+
+    @property
+    def hold_out(self) -> float:
+        """A train stream's held-out share: the rows with a coin below it."""
+        return self.hold[1] if self.split == "train" else 0.0
 
     # ------------------------------------------------------------------ state
     def _fingerprint(self) -> dict[str, Any]:
@@ -227,9 +234,11 @@ class FileStream:
                 keep = np.ones(chunk.n, dtype=bool)
                 if self.strided:
                     keep &= data_idx % self.world == self.rank
-                if self.hold_out > 0:
-                    held = eval_mask(path, data_idx, self.hold_out)
-                    keep &= held if self.split == "eval" else ~held
+                lo, hi = self.hold
+                if hi > lo:
+                    u = row_coin(path, data_idx)
+                    held = (u >= lo) & (u < hi)
+                    keep &= ~held if self.split == "train" else held
                 self.counters.rows_read += int(keep.sum())
                 rows = self.parser.parse(chunk, keep)
                 yield rows, (k, chunk.next_offset, chunk.first_line + chunk.n)
@@ -340,23 +349,24 @@ class SyntheticStream:
     def batches(self, state: dict[str, Any]) -> Iterator[Batch]:
         self.check_state(state)
         i = int(state["batch"])
-        total = self.gen.cfg.eval_samples
+        total = (self.gen.cfg.valid_samples if self.split == "valid"
+                 else self.gen.cfg.eval_samples)
         while True:
             if self.split == "train":  # (seed, split, rank, batch), the numpy RNG's seed too
                 n, seq = self.bs, (self.seed, 0, self.rank, i)
-            else:  # global eval batch b, dealt round-robin; numpy seeds with (seed, 1, b)
-                b = self.rank + i * self.world
+            else:  # global eval (valid) batch b, dealt round-robin; numpy seeds with
+                b = self.rank + i * self.world  # (seed, 1 (2), b)
                 n = min(self.bs, total - b * self.bs)
                 if n <= 0:
                     return
-                seq = (self.seed, 1, 0, b)
+                seq = (self.seed, _SPLIT_ID[self.split], 0, b)
             i += 1
             self.counters.rows_read += n
             self.counters.rows_out += n
             self.counters.batches_made += 1
             position = {**self._base(), "batch": i}
             if self.device_gen is None:
-                rng = np.random.default_rng(list(seq) if seq[1] == 0 else [seq[0], 1, seq[3]])
+                rng = np.random.default_rng(list(seq) if seq[1] == 0 else [seq[0], seq[1], seq[3]])
                 yield self.gen.rows(rng, n, self.split).to_batch(self.keys, position)
             else:
                 yield self._device_batch(seq, n, position)

@@ -82,4 +82,5 @@ class PlantedAds:
     def pool(self, split: str) -> np.ndarray:
         """The ads of ``split``'s stream, most popular first (eval: the held-out ones,
         when there are)."""
-        return self.eval_ads if split == "eval" and len(self.eval_ads) else self.train_ads
+        held = split in ("eval", "valid") and len(self.eval_ads)
+        return self.eval_ads if held else self.train_ads
