@@ -95,6 +95,8 @@ def _train(args: argparse.Namespace) -> int:
         return code
     print(describe_final(summary, cfg))
     written = "summary.json,metrics.jsonl,curves.png,config.yaml"
+    if cfg.train.tensorboard:
+        written += ",tensorboard/"
     if "checkpoint" in summary:
         written += ",checkpoint/"
     print(f"wrote {Path(cfg.train.runs_dir) / cfg.name}/{{{written}}}")

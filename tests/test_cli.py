@@ -82,6 +82,7 @@ def test_train_writes_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         "curves.png",
         "config.yaml",
         "checkpoint",
+        "tensorboard",
     }
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["name"] == "renamed" and summary["steps"] == 30

@@ -326,6 +326,10 @@ class TrainConfig:
     max_minutes: Optional[float] = None  # wall-clock guard
     eval_every: int = 0  # steps; 0 = only at the end
     eval_batches: Optional[int] = None  # cap on eval batches; None = whole eval set
+    # with validation data: keep the checkpoint of the best validation score of this
+    # metric (auc | gauc | logloss | ne), and stop after this many evals without one
+    keep_best: Optional[str] = None
+    early_stopping: int = 0
     gauc_feature: Optional[str] = None  # sparse feature whose first id groups GAUC (user)
     log_every: int = 50
     runs_dir: str = "runs"
@@ -364,6 +368,15 @@ class TrainConfig:
         _check(self.eval_every >= 0, "eval_every: must be >= 0")
         _check(self.eval_batches is None or self.eval_batches >= 1, "eval_batches: must be >= 1")
         _check(self.log_every >= 1, "log_every: must be >= 1")
+        _check(self.keep_best in (None, "auc", "gauc", "logloss", "ne"),
+               f"keep_best: auc, gauc, logloss or ne, got {self.keep_best!r}")
+        _check(self.early_stopping >= 0, "early_stopping: must be >= 0")
+        _check(not self.early_stopping or self.keep_best is not None,
+               "early_stopping: needs train.keep_best (the validation metric it watches)")
+        _check(self.keep_best is None or (self.eval_every > 0 and self.save_checkpoint),
+               "keep_best: needs train.eval_every > 0 and save_checkpoint: true")
+        _check(self.keep_best != "gauc" or self.gauc_feature is not None,
+               "keep_best: gauc needs train.gauc_feature")
         _check(
             self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
             f"device: must be auto, cpu, cuda or cuda:N, got {self.device!r}",

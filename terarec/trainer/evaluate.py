@@ -76,11 +76,12 @@ def evaluate(
     return out
 
 
-def run_eval(cfg: Config, parts: Components) -> dict[str, float]:
-    """The run's eval: ``train.eval_batches`` of this rank's eval shard, global metrics."""
+def run_eval(cfg: Config, parts: Components, split: str = "eval") -> dict[str, float]:
+    """The run's eval: ``train.eval_batches`` of this rank's shard of ``split`` (``eval``:
+    the test split; ``valid``: the validation split), global metrics."""
     d = parts.dist
     rank, world = (d.rank, d.world_size) if d is not None else (0, 1)
-    src = build_source(cfg.data, "eval", seed=cfg.seed, rank=rank, world_size=world,
+    src = build_source(cfg.data, split, seed=cfg.seed, rank=rank, world_size=world,
                        device=parts.device)
     dummy = dummy_batch(sparse_feature_names(cfg.data), len(dense_feature_names(cfg.data)))
     try:
@@ -93,9 +94,9 @@ def run_eval(cfg: Config, parts: Components) -> dict[str, float]:
             src.close()
 
 
-def fmt_eval(step: int, ev: dict[str, float]) -> str:
+def fmt_eval(step: int, ev: dict[str, float], split: str = "eval") -> str:
     """One line for the progress bar."""
-    s = f"[eval step {step}] auc {ev['auc']:.4f} logloss {ev['logloss']:.4f}"
+    s = f"[{split} step {step}] auc {ev['auc']:.4f} logloss {ev['logloss']:.4f}"
     if "oracle_auc" in ev:
         s += f" (oracle auc {ev['oracle_auc']:.4f})"
     return s

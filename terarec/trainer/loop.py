@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -33,7 +32,9 @@ from terarec.data.batch import Batch
 from terarec.ps.tiers.protocol import TierFullError
 from terarec.ps.tiers.ssd import SSDStore
 from terarec.runtime import DistHandles
+from terarec.trainer.best import BestKeeper, check_selection
 from terarec.trainer.checkpoint import history, load_checkpoint, read_manifest
+from terarec.trainer.checkpoint.files import manifest_sha256
 from terarec.trainer.checkpoint.writer import BackgroundWriter
 from terarec.trainer.components import Components, build_components, uses_prefetch
 from terarec.trainer.divergence import LossGuard, TrainingDiverged, save_or_diverge
@@ -41,15 +42,15 @@ from terarec.trainer.evaluate import evaluate, fmt_eval, run_eval
 from terarec.trainer.metrics import CTRMetrics
 from terarec.trainer.pipeline import PipelineMeter, PipelineStats, TrainPipeline
 from terarec.trainer.progress import make_progress
-from terarec.trainer.ranks import AgreedEnd, StepTally, all_sum, any_rank, is_rank0
+from terarec.trainer.ranks import AgreedEnd, StepTally, any_rank, is_rank0
 from terarec.trainer.report import RunReporter, drop_records_after
 from terarec.trainer.rundir import changed_on_resume, check_resume, owned
 from terarec.trainer.signals import StopSignals
+from terarec.trainer.summary import describe_final, global_rows
 from terarec.trainer.sync import sync_figures
 from terarec.trainer.tiers import (
     TierCounters,
     close_store,
-    describe_tiers,
     open_ssd_store,
     ssd_root,
     uses_ssd,
@@ -117,6 +118,7 @@ def _train_owned(cfg: Config, resume: Optional[Path], dist: Optional[DistHandles
     store: Optional[SSDStore] = None
     try:
         check_eval_data(cfg.data, cfg.seed)  # a wrong eval file fails now, not at the end
+        check_selection(cfg)
         root = ssd_root(cfg, run_dir)
         if uses_ssd(cfg):
             assert root is not None
@@ -209,6 +211,7 @@ class _Run:
         self.signals = StopSignals()  # SIGTERM / SIGINT: stop, save, exit 128 + signal
         self.guard = LossGuard(cfg, parts.device, lambda: self.last_ckpt)
         self.resumed = resume is not None
+        self.best = BestKeeper(cfg, run_dir, self.main, self.step if self.resumed else None)
 
     def run(self) -> dict[str, Any]:
         with self.signals:  # through the final save: a late signal is recorded too
@@ -254,7 +257,8 @@ class _Run:
                 if self.stop:
                     break  # the final checkpoint below is this step's
                 due = self._checkpoint_due()
-                if due is not None:
+                if due is not None and self.last_ckpt != (self.run_dir / "checkpoint",
+                                                          self.step):  # not the best's
                     self._periodic_checkpoint(due)
                 self._flush_ahead()
         except TierFullError as e:
@@ -317,6 +321,8 @@ class _Run:
         if self.multi and self.cfg.train.max_minutes is not None and stop != "steps":
             # Clocks differ: the ranks stop together, at the first one's limit.
             stop = "max_minutes" if any_rank(stop is not None, self.parts.dist) else None
+        if stop is None and self.best.exhausted:
+            return "early_stopping"
         signalled = self.signals.signum is not None
         if self.multi and self.step % self.cfg.train.log_every == 0:
             # the ranks agree at log steps (no collective on the others)
@@ -364,15 +370,23 @@ class _Run:
         self.last_log_t += dt
 
     def _periodic_eval(self, bar: Any) -> None:
+        """The eval of the validation split if there is one (model selection:
+        ``trainer/best.py``), else of the test split."""
         self.guard.flush()
         t0 = time.perf_counter()
+        split = "valid" if self.best.validates else "eval"
         with self.tiers.excluding():
-            ev = run_eval(self.cfg, self.parts)
+            ev = run_eval(self.cfg, self.parts, split)
         self._pause(t0)
-        self._record(self.step, "eval", ev)
-        self.last_eval = (self.step, ev)
+        self._record(self.step, split, ev)
+        if split == "eval":
+            self.last_eval = (self.step, ev)
         if self.main:
-            bar.write(fmt_eval(self.step, ev))
+            bar.write(fmt_eval(self.step, ev, split))
+        if self.best.improved(self.step, ev):  # its checkpoint, now (a full one)
+            self._collect_write()
+            path, _ = self._save()
+            self.best.record(self.step, ev[self.best.metric], manifest_sha256(path))
 
     def _checkpoint_due(self) -> Optional[str]:
         """``"full"`` every ``checkpoint_every`` steps, and once ``checkpoint_every_minutes``
@@ -480,7 +494,7 @@ class _Run:
             "final_eval": final,
             "auc": final.get("auc"),
             "oracle_auc": final.get("oracle_auc"),
-            "rows": _global_rows(parts),
+            "rows": global_rows(parts),
             "data": self.source.stats() if hasattr(self.source, "stats") else {},
         }
         if self.multi:
@@ -502,6 +516,8 @@ class _Run:
             self._collect_write()
             with self.signals.deadline(cfg.train.grace_seconds):
                 summary["checkpoint"] = str(self._save()[0])
+        if self.best.best is not None and self.stop != "signal":
+            summary["best"] = self._best_on_test(final)
         if self.stop == "signal" or self.signals.signum is not None:  # (another rank's:
             summary["signal"] = self.signals.name or "SIGTERM"  # stopped as by SIGTERM)
         self.reporter.write_summary(summary)
@@ -511,6 +527,22 @@ class _Run:
             except Exception as e:  # a plot must never lose a finished run
                 log.warning("could not draw curves.png: %s", e)
         return summary
+
+
+    def _best_on_test(self, final: dict[str, Any]) -> dict[str, Any]:
+        """The best checkpoint restored and scored on the test split (the last step's
+        model scored there already: ``final``); the run's model is the best's after."""
+        best = dict(self.best.best or {})
+        path = history.find_full(self.run_dir, best["step"], best["manifest_sha256"])
+        best["checkpoint"] = str(path)
+        if best["step"] == self.step or path is None:
+            best["test"] = final if best["step"] == self.step else None
+            return best
+        load_checkpoint(path, self.parts, self.source)
+        with self.tiers.excluding():
+            best["test"] = run_eval(self.cfg, self.parts)
+        self._record(best["step"], "best_test", best["test"])
+        return best
 
 
 def _stop_reason(cfg: Config, step: int, start: float) -> Optional[str]:
@@ -564,33 +596,3 @@ def _warn_skipped(cfg: Config, skipped: dict[str, int], warned: set[str]) -> Non
 def _finite_source(cfg: Config) -> bool:
     """Whether the train stream ends (file data with ``train.epochs``)."""
     return cfg.data.kind != DataKind.SYNTHETIC and cfg.train.epochs is not None
-
-
-def _global_rows(parts: Components) -> dict[str, int]:
-    """Rows per table over the whole job: the fast group's shards summed (one replica;
-    every fast group holds the same rows)."""
-    local = parts.embedding.num_rows()
-    d = parts.dist
-    if d is None or d.world_size == 1:
-        return local
-    total = all_sum(list(local.values()), d)
-    return {n: int(round(v / d.num_nodes)) for n, v in zip(local, total)}
-
-
-def describe_final(summary: dict[str, Any], cfg: Config) -> str:
-    """The closing lines printed after a run."""
-    ev = summary["final_eval"]
-    lines = [
-        f"run {summary['name']}: {summary['steps']} steps, {summary['samples']:,} samples in "
-        f"{summary['train_seconds']:.1f}s ({summary['samples_per_s']:,.0f} samples/s)",
-        f"final eval: AUC {ev['auc']:.4f}  logloss {ev['logloss']:.4f}  "
-        f"NE {ev.get('ne', math.nan):.4f}  calibration {ev.get('calibration', math.nan):.3f}",
-    ]
-    if summary.get("oracle_auc") is not None:
-        gap = summary["oracle_auc"] - ev["auc"]
-        lines.append(f"teacher oracle AUC {summary['oracle_auc']:.4f}  (gap {gap:+.4f})")
-    if cfg.data.kind != DataKind.SYNTHETIC and summary.get("data"):
-        lines.append(f"data: {summary['data']}")
-    lines.append(f"rows: {summary['rows']}")
-    lines += describe_tiers(summary.get("tiers", {}))
-    return "\n".join(lines)

@@ -65,7 +65,8 @@ def finished(
 def test_run_dir_layout(finished: tuple[Config, dict[str, Any], Path]) -> None:
     _, _, run = finished
     names = {p.name for p in run.iterdir()}
-    assert names == {"metrics.jsonl", "summary.json", "curves.png", "config.yaml", "checkpoint"}
+    assert names == {"metrics.jsonl", "summary.json", "curves.png", "config.yaml", "checkpoint",
+                     "tensorboard"}
     assert {p.name for p in (run / "checkpoint").iterdir()} == {
         "manifest.json",
         "tables.pt",
@@ -479,6 +480,7 @@ def test_checkpoint_every_saves_periodically(
         "curves.png",
         "metrics.jsonl",
         "summary.json",
+        "tensorboard",
     ]
 
 
@@ -504,6 +506,7 @@ def test_killed_run_resumes_exactly_from_its_periodic_checkpoint(
         "checkpoint",
         "config.yaml",
         "metrics.jsonl",
+        "tensorboard",
     }  # no checkpoint.tmp / checkpoint.old
     logged = [r["step"] for r in read_jsonl(runs / "killed" / "metrics.jsonl")]
     assert logged[-1] == 25
@@ -563,6 +566,7 @@ def test_non_finite_rows_are_not_checkpointed(
         "checkpoint",
         "config.yaml",
         "metrics.jsonl",
+        "tensorboard",
     ]
 
 

@@ -89,10 +89,12 @@ def prepare(run_dir: Path, parts: Components, source: Any, step: int, cfg: Confi
                 retired_path(run_dir, at).parent.mkdir(parents=True, exist_ok=True)
                 leftover.rename(retired_path(run_dir, at))  # kept, not deleted
         prev = _step_of(path) if (path / "manifest.json").is_file() else None
-        retire = retired_path(run_dir, prev) if keep > 1 and prev not in (None, step) else None
+        best = best_step(run_dir)  # the best checkpoint (train.keep_best) is kept too
+        retire = (retired_path(run_dir, prev)
+                  if (keep > 1 or prev == best) and prev not in (None, step) else None)
         commit_full(path, parts, step, cfg, samples, taken, snap, fmt, retire, group)
         if main:
-            prune(run_dir, keep)
+            prune(run_dir, keep, best)
         if multi:
             assert d is not None
             dist.barrier(group=d.world if group is None else group)  # the kept set is final
@@ -162,12 +164,22 @@ def find_full(run_dir: Path, step: int, sha: str) -> Optional[Path]:
     return None
 
 
-def prune(run_dir: Path, keep: int) -> None:
-    """Keeps the newest ``keep`` full checkpoints and the deltas that follow them."""
+def best_step(run_dir: Path) -> Optional[int]:
+    """The step of the run's best checkpoint (``best.json``, ``trainer/best.py``)."""
+    from terarec.trainer.best import read_best
+
+    best = read_best(run_dir)
+    return None if best is None else int(best["step"])
+
+
+def prune(run_dir: Path, keep: int, protect: Optional[int] = None) -> None:
+    """Keeps the newest ``keep`` full checkpoints (and the one of step ``protect``: the
+    best) and the deltas that follow the newest ``keep``."""
     run_dir = Path(run_dir)
     kept = fulls(run_dir)
-    for _, p in kept[:-keep]:
-        shutil.rmtree(p, ignore_errors=True)
+    for s, p in kept[:-keep]:
+        if s != protect:
+            shutil.rmtree(p, ignore_errors=True)
     bases = {(s, manifest_sha256(p)) for s, p in kept[-keep:]}
     for _, p in deltas(run_dir):
         try:
@@ -183,6 +195,9 @@ def drop_after(run_dir: Path, step: int) -> None:
     (from an older checkpoint than its newest) writes that future again, and a newer
     checkpoint of the abandoned one must not be taken for it (``--resume auto``)."""
     # newest first: a kill midway leaves no newer abandoned checkpoint than one deleted
+    best = best_step(run_dir)
+    if best is not None and best > step:  # the abandoned future's best
+        (Path(run_dir) / "best.json").unlink(missing_ok=True)
     for s, p in sorted(fulls(run_dir) + deltas(run_dir), key=lambda c: c[0], reverse=True):
         if s > step:
             shutil.rmtree(p, ignore_errors=True)
