@@ -219,6 +219,11 @@ def preprocess(
                         f"(criteo, csv, libfm)")
     if chunk_rows < 1 or workers < 1:
         raise DataError(f"chunk_rows and workers must be >= 1, got {chunk_rows}, {workers}")
+    if cfg.valid_fraction > 0 or cfg.valid_path:
+        # its rows would land in the train split
+        raise DataError("data.valid_fraction / data.valid_path: preprocess writes a train and "
+                        "an eval split only; preprocess the validation rows as the eval "
+                        "split of a config of their own and give the run valid_path")
     assert cfg.path is not None  # validated by DataConfig
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -97,3 +97,13 @@ def test_validation_config_errors(data: dict, message: str) -> None:
                     "csv": {"label": "click", "categorical": [{"column": "id"}]}, **data}}
     with pytest.raises(ConfigError, match=message):
         config_from_dict(raw, "<t>")
+
+
+def test_preprocess_refuses_a_validation_split_it_would_put_in_train(tmp_path: Path) -> None:
+    from terarec.data.preprocess import preprocess
+
+    p = tmp_path / "d.csv"
+    write_csv(p, 20)
+    with pytest.raises(DataError, match="preprocess writes a train and an eval split only"):
+        preprocess(csv_cfg(p, valid_fraction=0.2), tmp_path / "out", show_progress=False)
+    assert not (tmp_path / "out" / "train").exists()
