@@ -240,10 +240,42 @@ class DenseOptimConfig:
         _check(self.weight_decay >= 0, "weight_decay: must be >= 0")
 
 
+class LRDecay(StrEnum):
+    NONE = "none"
+    LINEAR = "linear"  # to min_ratio over decay_steps
+    COSINE = "cosine"  # half a cosine to min_ratio over decay_steps
+    STEP = "step"  # times gamma every step_every steps
+
+
+@dataclass
+class LRScheduleConfig:
+    """A factor on the learning rates by step (``trainer/schedule.py``): a linear
+    warm-up, then a decay."""
+
+    warmup_steps: int = 0  # the factor ramps linearly to 1 over these steps
+    warmup_start: float = 0.0  # the factor the ramp starts from
+    decay: LRDecay = LRDecay.NONE
+    decay_steps: Optional[int] = None  # linear / cosine; null: the steps after warm-up
+    min_ratio: float = 0.0  # linear / cosine: the factor at the end of the decay
+    step_every: int = 0  # step: steps between two decays
+    gamma: float = 0.1  # step: the factor of each decay
+    sparse: bool = True  # also scale optimizer.sparse.lr (false: the dense lr only)
+
+    def __post_init__(self) -> None:
+        _check(self.warmup_steps >= 0, "warmup_steps: must be >= 0")
+        _check(0.0 <= self.warmup_start <= 1.0, "warmup_start: must be in [0, 1]")
+        _check(self.decay_steps is None or self.decay_steps >= 1, "decay_steps: must be >= 1")
+        _check(0.0 <= self.min_ratio <= 1.0, "min_ratio: must be in [0, 1]")
+        _check(0.0 < self.gamma <= 1.0, "gamma: must be in (0, 1]")
+        _check(self.decay != LRDecay.STEP or self.step_every >= 1,
+               "step_every: decay step needs step_every >= 1")
+
+
 @dataclass
 class OptimizerConfig:
     sparse: SparseOptimConfig = field(default_factory=SparseOptimConfig)
     dense: DenseOptimConfig = field(default_factory=DenseOptimConfig)
+    schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
 
 
 # ----------------------------------------------------------------------------- ssd

@@ -42,6 +42,7 @@ class RowOptimizer(ABC):
         self.cfg = cfg
         self.dim = dim
         self.step = 0  # number of update() calls (per table)
+        self.lr = cfg.lr  # the learning rate now (a schedule may move it)
 
     def fused_on(self, device: torch.device, fused: Optional[bool] = None) -> bool:
         """Whether :meth:`update_at` runs the fused kernel on ``device``: ``fused=None``
@@ -88,12 +89,12 @@ class RowOptimizer(ABC):
         self.step += 1
         c = self.cfg
         triton_rows.row_update_(
-            storage, slots, grad, self.kernel, lr=c.lr, eps=c.eps, beta1=c.beta1,
+            storage, slots, grad, self.kernel, lr=self.lr, eps=c.eps, beta1=c.beta1,
             beta2=c.beta2, step_size=self._step_size(),
         )
 
     def _step_size(self) -> float:
-        return self.cfg.lr
+        return self.lr
 
     @abstractmethod
     def _update(self, rows: torch.Tensor, grad: torch.Tensor) -> torch.Tensor: ...
@@ -110,7 +111,7 @@ class RowSGD(RowOptimizer):
     kernel = triton_rows.SGD
 
     def _update(self, rows: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        rows[:, : self.dim].add_(grad, alpha=-self.cfg.lr)
+        rows[:, : self.dim].add_(grad, alpha=-self.lr)
         return rows
 
 
@@ -130,7 +131,7 @@ class RowAdagrad(RowOptimizer):
         d = self.dim
         w, s = rows[:, :d], rows[:, d:]
         s.addcmul_(grad, grad)
-        w.addcdiv_(grad, s.sqrt().add_(self.cfg.eps), value=-self.cfg.lr)
+        w.addcdiv_(grad, s.sqrt().add_(self.cfg.eps), value=-self.lr)
         return rows
 
 
@@ -147,7 +148,7 @@ class RowWiseAdagrad(RowOptimizer):
         d = self.dim
         w, s = rows[:, :d], rows[:, d:]
         s.add_(grad.pow(2).mean(dim=1, keepdim=True))
-        w.addcdiv_(grad, s.sqrt().add_(self.cfg.eps), value=-self.cfg.lr)
+        w.addcdiv_(grad, s.sqrt().add_(self.cfg.eps), value=-self.lr)
         return rows
 
 
@@ -162,7 +163,7 @@ class RowAdam(RowOptimizer):
 
     def _step_size(self) -> float:  # called after the step counter moved
         c = self.cfg
-        return c.lr * math.sqrt(1 - c.beta2**self.step) / (1 - c.beta1**self.step)
+        return self.lr * math.sqrt(1 - c.beta2**self.step) / (1 - c.beta1**self.step)
 
     @property
     def state_width(self) -> int:

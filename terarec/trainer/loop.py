@@ -40,11 +40,17 @@ from terarec.trainer.components import Components, build_components, uses_prefet
 from terarec.trainer.divergence import LossGuard, TrainingDiverged, save_or_diverge
 from terarec.trainer.evaluate import evaluate, fmt_eval, run_eval
 from terarec.trainer.metrics import CTRMetrics
-from terarec.trainer.pipeline import PipelineMeter, PipelineStats, TrainPipeline
+from terarec.trainer.pipeline import (
+    PipelineMeter,
+    PipelineStats,
+    TrainedPosition,
+    TrainPipeline,
+)
 from terarec.trainer.progress import make_progress
 from terarec.trainer.ranks import AgreedEnd, StepTally, any_rank, is_rank0
 from terarec.trainer.report import RunReporter, drop_records_after
 from terarec.trainer.rundir import changed_on_resume, check_resume, owned
+from terarec.trainer.schedule import LRSchedule
 from terarec.trainer.signals import StopSignals
 from terarec.trainer.summary import describe_final, global_rows
 from terarec.trainer.sync import sync_figures
@@ -119,6 +125,7 @@ def _train_owned(cfg: Config, resume: Optional[Path], dist: Optional[DistHandles
     try:
         check_eval_data(cfg.data, cfg.seed)  # a wrong eval file fails now, not at the end
         check_selection(cfg)
+        LRSchedule(cfg)  # a schedule that cannot run fails now
         root = ssd_root(cfg, run_dir)
         if uses_ssd(cfg):
             assert root is not None
@@ -188,7 +195,7 @@ class _Run:
                                 and self.reporter.metrics_path.exists())
         self.reporter.save_config(config_to_dict(cfg))
         self.tiers = TierCounters(parts.embedding)  # after a resume's load: not moves
-        self.trained = _TrainedPosition(self.source)  # the source reads ahead
+        self.trained = TrainedPosition(self.source)  # the source reads ahead
         # on the device: its updates never sync
         self.window = CTRMetrics(distributed=self.multi, device=parts.device)
         self.start = time.perf_counter()
@@ -212,6 +219,8 @@ class _Run:
         self.guard = LossGuard(cfg, parts.device, lambda: self.last_ckpt)
         self.resumed = resume is not None
         self.best = BestKeeper(cfg, run_dir, self.main, self.step if self.resumed else None)
+        self.schedule = LRSchedule(cfg)
+        self.lr = cfg.optimizer.dense.lr  # the dense lr of the last step (logged)
 
     def run(self) -> dict[str, Any]:
         with self.signals:  # through the final save: a late signal is recorded too
@@ -237,6 +246,9 @@ class _Run:
         try:
             batches = self._batches()
             while not self.stop:
+                if self.schedule.active:  # this step's learning rates
+                    self.lr = self.schedule.apply(self.step, parts.dense_optimizer,
+                                                  parts.embedding)
                 try:
                     out = pipeline.progress(batches)
                 except StopIteration:
@@ -348,7 +360,7 @@ class _Run:
         m = self.window.compute()
         self.window.reset()
         rec = {"loss": loss, "auc": m["auc"], "samples_per_s": rate, "rows": int(rows),
-               "samples": samples}
+               "samples": samples, **({"lr": self.lr} if self.schedule.active else {})}
         postfix = {"loss": f"{loss:.4f}", "auc": f"{m['auc']:.4f}", "sps": f"{rate:,.0f}",
                    "rows": f"{int(rows):,}"}
         if self.tiers:  # this rank's tiers (rank 0's in the log)
@@ -554,28 +566,6 @@ def _stop_reason(cfg: Config, step: int, start: float) -> Optional[str]:
     ):
         return "max_minutes"
     return None
-
-
-class _TrainedPosition:
-    """The data position after the last batch *trained*, for checkpoints.
-
-    The pipeline reads the next batch while one trains, so the source's own position
-    is a batch ahead; a resumed run must start with the batch after the last one
-    trained. Before any step it is the source's starting position.
-    """
-
-    def __init__(self, source: Any) -> None:
-        self._source = source
-        self._state: Optional[dict[str, Any]] = None
-        if hasattr(source, "state_dict"):
-            self._state = dict(source.state_dict())
-
-    def advance(self, batch: Batch) -> None:
-        if batch.position is not None:
-            self._state = dict(batch.position)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {} if self._state is None else dict(self._state)
 
 
 def _warn_skipped(cfg: Config, skipped: dict[str, int], warned: set[str]) -> None:

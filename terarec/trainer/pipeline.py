@@ -53,7 +53,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -451,3 +451,25 @@ class TrainPipeline:
         if self._side is not None:
             job.ready = torch.cuda.Event()
             job.ready.record(self._side)
+
+
+class TrainedPosition:
+    """The data position after the last batch *trained*, for checkpoints.
+
+    The pipeline reads the next batch while one trains, so the source's own position
+    is a batch ahead; a resumed run must start with the batch after the last one
+    trained. Before any step it is the source's starting position.
+    """
+
+    def __init__(self, source: Any) -> None:
+        self._source = source
+        self._state: Optional[dict[str, Any]] = None
+        if hasattr(source, "state_dict"):
+            self._state = dict(source.state_dict())
+
+    def advance(self, batch: Batch) -> None:
+        if batch.position is not None:
+            self._state = dict(batch.position)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self._state is None else dict(self._state)
