@@ -79,6 +79,8 @@ class DenseOptimKind(StrEnum):
 class ModelKind(StrEnum):
     DLRM = "dlrm"
     DCN = "dcn"
+    DEEPFM = "deepfm"  # rows [first-order weight | embedding]: tables of dim D + 1
+    WIDE_DEEP = "wide_deep"  # the same rows
 
 
 class LossCheck(StrEnum):

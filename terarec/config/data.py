@@ -126,10 +126,18 @@ class CsvSchema:
     categorical: list[CategoricalColumn] = field(default_factory=list)
     delimiter: str = ","
     header: bool = True  # False: columns are named c0, c1, ...
+    # the header is in the first file only; the others continue it (no header line)
+    header_in_first_file_only: bool = False
+    quote_char: Optional[str] = None  # e.g. '"': quoted fields (may hold the delimiter)
     label_threshold: float = 0.5  # label = 1 if value > threshold
 
     def __post_init__(self) -> None:
         _check(len(self.delimiter) == 1, "delimiter: must be one character")
+        _check(self.quote_char is None or (len(self.quote_char) == 1
+                                           and self.quote_char != self.delimiter),
+               "quote_char: one character, not the delimiter")
+        _check(self.header or not self.header_in_first_file_only,
+               "header_in_first_file_only: needs header: true")
         _check(len(self.categorical) >= 1, "categorical: need at least one column")
 
 

@@ -139,7 +139,9 @@ def check_eval_data(cfg: DataConfig, seed: int) -> None:
         given = getattr(cfg, key)
         if not given:
             continue
-        each = [given] if cfg.kind == DataKind.COLUMNAR else [[f] for f in expand_paths(given)]
+        whole = cfg.kind == DataKind.COLUMNAR or (  # later files need the first's header
+            cfg.csv is not None and cfg.csv.header_in_first_file_only)
+        each = [given] if whole else [[f] for f in expand_paths(given)]
         for paths in each:
             src = make_source(dataclasses.replace(cfg, **{key: paths}, **small), split,
                               seed, 0, 1, None)

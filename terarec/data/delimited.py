@@ -2,10 +2,11 @@
 
 One :class:`DelimitedParser` serves both formats: Criteo is a fixed schema
 (:func:`criteo_parser`), a generic CSV is described by ``CsvSchema`` (:func:`csv_parser`).
-Per chunk: ``pyarrow.csv`` parses the lines with every column as a string (quoting is
-not supported: a delimiter always separates columns). If it meets a line with the wrong
-column count, the chunk is redone exactly: column counts are checked per line with
-numpy on the raw bytes and only good lines are parsed. Numbers are converted by one
+Per chunk: ``pyarrow.csv`` parses the lines with every column as a string (with a
+``quote_char``, quoted fields may hold the delimiter and doubled quotes; a field never
+spans lines). If it meets a line with the wrong column count, the chunk is redone
+exactly: column counts are checked per line with numpy on the raw bytes (delimiters
+inside quotes not counted) and only good lines are parsed. Numbers are converted by one
 arrow cast per column, falling back to a per-row regex (``pyarrow.compute``) when a
 value is invalid; Criteo hex is validated while hashing. Bad rows are skipped and
 reported with ``file:line``.
@@ -13,6 +14,7 @@ reported with ``file:line``.
 
 from __future__ import annotations
 
+import csv as pycsv
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -61,6 +63,9 @@ class DelimitedParser:
         categorical: categorical columns.
         transform: dense transform.
         bad: the source's malformed-row policy.
+        quote: the quote character (None: no quoting).
+        header_file: with ``header``, each file's file with the header line (the first
+            of its list; the others continue it); None: every file has its own.
     """
 
     def __init__(
@@ -75,8 +80,12 @@ class DelimitedParser:
         categorical: list[CatColumn],
         transform: DenseTransform,
         bad: BadRows,
+        quote: Optional[str] = None,
+        header_file: Optional[dict[str, str]] = None,
     ) -> None:
         self.delim = delimiter
+        self.quote = quote
+        self.header_file = header_file
         self.header = header
         self.fixed_names = names
         self.label = label
@@ -96,21 +105,24 @@ class DelimitedParser:
     def start_file(self, path: str) -> int:
         """Reads the column names of ``path``; returns the header's size in bytes (or 0)."""
         self.path = path
+        where = path if self.header_file is None else self.header_file.get(path, path)
+        own_header = self.header and where == path
         if self.fixed_names is not None:
             self.names = self.fixed_names
         else:
-            first = read_first_line(path).decode("utf-8", errors="replace")
-            cols = first.split(self.delim)
+            first = read_first_line(where).decode("utf-8", errors="replace")
+            cols = (next(pycsv.reader([first], delimiter=self.delim, quotechar=self.quote))
+                    if self.quote else first.split(self.delim))
             self.names = cols if self.header else [f"c{i}" for i in range(len(cols))]
             if self.header and len(set(cols)) != len(cols):
-                raise DataError(f"{path}:1: duplicate column names in header {cols}")
+                raise DataError(f"{where}:1: duplicate column names in header {cols}")
         need = [self.label, *self.dense, *(c.column for c in self.cats)]
         missing = [c for c in need if c not in self.names]
         if missing:
             raise DataError(
                 f"{path}: column(s) {missing} not in the file's columns {self.names[:50]}"
             )
-        return header_bytes(path) if self.header else 0
+        return header_bytes(path) if own_header else 0
 
     def parse(self, chunk: LineChunk, keep: np.ndarray) -> Rows:
         """Parses the lines ``keep`` (bool ``[n]``) of ``chunk``; bad ones are reported."""
@@ -164,12 +176,20 @@ class DelimitedParser:
         cand = np.flatnonzero(keep & ~empty)
         ncols = len(self.names)
         d = np.flatnonzero(buf == ord(self.delim))
+        open_quote = np.zeros(len(cand), dtype=bool)
+        if self.quote:  # a delimiter inside quotes separates nothing
+            q = np.cumsum(buf == ord(self.quote))
+            line_q = np.concatenate([[0], q])[starts]  # quotes before each line
+            line = np.searchsorted(starts, d, side="right") - 1
+            d = d[(q[d] - line_q[line]) % 2 == 0]
+            open_quote = (np.concatenate([[0], q])[ends[cand]] - line_q[cand]) % 2 == 1
         cnt = np.searchsorted(d, ends[cand]) - np.searchsorted(d, starts[cand]) + 1
-        wrong = cnt != ncols
-        for i, c in zip(cand[wrong], cnt[wrong]):
+        wrong = (cnt != ncols) | open_quote
+        for i, c, oq in zip(cand[wrong], cnt[wrong], open_quote[wrong]):
             lines.append(chunk.first_line + int(i) + 1)
             reasons.append("wrong_column_count")
-            details.append(f"expected {ncols} columns, got {int(c)}")
+            details.append(f"an unclosed {self.quote} (a field never spans lines)" if oq
+                           else f"expected {ncols} columns, got {int(c)}")
         return cand[~wrong]
 
     def report(self, lines: list[int], reasons: list[str], details: list[Any]) -> None:
@@ -198,7 +218,9 @@ class DelimitedParser:
             read_options=pacsv.ReadOptions(column_names=self.names, block_size=1 << 22),
             parse_options=pacsv.ParseOptions(
                 delimiter=self.delim,
-                quote_char=False,
+                quote_char=self.quote or False,
+                double_quote=True,
+                newlines_in_values=False,
                 escape_char=False,
                 ignore_empty_lines=False,
                 invalid_row_handler=on_invalid,
@@ -382,8 +404,10 @@ def criteo_parser(transform: DenseTransform, bad: BadRows) -> DelimitedParser:
     )
 
 
-def csv_parser(schema: CsvSchema, transform: DenseTransform, bad: BadRows) -> DelimitedParser:
-    """A delimited file described by a :class:`CsvSchema`; categoricals are free strings."""
+def csv_parser(schema: CsvSchema, transform: DenseTransform, bad: BadRows,
+               first_files: Optional[dict[str, str]] = None) -> DelimitedParser:
+    """A delimited file described by a :class:`CsvSchema`; categoricals are free strings.
+    ``first_files``: each file's file with the header, for ``header_in_first_file_only``."""
     return DelimitedParser(
         delimiter=schema.delimiter,
         header=schema.header,
@@ -397,4 +421,6 @@ def csv_parser(schema: CsvSchema, transform: DenseTransform, bad: BadRows) -> De
                      for c in schema.categorical],
         transform=transform,
         bad=bad,
+        quote=schema.quote_char,
+        header_file=first_files if schema.header_in_first_file_only else None,
     )

@@ -239,13 +239,24 @@ def columnar_stream(cfg: DataConfig, split: str, seed: int, rank: int, world_siz
     )
 
 
+def first_files(cfg: DataConfig) -> dict[str, str]:
+    """Each data file → the first file of its list (``path``, ``eval_path``,
+    ``valid_path``): the one with the header under ``csv.header_in_first_file_only``."""
+    out: dict[str, str] = {}
+    for paths in (cfg.valid_path, cfg.eval_path, cfg.path):
+        files = expand_paths(paths) if paths else []
+        out.update({f: files[0] for f in files})
+    return out
+
+
 def text_parser(cfg: DataConfig, bad: BadRows) -> Any:
     """The parser of a file data kind (criteo, csv, libfm: lines; parquet: rows)."""
     if cfg.kind == DataKind.CRITEO:
         return criteo_parser(cfg.dense_transform, bad)
     if cfg.kind == DataKind.CSV:
         assert cfg.csv is not None  # validated by DataConfig
-        return csv_parser(cfg.csv, cfg.dense_transform, bad)
+        firsts = first_files(cfg) if cfg.csv.header_in_first_file_only else None
+        return csv_parser(cfg.csv, cfg.dense_transform, bad, firsts)
     if cfg.kind == DataKind.LIBFM:
         return LibfmParser(cfg.libfm.fields, bad)
     if cfg.kind == DataKind.PARQUET:

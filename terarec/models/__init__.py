@@ -7,5 +7,6 @@ Every model has ``forward(dense [B, D_dense], sparse KJT) -> logits [B]``;
 from terarec.models.dcn import DCNv2
 from terarec.models.dlrm import DLRM
 from terarec.models.factory import build_model
+from terarec.models.fm import DeepFM, WideDeep
 
-__all__ = ["DLRM", "DCNv2", "build_model"]
+__all__ = ["DLRM", "DCNv2", "DeepFM", "WideDeep", "build_model"]

@@ -9,6 +9,7 @@ from torch import nn
 
 from terarec.models.dcn import DCNv2
 from terarec.models.dlrm import DLRM
+from terarec.models.fm import DeepFM, WideDeep
 
 if TYPE_CHECKING:  # config is plain data; models need it only for the type
     from terarec.config import ModelConfig
@@ -64,4 +65,9 @@ def build_model(
             num_layers=cfg.dcn_layers,
             low_rank=cfg.dcn_low_rank,
         )
-    raise ValueError(f"model.kind: unknown model {kind!r} (known: dlrm, dcn)")
+    if kind in ("deepfm", "wide_deep"):
+        cls = DeepFM if kind == "deepfm" else WideDeep
+        return cls(embedding, feature_names, feature_dims, num_dense=num_dense,
+                   deep_mlp=cfg.top_mlp)
+    raise ValueError(f"model.kind: unknown model {kind!r} (known: dlrm, dcn, deepfm, "
+                     f"wide_deep)")

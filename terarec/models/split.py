@@ -10,7 +10,8 @@ pooled embeddings):
   ``candidate(state, partial, dense, pooled) -> logits`` runs on the ``N`` candidates
   of one user.
 * **single** (DCN-v2, whose cross layers mix every feature with every other from the
-  first layer on; or a model with no user-side feature): ``model(dense, pooled) ->
+  first layer on; DeepFM and Wide & Deep, whose deep MLP does; or a model with no
+  user-side feature): ``model(dense, pooled) ->
   logits`` on ``[N, ...]``; the caller still looks the user side up once and repeats
   the pooled vectors.
 
@@ -47,6 +48,7 @@ from torch import nn
 
 from terarec.models.dcn import DCNv2
 from terarec.models.dlrm import DLRM
+from terarec.models.fm import DeepFM, WideDeep
 
 
 class SplitError(ValueError):
@@ -121,10 +123,13 @@ def split_model(
             "bottom MLP (user-side dense features), user pooled embeddings, their "
             "pairwise dots and their share of the top MLP's first layer"
             + (" (the user-candidate dots folded into it)" if fold else ""), fold)
-    if not isinstance(model, (DLRM, DCNv2)):
+    if not isinstance(model, (DLRM, DCNv2, DeepFM, WideDeep)):
         raise SplitError(f"model: cannot export a {type(model).__name__}")
     why = ("DCN-v2's cross layers mix every feature from the first layer on"
-           if isinstance(model, DCNv2) else "no user-side feature (model.user_features)")
+           if isinstance(model, DCNv2) else
+           "its deep MLP mixes every feature from the first layer on"
+           if isinstance(model, (DeepFM, WideDeep)) else
+           "no user-side feature (model.user_features)")
     return ModelSplit("single", [], names, user_dense, None, _Pooled(model),
                       f"the user-side embedding lookup only ({why})")
 
@@ -266,8 +271,8 @@ class _DLRMCandidate(nn.Module):
 
 
 class _Pooled(nn.Module):
-    """A whole DLRM / DCN-v2 on pooled inputs ``(dense [N, num_dense], pooled [N,
-    sum dims])`` in model feature order → logits ``[N]``."""
+    """A whole DLRM / DCN-v2 / DeepFM / Wide & Deep on pooled inputs ``(dense [N,
+    num_dense], pooled [N, sum dims])`` in model feature order → logits ``[N]``."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -281,6 +286,8 @@ class _Pooled(nn.Module):
 
     def forward(self, dense: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         m = self.model
+        if hasattr(m, "forward_pooled"):  # DeepFM, Wide & Deep
+            return m.forward_pooled(dense, pooled)
         if not self.is_dlrm:
             x0 = torch.cat([dense.to(pooled.dtype), pooled], 1) if m.num_dense else pooled
             return m.head(m.crossnet(x0)).squeeze(-1)

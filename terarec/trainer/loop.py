@@ -193,6 +193,8 @@ class _Run:
         # a new run under an old name replaces its log at its first line (never if no step)
         self.replace_metrics = (resume is None and self.main
                                 and self.reporter.metrics_path.exists())
+        # ... and its checkpoints (and best.json) at its first save
+        self.replace_history = resume is None and self.main
         self.reporter.save_config(config_to_dict(cfg))
         self.tiers = TierCounters(parts.embedding)  # after a resume's load: not moves
         self.trained = TrainedPosition(self.source)  # the source reads ahead
@@ -463,6 +465,9 @@ class _Run:
     def _prepare(self, delta: bool = False) -> tuple[Callable[[], Path], str]:
         """Takes a full checkpoint, or a delta after the last one when it is this
         run's; returns the call that writes it (``history.prepare``) and which it is."""
+        if self.replace_history:  # an earlier run's checkpoints must not outrank ours
+            self.replace_history = False
+            history.drop_after(self.run_dir, -1)
         parent = None
         if delta and self.last_ckpt is not None:
             prev = self.last_ckpt[0]

@@ -253,3 +253,46 @@ def test_frappe_real(shared_data: Path) -> None:
     assert all(b.sparse.lengths().eq(1).all() for b in batches)
     pos = sum(b.labels.sum().item() for b in batches) / 57_722
     assert 0.32 < pos < 0.34
+
+
+def test_csv_quoted_fields_hold_the_delimiter_and_quotes(tmp_path: Path) -> None:
+    p = tmp_path / "q.csv"
+    p.write_text('click,"price, eur",city\n'
+                 '1,2.5,"Paris, FR"\n'
+                 '0,"3","say ""hi"""\n'
+                 '1,4,"open quote\n'          # an unclosed quote: a bad line, counted
+                 '0,5,plain\n'
+                 '1,6,a,b\n')                  # too many columns
+    schema = CsvSchema(label="click", dense=["price, eur"],
+                       categorical=[CategoricalColumn("city")], quote_char='"')
+    cfg = DataConfig(kind=DataKind.CSV, path=[str(p)], csv=schema, batch_size=10,
+                     prefetch_batches=0)
+    (b,), stats = one_pass(cfg)
+    assert stats["rows_skipped"] == {"wrong_column_count": 2}
+    assert b.dense[:, 0].tolist() == [2.5, 3.0, 5.0]
+    assert b.sparse["city"].values().tolist() == [
+        str_key(v, "city") for v in ("Paris, FR", 'say "hi"', "plain")]
+    # without quote_char the same file splits at every comma: the quoted lines are bad
+    plain = DataConfig(kind=DataKind.CSV, path=[str(p)], batch_size=10, prefetch_batches=0,
+                       csv=CsvSchema(label="click", dense=[],
+                                     categorical=[CategoricalColumn("city")]))
+    assert one_pass(plain)[1]["rows_skipped"] == {"wrong_column_count": 3}
+
+
+def test_csv_header_in_the_first_file_only(tmp_path: Path) -> None:
+    """A CSV split into pieces: the header is in the first one; every piece's rows are
+    read with its columns (sharded readers included)."""
+    first, second = tmp_path / "part0.csv", tmp_path / "part1.csv"
+    first.write_text("id,click,price\n1,1,1.0\n2,0,2.0\n")
+    second.write_text("3,1,3.0\n4,0,4.0\n")
+    schema = CsvSchema(label="click", dense=["price"], categorical=[CategoricalColumn("id")],
+                       header_in_first_file_only=True)
+    cfg = DataConfig(kind=DataKind.CSV, path=[str(first), str(second)], csv=schema,
+                     batch_size=10, prefetch_batches=0)
+    (b,), stats = one_pass(cfg)
+    assert sorted(b.dense[:, 0].tolist()) == [1.0, 2.0, 3.0, 4.0]
+    assert stats["rows_skipped"] == {}
+    for rank in (0, 1):  # rank 1 reads only the second file, with the first's header
+        src = build_source(cfg, "train", seed=0, epochs=1, rank=rank, world_size=2)
+        got = [v for batch in src for v in batch.dense[:, 0].tolist()]
+        assert sorted(got) == ([1.0, 2.0] if rank == 0 else [3.0, 4.0])

@@ -154,3 +154,23 @@ def test_cli_exports_and_scores(split_run, tmp_path: Path, capsys) -> None:
     assert "scored 3 candidates with the model of step 40" in out
     assert main(["export", "--run", str(run), "--out", str(tmp_path / "b")]) == 1
     assert "exists" in capsys.readouterr().err
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("kind", ["deepfm", "wide_deep"])
+def test_fm_models_export_as_one_program_that_scores_as_trained(kind: str,
+                                                                tmp_path: Path) -> None:
+    """DeepFM and Wide & Deep (rows [first-order weight | embedding], dim 8 + 1) train,
+    export as one program and score the eval set as the trained model does."""
+    cfg, run = trained(tmp_path / "run", tables=[{"name": "sparse", "dim": 9}],
+                       model={"kind": kind, "top_mlp": [16], "user_features": ["C1"]})
+    ref = reference(cfg, run / "checkpoint", tmp_path)
+    manifest = export_bundle(run / "checkpoint", tmp_path / "b")
+    assert manifest["model"]["mode"] == "single"
+    assert "deep MLP mixes every feature" in manifest["model"]["shared"]
+    scorer = Scorer.from_bundle(tmp_path / "b")
+    try:
+        assert _max_diff(scorer, ref) <= TOL
+        assert _auc(scorer, ref) > 0.6  # it learned
+    finally:
+        scorer.close()

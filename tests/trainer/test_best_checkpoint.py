@@ -84,3 +84,18 @@ def test_a_resumed_run_keeps_choosing_the_same_best(tiny_config) -> None:
     assert json.loads((run / "best.json").read_text())["step"] == best["step"]
     assert again["best"]["test"] == first["best"]["test"]
     assert [r["step"] for r in lines(run, "valid")] == [10, 20, 30, 40, 50, 60]
+
+
+def test_a_new_run_under_an_old_name_replaces_its_checkpoints_and_best(tiny_config) -> None:
+    """The earlier run's checkpoints (and best) are gone at the new run's first save:
+    its later steps must not outrank the new run's checkpoints when they are pruned."""
+    common = {"eval_every": 10, "keep_best": "logloss", "checkpoint_every": 10,
+              "keep_checkpoints": 2}
+    train(tiny_config(name="again", data=VALID, train={**common, "steps": 60}))
+    cfg = tiny_config(name="again", data=VALID, train={**common, "steps": 30})
+    summary = train(cfg)
+    run = Path(cfg.train.runs_dir) / "again"
+    steps = sorted(json.loads((p / "manifest.json").read_text())["step"]
+                   for p in [run / "checkpoint", *(run / "checkpoints").iterdir()])
+    assert max(steps) == 30 and all(s <= 30 for s in steps)
+    assert json.loads((run / "best.json").read_text())["step"] == summary["best"]["step"] <= 30
