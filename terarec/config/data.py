@@ -130,6 +130,7 @@ class CsvSchema:
     header_in_first_file_only: bool = False
     quote_char: Optional[str] = None  # e.g. '"': quoted fields (may hold the delimiter)
     label_threshold: float = 0.5  # label = 1 if value > threshold
+    weight: Optional[str] = None  # a column of sample weights (>= 0) for the loss
 
     def __post_init__(self) -> None:
         _check(len(self.delimiter) == 1, "delimiter: must be one character")

@@ -22,6 +22,8 @@ class Batch:
         position: the reader's resume state *after* this batch (see ``state_dict``).
         teacher_prob: synthetic data only: the planted teacher's P(y=1) ``[B]``, from which
             the Bayes-optimal (oracle) AUC is computed.
+        weights: float32 ``[B]`` sample weights of the loss (a ``csv.weight`` column), or
+            None (every sample 1).
     """
 
     dense: torch.Tensor
@@ -29,6 +31,7 @@ class Batch:
     labels: torch.Tensor
     position: Optional[dict[str, Any]] = field(default=None, compare=False)
     teacher_prob: Optional[torch.Tensor] = None  # synthetic data: the planted P(y=1), [B]
+    weights: Optional[torch.Tensor] = None
 
     @property
     def batch_size(self) -> int:
@@ -41,13 +44,15 @@ class Batch:
             labels=self.labels.to(device, non_blocking=non_blocking),
             position=self.position,
             teacher_prob=self.teacher_prob,
+            weights=None if self.weights is None else self.weights.to(
+                device, non_blocking=non_blocking),
         )
 
     def record_stream(self, stream: Any) -> None:
         """Marks the batch's CUDA tensors as used on ``stream``, so that memory
         allocated on another stream (a producer's side stream) is not reused before
         ``stream``'s work on it is done."""
-        for t in (self.dense, self.labels, self.teacher_prob):
+        for t in (self.dense, self.labels, self.teacher_prob, self.weights):
             if t is not None and t.is_cuda:
                 t.record_stream(stream)
         if self.sparse.values().is_cuda:
@@ -60,4 +65,5 @@ class Batch:
             labels=self.labels.pin_memory(),
             position=self.position,
             teacher_prob=self.teacher_prob,
+            weights=None if self.weights is None else self.weights.pin_memory(),
         )

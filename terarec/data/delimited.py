@@ -64,6 +64,7 @@ class DelimitedParser:
         transform: dense transform.
         bad: the source's malformed-row policy.
         quote: the quote character (None: no quoting).
+        weight: a column of sample weights (numbers >= 0; else a ``bad_weight`` row).
         header_file: with ``header``, each file's file with the header line (the first
             of its list; the others continue it); None: every file has its own.
     """
@@ -82,8 +83,10 @@ class DelimitedParser:
         bad: BadRows,
         quote: Optional[str] = None,
         header_file: Optional[dict[str, str]] = None,
+        weight: Optional[str] = None,
     ) -> None:
         self.delim = delimiter
+        self.weight = weight
         self.quote = quote
         self.header_file = header_file
         self.header = header
@@ -116,7 +119,8 @@ class DelimitedParser:
             self.names = cols if self.header else [f"c{i}" for i in range(len(cols))]
             if self.header and len(set(cols)) != len(cols):
                 raise DataError(f"{where}:1: duplicate column names in header {cols}")
-        need = [self.label, *self.dense, *(c.column for c in self.cats)]
+        need = [self.label, *self.dense, *(c.column for c in self.cats),
+                *([self.weight] if self.weight else [])]
         missing = [c for c in need if c not in self.names]
         if missing:
             raise DataError(
@@ -206,7 +210,8 @@ class DelimitedParser:
     def _read(self, data: np.ndarray, fail_fast: bool) -> Optional[pa.Table]:
         """All needed columns as strings ("" = null); None if ``fail_fast`` and a row is
         invalid (wrong column count)."""
-        need = list(dict.fromkeys([self.label, *self.dense, *(c.column for c in self.cats)]))
+        need = list(dict.fromkeys([self.label, *self.dense, *(c.column for c in self.cats),
+                                   *([self.weight] if self.weight else [])]))
         invalid = []
 
         def on_invalid(row: Any) -> str:
@@ -287,6 +292,13 @@ class DelimitedParser:
             else:
                 sparse.append(_multi_keys(col, c.sep, c.feature))
 
+        weights = None
+        if self.weight:
+            col = t.column(self.weight).combine_chunks()
+            w, ok, _ = _numbers(col, FLOAT_RE, missing_ok=False)
+            flag(col, ok, "bad_weight", lambda v: f"weight {self.weight}={v!r} is not a number")
+            flag(col, w >= 0, "bad_weight", lambda v: f"weight {self.weight}={v!r} is < 0")
+            weights = w.astype(np.float32)
         labels = (lab_v > self.threshold).astype(np.float32)
         if self.transform == DenseTransform.LOG1P:
             dense = np.log1p(np.maximum(dense, 0.0, out=dense), out=dense)
@@ -296,7 +308,8 @@ class DelimitedParser:
             keep = ~bad
             values = [k[np.repeat(keep, ln)] for ln, k in sparse]
             labels, dense, lengths = labels[keep], dense[keep], lengths[:, keep]
-        rows = Rows(labels=labels, dense=dense, lengths=lengths, values=values)
+            weights = None if weights is None else weights[keep]
+        rows = Rows(labels=labels, dense=dense, lengths=lengths, values=values, weights=weights)
         return rows, bad_idx, bad_reason, bad_detail
 
 
@@ -423,4 +436,5 @@ def csv_parser(schema: CsvSchema, transform: DenseTransform, bad: BadRows,
         bad=bad,
         quote=schema.quote_char,
         header_file=first_files if schema.header_in_first_file_only else None,
+        weight=schema.weight,
     )

@@ -67,7 +67,7 @@ class ParquetParser:
     @property
     def columns(self) -> list[str]:
         p = self.inner
-        return [p.label, *p.dense, *(c.column for c in p.cats)]
+        return [p.label, *p.dense, *(c.column for c in p.cats), *([p.weight] if p.weight else [])]
 
     def start_file(self, path: str) -> int:
         """Checks that ``path`` has the schema's columns; no header: returns 0."""

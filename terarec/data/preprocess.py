@@ -219,6 +219,9 @@ def preprocess(
                         f"(criteo, csv, libfm)")
     if chunk_rows < 1 or workers < 1:
         raise DataError(f"chunk_rows and workers must be >= 1, got {chunk_rows}, {workers}")
+    if cfg.csv is not None and cfg.csv.weight:
+        raise DataError("csv.weight: the preprocessed format has no weight column; train "
+                        "from the text files to use sample weights")
     if cfg.valid_fraction > 0 or cfg.valid_path:
         # its rows would land in the train split
         raise DataError("data.valid_fraction / data.valid_path: preprocess writes a train and "

@@ -31,6 +31,7 @@ class Rows:
         lengths: int32 ``[F, n]`` keys per (feature, row).
         values: ``F`` int64 arrays; ``values[f]`` has ``lengths[f].sum()`` keys.
         teacher: float32 ``[n]`` planted P(y=1) (synthetic only) or None.
+        weights: float32 ``[n]`` sample weights (a ``csv.weight`` column) or None.
     """
 
     labels: np.ndarray
@@ -38,6 +39,7 @@ class Rows:
     lengths: np.ndarray
     values: list[np.ndarray]
     teacher: Optional[np.ndarray] = None
+    weights: Optional[np.ndarray] = None
     _offsets: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
 
     @property
@@ -65,6 +67,7 @@ class Rows:
             lengths=self.lengths[:, a:b],
             values=[v[off[a, f] : off[b, f]] for f, v in enumerate(self.values)],
             teacher=None if self.teacher is None else self.teacher[a:b],
+            weights=None if self.weights is None else self.weights[a:b],
         )
 
     def take(self, idx: np.ndarray) -> Rows:
@@ -81,6 +84,7 @@ class Rows:
             lengths=self.lengths[:, idx],
             values=values,
             teacher=None if self.teacher is None else self.teacher[idx],
+            weights=None if self.weights is None else self.weights[idx],
         )
 
     @staticmethod
@@ -90,12 +94,14 @@ class Rows:
             return parts[0]
         nf = parts[0].lengths.shape[0]
         teach = [p.teacher for p in parts]
+        weights = [p.weights for p in parts]
         return Rows(
             labels=np.concatenate([p.labels for p in parts]),
             dense=np.concatenate([p.dense for p in parts]),
             lengths=np.concatenate([p.lengths for p in parts], axis=1),
             values=[np.concatenate([p.values[f] for p in parts]) for f in range(nf)],
             teacher=None if any(t is None for t in teach) else np.concatenate(teach),
+            weights=None if any(w is None for w in weights) else np.concatenate(weights),
         )
 
     def to_batch(self, keys: list[str], position: Optional[dict] = None) -> Batch:
@@ -120,6 +126,8 @@ class Rows:
             teacher_prob=None if self.teacher is None else torch.from_numpy(
                 np.ascontiguousarray(self.teacher, dtype=np.float32)
             ),
+            weights=None if self.weights is None else torch.from_numpy(
+                np.ascontiguousarray(self.weights, dtype=np.float32)),
         )
 
 

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from torch import nn
 
 from terarec.config import Config, ConfigError, DataKind, config_to_dict
 from terarec.data import DataError, build_source, check_eval_data
@@ -45,6 +44,7 @@ from terarec.trainer.pipeline import (
     PipelineStats,
     TrainedPosition,
     TrainPipeline,
+    ctr_loss,
 )
 from terarec.trainer.progress import make_progress
 from terarec.trainer.ranks import AgreedEnd, StepTally, any_rank, is_rank0
@@ -237,7 +237,7 @@ class _Run:
             parts.dense_optimizer,
             parts.embedding,
             parts.device,
-            nn.BCEWithLogitsLoss(),
+            ctr_loss,
             overlap=self.prefetch,
             check_loss=None if self.guard.deferred else (
                 lambda loss: self.guard.before_update(loss, self.step + 1)),

@@ -193,7 +193,8 @@ class TrainPipeline:
         embedding: the model's embedding collection (its ``prefetch`` is called for
             the next batch).
         device: where training runs.
-        loss_fn: ``loss_fn(logits, labels) -> scalar``.
+        loss_fn: ``loss_fn(logits, labels) -> scalar``; for batches with sample weights
+            ``loss_fn(logits, labels, weights)`` (:func:`ctr_loss` takes both).
         overlap: prepare the next batch on a background thread (False: everything in
             the caller's thread, one batch after the other, no prefetch: the plain
             loop, kept as the reference).
@@ -338,7 +339,8 @@ class TrainPipeline:
         return out
 
     def _finish_step(self, batch: Batch, logits: torch.Tensor) -> StepOutput:
-        loss = self.loss_fn(logits, batch.labels)
+        loss = (self.loss_fn(logits, batch.labels) if batch.weights is None
+                else self.loss_fn(logits, batch.labels, batch.weights))  # type: ignore[call-arg]
         if self.check_loss is not None:
             self.check_loss(loss)
         self.optimizer.zero_grad(set_to_none=True)
@@ -473,3 +475,10 @@ class TrainedPosition:
 
     def state_dict(self) -> dict[str, Any]:
         return {} if self._state is None else dict(self._state)
+
+
+def ctr_loss(logits: torch.Tensor, labels: torch.Tensor,
+             weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Binary cross-entropy on logits ``[B]``, the mean over the batch; with sample
+    ``weights [B]`` the mean of ``weight * loss`` (torch's ``weight=``)."""
+    return nn.functional.binary_cross_entropy_with_logits(logits, labels, weight=weights)
