@@ -91,8 +91,9 @@ class BestKeeper:
         """``train.early_stopping`` evals passed without improvement."""
         return bool(self.patience) and self.since >= self.patience
 
-    def record(self, step: int, value: float, manifest_sha256: str) -> None:
-        """The checkpoint of ``step`` (its manifest's sha256) is the new best."""
+    def record(self, step: int, value: float, manifest_sha256: Optional[str]) -> None:
+        """The checkpoint of ``step`` (its manifest's sha256, as rank 0 read it) is the
+        new best."""
         self.best = {"step": step, "metric": self.metric, "value": value,
                      "manifest_sha256": manifest_sha256}
         if self.write:

@@ -400,7 +400,8 @@ class _Run:
         if self.best.improved(self.step, ev):  # its checkpoint, now (a full one)
             self._collect_write()
             path, _ = self._save()
-            self.best.record(self.step, ev[self.best.metric], manifest_sha256(path))
+            sha = manifest_sha256(path) if self.main else None  # rank 0 writes best.json
+            self.best.record(self.step, ev[self.best.metric], sha)
 
     def _checkpoint_due(self) -> Optional[str]:
         """``"full"`` every ``checkpoint_every`` steps, and once ``checkpoint_every_minutes``
@@ -545,16 +546,15 @@ class _Run:
                 log.warning("could not draw curves.png: %s", e)
         return summary
 
-
     def _best_on_test(self, final: dict[str, Any]) -> dict[str, Any]:
         """The best checkpoint restored and scored on the test split (the last step's
         model scored there already: ``final``); the run's model is the best's after."""
         best = dict(self.best.best or {})
-        path = history.find_full(self.run_dir, best["step"], best["manifest_sha256"])
-        best["checkpoint"] = str(path)
-        if best["step"] == self.step or path is None:
-            best["test"] = final if best["step"] == self.step else None
+        if best["step"] == self.step:  # the final checkpoint, just written
+            best["checkpoint"], best["test"] = str(self.run_dir / history.FULL), final
             return best
+        path = history.retired_path(self.run_dir, best["step"])  # kept: never pruned
+        best["checkpoint"] = str(path)
         load_checkpoint(path, self.parts, self.source)
         with self.tiers.excluding():
             best["test"] = run_eval(self.cfg, self.parts)
