@@ -45,7 +45,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
 
 # measured test AUC at the last step (seed 0 / 1): DLRM 0.9340 / 0.9329, DeepFM 0.9364 /
 # 0.9371, Wide & Deep 0.9328 / 0.9327 (its best over sparse lr 0.005-0.02, dense lr
-# 0.001-0.005, MLPs up to 256-128, dim 16-32, 10-20 epochs)
+# 0.001-0.005, MLPs up to 256-128, 10-20 epochs)
 
 
 def test_deepfm_reaches_the_shipped_dlrm_test_auc(runs: dict[str, dict[str, Any]]) -> None:
