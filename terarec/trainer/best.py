@@ -63,8 +63,7 @@ class BestKeeper:
         t = cfg.train
         self.validates = has_validation(cfg)
         self.metric = t.keep_best
-        self.patience = t.early_stopping
-        check_selection(cfg)
+        self.patience = t.early_stopping  # (check_selection ran before the run)
         self.run_dir, self.write = Path(run_dir), write
         self.best: Optional[dict[str, Any]] = None
         self.since = 0  # validation evals since the best

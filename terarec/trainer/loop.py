@@ -271,8 +271,8 @@ class _Run:
                 if self.stop:
                     break  # the final checkpoint below is this step's
                 due = self._checkpoint_due()
-                if due is not None and self.last_ckpt != (self.run_dir / "checkpoint",
-                                                          self.step):  # not the best's
+                saved = self.last_ckpt is not None and self.last_ckpt[1] == self.step
+                if due is not None and not saved:  # (the best's, written this step)
                     self._periodic_checkpoint(due)
                 self._flush_ahead()
         except TierFullError as e:

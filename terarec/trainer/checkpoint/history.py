@@ -195,9 +195,11 @@ def drop_after(run_dir: Path, step: int) -> None:
     (from an older checkpoint than its newest) writes that future again, and a newer
     checkpoint of the abandoned one must not be taken for it (``--resume auto``)."""
     # newest first: a kill midway leaves no newer abandoned checkpoint than one deleted
+    from terarec.trainer.best import FILE
+
     best = best_step(run_dir)
     if best is not None and best > step:  # the abandoned future's best
-        (Path(run_dir) / "best.json").unlink(missing_ok=True)
+        (Path(run_dir) / FILE).unlink(missing_ok=True)
     for s, p in sorted(fulls(run_dir) + deltas(run_dir), key=lambda c: c[0], reverse=True):
         if s > step:
             shutil.rmtree(p, ignore_errors=True)
