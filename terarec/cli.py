@@ -192,7 +192,9 @@ def _score(args: argparse.Namespace) -> int:
     ids = res.ids or res.order.tolist()
     print(f"scored {len(ids)} candidates with the model of step {res.step}; top {args.top}:")
     for rank, (i, pos) in enumerate(zip(ids[: args.top], res.order.tolist()), 1):
-        print(f"  {rank:>2}. {i}  p(click) = {float(res.scores[pos]):.4f}")
+        others = "".join(f"  p({k}) = {float(v[pos]):.4f}" for k, v in (res.tasks or {}).items()
+                         if k != scorer.tasks[0])
+        print(f"  {rank:>2}. {i}  p(click) = {float(res.scores[pos]):.4f}{others}")
     return 0
 
 

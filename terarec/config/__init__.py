@@ -198,6 +198,9 @@ class ModelConfig:
     # computed once per request); every other feature is candidate-side (per ad).
     user_features: list[str] = field(default_factory=list)
     user_dense: bool = False  # the dense features are user/context-side too
+    # One weight per task of the loss (multi-task data: one logit head per label);
+    # empty: every task weighs 1.
+    task_weights: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _check(
@@ -208,6 +211,9 @@ class ModelConfig:
         _check(min(self.top_mlp, default=1) >= 1, "top_mlp: sizes must be >= 1")
         _check(self.dcn_layers >= 1, "dcn_layers: must be >= 1")
         _check(self.dcn_low_rank >= 0, "dcn_low_rank: must be >= 0")
+        _check(all(w >= 0 for w in self.task_weights) and (
+            not self.task_weights or sum(self.task_weights) > 0),
+            f"task_weights: must be >= 0 and not all 0, got {self.task_weights}")
 
 
 # ---------------------------------------------------------------------- optimizers

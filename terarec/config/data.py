@@ -73,6 +73,9 @@ class SyntheticConfig:
     valid_samples: int = 0  # size of a validation stream of its own (0: none)
     generator: SyntheticBackend = SyntheticBackend.NUMPY  # same distribution, other samples
     ads: Optional[AdsConfig] = None  # opt-in: an ad per sample with a planted semantic id
+    # 2: a second label, a conversion after the click (labels [n, 2]: click, conversion)
+    tasks: int = 1
+    conversion_bias: float = -1.0  # the conversion teacher's logit bias (given a click)
 
     def __post_init__(self) -> None:
         _check(self.num_dense >= 0, "num_dense: must be >= 0")
@@ -90,6 +93,10 @@ class SyntheticConfig:
         _check(self.valid_samples >= 0, "valid_samples: must be >= 0")
         _check(self.ads is None or self.generator == SyntheticBackend.NUMPY,
                "ads: drawn by the numpy generator only (set generator: numpy)")
+        _check(self.tasks in (1, 2), f"tasks: 1 (click) or 2 (click, conversion), got "
+               f"{self.tasks}")
+        _check(self.tasks == 1 or self.generator == SyntheticBackend.NUMPY,
+               "tasks: 2 is drawn by the numpy generator only (set generator: numpy)")
 
 
 @dataclass
@@ -122,6 +129,8 @@ class CsvSchema:
     """Which columns of a delimited text file are label, dense and categorical."""
 
     label: str
+    # more label columns, one task each (multi-task models): labels [n, 1 + len]
+    extra_labels: list[str] = field(default_factory=list)
     dense: list[str] = field(default_factory=list)
     categorical: list[CategoricalColumn] = field(default_factory=list)
     delimiter: str = ","
@@ -140,6 +149,9 @@ class CsvSchema:
         _check(self.header or not self.header_in_first_file_only,
                "header_in_first_file_only: needs header: true")
         _check(len(self.categorical) >= 1, "categorical: need at least one column")
+        names = [self.label, *self.extra_labels]
+        _check(len(set(names)) == len(names),
+               f"extra_labels: label columns must differ, got {names}")
 
 
 @dataclass

@@ -40,7 +40,18 @@ __all__ = [
     "dense_feature_names",
     "semantic_id_features",
     "sparse_feature_names",
+    "task_names",
 ]
+
+
+def task_names(cfg: DataConfig) -> list[str]:
+    """The label of every task, in the column order of a multi-task ``Batch.labels``
+    ``[B, T]``; one name: single-task data (``labels`` ``[B]``)."""
+    if cfg.kind == DataKind.SYNTHETIC:
+        return ["click", "conversion"][: cfg.synthetic.tasks]
+    if cfg.kind in (DataKind.CSV, DataKind.PARQUET) and cfg.csv is not None:
+        return [cfg.csv.label, *cfg.csv.extra_labels]
+    return ["label"]
 
 
 def sparse_feature_names(cfg: DataConfig) -> list[str]:

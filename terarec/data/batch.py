@@ -18,10 +18,11 @@ class Batch:
         sparse: KeyedJaggedTensor of int64 keys, feature-major: for keys ``[f0, f1]`` and
             ``B = 2``, ``lengths = [l(f0,s0), l(f0,s1), l(f1,s0), l(f1,s1)]`` and
             ``values`` concatenates the keys in that order.
-        labels: float32 ``[B]`` in {0, 1}.
+        labels: float32 ``[B]`` in {0, 1}; multi-task data: ``[B, T]``, one column per
+            task (``terarec.data.task_names``).
         position: the reader's resume state *after* this batch (see ``state_dict``).
-        teacher_prob: synthetic data only: the planted teacher's P(y=1) ``[B]``, from which
-            the Bayes-optimal (oracle) AUC is computed.
+        teacher_prob: synthetic data only: the planted teacher's P(y=1) ``[B]`` (``[B,
+            T]``), from which the Bayes-optimal (oracle) AUC is computed.
         weights: float32 ``[B]`` sample weights of the loss (a ``csv.weight`` column), or
             None (every sample 1).
     """

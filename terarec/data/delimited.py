@@ -15,7 +15,7 @@ reported with ``file:line``.
 from __future__ import annotations
 
 import csv as pycsv
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -58,6 +58,8 @@ class DelimitedParser:
             ``c0, c1, ...`` (count taken from each file's first line).
         names: fixed column names when there is no header (Criteo).
         label: label column; label = 1 iff value > ``label_threshold``.
+        extra_labels: more label columns, one task each: then ``Rows.labels`` is
+            ``[n, 1 + len(extra_labels)]`` (``label`` first).
         dense: dense columns; empty = missing = 0.
         dense_pattern: regex a non-empty dense value must match.
         categorical: categorical columns.
@@ -84,8 +86,10 @@ class DelimitedParser:
         quote: Optional[str] = None,
         header_file: Optional[dict[str, str]] = None,
         weight: Optional[str] = None,
+        extra_labels: Sequence[str] = (),
     ) -> None:
         self.delim = delimiter
+        self.extra_labels = list(extra_labels)
         self.weight = weight
         self.quote = quote
         self.header_file = header_file
@@ -105,6 +109,13 @@ class DelimitedParser:
     def features(self) -> list[str]:
         return [c.feature for c in self.cats]
 
+    @property
+    def columns(self) -> list[str]:
+        """The columns read: labels, dense, categorical, weight."""
+        return list(dict.fromkeys([self.label, *self.extra_labels, *self.dense,
+                                   *(c.column for c in self.cats),
+                                   *([self.weight] if self.weight else [])]))
+
     def start_file(self, path: str) -> int:
         """Reads the column names of ``path``; returns the header's size in bytes (or 0)."""
         self.path = path
@@ -119,9 +130,7 @@ class DelimitedParser:
             self.names = cols if self.header else [f"c{i}" for i in range(len(cols))]
             if self.header and len(set(cols)) != len(cols):
                 raise DataError(f"{where}:1: duplicate column names in header {cols}")
-        need = [self.label, *self.dense, *(c.column for c in self.cats),
-                *([self.weight] if self.weight else [])]
-        missing = [c for c in need if c not in self.names]
+        missing = [c for c in self.columns if c not in self.names]
         if missing:
             raise DataError(
                 f"{path}: column(s) {missing} not in the file's columns {self.names[:50]}"
@@ -210,8 +219,7 @@ class DelimitedParser:
     def _read(self, data: np.ndarray, fail_fast: bool) -> Optional[pa.Table]:
         """All needed columns as strings ("" = null); None if ``fail_fast`` and a row is
         invalid (wrong column count)."""
-        need = list(dict.fromkeys([self.label, *self.dense, *(c.column for c in self.cats),
-                                   *([self.weight] if self.weight else [])]))
+        need = self.columns
         invalid = []
 
         def on_invalid(row: Any) -> str:
@@ -258,11 +266,14 @@ class DelimitedParser:
                 bad_reason.append(reason)
                 bad_detail.append(lambda i=i, col=col: what(col[int(i)].as_py()))
 
-        lab = t.column(self.label).combine_chunks()
-        lab_v, lab_ok, _ = _numbers(lab, FLOAT_RE, missing_ok=False)
-        flag(lab, lab_ok, "bad_label", lambda v: f"{self.label}={v!r} is not a number")
-        flag(lab, (lab_v >= 0.0) & (lab_v <= 1.0), "bad_label",
-             lambda v: f"{self.label}={v!r} is outside [0, 1]")
+        lab_vs = []
+        for name in [self.label, *self.extra_labels]:
+            lab = t.column(name).combine_chunks()
+            lab_v, lab_ok, _ = _numbers(lab, FLOAT_RE, missing_ok=False)
+            flag(lab, lab_ok, "bad_label", lambda v, name=name: f"{name}={v!r} is not a number")
+            flag(lab, (lab_v >= 0.0) & (lab_v <= 1.0), "bad_label",
+                 lambda v, name=name: f"{name}={v!r} is outside [0, 1]")
+            lab_vs.append(lab_v)
         dense = np.zeros((n, len(self.dense)), dtype=np.float32)
         for j, name in enumerate(self.dense):
             col = t.column(name).combine_chunks()
@@ -299,7 +310,8 @@ class DelimitedParser:
             flag(col, ok, "bad_weight", lambda v: f"weight {self.weight}={v!r} is not a number")
             flag(col, w >= 0, "bad_weight", lambda v: f"weight {self.weight}={v!r} is < 0")
             weights = w.astype(np.float32)
-        labels = (lab_v > self.threshold).astype(np.float32)
+        labels = ((lab_vs[0] if len(lab_vs) == 1 else np.stack(lab_vs, axis=1))
+                  > self.threshold).astype(np.float32)
         if self.transform == DenseTransform.LOG1P:
             dense = np.log1p(np.maximum(dense, 0.0, out=dense), out=dense)
         lengths = np.stack([ln for ln, _ in sparse]) if sparse else np.zeros((0, n), np.int32)
@@ -437,4 +449,5 @@ def csv_parser(schema: CsvSchema, transform: DenseTransform, bad: BadRows,
         quote=schema.quote_char,
         header_file=first_files if schema.header_in_first_file_only else None,
         weight=schema.weight,
+        extra_labels=schema.extra_labels,
     )

@@ -66,8 +66,7 @@ class ParquetParser:
 
     @property
     def columns(self) -> list[str]:
-        p = self.inner
-        return [p.label, *p.dense, *(c.column for c in p.cats), *([p.weight] if p.weight else [])]
+        return self.inner.columns
 
     def start_file(self, path: str) -> int:
         """Checks that ``path`` has the schema's columns; no header: returns 0."""

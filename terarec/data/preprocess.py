@@ -227,6 +227,9 @@ def preprocess(
         raise DataError("data.valid_fraction / data.valid_path: preprocess writes a train and "
                         "an eval split only; preprocess the validation rows as the eval "
                         "split of a config of their own and give the run valid_path")
+    if cfg.csv is not None and cfg.csv.extra_labels:
+        raise DataError("data.csv.extra_labels: the preprocessed format holds one label; "
+                        "train a multi-task model on the CSV / Parquet files themselves")
     assert cfg.path is not None  # validated by DataConfig
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

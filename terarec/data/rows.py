@@ -26,11 +26,11 @@ class Rows:
     """``n`` parsed samples.
 
     Attributes:
-        labels: float32 ``[n]`` in {0, 1}.
+        labels: float32 ``[n]`` in {0, 1}, or ``[n, T]``: one column per task.
         dense: float32 ``[n, D]``.
         lengths: int32 ``[F, n]`` keys per (feature, row).
         values: ``F`` int64 arrays; ``values[f]`` has ``lengths[f].sum()`` keys.
-        teacher: float32 ``[n]`` planted P(y=1) (synthetic only) or None.
+        teacher: float32 ``[n]`` (``[n, T]``) planted P(y=1) (synthetic only) or None.
         weights: float32 ``[n]`` sample weights (a ``csv.weight`` column) or None.
     """
 
@@ -90,6 +90,7 @@ class Rows:
     @staticmethod
     def concat(parts: list[Rows]) -> Rows:
         """Row-wise concatenation (all parts have the same features)."""
+        parts = [p for p in parts if p.n > 0] or parts[:1]  # an empty part: labels [0]
         if len(parts) == 1:
             return parts[0]
         nf = parts[0].lengths.shape[0]

@@ -41,6 +41,7 @@ from terarec.data.synthetic_ads import AD, SID, PlantedAds
 from terarec.hashing import hash_lanes, mix64_np, salt_for
 
 SALT_A = np.uint64(0x3C6EF372FE94F82B)
+SALT_C = np.uint64(0x510E527FADE682D1)  # the conversion teacher's first-order weights
 SALT_U = [np.uint64((0xA54FF53A5F1D36F1 * (j + 1)) & ((1 << 64) - 1)) for j in range(64)]
 _TEACHER_SEED = 0x7E4C4E7
 
@@ -182,9 +183,32 @@ class SyntheticGenerator:
                 [lengths, np.repeat(np.array(per_ad, np.int32)[:, None], n, axis=1)])
         prob = 1.0 / (1.0 + np.exp(-logit))
         labels = (rng.random(n, dtype=np.float32) < prob).astype(np.float32)
+        if cfg.tasks == 2:  # drawn last: the click stream stays the single-task one
+            labels, prob = self._conversion(rng, keys_u, dense, logit, labels, prob)
         if self.transform == DenseTransform.LOG1P:
             dense = np.log1p(np.maximum(dense, 0.0))
         rows = Rows(labels=labels, dense=dense, lengths=lengths, values=values,
                     teacher=prob.astype(np.float32))
         return rows, raw
+
+    def _conversion(self, rng: np.random.Generator, keys_u: np.ndarray, dense: np.ndarray,
+                    logit: np.ndarray, click: np.ndarray, p_click: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """Click and conversion labels ``[n, 2]`` and their P(y=1) ``[n, 2]``.
+
+        A conversion follows a click: P(conv | click) = sigmoid(conversion_bias + half
+        the click teacher's logit + first-order weights of its own); P(conv) =
+        P(click) P(conv | click).
+        """
+        cfg, n = self.cfg, click.shape[0]
+        nf, k = cfg.num_sparse, cfg.values_per_feature
+        c = np.float32(cfg.conversion_bias) + np.float32(0.5) * (logit - cfg.teacher_bias)
+        if cfg.num_dense:
+            c -= dense @ self.w  # the dense features push conversions the other way
+        own = hash_lanes(mix64_np(keys_u ^ SALT_C), 4).sum(-1) * self.a_scale
+        c += own.reshape(nf, n, k).sum(axis=(0, 2))
+        p_conv = 1.0 / (1.0 + np.exp(-c))
+        conv = click * (rng.random(n, dtype=np.float32) < p_conv)
+        return (np.stack([click, conv.astype(np.float32)], axis=1),
+                np.stack([p_click, p_click * p_conv], axis=1))
 

@@ -15,7 +15,13 @@ from torch import nn
 from torchrec.modules.crossnet import CrossNet, LowRankCrossNet
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from terarec.models.dlrm import check_dense, check_features, concat_pooled, logit_head
+from terarec.models.dlrm import (
+    check_dense,
+    check_features,
+    check_tasks,
+    concat_pooled,
+    logit_head,
+)
 
 
 class DCNv2(nn.Module):
@@ -35,6 +41,8 @@ class DCNv2(nn.Module):
             may be empty.
         num_layers: number of cross layers (``>= 1``).
         low_rank: rank of each cross layer's kernel; 0 = full rank (``N x N``).
+        num_tasks: ``T``: with ``T > 1`` one deep MLP per task and forward returns
+            ``[B, T]``.
     """
 
     def __init__(
@@ -46,9 +54,11 @@ class DCNv2(nn.Module):
         deep_mlp: Sequence[int],
         num_layers: int,
         low_rank: int,
+        num_tasks: int = 1,
     ) -> None:
         super().__init__()
         check_features(feature_names, feature_dims)
+        check_tasks(num_tasks)
         if num_dense < 0:
             raise ValueError(f"num_dense: must be >= 0, got {num_dense}")
         if num_layers < 1:
@@ -66,7 +76,8 @@ class DCNv2(nn.Module):
             if low_rank > 0
             else CrossNet(in_features, num_layers)
         )
-        self.head = logit_head(in_features, deep_mlp)
+        self.num_tasks = num_tasks
+        self.head = logit_head(in_features, deep_mlp, num_tasks)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         """Scores a batch.
@@ -76,7 +87,7 @@ class DCNv2(nn.Module):
             sparse: KJT with (at least) ``feature_names`` as keys, batch size ``B``.
 
         Returns:
-            ``[B]`` raw logits.
+            ``[B]`` raw logits (``[B, T]`` for ``T`` tasks).
         """
         check_dense(dense, self.num_dense)
         pooled = concat_pooled(self.embedding(sparse), self.feature_names, self.feature_dims)

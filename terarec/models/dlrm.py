@@ -74,15 +74,43 @@ def check_dense(dense: torch.Tensor, num_dense: int) -> None:
         raise ValueError(f"dense: expected shape [B, {num_dense}], got {list(dense.shape)}")
 
 
-def logit_head(in_features: int, hidden: Sequence[int]) -> nn.Module:
-    """ReLU MLP of sizes ``hidden`` followed by a 1-wide linear logit (no activation).
+def logit_head(in_features: int, hidden: Sequence[int], num_tasks: int = 1) -> nn.Module:
+    """ReLU MLP of sizes ``hidden`` followed by a 1-wide linear logit (no activation):
+    ``[B, in_features] -> [B, 1]``; with ``num_tasks > 1`` one such tower per task
+    (:class:`TaskTowers`, ``-> [B, num_tasks]``).
 
     ``hidden`` may be empty: then the head is one ``Linear(in_features, 1)``.
     """
+    if num_tasks > 1:
+        return TaskTowers(in_features, hidden, num_tasks)
     if len(hidden) == 0:
         return nn.Linear(in_features, 1)
     # OverArch = MLP(relu) over all but the last size, then a plain Linear.
     return OverArch(in_features, [*hidden, 1])
+
+
+class TaskTowers(nn.Module):
+    """Multi-task heads over one shared input (shared-bottom multi-task learning): a
+    :func:`logit_head` tower per task, ``[B, in_features] -> [B, num_tasks]`` logits.
+
+    Everything below the heads (embeddings, interaction, cross net) is shared by the
+    tasks; each task has its own MLP.
+    """
+
+    def __init__(self, in_features: int, hidden: Sequence[int], num_tasks: int) -> None:
+        super().__init__()
+        if num_tasks < 2:
+            raise ValueError(f"num_tasks: TaskTowers is for >= 2 tasks, got {num_tasks}")
+        self.towers = nn.ModuleList(logit_head(in_features, hidden) for _ in range(num_tasks))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t(x) for t in self.towers], dim=1)
+
+
+def check_tasks(num_tasks: int) -> None:
+    """Raises ValueError unless ``num_tasks >= 1``."""
+    if num_tasks < 1:
+        raise ValueError(f"num_tasks: must be >= 1, got {num_tasks}")
 
 
 class DLRM(nn.Module):
@@ -95,7 +123,8 @@ class DLRM(nn.Module):
     (``<c, e_f>``) next to the ``F choose 2`` sparse-sparse dots.
 
     Shapes (``F`` features, dim ``D``): interaction output is
-    ``[B, D + F + F*(F-1)/2]``; the top MLP maps it to ``[B, 1]``; forward returns ``[B]``.
+    ``[B, D + F + F*(F-1)/2]``; the top MLP maps it to ``[B, 1]``; forward returns ``[B]``
+    (``[B, T]`` for ``T`` tasks).
 
     Args:
         embedding: module with ``forward(kjt) -> KeyedTensor``, pooled per feature.
@@ -122,9 +151,11 @@ class DLRM(nn.Module):
         num_dense: int,
         bottom_mlp: Sequence[int],
         top_mlp: Sequence[int],
+        num_tasks: int = 1,
     ) -> None:
         super().__init__()
         check_features(feature_names, [embedding_dim] * len(feature_names))
+        check_tasks(num_tasks)
         if num_dense < 0:
             raise ValueError(f"num_dense: must be >= 0, got {num_dense}")
         if num_dense > 0:
@@ -149,7 +180,8 @@ class DLRM(nn.Module):
             nn.Parameter(torch.empty(d).uniform_(-(d**-0.5), d**-0.5)) if num_dense == 0 else None
         )
         self.inter_arch = InteractionArch(num_sparse_features=f)
-        self.over_arch = logit_head(d + f + f * (f - 1) // 2, top_mlp)
+        self.num_tasks = num_tasks
+        self.over_arch = logit_head(d + f + f * (f - 1) // 2, top_mlp, num_tasks)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         """Scores a batch.
@@ -159,7 +191,7 @@ class DLRM(nn.Module):
             sparse: KJT with (at least) ``feature_names`` as keys, batch size ``B``.
 
         Returns:
-            ``[B]`` raw logits.
+            ``[B]`` raw logits (``[B, T]`` for ``T`` tasks).
         """
         check_dense(dense, self.num_dense)
         f, d = len(self.feature_names), self.embedding_dim

@@ -16,7 +16,8 @@ it: a feature's row is ``[w | v]``, ``w`` the id's first-order weight and ``v`` 
   part is the linear model over the ids (and dense features), the deep part an MLP.
 
 Shapes: pooled ``[B, F (D + 1)]`` in model feature order, dense ``[B, num_dense]``;
-forward returns logits ``[B]``.
+forward returns logits ``[B]``. With ``T > 1`` tasks each task has its own deep MLP
+(the wide and FM terms are shared) and forward returns ``[B, T]``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,13 @@ from torch import nn
 from torchrec.modules.deepfm import DeepFM as TorchRecDeepFM
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from terarec.models.dlrm import check_dense, check_features, concat_pooled, logit_head
+from terarec.models.dlrm import (
+    check_dense,
+    check_features,
+    check_tasks,
+    concat_pooled,
+    logit_head,
+)
 
 
 def fm_pairs(v: torch.Tensor) -> torch.Tensor:
@@ -42,9 +49,10 @@ class _WideAndEmbeddings(nn.Module):
 
     def __init__(self, embedding: nn.Module, feature_names: Sequence[str],
                  feature_dims: Sequence[int], num_dense: int, deep_mlp: Sequence[int],
-                 kind: str) -> None:
+                 kind: str, num_tasks: int = 1) -> None:
         super().__init__()
         check_features(feature_names, feature_dims)
+        check_tasks(num_tasks)
         dims = sorted(set(feature_dims))
         if len(dims) != 1 or dims[0] < 2:
             per = dict(zip(feature_names, feature_dims))
@@ -60,8 +68,9 @@ class _WideAndEmbeddings(nn.Module):
         self.embedding_dim = dims[0] - 1
         self.bias = nn.Parameter(torch.zeros(()))
         self.dense_linear = nn.Linear(num_dense, 1, bias=False) if num_dense else None
+        self.num_tasks = num_tasks
         self.deep = TorchRecDeepFM(logit_head(
-            len(self.feature_names) * self.embedding_dim + num_dense, deep_mlp))
+            len(self.feature_names) * self.embedding_dim + num_dense, deep_mlp, num_tasks))
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         """``dense [B, num_dense]``, ``sparse`` KJT (at least ``feature_names``) →
@@ -72,8 +81,8 @@ class _WideAndEmbeddings(nn.Module):
 
     def parts(self, dense: torch.Tensor, pooled: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The wide logit ``[B]``, the embeddings ``v [B, F, D]`` and the deep logit
-        ``[B]`` of pooled rows ``[B, F (D + 1)]``."""
+        """The wide logit ``[B]`` (``[B, 1]`` for several tasks), the embeddings ``v [B,
+        F, D]`` and the deep logit ``[B]`` (``[B, T]``) of pooled rows ``[B, F (D + 1)]``."""
         b = pooled.shape[0]
         rows = pooled.view(b, len(self.feature_names), self.embedding_dim + 1)
         v = rows[:, :, 1:]
@@ -83,6 +92,8 @@ class _WideAndEmbeddings(nn.Module):
             x = dense.to(pooled.dtype)
             wide = wide + self.dense_linear(x).squeeze(-1)
             deep_in.append(x.unsqueeze(1))
+        if self.num_tasks > 1:
+            return wide.unsqueeze(-1), v, self.deep(deep_in)
         return wide, v, self.deep(deep_in).squeeze(-1)
 
     def forward_pooled(self, dense: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
@@ -98,18 +109,20 @@ class DeepFM(_WideAndEmbeddings):
         feature_dims: pooled row width of each feature: ``D + 1`` for all.
         num_dense: dense features (first-order weights and deep-MLP inputs).
         deep_mlp: hidden sizes of the deep ReLU MLP (a 1-wide logit follows).
+        num_tasks: ``T``: one deep MLP per task; forward returns ``[B, T]`` for ``T > 1``.
     """
 
     def __init__(self, embedding: nn.Module, feature_names: Sequence[str],
-                 feature_dims: Sequence[int], num_dense: int, deep_mlp: Sequence[int]
-                 ) -> None:
+                 feature_dims: Sequence[int], num_dense: int, deep_mlp: Sequence[int],
+                 num_tasks: int = 1) -> None:
         super().__init__(embedding, feature_names, feature_dims, num_dense, deep_mlp,
-                         "deepfm")
+                         "deepfm", num_tasks)
 
     def forward_pooled(self, dense: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         """Logits ``[B]`` of pooled rows ``[B, F (D + 1)]`` and ``dense``."""
         wide, v, deep = self.parts(dense, pooled)
-        return wide + fm_pairs(v) + deep
+        fm = fm_pairs(v)
+        return wide + (fm.unsqueeze(-1) if self.num_tasks > 1 else fm) + deep
 
 
 class WideDeep(_WideAndEmbeddings):
@@ -117,10 +130,10 @@ class WideDeep(_WideAndEmbeddings):
     the module docstring; arguments as :class:`DeepFM`'s)."""
 
     def __init__(self, embedding: nn.Module, feature_names: Sequence[str],
-                 feature_dims: Sequence[int], num_dense: int, deep_mlp: Sequence[int]
-                 ) -> None:
+                 feature_dims: Sequence[int], num_dense: int, deep_mlp: Sequence[int],
+                 num_tasks: int = 1) -> None:
         super().__init__(embedding, feature_names, feature_dims, num_dense, deep_mlp,
-                         "wide_deep")
+                         "wide_deep", num_tasks)
 
     def forward_pooled(self, dense: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         """Logits ``[B]`` of pooled rows ``[B, F (D + 1)]`` and ``dense``."""

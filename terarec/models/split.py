@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from terarec.models.dcn import DCNv2
-from terarec.models.dlrm import DLRM
+from terarec.models.dlrm import DLRM, TaskTowers
 from terarec.models.fm import DeepFM, WideDeep
 
 
@@ -147,8 +147,37 @@ def _pair_columns(n: int, pairs: list[tuple[int, int]], offset: int) -> list[int
 
 
 def _first_layer(model: DLRM) -> tuple[nn.Linear, nn.Module]:
-    """The top MLP's first linear layer and what follows it (activation included)."""
+    """The top MLP's first linear layer and what follows it (activation included).
+
+    Several tasks: the towers' first layers stacked into one ``[sum H1, in]`` linear
+    (one GEMM for all tasks) and a module taking its ``[N, sum H1]`` output to logits
+    ``[N, T]``."""
     head = model.over_arch
+    if isinstance(head, TaskTowers):
+        parts = [_tower_first(t) for t in head.towers]
+        lin = nn.Linear(parts[0][0].in_features, sum(f.out_features for f, _ in parts))
+        with torch.no_grad():
+            lin.weight.copy_(torch.cat([f.weight for f, _ in parts]))
+            lin.bias.copy_(torch.cat([f.bias for f, _ in parts]))
+        return lin, _TowerRests([r for _, r in parts], [f.out_features for f, _ in parts])
+    return _tower_first(head)
+
+
+class _TowerRests(nn.Module):
+    """Each task tower's layers after its first, on its slice of the stacked first
+    layer's output ``[N, sum H1]`` → logits ``[N, T]``."""
+
+    def __init__(self, rests: list[nn.Module], widths: list[int]) -> None:
+        super().__init__()
+        self.rests = nn.ModuleList(rests)
+        self.widths = widths
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.cat([r(x) for r, x in zip(self.rests, h.split(self.widths, 1))], 1)
+
+
+def _tower_first(head: nn.Module) -> tuple[nn.Linear, nn.Module]:
+    """:func:`_first_layer` of one ``logit_head``."""
     if isinstance(head, nn.Linear):
         return head, nn.Identity()
     mlp, last = head.model[0], head.model[1]
@@ -254,7 +283,7 @@ class _DLRMCandidate(nn.Module):
 
     def forward(self, state: torch.Tensor, partial: torch.Tensor, dense: torch.Tensor,
                 pooled: torch.Tensor) -> torch.Tensor:
-        """See :class:`ModelSplit`; returns logits ``[N]``."""
+        """See :class:`ModelSplit`; returns logits ``[N]`` (``[N, T]``: several tasks)."""
         mine = pooled
         if self.dense_arch is not None:
             mine = torch.cat([self.dense_arch(dense).unsqueeze(1), pooled], 1)

@@ -21,7 +21,12 @@ from torch.export import Dim, export
 
 import terarec
 from terarec.config import Config, config_from_dict, config_to_dict
-from terarec.data import dense_feature_names, semantic_id_features, sparse_feature_names
+from terarec.data import (
+    dense_feature_names,
+    semantic_id_features,
+    sparse_feature_names,
+    task_names,
+)
 from terarec.models import build_model
 from terarec.models.split import ModelSplit, split_model
 from terarec.ps.table import feature_order
@@ -47,7 +52,7 @@ def load_model(checkpoint: Path) -> tuple[Config, nn.Module, dict[str, Any]]:
     verify_files(checkpoint, manifest, ["dense.pt"])
     order, dims, _ = _features(cfg)
     model = build_model(cfg.model, _NoEmbedding(), order, [dims[f] for f in order],
-                        len(dense_feature_names(cfg.data)))
+                        len(dense_feature_names(cfg.data)), len(task_names(cfg.data)))
     state = torch.load(checkpoint / "dense.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     return cfg, model.eval(), manifest
@@ -121,7 +126,9 @@ def export_bundle(checkpoint: Path, out: Path, row_dtype: str = "fp32",
                        "manifest_sha256": manifest_sha256(checkpoint)},
         "model": {"kind": getattr(cfg.model.kind, "value", cfg.model.kind),
                   "mode": split.mode, "programs": programs, "shared": split.shared,
-                  "folded": split.folded},
+                  "folded": split.folded,
+                  # one logit per task; the ranking follows the first
+                  "tasks": task_names(cfg.data)},
         "features": {
             "order": order,
             "user": split.user_features if split.mode == "split" else

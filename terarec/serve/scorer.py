@@ -71,12 +71,15 @@ class Request:
 class Ranking:
     """Scores of one request: ``scores [N]`` (click probabilities, request order),
     ``order [N]`` (candidate positions, best first), ``ids`` in ranked order (when the
-    request named them) and the model ``step`` that scored them."""
+    request named them) and the model ``step`` that scored them. A multi-task model:
+    ``scores`` are the first task's (the ranking follows them) and ``tasks`` holds every
+    task's probabilities ``[N]`` by task name."""
 
     scores: torch.Tensor
     order: torch.Tensor
     ids: Optional[list[Any]]
     step: int
+    tasks: Optional[dict[str, torch.Tensor]] = None
 
 
 def raw_column(feature: str, values: Sequence[Any], n: int, where: str
@@ -170,6 +173,7 @@ class Scorer:
         feats = manifest["features"]
         self.mode = manifest["model"]["mode"]
         self.folded = bool(manifest["model"].get("folded", False))
+        self.tasks: list[str] = list(manifest["model"].get("tasks", ["label"]))
         self.order: list[str] = feats["order"]
         self.user_features: list[str] = feats["user"]
         self.candidate_features: list[str] = feats["candidate"]
@@ -279,9 +283,13 @@ class Scorer:
         for r, n in zip(requests, sizes):
             s = scores[at: at + n]
             at += n
+            tasks = None
+            if s.dim() == 2:  # several tasks: rank by the first
+                tasks = dict(zip(self.tasks, s.t().contiguous()))  # rows C-contiguous
+                s = tasks[self.tasks[0]]
             order = torch.argsort(s, descending=True, stable=True)
             ids = None if r.ids is None else list(map(r.ids.__getitem__, order.tolist()))
-            out.append(Ranking(s, order, ids, self.step))
+            out.append(Ranking(s, order, ids, self.step, tasks))
         return out
 
     def _user_raw(self, requests: Sequence[Request]

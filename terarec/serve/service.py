@@ -82,6 +82,9 @@ class ScoreResponse(BaseModel):
     ranking: list[int] = Field(description="candidate positions, best first")
     ids: Optional[list[Value]] = Field(None, description="the request's ids, best first")
     step: int = Field(description="training step of the model that scored")
+    tasks: Optional[dict[str, list[float]]] = Field(
+        None, description="a multi-task model: each task's probability per candidate, "
+        "in request order, by task name (scores and ranking follow the first task)")
 
 
 class _Metrics:
@@ -337,6 +340,8 @@ def build_app(service: Service) -> FastAPI:
             res = await asyncio.wrap_future(fut)
             payload = {"scores": res.scores.numpy(), "ranking": res.order.numpy(), "ids": res.ids,
                        "step": res.step}
+            if res.tasks is not None:
+                payload["tasks"] = {k: v.numpy() for k, v in res.tasks.items()}
         except _BadRequest as e:
             status, payload = e.status, {"detail": str(e)}
         except RequestError as e:

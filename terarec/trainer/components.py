@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from terarec.config import Config, ConfigError
-from terarec.data import dense_feature_names, sparse_feature_names
+from terarec.data import dense_feature_names, sparse_feature_names, task_names
 from terarec.models import build_model
 from terarec.optim.dense import build_dense_optimizer
 from terarec.ps.embedding import HierarchicalEmbeddingBagCollection
@@ -113,7 +113,7 @@ def build_components(
     try:
         model = build_model(
             cfg.model, embedding, embedding.group_features, dims,
-            len(dense_feature_names(cfg.data))
+            len(dense_feature_names(cfg.data)), len(task_names(cfg.data)),
         ).to(device)
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None

@@ -9,12 +9,12 @@ import torch
 from torch import nn
 
 from terarec.config import Config
-from terarec.data import build_source, dense_feature_names, sparse_feature_names
+from terarec.data import build_source, dense_feature_names, sparse_feature_names, task_names
 from terarec.data.batch import Batch
 from terarec.runtime import DistHandles
 from terarec.trainer.components import Components
 from terarec.trainer.gauc import GAUCMeter
-from terarec.trainer.metrics import CTRMetrics
+from terarec.trainer.metrics import CTRMetrics, first_task
 from terarec.trainer.ranks import any_rank, dummy_batch, eval_batches
 
 
@@ -27,11 +27,16 @@ def evaluate(
     dist: Optional[DistHandles] = None,
     dummy: Optional[Batch] = None,
     gauc_feature: Optional[str] = None,
+    tasks: Optional[list[str]] = None,
 ) -> dict[str, float]:
     """One pass of ``model`` over ``batches``: AUC, NE, logloss, calibration, CTR.
 
     When batches carry the synthetic teacher's probabilities, the same metrics of the
     teacher (the Bayes-optimal scorer) are added as ``oracle_auc`` / ``oracle_logloss``.
+
+    Multi-task models (predictions and labels ``[B, T]``): the unprefixed metrics (and
+    ``gauc``) are the first task's; every task's are added as ``{task}_{metric}``
+    (e.g. ``conversion_auc``, ``conversion_oracle_auc``) for the task names ``tasks``.
 
     Args:
         model: the model (not its DDP wrapper).
@@ -48,8 +53,12 @@ def evaluate(
     multi = dist is not None and dist.world_size > 1
     was_training = model.training
     model.eval()
-    metrics = CTRMetrics(distributed=multi, device=device if multi else "cpu")
-    oracle = CTRMetrics(distributed=multi, device=device if multi else "cpu")
+    names = tasks or ["label"]
+
+    def meter() -> CTRMetrics:
+        return CTRMetrics(distributed=multi, device=device if multi else "cpu")
+
+    metrics, oracle = [meter() for _ in names], [meter() for _ in names]
     gauc = None if gauc_feature is None else GAUCMeter(gauc_feature, distributed=multi)
     has_oracle = False
     for batch, real in eval_batches(batches, dist if multi else None, dummy, max_batches):
@@ -57,23 +66,41 @@ def evaluate(
         probs = torch.sigmoid(model(batch.dense, batch.sparse))
         if not real:
             continue
-        metrics.update(probs, batch.labels)
+        _update(metrics, probs, batch.labels)
         if gauc is not None:
-            gauc.update(probs, batch.labels, batch.sparse)
+            gauc.update(*first_task(probs, batch.labels), batch.sparse)
         if batch.teacher_prob is not None:
             has_oracle = True
-            oracle.update(batch.teacher_prob.to(device), batch.labels)
+            _update(oracle, batch.teacher_prob.to(device), batch.labels)
     model.train(was_training)
-    out = metrics.compute()
-    if gauc is not None:
-        out["gauc"] = gauc.compute()
     if multi:  # every rank must take part in the oracle's compute, or none
         has_oracle = any_rank(has_oracle, dist)
-    if has_oracle:
-        o = oracle.compute()
-        out["oracle_auc"] = o["auc"]
-        out["oracle_logloss"] = o["logloss"]
+    per_task = []
+    for m, o in zip(metrics, oracle):
+        ev = m.compute()
+        if has_oracle:
+            oc = o.compute()
+            ev["oracle_auc"], ev["oracle_logloss"] = oc["auc"], oc["logloss"]
+        per_task.append(ev)
+    out = dict(per_task[0])
+    if gauc is not None:
+        out["gauc"] = gauc.compute()
+    if len(names) > 1:
+        for name, ev in zip(names, per_task):
+            out.update({f"{name}_{k}": v for k, v in ev.items() if k != "samples"})
     return out
+
+
+def _update(meters: list[CTRMetrics], probs: torch.Tensor, labels: torch.Tensor) -> None:
+    """Feeds each task's meter its column of ``[B, T]`` (one meter: ``[B]``)."""
+    if len(meters) == 1:
+        meters[0].update(*first_task(probs, labels))
+        return
+    if probs.dim() != 2 or probs.shape[1] != len(meters):
+        raise ValueError(f"evaluate: {len(meters)} tasks but predictions of shape "
+                         f"{list(probs.shape)}")
+    for t, m in enumerate(meters):
+        m.update(probs[:, t], labels[:, t])
 
 
 def run_eval(cfg: Config, parts: Components, split: str = "eval") -> dict[str, float]:
@@ -87,7 +114,7 @@ def run_eval(cfg: Config, parts: Components, split: str = "eval") -> dict[str, f
     try:
         return evaluate(
             parts.model, src, parts.device, cfg.train.eval_batches, dist=d, dummy=dummy,
-            gauc_feature=cfg.train.gauc_feature,
+            gauc_feature=cfg.train.gauc_feature, tasks=task_names(cfg.data),
         )
     finally:
         if hasattr(src, "close"):
@@ -99,4 +126,7 @@ def fmt_eval(step: int, ev: dict[str, float], split: str = "eval") -> str:
     s = f"[{split} step {step}] auc {ev['auc']:.4f} logloss {ev['logloss']:.4f}"
     if "oracle_auc" in ev:
         s += f" (oracle auc {ev['oracle_auc']:.4f})"
+    for key in ev:
+        if key.endswith("_auc") and "oracle" not in key:  # each task's, multi-task
+            s += f", {key} {ev[key]:.4f}"
     return s

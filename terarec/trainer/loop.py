@@ -38,13 +38,13 @@ from terarec.trainer.checkpoint.writer import BackgroundWriter
 from terarec.trainer.components import Components, build_components, uses_prefetch
 from terarec.trainer.divergence import LossGuard, TrainingDiverged, save_or_diverge
 from terarec.trainer.evaluate import evaluate, fmt_eval, run_eval
-from terarec.trainer.metrics import CTRMetrics
+from terarec.trainer.metrics import CTRMetrics, first_task
 from terarec.trainer.pipeline import (
     PipelineMeter,
     PipelineStats,
     TrainedPosition,
     TrainPipeline,
-    ctr_loss,
+    loss_for,
 )
 from terarec.trainer.progress import make_progress
 from terarec.trainer.ranks import AgreedEnd, StepTally, any_rank, is_rank0
@@ -237,7 +237,7 @@ class _Run:
             parts.dense_optimizer,
             parts.embedding,
             parts.device,
-            ctr_loss,
+            loss_for(cfg.model.task_weights),
             overlap=self.prefetch,
             check_loss=None if self.guard.deferred else (
                 lambda loss: self.guard.before_update(loss, self.step + 1)),
@@ -259,7 +259,7 @@ class _Run:
                 self.step += 1
                 self.guard.after_step(out.loss, self.step)  # deferred: reads the last one
                 self.tally.add(out.loss, out.batch.batch_size)  # on the device: no sync
-                self.window.update(torch.sigmoid(out.logits), out.batch.labels)
+                self.window.update(*first_task(torch.sigmoid(out.logits), out.batch.labels))
                 bar.update(1)
                 if self.step % cfg.train.log_every == 0:
                     self._log_interval(bar, pipeline, meter)

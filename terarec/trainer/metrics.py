@@ -307,3 +307,11 @@ class CTRMetrics:
             m.reset()
         self._seen = 0
         self._staged.clear()
+
+
+def first_task(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first task's columns of multi-task ``[B, T]`` predictions and labels (the
+    task that train-window metrics and model selection follow); ``[B]`` as they are."""
+    if labels.dim() == 2:
+        return probs[:, 0], labels[:, 0]
+    return probs, labels

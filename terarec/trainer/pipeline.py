@@ -46,11 +46,12 @@ has already handed out the next one. :attr:`StepOutput.batch` carries its
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -478,7 +479,24 @@ class TrainedPosition:
 
 
 def ctr_loss(logits: torch.Tensor, labels: torch.Tensor,
-             weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+             weights: Optional[torch.Tensor] = None,
+             task_weights: Optional[Sequence[float]] = None) -> torch.Tensor:
     """Binary cross-entropy on logits ``[B]``, the mean over the batch; with sample
-    ``weights [B]`` the mean of ``weight * loss`` (torch's ``weight=``)."""
-    return nn.functional.binary_cross_entropy_with_logits(logits, labels, weight=weights)
+    ``weights [B]`` the mean of ``weight * loss`` (torch's ``weight=``).
+
+    Several tasks (logits and labels ``[B, T]``): each task's mean over the batch,
+    summed over the tasks with ``task_weights`` (``T`` numbers; None: all 1).
+    """
+    if logits.dim() == 1:
+        return nn.functional.binary_cross_entropy_with_logits(logits, labels, weight=weights)
+    per = nn.functional.binary_cross_entropy_with_logits(
+        logits, labels, weight=None if weights is None else weights.unsqueeze(1),
+        reduction="none").mean(0)  # [T]
+    if task_weights is None:
+        return per.sum()
+    return (per * torch.tensor(task_weights, dtype=per.dtype, device=per.device)).sum()
+
+
+def loss_for(task_weights: Sequence[float]) -> Callable[..., torch.Tensor]:
+    """The training loss: :func:`ctr_loss` with ``model.task_weights`` (empty: all 1)."""
+    return functools.partial(ctr_loss, task_weights=list(task_weights) or None)

@@ -23,7 +23,7 @@ def write(path: Path, n: int, weight: str | None) -> None:
     rng = np.random.default_rng(0)
     head = "click,x,u,a" + (",w" if weight is not None else "")
     lines = [head]
-    for i in range(n):
+    for _ in range(n):
         u, a = rng.integers(0, 30), rng.integers(0, 10)
         click = int(rng.random() < 1 / (1 + np.exp(-(np.sin(u) + 0.3 * a - 1.5))))
         row = f"{click},{rng.random():.3f},u{u},a{a}"
