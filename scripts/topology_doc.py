@@ -1,5 +1,5 @@
 """Regenerates docs/topology.md: terarec-topo's output on this machine, every named
-fixture's plan and cost estimate, a summary over the real captures in shared/topologies.
+fixture's plan and cost estimate, a summary over the real captures in tests/topology/fixtures/captures.
 
     python scripts/topology_doc.py            # rewrites docs/topology.md
 
@@ -25,7 +25,7 @@ from terarec.topology.plan import make_plan  # noqa: E402
 
 DOC = REPO / "docs" / "topology.md"
 FIXTURES = REPO / "tests" / "topology" / "fixtures"
-CAPTURES = REPO.parent / "shared" / "topologies"
+CAPTURES = FIXTURES / "captures"
 ORDER = ["dgx-h200-nvswitch", "pcie-8gpu-2x4-switch", "pcie-4gpu-workstation", "h200-vm",
          "cpu-box"]
 KEEP = re.compile(r"<!-- keep:(\w[\w-]*) -->\n(.*?)<!-- /keep:\1 -->", re.S)
@@ -76,7 +76,7 @@ def main() -> None:
         "LOCAL": run([]),
         "BANDWIDTH": bandwidth_table(),
         "LOAD": ", ".join(f"{k} = {v:g} MB" for k, v in vars(StepLoad()).items()),
-        "CAPTURES": captures_table() if CAPTURES.is_dir() else "(shared/topologies missing)",
+        "CAPTURES": captures_table() if CAPTURES.is_dir() else "(the captures are missing)",
     }
     fixtures = []
     for name in ORDER:
