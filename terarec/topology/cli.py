@@ -24,7 +24,7 @@ from terarec import __version__
 from terarec.topology.cost import BANDWIDTH, StepLoad, estimate
 from terarec.topology.facts import load_fixture, machine_to_fixture
 from terarec.topology.model import Machine, TopologyError, load_machine, machine_to_dict
-from terarec.topology.plan import DEFAULT_SSD_SUBDIR, make_plan, plan_to_dict
+from terarec.topology.plan import BACKENDS, DEFAULT_SSD_SUBDIR, make_plan, plan_to_dict
 from terarec.topology.report import format_cost, format_findings, format_machine, format_plan
 
 
@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plan for a saved machine (JSON from --json, or a fixture text)")
     p.add_argument("--nproc", type=int, default=None,
                    help="local ranks to plan (default: one per GPU, else 1)")
+    p.add_argument("--backend", choices=BACKENDS, default="nccl",
+                   help="the job's collective backend: nccl (at most one rank per GPU; "
+                   "default) or gloo (more ranks than GPUs share them)")
+    p.add_argument("--nnodes", type=int, default=1,
+                   help="nodes in the job: with fewer ranks than GPUs, a multi-node job "
+                   "takes GPUs next to distinct NICs first (default 1)")
     p.add_argument("--json", action="store_true",
                    help="print machine, plan and cost estimate as JSON")
     p.add_argument("--fixture", action="store_true",
@@ -76,7 +82,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(machine_to_fixture(machine, [f"captured by terarec-topo --fixture on "
                                                f"{machine.hostname}"]), end="")
             return 0
-        plan = make_plan(machine, args.nproc, args.ssd_subdir)
+        plan = make_plan(machine, args.nproc, args.ssd_subdir, backend=args.backend,
+                         nnodes=args.nnodes)
     except TopologyError as e:
         print(f"terarec-topo: error: {e}", file=sys.stderr)
         return 2
@@ -87,7 +94,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             "machine": machine_to_dict(machine),
             "plan": plan_to_dict(plan),
             "cost": {"load_mb": asdict(load), "naive": asdict(est)["naive"],
-                     "planned": asdict(est)["planned"],
+                     "planned": asdict(est)["planned"], "assumptions": est.assumptions,
                      "bandwidth_gb_s": {k: v[0] for k, v in BANDWIDTH.items()}},
         }, indent=1))
     elif args.check:

@@ -107,7 +107,7 @@ def test_real_capture_details() -> None:
 def test_named_fixtures_load_and_round_trip() -> None:
     names = sorted(p.stem for p in FIXTURES.glob("*.topo"))
     assert names == ["cpu-box", "dgx-h200-nvswitch", "h100-vm-captured", "h200-vm",
-                     "pcie-4gpu-workstation", "pcie-8gpu-2x4-switch"]
+                     "pcie-4gpu-workstation", "pcie-8gpu-2x4-switch", "pcie-8gpu-allsys"]
     for name in names:
         m = load_fixture(FIXTURES / f"{name}.topo")
         again = machine_from_text(machine_to_fixture(m), name)
