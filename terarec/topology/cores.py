@@ -48,8 +48,9 @@ def smt_note(nodes: dict[Optional[int], list[int]], threads_per_core: Optional[i
     and which as one CPU per core."""
     if threads_per_core is not None or not nodes:
         return None
-    paired = [n for n, cpus in nodes.items() if any(len(c) > 1 for c in core_groups(cpus, None))]
-    single = [n for n in nodes if n not in paired]
+    order = sorted(nodes, key=lambda n: (n is None, n or 0))
+    paired = [n for n in order if any(len(c) > 1 for c in core_groups(nodes[n], None))]
+    single = [n for n in order if n not in paired]
     parts = []
     if paired:
         parts.append(f"NUMA {', '.join(map(str, paired))}: CPU lists of two equal halves at a "
