@@ -20,8 +20,10 @@ others, ``--max-restarts`` restarts the whole group. ``mpirun -np N terarec trai
 and Slurm's ``srun terarec train ...`` need no front end (docs/distributed.md).
 
 Unless ``--no-topology``, the node is discovered first and every rank starts through
-``terarec.launch.bind`` with the topology plan: its CPU cores, memory node (numactl),
-NIC and SSD directory environment, and fast groups (docs/topology.md).
+``terarec.launch.bind`` with the topology plan: its GPU (``CUDA_VISIBLE_DEVICES`` when the
+ranks do not drive every GPU in order; planned for ``--nnodes`` and ``--backend``), CPU
+cores, memory node (numactl), NIC and SSD directory environment, and fast groups
+(docs/topology.md).
 """
 
 from __future__ import annotations

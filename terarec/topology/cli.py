@@ -2,13 +2,16 @@
 
     terarec-topo                       # this machine: tables, plan, cost estimate
     terarec-topo --nproc 4 --check     # plan 4 ranks; warn about bad placements (exit 1)
+    terarec-topo --nproc 4 --nnodes 2  # 4 of the GPUs, for a 2-node job
+    terarec-topo --nproc 16 --backend gloo   # more ranks than GPUs (gloo shares them)
     terarec-topo --json > box.json     # machine + plan + cost as JSON (reload with --from)
     terarec-topo --from box.json       # plan for a saved machine
     terarec-topo --from tests/topology/fixtures/dgx-h200-nvswitch.topo
     terarec-topo --fixture > box.topo  # the machine in the fixture text format
 
 Exit status: 0; 1 with ``--check`` when it found a warning; 2 on bad input (a malformed
-file or tool output, named in the message).
+file or tool output, named in the message) or a plan that cannot be made (more ranks
+than GPUs under NCCL), in one line.
 """
 
 from __future__ import annotations

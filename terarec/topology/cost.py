@@ -8,12 +8,15 @@ once, so a link's time is the bytes of every flow through it over its bandwidth,
 phase takes as long as its busiest link. The step estimate adds the three phases (host,
 SSD, network), i.e. no overlap: it compares placements, it does not predict step times.
 
-* **naive**: every rank keeps its host tier on the first NUMA node, sends through the
-  first NIC (no relays) and keeps its SSD tier on the first mounted disk;
+* **naive**: rank i drives GPU i (``i % n`` when ranks share GPUs), keeps its host tier
+  on the first NUMA node, sends through the first RDMA NIC (no relays) and keeps its SSD
+  tier on the first mounted disk;
 * **planned**: what :func:`terarec.topology.plan.make_plan` chose.
 
 The bandwidths (:data:`BANDWIDTH`) are round effective figures per direction, each with
-where it comes from; docs/topology.md lists them.
+where it comes from; docs/topology.md lists them. What the machine does not say (a PCIe
+generation, a NIC's rate or kind, which ports share a card, the sockets) is assumed and
+listed in :attr:`CostEstimate.assumptions`; a NUMA node is never counted as a socket.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ Fixture format (``tests/topology/fixtures/*.topo``; docs/topology.md)::
     <`numactl -H` output, or lscpu's "NUMA nodeN CPU(s): ..." lines>
 
     [nics]
-    # name     kind  numa  netdev    gbps      (kind: ib | roce | eth; '-' = unknown)
+    # name     kind  numa  netdev    gbps      (kind: ib | roce | eth | -; '-' = unknown)
     mlx5_0     ib    0     ibp12s0   400
 
     [disks]
@@ -29,7 +29,10 @@ Fixture format (``tests/topology/fixtures/*.topo``; docs/topology.md)::
 
 Every section is optional: a CPU box has no ``topo -m``; a GPU box without ``[numa]``
 gets its NUMA nodes from the matrix's ``CPU Affinity`` / ``NUMA Affinity`` columns. NICs
-the matrix shows but ``[nics]`` does not describe are RDMA devices with unknown details.
+the matrix shows but ``[nics]`` does not describe keep what their name says (a kernel
+RDMA name such as ``mlx5_0`` is RDMA; anything else: kind unknown); a ``NICk`` column
+the NIC legend does not name stays unnamed. Without ``[disks]`` the disks are unknown
+(not "none"). Facts nothing gives (sockets, SMT width, PCIe generation) stay None.
 A file with no ``[section]`` lines is read as a raw capture: the matrix, then after a
 ``# --- extra ---`` line optionally ``numactl -H`` / ``lscpu`` output (the format of the
 raw ``nvidia-smi topo -m`` captures).
@@ -305,7 +308,7 @@ def infer_gpu_nodes(gpus: list[Gpu], gpu_links: list[list[str]], nics: list[Nic]
     """
     notes = []
     for g in gpus:
-        if g.numa_node is not None:
+        if g.numa_node is not None or g.cpus:  # a CPU affinity says more (plan.py uses it)
             continue
         cand = [(_WITHIN_NODE.index(rel), 0, nic.name, nic.numa_node, rel)
                 for nic, rel in zip(nics, gpu_nic[g.index] if gpu_nic else [])

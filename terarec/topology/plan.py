@@ -4,26 +4,33 @@ directory, environment, and the node's fast groups. Pure: a :class:`Machine` in,
 
 Rules (docs/topology.md has the why):
 
-* **GPU**: local rank ``i`` drives GPU ``i`` (``i % n`` with more ranks than GPUs, a
-  warning; nvidia-smi's index; the plan sets
-  ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` so that CUDA numbers them the same way). A CPU box
-  spreads its ranks over the NUMA nodes in order.
+* **GPU**: one rank per GPU: local rank ``i`` drives GPU ``i`` (nvidia-smi's index; the
+  plan sets ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` so that CUDA numbers them the same way).
+  Fewer ranks: :func:`terarec.topology.select.choose_gpus` picks the GPUs (multi-node:
+  next to distinct NICs; single-node: one NVLink island; ties over sockets) and each
+  rank's ``CUDA_VISIBLE_DEVICES`` names its GPU. More ranks: an error under NCCL; under
+  gloo rank ``i`` shares GPU ``i % n`` (a warning). A CPU box spreads its ranks over the
+  NUMA nodes in order.
 * **CPU cores / memory node**: the GPU's NUMA node (``NUMA Affinity``; else the node its
-  ``CPU Affinity`` overlaps most). The node's physical cores are split into contiguous,
-  disjoint shares among the ranks on it, hyperthread siblings kept together;
-  ``OMP_NUM_THREADS`` is the share's core count. The host tier's memory goes on the node.
+  ``CPU Affinity`` overlaps most; else, as parsed, the node of a device near it). The
+  node's physical cores are split into contiguous, disjoint shares among the ranks on
+  it, hyperthread siblings kept together (``cores.py``); ``OMP_NUM_THREADS`` is the
+  share's core count. The host tier's memory goes on the node. A GPU of unknown node is
+  left unpinned, with a warning.
 * **NIC**: the nearest RDMA NIC by PCIe link (PIX < PXB < PHB < NODE < SYS), ties to the
-  least used one. A GPU whose nearest is NODE or SYS while an NVLink peer that runs a rank
-  has a nearer one *relays* through that peer: it uses the peer's NIC and reaches it over
-  NVLink (NCCL's PXN does the copy; terarec's own cross-node merge routes through
-  ``relay_gpu``). ``NCCL_IB_HCA`` is ``=mlx5_N`` (exact: a bare ``mlx5_1`` would also
-  match ``mlx5_10``); a GPU with only Ethernet gets ``NCCL_SOCKET_IFNAME=<netdev>``.
+  least used card, then port. A GPU whose nearest is NODE or SYS while an NVLink peer
+  that runs a rank has a nearer one *relays* through that peer: it uses the peer's NIC
+  and reaches it over NVLink (NCCL's PXN does the copy; terarec's own cross-node merge
+  routes through ``relay_gpu``). ``NCCL_IB_HCA`` is ``=mlx5_N`` (exact: a bare ``mlx5_1``
+  would also match ``mlx5_10``); a GPU with only Ethernet gets
+  ``NCCL_SOCKET_IFNAME=<netdev>``; a NIC of unknown name or kind gets neither (a
+  warning). A ``SYS`` link is judged by the NUMA and socket facts, not the word alone.
 * **SSD directory**: on the nearest mounted NVMe data volume (same node, then a RAID
   spanning nodes, then the same socket, then anywhere), ties to the least used, then the
   largest; the OS disk (mounted on ``/``) only when there is no other, and a non-NVMe
   disk only when there is no NVMe (a warning).
 * **Fast groups**: NVLink islands (connected components of the NV# links among the
-  ranks' GPUs; the whole node under NVSwitch). Without NVLink: the GPUs of one socket
+  ranks' GPUs; the whole node under NVSwitch). Without NVLink: the GPUs of one NUMA node
   (PCIe links up to NODE). A CPU box: the whole node.
 """
 

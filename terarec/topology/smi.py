@@ -110,6 +110,10 @@ def parse_topo_matrix(text: str, source: str = "nvidia-smi topo -m") -> TopoMatr
             f"{source}: no GPU matrix found (expected a header line starting with GPU0)"
         )
     devices = [c for c in cols if c not in _TRAILING]
+    twice = sorted({c for c in devices if devices.count(c) > 1})
+    if twice:
+        raise TopologyError(f"{source}: header {' '.join(cols)!r}: column(s) "
+                            f"{', '.join(twice)} given twice")
     trailing = [c for c in cols if c in _TRAILING]
     if devices != cols[: len(devices)]:
         raise TopologyError(f"{source}: header {' '.join(cols)!r}: device columns after "

@@ -144,6 +144,8 @@ def test_unparsable_tool_output_names_the_source() -> None:
         parse_topo_matrix("NVIDIA-SMI has failed because it couldn't communicate\n")
     with pytest.raises(TopologyError, match=r"`cmd`: row GPU1, column GPU0: 'NVX' is not"):
         parse_topo_matrix("\tGPU0\tGPU1\nGPU0\t X \tNV1\nGPU1\tNVX\t X \n", "`cmd`")
+    with pytest.raises(TopologyError, match=r"x: header .*: column\(s\) mlx5_0 given twice"):
+        parse_topo_matrix("\tGPU0\tmlx5_0\tmlx5_0\nGPU0\t X \tPIX\tPIX\n", "x")
     with pytest.raises(TopologyError, match="no row for GPU1"):
         parse_topo_matrix("\tGPU0\tGPU1\nGPU0\t X \tNV1\n", "x")
     with pytest.raises(TopologyError, match="line: line 1: 'a': expected 5 fields"):
