@@ -215,6 +215,27 @@ def _rel(a: Optional[sysfs.PciPath], b: Optional[sysfs.PciPath], na: Optional[in
     return "PIX" if rel == "X" else rel
 
 
+def _nic_nic(matrix: list[list[str]], nics: list[Nic],
+             paths: dict[str, sysfs.PciPath]) -> list[list[str]]:
+    """NIC-to-NIC links: the matrix's where it has them, else from sysfs PCI paths (empty
+    when neither covers a pair: unknown, rather than guessed)."""
+    k = len(matrix)
+    out = []
+    for a, na in enumerate(nics):
+        row = []
+        for b, nb in enumerate(nics):
+            if a == b:
+                row.append("X")
+            elif a < k and b < k:
+                row.append(matrix[a][b])
+            elif na.name in paths and nb.name in paths:
+                row.append(_rel(paths[na.name], paths[nb.name], na.numa_node, nb.numa_node))
+            else:
+                return []
+        out.append(row)
+    return out
+
+
 # -------------------------------------------------------------------------- assembly
 
 
@@ -301,7 +322,7 @@ def discover(
         hostname=hostname or socket.gethostname(), numa=numa, gpus=gpus.gpus, nics=nics,
         disks=disks, gpu_links=gpus.links, gpu_nic_links=gpu_nic if nics else [],
         sockets=sockets, threads_per_core=tpc, sources=sources, warnings=warnings,
-        nic_nic_links=gpus.nic_nic if len(gpus.nic_nic) == len(nics) else [],
+        nic_nic_links=_nic_nic(gpus.nic_nic, nics, nic_paths),
         inconsistencies=gpus.inconsistencies,
     )
     assign_sockets(machine.numa, machine.sockets)

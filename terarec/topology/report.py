@@ -18,7 +18,7 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]], indent: str =
 
 
 def format_machine(m: Machine) -> str:
-    smt = f", {m.threads_per_core} threads/core" if m.threads_per_core else ""
+    smt = f", {m.threads_per_core} threads/core" if m.threads_per_core else ", SMT unknown"
     sockets = f"{m.sockets} socket(s)" if m.sockets else "sockets unknown"
     out = [f"machine {m.hostname} ({sockets}{smt}; from {', '.join(m.sources) or '?'})", "",
            "NUMA nodes:"]
