@@ -7,7 +7,7 @@ Rules (docs/topology.md has the why):
 * **GPU**: one rank per GPU: local rank ``i`` drives GPU ``i`` (nvidia-smi's index; the
   plan sets ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` so that CUDA numbers them the same way).
   Fewer ranks: :func:`terarec.topology.select.choose_gpus` picks the GPUs (multi-node:
-  next to distinct NICs; single-node: one NVLink island; ties over sockets) and each
+  next to distinct NICs; single-node: one fast group; ties over sockets) and each
   rank's ``CUDA_VISIBLE_DEVICES`` names its GPU. More ranks: an error under NCCL; under
   gloo rank ``i`` shares GPU ``i % n`` (a warning). A CPU box spreads its ranks over the
   NUMA nodes in order.
@@ -348,7 +348,7 @@ def _gpus_for_ranks(m: Machine, nproc: int, backend: str, nnodes: int,
     chosen = choose_gpus(m, nproc, multi_node=nnodes > 1)
     if nproc < n:
         why = ("multi-node: GPUs next to distinct NICs first" if nnodes > 1 else
-               "single-node: inside one NVLink island first")
+               "single-node: inside one fast group first")
         findings.append(Finding("note", f"{nproc} of {n} GPUs: "
                                 f"{', '.join(f'GPU{g}' for g in chosen)} ({why}, ties spread "
                                 "over sockets); without terarec-launch set "
@@ -421,7 +421,8 @@ def _env(m: Machine, ranks: list[RankPlan], fast_env: str, visible: bool,
         r.env = env
     for name, who in unpinned.items():
         nic = next(n for n in m.nics if n.name == name)
-        what = ("device name unknown (the input's NIC legend does not name it)"
+        what = ("device name unknown (the input's NIC legend does not name it, or gives "
+                "its name to two NICs)"
                 if not nic.named else "kind unknown (RDMA or Ethernet)")
         findings.append(Finding("warning", f"{name}: {what}: no NCCL NIC variable set for "
                                 f"{', '.join(who)} (NCCL chooses its NICs)"))

@@ -80,8 +80,9 @@ def test_a_nic_the_legend_does_not_name_is_never_pinned(
     assert [(n.name, n.named, n.rdma) for n in m.nics[8:]] == [
         ("mlx5_8", True, True), ("NIC9", False, None), ("NIC10", False, None),
         ("NIC11", False, None)]
-    assert "NIC9: device name unknown (the input's NIC legend does not name it): no NCCL NIC " \
-        "variable set for GPU5 (NCCL chooses its NICs)" in plan.warnings
+    assert "NIC9: device name unknown (the input's NIC legend does not name it, or gives its " \
+        "name to two NICs): no NCCL NIC variable set for GPU5 (NCCL chooses its NICs)" \
+        in plan.warnings
     assert main(["--from", str(path), "--fixture"]) == 0
     text = capsys.readouterr().out
     assert "NIC9:" not in text and "mlx5_8" in text  # no made-up legend entry
@@ -165,7 +166,11 @@ def test_fewer_ranks_than_gpus_choose_their_gpus() -> None:
     assert [r.nic_link for r in make_plan(polaris, 2, nnodes=2).ranks] == ["PHB", "PHB"]
     adroit = capture("pcie-4gpu-a100-adroit")  # one NIC, on GPU0/1's socket
     assert choose_gpus(adroit, 2, multi_node=True) == [0, 1]
-    assert choose_gpus(adroit, 2, multi_node=False) == [0, 2]  # no NVLink: spread
+    # single-node without NVLink: one PCIe fast group (NUMA 0's GPUs), not split
+    assert choose_gpus(adroit, 2, multi_node=False) == [0, 1]
+    assert make_plan(adroit, 2).fast_groups == [[0, 1]]
+    allsys = load_fixture(FIXTURES / "pcie-8gpu-allsys.topo")  # no group of two: spread
+    assert choose_gpus(allsys, 2, multi_node=False) == [0, 4]
     # single-node: one NVLink island first
     p9 = capture("power9")  # NV3 pairs (0,1) and (2,3)
     assert choose_gpus(p9, 2, multi_node=False) == [0, 1]
