@@ -31,9 +31,12 @@ def _gpus(path: Path) -> int:
     return len(load_fixture(path).gpus)
 
 
-CASES = [(p, n) for p in CAPTURES for n in sorted({1, 2, 3, _gpus(p), 2 * _gpus(p)})]
+CASES = [(p, n) for p in [*CAPTURES, *sorted(VARIANTS.glob("*.txt")),
+                          FIXTURES / "pcie-8gpu-allsys.topo"]
+         for n in sorted({1, 2, 3, _gpus(p), 2 * _gpus(p)})]
 
 
+# every shared capture (and the variants built from them) with N in {1, 2, 3, GPUs, 2xGPUs}
 @pytest.mark.parametrize("path, nproc", CASES, ids=[f"{p.name.split('__')[0]}-{n}"
                                                     for p, n in CASES])
 def test_every_capture_plans_or_says_why_in_one_line(
