@@ -199,8 +199,9 @@ def _nic_names(source: str, cols: list[str], legend: dict[str, str],
         others = [j for j, n in enumerate(names) if n == name and j != k and named[j]]
         if named[k] and others:
             twice = [cols[k]] + [cols[j] for j in others]
-            odd.append(f"{source}: NIC legend: {' and '.join(twice)} are all {name!r}: "
-                       "their device names are unknown")
+            odd.append(f"{source}: NIC legend: {' and '.join(twice)} are "
+                       f"{'both' if len(twice) == 2 else 'all'} {name!r}: their device names "
+                       "are unknown")
             for j in [k, *others]:
                 names[j], named[j] = cols[j], False
     return names, named

@@ -205,7 +205,7 @@ def test_inconsistent_input_is_a_warning_naming_the_row(tmp_path: Path) -> None:
     assert [(n.name, n.named) for n in twice.nics] == [
         ("mlx5_0", True), ("mlx5_1", True), ("NIC2", False), ("NIC3", False)]
     plan = make_plan(twice)
-    assert any("NIC legend: NIC2 and NIC3 are all 'mlx5_2'" in w for w in plan.warnings)
+    assert any("NIC legend: NIC2 and NIC3 are both 'mlx5_2'" in w for w in plan.warnings)
     assert all(r.env.get("NCCL_IB_HCA") != "=mlx5_2" for r in plan.ranks)
     cut = make_plan(load_fixture(VARIANTS / "hgx-h100-11nic-gpu6-row-cut.txt"))
     assert any("row GPU6 ends after its link columns" in w for w in cut.warnings)
