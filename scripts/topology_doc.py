@@ -1,5 +1,6 @@
 """Regenerates docs/topology.md: terarec-topo's output on this machine, every named
-fixture's plan and cost estimate, a summary over the real captures in shared/topologies.
+fixture's plan and cost estimate, two plans with fewer ranks than GPUs, a summary over
+the real captures in tests/topology/fixtures/captures.
 
     python scripts/topology_doc.py            # rewrites docs/topology.md
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
 import sys
 from pathlib import Path
@@ -25,7 +27,7 @@ from terarec.topology.plan import make_plan  # noqa: E402
 
 DOC = REPO / "docs" / "topology.md"
 FIXTURES = REPO / "tests" / "topology" / "fixtures"
-CAPTURES = REPO.parent / "shared" / "topologies"
+CAPTURES = FIXTURES / "captures"
 ORDER = ["dgx-h200-nvswitch", "pcie-8gpu-2x4-switch", "pcie-4gpu-workstation", "h200-vm",
          "cpu-box"]
 KEEP = re.compile(r"<!-- keep:(\w[\w-]*) -->\n(.*?)<!-- /keep:\1 -->", re.S)
@@ -36,6 +38,19 @@ def run(argv: list[str]) -> str:
     with contextlib.redirect_stdout(buf):
         topo(argv)
     return buf.getvalue().rstrip()
+
+
+def rel(path: Path) -> str:
+    return str(path.relative_to(REPO))
+
+
+def fewer(prefix: str, nproc: int, nnodes: int) -> str:
+    """The plan and the cost estimate (the machine tables left out) for fewer ranks."""
+    path = next(CAPTURES.glob(f"{prefix}*.txt"))
+    argv = ["--from", rel(path), "--nproc", str(nproc), "--nnodes", str(nnodes)]
+    out = run(argv)
+    return (f"`terarec-topo {' '.join(argv)}` (from the plan on):\n\n"
+            f"```\n{out[out.index('plan for '):]}\n```")
 
 
 def fixture_notes(path: Path) -> str:
@@ -51,10 +66,10 @@ def captures_table() -> str:
         plan = make_plan(m)
         est = estimate(m, plan)
         relays = [f"GPU{r.gpu}->GPU{r.relay_gpu}" for r in plan.ranks if r.relay_gpu is not None]
-        warns = [w for w in plan.warnings if not w.startswith("no mounted disk")]
         rows.append(f"| {f.name.split('__')[0]} | {len(m.gpus)} | {len(m.nics)} | "
-                    f"{plan.fast_groups} | {', '.join(relays) or '-'} | {len(warns)} | "
-                    f"{est.speedup('net'):.2f}x | {est.speedup('host'):.2f}x |")
+                    f"{plan.fast_groups} | {', '.join(relays) or '-'} | "
+                    f"{len(plan.warnings)} | {est.speedup('net'):.2f}x | "
+                    f"{est.speedup('host'):.2f}x |")
     return "\n".join(rows)
 
 
@@ -71,19 +86,22 @@ def main() -> None:
     def keep(name: str, default: str) -> str:
         return f"<!-- keep:{name} -->\n{kept.get(name, default)}<!-- /keep:{name} -->"
 
+    os.chdir(REPO)  # outputs name files relative to the repository
     template = (REPO / "scripts" / "topology_doc.md.in").read_text()
     parts = {
         "LOCAL": run([]),
         "BANDWIDTH": bandwidth_table(),
         "LOAD": ", ".join(f"{k} = {v:g} MB" for k, v in vars(StepLoad()).items()),
-        "CAPTURES": captures_table() if CAPTURES.is_dir() else "(shared/topologies missing)",
+        "CAPTURES": captures_table() if CAPTURES.is_dir() else "(the captures are missing)",
+        "FEWER1": fewer("dgx-h200-12nic", 4, 2),
+        "FEWER2": fewer("hgx-a100-4gpu-nv4-nps4", 2, 2),
     }
     fixtures = []
     for name in ORDER:
         path = FIXTURES / f"{name}.topo"
         fixtures.append(f"### {name}\n\n{fixture_notes(path)}\n\n"
                         f"`terarec-topo --from tests/topology/fixtures/{name}.topo`:\n\n"
-                        f"```\n{run(['--from', str(path)])}\n```\n")
+                        f"```\n{run(['--from', rel(path)])}\n```\n")
     parts["FIXTURES"] = "\n".join(fixtures)
     text = template
     for k, v in parts.items():

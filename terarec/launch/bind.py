@@ -9,6 +9,7 @@ writes it to a JSON file; torchrun then starts, for every rank::
 which, for its local rank (read from the launcher's variables by ``env.py``), pins the
 process to the plan's CPU cores (``os.sched_setaffinity``), sets the plan's environment
 (``OMP_NUM_THREADS``, ``NCCL_IB_HCA`` / ``NCCL_SOCKET_IFNAME``, ``CUDA_DEVICE_ORDER``,
+``CUDA_VISIBLE_DEVICES`` when the ranks do not drive every GPU in order,
 ``TERAREC_SSD_DIR``, ``TERAREC_FAST_GROUPS``) except variables the user set before
 launching, and replaces itself (``exec``, same pid, so torchrun's signals and exit codes
 are untouched) with ``numactl --membind=<node> -- python ARGS`` (memory on the rank's
@@ -38,9 +39,10 @@ from terarec.topology.plan import Plan, RankPlan, make_plan, plan_from_dict, pla
 
 def prepare_plan(nproc: int, machine_file: Optional[str] = None,
                  out_dir: Optional[str] = None,
-                 environ: Optional[Mapping[str, str]] = None) -> tuple[Plan, Machine, Path]:
-    """Discovers this node (or reads ``machine_file``), plans ``nproc`` ranks and writes
-    the plan file the ranks read.
+                 environ: Optional[Mapping[str, str]] = None, backend: str = "nccl",
+                 nnodes: int = 1) -> tuple[Plan, Machine, Path]:
+    """Discovers this node (or reads ``machine_file``), plans ``nproc`` ranks of a job on
+    ``nnodes`` nodes using ``backend`` and writes the plan file the ranks read.
 
     The file also records which of the plan's variables the user already set, so that
     the ranks keep the user's values. It must outlive the launcher (which execs
@@ -50,13 +52,14 @@ def prepare_plan(nproc: int, machine_file: Optional[str] = None,
     while another launch writes the same plan sees the whole file.
 
     Raises:
-        TopologyError: unreadable machine / tool output, or ``nproc < 1``.
+        TopologyError: unreadable machine / tool output, ``nproc < 1``, or more ranks
+            than GPUs under NCCL.
     """
     from terarec.topology.cli import read_machine
     from terarec.topology.discover import discover
 
     machine = read_machine(machine_file) if machine_file else discover()
-    plan = make_plan(machine, nproc)
+    plan = make_plan(machine, nproc, backend=backend, nnodes=nnodes)
     env = os.environ if environ is None else environ
     keys = sorted({k for r in plan.ranks for k in r.env})
     doc = {"plan": plan_to_dict(plan), "user_env": [k for k in keys if k in env]}
@@ -164,8 +167,8 @@ def applied() -> dict[str, object]:
                 policies.add(parts[1])
     except OSError:
         pass
-    keys = ("OMP_NUM_THREADS", "CUDA_DEVICE_ORDER", "NCCL_IB_HCA", "NCCL_SOCKET_IFNAME",
-            "TERAREC_SSD_DIR", "TERAREC_FAST_GROUPS")
+    keys = ("OMP_NUM_THREADS", "CUDA_DEVICE_ORDER", "CUDA_VISIBLE_DEVICES", "NCCL_IB_HCA",
+            "NCCL_SOCKET_IFNAME", "TERAREC_SSD_DIR", "TERAREC_FAST_GROUPS")
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     return {"rank": env.rank, "local_rank": env.local_rank, "cpus": cpus,
             "mems_allowed": mems, "mempolicy": sorted(policies),

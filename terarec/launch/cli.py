@@ -20,8 +20,10 @@ others, ``--max-restarts`` restarts the whole group. ``mpirun -np N terarec trai
 and Slurm's ``srun terarec train ...`` need no front end (docs/distributed.md).
 
 Unless ``--no-topology``, the node is discovered first and every rank starts through
-``terarec.launch.bind`` with the topology plan: its CPU cores, memory node (numactl),
-NIC and SSD directory environment, and fast groups (docs/topology.md).
+``terarec.launch.bind`` with the topology plan: its GPU (``CUDA_VISIBLE_DEVICES`` when the
+ranks do not drive every GPU in order; planned for ``--nnodes`` and ``--backend``), CPU
+cores, memory node (numactl), NIC and SSD directory environment, and fast groups
+(docs/topology.md).
 """
 
 from __future__ import annotations
@@ -66,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-topology", action="store_true",
                    help="do not apply the topology plan (CPU cores, memory node, NIC, SSD "
                    "directory, fast groups per rank; see terarec-topo)")
+    p.add_argument("--backend", choices=("nccl", "gloo"), default="nccl",
+                   help="the job's collective backend, for the topology plan: nccl (at most "
+                   "one rank per GPU; default) or gloo (more ranks than GPUs share them)")
     p.add_argument("--topology", default=None, metavar="FILE",
                    help="plan for this saved machine (terarec-topo --json / --fixture) "
                    "instead of discovering the node")
@@ -130,6 +135,12 @@ def torchrun_command(args: argparse.Namespace, plan_file: Optional[str] = None) 
     return cmd
 
 
+def _max_nodes(nnodes: str) -> int:
+    """``--nnodes`` N or MIN:MAX -> the most nodes the job may have (1 if unreadable)."""
+    last = str(nnodes).split(":")[-1]
+    return int(last) if last.isdigit() and int(last) > 0 else 1
+
+
 def _topology_plan(args: argparse.Namespace) -> Optional[str]:
     """Plans this node's ranks and writes the plan file (None: ``--no-topology``).
 
@@ -147,7 +158,8 @@ def _topology_plan(args: argparse.Namespace) -> Optional[str]:
               "(give a number)", file=sys.stderr)
         return None
     try:
-        plan, _, path = prepare_plan(int(args.nproc_per_node), args.topology, args.log_dir)
+        plan, _, path = prepare_plan(int(args.nproc_per_node), args.topology, args.log_dir,
+                                     backend=args.backend, nnodes=_max_nodes(args.nnodes))
     except TopologyError as e:
         raise ValueError(f"topology: {e} (--no-topology launches without a plan)") from None
     print(f"terarec-launch: topology plan {path}:", file=sys.stderr)

@@ -2,13 +2,16 @@
 
     terarec-topo                       # this machine: tables, plan, cost estimate
     terarec-topo --nproc 4 --check     # plan 4 ranks; warn about bad placements (exit 1)
+    terarec-topo --nproc 4 --nnodes 2  # 4 of the GPUs, for a 2-node job
+    terarec-topo --nproc 16 --backend gloo   # more ranks than GPUs (gloo shares them)
     terarec-topo --json > box.json     # machine + plan + cost as JSON (reload with --from)
     terarec-topo --from box.json       # plan for a saved machine
     terarec-topo --from tests/topology/fixtures/dgx-h200-nvswitch.topo
     terarec-topo --fixture > box.topo  # the machine in the fixture text format
 
 Exit status: 0; 1 with ``--check`` when it found a warning; 2 on bad input (a malformed
-file or tool output, named in the message).
+file or tool output, named in the message) or a plan that cannot be made (more ranks
+than GPUs under NCCL), in one line.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from terarec import __version__
 from terarec.topology.cost import BANDWIDTH, StepLoad, estimate
 from terarec.topology.facts import load_fixture, machine_to_fixture
 from terarec.topology.model import Machine, TopologyError, load_machine, machine_to_dict
-from terarec.topology.plan import DEFAULT_SSD_SUBDIR, make_plan, plan_to_dict
+from terarec.topology.plan import BACKENDS, DEFAULT_SSD_SUBDIR, make_plan, plan_to_dict
 from terarec.topology.report import format_cost, format_findings, format_machine, format_plan
 
 
@@ -47,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plan for a saved machine (JSON from --json, or a fixture text)")
     p.add_argument("--nproc", type=int, default=None,
                    help="local ranks to plan (default: one per GPU, else 1)")
+    p.add_argument("--backend", choices=BACKENDS, default="nccl",
+                   help="the job's collective backend: nccl (at most one rank per GPU; "
+                   "default) or gloo (more ranks than GPUs share them)")
+    p.add_argument("--nnodes", type=int, default=1,
+                   help="nodes in the job: with fewer ranks than GPUs, a multi-node job "
+                   "takes GPUs next to distinct NICs first (default 1)")
     p.add_argument("--json", action="store_true",
                    help="print machine, plan and cost estimate as JSON")
     p.add_argument("--fixture", action="store_true",
@@ -76,7 +85,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(machine_to_fixture(machine, [f"captured by terarec-topo --fixture on "
                                                f"{machine.hostname}"]), end="")
             return 0
-        plan = make_plan(machine, args.nproc, args.ssd_subdir)
+        plan = make_plan(machine, args.nproc, args.ssd_subdir, backend=args.backend,
+                         nnodes=args.nnodes)
     except TopologyError as e:
         print(f"terarec-topo: error: {e}", file=sys.stderr)
         return 2
@@ -87,7 +97,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             "machine": machine_to_dict(machine),
             "plan": plan_to_dict(plan),
             "cost": {"load_mb": asdict(load), "naive": asdict(est)["naive"],
-                     "planned": asdict(est)["planned"],
+                     "planned": asdict(est)["planned"], "assumptions": est.assumptions,
                      "bandwidth_gb_s": {k: v[0] for k, v in BANDWIDTH.items()}},
         }, indent=1))
     elif args.check:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from terarec.topology import sysfs
-from terarec.topology.facts import assign_sockets
+from terarec.topology.facts import assign_sockets, rdma_from_name
 from terarec.topology.model import Gpu, Machine, Nic, NumaNode, TopologyError, parse_cpulist
 from terarec.topology.smi import (
     QUERY_FIELDS,
@@ -59,6 +59,9 @@ class _Gpus:
         self.links: list[list[str]] = []
         self.nic_names: list[str] = []  # NICs the source put in its matrix
         self.nic_links: list[list[str]] = []
+        self.nic_named: list[bool] = []  # False: a matrix column its legend does not name
+        self.nic_nic: list[list[str]] = []  # the matrix's NIC rows, when complete
+        self.inconsistencies: list[str] = []  # what the matrix contradicts itself on
         self.warnings: list[str] = []  # what the source could not see, and the fallback
 
 
@@ -150,6 +153,9 @@ def _from_smi(run: Runner, root: Path, single: Optional[int]) -> _Gpus:
                             pcie_gen=q.pcie_gen if q else None))
     out.links = topo.gpu_links
     out.nic_names, out.nic_links = topo.nic_names, topo.gpu_nic_links
+    out.nic_named, out.inconsistencies = topo.nic_named, topo.inconsistencies
+    if topo.nic_nic_links and all(topo.nic_nic_links):
+        out.nic_nic = topo.nic_nic_links
     return out
 
 
@@ -207,6 +213,27 @@ def _rel(a: Optional[sysfs.PciPath], b: Optional[sysfs.PciPath], na: Optional[in
         return "NODE" if na is not None and na == nb else "SYS"
     rel = sysfs.pci_relation(a, b, na, nb)
     return "PIX" if rel == "X" else rel
+
+
+def _nic_nic(matrix: list[list[str]], nics: list[Nic],
+             paths: dict[str, sysfs.PciPath]) -> list[list[str]]:
+    """NIC-to-NIC links: the matrix's where it has them, else from sysfs PCI paths (empty
+    when neither covers a pair: unknown, rather than guessed)."""
+    k = len(matrix)
+    out = []
+    for a, na in enumerate(nics):
+        row = []
+        for b, nb in enumerate(nics):
+            if a == b:
+                row.append("X")
+            elif a < k and b < k:
+                row.append(matrix[a][b])
+            elif na.name in paths and nb.name in paths:
+                row.append(_rel(paths[na.name], paths[nb.name], na.numa_node, nb.numa_node))
+            else:
+                return []
+        out.append(row)
+    return out
 
 
 # -------------------------------------------------------------------------- assembly
@@ -276,7 +303,11 @@ def discover(
     warnings += gpus.warnings
     # NICs: the tool's matrix order first, then what only sysfs shows.
     by_name = {n.name: n for n in nics}
-    ordered: list[Nic] = [by_name.pop(name, None) or Nic(name=name) for name in gpus.nic_names]
+    named = gpus.nic_named or [True] * len(gpus.nic_names)
+    ordered: list[Nic] = [
+        (by_name.pop(name) if ok and name in by_name else
+         Nic(name=name, rdma=rdma_from_name(name) if ok else None, named=ok))
+        for name, ok in zip(gpus.nic_names, named)]
     nics = ordered + [n for n in nics if n.name in by_name]
     gpu_nic: list[list[str]] = []
     gpu_paths = [sysfs.device_pci(root, sysfs.pci_device_dir(root, g.pci_bus_id))
@@ -291,6 +322,8 @@ def discover(
         hostname=hostname or socket.gethostname(), numa=numa, gpus=gpus.gpus, nics=nics,
         disks=disks, gpu_links=gpus.links, gpu_nic_links=gpu_nic if nics else [],
         sockets=sockets, threads_per_core=tpc, sources=sources, warnings=warnings,
+        nic_nic_links=_nic_nic(gpus.nic_nic, nics, nic_paths),
+        inconsistencies=gpus.inconsistencies,
     )
     assign_sockets(machine.numa, machine.sockets)
     return machine

@@ -19,7 +19,7 @@ Fixture format (``tests/topology/fixtures/*.topo``; docs/topology.md)::
     <`numactl -H` output, or lscpu's "NUMA nodeN CPU(s): ..." lines>
 
     [nics]
-    # name     kind  numa  netdev    gbps      (kind: ib | roce | eth; '-' = unknown)
+    # name     kind  numa  netdev    gbps      (kind: ib | roce | eth | -; '-' = unknown)
     mlx5_0     ib    0     ibp12s0   400
 
     [disks]
@@ -29,7 +29,10 @@ Fixture format (``tests/topology/fixtures/*.topo``; docs/topology.md)::
 
 Every section is optional: a CPU box has no ``topo -m``; a GPU box without ``[numa]``
 gets its NUMA nodes from the matrix's ``CPU Affinity`` / ``NUMA Affinity`` columns. NICs
-the matrix shows but ``[nics]`` does not describe are RDMA devices with unknown details.
+the matrix shows but ``[nics]`` does not describe keep what their name says (a kernel
+RDMA name such as ``mlx5_0`` is RDMA; anything else: kind unknown); a ``NICk`` column
+the NIC legend does not name stays unnamed. Without ``[disks]`` the disks are unknown
+(not "none"). Facts nothing gives (sockets, SMT width, PCIe generation) stay None.
 A file with no ``[section]`` lines is read as a raw capture: the matrix, then after a
 ``# --- extra ---`` line optionally ``numactl -H`` / ``lscpu`` output (the format of the
 raw ``nvidia-smi topo -m`` captures).
@@ -132,15 +135,23 @@ def _opt_num(cell: str, where: str, kind: type = int) -> Optional[float]:
 
 
 def parse_nics(body: str, source: str) -> list[Nic]:
-    out = []
+    """The ``[nics]`` section (kind ``-``: unknown).
+
+    Raises:
+        TopologyError: a malformed or repeated line, naming it.
+    """
+    out: list[Nic] = []
     for n, cells in _rows(body):
         where = f"{source}: [nics] line {n}"
         if len(cells) != 5:
             raise TopologyError(f"{where}: expected 'name kind numa netdev gbps', got {cells}")
         name, kind, numa, netdev, gbps = cells
-        if kind not in ("ib", "roce", "eth"):
-            raise TopologyError(f"{where}: kind {kind!r} is not ib, roce or eth")
-        out.append(Nic(name=name, rdma=kind != "eth", netdev=_opt(netdev),
+        if kind not in ("ib", "roce", "eth", "-"):
+            raise TopologyError(f"{where}: kind {kind!r} is not ib, roce, eth or -")
+        if any(x.name == name for x in out):
+            raise TopologyError(f"{where}: NIC {name!r} given twice")
+        out.append(Nic(name=name, rdma=None if kind == "-" else kind != "eth",
+                       netdev=_opt(netdev),
                        numa_node=_opt_num(numa, where),  # type: ignore[arg-type]
                        rate_gbps=_opt_num(gbps, where, float)))
     return out
@@ -218,19 +229,28 @@ def build_machine(
     disks: list[Disk],
     host: Optional[dict[str, object]] = None,
     sources: Optional[list[str]] = None,
+    disks_known: bool = True,
 ) -> Machine:
-    """Joins a ``topo -m`` matrix with the facts beside it into a :class:`Machine`."""
+    """Joins a ``topo -m`` matrix with the facts beside it into a :class:`Machine`
+    (``disks_known``: the input held disk facts, even if it lists none)."""
     host = host or {}
     gpus: list[Gpu] = []
     gpu_links: list[list[str]] = []
     gpu_nic: list[list[str]] = []
     all_nics = list(nics)
+    notes: list[str] = []
     if topo is not None:
         if not numa:
             numa = nodes_from_matrix(topo)
         single = numa[0].id if len(numa) == 1 else None
         by_name = {n.name: n for n in nics}
-        ordered = [by_name.pop(name, None) or Nic(name=name) for name in topo.nic_names]
+        named = topo.nic_named or [True] * len(topo.nic_names)
+        ordered = []
+        for name, ok in zip(topo.nic_names, named):
+            nic = by_name.pop(name, None) or Nic(name=name, rdma=rdma_from_name(name)
+                                                 if ok else None)
+            nic.named = ok
+            ordered.append(nic)
         all_nics = ordered + [n for n in nics if n.name in by_name]
         for i in range(topo.num_gpus):
             node = topo.numa_affinity[i] if topo.numa_affinity[i] is not None else single
@@ -241,12 +261,19 @@ def build_machine(
         gpu_links = topo.gpu_links
         gpu_nic = [row + [""] * (len(all_nics) - len(row)) for row in topo.gpu_nic_links]
         _infer_nic_nodes(all_nics[: len(topo.nic_names)], topo, gpus)
+        if len(numa) > 1:
+            notes += infer_gpu_nodes(gpus, gpu_links, all_nics, topo.gpu_nic_links)
+    nic_nic: list[list[str]] = []
+    if topo is not None and topo.nic_nic_links and all(topo.nic_nic_links) \
+            and len(all_nics) == len(topo.nic_names):
+        nic_nic = topo.nic_nic_links
     machine = Machine(
         hostname=hostname, numa=numa, gpus=gpus, nics=all_nics, disks=disks,
-        gpu_links=gpu_links, gpu_nic_links=[],
+        gpu_links=gpu_links, gpu_nic_links=[], nic_nic_links=nic_nic,
         sockets=host.get("sockets"),  # type: ignore[arg-type]
         threads_per_core=host.get("threads_per_core"),  # type: ignore[arg-type]
-        sources=sources or [],
+        sources=sources or [], warnings=notes, disks_known=disks_known,
+        inconsistencies=list(topo.inconsistencies) if topo is not None else [],
     )
     if gpu_nic and all_nics:
         guessed = [machine.nic_links(i) for i in range(len(gpus))]  # from NUMA nodes
@@ -257,6 +284,44 @@ def build_machine(
     assign_sockets(machine.numa, machine.sockets)
     machine.validate()
     return machine
+
+
+_RDMA_NAME = re.compile(r"^(mlx\d+_|bnxt_re|irdma|efa_|hfi1_|qedr|rxe|siw|erdma|hns_)")
+
+
+def rdma_from_name(name: str) -> Optional[bool]:
+    """True for the kernel's RDMA device names (``mlx5_0``, ``mlx5_bond_0``, ``irdma0``,
+    ...: only RDMA devices are named so); None (unknown) for anything else."""
+    return True if _RDMA_NAME.match(name) else None
+
+
+_WITHIN_NODE = ("PIX", "PXB", "PHB", "NODE")
+
+
+def infer_gpu_nodes(gpus: list[Gpu], gpu_links: list[list[str]], nics: list[Nic],
+                    gpu_nic: list[list[str]]) -> list[str]:
+    """A GPU without a NUMA node takes the node of its nearest device of known node
+    reached without leaving a node (PIX < PXB < PHB < NODE: a NIC, else another GPU).
+
+    Returns:
+        One note per inferred GPU (what it was inferred from).
+    """
+    notes = []
+    for g in gpus:
+        if g.numa_node is not None or g.cpus:  # a CPU affinity says more (plan.py uses it)
+            continue
+        cand = [(_WITHIN_NODE.index(rel), 0, nic.name, nic.numa_node, rel)
+                for nic, rel in zip(nics, gpu_nic[g.index] if gpu_nic else [])
+                if rel in _WITHIN_NODE and nic.numa_node is not None]
+        cand += [(_WITHIN_NODE.index(rel), 1, f"GPU{h.index}", h.numa_node, rel)
+                 for h, rel in zip(gpus, gpu_links[g.index])
+                 if rel in _WITHIN_NODE and h.numa_node is not None]
+        if cand:
+            _, _, via, node, rel = min(cand)  # type: ignore[type-var]
+            g.numa_node = node
+            notes.append(f"GPU{g.index}: no NUMA affinity in the input; NUMA node {node} "
+                         f"inferred from {via} ({rel}, NUMA {node})")
+    return notes
 
 
 def _infer_nic_nodes(nics: list[Nic], topo: TopoMatrix, gpus: list[Gpu]) -> None:
@@ -288,7 +353,7 @@ def machine_from_text(text: str, source: str, hostname: Optional[str] = None) ->
         tpc = _lscpu_int(extra, "Thread(s) per core")
         host = {k: v for k, v in (("sockets", sockets), ("threads_per_core", tpc)) if v}
         return build_machine(hostname or Path(source).stem, topo, numa, [], [], host,
-                             [source])
+                             [source], disks_known=False)
     host = parse_host(sections.get("host", ""), source)
     topo_text = sections.get("nvidia-smi topo -m")
     topo = parse_topo_matrix(topo_text, f"{source} [nvidia-smi topo -m]") if topo_text else None
@@ -302,6 +367,7 @@ def machine_from_text(text: str, source: str, hostname: Optional[str] = None) ->
         hostname or str(host.get("hostname") or Path(source).stem), topo, numa,
         parse_nics(sections.get("nics", ""), source),
         parse_disks(sections.get("disks", ""), source), host, [source],
+        disks_known="disks" in sections,
     )
 
 
@@ -342,7 +408,8 @@ def machine_to_fixture(m: Machine, comments: Optional[list[str]] = None) -> str:
         out += ["", "[nvidia-smi topo -m]", format_topo_matrix(
             m.gpu_links, [n.name for n in m.nics], m.gpu_nic_links,
             [format_cpulist(g.cpus) for g in m.gpus],
-            ["N/A" if g.numa_node is None else str(g.numa_node) for g in m.gpus]).rstrip()]
+            ["N/A" if g.numa_node is None else str(g.numa_node) for g in m.gpus],
+            [n.named for n in m.nics], m.nic_nic_links).rstrip()]
     out += ["", "[numa]"]
     for node in m.numa:
         out.append(f"node {node.id} cpus: {' '.join(map(str, node.cpus))}")
@@ -354,9 +421,11 @@ def machine_to_fixture(m: Machine, comments: Optional[list[str]] = None) -> str:
 
     out += ["", "[nics]", "# name  kind  numa  netdev  gbps"]
     for n in m.nics:
-        kind = "ib" if n.rdma else "eth"
+        kind = "-" if n.rdma is None else "ib" if n.rdma else "eth"
         out.append(f"{n.name}  {kind}  {cell(n.numa_node)}  {cell(n.netdev)}  "
                    f"{cell(n.rate_gbps)}")
+    if not m.disks_known:  # no [disks] section: unknown, not "no disk"
+        return "\n".join(out) + "\n"
     out += ["", "[disks]", "# name  kind  numa  mount  size_gb  members"]
     for d in m.disks:
         out.append(f"{d.name}  {'nvme' if d.nvme else 'disk'}  {cell(d.numa_node)}  "

@@ -117,20 +117,25 @@ class Nic:
     """A network adapter (an RDMA device such as ``mlx5_0``, or a plain netdev).
 
     Attributes:
-        name: the RDMA device name (``mlx5_0``) or, for plain Ethernet, the interface.
-        rdma: an InfiniBand / RoCE device (NCCL's IB transport can use it).
+        name: the RDMA device name (``mlx5_0``) or, for plain Ethernet, the interface;
+            when ``named`` is False, only the matrix's column label (``NIC9``).
+        rdma: an InfiniBand / RoCE device (NCCL's IB transport can use it); None when
+            unknown (a matrix column nothing else describes).
         netdev: its network interface (``ibp12s0``, ``eth0``), if known.
         numa_node: the node its PCIe slot hangs off, if known.
         pci_bus_id: if known.
         rate_gbps: link rate in Gbit/s, if known.
+        named: ``name`` is the device's real name (False: a capture whose NIC legend does
+            not name it; nothing may be pinned to it by name).
     """
 
     name: str
-    rdma: bool = True
+    rdma: Optional[bool] = True
     netdev: Optional[str] = None
     numa_node: Optional[int] = None
     pci_bus_id: Optional[str] = None
     rate_gbps: Optional[float] = None
+    named: bool = True
 
 
 @dataclass
@@ -170,10 +175,17 @@ class Machine:
             diagonal); shape ``[n_gpus][n_gpus]``.
         gpu_nic_links: ``gpu_nic_links[i][k]``: GPU i to NIC k; shape ``[n_gpus][n_nics]``
             (empty rows when nothing said, e.g. a CPU box).
+        nic_nic_links: ``nic_nic_links[k][l]``: NIC k to NIC l (``X`` on the diagonal);
+            ``[n_nics][n_nics]``, or empty when the input did not show it. Two ports
+            ``PIX`` to each other are taken as one card.
         sockets: CPU packages, if known.
         threads_per_core: SMT width, if known.
         sources: what the facts came from (``nvml``, ``nvidia-smi``, ``sysfs``, a file).
         warnings: what discovery could not see (a missing tool, an unreadable file).
+        disks_known: the input held disk facts (False: a raw ``topo -m`` capture; an
+            empty ``disks`` then means "not known", not "no disk").
+        inconsistencies: contradictions found in the input (an asymmetric matrix, a NIC
+            name given twice, a cut row), each naming the row; ``--check`` warns.
     """
 
     hostname: str
@@ -183,10 +195,13 @@ class Machine:
     disks: list[Disk] = field(default_factory=list)
     gpu_links: list[list[str]] = field(default_factory=list)
     gpu_nic_links: list[list[str]] = field(default_factory=list)
+    nic_nic_links: list[list[str]] = field(default_factory=list)
     sockets: Optional[int] = None
     threads_per_core: Optional[int] = None
     sources: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    disks_known: bool = True
+    inconsistencies: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -209,14 +224,24 @@ class Machine:
             len(self.gpu_nic_links) != n or any(len(r) != k for r in self.gpu_nic_links)
         ):
             raise TopologyError(f"gpu_nic_links: must be {n}x{k} for {n} GPUs and {k} NICs")
-        for name, matrix in (("gpu_links", self.gpu_links), ("gpu_nic_links", self.gpu_nic_links)):
+        if self.nic_nic_links and (
+            len(self.nic_nic_links) != k or any(len(r) != k for r in self.nic_nic_links)
+        ):
+            raise TopologyError(f"nic_nic_links: must be {k}x{k} for {k} NICs")
+        names = [n.name for n in self.nics]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise TopologyError(f"nics[{i}].name: {name!r} repeats nics"
+                                    f"[{names.index(name)}]")
+        for name, matrix in (("gpu_links", self.gpu_links), ("gpu_nic_links", self.gpu_nic_links),
+                             ("nic_nic_links", self.nic_nic_links)):
             for i, row in enumerate(matrix):
                 for j, cell in enumerate(row):
                     try:
                         rel = normalize_relation(cell)
                     except ValueError as e:
                         raise TopologyError(f"{name}[{i}][{j}]: {e}") from None
-                    if name == "gpu_links" and (rel == "X") != (i == j):
+                    if name != "gpu_nic_links" and (rel == "X") != (i == j):
                         raise TopologyError(f"{name}[{i}][{j}]: {cell!r} (X only on the diagonal)")
                     row[j] = rel
         for g in self.gpus:  # (with no NUMA nodes known, no GPU may name one either)
@@ -233,14 +258,38 @@ class Machine:
         raise KeyError(node_id)
 
     def socket_of(self, node_id: Optional[int]) -> Optional[int]:
-        """The socket of a NUMA node (the node itself when sockets are unknown)."""
+        """The socket of a NUMA node; None when unknown (a NUMA node is never taken for a
+        socket: one EPYC socket in NPS4 has four nodes)."""
         if node_id is None:
             return None
         try:
-            s = self.node(node_id).socket
+            return self.node(node_id).socket
         except KeyError:
-            return node_id
-        return node_id if s is None else s
+            return None
+
+    def crossing(self, a: Optional[int], b: Optional[int]) -> Optional[str]:
+        """How traffic between NUMA nodes ``a`` and ``b`` travels: None (one node, or a
+        node unknown), ``"socket"`` (known to be different sockets), ``"node"`` (known to
+        be one socket), ``"numa"`` (different nodes, sockets unknown)."""
+        if a is None or b is None or a == b:
+            return None
+        sa, sb = self.socket_of(a), self.socket_of(b)
+        if sa is None or sb is None:
+            return "numa"
+        return "node" if sa == sb else "socket"
+
+    def nic_cards(self) -> list[int]:
+        """Per NIC, the index of the first NIC of its card: ports ``PIX`` to each other
+        (two ports of one adapter, or two adapters behind one switch) are taken as one
+        card sharing one PCIe link. Each NIC its own card when the NIC-NIC relation is
+        unknown."""
+        card = list(range(len(self.nics)))
+        for k, row in enumerate(self.nic_nic_links):
+            for j, rel in enumerate(row[:k]):
+                if rel == "PIX":
+                    card[k] = card[j]
+                    break
+        return card
 
     def nic_links(self, gpu: int) -> list[str]:
         """GPU ``gpu``'s link to every NIC (``SYS`` / ``NODE`` guessed from NUMA nodes when

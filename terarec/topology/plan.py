@@ -4,26 +4,33 @@ directory, environment, and the node's fast groups. Pure: a :class:`Machine` in,
 
 Rules (docs/topology.md has the why):
 
-* **GPU**: local rank ``i`` drives GPU ``i`` (``i % n`` with more ranks than GPUs, a
-  warning; nvidia-smi's index; the plan sets
-  ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` so that CUDA numbers them the same way). A CPU box
-  spreads its ranks over the NUMA nodes in order.
+* **GPU**: one rank per GPU: local rank ``i`` drives GPU ``i`` (nvidia-smi's index; the
+  plan sets ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` so that CUDA numbers them the same way).
+  Fewer ranks: :func:`terarec.topology.select.choose_gpus` picks the GPUs (multi-node:
+  next to distinct NICs; single-node: one fast group; ties over sockets) and each
+  rank's ``CUDA_VISIBLE_DEVICES`` names its GPU. More ranks: an error under NCCL; under
+  gloo rank ``i`` shares GPU ``i % n`` (a warning). A CPU box spreads its ranks over the
+  NUMA nodes in order.
 * **CPU cores / memory node**: the GPU's NUMA node (``NUMA Affinity``; else the node its
-  ``CPU Affinity`` overlaps most). The node's physical cores are split into contiguous,
-  disjoint shares among the ranks on it, hyperthread siblings kept together;
-  ``OMP_NUM_THREADS`` is the share's core count. The host tier's memory goes on the node.
+  ``CPU Affinity`` overlaps most; else, as parsed, the node of a device near it). The
+  node's physical cores are split into contiguous, disjoint shares among the ranks on
+  it, hyperthread siblings kept together (``cores.py``); ``OMP_NUM_THREADS`` is the
+  share's core count. The host tier's memory goes on the node. A GPU of unknown node is
+  left unpinned, with a warning.
 * **NIC**: the nearest RDMA NIC by PCIe link (PIX < PXB < PHB < NODE < SYS), ties to the
-  least used one. A GPU whose nearest is NODE or SYS while an NVLink peer that runs a rank
-  has a nearer one *relays* through that peer: it uses the peer's NIC and reaches it over
-  NVLink (NCCL's PXN does the copy; terarec's own cross-node merge routes through
-  ``relay_gpu``). ``NCCL_IB_HCA`` is ``=mlx5_N`` (exact: a bare ``mlx5_1`` would also
-  match ``mlx5_10``); a GPU with only Ethernet gets ``NCCL_SOCKET_IFNAME=<netdev>``.
+  least used card, then port. A GPU whose nearest is NODE or SYS while an NVLink peer
+  that runs a rank has a nearer one *relays* through that peer: it uses the peer's NIC
+  and reaches it over NVLink (NCCL's PXN does the copy; terarec's own cross-node merge
+  routes through ``relay_gpu``). ``NCCL_IB_HCA`` is ``=mlx5_N`` (exact: a bare ``mlx5_1``
+  would also match ``mlx5_10``); a GPU with only Ethernet gets
+  ``NCCL_SOCKET_IFNAME=<netdev>``; a NIC of unknown name or kind gets neither (a
+  warning). A ``SYS`` link is judged by the NUMA and socket facts, not the word alone.
 * **SSD directory**: on the nearest mounted NVMe data volume (same node, then a RAID
   spanning nodes, then the same socket, then anywhere), ties to the least used, then the
   largest; the OS disk (mounted on ``/``) only when there is no other, and a non-NVMe
   disk only when there is no NVMe (a warning).
 * **Fast groups**: NVLink islands (connected components of the NV# links among the
-  ranks' GPUs; the whole node under NVSwitch). Without NVLink: the GPUs of one socket
+  ranks' GPUs; the whole node under NVSwitch). Without NVLink: the GPUs of one NUMA node
   (PCIe links up to NODE). A CPU box: the whole node.
 """
 
@@ -35,6 +42,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
+from terarec.topology.cores import core_groups, smt_note, split_cores
 from terarec.topology.model import (
     Machine,
     TopologyError,
@@ -45,6 +53,7 @@ from terarec.topology.model import (
     pop_lists,
     relation_rank,
 )
+from terarec.topology.select import choose_gpus
 
 DEFAULT_SSD_SUBDIR = "terarec-ssd"
 SSD_DIR_VAR = "TERAREC_SSD_DIR"
@@ -107,52 +116,21 @@ class Plan:
         ranks: one per local rank.
         fast_groups: partition of the local ranks into fast groups, each ascending.
         findings: what ``--check`` reports.
+        cuda_visible_devices: for launchers that give every rank one environment
+            (torchrun, mpirun, srun): ``CUDA_VISIBLE_DEVICES`` for the whole job (local
+            rank i takes the i-th GPU listed); None when the ranks use every GPU in order
+            (or share GPUs: then only a per-rank value works, see each rank's ``env``).
     """
 
     hostname: str
     ranks: list[RankPlan]
     fast_groups: list[list[int]]
     findings: list[Finding] = field(default_factory=list)
+    cuda_visible_devices: Optional[str] = None
 
     @property
     def warnings(self) -> list[str]:
         return [f.text for f in self.findings if f.level == "warning"]
-
-
-# ------------------------------------------------------------------------------ cores
-
-
-def core_groups(cpus: list[int], threads_per_core: Optional[int]) -> list[list[int]]:
-    """Logical CPUs -> physical cores (lists of hyperthread siblings), in CPU order.
-
-    Linux numbers x86 siblings far apart (``0-55,112-167``: CPU ``c`` and ``c + 112``),
-    POWER consecutively (SMT4: ``0-3``). Without sibling facts, a node whose CPU list is
-    two equally long, gapped halves at a constant offset is taken as such pairs.
-    """
-    cpus = sorted(cpus)
-    if threads_per_core == 1 or len(cpus) < 2:
-        return [[c] for c in cpus]
-    half = len(cpus) // 2
-    a, b = cpus[:half], cpus[half:]
-    if len(cpus) % 2 == 0 and threads_per_core in (None, 2) and b[0] > a[-1] + 1:
-        d = b[0] - a[0]
-        if all(y - x == d for x, y in zip(a, b)):
-            return [[x, y] for x, y in zip(a, b)]
-    if threads_per_core and threads_per_core > 1 and len(cpus) % threads_per_core == 0:
-        k = threads_per_core
-        return [cpus[i:i + k] for i in range(0, len(cpus), k)]
-    return [[c] for c in cpus]
-
-
-def split_cores(cores: list[list[int]], k: int) -> list[list[list[int]]]:
-    """``cores`` into ``k`` contiguous shares (sizes differ by at most one); with fewer
-    cores than shares, share ``j`` gets core ``j % len(cores)``."""
-    if not cores:
-        return [[] for _ in range(k)]
-    if len(cores) < k:
-        return [[cores[j % len(cores)]] for j in range(k)]
-    n = len(cores)
-    return [cores[j * n // k:(j + 1) * n // k] for j in range(k)]
 
 
 # ------------------------------------------------------------------------------- plan
@@ -206,18 +184,34 @@ def _fast_groups(m: Machine, ranks: list[RankPlan]) -> list[list[int]]:
     return sorted((sorted(g) for g in groups.values()), key=lambda g: g[0])
 
 
+def _lonely_note(m: Machine, ranks: list[RankPlan], groups: list[list[int]]) -> list[Finding]:
+    """Why every GPU is its own fast group, when several GPUs are planned and none joins
+    another."""
+    gpus = sorted({r.gpu for r in ranks if r.gpu is not None})
+    if len(gpus) < 2 or any(len({ranks[i].gpu for i in g}) > 1 for g in groups):
+        return []
+    rels = sorted({m.gpu_links[a][b] for a in gpus for b in gpus if a != b}, key=relation_rank)
+    return [Finding("note", f"fast groups: each GPU alone: no NVLink, and the GPUs "
+                    f"{', '.join(f'GPU{g}' for g in gpus)} are joined only by "
+                    f"{'/'.join(rels)} (PCIe across NUMA nodes), so dense gradients are "
+                    "all-reduced within no group; every GPU syncs through the k-step merge")]
+
+
 def _pick_nics(m: Machine, ranks: list[RankPlan], findings: list[Finding]) -> None:
     """Sets ``nic`` / ``nic_link`` / ``relay_gpu`` of every rank."""
     if not m.nics:
         return
-    cand = [k for k, n in enumerate(m.nics) if n.rdma] or list(range(len(m.nics)))
+    cand = [k for k, n in enumerate(m.nics) if n.rdma is not False] or list(range(len(m.nics)))
     load: Counter[int] = Counter()
+    cards = m.nic_cards()
+    card_load: Counter[int] = Counter()
     gpu_ranks = {r.gpu: r for r in ranks if r.gpu is not None}
     chosen: dict[int, int] = {}  # rank -> NIC index
 
     def best_for(links: list[str]) -> int:
-        k = min(cand, key=lambda k: (relation_rank(links[k]), load[k], k))
+        k = min(cand, key=lambda k: (relation_rank(links[k]), card_load[cards[k]], load[k], k))
         load[k] += 1
+        card_load[cards[k]] += 1
         return k
 
     for r in ranks:
@@ -242,13 +236,15 @@ def _pick_nics(m: Machine, ranks: list[RankPlan], findings: list[Finding]) -> No
                 hk = chosen[pr.local_rank]
                 hrel = m.nic_links(h)[hk]
                 if relation_rank(hrel) < relation_rank(own):
-                    peers.append((relation_rank(hrel), relays[h], -nvlinks(
+                    peers.append((relation_rank(hrel), card_load[cards[hk]], relays[h], -nvlinks(
                         m.gpu_links[r.gpu][h]), h, hk, hrel))
         if peers:
-            _, _, _, h, hk, hrel = min(peers)
+            _, _, _, _, h, hk, hrel = min(peers)
             relays[h] += 1
             load[k] -= 1
             load[hk] += 1
+            card_load[cards[k]] -= 1
+            card_load[cards[hk]] += 1
             r.nic, r.nic_link, r.relay_gpu = m.nics[hk].name, hrel, h
             findings.append(Finding("note", f"GPU{r.gpu}: nearest NIC {m.nics[k].name} is "
                                     f"{own}; relays through GPU{h} ({m.gpu_links[r.gpu][h]}) "
@@ -256,9 +252,7 @@ def _pick_nics(m: Machine, ranks: list[RankPlan], findings: list[Finding]) -> No
         else:
             r.nic, r.nic_link = m.nics[k].name, own
             if own == "SYS":
-                findings.append(Finding("warning", f"GPU{r.gpu}: nearest NIC {m.nics[k].name} "
-                                        "is across sockets (SYS) and no NVLink peer has a "
-                                        "nearer one"))
+                findings.append(_far_nic(m, r.gpu, k))
     shared = Counter(r.nic for r in ranks if r.nic is not None)
     for nic, n in sorted(shared.items()):
         if n > 1 and len(ranks) > 1 and any(r.gpu is not None for r in ranks):
@@ -266,9 +260,38 @@ def _pick_nics(m: Machine, ranks: list[RankPlan], findings: list[Finding]) -> No
             findings.append(Finding("note", f"{nic} carries the traffic of {n} ranks ({who})"))
 
 
+def _far_nic(m: Machine, gpu: int, k: int) -> Finding:
+    """What a ``SYS`` link from a GPU to its NIC means, from the NUMA and socket facts
+    (the word alone only says "between NUMA nodes", where nodes are known at all)."""
+    nic = m.nics[k]
+    g, n = m.gpus[gpu].numa_node, nic.numa_node
+    head = f"GPU{gpu}: nearest NIC {nic.name}"
+    tail = "and no NVLink peer has a nearer one"
+    where = f"GPU on NUMA {g}, NIC on NUMA {n}"
+    kind = m.crossing(g, n)
+    if g is not None and g == n:
+        return Finding("note", f"{head} is SYS per nvidia-smi, but both are on NUMA node {g}: "
+                       "not across sockets")
+    if kind == "socket":
+        return Finding("warning", f"{head} is across sockets (SYS; {where}) {tail}")
+    if kind == "node":
+        return Finding("note", f"{head} is on another NUMA node of the same socket (SYS; "
+                       f"{where})")
+    if kind == "numa":
+        return Finding("warning", f"{head} is on another NUMA node (SYS; {where}; sockets "
+                       f"unknown) {tail}")
+    return Finding("warning", f"{head} is SYS (between NUMA nodes, per nvidia-smi; "
+                   f"{'GPU' if g is None else 'NIC'} NUMA node unknown) {tail}")
+
+
 def _pick_disks(m: Machine, ranks: list[RankPlan], subdir: str,
                 findings: list[Finding]) -> None:
     usable = [d for d in m.disks if d.mount]
+    if not m.disks_known and not usable:
+        findings.append(Finding("note", "disks not in the input (it holds no disk facts): "
+                                "no SSD directory planned; the SSD tier goes where ssd.path "
+                                "says"))
+        return
     if not usable:
         findings.append(Finding("warning", "no mounted disk found: the SSD tier goes where "
                                 "ssd.path says"))
@@ -286,7 +309,7 @@ def _pick_disks(m: Machine, ranks: list[RankPlan], subdir: str,
             return 1
         if node == disk_node:
             return 0
-        return 2 if m.socket_of(node) == m.socket_of(disk_node) else 3
+        return 2 if m.crossing(node, disk_node) == "node" else 3
 
     for r in ranks:
         d = min(pool, key=lambda d: (distance(r.numa_node, d.numa_node), load[d.name],
@@ -295,44 +318,64 @@ def _pick_disks(m: Machine, ranks: list[RankPlan], subdir: str,
         r.disk, r.ssd_dir = d.name, _ssd_dir(d.mount or "/", subdir)
         if distance(r.numa_node, d.numa_node) == 3:
             who = f"GPU{r.gpu}" if r.gpu is not None else f"rank {r.local_rank}"
+            far = ("a remote-socket disk" if m.crossing(r.numa_node, d.numa_node) == "socket"
+                   else "a disk on another NUMA node (sockets unknown)")
             findings.append(Finding("warning", f"{who}: SSD tier on {d.name} (NUMA "
-                                    f"{d.numa_node}), a remote-socket disk (rank on NUMA "
-                                    f"{r.numa_node})"))
+                                    f"{d.numa_node}), {far} (rank on NUMA {r.numa_node})"))
 
 
-def make_plan(machine: Machine, nproc: Optional[int] = None,
-              ssd_subdir: str = DEFAULT_SSD_SUBDIR) -> Plan:
-    """Plans ``nproc`` local ranks on ``machine``.
+BACKENDS = ("nccl", "gloo")
 
-    Args:
-        machine: what discovery saw.
-        nproc: ranks on this node (default: one per GPU, else 1).
-        ssd_subdir: directory made on the chosen disk's mount for the SSD tier.
 
-    Returns:
-        The :class:`Plan`.
+def _gpus_for_ranks(m: Machine, nproc: int, backend: str, nnodes: int,
+                    findings: list[Finding]) -> list[Optional[int]]:
+    """Local rank -> GPU (None on a CPU box).
 
     Raises:
-        TopologyError: ``nproc < 1``. (More ranks than GPUs share them, with a warning.)
+        TopologyError: more ranks than GPUs under NCCL.
     """
-    m = machine
-    n_gpu = len(m.gpus)
-    nproc = nproc if nproc is not None else (n_gpu or 1)
-    if nproc < 1:
-        raise TopologyError(f"nproc: must be >= 1, got {nproc}")
-    findings = [Finding("note", w) for w in m.warnings]
-    if n_gpu and nproc > n_gpu:
-        findings.append(Finding("warning", f"{nproc} ranks on {n_gpu} GPU(s): local rank i "
-                                f"shares GPU i % {n_gpu}"))
+    n = len(m.gpus)
+    if not n:
+        return [None] * nproc
+    if nproc > n:
+        if backend == "nccl":
+            raise TopologyError(f"nproc: {nproc} ranks on {n} GPU(s): NCCL cannot put two "
+                                "ranks of one communicator on one GPU (plan at most "
+                                f"{n}, or use the gloo backend to share GPUs)")
+        findings.append(Finding("warning", f"{nproc} ranks on {n} GPU(s) (gloo): local rank i "
+                                f"shares GPU i % {n}"))
+        return [i % n for i in range(nproc)]
+    chosen = choose_gpus(m, nproc, multi_node=nnodes > 1)
+    if nproc < n:
+        why = ("multi-node: GPUs next to distinct NICs first" if nnodes > 1 else
+               "single-node: inside one fast group first")
+        findings.append(Finding("note", f"{nproc} of {n} GPUs: "
+                                f"{', '.join(f'GPU{g}' for g in chosen)} ({why}, ties spread "
+                                "over sockets); without terarec-launch set "
+                                f"CUDA_VISIBLE_DEVICES={','.join(map(str, chosen))} for the "
+                                "job (local rank i takes the i-th)"))
+    return list(chosen)
+
+
+def _cpu_shares(m: Machine, placed: list[tuple[int, Optional[int], Optional[int]]],
+                findings: list[Finding]) -> dict[int, RankPlan]:
+    """Each rank's CPU cores: a contiguous share of its node's physical cores. A GPU rank
+    whose node is unknown is left unpinned (never handed every CPU)."""
     nodes = sorted(m.numa, key=lambda x: x.id)
-    if n_gpu:
-        placed = [(i, i % n_gpu, _gpu_node(m, i % n_gpu)) for i in range(nproc)]
-    else:
-        placed = [(i, None, nodes[i * len(nodes) // nproc].id if nodes else None)
-                  for i in range(nproc)]
     all_cpus = sorted({c for n in nodes for c in n.cpus})
+    physical = sum(len(core_groups(n.cpus, m.threads_per_core)) for n in nodes)
     by_base: dict[tuple[Optional[int], tuple[int, ...]], list[int]] = {}
+    ranks: dict[int, RankPlan] = {}
     for i, g, node in placed:
+        if g is not None and node is None and len(nodes) > 1:
+            omp = max(1, physical // len(placed))
+            findings.append(Finding("warning", f"GPU{g}: NUMA node unknown (no CPU or NUMA "
+                                    "affinity, and no device of known node near it): its rank "
+                                    f"is not pinned and gets no memory binding; "
+                                    f"OMP_NUM_THREADS={omp} (the {physical} physical cores / "
+                                    f"{len(placed)} ranks)"))
+            ranks[i] = RankPlan(local_rank=i, gpu=g, numa_node=None, cpus=[], omp_threads=omp)
+            continue
         base = m.node(node).cpus if node is not None else all_cpus
         if g is not None and m.gpus[g].cpus and set(m.gpus[g].cpus) & set(base):
             base = sorted(set(base) & set(m.gpus[g].cpus))  # a cgroup narrower than the node
@@ -340,7 +383,9 @@ def make_plan(machine: Machine, nproc: Optional[int] = None,
         if g is not None and node is None:
             findings.append(Finding("warning", f"GPU{g}: NUMA node unknown: its rank gets "
                                     "no memory binding"))
-    ranks: dict[int, RankPlan] = {}
+    note = smt_note({node: list(base) for node, base in by_base}, m.threads_per_core)
+    if note:
+        findings.append(Finding("note", note))
     for (node, base), members in by_base.items():
         cores = core_groups(list(base), m.threads_per_core)
         if len(cores) < len(members):
@@ -350,31 +395,99 @@ def make_plan(machine: Machine, nproc: Optional[int] = None,
             cpus = sorted(c for core in share for c in core)
             ranks[i] = RankPlan(local_rank=i, gpu=placed[i][1], numa_node=node, cpus=cpus,
                                 omp_threads=max(1, len(share)))
-    plan_ranks = [ranks[i] for i in range(nproc)]
-    _pick_nics(m, plan_ranks, findings)
-    _pick_disks(m, plan_ranks, ssd_subdir, findings)
-    groups = _fast_groups(m, plan_ranks)
-    for g in groups:
-        gpus = [plan_ranks[i].gpu for i in g]
-        if len(g) > 1 and gpus[0] is not None:
-            direct = all(nvlinks(m.gpu_links[a][b]) for a in gpus for b in gpus if a != b)  # type: ignore[index]
-            if not direct and any(nvlinks(m.gpu_links[a][b]) for a in gpus for b in gpus if a != b):  # type: ignore[index]
-                findings.append(Finding("note", f"fast group {g}: NVLink joins the GPUs but "
-                                        "not every pair directly (a mesh, not a switch)"))
-    fast_env = ";".join(",".join(map(str, g)) for g in groups)
-    for r in plan_ranks:
+    return ranks
+
+
+def _env(m: Machine, ranks: list[RankPlan], fast_env: str, visible: bool,
+         findings: list[Finding]) -> None:
+    """Sets each rank's ``env``; a NIC whose device name or kind is unknown is not pinned
+    (a warning per NIC)."""
+    unpinned: dict[str, list[str]] = {}
+    for r in ranks:
         env = {"OMP_NUM_THREADS": str(r.omp_threads), "TERAREC_FAST_GROUPS": fast_env}
         if r.gpu is not None:
             env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+            if visible:
+                env["CUDA_VISIBLE_DEVICES"] = str(r.gpu)
             nic = next((n for n in m.nics if n.name == r.nic), None)
-            if nic is not None and nic.rdma:
+            if nic is not None and (not nic.named or nic.rdma is None):
+                unpinned.setdefault(nic.name, []).append(f"GPU{r.gpu}")
+            elif nic is not None and nic.rdma:
                 env["NCCL_IB_HCA"] = f"={nic.name}"
             elif nic is not None and nic.netdev:
                 env["NCCL_SOCKET_IFNAME"] = f"={nic.netdev}"
         if r.ssd_dir:
             env[SSD_DIR_VAR] = r.ssd_dir
         r.env = env
-    return Plan(hostname=m.hostname, ranks=plan_ranks, fast_groups=groups, findings=findings)
+    for name, who in unpinned.items():
+        nic = next(n for n in m.nics if n.name == name)
+        what = ("device name unknown (the input's NIC legend does not name it, or gives "
+                "its name to two NICs)"
+                if not nic.named else "kind unknown (RDMA or Ethernet)")
+        findings.append(Finding("warning", f"{name}: {what}: no NCCL NIC variable set for "
+                                f"{', '.join(who)} (NCCL chooses its NICs)"))
+
+
+def make_plan(machine: Machine, nproc: Optional[int] = None,
+              ssd_subdir: str = DEFAULT_SSD_SUBDIR, *, backend: str = "nccl",
+              nnodes: int = 1) -> Plan:
+    """Plans ``nproc`` local ranks on ``machine``.
+
+    Args:
+        machine: what discovery saw.
+        nproc: ranks on this node (default: one per GPU, else 1).
+        ssd_subdir: directory made on the chosen disk's mount for the SSD tier.
+        backend: ``nccl`` (one rank per GPU at most) or ``gloo`` (more ranks than GPUs
+            share them, with a warning).
+        nnodes: nodes in the job; with fewer ranks than GPUs a multi-node job takes GPUs
+            next to distinct NICs first, a single-node job one NVLink island first.
+
+    Returns:
+        The :class:`Plan`.
+
+    Raises:
+        TopologyError: ``nproc < 1``, ``nnodes < 1``, an unknown backend, or more ranks
+            than GPUs under NCCL.
+    """
+    m = machine
+    n_gpu = len(m.gpus)
+    nproc = nproc if nproc is not None else (n_gpu or 1)
+    if nproc < 1:
+        raise TopologyError(f"nproc: must be >= 1, got {nproc}")
+    if nnodes < 1:
+        raise TopologyError(f"nnodes: must be >= 1, got {nnodes}")
+    if backend not in BACKENDS:
+        raise TopologyError(f"backend: {backend!r} is not one of {', '.join(BACKENDS)}")
+    findings = [Finding("note", w) for w in m.warnings]
+    findings += [Finding("warning", w) for w in m.inconsistencies]
+    gpus = _gpus_for_ranks(m, nproc, backend, nnodes, findings)
+    nodes = sorted(m.numa, key=lambda x: x.id)
+    if n_gpu:
+        placed = [(i, g, _gpu_node(m, g)) for i, g in enumerate(gpus)]  # type: ignore[arg-type]
+    else:
+        placed = [(i, None, nodes[i * len(nodes) // nproc].id if nodes else None)
+                  for i in range(nproc)]
+    ranks = _cpu_shares(m, placed, findings)
+    plan_ranks = [ranks[i] for i in range(nproc)]
+    _pick_nics(m, plan_ranks, findings)
+    _pick_disks(m, plan_ranks, ssd_subdir, findings)
+    groups = _fast_groups(m, plan_ranks)
+    findings += _lonely_note(m, plan_ranks, groups)
+    for g in groups:
+        gg = [plan_ranks[i].gpu for i in g]
+        if len(g) > 1 and gg[0] is not None:
+            direct = all(nvlinks(m.gpu_links[a][b]) for a in gg for b in gg if a != b)  # type: ignore[index]
+            if not direct and any(nvlinks(m.gpu_links[a][b]) for a in gg for b in gg if a != b):  # type: ignore[index]
+                findings.append(Finding("note", f"fast group {g}: NVLink joins the GPUs but "
+                                        "not every pair directly (a mesh, not a switch)"))
+    fast_env = ";".join(",".join(map(str, g)) for g in groups)
+    in_order = gpus == list(range(n_gpu))
+    _env(m, plan_ranks, fast_env, visible=bool(n_gpu) and not in_order, findings=findings)
+    job_visible = None
+    if n_gpu and not in_order and nproc <= n_gpu:
+        job_visible = ",".join(str(g) for g in gpus)
+    return Plan(hostname=m.hostname, ranks=plan_ranks, fast_groups=groups, findings=findings,
+                cuda_visible_devices=job_visible)
 
 
 # ------------------------------------------------------------------------------- JSON
@@ -442,6 +555,7 @@ def describe_rank(r: RankPlan) -> str:
     if r.nic:
         via = f" via GPU{r.relay_gpu}" if r.relay_gpu is not None else ""
         nic = f" {r.nic} ({r.nic_link}{via})" if r.nic_link else f" {r.nic}"
+    cpus = f"cpus {format_cpulist(r.cpus)}" if r.cpus else "unpinned"
     return (f"rank {r.local_rank}: {gpu}NUMA {r.numa_node if r.numa_node is not None else '?'}"
-            f" cpus {format_cpulist(r.cpus)} ({r.omp_threads} cores){nic}"
+            f" {cpus} ({r.omp_threads} cores){nic}"
             f" {r.ssd_dir or '-'}")

@@ -18,7 +18,7 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]], indent: str =
 
 
 def format_machine(m: Machine) -> str:
-    smt = f", {m.threads_per_core} threads/core" if m.threads_per_core else ""
+    smt = f", {m.threads_per_core} threads/core" if m.threads_per_core else ", SMT unknown"
     sockets = f"{m.sockets} socket(s)" if m.sockets else "sockets unknown"
     out = [f"machine {m.hostname} ({sockets}{smt}; from {', '.join(m.sources) or '?'})", "",
            "NUMA nodes:"]
@@ -43,9 +43,12 @@ def format_machine(m: Machine) -> str:
     out += ["", "NICs:" if m.nics else "NICs: none"]
     if m.nics:
         out.append(table(["nic", "rdma", "netdev", "NUMA", "rate"],
-                         [[n.name, "yes" if n.rdma else "no", n.netdev, n.numa_node,
+                         [[n.name + ("" if n.named else " (name unknown)"),
+                           "?" if n.rdma is None else "yes" if n.rdma else "no", n.netdev,
+                           n.numa_node,
                            f"{n.rate_gbps:g} Gb/s" if n.rate_gbps else None] for n in m.nics]))
-    out += ["", "disks:" if m.disks else "disks: none"]
+    out += ["", "disks:" if m.disks else "disks: none" if m.disks_known else
+            "disks: not in the input"]
     if m.disks:
         out.append(table(["disk", "kind", "NUMA", "mount", "size", "members"],
                          [[d.name, "nvme" if d.nvme else "disk", d.numa_node, d.mount,
@@ -63,9 +66,12 @@ def format_plan(plan: Plan) -> str:
             via = f" via GPU{r.relay_gpu}" if r.relay_gpu is not None else ""
             nic = f"{r.nic} ({r.nic_link}{via})" if r.nic_link else r.nic
         rows.append([r.local_rank, f"GPU{r.gpu}" if r.gpu is not None else None, r.numa_node,
-                     format_cpulist(r.cpus), r.omp_threads, nic, r.ssd_dir])
+                     format_cpulist(r.cpus) or "unpinned", r.omp_threads, nic, r.ssd_dir])
     out.append(table(["rank", "gpu", "NUMA", "cpus", "cores", "nic (link)", "ssd dir"], rows))
     out.append(f"fast groups (local ranks): {plan.fast_groups}")
+    if plan.cuda_visible_devices is not None:
+        out.append(f"GPUs used: CUDA_VISIBLE_DEVICES={plan.cuda_visible_devices} for the job "
+                   "(local rank i takes the i-th; terarec-launch sets it per rank)")
     out.append("environment per rank:")
     for r in plan.ranks:
         env = " ".join(f"{k}={v}" for k, v in sorted(r.env.items()))
@@ -74,9 +80,10 @@ def format_plan(plan: Plan) -> str:
 
 
 def format_findings(plan: Plan) -> str:
-    if not plan.findings:
-        return "check: no bad placement found"
-    return "\n".join(f"{f.level}: {f.text}" for f in plan.findings)
+    """The findings, one a line; led by ``check: no bad placement found`` when none is a
+    warning."""
+    lines = [] if plan.warnings else ["check: no bad placement found"]
+    return "\n".join(lines + [f"{f.level}: {f.text}" for f in plan.findings])
 
 
 def format_cost(est: CostEstimate, load: StepLoad) -> str:
@@ -91,6 +98,9 @@ def format_cost(est: CostEstimate, load: StepLoad) -> str:
                      f"{p.seconds * 1e3:.1f} ms", p.bottleneck, f"{est.speedup(phase):.2f}x"])
     out.append(table(["phase", "naive", "naive bottleneck", "planned", "planned bottleneck",
                       "naive/planned"], rows))
+    if est.assumptions:
+        out.append("assumed (facts the input does not give):")
+        out += [f"  {a}" for a in est.assumptions]
     return "\n".join(out)
 
 

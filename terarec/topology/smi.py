@@ -46,6 +46,10 @@ class TopoMatrix:
         cpu_affinity: per GPU, its CPU list (empty when ``N/A`` or absent).
         numa_affinity: per GPU, its NUMA node (None when ``N/A`` or absent).
         gpu_numa_id: per GPU, the GPU memory's own NUMA node (GH200), else None.
+        nic_named: per NIC, whether ``nic_names`` holds its device name (False: a
+            ``NICk`` column the NIC legend does not name, or names twice).
+        inconsistencies: contradictions in the text, each naming its row (an asymmetric
+            cell, a NIC name given twice, a GPU row cut after its link columns).
     """
 
     gpu_links: list[list[str]]
@@ -55,6 +59,8 @@ class TopoMatrix:
     cpu_affinity: list[list[int]] = field(default_factory=list)
     numa_affinity: list[Optional[int]] = field(default_factory=list)
     gpu_numa_id: list[Optional[int]] = field(default_factory=list)
+    nic_named: list[bool] = field(default_factory=list)
+    inconsistencies: list[str] = field(default_factory=list)
 
     @property
     def num_gpus(self) -> int:
@@ -104,6 +110,10 @@ def parse_topo_matrix(text: str, source: str = "nvidia-smi topo -m") -> TopoMatr
             f"{source}: no GPU matrix found (expected a header line starting with GPU0)"
         )
     devices = [c for c in cols if c not in _TRAILING]
+    twice = sorted({c for c in devices if devices.count(c) > 1})
+    if twice:
+        raise TopologyError(f"{source}: header {' '.join(cols)!r}: column(s) "
+                            f"{', '.join(twice)} given twice")
     trailing = [c for c in cols if c in _TRAILING]
     if devices != cols[: len(devices)]:
         raise TopologyError(f"{source}: header {' '.join(cols)!r}: device columns after "
@@ -137,11 +147,16 @@ def parse_topo_matrix(text: str, source: str = "nvidia-smi topo -m") -> TopoMatr
         return out
 
     gpu_links, gpu_nic, cpu_aff, numa_aff, gpu_numa = [], [], [], [], []
+    odd: list[str] = []
     for g in gpus:
         cells = rows[g]
         if len(cells) < len(devices):
             raise TopologyError(f"{source}: row {g} has {len(cells)} cells, the header "
                                 f"{len(devices)} devices")
+        if trailing and len(cells) == len(devices):
+            odd.append(f"{source}: row {g} ends after its link columns (no "
+                       f"{', '.join(c.replace('_', ' ') for c in trailing)}): its CPU and "
+                       "NUMA affinity are unknown")
         links = rels(g, cells[: len(devices)], devices)
         gpu_links.append(links[:ng])
         gpu_nic.append(links[ng:])
@@ -155,16 +170,65 @@ def parse_topo_matrix(text: str, source: str = "nvidia-smi topo -m") -> TopoMatr
     for i in range(ng):
         if gpu_links[i][i] != "X":
             raise TopologyError(f"{source}: row GPU{i}: {gpu_links[i][i]} on the diagonal")
-    nic_nic = [rels(n, rows[n][ng: ng + len(nics)], nics) if n in rows else [] for n in nics]
+    nic_gpu = {n: rels(n, rows[n][:ng], gpus) for n in nics if n in rows and len(rows[n]) >= ng}
+    nic_nic = [rels(n, rows[n][ng: ng + len(nics)], nics)
+               if n in rows and len(rows[n]) >= ng + len(nics) else [] for n in nics]
+    odd += _asymmetries(source, gpus, gpu_links, nics, gpu_nic, nic_gpu, nic_nic)
+    names, named = _nic_names(source, nics, legend, odd)
     return TopoMatrix(
         gpu_links=gpu_links,
-        nic_names=[legend.get(n, n) for n in nics],
+        nic_names=names,
         gpu_nic_links=gpu_nic,
         nic_nic_links=nic_nic,
         cpu_affinity=cpu_aff,
         numa_affinity=numa_aff,
         gpu_numa_id=gpu_numa,
+        nic_named=named,
+        inconsistencies=odd,
     )
+
+
+def _nic_names(source: str, cols: list[str], legend: dict[str, str],
+               odd: list[str]) -> tuple[list[str], list[bool]]:
+    """Column labels -> (names, named). A ``NICk`` label resolves through the legend; one
+    the legend does not name stays its label, unnamed. A name the legend gives to two
+    columns is known for neither (both keep their labels, and ``odd`` says so)."""
+    names = [legend.get(c, c) for c in cols]
+    named = [c in legend or not re.fullmatch(r"NIC\d+", c) for c in cols]
+    for k, name in enumerate(names):
+        others = [j for j, n in enumerate(names) if n == name and j != k and named[j]]
+        if named[k] and others:
+            twice = [cols[k]] + [cols[j] for j in others]
+            odd.append(f"{source}: NIC legend: {' and '.join(twice)} are "
+                       f"{'both' if len(twice) == 2 else 'all'} {name!r}: their device names "
+                       "are unknown")
+            for j in [k, *others]:
+                names[j], named[j] = cols[j], False
+    return names, named
+
+
+def _asymmetries(source: str, gpus: list[str], gpu_links: list[list[str]], nics: list[str],
+                 gpu_nic: list[list[str]], nic_gpu: dict[str, list[str]],
+                 nic_nic: list[list[str]]) -> list[str]:
+    """Cells whose mirror image says otherwise (``row A, column B`` vs ``row B, column A``)."""
+    out = []
+
+    def check(ra: str, cb: str, x: str, rb: str, ca: str, y: str) -> None:
+        if x != y:
+            out.append(f"{source}: row {ra}, column {cb}: {x}, but row {rb}, column {ca}: "
+                       f"{y} (asymmetric: each row's own value is used)")
+
+    for i, a in enumerate(gpus):
+        for j in range(i + 1, len(gpus)):
+            check(a, gpus[j], gpu_links[i][j], gpus[j], a, gpu_links[j][i])
+        for k, n in enumerate(nics):
+            if n in nic_gpu:
+                check(a, n, gpu_nic[i][k], n, a, nic_gpu[n][i])
+    for k, n in enumerate(nics):
+        for j in range(k + 1, len(nics)):
+            if nic_nic[k] and nic_nic[j]:
+                check(n, nics[j], nic_nic[k][j], nics[j], n, nic_nic[j][k])
+    return out
 
 
 def normalize_bus_id(bus_id: str) -> str:
@@ -221,18 +285,27 @@ def parse_query_gpu(text: str, source: str = "nvidia-smi --query-gpu") -> list[G
 
 def format_topo_matrix(gpu_links: list[list[str]], nic_names: list[str],
                        gpu_nic_links: list[list[str]], cpu_affinity: list[str],
-                       numa_affinity: list[str]) -> str:
+                       numa_affinity: list[str], nic_named: Optional[list[bool]] = None,
+                       nic_nic_links: Optional[list[list[str]]] = None) -> str:
     """A matrix in ``nvidia-smi topo -m``'s layout (what :func:`parse_topo_matrix` reads),
-    for machines discovered through NVML or sysfs. NIC rows (NIC<->NIC) are left out."""
+    for machines discovered through NVML or sysfs. NIC rows (NIC<->NIC) are written when
+    known; the NIC legend names only the NICs whose name is known (``nic_named``)."""
     n = len(gpu_links)
-    cols = [f"GPU{i}" for i in range(n)] + [f"NIC{k}" for k in range(len(nic_names))]
+    named = nic_named if nic_named is not None else [True] * len(nic_names)
+    labels = [f"NIC{k}" for k in range(len(nic_names))]
+    cols = [f"GPU{i}" for i in range(n)] + labels
     lines = ["\t" + "\t".join(cols + ["CPU Affinity", "NUMA Affinity", "GPU NUMA ID"])]
     for i in range(n):
         cells = [" X " if c == "X" else c for c in gpu_links[i]]
         cells += list(gpu_nic_links[i]) if gpu_nic_links else []
         lines.append("\t".join([f"GPU{i}", *cells, cpu_affinity[i] or "N/A",
                                 numa_affinity[i], "N/A"]))
-    if nic_names:
-        lines += ["", "NIC Legend:", ""] + [f"  NIC{k}: {name}" for k, name in
-                                           enumerate(nic_names)]
+    if nic_nic_links and gpu_nic_links:
+        for k, row in enumerate(nic_nic_links):
+            cells = [gpu_nic_links[i][k] for i in range(n)] + \
+                [" X " if c == "X" else c for c in row]
+            lines.append("\t".join([labels[k], *cells]))
+    if any(named):
+        lines += ["", "NIC Legend:", ""] + [f"  {label}: {name}" for label, name, ok in
+                                           zip(labels, nic_names, named) if ok]
     return "\n".join(lines) + "\n"

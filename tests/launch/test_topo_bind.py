@@ -155,3 +155,38 @@ def test_plan_fast_groups_reach_the_process_groups(tmp_path: Path) -> None:
     rows = {**_rows(outs[0]), **_rows(outs[1])}
     assert rows[0]["fast_ranks"] == [0] and rows[1]["fast_ranks"] == [1]
     assert rows[0]["cross_ranks"] == [0, 1] and rows[0]["num_nodes"] == 2
+
+
+def test_fewer_ranks_than_gpus_get_their_chosen_gpu(tmp_path: Path) -> None:
+    """2 ranks of a 2-node job on the 8-GPU DGX fixture: the plan picks GPU0 and GPU4 (one
+    per socket, each next to its own NIC); bind gives each rank CUDA_VISIBLE_DEVICES."""
+    plan, _, path = prepare_plan(2, DGX, str(tmp_path), environ={}, nnodes=2)
+    assert [r.gpu for r in plan.ranks] == [0, 4] and plan.cuda_visible_devices == "0,4"
+    for rank, gpu in ((0, "0"), (1, "4")):
+        res = subprocess.run([PY, "-m", "terarec.launch.bind", "--no-numactl", "--plan",
+                              str(path), "--", "-m", "terarec.cli", "topo", "--applied"],
+                             env=torchrun_env(rank, 2, free_port()), cwd=REPO,
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        got = _rows(res.stdout)[rank]["env"]
+        assert got["CUDA_VISIBLE_DEVICES"] == gpu and got["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    # the user's own CUDA_VISIBLE_DEVICES wins, as every plan variable does
+    _, _, mine = prepare_plan(2, DGX, str(tmp_path), environ={"CUDA_VISIBLE_DEVICES": "5,6"},
+                              nnodes=2)
+    env = torchrun_env(1, 2, free_port(), CUDA_VISIBLE_DEVICES="5,6")
+    res = subprocess.run([PY, "-m", "terarec.launch.bind", "--no-numactl", "--plan", str(mine),
+                          "--", "-m", "terarec.cli", "topo", "--applied"], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert _rows(res.stdout)[1]["env"]["CUDA_VISIBLE_DEVICES"] == "5,6"
+    # terarec-launch passes its node count and backend to the plan
+    res = subprocess.run([PY, "-m", "terarec.launch.cli", "--nproc-per-node", "2", "--nnodes",
+                          "2", "--rdzv-endpoint", "node0:29400", "--topology", DGX,
+                          "--log-dir", str(tmp_path), "--dry-run", "--probe"], env=base_env(),
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "rank 1: GPU4 NUMA 1" in res.stderr and "CUDA_VISIBLE_DEVICES=0,4" in res.stderr
+    res = subprocess.run([PY, "-m", "terarec.launch.cli", "--nproc-per-node", "9",
+                          "--topology", DGX, "--dry-run", "--probe"], env=base_env(),
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "NCCL cannot put two ranks" in res.stderr
+    assert "Traceback" not in res.stderr

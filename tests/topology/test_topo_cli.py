@@ -41,7 +41,7 @@ def test_json_round_trip_and_check(tmp_path: Path, capsys: pytest.CaptureFixture
     assert again["machine"] == doc["machine"] and len(again["plan"]["ranks"]) == 4
     assert main(["--from", str(saved), "--check"]) == 1  # GPU4-7: NIC across sockets
     out = capsys.readouterr().out
-    assert out.count("warning: GPU") == 4 and "across sockets (SYS)" in out
+    assert out.count("warning: GPU") == 4 and "across sockets (SYS;" in out
     assert main(["--from", str(FIXTURES / "dgx-h200-nvswitch.topo"), "--check"]) == 0
     assert capsys.readouterr().out.strip() == "check: no bad placement found"
 

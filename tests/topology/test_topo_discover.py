@@ -152,6 +152,19 @@ def test_nvidia_smi(tmp_path: Path) -> None:
     assert m.nics[0].rate_gbps == 200.0  # details of a matrix NIC from sysfs
     assert m.gpu_nic_links[0] == ["PIX", "PHB"]  # eth0's link from PCI paths
     assert make_plan(m).fast_groups == [[0, 1], [2]]  # the NVLink island
+    # NIC-NIC: the matrix's, and eth0's from the PCI paths
+    assert m.nic_nic_links == [["X", "PHB"], ["PHB", "X"]] and m.inconsistencies == []
+
+
+def test_nvidia_smi_without_a_nic_legend(tmp_path: Path) -> None:
+    """A matrix NIC the legend does not name (and sysfs cannot match) stays unnamed and is
+    not pinned; the sysfs NIC keeps its own name."""
+    topo = SMI_TOPO.split("NIC Legend:")[0]
+    m = discover(make_tree(tmp_path), run=smi(topo=topo), nvml=None, hostname="box")
+    assert [(n.name, n.named, n.rdma) for n in m.nics] == [
+        ("NIC0", False, None), ("mlx5_0", True, True), ("eth0", True, False)]
+    plan = make_plan(m)
+    assert all(r.env.get("NCCL_IB_HCA") != "=NIC0" for r in plan.ranks)
 
 
 def test_bad_or_failing_nvidia_smi(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from terarec.topology.smi import normalize_bus_id, parse_query_gpu, parse_topo_m
 
 HERE = Path(__file__).resolve().parent
 FIXTURES = HERE / "fixtures"
-CAPTURES = HERE.parents[2] / "shared" / "topologies"
+CAPTURES = FIXTURES / "captures"  # verbatim copies of the real captures, with provenance
 
 # file prefix -> (GPUs, NICs in the matrix, NUMA nodes with CPUs seen)
 REAL = {
@@ -50,14 +50,11 @@ REAL = {
 
 def _capture(prefix: str) -> Path:
     found = sorted(CAPTURES.glob(f"{prefix}*.txt"))
-    if not found:
-        pytest.skip(f"{CAPTURES} has no {prefix}* (shared/ not beside the repo)")
+    assert found, f"no capture {prefix}* in {CAPTURES}"
     return found[0]
 
 
 def test_every_capture_is_listed() -> None:
-    if not CAPTURES.is_dir():
-        pytest.skip("shared/topologies not beside the repo")
     files = sorted(p.name for p in CAPTURES.glob("*.txt"))
     assert len(files) == 18
     assert all(any(f.startswith(k) for k in REAL) for f in files)
@@ -110,7 +107,7 @@ def test_real_capture_details() -> None:
 def test_named_fixtures_load_and_round_trip() -> None:
     names = sorted(p.stem for p in FIXTURES.glob("*.topo"))
     assert names == ["cpu-box", "dgx-h200-nvswitch", "h100-vm-captured", "h200-vm",
-                     "pcie-4gpu-workstation", "pcie-8gpu-2x4-switch"]
+                     "pcie-4gpu-workstation", "pcie-8gpu-2x4-switch", "pcie-8gpu-allsys"]
     for name in names:
         m = load_fixture(FIXTURES / f"{name}.topo")
         again = machine_from_text(machine_to_fixture(m), name)
@@ -147,6 +144,8 @@ def test_unparsable_tool_output_names_the_source() -> None:
         parse_topo_matrix("NVIDIA-SMI has failed because it couldn't communicate\n")
     with pytest.raises(TopologyError, match=r"`cmd`: row GPU1, column GPU0: 'NVX' is not"):
         parse_topo_matrix("\tGPU0\tGPU1\nGPU0\t X \tNV1\nGPU1\tNVX\t X \n", "`cmd`")
+    with pytest.raises(TopologyError, match=r"x: header .*: column\(s\) mlx5_0 given twice"):
+        parse_topo_matrix("\tGPU0\tmlx5_0\tmlx5_0\nGPU0\t X \tPIX\tPIX\n", "x")
     with pytest.raises(TopologyError, match="no row for GPU1"):
         parse_topo_matrix("\tGPU0\tGPU1\nGPU0\t X \tNV1\n", "x")
     with pytest.raises(TopologyError, match="line: line 1: 'a': expected 5 fields"):
