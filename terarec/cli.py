@@ -16,6 +16,7 @@ with the same arguments; rank 0 prints the closing lines (docs/distributed.md).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -324,16 +325,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     # Our own loggers at INFO; third-party INFO chatter (fbgemm's .so loading) stays quiet.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("terarec").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    # torchrec's KJT asks torch.fx whether it is tracing, and torch answers every process
-    # with a deprecation note for torchrec's developers (not ours to act on)
-    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    # (torch.fx's deprecation note to torchrec's developers is quieted in terarec/__init__)
     try:
         return args.fn(args)
     except KeyboardInterrupt:  # a second Ctrl-C during training, or one elsewhere
         print("terarec: interrupted", file=sys.stderr)
         return 130
     except ConfigError as e:
-        print(f"terarec: config error: {e}", file=sys.stderr)
+        if _first_to_say(f"config error: {e}"):
+            print(f"terarec: config error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
         from terarec.data import DataError
@@ -352,6 +352,22 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"terarec: {type(e).__name__}: {e}", file=sys.stderr)
             return 1
         raise
+
+
+def _first_to_say(message: str) -> bool:
+    """False when another rank of this node's launched job already printed ``message``
+    (every rank meets the same config error); True outside ``terarec-launch``."""
+    said = os.environ.get("TERAREC_SAID_DIR")  # terarec.launch.torchrun.SAID_DIR
+    if not said:
+        return True
+    name = hashlib.sha256(message.encode()).hexdigest()[:32]
+    try:
+        os.close(os.open(os.path.join(said, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 if __name__ == "__main__":

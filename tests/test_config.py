@@ -134,7 +134,9 @@ def test_yaml_exponent_numbers_without_a_dot(tmp_path) -> None:
 def test_data_paths_in_a_file_are_relative_to_it(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """A config's relative data paths resolve against its directory (it works from any
-    working directory); --set paths stay the user's; absolute ones and URLs are kept."""
+    working directory); --set paths are the user's, from the current directory (both made
+absolute, so a saved run config reads the same files anywhere); absolute ones and URLs
+are kept."""
     d = tmp_path / "configs"
     d.mkdir()
     cfg = d / "c.yaml"
@@ -145,5 +147,7 @@ def test_data_paths_in_a_file_are_relative_to_it(tmp_path: Path,
     c = load_config("c.yaml")
     assert c.data.path == [str(tmp_path / "data" / "a.tsv"), "/abs/b.tsv", "file:///c.tsv"]
     assert c.data.eval_path == [str(tmp_path / "data" / "e.tsv")]
-    c = load_config(cfg, ["data.path=x.tsv"])
-    assert c.data.path == ["x.tsv"]
+    c = load_config(cfg, ["data.path=x.tsv"])  # the user's: from the current directory,
+    assert c.data.path == [str(tmp_path / "configs" / "x.tsv")]  # recorded absolute
+    c = load_config(cfg, ["data.eval_path=[../e.tsv, 's3://b/e.tsv']"])
+    assert c.data.eval_path == [str(tmp_path / "e.tsv"), "s3://b/e.tsv"]

@@ -514,13 +514,17 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
         raise ConfigError(f"{source}: {e}") from None
 
 
-def _data_paths_from(data: dict[str, Any], base: Path) -> None:
-    """``data.path`` / ``eval_path`` / ``valid_path`` entries of a config file, relative
-    to ``base``."""
+DATA_PATH_KEYS = ("path", "eval_path", "valid_path")
+
+
+def _data_paths_from(data: dict[str, Any], base: Path,
+                     keys: tuple[str, ...] = DATA_PATH_KEYS) -> None:
+    """``data.path`` / ``eval_path`` / ``valid_path`` entries (those of ``keys``) of a
+    config, relative to ``base``, made absolute."""
     section = data.get("data")
     if not isinstance(section, dict):
         return
-    for key in ("path", "eval_path", "valid_path"):
+    for key in keys:
         value = section.get(key)
         entries = [value] if isinstance(value, str) else value
         if not isinstance(entries, list):
@@ -536,7 +540,8 @@ def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -
     Relative data paths in the file (``data.path``, ``data.eval_path``) are resolved
     against the config file's directory, so a config works from any working directory;
     paths given with ``overrides`` (``--set``) are the user's, relative to the current
-    directory. Absolute paths, ``~`` and URLs (``scheme://``) are left as they are.
+    directory; both are made absolute, so the run's saved config reads the same files
+    from anywhere. Absolute paths, ``~`` and URLs (``scheme://``) are left as they are.
     """
     path = Path(path)
     try:
@@ -555,6 +560,8 @@ def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -
             raise ConfigError(f"--set {item!r}: expected key=value")
         k, v = item.split("=", 1)
         set_dotted(data, k.strip(), yaml.load(v, Loader=Loader))
+        if k.strip() in {f"data.{key}" for key in DATA_PATH_KEYS}:  # the user's cwd
+            _data_paths_from(data, Path.cwd(), (k.strip()[len("data."):],))
     return config_from_dict(data, str(path))
 
 

@@ -73,6 +73,7 @@ def prepare_plan(nproc: int, machine_file: Optional[str] = None,
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)  # readable like the run's other files (mkstemp: 0600)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

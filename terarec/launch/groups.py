@@ -38,7 +38,7 @@ from typing import Optional, TypeVar
 import torch
 import torch.distributed as dist
 
-from terarec.config import DistBackend, DistConfig
+from terarec.config import ConfigError, DistBackend, DistConfig
 from terarec.launch.env import LaunchEnv, LaunchError, read_launch_env
 from terarec.launch.health import HealthMonitor, PeerFailure, ProcInfo, pid_space
 from terarec.launch.rendezvous import Rendezvous, await_ranks, connect
@@ -181,11 +181,14 @@ def _wait_done(store: dist.Store, world: int, timeout_s: float) -> None:
 
 def pick_device(preference: str, env: LaunchEnv) -> torch.device:
     """The rank's device for ``train.device`` (:func:`terarec.runtime.resolve_device` at
-    the launcher's local rank), a :class:`LaunchError` when it cannot be had."""
+    the launcher's local rank); a :class:`~terarec.config.ConfigError` when it cannot be
+    had."""
     try:
         return resolve_device(preference, env.local_rank, env.local_world_size)
     except DeviceUnavailable as e:
-        raise LaunchError(f"{env.describe()}: {e}") from None
+        # a config error, as in one process (exit 2)
+        raise ConfigError(f"{env.describe()}: {e}" if "local rank" in str(e) else str(e)
+                          ) from None
 
 
 def _backend(cfg: DistConfig, device: torch.device) -> str:

@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from typing import Optional
 
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import get_args_parser, run
+
+SAID_DIR = "TERAREC_SAID_DIR"
 
 
 def exit_code(code: int) -> int:
@@ -32,6 +36,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     # (ranks set their own thread counts from train.threads)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # where this node's ranks mark an error one of them printed, so that an error every
+    # rank meets (a config error) is printed once (terarec.cli)
+    said = tempfile.mkdtemp(prefix="terarec-said-")
+    os.environ[SAID_DIR] = said
     try:
         run(args)
     except ChildFailedError as e:
@@ -41,6 +49,8 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"code {code}; its error is above. The other ranks were stopped.",
               file=sys.stderr, flush=True)
         return code
+    finally:
+        shutil.rmtree(said, ignore_errors=True)
     return 0
 
 

@@ -13,7 +13,10 @@ to drop every row without a word. Now each table adds (under the module's prefix
 and ``load_state_dict`` puts them back (every row replaced). A table with budgets
 (``device_rows`` / ``host_rows``: its rows may be terabytes, partly on SSD) or with
 admission (a count-min sketch) is not put in a state dict: asking for one raises an
-error naming terarec's checkpoints, which save them at any size. terarec's own
+error naming ``tables_state_dict()`` and terarec's checkpoints, which save them at any
+size. :func:`to_torchrec` / :func:`from_torchrec` and :func:`to_tbe` / :func:`from_tbe`
+convert the rows to and from a TorchRec ``EmbeddingBagCollection`` state dict and an
+FBGEMM table-batched embedding's weights, with the key vocabulary terarec produces. terarec's own
 checkpoints, DDP and the k-step merge keep the dense state apart from the rows
 (:func:`dense_state_only`).
 """
@@ -21,7 +24,7 @@ checkpoints, DDP and the k-step merge keep the dense state apart from the rows
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -43,8 +46,9 @@ def check_tables(tables: list[Any]) -> None:
                    else "counted by admission")
             raise RowsNotInStateDict(
                 f"table {t.name} is {why}: its rows are not put in model.state_dict(); "
-                "save them with terarec's checkpoints (terarec train writes them; "
-                "terarec.trainer.checkpoint.save_checkpoint / load_checkpoint), or use "
+                "save them with the collection's tables_state_dict() / "
+                "load_tables_state_dict() (every tier's rows and optimizer state), or "
+                "terarec's checkpoints (terarec train writes them), and use "
                 "state_dict() inside terarec.ps.state.dense_state_only(model) for the "
                 "dense weights alone")
 
@@ -143,3 +147,27 @@ def from_torchrec(ebc: nn.Module, state: dict[str, torch.Tensor],
         dev = t.group.device
         extra = torch.zeros(keys.numel(), t.row_width - t.dim, device=dev)
         t.insert_rows(keys.to(dev, torch.int64), torch.cat([w.detach().to(dev).float(), extra], 1))
+
+
+def to_tbe(ebc: nn.Module, tables: Sequence[str]
+           ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """The rows of ``ebc``'s in-memory tables as FBGEMM's table-batched embedding
+    (``SplitTableBatchedEmbeddingBagsCodegen``) holds them: one ``[R_t, dim_t]`` weight
+    per entry of ``tables`` (the TBE's table order: copy weight ``i`` into
+    ``tbe.split_embedding_weights()[i]``), and the vocabulary as :func:`to_torchrec`'s."""
+    state, vocab = to_torchrec(ebc)
+    unknown = [t for t in tables if f"embedding_bags.{t}.weight" not in state]
+    if unknown:
+        raise ValueError(f"tables {unknown} are not tables of the collection "
+                         f"(it has {sorted(vocab)})")
+    return [state[f"embedding_bags.{t}.weight"] for t in tables], vocab
+
+
+def from_tbe(ebc: nn.Module, weights: Sequence[torch.Tensor], tables: Sequence[str],
+             vocab: dict[str, torch.Tensor]) -> None:
+    """Writes FBGEMM TBE weights (``tbe.split_embedding_weights()``, table ``tables[i]``
+    in entry ``i``) into ``ebc``'s tables through ``vocab`` (see :func:`from_torchrec`)."""
+    if len(weights) != len(tables):
+        raise ValueError(f"{len(weights)} weights for {len(tables)} table names")
+    from_torchrec(ebc, {f"embedding_bags.{t}.weight": w for t, w in zip(tables, weights)},
+                  vocab)

@@ -9,7 +9,7 @@ A stored row is raw little-endian bytes:
   ``scale = (max - min) / 255`` and ``bias = min`` of the row. FBGEMM's
   ``FloatToFused8BitRowwiseQuantized`` / ``Fused8BitRowwiseQuantizedToFloat`` ops do
   the work where they are loaded; the torch code here is the same arithmetic (tested
-  against them).
+  against them: the same scales and biases, a code one apart at a rounding tie).
 """
 
 from __future__ import annotations

@@ -178,8 +178,9 @@ def test_terarec_launch_dry_run_prints_the_command() -> None:
 
 
 def test_a_failed_job_ends_with_one_line_and_the_ranks_exit_code(tmp_path: Path) -> None:
-    """A rank that fails (here: a config error) stops the job with its own message and
-    one line of the launcher naming it, exiting with the rank's code: no torch
+    """A rank that fails (here: a config error, exit 2 as in one process) stops the job
+    with its own message (once, though every rank meets it) and one line of the launcher
+    naming it, exiting with the rank's code: no torch
     traceback, no per-rank report, no OMP banner."""
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("name: bad\ndata: {kind: synthetic, batch_size: 8}\n"
@@ -190,8 +191,10 @@ def test_a_failed_job_ends_with_one_line_and_the_ranks_exit_code(tmp_path: Path)
                          capture_output=True, text=True, timeout=240)
     if "CUDA is not available" not in res.stderr:
         pytest.skip("this machine has CUDA: the config is not an error here")
-    assert res.returncode == 1, res.stderr
+    assert res.returncode == 2, res.stderr  # a config error, as in one process
     lines = [x for x in res.stderr.splitlines() if x.startswith("terarec-launch: rank ")]
-    assert len(lines) == 1 and "exited with code 1" in lines[0], res.stderr
+    assert len(lines) == 1 and "exited with code 2" in lines[0], res.stderr
+    # the same error on both ranks: said once
+    assert res.stderr.count("terarec: config error: ") == 1, res.stderr
     assert "Traceback" not in res.stderr and "ChildFailedError" not in res.stderr
     assert "OMP_NUM_THREADS" not in res.stdout + res.stderr

@@ -57,6 +57,7 @@ def test_fast_groups_env_and_global_groups() -> None:
 def test_plan_file(tmp_path: Path) -> None:
     plan, machine, path = prepare_plan(8, DGX, str(tmp_path), environ={"NCCL_IB_HCA": "mine"})
     assert path.parent == tmp_path and machine.hostname == "dgx-h200"
+    assert path.stat().st_mode & 0o777 == 0o644  # readable like the run's other files
     again, user = read_plan_file(str(path))
     assert again.ranks[3].nic == plan.ranks[3].nic == "mlx5_5" and user == {"NCCL_IB_HCA"}
     # launches of one plan share its file (nothing removes it: no file per launch piles up)

@@ -16,7 +16,14 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from terarec.config import InitConfig, Pooling, SparseOptimConfig, TableConfig
 from terarec.ps.embedding import HierarchicalEmbeddingBagCollection
-from terarec.ps.state import RowsNotInStateDict, dense_state_only, from_torchrec, to_torchrec
+from terarec.ps.state import (
+    RowsNotInStateDict,
+    dense_state_only,
+    from_tbe,
+    from_torchrec,
+    to_tbe,
+    to_torchrec,
+)
 
 V = 50  # ids per table: 0 .. V-1
 FEATURES = ["a", "b", "c", "d", "e"]
@@ -201,3 +208,42 @@ def test_torchrec_state_dict_converters_round_trip() -> None:
     from_torchrec(back, state, vocab)
     back.eval()
     assert torch.equal(back(as_keys).values(), ours(as_keys).values())
+
+
+def test_fbgemm_tbe_weight_converters_round_trip() -> None:
+    """terarec -> FBGEMM TBE weights (split_embedding_weights, the TBE's table order) ->
+    the TBE pools the remapped ids exactly as terarec pools the keys; and back."""
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import (
+        EmbeddingLocation,
+        PoolingMode,
+    )
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+        ComputeDevice,
+        SplitTableBatchedEmbeddingBagsCodegen,
+    )
+
+    layout = [("t0", 4, ["a", "b"], "sum"), ("t1", 8, ["c"], "sum")]
+    ours, _ = collections(weighted=False, layout=layout)
+    keys = torch.arange(V) * 104729 - 2**50  # before the keys the tables hold: ids 0..V-1
+    for t in ours.tables:
+        t.insert_rows(keys, torch.randn(V, t.row_width))
+    order = ["t1", "t0"]  # the TBE's own table order
+    weights, vocab = to_tbe(ours, order)
+    tbe = SplitTableBatchedEmbeddingBagsCodegen(
+        [(vocab[n].numel(), w.shape[1], EmbeddingLocation.HOST, ComputeDevice.CPU)
+         for n, w in zip(order, weights)],
+        feature_table_map=[1, 1, 0], pooling_mode=PoolingMode.SUM)  # a, b: t0; c: t1
+    for dst, w in zip(tbe.split_embedding_weights(), weights):
+        dst.detach().copy_(w)
+    feats = ["a", "b", "c"]
+    ids = kjt(3, torch.int64, False, keys=feats)
+    as_keys = KeyedJaggedTensor.from_lengths_sync(feats, keys[ids.values()], ids.lengths())
+    ours.eval()
+    got = tbe(ids.values(), ids.offsets()).detach()  # [B, 4 + 4 + 8] in feature order
+    assert torch.equal(ours(as_keys).values(), got)
+    back, _ = collections(weighted=False, layout=layout)
+    from_tbe(back, [w.detach() for w in tbe.split_embedding_weights()], order, vocab)
+    back.eval()
+    assert torch.equal(back(as_keys).values(), ours(as_keys).values())
+    with pytest.raises(ValueError, match="not tables of the collection"):
+        to_tbe(ours, ["t9"])
