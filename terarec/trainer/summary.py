@@ -34,6 +34,12 @@ def describe_final(summary: dict[str, Any], cfg: Config) -> str:
     if summary.get("oracle_auc") is not None:
         gap = summary["oracle_auc"] - ev["auc"]
         lines.append(f"teacher oracle AUC {summary['oracle_auc']:.4f}  (gap {gap:+.4f})")
+    tasks = [k[: -len("_auc")] for k in ev if k.endswith("_auc") and "oracle" not in k]
+    for task in tasks:  # a multi-task model: each task's figures
+        oracle = ev.get(f"{task}_oracle_auc")
+        lines.append(f"  task {task}: AUC {ev[f'{task}_auc']:.4f}  logloss "
+                     f"{ev[f'{task}_logloss']:.4f}"
+                     + ("" if oracle is None else f"  (oracle AUC {oracle:.4f})"))
     if cfg.data.kind != DataKind.SYNTHETIC and summary.get("data"):
         lines.append(f"data: {summary['data']}")
     best = summary.get("best")

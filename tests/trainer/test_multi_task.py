@@ -18,6 +18,7 @@ from terarec.models.factory import build_model
 from terarec.trainer.loop import train
 from terarec.trainer.metrics import auc_of
 from terarec.trainer.pipeline import ctr_loss
+from terarec.trainer.summary import describe_final
 
 TWO = {"data": {"synthetic": {"tasks": 2}}}
 
@@ -109,6 +110,8 @@ def test_two_task_run_learns_both_and_reports_each(tmp_path: Path, tiny_config) 
         assert ev[f"{task}_logloss"] > 0
     assert ev["auc"] == ev["click_auc"] and ev["logloss"] == ev["click_logloss"]
     assert ev["conversion_ctr"] < ev["click_ctr"]
+    text = describe_final(summary, cfg)
+    assert f"task conversion: AUC {ev['conversion_auc']:.4f}" in text
 
 
 def write_two_label_csv(path: Path, rows: list[str]) -> None:
