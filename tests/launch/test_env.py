@@ -181,11 +181,12 @@ def test_nodes_and_groups() -> None:
 
 
 def test_pick_device_on_cpu() -> None:
+    """A device the rank cannot have is a config error (exit 2, as in one process)."""
     env = read_launch_env({**TORCHRUN, "MASTER_ADDR": "x"})
     assert pick_device("cpu", env) == torch.device("cpu")
-    with pytest.raises(LaunchError, match="names one GPU for all 4 ranks"):
+    with pytest.raises(ConfigError, match="names one GPU for all 4 ranks"):
         pick_device("cuda:1", env)
     if not torch.cuda.is_available():
         assert pick_device("auto", env) == torch.device("cpu")
-        with pytest.raises(LaunchError, match="CUDA is not available"):
+        with pytest.raises(ConfigError, match="CUDA is not available"):
             pick_device("cuda", env)
