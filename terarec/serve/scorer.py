@@ -37,6 +37,7 @@ from terarec.hashing import mix64_np, salt_for
 from terarec.serve import bundle as b
 from terarec.serve.delta import read_delta
 from terarec.serve.dense_int8 import quantize_linears, repack_linears
+from terarec.serve.fast import FastPath
 from terarec.serve.overlay import Overlay, OverlayFull, PendingDelta
 from terarec.serve.rowstore import CachedRows, RowStore
 
@@ -204,6 +205,9 @@ class Scorer:
                 if part in self.programs:
                     quantize_linears(self.programs[part])  # type: ignore[arg-type]
         self.counts = {"requests": 0, "candidates": 0}
+        # the common request's shortcut (serve/fast.py); None where it does not apply
+        self.fast = FastPath.of(self.mode, self.user_features, self.candidate_features,
+                                self.table_of, self.semantic)
 
     @classmethod
     def from_bundle(cls, path: str | Path, device: str | torch.device = "cpu",
@@ -254,7 +258,6 @@ class Scorer:
     def score_many(self, requests: Sequence[Request]) -> list[Ranking]:
         """Scores several requests in one pass (their rows looked up together)."""
         sizes = [self._num_candidates(r, i) for i, r in enumerate(requests)]
-        user_cols, cand_cols = {}, {}
         known = set(self.order)
         for i, r in enumerate(requests):
             for side, feats in (("user", r.user), ("candidates", r.candidates)):
@@ -262,20 +265,14 @@ class Scorer:
                     if f not in known:
                         raise RequestError(f"request {i}: {side}.{f}: not a feature of "
                                            f"the model (it has {self.order})")
-        raw_u = self._user_raw(requests)
-        raw_c = {f: _cat_raw([raw_column(f, r.candidates.get(f, [[]] * n), n, "candidates")
-                              for r, n in zip(requests, sizes)])
-                 for f in self._candidate_side()}
-        for raw, side in ((raw_u, "user"), (raw_c, "candidates")):
-            for f in self.semantic.keys() & raw.keys():
-                raw[f] = _semantic(raw[f], f, side)
-        hashed = hash_columns([*raw_u.items(), *raw_c.items()])
-        user_cols = dict(zip(raw_u, hashed[: len(raw_u)]))
-        cand_cols = dict(zip(raw_c, hashed[len(raw_u):]))
-        du, dc = self._dense(requests, sizes)
-        owner = torch.repeat_interleave(torch.arange(len(requests)), torch.tensor(sizes))
-        with torch.no_grad():
-            logits = self.score_keys(user_cols, cand_cols, owner, du, dc)
+        fast = None if len(requests) != 1 or self.fast is None else self.fast.keys(
+            requests[0].user, requests[0].candidates, sizes[0])
+        if fast is not None:  # serve/fast.py: the same keys, fewer steps
+            du, dc = self._dense(requests, sizes)
+            with torch.no_grad():
+                logits = self._score_fast(fast, du, dc, sizes[0])
+        else:
+            logits = self._score_general(requests, sizes)
         scores = torch.sigmoid(logits).cpu()
         self.counts["requests"] += len(requests)
         self.counts["candidates"] += sum(sizes)
@@ -291,6 +288,34 @@ class Scorer:
             ids = None if r.ids is None else list(map(r.ids.__getitem__, order.tolist()))
             out.append(Ranking(s, order, ids, self.step, tasks))
         return out
+
+    def _score_general(self, requests: Sequence[Request], sizes: list[int]) -> torch.Tensor:
+        """Logits of any requests: every feature a column of raw values, hashed, pooled."""
+        raw_u = self._user_raw(requests)
+        raw_c = {f: _cat_raw([raw_column(f, r.candidates.get(f, [[]] * n), n, "candidates")
+                              for r, n in zip(requests, sizes)])
+                 for f in self._candidate_side()}
+        for raw, side in ((raw_u, "user"), (raw_c, "candidates")):
+            for f in self.semantic.keys() & raw.keys():
+                raw[f] = _semantic(raw[f], f, side)
+        hashed = hash_columns([*raw_u.items(), *raw_c.items()])
+        user_cols = dict(zip(raw_u, hashed[: len(raw_u)]))
+        cand_cols = dict(zip(raw_c, hashed[len(raw_u):]))
+        du, dc = self._dense(requests, sizes)
+        owner = torch.repeat_interleave(torch.arange(len(requests)), torch.tensor(sizes))
+        with torch.no_grad():
+            return self.score_keys(user_cols, cand_cols, owner, du, dc)
+
+    def _score_fast(self, keys: torch.Tensor, du: torch.Tensor, dc: torch.Tensor, n: int
+                    ) -> torch.Tensor:
+        """Logits of one request from :class:`FastPath` keys ``[Fu + n Fc]``."""
+        assert self.fast is not None
+        dev = self.device
+        rows = self.rows[self.fast.table].lookup(keys)  # [Fu + n Fc, D]
+        fu = len(self.fast.user)
+        state, partial = self.programs["user"](du.to(dev), rows[:fu].unsqueeze(0))
+        cands = rows[fu:].view(n, len(self.fast.cand), rows.shape[1])
+        return self.programs["candidate"](state, partial, dc.to(dev), cands)
 
     def _user_raw(self, requests: Sequence[Request]
                   ) -> dict[str, tuple[np.ndarray, bool, np.ndarray]]:
