@@ -488,7 +488,8 @@ def ctr_loss(logits: torch.Tensor, labels: torch.Tensor,
     summed over the tasks with ``task_weights`` (``T`` numbers; None: all 1).
     """
     if logits.dim() == 1:
-        return nn.functional.binary_cross_entropy_with_logits(logits, labels, weight=weights)
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, labels, weight=weights)
+        return loss if task_weights is None else loss * float(task_weights[0])
     per = nn.functional.binary_cross_entropy_with_logits(
         logits, labels, weight=None if weights is None else weights.unsqueeze(1),
         reduction="none").mean(0)  # [T]

@@ -58,6 +58,8 @@ def test_multi_task_loss_sums_each_tasks_weighted_mean() -> None:
     torch.testing.assert_close(ctr_loss(logits, labels, w, [1.0, 3.0]), per[0] + 3 * per[1])
     unweighted = [bce(logits[:, t], labels[:, t]) for t in range(2)]
     torch.testing.assert_close(ctr_loss(logits, labels), unweighted[0] + unweighted[1])
+    one = bce(logits[:, 0], labels[:, 0])  # one task: its weight scales the loss
+    torch.testing.assert_close(ctr_loss(logits[:, 0], labels[:, 0], None, [2.0]), 2 * one)
 
 
 class _Pool(torch.nn.Module):
