@@ -257,8 +257,7 @@ class RunReporter:
         return self.config_path
 
     def plot(self, oracle_auc: Optional[float] = None) -> Path:
-        """Draws ``curves.png`` from ``metrics.jsonl`` (2x3: train loss, train and eval AUC,
-        eval logloss, samples/s, tier hit rates, rows held).
+        """Draws ``curves.png`` from ``metrics.jsonl`` (:meth:`figure`).
 
         Args:
             oracle_auc: dashed reference line on the AUC panel; default: ``oracle_auc``
@@ -267,6 +266,13 @@ class RunReporter:
         Returns:
             The path of the PNG.
         """
+        self.figure(oracle_auc).savefig(self.curves_path, format="png")
+        return self.curves_path
+
+    def figure(self, oracle_auc: Optional[float] = None) -> Any:
+        """The matplotlib ``Figure`` of ``metrics.jsonl``, 2x3 panels: train loss, train
+        and eval AUC, eval logloss, samples/s, tier hit rates, rows held (see
+        :meth:`plot` for ``oracle_auc``)."""
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
         from matplotlib.ticker import MaxNLocator, StrMethodFormatter
@@ -318,8 +324,7 @@ class RunReporter:
             ax.set_ylim(max(0.0, lo - 0.02), min(1.0, max([oracle_auc, *aucs]) + 0.02))
         axes[1, 0].yaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
         axes[1, 2].yaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
-        fig.savefig(self.curves_path, format="png")
-        return self.curves_path
+        return fig
 
 
 def _empty(ax: Any, text: str) -> None:

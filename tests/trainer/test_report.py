@@ -145,6 +145,24 @@ def test_plot_writes_a_real_png(tmp_path: Path, oracle_in: str) -> None:
     assert path.stat().st_size > 20_000
 
 
+def test_plot_draws_train_auc_and_tier_hit_rates(tmp_path: Path) -> None:
+    """The AUC panel holds the train window's AUC next to the eval's, and the hit-rate
+    panel one line per table tier, with the logged values."""
+    rep = RunReporter(tmp_path / "hits")
+    for step in (10, 20, 30):
+        rep.log(step, "train", {"loss": 0.5, "auc": 0.6 + step / 1000, "tiers": {
+            "t": {"device_hit_rate": step / 100, "host_hit_rate": 0.9, "rows": 5}}})
+    rep.log(30, "eval", {"auc": 0.7, "logloss": 0.4})
+    axes = {ax.get_title(): ax for ax in rep.figure().axes}
+    lines = {ln.get_label(): ln for ln in axes["AUC (eval; train: its window)"].get_lines()}
+    assert list(lines["train auc"].get_ydata()) == pytest.approx([0.61, 0.62, 0.63])
+    assert list(lines["eval auc"].get_ydata()) == [0.7]
+    hits = {ln.get_label(): ln for ln in axes["Tier hit rates"].get_lines()}
+    assert list(hits["t device"].get_xdata()) == [10, 20, 30]
+    assert list(hits["t device"].get_ydata()) == pytest.approx([0.1, 0.2, 0.3])
+    assert list(hits["t host"].get_ydata()) == pytest.approx([0.9] * 3)
+
+
 def test_plot_with_no_data(tmp_path: Path) -> None:
     rep = RunReporter(tmp_path / "empty")
     assert _png_size(rep.plot(oracle_auc=0.8))[0] >= 800
