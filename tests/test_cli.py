@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from terarec import cli
+from terarec.data.criteo_writer import write_criteo
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -395,3 +396,40 @@ def test_no_third_party_warning_noise(tmp_path: Path) -> None:
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr[-2000:]
     assert "is_fx_tracing" not in out.stderr and "Warning" not in out.stderr, out.stderr
+
+
+def test_readme_commands_from_another_directory(tmp_path: Path) -> None:
+    """The README's train / export / score chain run from outside the repository with
+    the paths given from there: the run lands under the current directory (no stray
+    paths into the repository), no warnings, and a relative ``--set data.path`` is
+    recorded absolute so the run evaluates from anywhere."""
+    base = [sys.executable, "-m", "terarec.cli"]
+    small = ["data.batch_size=64", "data.synthetic.vocab_size=200",
+             "data.synthetic.eval_samples=512", "train.steps=5", "train.eval_every=0",
+             "train.threads=1", "train.progress=false"]  # the quickstart's features kept
+    shrink = [a for item in small for a in ("--set", item)]
+    env_cwd = tmp_path / "work"
+    env_cwd.mkdir()
+
+    def sh(*args: str, cwd: Path = env_cwd) -> str:
+        out = subprocess.run([*base, *args], capture_output=True, text=True, timeout=300,
+                             cwd=cwd)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "Warning" not in out.stderr and "is_fx_tracing" not in out.stderr, out.stderr
+        return out.stdout
+
+    sh("train", "--config", str(QUICKSTART), *shrink)
+    run_dir = env_cwd / "runs" / "quickstart"
+    assert (run_dir / "summary.json").exists()
+    sh("export", "--run", "runs/quickstart", "--out", "runs/quickstart/bundle")
+    out = sh("score", "--bundle", "runs/quickstart/bundle", "--request",
+             str(REPO / "examples" / "quickstart_request.json"))
+    assert "scored 10 candidates" in out
+    # a data file given relative to the current directory is recorded absolute
+    tsv = write_criteo(env_cwd / "d.tsv", 600, seed=0)
+    sh("train", "--config", str(REPO / "configs" / "criteo.yaml"), "--set", "data.path=d.tsv",
+       "--set", "train.steps=2", "--set", "train.progress=false", "--set", "name=c",
+       "--set", "train.eval_every=0")
+    saved = (env_cwd / "runs" / "c" / "config.yaml").read_text()
+    assert str(tsv) in saved
+    sh("eval", "--run", str(env_cwd / "runs" / "c"), cwd=tmp_path)
