@@ -15,6 +15,7 @@ import torch
 MIX_M1 = 0xBF58476D1CE4E5B9
 MIX_M2 = 0x94D049BB133111EB
 GOLDEN = 0x9E3779B97F4A7C15
+MASK64 = (1 << 64) - 1  # a Python int as uint64
 
 
 def as_int64(x: int) -> int:

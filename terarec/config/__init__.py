@@ -559,9 +559,11 @@ def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value")
         k, v = item.split("=", 1)
-        set_dotted(data, k.strip(), yaml.load(v, Loader=Loader))
-        if k.strip() in {f"data.{key}" for key in DATA_PATH_KEYS}:  # the user's cwd
-            _data_paths_from(data, Path.cwd(), (k.strip()[len("data."):],))
+        key = k.strip()
+        set_dotted(data, key, yaml.load(v, Loader=Loader))
+        section, _, name = key.partition(".")
+        if section == "data" and name in DATA_PATH_KEYS:  # the user's, from the cwd
+            _data_paths_from(data, Path.cwd(), (name,))
     return config_from_dict(data, str(path))
 
 

@@ -19,9 +19,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from terarec.hashing import mix64_np, salt_for
-
-MASK64 = (1 << 64) - 1
+from terarec.hashing import MASK64, mix64_np, salt_for
 
 
 class FastPath:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from terarec.data.keys import semantic_id_keys, string_keys
-from terarec.hashing import mix64_np, salt_for
+from terarec.hashing import MASK64, mix64_np, salt_for
 from terarec.serve import bundle as b
 from terarec.serve.delta import read_delta
 from terarec.serve.dense_int8 import quantize_linears, repack_linears
@@ -42,7 +42,6 @@ from terarec.serve.overlay import Overlay, OverlayFull, PendingDelta
 from terarec.serve.rowstore import CachedRows, RowStore
 
 Column = tuple[torch.Tensor, torch.Tensor]  # (keys int64 [M], lengths int64 [B])
-MASK64 = (1 << 64) - 1
 
 
 class RequestError(ValueError):

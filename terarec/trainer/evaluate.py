@@ -14,7 +14,7 @@ from terarec.data.batch import Batch
 from terarec.runtime import DistHandles
 from terarec.trainer.components import Components
 from terarec.trainer.gauc import GAUCMeter
-from terarec.trainer.metrics import CTRMetrics, first_task
+from terarec.trainer.metrics import CTRMetrics, first_task, metric_tasks
 from terarec.trainer.ranks import any_rank, dummy_batch, eval_batches
 
 
@@ -126,7 +126,6 @@ def fmt_eval(step: int, ev: dict[str, float], split: str = "eval") -> str:
     s = f"[{split} step {step}] auc {ev['auc']:.4f} logloss {ev['logloss']:.4f}"
     if "oracle_auc" in ev:
         s += f" (oracle auc {ev['oracle_auc']:.4f})"
-    for key in ev:
-        if key.endswith("_auc") and "oracle" not in key:  # each task's, multi-task
-            s += f", {key} {ev[key]:.4f}"
+    for task in metric_tasks(ev):
+        s += f", {task}_auc {ev[f'{task}_auc']:.4f}"
     return s

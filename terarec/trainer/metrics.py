@@ -309,6 +309,12 @@ class CTRMetrics:
         self._staged.clear()
 
 
+def metric_tasks(ev: dict[str, Any]) -> list[str]:
+    """The tasks whose metrics a multi-task eval added (``{task}_auc`` keys, the
+    oracle's left out); empty for a single task."""
+    return [k[: -len("_auc")] for k in ev if k.endswith("_auc") and "oracle" not in k]
+
+
 def first_task(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The first task's columns of multi-task ``[B, T]`` predictions and labels (the
     task that train-window metrics and model selection follow); ``[B]`` as they are."""

@@ -46,7 +46,6 @@ has already handed out the next one. :attr:`StepOutput.batch` carries its
 
 from __future__ import annotations
 
-import functools
 import logging
 import queue
 import threading
@@ -54,7 +53,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -480,24 +479,37 @@ class TrainedPosition:
 
 def ctr_loss(logits: torch.Tensor, labels: torch.Tensor,
              weights: Optional[torch.Tensor] = None,
-             task_weights: Optional[Sequence[float]] = None) -> torch.Tensor:
+             task_weights: Union[Sequence[float], torch.Tensor, None] = None) -> torch.Tensor:
     """Binary cross-entropy on logits ``[B]``, the mean over the batch; with sample
     ``weights [B]`` the mean of ``weight * loss`` (torch's ``weight=``).
 
     Several tasks (logits and labels ``[B, T]``): each task's mean over the batch,
     summed over the tasks with ``task_weights`` (``T`` numbers; None: all 1).
     """
+    w = None if task_weights is None else torch.as_tensor(
+        task_weights, dtype=logits.dtype, device=logits.device)
     if logits.dim() == 1:
         loss = nn.functional.binary_cross_entropy_with_logits(logits, labels, weight=weights)
-        return loss if task_weights is None else loss * float(task_weights[0])
+        return loss if w is None else loss * w[0]
     per = nn.functional.binary_cross_entropy_with_logits(
         logits, labels, weight=None if weights is None else weights.unsqueeze(1),
         reduction="none").mean(0)  # [T]
-    if task_weights is None:
-        return per.sum()
-    return (per * torch.tensor(task_weights, dtype=per.dtype, device=per.device)).sum()
+    return per.sum() if w is None else (per * w).sum()
 
 
 def loss_for(task_weights: Sequence[float]) -> Callable[..., torch.Tensor]:
-    """The training loss: :func:`ctr_loss` with ``model.task_weights`` (empty: all 1)."""
-    return functools.partial(ctr_loss, task_weights=list(task_weights) or None)
+    """The training loss: :func:`ctr_loss` with ``model.task_weights`` (empty: all 1),
+    the weights made a tensor once per device rather than every step."""
+    if not task_weights:
+        return ctr_loss
+    on: dict[torch.device, torch.Tensor] = {}
+
+    def loss(logits: torch.Tensor, labels: torch.Tensor,
+             weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        w = on.get(logits.device)
+        if w is None:
+            w = on[logits.device] = torch.tensor(list(task_weights), dtype=logits.dtype,
+                                                 device=logits.device)
+        return ctr_loss(logits, labels, weights, w)
+
+    return loss

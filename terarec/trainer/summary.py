@@ -7,6 +7,7 @@ from typing import Any
 
 from terarec.config import Config, DataKind
 from terarec.trainer.components import Components
+from terarec.trainer.metrics import metric_tasks
 from terarec.trainer.ranks import all_sum
 from terarec.trainer.tiers import describe_tiers
 
@@ -34,8 +35,7 @@ def describe_final(summary: dict[str, Any], cfg: Config) -> str:
     if summary.get("oracle_auc") is not None:
         gap = summary["oracle_auc"] - ev["auc"]
         lines.append(f"teacher oracle AUC {summary['oracle_auc']:.4f}  (gap {gap:+.4f})")
-    tasks = [k[: -len("_auc")] for k in ev if k.endswith("_auc") and "oracle" not in k]
-    for task in tasks:  # a multi-task model: each task's figures
+    for task in metric_tasks(ev):  # a multi-task model: each task's figures
         oracle = ev.get(f"{task}_oracle_auc")
         lines.append(f"  task {task}: AUC {ev[f'{task}_auc']:.4f}  logloss "
                      f"{ev[f'{task}_logloss']:.4f}"
