@@ -18,7 +18,6 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from terarec.models.dlrm import (
     check_dense,
     check_features,
-    check_tasks,
     concat_pooled,
     logit_head,
 )
@@ -58,7 +57,6 @@ class DCNv2(nn.Module):
     ) -> None:
         super().__init__()
         check_features(feature_names, feature_dims)
-        check_tasks(num_tasks)
         if num_dense < 0:
             raise ValueError(f"num_dense: must be >= 0, got {num_dense}")
         if num_layers < 1:

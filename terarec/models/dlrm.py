@@ -80,7 +80,12 @@ def logit_head(in_features: int, hidden: Sequence[int], num_tasks: int = 1) -> n
     (:class:`TaskTowers`, ``-> [B, num_tasks]``).
 
     ``hidden`` may be empty: then the head is one ``Linear(in_features, 1)``.
+
+    Raises:
+        ValueError: ``num_tasks < 1``.
     """
+    if num_tasks < 1:
+        raise ValueError(f"num_tasks: must be >= 1, got {num_tasks}")
     if num_tasks > 1:
         return TaskTowers(in_features, hidden, num_tasks)
     if len(hidden) == 0:
@@ -105,12 +110,6 @@ class TaskTowers(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([t(x) for t in self.towers], dim=1)
-
-
-def check_tasks(num_tasks: int) -> None:
-    """Raises ValueError unless ``num_tasks >= 1``."""
-    if num_tasks < 1:
-        raise ValueError(f"num_tasks: must be >= 1, got {num_tasks}")
 
 
 class DLRM(nn.Module):
@@ -155,7 +154,6 @@ class DLRM(nn.Module):
     ) -> None:
         super().__init__()
         check_features(feature_names, [embedding_dim] * len(feature_names))
-        check_tasks(num_tasks)
         if num_dense < 0:
             raise ValueError(f"num_dense: must be >= 0, got {num_dense}")
         if num_dense > 0:

@@ -32,7 +32,6 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from terarec.models.dlrm import (
     check_dense,
     check_features,
-    check_tasks,
     concat_pooled,
     logit_head,
 )
@@ -52,7 +51,6 @@ class _WideAndEmbeddings(nn.Module):
                  kind: str, num_tasks: int = 1) -> None:
         super().__init__()
         check_features(feature_names, feature_dims)
-        check_tasks(num_tasks)
         dims = sorted(set(feature_dims))
         if len(dims) != 1 or dims[0] < 2:
             per = dict(zip(feature_names, feature_dims))
