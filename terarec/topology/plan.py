@@ -53,7 +53,7 @@ from terarec.topology.model import (
     pop_lists,
     relation_rank,
 )
-from terarec.topology.select import choose_gpus
+from terarec.topology.select import choose_gpus, gpu_groups
 
 DEFAULT_SSD_SUBDIR = "terarec-ssd"
 SSD_DIR_VAR = "TERAREC_SSD_DIR"
@@ -154,33 +154,16 @@ def _ssd_dir(mount: str, subdir: str) -> str:
 
 
 def _fast_groups(m: Machine, ranks: list[RankPlan]) -> list[list[int]]:
+    """The ranks' fast groups: the :func:`gpu_groups` of their GPUs (ranks sharing a GPU
+    together), as local ranks; a CPU box: one group."""
     gpu_ranks = [r for r in ranks if r.gpu is not None]
     if not gpu_ranks:
         return [[r.local_rank for r in ranks]]
-    any_nv = any(nvlinks(m.gpu_links[a.gpu][b.gpu])  # type: ignore[index]
-                 for a in gpu_ranks for b in gpu_ranks if a.gpu != b.gpu)
-
-    def joined(a: RankPlan, b: RankPlan) -> bool:
-        if a.gpu == b.gpu:
-            return True
-        rel = m.gpu_links[a.gpu][b.gpu]  # type: ignore[index]
-        return nvlinks(rel) > 0 if any_nv else relation_rank(rel) <= relation_rank("NODE")
-
-    parent = list(range(len(gpu_ranks)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i, a in enumerate(gpu_ranks):
-        for j in range(i + 1, len(gpu_ranks)):
-            if joined(a, gpu_ranks[j]):
-                parent[find(j)] = find(i)
+    gpus = sorted({r.gpu for r in gpu_ranks if r.gpu is not None})
+    group_of = {g: i for i, comp in enumerate(gpu_groups(m, gpus)) for g in comp}
     groups: dict[int, list[int]] = {}
-    for i, r in enumerate(gpu_ranks):
-        groups.setdefault(find(i), []).append(r.local_rank)
+    for r in gpu_ranks:
+        groups.setdefault(group_of[r.gpu], []).append(r.local_rank)  # type: ignore[index]
     return sorted((sorted(g) for g in groups.values()), key=lambda g: g[0])
 
 

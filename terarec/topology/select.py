@@ -25,11 +25,15 @@ _FAR = relation_rank("SYS") + 1  # no NIC at all
 
 
 def islands(m: Machine) -> list[list[int]]:
-    """The GPUs' fast groups over all GPUs, each ascending: connected components of the
-    ``NV#`` links (NVLink islands); on a machine without NVLink, of the PCIe links within
-    a NUMA node (up to ``NODE``), as the plan's fast groups are made."""
-    n = len(m.gpus)
-    any_nv = any(nvlinks(m.gpu_links[a][b]) for a in range(n) for b in range(n) if a != b)
+    """The fast groups over all the machine's GPUs (:func:`gpu_groups`)."""
+    return gpu_groups(m, list(range(len(m.gpus))))
+
+
+def gpu_groups(m: Machine, gpus: list[int]) -> list[list[int]]:
+    """Fast groups of ``gpus``, each ascending, ordered by their first GPU: connected
+    components of the ``NV#`` links among them (NVLink islands); where none of them has
+    NVLink, of the PCIe links within a NUMA node (up to ``NODE``)."""
+    any_nv = any(nvlinks(m.gpu_links[a][b]) for a in gpus for b in gpus if a != b)
 
     def joined(a: int, b: int) -> bool:
         rel = m.gpu_links[a][b]
@@ -37,7 +41,7 @@ def islands(m: Machine) -> list[list[int]]:
 
     seen: set[int] = set()
     out = []
-    for start in range(n):
+    for start in gpus:
         if start in seen:
             continue
         comp, todo = [], [start]
@@ -45,12 +49,12 @@ def islands(m: Machine) -> list[list[int]]:
         while todo:
             g = todo.pop()
             comp.append(g)
-            for h in range(n):
+            for h in gpus:
                 if h not in seen and joined(g, h):
                     seen.add(h)
                     todo.append(h)
         out.append(sorted(comp))
-    return out
+    return sorted(out)
 
 
 def _domain(m: Machine, g: int) -> Optional[int]:
