@@ -512,12 +512,18 @@ def test_restore_replaces_the_db_and_leaves_the_snapshot_as_it_was(tmp_path: Pat
     tier.insert(keys, torch.full((5000, W), 3.0))
     store.compact()
     store.close()
+    before = {f.name: f.stat().st_mtime_ns for f in (tmp_path / "snap").iterdir()}
     snap = SSDStore(tmp_path / "snap", read_only=True)
+    # rocksdict rewrites its config file at every open: a reader opens a view of its own,
+    # so the checkpoint's files stay as they are for other readers and checks
+    assert {f.name: f.stat().st_mtime_ns for f in (tmp_path / "snap").iterdir()
+            if f.is_file()} == before
     rows, found = SSDTier(snap, W, table_id=2).read(keys)
     assert bool(found.all()) and bool((rows == 1).all())
     with pytest.raises(SSDTierError):
         SSDTier(snap, W, table_id=2).insert(keys[:1], torch.zeros(1, W))
     snap.close()
+    assert sorted(f.name for f in (tmp_path / "snap").iterdir()) == sorted(before)
     with pytest.raises(SSDTierError, match="no CURRENT"):
         SSDStore(tmp_path / "nothing-here", read_only=True)
 

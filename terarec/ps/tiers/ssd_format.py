@@ -14,6 +14,7 @@ import io
 import os
 import shutil
 import struct
+import tempfile
 import threading
 from itertools import repeat
 from operator import is_
@@ -253,3 +254,22 @@ def link_or_copy(src: Path, dest: Path, link: bool = True) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def private_view(src: Path) -> Optional[Path]:
+    """A directory of ``src``'s files for one reader to open: rocksdict rewrites its
+    config file at every open, read-only too, so readers of one checkpoint (and a check
+    of its files) must not share it. Made inside ``src`` (one file system: the SST files
+    hard-linked, the few others copied); None where ``src`` cannot be written."""
+    try:
+        view = Path(tempfile.mkdtemp(prefix=".view-", dir=src))
+    except OSError:
+        return None
+    try:
+        for f in sorted(src.iterdir()):
+            if f.is_file():
+                link_or_copy(f, view / f.name, link=f.suffix == ".sst")
+    except OSError:
+        shutil.rmtree(view, ignore_errors=True)
+        return None
+    return view

@@ -70,6 +70,7 @@ from terarec.ps.tiers.ssd_format import (  # rocksdb_options: also public here
     meta_key,
     not_none,
     pack_rows,
+    private_view,
     read_buffer,
     rocksdb_options,
     take_items,
@@ -120,8 +121,8 @@ class SSDStore:
         path: the DB directory (created if missing), e.g. ``rank_dir(config.path, r)``
             or a checkpoint made by :meth:`checkpoint`.
         config: tuning; ``config.path`` is not used here (see :meth:`for_rank`).
-        read_only: open without writing anything (e.g. a checkpoint, to read its rows);
-            every write raises.
+        read_only: open a checkpoint to read its rows, through a view of its own
+            (``private_view``: its files as they are); every write raises.
 
     Raises:
         SSDTierError: the directory cannot be created or written, or RocksDB refuses to
@@ -142,6 +143,7 @@ class SSDStore:
         self._tables: dict[int, tuple[int, bool]] = {}  # registered: (row width, has meta)
         self._pool: Optional[ThreadPoolExecutor] = None
         self._db: Optional[rocksdict.Rdict] = None
+        self._view: Optional[Path] = None  # a read-only store's own copy (private_view)
         self._open()
 
     def _open(self) -> None:
@@ -162,11 +164,12 @@ class SSDStore:
         # Batches arrive sorted: keep a skip-list insert hint per batch (~5% on writes).
         self._write_opts.memtable_insert_hint_per_batch = True
         access = rocksdict.AccessType.read_only() if self.read_only else None
+        self._view = (private_view(self.path) or self.path) if self.read_only else None
         with self._guard("open"):
             if access is None:
                 self._db = rocksdict.Rdict(str(self.path), opts)
             else:
-                self._db = rocksdict.Rdict(str(self.path), opts, access_type=access)
+                self._db = rocksdict.Rdict(str(self._view), opts, access_type=access)
             self._db.set_write_options(self._write_opts)
             damaged = check_db(self._db, self.path) if self.config.verify_filters else None
         if damaged is not None:
@@ -260,6 +263,8 @@ class SSDStore:
             self._pool = None
         try:
             db.close()
+            if self._view not in (None, self.path):
+                shutil.rmtree(self._view, ignore_errors=True)
         except Exception as e:
             if not is_storage_error(e):
                 raise
