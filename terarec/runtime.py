@@ -18,7 +18,16 @@ import torch.distributed as dist
 
 
 class DeviceUnavailable(ValueError):
-    """``train.device`` names a device this machine does not have."""
+    """``train.device`` names a device this machine does not have.
+
+    Attributes:
+        per_rank: the error depends on the rank's place (its local rank), so a launcher
+            names the rank; False when every rank of the job hits the same error.
+    """
+
+    def __init__(self, message: str, per_rank: bool = False) -> None:
+        super().__init__(message)
+        self.per_rank = per_rank
 
 
 def resolve_device(
@@ -61,7 +70,7 @@ def resolve_device(
         return torch.device("cuda", local_rank)
     if n == 1:
         return torch.device("cuda", 0)
-    raise DeviceUnavailable(f"local rank {local_rank} but {n} GPUs are visible")
+    raise DeviceUnavailable(f"local rank {local_rank} but {n} GPUs are visible", per_rank=True)
 
 
 @dataclass

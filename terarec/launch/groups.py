@@ -187,8 +187,7 @@ def pick_device(preference: str, env: LaunchEnv) -> torch.device:
         return resolve_device(preference, env.local_rank, env.local_world_size)
     except DeviceUnavailable as e:
         # a config error, as in one process (exit 2)
-        raise ConfigError(f"{env.describe()}: {e}" if "local rank" in str(e) else str(e)
-                          ) from None
+        raise ConfigError(f"{env.describe()}: {e}" if e.per_rank else str(e)) from None
 
 
 def _backend(cfg: DistConfig, device: torch.device) -> str:

@@ -190,3 +190,19 @@ def test_pick_device_on_cpu() -> None:
         assert pick_device("auto", env) == torch.device("cpu")
         with pytest.raises(ConfigError, match="CUDA is not available"):
             pick_device("cuda", env)
+
+
+def test_pick_device_names_the_rank_only_where_the_error_is_its_own(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """More local ranks than GPUs: the error names the rank; an error every rank shares
+    (one GPU named for all) reads the same on every rank, so it prints once."""
+    env = read_launch_env({**TORCHRUN, "LOCAL_RANK": "3"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ConfigError) as own:
+        pick_device("cuda", env)
+    assert str(own.value).startswith(env.describe())
+    assert str(own.value).endswith("local rank 3 but 2 GPUs are visible")
+    with pytest.raises(ConfigError) as shared:
+        pick_device("cuda:1", env)
+    assert not str(shared.value).startswith(env.describe())
