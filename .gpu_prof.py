@@ -27,9 +27,9 @@ for r in reqs:
     with torch.no_grad():
         rows = sc.rows[sc.fast.table].lookup(keys); sync(); t4 = time.perf_counter()
         fu = len(sc.fast.user)
-        state, partial = sc.programs["user"](du.to(dev), rows[:fu].unsqueeze(0)); sync(); t5 = time.perf_counter()
+        state, partial = sc.run["user"](du.to(dev), rows[:fu].unsqueeze(0)); sync(); t5 = time.perf_counter()
         cands = rows[fu:].view(n, len(sc.fast.cand), rows.shape[1])
-        lg = sc.programs["candidate"](state, partial, dc.to(dev), cands); sync(); t6 = time.perf_counter()
+        lg = sc.run["candidate"](state, partial, dc.to(dev), cands); sync(); t6 = time.perf_counter()
         s = torch.sigmoid(lg).cpu(); t7 = time.perf_counter()
         if s.dim() == 2:
             s = s[:, 0].contiguous()

@@ -16,6 +16,9 @@ and ``N`` candidates (100 and 1,000) with ids drawn from the training distributi
   MLP on FBGEMM's int8 GEMM; ``int8_max_dp`` is the largest difference of its
   probabilities from the float32 scorer's over the requests, ``auc_fp32`` /
   ``auc_int8`` the two scorers' AUC on the run's eval stream;
+* ``centric_eager`` (CUDA): the same scorer with ``cuda_graphs=False`` (the programs
+  run operator by operator instead of replayed as CUDA graphs); ``eager_max_dp`` the
+  largest difference of its probabilities from the graphed scorer's;
 * ``http``: ``terarec serve`` started as a process on 127.0.0.1, one client posting the
   JSON requests one after another (``--http``; end to end: JSON in and out).
 
@@ -142,6 +145,8 @@ def bench_model(name: str, args: argparse.Namespace, root: Path) -> dict[str, An
     dev = torch.device(args.device)
     int8 = (Scorer.from_bundle(bundle, device=args.device, dense_dtype="int8")
             if dev.type == "cpu" else None)
+    eager = (Scorer.from_bundle(bundle, device=args.device, cuda_graphs=False)
+             if dev.type == "cuda" else None)
     sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
     out: dict[str, Any] = {"bundle_mib": sum(f["size"] for f in json.loads(
         (bundle / "manifest.json").read_text())["files"].values()) / 2**20}
@@ -151,7 +156,7 @@ def bench_model(name: str, args: argparse.Namespace, root: Path) -> dict[str, An
             dense, kjt = naive_batch(r, names, len(r["ids"]))
             return torch.sigmoid(model(dense.to(dev), kjt.to(dev)))
 
-        cent, naive, cent8 = [], [], []
+        cent, naive, cent8, ceag = [], [], [], []
         with torch.no_grad():
             for _ in range(args.runs):
                 cent.append(percentiles(timed(lambda r: scorer.score(Request(**r)),
@@ -160,10 +165,19 @@ def bench_model(name: str, args: argparse.Namespace, root: Path) -> dict[str, An
                 if int8 is not None:
                     cent8.append(percentiles(timed(lambda r: int8.score(Request(**r)),
                                                    reqs, sync)))
+                if eager is not None:
+                    ceag.append(percentiles(timed(lambda r: eager.score(Request(**r)),
+                                                  reqs, sync)))
         c, v = median_runs(cent), median_runs(naive)
         out[str(n)] = {"centric": c, "naive": v,
                        "ratio_p50": v["p50_ms"] / c["p50_ms"],
                        "ratio_p99": v["p99_ms"] / c["p99_ms"]}
+        if eager is not None:
+            ce = median_runs(ceag)
+            out[str(n)].update({
+                "centric_eager": ce, "eager_max_dp": max(
+                    float((eager.score(Request(**r)).scores
+                           - scorer.score(Request(**r)).scores).abs().max()) for r in reqs)})
         if int8 is not None:
             c8 = median_runs(cent8)
             out[str(n)].update({
@@ -191,6 +205,8 @@ def bench_model(name: str, args: argparse.Namespace, root: Path) -> dict[str, An
     if int8 is not None:
         out["auc_fp32"], out["auc_int8"] = eval_auc(cfg, scorer), eval_auc(cfg, int8)
         int8.close()
+    if eager is not None:
+        eager.close()
     scorer.close()
     return out
 

@@ -212,7 +212,8 @@ def _serve(args: argparse.Namespace) -> int:
         return Scorer.from_bundle(path, device=args.device,
                                   cache_bytes=int(args.cache_mb * 2**20),
                                   overlay_rows=args.overlay_rows,
-                                  dense_dtype=args.dense_dtype)
+                                  dense_dtype=args.dense_dtype,
+                                  cuda_graphs=args.cuda_graphs)
 
     scorer = open_bundle(Path(args.bundle).resolve())
     service = Service(scorer, max_candidates=args.max_candidates,
@@ -308,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--cache-mb", type=float, default=256, help="row cache budget")
     sv.add_argument("--dense-dtype", default="fp32", choices=["fp32", "int8"],
                     help="int8: the per-candidate MLP on FBGEMM's int8 GEMM (CPU)")
+    sv.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                    help="on a GPU, replay the model as CUDA graphs (default on)")
     sv.add_argument("--max-candidates", type=int, default=10_000)
     sv.add_argument("--max-body-mb", type=float, default=8)
     sv.add_argument("--follow", help="runs/<name>: apply its new delta checkpoints live")

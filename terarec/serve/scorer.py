@@ -21,7 +21,7 @@ token sequence (a list of ints, level 1 first); it is keyed by prefix as in trai
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import chain, repeat
 from pathlib import Path
@@ -38,6 +38,7 @@ from terarec.serve import bundle as b
 from terarec.serve.delta import read_delta
 from terarec.serve.dense_int8 import quantize_linears, repack_linears
 from terarec.serve.fast import FastPath
+from terarec.serve.graphs import GraphedProgram
 from terarec.serve.overlay import Overlay, OverlayFull, PendingDelta
 from terarec.serve.rowstore import CachedRows, RowStore
 
@@ -156,11 +157,13 @@ class Scorer:
         overlay_rows: most rows live deltas may change before a new export is needed.
         dense_dtype: ``"fp32"``, or ``"int8"``: the per-candidate program's linear
             layers on FBGEMM's int8 GEMM (CPU only; ``serve/dense_int8.py``).
+        cuda_graphs: on a CUDA device, replay the programs as CUDA graphs
+            (``serve/graphs.py``); False runs them operator by operator.
     """
 
     def __init__(self, root: Path, manifest: dict[str, Any], device: str | torch.device,
                  cache_bytes: int, overlay_rows: int = 1 << 22,
-                 dense_dtype: str = "fp32") -> None:
+                 dense_dtype: str = "fp32", cuda_graphs: bool = True) -> None:
         self.root, self.manifest = Path(root), manifest
         self.device = torch.device(device)
         if dense_dtype not in ("fp32", "int8"):
@@ -203,6 +206,11 @@ class Scorer:
             for part in ("candidate", "model"):
                 if part in self.programs:
                     quantize_linears(self.programs[part])  # type: ignore[arg-type]
+        # what scores: the programs, or their CUDA graphs (batch arguments, least bucket)
+        self.run: dict[str, Callable[..., Any]] = dict(self.programs)
+        if cuda_graphs and self.device.type == "cuda":
+            spec = {"user": ((0, 1), 1), "candidate": ((2, 3), 64), "model": ((0, 1), 64)}
+            self.run = {p: GraphedProgram(m, *spec[p]) for p, m in self.programs.items()}
         self.counts = {"requests": 0, "candidates": 0}
         # the common request's shortcut (serve/fast.py); None where it does not apply
         self.fast = FastPath.of(self.mode, self.user_features, self.candidate_features,
@@ -211,11 +219,12 @@ class Scorer:
     @classmethod
     def from_bundle(cls, path: str | Path, device: str | torch.device = "cpu",
                     cache_bytes: int = 256 << 20, verify: str = "programs",
-                    overlay_rows: int = 1 << 22, dense_dtype: str = "fp32") -> Scorer:
+                    overlay_rows: int = 1 << 22, dense_dtype: str = "fp32",
+                    cuda_graphs: bool = True) -> Scorer:
         """Opens bundle ``path`` (checked: :func:`~terarec.serve.bundle.read_manifest`
         with ``verify``)."""
         return cls(Path(path), b.read_manifest(Path(path), verify), device, cache_bytes,
-                   overlay_rows, dense_dtype)
+                   overlay_rows, dense_dtype, cuda_graphs)
 
     # -- live deltas (serve/overlay.py) --------------------------------------------
     def prepare_delta(self, path: str | Path, parent_sha: Optional[str] = None
@@ -312,9 +321,9 @@ class Scorer:
         dev = self.device
         rows = self.rows[self.fast.table].lookup(keys)  # [Fu + n Fc, D]
         fu = len(self.fast.user)
-        state, partial = self.programs["user"](du.to(dev), rows[:fu].unsqueeze(0))
+        state, partial = self.run["user"](du.to(dev), rows[:fu].unsqueeze(0))
         cands = rows[fu:].view(n, len(self.fast.cand), rows.shape[1])
-        return self.programs["candidate"](state, partial, dc.to(dev), cands)
+        return self.run["candidate"](state, partial, dc.to(dev), cands)
 
     def _user_raw(self, requests: Sequence[Request]
                   ) -> dict[str, tuple[np.ndarray, bool, np.ndarray]]:
@@ -402,14 +411,14 @@ class Scorer:
             pooled = dict(zip(ufeat, (p[owner.to(dev)] for p in pu)))
             pooled.update(zip(self.candidate_features, pc))
             dense = dense_user[owner.to(dev)] if self.user_dense else dense_cand
-            return self.programs["model"](dense, torch.cat([pooled[f] for f in self.order], 1))
-        state, partial = self.programs["user"](dense_user, torch.stack(pu, 1))
+            return self.run["model"](dense, torch.cat([pooled[f] for f in self.order], 1))
+        state, partial = self.run["user"](dense_user, torch.stack(pu, 1))
         cands = _stack(pc, n, self.dim, dev)
         counts = torch.bincount(owner, minlength=u).tolist()
         out, at = [], 0
         for i, k in enumerate(counts):  # one program call per user, over its candidates
             if k:
-                out.append(self.programs["candidate"](
+                out.append(self.run["candidate"](
                     state[i: i + 1], partial[i: i + 1], dense_cand[at: at + k],
                     cands[at: at + k]))
             at += k
