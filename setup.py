@@ -3,7 +3,8 @@ from setuptools import find_packages, setup
 setup(
     name="terarec",
     version="0.1.0",
-    description="CTR training with terabyte embedding tables: hierarchical PS, topology-aware routing, k-step merging",
+    description=("CTR training with terabyte embedding tables: hierarchical PS, "
+                 "topology-aware routing, k-step merging"),
     packages=find_packages(include=["terarec", "terarec.*"]),
     python_requires=">=3.10",
     # torch, torchrec and fbgemm-gpu(-cpu) are installed by scripts/install.sh with the
@@ -25,6 +26,8 @@ setup(
         "fastapi",
         "orjson",
         "uvicorn",
+        "httptools",
+        "uvloop",
         "httpx",
     ],
     extras_require={
