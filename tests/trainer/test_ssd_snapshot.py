@@ -237,3 +237,38 @@ def test_memtables_start_flushing_one_step_before_a_full_save(
     _, plain = run(tiny_config, "plain")
     for key in ("steps", "samples", "final_eval", "rows"):
         assert_same(ahead[key], plain[key], key)
+
+
+@pytest.mark.parametrize("after", [True, False])
+def test_a_failure_after_the_commit_keeps_the_snapshot_it_points_at(
+    tiny_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch, after: bool
+) -> None:
+    """The second save fails. After its commit landed (a peer lost at the ranks' last
+    agreement, once rank 0 had renamed the checkpoint into place): the snapshot that
+    checkpoint points at stays, so it verifies and is the one to resume. Before anything
+    was written (the commit says so): its snapshot goes, the first checkpoint stays."""
+    from terarec.trainer.checkpoint import full
+    from terarec.trainer.checkpoint.history import latest_valid
+
+    real, saves = full.commit, [0]
+
+    def commit(path: Path, *args: Any, **kwargs: Any) -> None:
+        saves[0] += 1
+        if saves[0] == 2:
+            if after:
+                real(path, *args, **kwargs)
+                raise RuntimeError("connection closed by peer")
+            raise CheckpointError(f"cannot write checkpoint {path}: rank 1: disk full")
+        real(path, *args, **kwargs)
+
+    monkeypatch.setattr(full, "commit", commit)
+    cfg = tiny_config(name="lost", **SNAP)
+    with pytest.raises(Exception, match="closed by peer" if after else "disk full"):
+        train(cfg)
+    ckpt = ckpt_of(cfg)
+    assert latest_valid(ckpt.parent) == ckpt
+    assert read_manifest(ckpt)["step"] == (20 if after else 10)
+    snap = Path(json.loads((ckpt / "ssd.json").read_text())["dir"])
+    names = sorted(p.name for p in snap.parent.iterdir())
+    # (after: the first save's snapshot waits for the next successful save to go)
+    assert names == ([names[0], snap.name] if after else [snap.name])

@@ -148,12 +148,16 @@ def commit_full(path: Path, parts: Components, step: int, cfg: Config, samples: 
                 taken: Capture, snap: Optional[dict[str, Any]], fmt: dict[str, Any],
                 retire_to: Optional[Path] = None, group: Any = None) -> None:
     """Writes a captured full checkpoint (:func:`capture_full`) to ``path``; its SSD
-    snapshot is dropped when that fails."""
+    snapshot is dropped when the commit says nothing was written. Any other failure (a
+    peer lost after rank 0 renamed the checkpoint into place, an interrupt) may follow a
+    commit that points at the snapshot: it stays, and the next save's ``keep_only``
+    removes it if no kept checkpoint needs it."""
     try:
         commit(path, parts, step, cfg, samples, taken, fmt, retire_to=retire_to,
                group=group)
-    except BaseException:
-        ssd_snapshot.drop(snap)
+    except BaseException as e:
+        if isinstance(e, CheckpointError) and not ssd_snapshot.used_by(path, snap):
+            ssd_snapshot.drop(snap)
         if taken.stage is not None:
             rows.drop_stage(taken.stage)
         raise

@@ -139,6 +139,20 @@ def drop(record: Optional[dict[str, Any]]) -> None:
         shutil.rmtree(record["dir"], ignore_errors=True)
 
 
+def used_by(path: Path, record: Optional[dict[str, Any]]) -> bool:
+    """Whether the checkpoint at ``path`` (any rank's ``ssd.json`` in it) points at
+    snapshot ``record``: a commit that landed before a failure that followed it."""
+    if record is None:
+        return False
+    for f in (Path(path) / FILE, *Path(path).glob(f"rank*/{FILE}")):
+        try:
+            if load_record(f)["dir"] == record["dir"]:
+                return True
+        except (OSError, ValueError, KeyError):
+            continue
+    return False
+
+
 def keep_only(record: Optional[dict[str, Any]], also: Sequence[dict[str, Any]] = ()) -> None:
     """Deletes the rank's snapshots other than ``record``'s (the latest checkpoint's)
     and those of ``also`` (the older checkpoints kept)."""
