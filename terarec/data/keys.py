@@ -16,12 +16,13 @@ a chunk, or on Python's randomised ``hash``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Optional
 
 import numpy as np
 import pyarrow as pa
 
-from terarec.hashing import mix64_np, salt_for
+from terarec.hashing import MASK64, mix64_np, salt_for
 
 FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 FNV_PRIME = np.uint64(0x100000001B3)
@@ -158,10 +159,20 @@ def arrow_string_parts(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return data, offsets[:-1], lengths
 
 
+def feature_salts(features: Sequence[str]) -> np.ndarray:
+    """uint64 ``[F]``: each feature's ``salt_for``, as :func:`salted_by` takes them."""
+    return np.array([salt_for(f) & MASK64 for f in features], np.uint64)
+
+
+def salted_by(h: np.ndarray, salts: np.ndarray) -> np.ndarray:
+    """``int64(mix64(h ^ salts))``: the key of uint64/int64 ``h`` under uint64 ``salts``
+    (:func:`feature_salts`; broadcast against ``h``, e.g. ``[F, 1]`` over ``[F, n]``)."""
+    return mix64_np(np.asarray(h).astype(np.uint64, copy=False) ^ salts).view(np.int64)
+
+
 def salted(h: np.ndarray, feature: str) -> np.ndarray:
     """``int64(mix64(h ^ salt_for(feature)))`` for uint64/int64 ``h`` of any shape."""
-    salt = np.uint64(salt_for(feature) & ((1 << 64) - 1))
-    return mix64_np(np.asarray(h).astype(np.uint64, copy=False) ^ salt).view(np.int64)
+    return salted_by(h, feature_salts([feature])[0])
 
 
 def string_keys(

@@ -36,6 +36,7 @@ import math
 import numpy as np
 
 from terarec.config import DenseTransform, SyntheticConfig
+from terarec.data.keys import feature_salts
 from terarec.data.rows import Rows
 from terarec.data.synthetic_ads import AD, SID, PlantedAds
 from terarec.hashing import hash_lanes, mix64_np, salt_for
@@ -107,10 +108,7 @@ class SyntheticGenerator:
             add.append((h >> 32) % v)
         self.mult = np.array(mult, dtype=np.uint64)[:, None]
         self.add = np.array(add, dtype=np.uint64)[:, None]
-        self.salts = np.array(
-            [salt_for(n) & ((1 << 64) - 1) for n in self.names[: cfg.num_sparse]],
-            dtype=np.uint64,
-        )[:, None]
+        self.salts = feature_salts(self.names[: cfg.num_sparse])[:, None]
         trng = np.random.default_rng(_TEACHER_SEED)
         w = trng.standard_normal(cfg.num_dense)
         norm = np.linalg.norm(w)

@@ -19,7 +19,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from terarec.hashing import MASK64, mix64_np, salt_for
+from terarec.data.keys import feature_salts, salted_by
 
 
 class FastPath:
@@ -33,8 +33,8 @@ class FastPath:
 
     def __init__(self, user: list[str], cand: list[str], table: str) -> None:
         self.user, self.cand, self.table = list(user), list(cand), table
-        self.salt_u = np.array([salt_for(f) & MASK64 for f in self.user], np.uint64)
-        self.salt_c = np.array([salt_for(f) & MASK64 for f in self.cand], np.uint64)[:, None]
+        self.salt_u = feature_salts(self.user)
+        self.salt_c = feature_salts(self.cand)[:, None]
 
     @staticmethod
     def of(mode: str, user: list[str], cand: list[str], table_of: dict[str, str],
@@ -66,6 +66,6 @@ class FastPath:
             return None
         if cid.dtype != np.int64 or cid.shape != (len(self.cand), n):
             return None
-        ku = mix64_np(uid.view(np.uint64) ^ self.salt_u)
-        kc = mix64_np(cid.view(np.uint64) ^ self.salt_c)  # [Fc, n]
-        return torch.from_numpy(np.concatenate([ku, kc.T.reshape(-1)]).view(np.int64))
+        ku = salted_by(uid, self.salt_u)
+        kc = salted_by(cid, self.salt_c)  # [Fc, n]
+        return torch.from_numpy(np.concatenate([ku, kc.T.reshape(-1)]))

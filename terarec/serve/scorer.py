@@ -32,8 +32,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from terarec.data.keys import semantic_id_keys, string_keys
-from terarec.hashing import MASK64, mix64_np, salt_for
+from terarec.data.keys import feature_salts, salted_by, semantic_id_keys, string_keys
 from terarec.serve import bundle as b
 from terarec.serve.delta import read_delta
 from terarec.serve.dense_int8 import quantize_linears, repack_linears
@@ -131,10 +130,9 @@ def hash_columns(cols: list[tuple[str, tuple[np.ndarray, bool, np.ndarray]]]
     mixed: list[np.ndarray] = []
     if ints:
         counts = [cols[i][1][0].size for i in ints]
-        salts = np.array([salt_for(cols[i][0]) & MASK64 for i in ints], np.uint64)
-        every = np.concatenate([cols[i][1][0] for i in ints]).view(np.uint64)
-        mixed = np.split(mix64_np(every ^ np.repeat(salts, counts)).view(np.int64),
-                         np.cumsum(counts)[:-1])
+        salts = feature_salts([cols[i][0] for i in ints])
+        every = np.concatenate([cols[i][1][0] for i in ints])
+        mixed = np.split(salted_by(every, np.repeat(salts, counts)), np.cumsum(counts)[:-1])
     by_col = dict(zip(ints, mixed))
     for i, (_, (payload, _, lengths)) in enumerate(cols):
         out.append((torch.from_numpy(by_col.get(i, payload)), torch.from_numpy(lengths)))
