@@ -18,7 +18,8 @@ and ``N`` candidates (100 and 1,000) with ids drawn from the training distributi
   ``auc_int8`` the two scorers' AUC on the run's eval stream;
 * ``centric_eager`` (CUDA): the same scorer with ``cuda_graphs=False`` (the programs
   run operator by operator instead of replayed as CUDA graphs); ``eager_max_dp`` the
-  largest difference of its probabilities from the graphed scorer's;
+  largest difference of its probabilities from the graphed scorer's, ``ratio_eager``
+  naive / eager;
 * ``http``: ``terarec serve`` started as a process on 127.0.0.1, one client posting the
   JSON requests one after another (``--http``; end to end: JSON in and out).
 
@@ -126,6 +127,11 @@ def timed(fn: Any, items: list[Any], sync: Any) -> list[float]:
     return out
 
 
+def scores(s: Scorer) -> Any:
+    """The call that scores one request body with ``s``."""
+    return lambda r: s.score(Request(**r))
+
+
 def median_runs(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
@@ -143,10 +149,12 @@ def bench_model(name: str, args: argparse.Namespace, root: Path) -> dict[str, An
     names = list(parts.embedding.feature_names)
     scorer = Scorer.from_bundle(bundle, device=args.device)
     dev = torch.device(args.device)
-    int8 = (Scorer.from_bundle(bundle, device=args.device, dense_dtype="int8")
-            if dev.type == "cpu" else None)
-    eager = (Scorer.from_bundle(bundle, device=args.device, cuda_graphs=False)
-             if dev.type == "cuda" else None)
+    # the same scorer another way, timed beside it: int8 dense layers (CPU), or the
+    # programs run operator by operator instead of as CUDA graphs (GPU)
+    variants = {k: Scorer.from_bundle(bundle, device=args.device, **kw)
+                for k, kw, on in (("int8", {"dense_dtype": "int8"}, "cpu"),
+                                  ("eager", {"cuda_graphs": False}, "cuda"))
+                if dev.type == on}
     sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
     out: dict[str, Any] = {"bundle_mib": sum(f["size"] for f in json.loads(
         (bundle / "manifest.json").read_text())["files"].values()) / 2**20}
@@ -156,34 +164,24 @@ def bench_model(name: str, args: argparse.Namespace, root: Path) -> dict[str, An
             dense, kjt = naive_batch(r, names, len(r["ids"]))
             return torch.sigmoid(model(dense.to(dev), kjt.to(dev)))
 
-        cent, naive, cent8, ceag = [], [], [], []
+        cent, naive = [], []
+        other: dict[str, list[dict[str, float]]] = {k: [] for k in variants}
         with torch.no_grad():
             for _ in range(args.runs):
-                cent.append(percentiles(timed(lambda r: scorer.score(Request(**r)),
-                                              reqs, sync)))
+                cent.append(percentiles(timed(scores(scorer), reqs, sync)))
                 naive.append(percentiles(timed(pairs, reqs, sync)))
-                if int8 is not None:
-                    cent8.append(percentiles(timed(lambda r: int8.score(Request(**r)),
-                                                   reqs, sync)))
-                if eager is not None:
-                    ceag.append(percentiles(timed(lambda r: eager.score(Request(**r)),
-                                                  reqs, sync)))
+                for k, s in variants.items():
+                    other[k].append(percentiles(timed(scores(s), reqs, sync)))
         c, v = median_runs(cent), median_runs(naive)
         out[str(n)] = {"centric": c, "naive": v,
                        "ratio_p50": v["p50_ms"] / c["p50_ms"],
                        "ratio_p99": v["p99_ms"] / c["p99_ms"]}
-        if eager is not None:
-            ce = median_runs(ceag)
+        for k, s in variants.items():
+            ck = median_runs(other[k])
             out[str(n)].update({
-                "centric_eager": ce, "eager_max_dp": max(
-                    float((eager.score(Request(**r)).scores
-                           - scorer.score(Request(**r)).scores).abs().max()) for r in reqs)})
-        if int8 is not None:
-            c8 = median_runs(cent8)
-            out[str(n)].update({
-                "centric_int8": c8, "ratio_int8_p50": v["p50_ms"] / c8["p50_ms"],
-                "ratio_int8_p99": v["p99_ms"] / c8["p99_ms"],
-                "int8_max_dp": max(float((int8.score(Request(**r)).scores
+                f"centric_{k}": ck, f"ratio_{k}_p50": v["p50_ms"] / ck["p50_ms"],
+                f"ratio_{k}_p99": v["p99_ms"] / ck["p99_ms"],
+                f"{k}_max_dp": max(float((s.score(Request(**r)).scores
                                           - scorer.score(Request(**r)).scores).abs().max())
                                    for r in reqs)})
     if args.http:
@@ -202,11 +200,11 @@ def bench_model(name: str, args: argparse.Namespace, root: Path) -> dict[str, An
                 runs = [percentiles(timed(post, bodies, lambda: None))
                         for _ in range(args.runs)]
                 out[str(n)]["http"] = median_runs(runs)
-    if int8 is not None:
-        out["auc_fp32"], out["auc_int8"] = eval_auc(cfg, scorer), eval_auc(cfg, int8)
-        int8.close()
-    if eager is not None:
-        eager.close()
+    if "int8" in variants:
+        out["auc_fp32"], out["auc_int8"] = (eval_auc(cfg, scorer),
+                                            eval_auc(cfg, variants["int8"]))
+    for s in variants.values():
+        s.close()
     scorer.close()
     return out
 
