@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -42,6 +43,18 @@ TINY: dict[str, Any] = {
               "progress": False},
 }
 SPLIT = {"user_features": ["C1", "C3"], "user_dense": True}
+
+
+def split_request(rng: np.random.Generator, n: int, **over: Any) -> dict[str, Any]:
+    """A request body for a :data:`SPLIT` model: one user (C1, C3, dense), ``n``
+    candidates (C2, C4) with ids under 300; ``over`` replaces fields."""
+    ids = rng.integers(0, 300, size=(3, n)).tolist()
+    u = rng.integers(0, 300, size=2).tolist()
+    body = {"user": {"C1": u[0], "C3": u[1]},
+            "dense": rng.standard_normal(4).round(3).tolist(),
+            "candidates": {"C2": ids[1], "C4": ids[2]}, "ids": list(range(n))}
+    body.update(over)
+    return body
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from serve_helpers import SPLIT, trained
-from test_fast_path import request
+from serve_helpers import split_request as request
 
 from terarec.serve.export import export_bundle
 from terarec.serve.graphs import MAX_BUCKET, GraphedProgram, bucket

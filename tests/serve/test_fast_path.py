@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from serve_helpers import SPLIT, trained
+from serve_helpers import split_request as request
 
 from terarec.serve.export import export_bundle
 from terarec.serve.scorer import Request, RequestError, Scorer
@@ -24,16 +25,6 @@ def scorer(tmp_path_factory: pytest.TempPathFactory) -> Any:
     s = Scorer.from_bundle(root / "b", cache_bytes=2048)  # a tiny cache: misses too
     yield s
     s.close()
-
-
-def request(rng: np.random.Generator, n: int, **over: Any) -> dict[str, Any]:
-    ids = rng.integers(0, 300, size=(3, n)).tolist()
-    u = rng.integers(0, 300, size=2).tolist()
-    body = {"user": {"C1": u[0], "C3": u[1]},
-            "dense": rng.standard_normal(4).round(3).tolist(),
-            "candidates": {"C2": ids[1], "C4": ids[2]}, "ids": list(range(n))}
-    body.update(over)
-    return body
 
 
 def general(scorer: Any, body: dict[str, Any]) -> Any:
