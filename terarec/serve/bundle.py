@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.export.passes import move_to_device_pass
 
 from terarec.trainer.checkpoint.files import sha256
 
@@ -121,16 +122,22 @@ def check_pickle_free(path: Path) -> None:
         raise BundleError(f"{path}: sample inputs are not plain tensors ({e})") from None
 
 
-def load_program(path: Path, check_inputs: bool = False) -> torch.nn.Module:
-    """A ``.pt2`` program of a bundle as a callable module (checked pickle-free).
+def load_program(path: Path, check_inputs: bool = False,
+                 device: torch.device | str = "cpu") -> torch.nn.Module:
+    """A ``.pt2`` program of a bundle as a callable module (checked pickle-free) on
+    ``device``.
 
     Args:
+        device: where the weights go and the program runs. The graph of an exported
+            program names the device it was exported on (e.g. the check of a dtype
+            conversion asserts a CPU input), so it is moved with ``torch.export``'s own
+            ``move_to_device_pass``, not with ``Module.to``.
         check_inputs: keep ``torch.export``'s per-call check of the inputs against the
             program's shape constraints. The scorer builds every input itself (shapes
             from the manifest), so it drops the check (about 0.1 ms a call on a CPU).
     """
     check_pickle_free(path)
-    module = torch.export.load(str(path)).module()
+    module = move_to_device_pass(torch.export.load(str(path)), device).module()
     if not check_inputs:
         hooks = module._forward_pre_hooks
         for key in [k for k, h in hooks.items()

@@ -199,7 +199,8 @@ class Scorer:
                                          self.overlay)
         progs = manifest["model"]["programs"]
         self.programs: dict[str, nn.Module] = {
-            part: b.load_program(self.root / f).to(self.device) for part, f in progs.items()}
+            part: b.load_program(self.root / f, device=self.device)
+            for part, f in progs.items()}
         if dense_dtype == "int8":  # the per-candidate work; the user side runs once
             for part in ("candidate", "model"):
                 if part in self.programs:

@@ -91,10 +91,19 @@ def test_graphs_score_as_the_programs(split_run: tuple[Any, Path], tmp_path: Pat
         s.close()
 
 
+SINGLE = {  # single-program models (their graphs check a device: moved on loading)
+    "dcn": {"model": {"kind": "dcn", "top_mlp": [16], "dcn_layers": 2, "dcn_low_rank": 4,
+                      **SPLIT}},
+    "deepfm": {"model": {"kind": "deepfm", "top_mlp": [16], **SPLIT},
+               "tables": [{"name": "sparse", "dim": 9}]},
+}
+
+
 @cuda
-def test_a_single_program_model_and_a_batch_past_the_buckets(tmp_path: Path) -> None:
-    _, run = trained(tmp_path, model={"kind": "dcn", "top_mlp": [16], "dcn_layers": 2,
-                                      "dcn_low_rank": 4, **SPLIT})
+@pytest.mark.parametrize("kind", sorted(SINGLE))
+def test_a_single_program_model_and_a_batch_past_the_buckets(kind: str,
+                                                             tmp_path: Path) -> None:
+    _, run = trained(tmp_path, **SINGLE[kind])
     export_bundle(run / "checkpoint", tmp_path / "b")
     s = Scorer.from_bundle(tmp_path / "b", device="cuda")
     try:

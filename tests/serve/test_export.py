@@ -10,7 +10,7 @@ import torch
 from serve_helpers import bundle_probs, head, reference, trained
 from torchmetrics.functional.classification import binary_auroc
 
-from terarec.serve.bundle import BundleError, read_manifest
+from terarec.serve.bundle import BundleError, load_program, read_manifest
 from terarec.serve.export import export_bundle
 from terarec.serve.scorer import Scorer
 
@@ -96,6 +96,14 @@ def test_dcn_exports_one_program(tmp_path: Path) -> None:
         assert _max_diff(s, ref) <= TOL
     finally:
         s.close()
+    # its graph checks the dense input's device (a dtype conversion exported on the
+    # CPU): a program loaded for another device checks for that device
+    nodes = torch.export.load(str(tmp_path / "b" / "model.pt2")).graph.nodes
+    assert {str(n.kwargs["device"]) for n in nodes if "device" in n.kwargs} == {"cpu"}
+    moved = load_program(tmp_path / "b" / "model.pt2", device="meta")
+    assert {str(n.kwargs["device"]) for n in moved.graph.nodes  # type: ignore[union-attr]
+            if "device" in n.kwargs} == {"meta"}
+    assert {p.device.type for p in moved.parameters()} == {"meta"}
 
 
 @pytest.mark.numerics
